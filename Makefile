@@ -1,0 +1,40 @@
+# gpurag: `make test` on a fresh clone creates .venv, installs every distribution editable with its
+# test extras, and runs pytest. `make lint` runs ruff and strict mypy.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+DISTRIBUTIONS := -e ./core[test] -e ./plugins/numpy_backend[test]
+STAMP := $(VENV)/.installed
+
+.PHONY: install test lint bench bench-report rag-eval clean
+
+$(STAMP): core/pyproject.toml plugins/numpy_backend/pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# torch is pinned to the CPU build that lies on these machines' disk (see README).
+	$(PIP) install --quiet "torch==2.13.0" $(DISTRIBUTIONS) "ruff>=0.6" "mypy>=1.10" "faiss-cpu>=1.8"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(BIN)/python -m pytest benchmarks --benchmark-only -p no:cacheprovider
+
+bench-report: $(STAMP)
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(BIN)/python benchmarks/cpu_report.py
+
+rag-eval: $(STAMP)
+	$(BIN)/python benchmarks/rag_eval.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .benchmarks

@@ -1,0 +1,98 @@
+"""Turning whatever array a user hands in into a checked float32 matrix, and ids into int64."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from gpurag.errors import InvalidInputError
+
+FloatMatrix = npt.NDArray[np.float32]
+IdArray = npt.NDArray[np.int64]
+
+
+def to_host(x: Any) -> np.ndarray[Any, Any]:
+    """A NumPy view or copy of ``x``: NumPy, lists, torch and CuPy tensors, or anything with ``__dlpack__``."""
+    if isinstance(x, np.ndarray):
+        return x
+    module = type(x).__module__.split(".")[0]
+    if module == "torch":
+        return np.asarray(x.detach().cpu().numpy())
+    if module == "cupy":
+        return np.asarray(x.get())
+    if hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__"):
+        try:
+            return np.from_dlpack(x)
+        except (BufferError, RuntimeError, TypeError):
+            pass
+    return np.asarray(x)
+
+
+def as_matrix(x: Any, name: str, *, dim: int | None = None, allow_empty: bool = False) -> FloatMatrix:
+    """``x`` as a C-contiguous float32 (rows, dim) array, checked to be numeric, 2-D and finite.
+
+    float64, integer, non-contiguous and Fortran-ordered input is converted; anything that is not a
+    real number is an `InvalidInputError` that names ``name``.
+    """
+    try:
+        host = to_host(x)
+    except (ValueError, TypeError) as exc:
+        raise InvalidInputError(f"{name} must be a numeric 2-D array; could not read it as one ({exc})") from exc
+    if host.dtype.kind not in "biuf":
+        raise InvalidInputError(f"{name} must hold real numbers; got dtype {host.dtype}")
+    if host.ndim != 2:
+        hint = " (use x.reshape(1, -1) for a single vector)" if host.ndim == 1 else ""
+        raise InvalidInputError(f"{name} must be 2-D (rows, dim); got shape {host.shape}{hint}")
+    if host.shape[1] == 0:
+        raise InvalidInputError(f"{name} must have dimension >= 1; got shape {host.shape}")
+    if host.shape[0] == 0 and not allow_empty:
+        raise InvalidInputError(f"{name} must have at least one row; got shape {host.shape}")
+    if dim is not None and host.shape[1] != dim:
+        raise InvalidInputError(f"{name} has dimension {host.shape[1]}, the index has {dim}")
+    out = np.ascontiguousarray(host, dtype=np.float32)
+    if host.dtype.kind == "f" and not np.isfinite(out).all():
+        bad = np.argwhere(~np.isfinite(out))[0]
+        source = "NaN or inf" if not np.isfinite(host).all() else "a value too large for float32"
+        raise InvalidInputError(
+            f"{name} must be finite; row {int(bad[0])}, column {int(bad[1])} holds {source}"
+        )
+    if host.dtype.kind in "iu" and host.size and np.abs(host).max() > np.finfo(np.float32).max:
+        raise InvalidInputError(f"{name} holds an integer too large for float32")
+    return out
+
+
+def as_ids(ids: Any, count: int, name: str = "ids") -> IdArray:
+    """``ids`` as a 1-D int64 array of ``count`` distinct non-negative values."""
+    host = to_host(ids) if not isinstance(ids, list | tuple | range) else np.asarray(ids)
+    if host.ndim == 0:
+        host = host.reshape(1)
+    if host.dtype.kind not in "iu" and not (host.dtype.kind == "f" and host.size == 0):
+        if host.dtype.kind == "f" and np.all(np.isfinite(host)) and np.all(host == np.round(host)):
+            host = host.astype(np.int64)
+        else:
+            raise InvalidInputError(f"{name} must be integers; got dtype {host.dtype}")
+    if host.ndim != 1:
+        raise InvalidInputError(f"{name} must be 1-D; got shape {host.shape}")
+    if host.shape[0] != count:
+        raise InvalidInputError(f"{name} has {host.shape[0]} entries, expected {count} (one per vector)")
+    if host.dtype.kind == "u" and host.size and host.max() > np.iinfo(np.int64).max:
+        raise InvalidInputError(f"{name} holds a value above the int64 range")
+    out = np.ascontiguousarray(host, dtype=np.int64)
+    if out.size and out.min() < 0:
+        raise InvalidInputError(f"{name} must be >= 0 (-1 marks a missing result); got {int(out.min())}")
+    uniq, counts = np.unique(out, return_counts=True)
+    if uniq.size != out.size:
+        dup = uniq[counts > 1][:5].tolist()
+        raise InvalidInputError(f"{name} must be distinct; repeated: {dup}")
+    return out
+
+
+def check_k(k: Any) -> int:
+    """``k`` as an int >= 1; anything else is an `InvalidInputError`."""
+    if isinstance(k, bool) or not isinstance(k, int | np.integer):
+        raise InvalidInputError(f"k must be an integer >= 1; got {k!r}")
+    if k < 1:
+        raise InvalidInputError(f"k must be >= 1; got {k}")
+    return int(k)

@@ -1,0 +1,1 @@
+"""Retrieval-augmented generation on top of gpurag's retrievers; heavy libraries load lazily."""

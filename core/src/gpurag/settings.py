@@ -1,0 +1,78 @@
+"""Every default gpurag uses, in one place; each can be set by a ``GPURAG_``-prefixed environment variable."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_PROMPT_TEMPLATE = (
+    "Answer the question using only the numbered passages below. "
+    "Cite the passages you use by their number.\n\n"
+    "{passages}\n\n"
+    "Question: {question}\n"
+    "Answer:"
+)
+
+
+def _default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "gpurag"
+
+
+class Settings(BaseSettings):
+    """gpurag's defaults. ``GPURAG_MEMORY_BUDGET_BYTES=1e9`` and the like override them."""
+
+    model_config = SettingsConfigDict(env_prefix="GPURAG_", extra="ignore")
+
+    # --- plugins -------------------------------------------------------------------------------
+    plugins: str | None = Field(
+        default=None,
+        description="Comma-separated allow-list of entry-point plugins to load; empty loads only the "
+        "built-ins; unset loads every installed one.",
+    )
+    trace_plugins: bool = Field(default=False, description="Print every hook call to standard error.")
+
+    # --- search --------------------------------------------------------------------------------
+    backend: str = Field(default="auto", description="Distance backend used when none is named.")
+    backend_preference: tuple[str, ...] = Field(
+        default=("cuda", "triton", "cupy", "torch", "numpy"),
+        description="Order in which `get_backend('auto')` tries the available backends.",
+    )
+    memory_budget_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        gt=0,
+        description="Most bytes one chunk of a search may hold in scores (queries x rows x 4).",
+    )
+    max_query_chunk: int = Field(default=4096, gt=0, description="Most queries searched in one chunk.")
+    numpy_block_rows: int = Field(
+        default=8192, gt=0, description="Database rows the NumPy backend scores in one BLAS call."
+    )
+    numpy_threads: int = Field(
+        default=0, ge=0, description="Threads the NumPy backend splits queries over; 0 means one per core."
+    )
+
+    # --- RAG -----------------------------------------------------------------------------------
+    cache_dir: Path = Field(default_factory=_default_cache_dir, description="Where the default corpus is cached.")
+    embedder: str = Field(default="all-MiniLM-L6-v2", description="Embedder name or model path.")
+    embed_batch_size: int = Field(default=64, gt=0, description="Texts per embedding batch.")
+    device: str | None = Field(default=None, description="Device for models: None picks CUDA when available.")
+    chunk_size: int = Field(default=1000, gt=0, description="Chunk budget, in units of `chunk_unit`.")
+    chunk_overlap: int = Field(default=150, ge=0, description="Overlap between neighbouring chunks.")
+    chunk_unit: str = Field(default="chars", description="'chars' or 'tokens' (whitespace-separated words).")
+    generator: str = Field(default="extractive", description="Generator used when none is named.")
+    top_k: int = Field(default=3, gt=0, description="Passages retrieved per question.")
+    prompt_template: str = Field(default=DEFAULT_PROMPT_TEMPLATE, description="Prompt given to LM generators.")
+    max_new_tokens: int = Field(default=256, gt=0, description="Tokens an LM generator may produce.")
+    openai_base_url: str = Field(default="http://127.0.0.1:8080/v1", description="OpenAI-compatible endpoint.")
+    openai_model: str = Field(default="default", description="Model name sent to the endpoint.")
+    openai_api_key: str | None = Field(default=None, description="Bearer key for the endpoint, if it needs one.")
+    openai_timeout_s: float = Field(default=60.0, gt=0, description="Timeout of one request to the endpoint.")
+    openai_max_retries: int = Field(default=3, ge=0, description="Retries after a failed request.")
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment once; `get_settings.cache_clear()` re-reads."""
+    return Settings()
