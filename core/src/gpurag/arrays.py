@@ -55,9 +55,7 @@ def as_matrix(x: Any, name: str, *, dim: int | None = None, allow_empty: bool = 
     if host.dtype.kind == "f" and not np.isfinite(out).all():
         bad = np.argwhere(~np.isfinite(out))[0]
         source = "NaN or inf" if not np.isfinite(host).all() else "a value too large for float32"
-        raise InvalidInputError(
-            f"{name} must be finite; row {int(bad[0])}, column {int(bad[1])} holds {source}"
-        )
+        raise InvalidInputError(f"{name} must be finite; row {int(bad[0])}, column {int(bad[1])} holds {source}")
     if host.dtype.kind in "iu" and host.size and np.abs(host).max() > np.finfo(np.float32).max:
         raise InvalidInputError(f"{name} holds an integer too large for float32")
     return out

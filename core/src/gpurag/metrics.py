@@ -11,7 +11,7 @@ import numpy.typing as npt
 from gpurag.errors import InvalidInputError
 
 
-class Metric(str, enum.Enum):
+class Metric(enum.StrEnum):
     """A way to compare two vectors.
 
     - ``l2``: squared Euclidean distance (as FAISS); lower is better.
@@ -47,9 +47,6 @@ class Metric(str, enum.Enum):
                 pass
         names = ", ".join(m.value for m in cls)
         raise InvalidInputError(f"metric must be one of {names}; got {value!r}")
-
-    def __str__(self) -> str:
-        return self.value
 
 
 class TopK(NamedTuple):

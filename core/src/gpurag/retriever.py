@@ -32,7 +32,7 @@ class Retriever(abc.ABC):
 
     @abc.abstractmethod
     def add(self, vectors: Any, ids: Any = None) -> IdArray:
-        """Add (N, D) ``vectors`` under ``ids`` (distinct int64 >= 0; None assigns the next free ones); return the ids."""
+        """Add (N, D) ``vectors`` under ``ids`` (distinct int64 >= 0; None: the next free ones); return the ids."""
 
     @abc.abstractmethod
     def remove(self, ids: Any) -> int:
@@ -140,7 +140,7 @@ class ExactRetriever(Retriever):
             return np.array(self.backend.to_numpy(self._database.vectors), dtype=np.float32, copy=True)
 
     def add(self, vectors: Any, ids: Any = None) -> IdArray:
-        """Add (N, D) ``vectors`` under ``ids`` (distinct int64 >= 0; None assigns the next free ones); return the ids."""
+        """Add (N, D) ``vectors`` under ``ids`` (distinct int64 >= 0; None: the next free ones); return the ids."""
         with self._lock:
             matrix = as_matrix(vectors, "vectors", dim=self._dim)
             if matrix is vectors or not matrix.flags.owndata:
@@ -259,14 +259,16 @@ class ExactRetriever(Retriever):
         vectors = storage.read_array(manifest, "vectors.npy")
         ids = storage.read_array(manifest, "ids.npy")
         count, dim = manifest.get("count"), manifest.get("dim")
+        vectors_file, ids_file = where / "vectors.npy", where / "ids.npy"
         if vectors.dtype != np.float32 or vectors.ndim != 2 or vectors.shape[0] != count:
+            expected = f"float32 ({count}, {dim})"
             raise IndexFormatError(
-                f"{where / 'vectors.npy'} holds {vectors.dtype} {vectors.shape}, the manifest says float32 ({count}, {dim})"
+                f"{vectors_file} holds {vectors.dtype} {vectors.shape}, the manifest says {expected}"
             )
         if count and vectors.shape[1] != dim:
-            raise IndexFormatError(f"{where / 'vectors.npy'} has dimension {vectors.shape[1]}, the manifest says {dim}")
+            raise IndexFormatError(f"{vectors_file} has dimension {vectors.shape[1]}, the manifest says {dim}")
         if ids.dtype != np.int64 or ids.shape != (count,):
-            raise IndexFormatError(f"{where / 'ids.npy'} holds {ids.dtype} {ids.shape}, the manifest says int64 ({count},)")
+            raise IndexFormatError(f"{ids_file} holds {ids.dtype} {ids.shape}, the manifest says int64 ({count},)")
         retriever = cls(metric=manifest["metric"], backend=backend, dim=dim)
         if count:
             retriever.add(vectors, ids)

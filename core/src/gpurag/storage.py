@@ -173,6 +173,7 @@ def read_array(manifest: dict[str, Any], name: str) -> np.ndarray[Any, Any]:
         raise IndexFormatError(f"{Path(manifest['path']) / MANIFEST} does not list {name}")
     file_path = Path(manifest["path"]) / name
     try:
-        return np.load(file_path, allow_pickle=False)
+        array: np.ndarray[Any, Any] = np.load(file_path, allow_pickle=False)
+        return array
     except (ValueError, OSError, EOFError) as exc:
         raise IndexFormatError(f"{file_path} is damaged: {exc}") from exc

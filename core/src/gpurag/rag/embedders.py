@@ -5,7 +5,10 @@ Importing this module is cheap: torch and sentence-transformers load when a mode
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
+import re
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -79,9 +82,10 @@ class SentenceTransformerEmbedder(Embedder):
         self.batch_size = batch_size
         self.device = pick_device(device)
         self._model = _load_sentence_transformer(location, self.device, self.name)
-        get_dim = getattr(self._model, "get_embedding_dimension", None) or getattr(
-            self._model, "get_sentence_embedding_dimension"
-        )
+        # sentence-transformers 6.1 renamed the method; older releases have only the old name.
+        get_dim = getattr(self._model, "get_embedding_dimension", None)
+        if get_dim is None:
+            get_dim = self._model.get_sentence_embedding_dimension
         dim = get_dim()
         if not dim:
             raise InvalidInputError(f"model {self.name!r} does not declare its embedding dimension")
@@ -129,6 +133,59 @@ def _load_sentence_transformer(location: str, device: str, name: str) -> Any:
             hf_logging.enable_progress_bar()
 
 
+_WORD = re.compile(r"\w+")
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _bucket(word: str, dim: int) -> tuple[int, float]:
+    value = int.from_bytes(hashlib.blake2b(word.encode(), digest_size=8).digest(), "little")
+    return value % dim, (1.0 if (value >> 63) & 1 else -1.0)
+
+
+class HashingEmbedder(Embedder):
+    """A model-free lexical embedder: each lower-cased word hashed to a signed bucket, L2-normalised.
+
+    Deterministic in every process and fast enough for tests and demos; texts that share words are
+    near. A text with no words embeds as the zero vector.
+    """
+
+    name = "hashing"
+
+    def __init__(self, dim: int = 256):
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise InvalidInputError(f"dim must be an integer >= 1; got {dim!r}")
+        self.dim = dim
+
+    def embed_batch(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        """Vectors for ``texts``: float32 (len(texts), dim), L2-normalised (zero for a text with no words)."""
+        if isinstance(texts, str):
+            raise InvalidInputError("texts must be a sequence of strings; got one str")
+        items = list(texts)
+        out = np.zeros((len(items), self.dim), dtype=np.float64)
+        for row, text in enumerate(items):
+            if not isinstance(text, str):
+                raise InvalidInputError(f"texts[{row}] must be a str; got {type(text).__name__}")
+            for word in _WORD.findall(text.lower()):
+                column, sign = _bucket(word, self.dim)
+                out[row, column] += sign
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        np.divide(out, norms, out=out, where=norms > 0)
+        return out.astype(np.float32)
+
+    def __repr__(self) -> str:
+        return f"HashingEmbedder(dim={self.dim})"
+
+
+def hashing_factory(model: str | None = None, device: str | None = None) -> Embedder:
+    """The factory registered as ``hashing``: ``model`` may give the dimension (``"512"``), default 256."""
+    if model is None:
+        return HashingEmbedder()
+    try:
+        return HashingEmbedder(int(model))
+    except ValueError as exc:
+        raise InvalidInputError(f"the hashing embedder takes a dimension as its model; got {model!r}") from exc
+
+
 def sentence_transformers_factory(model: str | None = None, device: str | None = None) -> Embedder:
     """The factory registered as ``sentence-transformers``: any model by name or path, default MiniLM."""
     return SentenceTransformerEmbedder(model=model, device=device)
@@ -169,6 +226,7 @@ def get_embedder(name: str | None = None, device: str | None = None) -> Embedder
 
 @hookimpl
 def register_embedders(register: Register) -> None:
-    """Register sentence-transformers as ``sentence-transformers`` and the default as ``all-MiniLM-L6-v2``."""
+    """Register ``sentence-transformers``, the default ``all-MiniLM-L6-v2`` and the model-free ``hashing``."""
     register(sentence_transformers_factory, "sentence-transformers")
     register(minilm_factory, DEFAULT_MODEL)
+    register(hashing_factory, "hashing")

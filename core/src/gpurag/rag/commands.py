@@ -1,0 +1,200 @@
+"""The RAG sub-commands of ``gpurag``: ``index build``, ``index info`` and ``ask``."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+
+from gpurag.errors import GpuragError
+from gpurag.hookspecs import hookimpl
+
+
+@contextmanager
+def _errors_as_click() -> Iterator[None]:
+    """Turn gpurag's own errors into a one-line message and exit status 1."""
+    try:
+        yield
+    except GpuragError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@contextmanager
+def _progress_bar(total: int, description: str) -> Iterator[Any]:
+    """A tqdm bar on standard error counting chunks."""
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=description, unit="chunk", file=sys.stderr, dynamic_ncols=True) as bar:
+        yield bar
+
+
+def _describe_skipped(item: Any) -> str:
+    path, reason = getattr(item, "path", None), getattr(item, "reason", None)
+    if path is None and isinstance(item, tuple) and len(item) == 2:
+        path, reason = item
+    return f"{path}: {reason}" if path is not None else str(item)
+
+
+@click.group("index")
+def index_group() -> None:
+    """Build and inspect corpus indexes for `gpurag ask`."""
+
+
+@index_group.command("build")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Directory to write the index to.")
+@click.option("--embedder", default=None, help="Embedder name or model path [setting: embedder].")
+@click.option("--retriever", default="exact", show_default=True, help="Registered retriever to index with.")
+@click.option("--device", default=None, help="Device for the embedder: cpu, cuda, cuda:1 [default: CUDA if any].")
+@click.option("--chunk-size", type=click.IntRange(min=1), default=None, help="Chunk budget [setting: chunk_size].")
+@click.option("--chunk-overlap", type=click.IntRange(min=0), default=None, help="Overlap [setting: chunk_overlap].")
+@click.option("--chunk-unit", type=click.Choice(["chars", "tokens"]), default=None, help="[setting: chunk_unit]")
+def build_command(
+    paths: tuple[Path, ...],
+    out: Path,
+    embedder: str | None,
+    retriever: str,
+    device: str | None,
+    chunk_size: int | None,
+    chunk_overlap: int | None,
+    chunk_unit: str | None,
+) -> None:
+    """Index the .txt, .md, .html and .jsonl files under PATHS into the corpus directory --out."""
+    from gpurag.rag.chunking import chunk_documents
+    from gpurag.rag.corpus import CorpusIndex
+    from gpurag.rag.embedders import get_embedder
+    from gpurag.rag.ingest import read_documents
+
+    with _errors_as_click():
+        ingested = read_documents(list(paths))
+        for item in ingested.skipped:
+            click.echo(f"skipped {_describe_skipped(item)}", err=True)
+        chunks = chunk_documents(ingested.documents, size=chunk_size, overlap=chunk_overlap, unit=chunk_unit)
+        click.echo(
+            f"read {len(ingested.documents)} documents ({len(ingested.skipped)} files skipped), {len(chunks)} chunks",
+            err=True,
+        )
+        model = get_embedder(embedder, device=device)
+        started = time.perf_counter()
+        with _progress_bar(len(chunks), "embedding") as bar:
+            corpus = CorpusIndex.build(
+                chunks,
+                model,
+                retriever,
+                progress=bar.update,
+                metadata={
+                    "inputs": [str(p) for p in paths],
+                    "chunk_size": chunk_size,
+                    "chunk_overlap": chunk_overlap,
+                    "chunk_unit": chunk_unit,
+                },
+            )
+        elapsed = time.perf_counter() - started
+        corpus.save(out)
+    rate = len(chunks) / elapsed if elapsed > 0 else float("inf")
+    click.echo(
+        f"indexed {len(chunks)} chunks from {len(ingested.documents)} documents in {elapsed:.1f} s "
+        f"({rate:.1f} chunks/s) with {model.name} on {getattr(model, 'device', '?')}; wrote {out}"
+    )
+    if ingested.skipped:
+        click.echo(f"skipped {len(ingested.skipped)} files (listed above)")
+
+
+@index_group.command("info")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def info_command(directory: Path, as_json: bool) -> None:
+    """Describe the corpus index in DIRECTORY (checking every file)."""
+    from gpurag.rag.corpus import read_corpus_manifest
+
+    with _errors_as_click():
+        manifest = read_corpus_manifest(directory)
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2, sort_keys=True))
+        return
+    size = sum(f["bytes"] for f in manifest["files"].values())
+    index_dir = Path(manifest["path"]) / manifest["retriever"].get("path", "index")
+    size += sum(p.stat().st_size for p in index_dir.rglob("*") if p.is_file()) if index_dir.is_dir() else 0
+    embedder, retriever, chunks = manifest["embedder"], manifest["retriever"], manifest["chunks"]
+    click.echo(f"corpus:    {manifest['path']}")
+    click.echo(f"embedder:  {embedder['name']} (dim {embedder['dim']})")
+    click.echo(f"retriever: {retriever['name']} ({retriever.get('metric', '?')})")
+    click.echo(f"chunks:    {chunks['count']} from {chunks.get('sources', '?')} sources")
+    click.echo(f"size:      {size / 1e6:.2f} MB")
+    for key, value in sorted((manifest.get("metadata") or {}).items()):
+        if value is not None:
+            click.echo(f"  {key}: {value}")
+
+
+@click.command("ask")
+@click.argument("question")
+@click.option(
+    "--index",
+    "index",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Corpus directory [default corpus].",
+)
+@click.option("-k", "k", type=int, default=None, help="Passages to retrieve [setting: top_k].")
+@click.option("--generator", default=None, help="Generator name [setting: generator].")
+@click.option("--embedder", default=None, help="Embedder [the index's; for the default corpus: setting embedder].")
+@click.option("--json", "as_json", is_flag=True, help="Print the answer, sources and timings as JSON.")
+def ask_command(
+    question: str,
+    index: Path | None,
+    k: int | None,
+    generator: str | None,
+    embedder: str | None,
+    as_json: bool,
+) -> None:
+    """Answer QUESTION from a corpus index, or from Python's language reference when no --index is given."""
+    from gpurag.rag.pipeline import RAGPipeline
+
+    with _errors_as_click():
+        if index is not None:
+            pipeline = RAGPipeline.from_index(index, embedder=embedder, generator=generator)
+        else:
+            pipeline = _default_pipeline(embedder, generator)
+        answer = pipeline.answer(question, k)
+    if as_json:
+        record = {
+            "question": answer.question,
+            "answer": answer.answer,
+            "sources": [vars(p) for p in answer.sources],
+            "timings": answer.timings,
+        }
+        click.echo(json.dumps(record, indent=2))
+        return
+    click.echo(answer.answer)
+    click.echo("")
+    click.echo("Sources:")
+    for number, passage in enumerate(answer.sources, start=1):
+        click.echo(f"  [{number}] {passage.score:.3f}  {passage.source}")
+
+
+def _default_pipeline(embedder_name: str | None, generator: str | None) -> Any:
+    """The default pipeline; a first build of the default corpus shows a progress bar."""
+    from gpurag.rag import default_corpus
+    from gpurag.rag.embedders import get_embedder
+    from gpurag.rag.pipeline import RAGPipeline
+
+    embedder = get_embedder(embedder_name)
+    if default_corpus.is_cached(embedder):
+        return RAGPipeline.default(embedder=embedder, generator=generator)
+    where = default_corpus.cache_path(embedder)
+    click.echo(f"indexing Python's language reference once, into {where}", err=True)
+    with _progress_bar(len(default_corpus.default_chunks()), "embedding") as bar:
+        return RAGPipeline.default(embedder=embedder, generator=generator, progress=bar.update)
+
+
+@hookimpl
+def register_commands(cli: Any) -> None:
+    """Add ``index build``, ``index info`` and ``ask`` to the ``gpurag`` command."""
+    cli.add_command(index_group)
+    cli.add_command(ask_command)

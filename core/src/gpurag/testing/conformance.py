@@ -1,0 +1,492 @@
+"""`BackendConformance`: the contract every distance backend is tested against.
+
+A backend's test module subclasses it in a few lines; hypothesis and the float64 reference do the rest::
+
+    from gpurag.testing.conformance import BackendConformance
+
+    class TestNumpy(BackendConformance):
+        backend_name = "numpy"
+
+    class TestTorch(BackendConformance):
+        backend_name = "torch"
+        devices = ("cpu", "cuda")      # cuda runs are marked `gpu` and skipped where unavailable
+
+The backend comes from `gpurag.get_backend(backend_name, device=...)`, so the test also proves that
+the plugin is registered. Each test is named for the rule it checks. Answers are compared with
+`gpurag.testing.reference`: ids exact except among scores within float32 tolerance of each other,
+scores float32-accurate. Needs the ``test`` extra (pytest, hypothesis).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import gpurag
+from gpurag.backend import Availability, Database, DistanceBackend
+from gpurag.errors import BackendUnavailableError
+from gpurag.metrics import Metric, SearchResult, TopK
+from gpurag.testing import reference as ref
+from gpurag.testing import strategies as gst
+
+FloatMatrix = npt.NDArray[np.float32]
+
+_HEALTH = [HealthCheck.differing_executors, HealthCheck.too_slow, HealthCheck.data_too_large]
+#: Hypothesis settings for the kit's tests: modest, so a backend's whole suite runs in seconds.
+FEW = settings(max_examples=15, deadline=None, suppress_health_check=_HEALTH)
+SOME = settings(max_examples=30, deadline=None, suppress_health_check=_HEALTH)
+
+ALL_METRICS = list(Metric)
+
+
+class BackendConformance:
+    """Tests every `DistanceBackend` must pass; subclass and set `backend_name` (and `devices`)."""
+
+    #: The name the backend is registered under.
+    backend_name: ClassVar[str] = ""
+    #: Devices to run on; ``cuda`` ones are marked ``gpu`` and skipped when the backend is unavailable.
+    devices: ClassVar[tuple[str, ...]] = ("cpu",)
+    #: ``memory_budget_bytes`` for the retriever tests: tiny, so every search crosses chunk boundaries.
+    tiny_memory_budget_bytes: ClassVar[int] = 64
+
+    # --- fixtures ------------------------------------------------------------------------------
+    def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
+        """Run every test once per device in `devices`."""
+        if "device" in metafunc.fixturenames:
+            params = [
+                pytest.param(d, id=d, marks=[pytest.mark.gpu] if d.startswith("cuda") else []) for d in self.devices
+            ]
+            metafunc.parametrize("device", params, scope="class")
+
+    def make_backend(self, device: str) -> DistanceBackend:
+        """The backend under test, looked up by name; skipped with the reason when it cannot run here."""
+        if not self.backend_name:
+            raise TypeError(f"{type(self).__name__} must set backend_name")
+        try:
+            return gpurag.get_backend(self.backend_name, device=device)
+        except BackendUnavailableError as exc:
+            pytest.skip(f"backend {self.backend_name!r} on {device}: {exc}")
+
+    @pytest.fixture(scope="class")
+    def backend(self, device: str) -> DistanceBackend:
+        """The backend under test on one device."""
+        return self.make_backend(device)
+
+    # --- helpers -------------------------------------------------------------------------------
+    @staticmethod
+    def require(backend: DistanceBackend, metric: Metric) -> None:
+        """Skip when ``backend`` does not support ``metric``."""
+        if metric not in type(backend).metrics:
+            pytest.skip(f"backend {backend.name!r} does not support metric {metric.value}")
+
+    @staticmethod
+    def host_topk(backend: DistanceBackend, result: TopK, n_queries: int, k: int) -> tuple[Any, Any]:
+        """``result`` on the host, checked to be float32 scores and int64 indices of shape (Q, k)."""
+        assert isinstance(result, tuple), f"topk must return a TopK; got {type(result).__name__}"
+        scores = np.asarray(backend.to_numpy(result.scores))
+        indices = np.asarray(backend.to_numpy(result.indices))
+        assert scores.dtype == np.float32, f"topk scores must be float32; got {scores.dtype}"
+        assert indices.dtype == np.int64, f"topk indices must be int64; got {indices.dtype}"
+        assert scores.shape == (n_queries, k), f"topk scores have shape {scores.shape}, expected {(n_queries, k)}"
+        assert indices.shape == (n_queries, k), f"topk indices have shape {indices.shape}, expected {(n_queries, k)}"
+        return scores, indices
+
+    def prepared(self, backend: DistanceBackend, vectors: FloatMatrix, metric: Metric) -> Database:
+        """``vectors`` prepared for ``metric``, checked to hold every row."""
+        database = backend.prepare(backend.asarray(vectors, "vectors"), metric)
+        assert database.count == vectors.shape[0], f"prepared {database.count} rows of {vectors.shape[0]}"
+        assert database.dim == vectors.shape[1], f"prepared dimension {database.dim}, expected {vectors.shape[1]}"
+        assert database.metric is metric, f"prepared for {database.metric}, expected {metric}"
+        return database
+
+    def search(
+        self, backend: DistanceBackend, queries: FloatMatrix, database: Database, k: int
+    ) -> tuple[Any, Any]:
+        """`DistanceBackend.topk` on the host, types and shapes checked."""
+        result = backend.topk(backend.asarray(queries, "queries"), database, k)
+        return self.host_topk(backend, result, queries.shape[0], k)
+
+    def check_topk(
+        self, backend: DistanceBackend, queries: FloatMatrix, vectors: FloatMatrix, metric: Metric, k: int
+    ) -> None:
+        """prepare + topk over ``vectors`` agrees with the float64 reference."""
+        database = self.prepared(backend, vectors, metric)
+        scores, indices = self.search(backend, queries, database, k)
+        ref.assert_topk_matches(queries, vectors, metric, scores, indices, k)
+
+    def retriever(self, backend: DistanceBackend, metric: Metric) -> Any:
+        """An `ExactRetriever` on ``backend`` whose memory budget forces many chunks."""
+        return gpurag.ExactRetriever(
+            metric=metric.value, backend=backend, memory_budget_bytes=self.tiny_memory_budget_bytes
+        )
+
+    @staticmethod
+    def host_search_result(result: Any, n_queries: int, k: int) -> tuple[Any, Any]:
+        """A retriever's `SearchResult`, checked to be float32 / int64 NumPy arrays of shape (Q, k)."""
+        assert isinstance(result, SearchResult), f"search must return a SearchResult; got {type(result).__name__}"
+        scores, ids = result
+        assert isinstance(scores, np.ndarray) and isinstance(ids, np.ndarray), "search must return NumPy arrays"
+        assert scores.dtype == np.float32, f"search scores must be float32; got {scores.dtype}"
+        assert ids.dtype == np.int64, f"search ids must be int64; got {ids.dtype}"
+        assert scores.shape == ids.shape == (n_queries, k), f"search shapes {scores.shape}, {ids.shape}"
+        return scores, ids
+
+    def max_k(self, backend: DistanceBackend, n_rows: int) -> int:
+        """The largest k one `topk` call may be asked for over ``n_rows`` rows."""
+        limit = type(backend).max_k
+        return n_rows if limit is None else min(n_rows, limit)
+
+    # --- identity ------------------------------------------------------------------------------
+    def test_backend_is_registered_under_its_name_and_available(self, backend: DistanceBackend, device: str) -> None:
+        assert isinstance(backend, DistanceBackend)
+        assert type(backend).name == self.backend_name
+        assert backend.name == self.backend_name
+        availability = type(backend).availability()
+        assert isinstance(availability, Availability)
+        assert availability.available, availability.reason
+        assert str(backend.device).split(":")[0] == device.split(":")[0]
+        assert device.split(":")[0] in type(backend).device_kinds
+
+    # --- pairwise ------------------------------------------------------------------------------
+    @SOME
+    @given(data=st.data())
+    def test_pairwise_matches_float64_reference_for_every_metric(
+        self, backend: DistanceBackend, data: st.DataObject
+    ) -> None:
+        metric = data.draw(gst.metrics(type(backend).metrics), label="metric")
+        queries, vectors = data.draw(gst.datasets(), label="queries, vectors")
+        before = (queries.copy(), vectors.copy())
+        result = backend.pairwise(backend.asarray(queries, "queries"), backend.asarray(vectors, "vectors"), metric)
+        ref.assert_pairwise_matches(queries, vectors, metric, backend.to_numpy(result))
+        np.testing.assert_array_equal(queries, before[0], err_msg="pairwise changed its queries")
+        np.testing.assert_array_equal(vectors, before[1], err_msg="pairwise changed its vectors")
+
+    def test_cosine_similarity_with_a_zero_vector_is_zero(self, backend: DistanceBackend) -> None:
+        self.require(backend, Metric.COSINE)
+        vectors = np.array([[0.0, 0.0, 0.0], [1.0, 2.0, 2.0], [0.0, 0.0, 0.0], [-3.0, 0.0, 4.0]], np.float32)
+        queries = np.array([[0.0, 0.0, 0.0], [2.0, 4.0, 4.0]], np.float32)
+        result = backend.to_numpy(
+            backend.pairwise(backend.asarray(queries, "queries"), backend.asarray(vectors, "vectors"), Metric.COSINE)
+        )
+        ref.assert_pairwise_matches(queries, vectors, Metric.COSINE, result)
+        zero = np.zeros((2, 4), dtype=bool)
+        zero[0, :] = True
+        zero[:, [0, 2]] = True
+        assert np.all(result[zero] == 0.0), f"cosine with a zero vector must be exactly 0; got\n{result}"
+        database = self.prepared(backend, vectors, Metric.COSINE)
+        scores, indices = self.search(backend, queries, database, 4)
+        assert np.isfinite(scores).all(), f"cosine top-k with zero vectors must be finite; got\n{scores}"
+        ref.assert_topk_matches(queries, vectors, Metric.COSINE, scores, indices, 4)
+
+    # --- topk ----------------------------------------------------------------------------------
+    @SOME
+    @given(data=st.data())
+    def test_topk_matches_float64_reference_up_to_ties(self, backend: DistanceBackend, data: st.DataObject) -> None:
+        metric = data.draw(gst.metrics(type(backend).metrics), label="metric")
+        queries, vectors = data.draw(gst.datasets(), label="queries, vectors")
+        k = data.draw(gst.ks(vectors.shape[0], max_k=self.max_k(backend, vectors.shape[0])), label="k")
+        before = (queries.copy(), vectors.copy())
+        self.check_topk(backend, queries, vectors, metric, k)
+        np.testing.assert_array_equal(queries, before[0], err_msg="topk changed its queries")
+        np.testing.assert_array_equal(vectors, before[1], err_msg="prepare changed its vectors")
+
+    @FEW
+    @given(data=st.data())
+    def test_topk_matches_reference_in_higher_dimensions(self, backend: DistanceBackend, data: st.DataObject) -> None:
+        metric = data.draw(gst.metrics(type(backend).metrics), label="metric")
+        dim = data.draw(st.sampled_from([17, 64, 100]), label="dim")
+        queries, vectors = data.draw(gst.datasets(max_rows=40, dim=dim, kinds=("floats",)), label="queries, vectors")
+        k = data.draw(gst.ks(vectors.shape[0], max_k=self.max_k(backend, vectors.shape[0])), label="k")
+        self.check_topk(backend, queries, vectors, metric, k)
+
+    @pytest.mark.parametrize("metric", ALL_METRICS, ids=str)
+    def test_topk_on_gaussian_data_matches_reference(self, backend: DistanceBackend, metric: Metric) -> None:
+        self.require(backend, metric)
+        rng = np.random.default_rng(20240601)
+        vectors = rng.standard_normal((300, 48)).astype(np.float32)
+        vectors[1] = vectors[0] + np.float32(1e-6)  # a near-duplicate
+        queries = rng.standard_normal((7, 48)).astype(np.float32)
+        queries[0] = vectors[5]
+        self.check_topk(backend, queries, vectors, metric, min(10, self.max_k(backend, 300)))
+
+    @pytest.mark.parametrize("metric", ALL_METRICS, ids=str)
+    def test_topk_with_k_one_returns_the_nearest_row(self, backend: DistanceBackend, metric: Metric) -> None:
+        self.require(backend, metric)
+        vectors = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 3.0], [-2.0, -2.0], [5.0, 5.0]], np.float32)
+        queries = np.array([[0.9, 0.1], [-1.0, -1.5], [0.5, 4.0]], np.float32)
+        self.check_topk(backend, queries, vectors, metric, 1)
+
+    @pytest.mark.parametrize("metric", ALL_METRICS, ids=str)
+    def test_topk_with_k_equal_to_the_row_count_returns_every_row_once(
+        self, backend: DistanceBackend, metric: Metric
+    ) -> None:
+        self.require(backend, metric)
+        rng = np.random.default_rng(7)
+        vectors = rng.standard_normal((9, 5)).astype(np.float32)
+        queries = rng.standard_normal((3, 5)).astype(np.float32)
+        k = self.max_k(backend, 9)
+        database = self.prepared(backend, vectors, metric)
+        scores, indices = self.search(backend, queries, database, k)
+        ref.assert_topk_matches(queries, vectors, metric, scores, indices, k)
+        if k == 9:
+            for row in indices:
+                assert sorted(row.tolist()) == list(range(9)), f"k = N must return every row once; got {row}"
+
+    @pytest.mark.parametrize("metric", ALL_METRICS, ids=str)
+    def test_topk_over_a_single_row(self, backend: DistanceBackend, metric: Metric) -> None:
+        self.require(backend, metric)
+        vectors = np.array([[1.5, -2.0, 0.5]], np.float32)
+        queries = np.array([[0.0, 0.0, 0.0], [1.5, -2.0, 0.5], [-4.0, 1.0, 2.0]], np.float32)
+        self.check_topk(backend, queries, vectors, metric, 1)
+
+    @pytest.mark.parametrize("metric", ALL_METRICS, ids=str)
+    def test_topk_in_dimension_one(self, backend: DistanceBackend, metric: Metric) -> None:
+        self.require(backend, metric)
+        vectors = np.array([[-2.0], [-1.0], [0.0], [1.0], [2.0], [2.0], [3.0]], np.float32)
+        queries = np.array([[-1.5], [0.0], [2.0], [7.0]], np.float32)
+        for k in range(1, self.max_k(backend, 7) + 1):
+            self.check_topk(backend, queries, vectors, metric, k)
+
+    @pytest.mark.parametrize("metric", ALL_METRICS, ids=str)
+    def test_topk_among_exact_ties_returns_tied_rows_in_any_order(
+        self, backend: DistanceBackend, metric: Metric
+    ) -> None:
+        self.require(backend, metric)
+        vectors = np.array([[1, 0], [0, 1], [1, 0], [1, 0], [0, 1], [2, 2], [0, 0]], np.float32)
+        queries = np.array([[1, 0], [0, 1], [1, 1]], np.float32)
+        database = self.prepared(backend, vectors, metric)
+        scores, indices = self.search(backend, queries, database, 3)
+        ref.assert_topk_matches(queries, vectors, metric, scores, indices, 3)
+        if metric in (Metric.L2, Metric.L1, Metric.COSINE):
+            assert set(indices[0].tolist()) == {0, 2, 3}, f"the three rows equal to the query tie; got {indices[0]}"
+
+    # --- the database: prepare, append, take, slice ---------------------------------------------
+    @FEW
+    @given(data=st.data())
+    def test_prepare_keeps_every_row_unchanged(self, backend: DistanceBackend, data: st.DataObject) -> None:
+        metric = data.draw(gst.metrics(type(backend).metrics), label="metric")
+        _, vectors = data.draw(gst.datasets(max_queries=1), label="vectors")
+        database = self.prepared(backend, vectors, metric)
+        np.testing.assert_array_equal(backend.to_numpy(database.vectors), vectors)
+
+    @FEW
+    @given(data=st.data())
+    def test_topk_after_append_matches_reference_over_all_rows(
+        self, backend: DistanceBackend, data: st.DataObject
+    ) -> None:
+        metric = data.draw(gst.metrics(type(backend).metrics), label="metric")
+        queries, vectors = data.draw(gst.datasets(min_rows=2), label="queries, vectors")
+        n_rows = vectors.shape[0]
+        split = data.draw(st.integers(1, n_rows - 1), label="split")
+        database = self.prepared(backend, vectors[:split], metric)
+        database = backend.append(database, backend.asarray(vectors[split:], "vectors"))
+        assert database.count == n_rows, f"append kept {database.count} rows, expected {n_rows}"
+        k = data.draw(gst.ks(n_rows, max_k=self.max_k(backend, n_rows)), label="k")
+        scores, indices = self.search(backend, queries, database, k)
+        ref.assert_topk_matches(queries, vectors, metric, scores, indices, k, label="after append")
+
+    @FEW
+    @given(data=st.data())
+    def test_topk_after_take_matches_reference_over_the_taken_rows_in_order(
+        self, backend: DistanceBackend, data: st.DataObject
+    ) -> None:
+        metric = data.draw(gst.metrics(type(backend).metrics), label="metric")
+        queries, vectors = data.draw(gst.datasets(), label="queries, vectors")
+        n_rows = vectors.shape[0]
+        positions = np.array(
+            data.draw(st.lists(st.integers(0, n_rows - 1), min_size=1, max_size=n_rows, unique=True), label="take"),
+            dtype=np.int64,
+        )
+        database = self.prepared(backend, vectors, metric)
+        taken = backend.take(database, positions)
+        assert taken.count == positions.size, f"take kept {taken.count} rows, expected {positions.size}"
+        assert database.count == n_rows, "take changed the database it was given"
+        k = data.draw(gst.ks(positions.size, max_k=self.max_k(backend, positions.size)), label="k")
+        scores, indices = self.search(backend, queries, taken, k)
+        ref.assert_topk_matches(queries, vectors[positions], metric, scores, indices, k, label="after take")
+        scores, indices = self.search(backend, queries, database, 1)
+        ref.assert_topk_matches(queries, vectors, metric, scores, indices, 1, label="the original, after take")
+
+    @FEW
+    @given(data=st.data())
+    def test_topk_after_slice_matches_reference_over_rows_start_to_stop(
+        self, backend: DistanceBackend, data: st.DataObject
+    ) -> None:
+        metric = data.draw(gst.metrics(type(backend).metrics), label="metric")
+        queries, vectors = data.draw(gst.datasets(), label="queries, vectors")
+        n_rows = vectors.shape[0]
+        start = data.draw(st.integers(0, n_rows - 1), label="start")
+        stop = data.draw(st.integers(start + 1, n_rows), label="stop")
+        database = self.prepared(backend, vectors, metric)
+        part = backend.slice(database, start, stop)
+        assert part.count == stop - start, f"slice({start}, {stop}) holds {part.count} rows"
+        k = data.draw(gst.ks(stop - start, max_k=self.max_k(backend, stop - start)), label="k")
+        scores, indices = self.search(backend, queries, part, k)
+        ref.assert_topk_matches(queries, vectors[start:stop], metric, scores, indices, k, label="after slice")
+
+    # --- merging partial results ---------------------------------------------------------------
+    @FEW
+    @given(data=st.data())
+    def test_merge_topk_of_two_slices_matches_topk_of_all_rows(
+        self, backend: DistanceBackend, data: st.DataObject
+    ) -> None:
+        metric = data.draw(gst.metrics(type(backend).metrics), label="metric")
+        queries, vectors = data.draw(gst.datasets(min_rows=2), label="queries, vectors")
+        n_rows = vectors.shape[0]
+        split = data.draw(st.integers(1, n_rows - 1), label="split")
+        k = data.draw(gst.ks(n_rows, max_k=self.max_k(backend, n_rows)), label="k")
+        database = self.prepared(backend, vectors, metric)
+        q = backend.asarray(queries, "queries")
+        first = backend.topk(q, backend.slice(database, 0, split), min(k, split))
+        second = backend.topk(q, backend.slice(database, split, n_rows), min(k, n_rows - split))
+        second = TopK(second.scores, second.indices + split)
+        merged = backend.merge_topk(first, second, k, metric)
+        scores, indices = self.host_topk(backend, merged, queries.shape[0], k)
+        ref.assert_topk_matches(queries, vectors, metric, scores, indices, k, label="merged")
+
+    @pytest.mark.parametrize("metric", ALL_METRICS, ids=str)
+    def test_merge_topk_keeps_the_first_result_among_ties(self, backend: DistanceBackend, metric: Metric) -> None:
+        self.require(backend, metric)
+        vectors = np.tile(np.array([[1.0, 2.0]], np.float32), (4, 1))
+        queries = np.array([[0.5, -1.0], [1.0, 2.0]], np.float32)
+        database = self.prepared(backend, vectors, metric)
+        q = backend.asarray(queries, "queries")
+        first = backend.topk(q, backend.slice(database, 0, 2), 2)
+        second = backend.topk(q, backend.slice(database, 2, 4), 2)
+        second = TopK(second.scores, second.indices + 2)
+        for a, b, winners in ((first, second, {0, 1}), (second, first, {2, 3})):
+            _, indices = self.host_topk(backend, backend.merge_topk(a, b, 2, metric), 2, 2)
+            for row in indices:
+                assert set(row.tolist()) == winners, f"merge_topk must keep the first result's ties {winners}; got {row}"
+
+    # --- through the retriever: chunking, padding, ids -----------------------------------------
+    @SOME
+    @given(data=st.data())
+    def test_retriever_search_across_chunk_boundaries_matches_reference(
+        self, backend: DistanceBackend, data: st.DataObject
+    ) -> None:
+        metric = data.draw(gst.metrics(type(backend).metrics), label="metric")
+        queries, vectors = data.draw(gst.datasets(max_queries=6), label="queries, vectors")
+        k = data.draw(gst.ks(vectors.shape[0], beyond=3), label="k")
+        index = self.retriever(backend, metric)
+        index.add(vectors)
+        assert len(index) == vectors.shape[0]
+        scores, ids = self.host_search_result(index.search(queries, k), queries.shape[0], k)
+        ref.assert_topk_matches(queries, vectors, metric, scores, ids, k, label=f"retriever {metric.value}")
+
+    @pytest.mark.parametrize("metric", ALL_METRICS, ids=str)
+    def test_retriever_pads_past_the_index_size_with_id_minus_one_and_the_worst_value(
+        self, backend: DistanceBackend, metric: Metric
+    ) -> None:
+        self.require(backend, metric)
+        vectors = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], np.float32)
+        queries = np.array([[1.0, 0.2], [0.0, 0.0]], np.float32)
+        index = self.retriever(backend, metric)
+        index.add(vectors)
+        scores, ids = self.host_search_result(index.search(queries, 6), 2, 6)
+        assert (ids[:, 3:] == -1).all(), f"ids past the 3 rows must be -1; got\n{ids}"
+        assert (scores[:, 3:] == np.float32(metric.worst)).all(), f"scores past the 3 rows must be {metric.worst}"
+        ref.assert_topk_matches(queries, vectors, metric, scores, ids, 6)
+
+    @FEW
+    @given(data=st.data())
+    def test_retriever_returns_the_ids_given_to_add(self, backend: DistanceBackend, data: st.DataObject) -> None:
+        metric = data.draw(gst.metrics(type(backend).metrics), label="metric")
+        queries, vectors = data.draw(gst.datasets(min_rows=2), label="queries, vectors")
+        n_rows = vectors.shape[0]
+        row_ids = np.array(
+            data.draw(st.lists(st.integers(0, 2**40), min_size=n_rows, max_size=n_rows, unique=True), label="ids"),
+            dtype=np.int64,
+        )
+        split = data.draw(st.integers(1, n_rows - 1), label="split")
+        k = data.draw(gst.ks(n_rows, beyond=2), label="k")
+        index = self.retriever(backend, metric)
+        index.add(vectors[:split], ids=row_ids[:split])
+        index.add(vectors[split:], ids=row_ids[split:])
+        assert len(index) == n_rows
+        scores, ids = self.host_search_result(index.search(queries, k), queries.shape[0], k)
+        ref.assert_topk_matches(queries, vectors, metric, scores, ids, k, row_ids=row_ids, label="retriever ids")
+
+    @FEW
+    @given(data=st.data())
+    def test_retriever_search_never_returns_a_removed_id(self, backend: DistanceBackend, data: st.DataObject) -> None:
+        metric = data.draw(gst.metrics(type(backend).metrics), label="metric")
+        queries, vectors = data.draw(gst.datasets(min_rows=2), label="queries, vectors")
+        n_rows = vectors.shape[0]
+        removed = data.draw(st.lists(st.integers(0, n_rows - 1), min_size=1, max_size=n_rows - 1, unique=True))
+        kept = np.array([i for i in range(n_rows) if i not in set(removed)], dtype=np.int64)
+        k = data.draw(gst.ks(kept.size, beyond=2), label="k")
+        index = self.retriever(backend, metric)
+        index.add(vectors)
+        index.remove(removed)
+        assert len(index) == kept.size
+        scores, ids = self.host_search_result(index.search(queries, k), queries.shape[0], k)
+        ref.assert_topk_matches(queries, vectors[kept], metric, scores, ids, k, row_ids=kept, label="after remove")
+
+    # --- LSH primitives ------------------------------------------------------------------------
+    @SOME
+    @given(data=st.data())
+    def test_sign_codes_match_the_bit_by_bit_reference(self, backend: DistanceBackend, data: st.DataObject) -> None:
+        vectors, planes = data.draw(gst.lsh_cases(), label="vectors, planes")
+        codes = backend.sign_codes(backend.asarray(vectors, "vectors"), backend.asarray(planes, "planes"))
+        ref.assert_sign_codes_match(vectors, planes, backend.to_numpy(codes))
+
+    @pytest.mark.parametrize("n_bits", [1, 7, 8, 9, 13, 63, 64, 65, 70])
+    def test_sign_codes_pack_bit_j_into_byte_j_div_8_and_leave_unused_bits_zero(
+        self, backend: DistanceBackend, n_bits: int
+    ) -> None:
+        rng = np.random.default_rng(n_bits)
+        planes = rng.standard_normal((n_bits, 4)).astype(np.float32)
+        vectors = rng.standard_normal((6, 4)).astype(np.float32)
+        codes = np.asarray(
+            backend.to_numpy(backend.sign_codes(backend.asarray(vectors, "vectors"), backend.asarray(planes, "planes")))
+        )
+        ref.assert_sign_codes_match(vectors, planes, codes)
+        identity = np.eye(n_bits, dtype=np.float32)
+        pattern = np.where(rng.random((5, n_bits)) < 0.5, 1.0, -1.0).astype(np.float32)
+        codes = np.asarray(
+            backend.to_numpy(
+                backend.sign_codes(backend.asarray(pattern, "vectors"), backend.asarray(identity, "planes"))
+            )
+        )
+        expected = np.packbits(pattern > 0, axis=1, bitorder="little")
+        np.testing.assert_array_equal(codes, expected, err_msg=f"sign codes of {n_bits} bits, packed little-endian")
+
+    @SOME
+    @given(data=st.data())
+    def test_hamming_topk_matches_reference_with_ties_in_any_order(
+        self, backend: DistanceBackend, data: st.DataObject
+    ) -> None:
+        n_bits = data.draw(gst.bit_counts(), label="bits")
+        n_rows = data.draw(st.integers(1, 16), label="rows")
+        n_queries = data.draw(st.integers(1, 4), label="queries")
+        pattern = data.draw(gst.sign_patterns(n_rows + n_queries, n_bits), label="pattern")
+        planes = backend.asarray(np.eye(n_bits, dtype=np.float32), "planes")
+        codes = backend.sign_codes(backend.asarray(pattern, "vectors"), planes)
+        host_codes = np.asarray(backend.to_numpy(codes))
+        np.testing.assert_array_equal(host_codes, np.packbits(pattern > 0, axis=1, bitorder="little"))
+        query_codes = backend.sign_codes(backend.asarray(pattern[n_rows:], "vectors"), planes)
+        database_codes = backend.sign_codes(backend.asarray(pattern[:n_rows], "vectors"), planes)
+        k = data.draw(gst.ks(n_rows, max_k=self.max_k(backend, n_rows)), label="k")
+        result = backend.hamming_topk(query_codes, database_codes, k)
+        scores = np.asarray(backend.to_numpy(result.scores))
+        indices = np.asarray(backend.to_numpy(result.indices))
+        assert scores.dtype == np.int32, f"hamming_topk scores must be int32; got {scores.dtype}"
+        assert indices.dtype == np.int64, f"hamming_topk indices must be int64; got {indices.dtype}"
+        ref.assert_hamming_topk_matches(host_codes[n_rows:], host_codes[:n_rows], scores, indices, k)
+
+    def test_hamming_topk_finds_each_code_at_distance_zero_from_itself(self, backend: DistanceBackend) -> None:
+        rng = np.random.default_rng(3)
+        vectors = rng.standard_normal((20, 6)).astype(np.float32)
+        planes = backend.asarray(rng.standard_normal((70, 6)).astype(np.float32), "planes")
+        codes = backend.sign_codes(backend.asarray(vectors, "vectors"), planes)
+        result = backend.hamming_topk(codes, codes, 1)
+        scores = np.asarray(backend.to_numpy(result.scores))
+        assert (scores[:, 0] == 0).all(), f"each code is at distance 0 from itself; got {scores[:, 0]}"
+        host = np.asarray(backend.to_numpy(codes))
+        ref.assert_hamming_topk_matches(host, host, scores, backend.to_numpy(result.indices), 1)

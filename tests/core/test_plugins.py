@@ -1,0 +1,168 @@
+"""The plugin manager: built-ins, entry points, the allow-list, failures, clashes, lookups."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from typing import Any
+
+import pytest
+from core_toys import ToyBackend, make_plugin
+
+import gpurag
+from gpurag import plugins
+from gpurag.errors import BackendUnavailableError, InvalidInputError, PluginError
+
+
+class FakeEntryPoint:
+    """An entry point whose load() returns a given object or raises."""
+
+    def __init__(self, name: str, target: Any = None, error: Exception | None = None) -> None:
+        self.name = name
+        self.target = target
+        self.error = error
+        self.dist = type("Dist", (), {"name": f"dist-{name}", "version": "9.9"})()
+
+    def load(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.target
+
+
+def with_entry_points(monkeypatch: pytest.MonkeyPatch, extra: list[FakeEntryPoint]) -> None:
+    real = importlib.metadata.entry_points
+
+    def entry_points(**kwargs: Any) -> Any:
+        return list(real(**kwargs)) + extra
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
+
+
+def test_builtin_plugins_register_the_exact_retriever(fresh_plugins: pytest.MonkeyPatch) -> None:
+    registration = gpurag.get_registry("retrievers")["exact"]
+    assert registration.obj is gpurag.ExactRetriever
+    assert registration.distribution == "gpurag"
+
+
+def test_numpy_backend_comes_through_its_entry_point(fresh_plugins: pytest.MonkeyPatch) -> None:
+    registration = gpurag.get_registry("backends")["numpy"]
+    assert registration.plugin == "numpy"
+    assert registration.distribution == "gpurag-numpy"
+
+
+def test_auto_picks_an_available_backend(fresh_plugins: pytest.MonkeyPatch) -> None:
+    backend = gpurag.get_backend("auto")
+    assert backend.availability().available
+    assert gpurag.get_backend("auto") is backend  # one instance per (name, device)
+
+
+def test_a_throwaway_plugin_registers_a_backend(toy_backend: ToyBackend) -> None:
+    assert isinstance(toy_backend, ToyBackend)
+    assert gpurag.get_registry("backends")["toy"].plugin == "toy-plugin"
+
+
+def test_unknown_backend_error_lists_what_is_installed_and_why(toy_backend: ToyBackend) -> None:
+    with pytest.raises(BackendUnavailableError) as caught:
+        gpurag.get_backend("warp-drive")
+    message = str(caught.value)
+    assert "warp-drive" in message
+    assert "toy (available)" in message
+    assert "nowhere (unavailable: needs a device this machine lacks)" in message
+
+
+def test_unavailable_backend_error_says_why(toy_backend: ToyBackend) -> None:
+    with pytest.raises(BackendUnavailableError, match="needs a device this machine lacks"):
+        gpurag.get_backend("nowhere")
+
+
+def test_backend_on_a_device_kind_it_does_not_run_on(toy_backend: ToyBackend) -> None:
+    with pytest.raises(BackendUnavailableError, match=r"runs on cpu; device 'cuda:1'"):
+        gpurag.get_backend("toy", device="cuda:1")
+    with pytest.raises(BackendUnavailableError, match="no distance backend is available for device 'cuda:0'"):
+        gpurag.get_backend("auto", device="cuda:0")
+
+
+def test_allow_list_loads_only_named_entry_points(fresh_plugins: pytest.MonkeyPatch) -> None:
+    fresh_plugins.setenv("GPURAG_PLUGINS", "")
+    gpurag.get_settings.cache_clear()
+    assert "numpy" not in gpurag.get_registry("backends")
+    assert "exact" in gpurag.get_registry("retrievers")  # built-ins always load
+    with pytest.raises(BackendUnavailableError, match="GPURAG_PLUGINS limits plugins to: \\(built-ins only\\)"):
+        gpurag.get_backend("numpy")
+
+
+def test_allow_list_naming_a_plugin_loads_it(fresh_plugins: pytest.MonkeyPatch) -> None:
+    fresh_plugins.setenv("GPURAG_PLUGINS", "numpy")
+    gpurag.get_settings.cache_clear()
+    assert "numpy" in gpurag.get_registry("backends")
+
+
+def test_a_plugin_that_fails_to_import_is_reported_not_fatal(fresh_plugins: pytest.MonkeyPatch) -> None:
+    with_entry_points(fresh_plugins, [FakeEntryPoint("broken", error=ImportError("no module named warp"))])
+    assert "exact" in gpurag.get_registry("retrievers")
+    failures = {f.name: f for f in plugins.failed_plugins()}
+    assert failures["broken"].distribution == "dist-broken"
+    assert "ImportError: no module named warp" in failures["broken"].error
+    with pytest.raises(BackendUnavailableError, match="plugin 'broken' from dist-broken failed to load"):
+        gpurag.get_backend("warp")
+
+
+def test_an_entry_point_plugin_is_loaded_with_its_distribution(fresh_plugins: pytest.MonkeyPatch) -> None:
+    plugin = make_plugin(register_backends=lambda register: register(ToyBackend, "toy"))
+    with_entry_points(fresh_plugins, [FakeEntryPoint("toyep", target=plugin)])
+    registration = gpurag.get_registry("backends")["toy"]
+    assert (registration.plugin, registration.distribution) == ("toyep", "dist-toyep")
+    info = {p.name: p for p in plugins.loaded_plugins()}["toyep"]
+    assert (info.version, info.builtin) == ("9.9", False)
+
+
+def test_two_plugins_registering_one_name_is_an_error_naming_both(fresh_plugins: pytest.MonkeyPatch) -> None:
+    first = make_plugin(register_backends=lambda register: register(ToyBackend, "same"))
+    second = make_plugin(register_backends=lambda register: register(ToyBackend, "same"))
+    with_entry_points(fresh_plugins, [FakeEntryPoint("first", first), FakeEntryPoint("second", second)])
+    with pytest.raises(PluginError) as caught:
+        gpurag.get_registry("backends")
+    message = str(caught.value)
+    assert "'same' is registered twice" in message
+    assert "dist-first" in message
+    assert "dist-second" in message
+
+
+def test_a_misspelled_hook_fails_loudly(fresh_plugins: pytest.MonkeyPatch) -> None:
+    plugin = make_plugin(register_backend=lambda register: None)  # missing "s"
+    with pytest.raises(PluginError, match="register_backend"):
+        plugins.register_plugin(plugin, "typo")
+    assert "typo" not in {p.name for p in plugins.loaded_plugins()}
+
+
+def test_trace_prints_hook_calls(fresh_plugins: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    fresh_plugins.setenv("GPURAG_TRACE_PLUGINS", "1")
+    gpurag.get_settings.cache_clear()
+    gpurag.get_registry("retrievers")
+    assert "calling register_retrievers of plugin 'gpurag.builtin_plugins'" in capsys.readouterr().err
+
+
+def test_unknown_registry_kind_and_name(fresh_plugins: pytest.MonkeyPatch) -> None:
+    with pytest.raises(InvalidInputError, match="kind must be one of"):
+        gpurag.get_registry("teleporters")
+    with pytest.raises(InvalidInputError, match=r"unknown retriever 'magic'; registered: .*exact"):
+        gpurag.get_retriever("magic")
+
+
+def test_get_retriever_builds_a_registered_retriever(fresh_plugins: pytest.MonkeyPatch) -> None:
+    retriever = gpurag.get_retriever("exact", metric="cosine", backend="numpy")
+    assert isinstance(retriever, gpurag.ExactRetriever)
+    assert retriever.metric is gpurag.Metric.COSINE
+
+
+def test_importing_gpurag_imports_nothing_heavy() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, gpurag; gpurag.get_backend('numpy'); gpurag.get_registry('embedders');"
+        "gpurag.get_registry('generators');"
+        "heavy = [m for m in ('torch', 'cupy', 'triton', 'sentence_transformers', 'transformers', 'ray')"
+        " if m in sys.modules]; print(heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
