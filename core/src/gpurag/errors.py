@@ -25,3 +25,7 @@ class PluginError(GpuragError, RuntimeError):
 
 class UnsupportedError(GpuragError, NotImplementedError):
     """A backend or retriever was asked for something it does not do (a metric, a k beyond its limit)."""
+
+
+class GenerationError(GpuragError, RuntimeError):
+    """A generator's model or endpoint failed; the message names the endpoint, the status and what it said."""

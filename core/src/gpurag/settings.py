@@ -65,6 +65,12 @@ class Settings(BaseSettings):
     top_k: int = Field(default=3, gt=0, description="Passages retrieved per question.")
     prompt_template: str = Field(default=DEFAULT_PROMPT_TEMPLATE, description="Prompt given to LM generators.")
     max_new_tokens: int = Field(default=256, gt=0, description="Tokens an LM generator may produce.")
+    extractive_max_sentences: int = Field(default=3, gt=0, description="Sentences an extractive answer holds.")
+    extractive_min_relative_score: float = Field(
+        default=0.4, ge=0, le=1, description="Least score, relative to the best sentence's, of a sentence kept."
+    )
+    generate_batch_size: int = Field(default=8, gt=0, description="Prompts a transformers generator runs at once.")
+    openai_backoff_s: float = Field(default=0.5, ge=0, description="First wait before a retry; doubles each time.")
     openai_base_url: str = Field(default="http://127.0.0.1:8080/v1", description="OpenAI-compatible endpoint.")
     openai_model: str = Field(default="default", description="Model name sent to the endpoint.")
     openai_api_key: str | None = Field(default=None, description="Bearer key for the endpoint, if it needs one.")

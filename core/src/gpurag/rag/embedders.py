@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import os
 import re
 import threading
@@ -91,6 +92,11 @@ class SentenceTransformerEmbedder(Embedder):
             raise InvalidInputError(f"model {self.name!r} does not declare its embedding dimension")
         self.dim = int(dim)
 
+    @property
+    def model(self) -> Any:
+        """The underlying ``sentence_transformers.SentenceTransformer``."""
+        return self._model
+
     def embed_batch(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
         """Vectors for ``texts``: float32 (len(texts), dim), L2-normalised; (0, dim) for no texts."""
         if isinstance(texts, str):
@@ -116,7 +122,9 @@ class SentenceTransformerEmbedder(Embedder):
 
 def _load_sentence_transformer(location: str, device: str, name: str) -> Any:
     from sentence_transformers import SentenceTransformer
-    from transformers.utils import logging as hf_logging
+
+    # transformers' logging helpers are untyped; hold the module as Any.
+    hf_logging: Any = importlib.import_module("transformers.utils.logging")
 
     # Loading takes a second; a progress bar for it is noise in a command's output.
     bars = hf_logging.is_progress_bar_enabled()

@@ -32,7 +32,7 @@ class IngestResult:
     skipped: list[tuple[str, str]]
 
 
-class _Unreadable(Exception):
+class _UnreadableError(Exception):
     """A file that is left out; the message is the reason."""
 
 
@@ -67,8 +67,9 @@ def read_documents(paths: PathLike | Iterable[PathLike]) -> IngestResult:
         path = files[name]
         suffix = path.suffix.lower()
         if suffix not in SUPPORTED_SUFFIXES:
-            skipped.append((name, f"unsupported file type {suffix or '(none)'!r}; supported: "
-                            + ", ".join(SUPPORTED_SUFFIXES)))
+            skipped.append(
+                (name, f"unsupported file type {suffix or '(none)'!r}; supported: " + ", ".join(SUPPORTED_SUFFIXES))
+            )
             continue
         try:
             text = _read_text(path)
@@ -77,9 +78,9 @@ def read_documents(paths: PathLike | Iterable[PathLike]) -> IngestResult:
             else:
                 document = _html_document(name, text) if suffix in (".html", ".htm") else Document(text, name)
                 if not document.text.strip():
-                    raise _Unreadable("no text")
+                    raise _UnreadableError("no text")
                 documents.append(document)
-        except _Unreadable as error:
+        except _UnreadableError as error:
             skipped.append((name, str(error)))
 
     if not documents:
@@ -87,24 +88,23 @@ def read_documents(paths: PathLike | Iterable[PathLike]) -> IngestResult:
         reasons = "; ".join(f"{name}: {reason}" for name, reason in skipped[:5])
         more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
         raise InvalidInputError(
-            f"no readable documents in {what}"
-            + (f" (skipped {reasons}{more})" if reasons else " (no files found)")
+            f"no readable documents in {what}" + (f" (skipped {reasons}{more})" if reasons else " (no files found)")
         )
     return IngestResult(documents, skipped)
 
 
 def _read_text(path: Path) -> str:
-    """The file's text, with line endings made ``\\n``; `_Unreadable` when it is not UTF-8 text."""
+    """The file's text, with line endings made ``\\n``; `_UnreadableError` when it is not UTF-8 text."""
     try:
         data = path.read_bytes()
     except OSError as error:
-        raise _Unreadable(f"cannot read: {error.strerror or error}") from error
+        raise _UnreadableError(f"cannot read: {error.strerror or error}") from error
     if b"\x00" in data:
-        raise _Unreadable("binary file (contains NUL bytes)")
+        raise _UnreadableError("binary file (contains NUL bytes)")
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
-        raise _Unreadable(f"not UTF-8 text (invalid byte at offset {error.start})") from error
+        raise _UnreadableError(f"not UTF-8 text (invalid byte at offset {error.start})") from error
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
@@ -133,7 +133,7 @@ def _read_jsonl(name: str, text: str, skipped: list[tuple[str, str]]) -> list[Do
             continue
         documents.append(Document(body, source, record))
     if not documents and not any(skip[0].startswith(f"{name}:") for skip in skipped):
-        raise _Unreadable("no text")
+        raise _UnreadableError("no text")
     return documents
 
 
@@ -152,7 +152,7 @@ def _html_document(name: str, html: str) -> Document:
 
 
 _BLOCK_TAGS = frozenset(
-    "address article aside blockquote body caption dd details dialog div dl dt fieldset figcaption "
+    "address article aside blockquote body caption dd details dialog div dl dt fieldset figcaption "  # noqa: SIM905
     "figure footer form h1 h2 h3 h4 h5 h6 header hr html li main nav ol p pre section summary "
     "table tbody thead tfoot tr ul".split()
 )

@@ -63,19 +63,21 @@ class BackendConformance:
             ]
             metafunc.parametrize("device", params, scope="class")
 
-    def make_backend(self, device: str) -> DistanceBackend:
+    @classmethod
+    def make_backend(cls, device: str) -> DistanceBackend:
         """The backend under test, looked up by name; skipped with the reason when it cannot run here."""
-        if not self.backend_name:
-            raise TypeError(f"{type(self).__name__} must set backend_name")
+        if not cls.backend_name:
+            raise TypeError(f"{cls.__name__} must set backend_name")
         try:
-            return gpurag.get_backend(self.backend_name, device=device)
+            return gpurag.get_backend(cls.backend_name, device=device)
         except BackendUnavailableError as exc:
-            pytest.skip(f"backend {self.backend_name!r} on {device}: {exc}")
+            pytest.skip(f"backend {cls.backend_name!r} on {device}: {exc}")
 
     @pytest.fixture(scope="class")
-    def backend(self, device: str) -> DistanceBackend:
+    @classmethod
+    def backend(cls, device: str) -> DistanceBackend:
         """The backend under test on one device."""
-        return self.make_backend(device)
+        return cls.make_backend(device)
 
     # --- helpers -------------------------------------------------------------------------------
     @staticmethod
@@ -104,9 +106,7 @@ class BackendConformance:
         assert database.metric is metric, f"prepared for {database.metric}, expected {metric}"
         return database
 
-    def search(
-        self, backend: DistanceBackend, queries: FloatMatrix, database: Database, k: int
-    ) -> tuple[Any, Any]:
+    def search(self, backend: DistanceBackend, queries: FloatMatrix, database: Database, k: int) -> tuple[Any, Any]:
         """`DistanceBackend.topk` on the host, types and shapes checked."""
         result = backend.topk(backend.asarray(queries, "queries"), database, k)
         return self.host_topk(backend, result, queries.shape[0], k)
@@ -130,7 +130,8 @@ class BackendConformance:
         """A retriever's `SearchResult`, checked to be float32 / int64 NumPy arrays of shape (Q, k)."""
         assert isinstance(result, SearchResult), f"search must return a SearchResult; got {type(result).__name__}"
         scores, ids = result
-        assert isinstance(scores, np.ndarray) and isinstance(ids, np.ndarray), "search must return NumPy arrays"
+        assert isinstance(scores, np.ndarray), f"search scores must be a NumPy array; got {type(scores).__name__}"
+        assert isinstance(ids, np.ndarray), f"search ids must be a NumPy array; got {type(ids).__name__}"
         assert scores.dtype == np.float32, f"search scores must be float32; got {scores.dtype}"
         assert ids.dtype == np.int64, f"search ids must be int64; got {ids.dtype}"
         assert scores.shape == ids.shape == (n_queries, k), f"search shapes {scores.shape}, {ids.shape}"
@@ -362,7 +363,9 @@ class BackendConformance:
         for a, b, winners in ((first, second, {0, 1}), (second, first, {2, 3})):
             _, indices = self.host_topk(backend, backend.merge_topk(a, b, 2, metric), 2, 2)
             for row in indices:
-                assert set(row.tolist()) == winners, f"merge_topk must keep the first result's ties {winners}; got {row}"
+                assert set(row.tolist()) == winners, (
+                    f"merge_topk must keep the first result's ties {winners}; got {row}"
+                )
 
     # --- through the retriever: chunking, padding, ids -----------------------------------------
     @SOME

@@ -1,0 +1,198 @@
+"""RAG speed: embedding throughput by batch size, and `answer_batch` latency per stage.
+
+Prints a markdown table naming the machine (CPU model or GPU card, torch version, device), and
+writes it to ``--out`` when given::
+
+    python benchmarks/rag_speed.py                        # this machine, default device
+    python benchmarks/rag_speed.py --device cuda --out rag_speed_gpu.md
+
+Embedding: passages of about 100 model tokens cut from the default corpus, throughput in texts/s
+at batch 1, 8 and 64 (median of ``--repeats`` timed runs after a warm-up, each run embedding
+``--texts`` passages in batches of that size). End to end: `RAGPipeline.answer_batch` over the
+default corpus (exact retriever, extractive generator), median seconds per stage for batches of
+1 and 8 questions from the evaluation set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+QUESTIONS = HERE / "rag_eval_questions.jsonl"
+
+
+def cpu_model() -> str:
+    """The CPU's model name as the kernel reports it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_description(device: str) -> dict[str, str]:
+    """CPU model and cores, GPU card (on CUDA), torch and Python versions, and the device used."""
+    import torch
+
+    info = {
+        "cpu": f"{cpu_model()} ({os.cpu_count()} logical cores, torch threads {torch.get_num_threads()})",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": device,
+    }
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    try:
+        import sentence_transformers
+
+        info["sentence-transformers"] = sentence_transformers.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def passages_of_tokens(embedder: Any, count: int, tokens: int = 100) -> list[str]:
+    """``count`` passages of ``tokens`` model tokens each, cut from the pydoc topics' text."""
+    from gpurag.rag.default_corpus import default_documents
+
+    tokenizer = embedder.model.tokenizer
+    passages: list[str] = []
+    while len(passages) < count:
+        for document in default_documents():
+            ids = tokenizer(document.text, add_special_tokens=False, verbose=False)["input_ids"]
+            for start in range(0, len(ids) - tokens + 1, tokens):
+                passages.append(tokenizer.decode(ids[start : start + tokens]))
+                if len(passages) == count:
+                    return passages
+    return passages
+
+
+def embedding_throughput(
+    embedder: Any, texts: list[str], batch: int, repeats: int, device: str
+) -> tuple[float, list[float]]:
+    """Median texts/s embedding ``texts`` in batches of ``batch``, and each run's seconds."""
+    embedder.batch_size = batch
+    embedder.embed_batch(texts[: max(batch, 8)])  # warm-up
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        started = time.perf_counter()
+        for i in range(0, len(texts), batch):
+            embedder.embed_batch(texts[i : i + batch])
+        _sync(device)
+        times.append(time.perf_counter() - started)
+    return len(texts) / statistics.median(times), times
+
+
+def pipeline_latency(pipeline: Any, questions: list[str], batch: int, repeats: int) -> dict[str, float]:
+    """Median seconds per stage of `answer_batch` over ``repeats`` batches of ``batch`` questions."""
+    pipeline.answer_batch(questions[:batch])  # warm-up
+    runs: dict[str, list[float]] = {}
+    for r in range(repeats):
+        offset = (r * batch) % max(1, len(questions) - batch)
+        answers = pipeline.answer_batch(questions[offset : offset + batch])
+        for key, value in answers[0].timings.items():
+            runs.setdefault(key, []).append(value)
+    return {key: statistics.median(values) for key, values in runs.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1; default: CUDA when available")
+    parser.add_argument("--model", default=None, help="embedder name or model path (default: the setting)")
+    parser.add_argument("--texts", type=int, default=128, help="passages embedded per timed run")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement")
+    parser.add_argument("--batches", default="1,8,64", help="embedding batch sizes")
+    parser.add_argument("--pipeline-batches", default="1,8", help="answer_batch sizes")
+    parser.add_argument("--label", default="", help="a name for the machine, printed in the heading")
+    parser.add_argument("--out", type=Path, default=None, help="also write the markdown here")
+    parser.add_argument("--json", type=Path, default=None, help="also write the raw figures here as JSON")
+    args = parser.parse_args(argv)
+
+    from gpurag.rag.embedders import SentenceTransformerEmbedder, pick_device
+    from gpurag.rag.generators import get_generator
+    from gpurag.rag.pipeline import RAGPipeline
+
+    device = pick_device(args.device)
+    started = time.perf_counter()
+    embedder = SentenceTransformerEmbedder(args.model, device=device)
+    load_s = time.perf_counter() - started
+    info = machine_description(device)
+    print(f"loaded {embedder.name} on {device} in {load_s:.1f} s", file=sys.stderr)
+
+    texts = passages_of_tokens(embedder, args.texts)
+    tokenizer = embedder.model.tokenizer
+    mean_tokens = statistics.mean(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    throughput: dict[int, float] = {}
+    for batch in (int(b) for b in args.batches.split(",")):
+        rate, times = embedding_throughput(embedder, texts, batch, args.repeats, device)
+        throughput[batch] = rate
+        print(f"batch {batch}: {rate:.1f} texts/s (runs: {', '.join(f'{t:.2f}' for t in times)} s)", file=sys.stderr)
+
+    from gpurag.rag.default_corpus import load_default_corpus
+
+    embedder.batch_size = 64
+    started = time.perf_counter()
+    corpus = load_default_corpus(embedder)
+    corpus_s = time.perf_counter() - started
+    print(f"default corpus ready ({len(corpus)} chunks) in {corpus_s:.1f} s", file=sys.stderr)
+    pipeline = RAGPipeline(corpus, embedder, get_generator("extractive"))
+    questions = [json.loads(line)["question"] for line in QUESTIONS.read_text().splitlines() if line.strip()]
+    latency = {
+        batch: pipeline_latency(pipeline, questions, batch, args.repeats)
+        for batch in (int(b) for b in args.pipeline_batches.split(","))
+    }
+
+    heading = f"## RAG speed: {args.label or info.get('gpu') or cpu_model()}"
+    lines = [heading, ""]
+    lines += [f"- {key}: {value}" for key, value in info.items()]
+    lines += [
+        f"- model: {embedder.name} (dim {embedder.dim}), fp32; passages of {mean_tokens:.0f} tokens on average",
+        f"- default corpus: {len(corpus)} chunks, ready in {corpus_s:.1f} s "
+        f"({corpus.metadata.get('build_s', 'loaded from cache')} s embedding if built here)",
+        f"- medians of {args.repeats} timed runs after a warm-up; {args.texts} passages per embedding run",
+        "",
+        "| embedding batch | texts/s |",
+        "|---:|---:|",
+    ]
+    lines += [f"| {batch} | {rate:,.1f} |" for batch, rate in throughput.items()]
+    lines += [
+        "",
+        "| `answer_batch` size | embed ms | search ms | generate ms | total ms | ms per question |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for batch, stages in latency.items():
+        ms = {key: value * 1e3 for key, value in stages.items()}
+        lines.append(
+            f"| {batch} | {ms['embed_s']:.1f} | {ms['search_s']:.2f} | {ms['generate_s']:.1f} | "
+            f"{ms['total_s']:.1f} | {ms['total_s'] / batch:.1f} |"
+        )
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.out:
+        args.out.write_text(table)
+    if args.json:
+        record = {"machine": info, "throughput": throughput, "latency": latency, "mean_tokens": mean_tokens}
+        args.json.write_text(json.dumps(record, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

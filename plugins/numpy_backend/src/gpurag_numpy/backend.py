@@ -1,0 +1,782 @@
+"""The NumPy distance backend: exact l2, dot, cosine and l1 search and the LSH primitives on the CPU.
+
+Search is exact in the sense of `gpurag.testing.reference`: a fast float32 (or, for l1, 16-bit
+integer) pass only shortlists, with a threshold widened by a bound on its own rounding error; every
+row it keeps is scored again in float64, and the answer is chosen on those scores, ties going to the
+lower position.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import math
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from gpurag.backend import Availability, Database, DistanceBackend
+from gpurag.errors import InvalidInputError
+from gpurag.metrics import Metric, TopK
+from gpurag.settings import get_settings
+
+F32 = npt.NDArray[np.float32]
+F64 = npt.NDArray[np.float64]
+I64 = npt.NDArray[np.int64]
+I16 = npt.NDArray[np.int16]
+U8 = npt.NDArray[np.uint8]
+
+#: float32 unit roundoff.
+_U32 = 2.0**-24
+#: Scores (queries x rows) one GEMM tile holds: sized so a tile stays in a core's L2 cache.
+_GEMM_TILE_SCORES = 1 << 17
+#: Database rows one l1 block covers.
+_L1_BLOCK_ROWS = 1024
+#: Dimensions one l1 max-and-sum step covers.
+_L1_STEP_DIMS = 16
+#: Elements of the int16 temporary one l1 step writes (dims x queries x rows).
+_L1_STEP_ELEMENTS = 1 << 18
+#: Dimensions whose int16 codes are summed before widening to int32; fixes the l1 code range.
+_L1_GROUP_DIMS = 128
+#: Elements one chunk of a float64 pairwise computation, a rescoring or a Hamming scan may hold.
+_CHUNK_ELEMENTS = 1 << 21
+#: Below this many multiply-adds a search runs on the calling thread alone.
+_MIN_PARALLEL_WORK = 1 << 22
+
+
+def _gamma(n: float) -> float:
+    """Bound on the relative rounding error of n float32 operations (Higham's gamma_n)."""
+    return n * _U32 / (1.0 - n * _U32)
+
+
+# --- threads ------------------------------------------------------------------------------------
+class _BlasOneThread:
+    """Holds the BLAS libraries at one thread while any search that runs its own threads is active.
+
+    Needs threadpoolctl; `available` says whether it could be loaded.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._limiter: Any = None
+        self._controller: Any = None
+        self._loaded = False
+
+    @property
+    def available(self) -> bool:
+        """Whether BLAS threads can be limited (threadpoolctl is installed)."""
+        with self._lock:
+            self._load()
+            return self._controller is not None
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        try:
+            import threadpoolctl
+        except ImportError:
+            return
+        try:
+            self._controller = threadpoolctl.ThreadpoolController()
+        except Exception:  # a broken BLAS introspection must not break search
+            self._controller = None
+
+    def __enter__(self) -> None:
+        with self._lock:
+            self._load()
+            if self._controller is None:
+                return
+            if self._depth == 0:
+                self._limiter = self._controller.limit(limits=1, user_api="blas")
+            self._depth += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            if self._controller is None:
+                return
+            self._depth -= 1
+            if self._depth == 0 and self._limiter is not None:
+                self._limiter.restore_original_limits()
+                self._limiter = None
+
+
+_BLAS_ONE_THREAD = _BlasOneThread()
+_POOL_LOCK = threading.Lock()
+_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+_POOL_SIZE = 0
+
+
+def _thread_count() -> int:
+    """Threads a search may use: ``numpy_threads``, or one per core available to this process."""
+    configured = get_settings().numpy_threads
+    if configured:
+        return configured
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def _run_parallel(tasks: list[Callable[[], Any]], *, uses_blas: bool) -> list[Any]:
+    """Results of ``tasks``, run on a shared thread pool (the last on the calling thread)."""
+    if len(tasks) == 1:
+        return [tasks[0]()]
+    global _POOL, _POOL_SIZE
+    with _POOL_LOCK:
+        if _POOL is None or _POOL_SIZE < len(tasks) - 1:
+            if _POOL is not None:
+                _POOL.shutdown(wait=False)
+            _POOL_SIZE = len(tasks) - 1
+            _POOL = concurrent.futures.ThreadPoolExecutor(_POOL_SIZE, thread_name_prefix="gpurag-numpy")
+        pool = _POOL
+    if uses_blas:
+        with _BLAS_ONE_THREAD:
+            futures = [pool.submit(task) for task in tasks[:-1]]
+            last = tasks[-1]()
+            return [f.result() for f in futures] + [last]
+    futures = [pool.submit(task) for task in tasks[:-1]]
+    last = tasks[-1]()
+    return [f.result() for f in futures] + [last]
+
+
+def _split(total: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` contiguous, nearly equal, non-empty ranges covering ``range(total)``."""
+    parts = max(1, min(parts, total))
+    bounds = [total * i // parts for i in range(parts + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(parts)]
+
+
+# --- the database -------------------------------------------------------------------------------
+@dataclasses.dataclass
+class NumpyDatabase(Database):
+    """A `Database` that may also hold the l1 codes: int16, transposed (dim, rows), and their scale.
+
+    The codes are ``rint(vectors / l1_scale)``; with ``l1_scale`` a power of two they shortlist l1
+    search. ``row_data`` holds, per metric: ``half_sq_norms`` (l2), ``norms`` (dot),
+    ``inv_norms`` (cosine, 0 for a zero row), ``l1_code_sums`` and ``l1_errors`` (l1).
+    """
+
+    l1_codes: Any = None
+    l1_scale: float = 0.0
+
+
+def _l1_levels(dim: int) -> int:
+    """The largest code magnitude: a sum of `_L1_GROUP_DIMS` codes must fit in int16."""
+    return 32767 // min(dim, _L1_GROUP_DIMS)
+
+
+def _l1_scale_for(max_abs: float, dim: int) -> float:
+    """The power-of-two scale that maps values of magnitude ``max_abs`` into the code range."""
+    if not max_abs > 0.0:
+        return 1.0
+    return float(2.0 ** math.ceil(math.log2(max_abs / _l1_levels(dim))))
+
+
+def _l1_encode(vectors: F32, scale: float) -> tuple[I16, F32, F64]:
+    """Codes (rows, dim), their row sums (float32, exact) and each row's l1 rounding error (float64)."""
+    scaled = vectors.astype(np.float64) / scale
+    codes = np.rint(scaled)
+    errors = np.abs(scaled - codes).sum(axis=1) * scale
+    sums = codes.sum(axis=1)
+    return codes.astype(np.int16), sums.astype(np.float32), errors
+
+
+# --- per-metric scoring -------------------------------------------------------------------------
+class _Scorer:
+    """Approximate scores of tiles, their error bound, and exact rescoring, for one search.
+
+    Approximate scores are in a selection space where higher is better; `to_selection` maps an exact
+    score there. ``margin[i]`` bounds |approximate - exact| in selection space for query ``i``.
+    """
+
+    tile_dtype: type[np.floating[Any]] = np.float32
+    block_rows: int = 8192
+    tile_queries: int = 16
+
+    def __init__(self, queries: F32, database: Database) -> None:
+        self.queries = queries
+        self.vectors: F32 = database.vectors
+        self.dim = int(queries.shape[1])
+        self.higher_is_better = database.metric.higher_is_better
+        self.margin: F64 = np.zeros(queries.shape[0])
+
+    def tile(self, q0: int, q1: int, r0: int, r1: int, out: Any) -> Any:
+        """Approximate selection scores (q1 - q0, r1 - r0) of queries q0:q1 against rows r0:r1."""
+        raise NotImplementedError
+
+    def exact(self, qi: I64, rows: I64) -> F64:
+        """Exact (float64) scores of the pairs (query qi[j], row rows[j])."""
+        raise NotImplementedError
+
+    def to_selection(self, qi: I64, values: F64) -> F64:
+        """Exact scores of queries ``qi`` mapped into selection space."""
+        return values
+
+    def _gather(self, qi: I64, rows: I64) -> tuple[F64, F64]:
+        return self.vectors[rows].astype(np.float64), self.queries[qi].astype(np.float64)
+
+
+def _norms64(x: F32) -> F64:
+    return np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
+
+
+class _GemmScorer(_Scorer):
+    """dot, l2 and cosine: one float32 GEMM per tile."""
+
+    def __init__(self, queries: F32, database: Database) -> None:
+        super().__init__(queries, database)
+        self.block_rows = get_settings().numpy_block_rows
+        self.tile_queries = max(1, _GEMM_TILE_SCORES // self.block_rows)
+        self.qnorm = _norms64(queries)
+        self.lhs: Any = queries
+        self.row_term: Any = None
+
+    def _use_float64_if_overflowing(self, bound: float) -> None:
+        """Compute tiles in float64 when float32 products could overflow."""
+        if bound > 1e36:
+            self.tile_dtype = np.float64
+            self.lhs = np.asarray(self.lhs, dtype=np.float64)
+
+    def tile(self, q0: int, q1: int, r0: int, r1: int, out: Any) -> Any:
+        block = self.vectors[r0:r1]
+        if self.tile_dtype is not np.float32:
+            block = block.astype(np.float64)
+        np.matmul(self.lhs[q0:q1], block.T, out=out)
+        return out
+
+    def exact(self, qi: I64, rows: I64) -> F64:
+        return np.einsum("ij,ij->i", self.vectors[rows], self.queries[qi], dtype=np.float64)
+
+
+class _DotScorer(_GemmScorer):
+    def __init__(self, queries: F32, database: Database) -> None:
+        super().__init__(queries, database)
+        xmax = float(np.max(database.row_data["norms"], initial=0.0)) * (1 + 4 * _U32)
+        self._use_float64_if_overflowing(float(self.qnorm.max(initial=0.0)) * xmax)
+        self.margin = 1.01 * _gamma(2 * self.dim + 8) * self.qnorm * xmax + (self.dim + 4) * 2.0**-148
+
+
+class _L2Scorer(_GemmScorer):
+    """Selection score q·x - |x|²/2 = (|q|² - d) / 2."""
+
+    def __init__(self, queries: F32, database: Database) -> None:
+        super().__init__(queries, database)
+        half = database.row_data["half_sq_norms"]
+        hmax = float(np.max(half, initial=0.0)) * (1 + 4 * _U32)
+        xmax = math.sqrt(2.0 * hmax)
+        self._use_float64_if_overflowing(float(self.qnorm.max(initial=0.0)) * xmax + hmax)
+        self.row_term = half
+        self.qsq = self.qnorm**2
+        scale = self.qnorm * xmax + hmax
+        self.margin = 1.01 * _gamma(2 * self.dim + 12) * scale + 2.0**-44 * (self.qsq + scale)
+        self.margin += (self.dim + 4) * 2.0**-148
+
+    def tile(self, q0: int, q1: int, r0: int, r1: int, out: Any) -> Any:
+        super().tile(q0, q1, r0, r1, out)
+        np.subtract(out, self.row_term[r0:r1], out=out)
+        return out
+
+    def exact(self, qi: I64, rows: I64) -> F64:
+        x, q = self._gather(qi, rows)
+        x -= q
+        return np.einsum("ij,ij->i", x, x)
+
+    def to_selection(self, qi: I64, values: F64) -> F64:
+        return np.asarray(0.5 * (self.qsq[qi] - values), dtype=np.float64)
+
+
+class _CosineScorer(_GemmScorer):
+    """Queries are normalised; each tile column is scaled by its row's inverse norm. No zero queries."""
+
+    def __init__(self, queries: F32, database: Database) -> None:
+        super().__init__(queries, database)
+        self.lhs = (queries / self.qnorm[:, None]).astype(np.float32)
+        self.row_term = database.row_data["inv_norms"]
+        self.margin = np.full(queries.shape[0], 1.01 * _gamma(2 * self.dim + 24) + 2.0**-44)
+        self.margin += (self.dim + 4) * 2.0**-120
+
+    def tile(self, q0: int, q1: int, r0: int, r1: int, out: Any) -> Any:
+        super().tile(q0, q1, r0, r1, out)
+        np.multiply(out, self.row_term[r0:r1], out=out)
+        return out
+
+    def exact(self, qi: I64, rows: I64) -> F64:
+        x, q = self._gather(qi, rows)
+        dots = np.einsum("ij,ij->i", x, q)
+        xn = np.sqrt(np.einsum("ij,ij->i", x, x))
+        denominator = xn * self.qnorm[qi]
+        return np.divide(dots, denominator, out=np.zeros_like(dots), where=denominator > 0)
+
+
+class _L1Scorer(_Scorer):
+    """Selection score in code units: c_i - T/s, computed as sum(x̃) - 2 sum(max(x̃, q̃)) in int16.
+
+    ``sum|x - q| = 2 sum max(x, q) - sum x - sum q``; on the codes the identity is exact, and
+    clipping a query's code into the code range shifts every row's score by the same amount.
+    """
+
+    block_rows = _L1_BLOCK_ROWS
+
+    def __init__(self, queries: F32, database: NumpyDatabase) -> None:
+        super().__init__(queries, database)
+        dim = self.dim
+        scale = database.l1_scale
+        levels = _l1_levels(dim)
+        self.codes_t: I16 = database.l1_codes
+        self.code_sums: F32 = database.row_data["l1_code_sums"]
+        self.scale = scale
+        scaled = queries.astype(np.float64) / scale
+        rounded = np.rint(scaled)
+        query_errors = np.abs(scaled - rounded).sum(axis=1) * scale
+        clipped = np.clip(rounded, -levels, levels)
+        self.query_codes_t: I16 = np.ascontiguousarray(clipped.T.astype(np.int16))
+        # sum max(x̃, q̃) = sum max(x̃, clip(q̃)) + sum over q̃ > L of (q̃ - L)
+        above = np.maximum(rounded - levels, 0.0).sum(axis=1)
+        self.offset: F64 = 2.0 * above - rounded.sum(axis=1)
+        self.groups = [(g, min(g + _L1_GROUP_DIMS, dim)) for g in range(0, dim, _L1_GROUP_DIMS)]
+        self.step = _L1_STEP_DIMS
+        self.tile_queries = max(1, _L1_STEP_ELEMENTS // (self.step * self.block_rows))
+        row_errors = database.row_data["l1_errors"]
+        max_row_error = float(np.max(row_errors, initial=0.0))
+        largest = 3.0 * dim * levels
+        self.margin = (max_row_error + query_errors) * (1 + 1e-9) / scale
+        self.margin += _U32 * largest if largest >= 2**24 else 0.0
+        l1_scale = np.abs(queries).sum(axis=1, dtype=np.float64) + levels * scale * dim
+        self.margin += 2.0**-44 * l1_scale / scale
+
+    def tile(self, q0: int, q1: int, r0: int, r1: int, out: Any) -> Any:
+        nq, nb = q1 - q0, r1 - r0
+        step = self.step
+        tmp_all = np.empty(step * nq * nb, dtype=np.int16)
+        part = np.empty((nq, nb), dtype=np.int16)
+        total: Any = None
+        for g0, g1 in self.groups:
+            acc = np.empty((nq, nb), dtype=np.int16)
+            for d0 in range(g0, g1, step):
+                d1 = min(d0 + step, g1)
+                tmp = tmp_all[: (d1 - d0) * nq * nb].reshape(d1 - d0, nq, nb)
+                np.maximum(self.codes_t[d0:d1, None, r0:r1], self.query_codes_t[d0:d1, q0:q1, None], out=tmp)
+                if d0 == g0:
+                    np.add.reduce(tmp, axis=0, out=acc)
+                else:
+                    np.add.reduce(tmp, axis=0, out=part)
+                    np.add(acc, part, out=acc)
+            if len(self.groups) == 1:
+                total = acc
+            elif total is None:
+                total = acc.astype(np.int32)
+            else:
+                np.add(total, acc, out=total)
+        np.multiply(total, -2.0, out=out, casting="unsafe")
+        np.add(out, self.code_sums[r0:r1], out=out)
+        return out
+
+    def exact(self, qi: I64, rows: I64) -> F64:
+        x, q = self._gather(qi, rows)
+        x -= q
+        np.abs(x, out=x)
+        return np.asarray(x.sum(axis=1), dtype=np.float64)
+
+    def to_selection(self, qi: I64, values: F64) -> F64:
+        return np.asarray(self.offset[qi] - values / self.scale, dtype=np.float64)
+
+
+def _make_scorer(queries: F32, database: Database) -> _Scorer:
+    metric = database.metric
+    if metric is Metric.DOT:
+        return _DotScorer(queries, database)
+    if metric is Metric.L2:
+        return _L2Scorer(queries, database)
+    if metric is Metric.COSINE:
+        return _CosineScorer(queries, database)
+    if not isinstance(database, NumpyDatabase) or database.l1_codes is None:
+        raise InvalidInputError("database was not prepared for l1 by the numpy backend")
+    return _L1Scorer(queries, database)
+
+
+# --- selection ----------------------------------------------------------------------------------
+def _below(thresholds: F64, dtype: Any) -> Any:
+    """``thresholds`` in ``dtype``, each rounded down so that no admissible score is lost."""
+    out = thresholds.astype(dtype)
+    up = out.astype(np.float64) > thresholds
+    if up.any():
+        out[up] = np.nextafter(out[up], dtype(-np.inf))
+    return out
+
+
+class _Candidates:
+    """The best k rows (exactly scored) of a range of queries, ties to the lower row."""
+
+    def __init__(self, n_queries: int, k: int, higher_is_better: bool) -> None:
+        self.n_queries = n_queries
+        self.k = k
+        self.sign = -1.0 if higher_is_better else 1.0
+        self.q: I64 = np.empty(0, np.int64)
+        self.rows: I64 = np.empty(0, np.int64)
+        self.values: F64 = np.empty(0, np.float64)
+        self.pending: list[tuple[I64, I64, F64]] = []
+        self.pending_count = 0
+        self.kth: F64 = np.full(n_queries, np.nan)  # exact k-th best value; NaN until k are known
+
+    def add(self, q: I64, rows: I64, values: F64) -> None:
+        self.pending.append((q, rows, values))
+        self.pending_count += q.size
+
+    def merge(self) -> None:
+        """Fold pending rows in; keep the k best of each query; update `kth`."""
+        if not self.pending:
+            return
+        q = np.concatenate([self.q, *(p[0] for p in self.pending)])
+        rows = np.concatenate([self.rows, *(p[1] for p in self.pending)])
+        values = np.concatenate([self.values, *(p[2] for p in self.pending)])
+        self.pending = []
+        self.pending_count = 0
+        order = np.lexsort((rows, self.sign * values, q))
+        q, rows, values = q[order], rows[order], values[order]
+        counts = np.bincount(q, minlength=self.n_queries)
+        starts = np.cumsum(counts) - counts
+        rank = np.arange(q.size) - starts[q]
+        keep = rank < self.k
+        self.q, self.rows, self.values = q[keep], rows[keep], values[keep]
+        full = counts >= self.k
+        self.kth[full] = values[starts[full] + self.k - 1]
+
+    def dense(self) -> tuple[F64, I64]:
+        """(values, rows) of shape (n_queries, k), best first; every query must have k rows."""
+        self.merge()
+        return self.values.reshape(self.n_queries, self.k), self.rows.reshape(self.n_queries, self.k)
+
+
+def _scan(scorer: _Scorer, q0: int, q1: int, r0: int, r1: int, k: int) -> _Candidates:
+    """Exact best-k candidates of queries q0:q1 among rows r0:r1."""
+    nq = q1 - q0
+    block_rows = scorer.block_rows
+    tile_queries = min(scorer.tile_queries, nq)
+    dtype = scorer.tile_dtype
+    buffer = np.empty(tile_queries * min(block_rows, r1 - r0), dtype=dtype)
+    mask_buffer = np.empty(buffer.size, dtype=np.bool_)
+    pool = _Candidates(nq, k, scorer.higher_is_better)
+    margin = scorer.margin[q0:q1]
+    thresholds = np.full(nq, -np.inf, dtype=dtype)
+    local_queries = np.arange(q0, q1, dtype=np.int64)
+    seen = 0
+    for b0 in range(r0, r1, block_rows):
+        b1 = min(b0 + block_rows, r1)
+        nb = b1 - b0
+        first = seen == 0 and nb >= k
+        for t0 in range(0, nq, tile_queries):
+            t1 = min(t0 + tile_queries, nq)
+            nt = t1 - t0
+            scores = scorer.tile(q0 + t0, q0 + t1, b0, b1, buffer[: nt * nb].reshape(nt, nb))
+            if first:
+                kth = np.partition(scores, nb - k, axis=1)[:, nb - k].astype(np.float64)
+                limit = _below(kth - 2.0 * margin[t0:t1], dtype)
+            else:
+                limit = thresholds[t0:t1]
+            mask = mask_buffer[: nt * nb].reshape(nt, nb)
+            np.greater_equal(scores, limit[:, None], out=mask)
+            flat = np.flatnonzero(mask)
+            if flat.size:
+                qi = flat // nb
+                rows = flat - qi * nb + b0
+                qi += t0
+                pool.add(qi, rows, scorer.exact(local_queries[qi], rows))
+        seen += nb
+        if seen >= k and (first or pool.pending_count >= max(pool.q.size, 256)):
+            pool.merge()
+            known = ~np.isnan(pool.kth)
+            if known.any():
+                selection = scorer.to_selection(local_queries[known], pool.kth[known])
+                thresholds[known] = _below(selection - margin[known], dtype)
+    pool.merge()
+    return pool
+
+
+def _combine(pools: list[_Candidates], n_queries: int, k: int, higher_is_better: bool) -> tuple[F64, I64]:
+    """The best k of several candidate sets for the same queries."""
+    if len(pools) == 1:
+        return pools[0].dense()
+    total = _Candidates(n_queries, k, higher_is_better)
+    for pool in pools:
+        total.add(pool.q, pool.rows, pool.values)
+    return total.dense()
+
+
+# --- the backend --------------------------------------------------------------------------------
+class NumpyBackend(DistanceBackend):
+    """Exact search with NumPy and its BLAS on the CPU: l2, dot, cosine and l1, any k, any size.
+
+    Threads: ``GPURAG_NUMPY_THREADS`` (0: one per available core); rows per GEMM block:
+    ``GPURAG_NUMPY_BLOCK_ROWS``.
+    """
+
+    name = "numpy"
+    device_kinds = ("cpu",)
+    metrics = frozenset(Metric)
+    max_k = None
+
+    @classmethod
+    def availability(cls) -> Availability:
+        """Always available: NumPy is a dependency."""
+        return Availability(True)
+
+    # --- the database --------------------------------------------------------------------------
+    def prepare(self, vectors: Any, metric: Metric) -> NumpyDatabase:
+        """``vectors`` (float32, rows x dim) and what ``metric`` needs precomputed; the rows are not copied."""
+        metric = Metric.parse(metric)
+        x = np.ascontiguousarray(self.to_numpy(vectors), dtype=np.float32)
+        if x.ndim != 2:
+            raise InvalidInputError(f"vectors must be 2-D (rows, dim); got shape {x.shape}")
+        database = NumpyDatabase(metric=metric, vectors=x)
+        database.row_data.update(self._row_data(x, metric))
+        if metric is Metric.L1:
+            scale = _l1_scale_for(float(np.max(np.abs(x), initial=0.0)), x.shape[1])
+            self._set_l1_codes(database, x, scale)
+        return database
+
+    @staticmethod
+    def _row_data(x: F32, metric: Metric) -> dict[str, Any]:
+        if metric is Metric.L2:
+            return {"half_sq_norms": (0.5 * np.einsum("ij,ij->i", x, x, dtype=np.float64)).astype(np.float32)}
+        if metric is Metric.DOT:
+            return {"norms": _norms64(x).astype(np.float32)}
+        if metric is Metric.COSINE:
+            norms = _norms64(x)
+            inverse = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+            return {"inv_norms": inverse.astype(np.float32)}
+        return {}
+
+    @staticmethod
+    def _set_l1_codes(database: NumpyDatabase, x: F32, scale: float) -> None:
+        codes, sums, errors = _l1_encode(x, scale)
+        database.l1_codes = np.ascontiguousarray(codes.T)
+        database.l1_scale = scale
+        database.row_data["l1_code_sums"] = sums
+        database.row_data["l1_errors"] = errors
+
+    def append(self, database: Database, vectors: Any) -> NumpyDatabase:
+        """A database holding ``database``'s rows followed by ``vectors``."""
+        old = np.asarray(self.to_numpy(database.vectors), dtype=np.float32)
+        new = np.ascontiguousarray(self.to_numpy(vectors), dtype=np.float32)
+        if new.ndim != 2 or (old.shape[0] and new.shape[1] != old.shape[1]):
+            raise InvalidInputError(f"vectors must be (rows, {old.shape[1]}); got shape {new.shape}")
+        metric = database.metric
+        combined = np.concatenate([old, new])
+        if metric is not Metric.L1 or not isinstance(database, NumpyDatabase) or database.l1_codes is None:
+            return self.prepare(combined, metric)
+        scale = database.l1_scale
+        if float(np.max(np.abs(new), initial=0.0)) > _l1_levels(combined.shape[1]) * scale:
+            return self.prepare(combined, metric)
+        codes, sums, errors = _l1_encode(new, scale)
+        return NumpyDatabase(
+            metric=metric,
+            vectors=combined,
+            row_data={
+                "l1_code_sums": np.concatenate([database.row_data["l1_code_sums"], sums]),
+                "l1_errors": np.concatenate([database.row_data["l1_errors"], errors]),
+            },
+            l1_codes=np.concatenate([database.l1_codes, codes.T], axis=1),
+            l1_scale=scale,
+        )
+
+    def take(self, database: Database, positions: np.ndarray[Any, Any]) -> NumpyDatabase:
+        """A database of the rows at ``positions`` (host int64), in that order."""
+        positions = np.asarray(positions, dtype=np.int64)
+        codes = getattr(database, "l1_codes", None)
+        return NumpyDatabase(
+            metric=database.metric,
+            vectors=np.ascontiguousarray(database.vectors[positions]),
+            row_data={key: value[positions] for key, value in database.row_data.items()},
+            l1_codes=None if codes is None else np.ascontiguousarray(codes[:, positions]),
+            l1_scale=getattr(database, "l1_scale", 0.0),
+        )
+
+    def slice(self, database: Database, start: int, stop: int) -> NumpyDatabase:
+        """Rows ``start:stop`` of ``database``, as views."""
+        codes = getattr(database, "l1_codes", None)
+        return NumpyDatabase(
+            metric=database.metric,
+            vectors=database.vectors[start:stop],
+            row_data={key: value[start:stop] for key, value in database.row_data.items()},
+            l1_codes=None if codes is None else codes[:, start:stop],
+            l1_scale=getattr(database, "l1_scale", 0.0),
+        )
+
+    # --- search --------------------------------------------------------------------------------
+    def topk(self, queries: Any, database: Database, k: int) -> TopK:
+        """The ``k`` best rows of ``database`` for each query, best first; ties go to the lower row.
+
+        Scores are float32 values of the metric computed directly (float64, then rounded) for the
+        rows returned; indices are int64 row positions. ``1 <= k <= database.count``.
+        """
+        q = np.ascontiguousarray(self.to_numpy(queries), dtype=np.float32)
+        n_rows = database.count
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= n_rows:
+            raise InvalidInputError(f"k must be an integer in 1..{n_rows} (the database's rows); got {k!r}")
+        k = int(k)
+        if q.ndim != 2 or q.shape[1] != database.dim:
+            raise InvalidInputError(f"queries must be (Q, {database.dim}); got shape {q.shape}")
+        if database.metric is Metric.L1 and getattr(database, "l1_codes", None) is None:
+            database = self.prepare(database.vectors, Metric.L1)
+        n_queries = q.shape[0]
+        scores = np.empty((n_queries, k), dtype=np.float32)
+        indices = np.empty((n_queries, k), dtype=np.int64)
+        active = np.arange(n_queries)
+        if database.metric in (Metric.DOT, Metric.COSINE):
+            # A zero query scores 0 against every row: the first k rows, in order.
+            zero = ~np.any(q != 0, axis=1)
+            if zero.any():
+                scores[zero] = 0.0
+                indices[zero] = np.arange(k)
+                active = np.flatnonzero(~zero)
+        if active.size == 0:
+            return TopK(scores, indices)
+        work = q if active.size == n_queries else q[active]
+        values, rows = self._search(work, database, k)
+        scores[active] = values
+        indices[active] = rows
+        return TopK(scores, indices)
+
+    def _search(self, queries: F32, database: Database, k: int) -> tuple[F64, I64]:
+        scorer = _make_scorer(queries, database)
+        n_queries, n_rows = queries.shape[0], database.count
+        threads = _thread_count()
+        uses_blas = database.metric is not Metric.L1
+        if uses_blas and not _BLAS_ONE_THREAD.available:
+            threads = 1
+        if n_queries * n_rows * queries.shape[1] < _MIN_PARALLEL_WORK:
+            threads = 1
+        higher = scorer.higher_is_better
+        if threads > 1 and n_queries >= 4 * threads:
+            parts = _split(n_queries, threads)
+            tasks = [lambda a=a, b=b: _scan(scorer, a, b, 0, n_rows, k).dense() for a, b in parts]
+            results = _run_parallel(tasks, uses_blas=uses_blas)
+            return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
+        min_rows = max(k, scorer.block_rows // 2)
+        row_parts = min(threads, n_rows // min_rows) if threads > 1 else 1
+        if row_parts > 1:
+            parts = _split(n_rows, row_parts)
+            pools = _run_parallel(
+                [lambda a=a, b=b: _scan(scorer, 0, n_queries, a, b, k) for a, b in parts], uses_blas=uses_blas
+            )
+            return _combine(pools, n_queries, k, higher)
+        return _scan(scorer, 0, n_queries, 0, n_rows, k).dense()
+
+    # --- pairwise ------------------------------------------------------------------------------
+    def pairwise(self, queries: Any, vectors: Any, metric: Metric) -> F32:
+        """The (Q, N) float32 matrix of ``metric`` between every query and every vector (float64 inside)."""
+        metric = Metric.parse(metric)
+        q = np.asarray(self.to_numpy(queries), dtype=np.float32)
+        x = np.asarray(self.to_numpy(vectors), dtype=np.float32)
+        if q.ndim != 2 or x.ndim != 2 or q.shape[1] != x.shape[1]:
+            raise InvalidInputError(f"queries and vectors must be (Q, D) and (N, D); got {q.shape} and {x.shape}")
+        out = np.empty((q.shape[0], x.shape[0]), dtype=np.float32)
+        q64 = q.astype(np.float64)
+        if metric is Metric.COSINE:
+            qn = np.sqrt(np.einsum("ij,ij->i", q64, q64))
+            q64 = np.divide(q64, qn[:, None], out=np.zeros_like(q64), where=qn[:, None] > 0)
+        q_sq = np.einsum("ij,ij->i", q64, q64)
+        dim = max(1, x.shape[1])
+        if metric is Metric.L1:
+            step_q = max(1, _CHUNK_ELEMENTS // (dim * max(1, x.shape[0])))
+            step_x = max(1, min(x.shape[0], _CHUNK_ELEMENTS // dim))
+        else:
+            step_q = q.shape[0] or 1
+            step_x = max(1, _CHUNK_ELEMENTS // dim)
+        for x0 in range(0, x.shape[0], step_x):
+            block = x[x0 : x0 + step_x].astype(np.float64)
+            if metric is Metric.L1:
+                for q0 in range(0, q.shape[0], step_q):
+                    diff = q64[q0 : q0 + step_q, None, :] - block[None, :, :]
+                    np.abs(diff, out=diff)
+                    out[q0 : q0 + step_q, x0 : x0 + step_x] = diff.sum(axis=2)
+                continue
+            if metric is Metric.COSINE:
+                bn = np.sqrt(np.einsum("ij,ij->i", block, block))
+                block = np.divide(block, bn[:, None], out=np.zeros_like(block), where=bn[:, None] > 0)
+            dots = q64 @ block.T
+            if metric is Metric.L2:
+                dots *= -2.0
+                dots += q_sq[:, None]
+                dots += np.einsum("ij,ij->i", block, block)[None, :]
+                np.maximum(dots, 0.0, out=dots)
+            out[:, x0 : x0 + step_x] = dots
+        return out
+
+    # --- LSH primitives ------------------------------------------------------------------------
+    def sign_codes(self, vectors: Any, planes: Any) -> U8:
+        """Packed sign bits, uint8 (N, ceil(B / 8)), little bit order: bit j set when v·planes[j] > 0."""
+        v = np.ascontiguousarray(self.to_numpy(vectors), dtype=np.float32)
+        p = np.ascontiguousarray(self.to_numpy(planes), dtype=np.float32)
+        if v.ndim != 2 or p.ndim != 2 or v.shape[1] != p.shape[1]:
+            raise InvalidInputError(f"vectors and planes must be (N, D) and (B, D); got {v.shape} and {p.shape}")
+        n_bits = p.shape[0]
+        out = np.empty((v.shape[0], (n_bits + 7) // 8), dtype=np.uint8)
+        p_norms = _norms64(p)
+        bound = 1.01 * _gamma(2 * v.shape[1] + 8)
+        step = max(1, _CHUNK_ELEMENTS // max(1, n_bits))
+        for r0 in range(0, v.shape[0], step):
+            chunk = v[r0 : r0 + step]
+            projections = chunk @ p.T
+            positive = projections > 0
+            # Near zero, float32 may get the sign wrong: decide those in float64.
+            unsure = np.abs(projections) <= bound * _norms64(chunk)[:, None] * p_norms[None, :] + 2.0**-120
+            if unsure.any():
+                rows, cols = np.nonzero(unsure)
+                exact = np.einsum("ij,ij->i", chunk[rows], p[cols], dtype=np.float64)
+                positive[rows, cols] = exact > 0
+            out[r0 : r0 + step] = np.packbits(positive, axis=1, bitorder="little")
+        return out
+
+    def hamming_topk(self, codes: Any, database_codes: Any, k: int) -> TopK:
+        """The ``k`` database codes nearest each code in Hamming distance, nearest first, ties to the lower row."""
+        a = np.ascontiguousarray(self.to_numpy(codes), dtype=np.uint8)
+        b = np.ascontiguousarray(self.to_numpy(database_codes), dtype=np.uint8)
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+            raise InvalidInputError(f"codes must be (Q, W) and (N, W) with one W; got {a.shape} and {b.shape}")
+        n_rows = b.shape[0]
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= n_rows:
+            raise InvalidInputError(f"k must be an integer in 1..{n_rows} (the database codes); got {k!r}")
+        k = int(k)
+        width = a.shape[1]
+        word: type[np.unsignedinteger[Any]] = np.uint8
+        for candidate, size in ((np.uint64, 8), (np.uint32, 4), (np.uint16, 2)):
+            if width % size == 0:
+                word = candidate
+                break
+        av, bv = a.view(word), b.view(word)
+        words = av.shape[1]
+        n_queries = a.shape[0]
+        scores = np.empty((n_queries, k), dtype=np.int32)
+        indices = np.empty((n_queries, k), dtype=np.int64)
+        step_q = max(1, min(n_queries, _CHUNK_ELEMENTS // max(1, n_rows)))
+        step_r = max(1, _CHUNK_ELEMENTS // max(1, step_q * words))
+        positions = np.arange(n_rows, dtype=np.int64)
+
+        def run(q0: int, q1: int) -> None:
+            for s0 in range(q0, q1, step_q):
+                s1 = min(s0 + step_q, q1)
+                distances = np.empty((s1 - s0, n_rows), dtype=np.int64)
+                for r0 in range(0, n_rows, step_r):
+                    r1 = min(r0 + step_r, n_rows)
+                    counts = np.bitwise_count(np.bitwise_xor(av[s0:s1, None, :], bv[None, r0:r1, :]))
+                    distances[:, r0:r1] = counts.sum(axis=2, dtype=np.int64)
+                # distance-major, then position: ties go to the lower row
+                key = distances * n_rows + positions
+                if k < n_rows:
+                    best = np.argpartition(key, k - 1, axis=1)[:, :k]
+                    key = np.take_along_axis(key, best, axis=1)
+                key.sort(axis=1)
+                scores[s0:s1] = key // n_rows
+                indices[s0:s1] = key % n_rows
+
+        threads = _thread_count() if n_queries * n_rows * words >= _MIN_PARALLEL_WORK else 1
+        parts = _split(n_queries, threads)
+        _run_parallel([lambda a=a, b=b: run(a, b) for a, b in parts], uses_blas=False)
+        return TopK(scores, indices)

@@ -1,0 +1,182 @@
+"""RAGPipeline: one embed, one search and one generate per batch; batch and single answers agree."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from gpurag.errors import GpuragError, InvalidInputError
+from gpurag.rag.chunking import chunk_documents
+from gpurag.rag.corpus import CorpusIndex
+from gpurag.rag.embedders import HashingEmbedder
+from gpurag.rag.generators import get_generator
+from gpurag.rag.pipeline import TIMING_KEYS, RAGPipeline
+from gpurag.rag.types import Document, Embedder, Generator, Passage
+
+DOCUMENTS = [
+    Document(
+        "The with statement wraps the execution of a block with methods defined by a context manager. "
+        "The context manager's __enter__ method is called first. Its __exit__ method is called last.",
+        "notes/with.md",
+    ),
+    Document(
+        "The try statement specifies exception handlers and cleanup code. An except clause names the "
+        "exceptions it handles. A finally clause always runs when the try block is left.",
+        "notes/try.md",
+    ),
+    Document(
+        "A for loop iterates over the elements of a sequence or other iterable. The else clause of a for "
+        "loop runs when the loop was not ended by a break statement.",
+        "notes/for.md",
+    ),
+    Document(
+        "Integers in Python have unlimited precision. Bitwise operators act on their two's complement value.",
+        "notes/ints.md",
+    ),
+]
+QUESTIONS = [
+    "how does the with statement call the context manager?",
+    "when does a finally clause run?",
+    "what does the else clause of a for loop do?",
+]
+
+
+class CountingEmbedder(Embedder):
+    """The hashing embedder, counting calls."""
+
+    def __init__(self) -> None:
+        self.inner = HashingEmbedder(dim=128)
+        self.name, self.dim = self.inner.name, self.inner.dim
+        self.calls: list[int] = []
+
+    def embed_batch(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        self.calls.append(len(texts))
+        return self.inner.embed_batch(texts)
+
+
+class CountingGenerator(Generator):
+    """Answers with the sources it was given, counting calls."""
+
+    name = "counting"
+
+    def __init__(self, drop: bool = False) -> None:
+        self.calls: list[int] = []
+        self.drop = drop
+
+    def generate(self, questions: Sequence[str], passages: Sequence[Sequence[Passage]]) -> list[str]:
+        self.calls.append(len(questions))
+        answers = [f"{q} -> {', '.join(p.source for p in found)}" for q, found in zip(questions, passages, strict=True)]
+        return answers[:-1] if self.drop else answers
+
+
+@pytest.fixture
+def corpus() -> CorpusIndex:
+    chunks = chunk_documents(DOCUMENTS, size=120, overlap=20, unit="chars")
+    return CorpusIndex.build(chunks, HashingEmbedder(dim=128))
+
+
+@pytest.fixture
+def pipeline(corpus: CorpusIndex) -> RAGPipeline:
+    return RAGPipeline(corpus, HashingEmbedder(dim=128), get_generator("extractive"))
+
+
+def test_answer_batch_equals_answer_per_query(pipeline: RAGPipeline) -> None:
+    batch = pipeline.answer_batch(QUESTIONS, k=3)
+    single = [pipeline.answer(question, k=3) for question in QUESTIONS]
+    assert [a.question for a in batch] == QUESTIONS
+    assert [a.answer for a in batch] == [a.answer for a in single]
+    assert [a.sources for a in batch] == [a.sources for a in single]
+    assert batch[0].sources[0].source == "notes/with.md"
+    assert batch[1].sources[0].source == "notes/try.md"
+    assert "finally" in batch[1].answer
+
+
+def test_sources_carry_id_score_text_and_path(pipeline: RAGPipeline, corpus: CorpusIndex) -> None:
+    answer = pipeline.answer(QUESTIONS[0], k=2)
+    assert len(answer.sources) == 2
+    first = answer.sources[0]
+    assert corpus.chunks[first.id].text == first.text
+    assert corpus.chunks[first.id].source == first.source
+    assert answer.sources[0].score >= answer.sources[1].score
+
+
+def test_timings_per_stage(pipeline: RAGPipeline) -> None:
+    for answer in pipeline.answer_batch(QUESTIONS):
+        assert tuple(answer.timings) == TIMING_KEYS
+        assert all(value >= 0.0 for value in answer.timings.values())
+        stages = answer.timings["embed_s"] + answer.timings["search_s"] + answer.timings["generate_s"]
+        assert answer.timings["total_s"] == pytest.approx(stages, abs=1e-6)
+
+
+def test_one_call_per_stage_for_a_batch(corpus: CorpusIndex) -> None:
+    embedder, generator = CountingEmbedder(), CountingGenerator()
+    pipeline = RAGPipeline(corpus, embedder, generator)
+    answers = pipeline.answer_batch(QUESTIONS, k=2)
+    assert embedder.calls == [3]
+    assert generator.calls == [3]
+    assert answers[2].answer.startswith(QUESTIONS[2])
+
+
+def test_default_k_is_the_setting(pipeline: RAGPipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gpurag.settings import get_settings
+
+    monkeypatch.setenv("GPURAG_TOP_K", "2")
+    get_settings.cache_clear()
+    try:
+        assert len(pipeline.answer(QUESTIONS[0]).sources) == 2
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("queries", "k", "message"),
+    [
+        ([], None, "empty"),
+        ([""], None, r"queries\[0\] is empty"),
+        (["fine", "   "], None, r"queries\[1\] is empty"),
+        (["fine", 3], None, r"queries\[1\] must be a str"),
+        ("a bare string", None, "one str"),
+        (None, None, "list of strings"),
+        (["fine"], 0, "k must be >= 1"),
+        (["fine"], -2, "k must be >= 1"),
+        (["fine"], True, "k must be an integer"),
+        (["fine"], 1.5, "k must be an integer"),
+    ],
+)
+def test_bad_input(pipeline: RAGPipeline, queries: Any, k: Any, message: str) -> None:
+    with pytest.raises(InvalidInputError, match=message):
+        pipeline.answer_batch(queries, k)
+
+
+def test_bad_single_query(pipeline: RAGPipeline) -> None:
+    with pytest.raises(InvalidInputError, match="empty"):
+        pipeline.answer("")
+    with pytest.raises(InvalidInputError, match="must be a str"):
+        pipeline.answer(["a list"])  # type: ignore[arg-type]
+
+
+def test_the_embedder_must_match_the_corpus(corpus: CorpusIndex) -> None:
+    with pytest.raises(InvalidInputError, match=r"dim 64.*dim 128"):
+        RAGPipeline(corpus, HashingEmbedder(dim=64), get_generator("extractive"))
+
+
+def test_a_generator_returning_the_wrong_count_is_an_error(corpus: CorpusIndex) -> None:
+    pipeline = RAGPipeline(corpus, HashingEmbedder(dim=128), CountingGenerator(drop=True))
+    with pytest.raises(GpuragError, match="2 answers for 3 questions"):
+        pipeline.answer_batch(QUESTIONS)
+
+
+def test_from_index_takes_the_embedder_from_the_manifest(tmp_path: Path) -> None:
+    chunks = chunk_documents(DOCUMENTS, size=120, overlap=20, unit="chars")
+    CorpusIndex.build(chunks, HashingEmbedder()).save(tmp_path / "corpus")
+    pipeline = RAGPipeline.from_index(tmp_path / "corpus", generator="extractive")
+    assert pipeline.embedder.name == "hashing"
+    answer = pipeline.answer("when does a finally clause run?", k=1)
+    assert answer.sources[0].source == "notes/try.md"
+    assert "[1]" in answer.answer
