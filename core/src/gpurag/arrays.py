@@ -51,7 +51,8 @@ def as_matrix(x: Any, name: str, *, dim: int | None = None, allow_empty: bool = 
         raise InvalidInputError(f"{name} must have at least one row; got shape {host.shape}")
     if dim is not None and host.shape[1] != dim:
         raise InvalidInputError(f"{name} has dimension {host.shape[1]}, the index has {dim}")
-    out = np.ascontiguousarray(host, dtype=np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, by name
+        out = np.ascontiguousarray(host, dtype=np.float32)
     if host.dtype.kind == "f" and not np.isfinite(out).all():
         bad = np.argwhere(~np.isfinite(out))[0]
         source = "NaN or inf" if not np.isfinite(host).all() else "a value too large for float32"

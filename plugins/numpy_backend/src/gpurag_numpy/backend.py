@@ -130,8 +130,6 @@ def _run_parallel(tasks: list[Callable[[], Any]], *, uses_blas: bool) -> list[An
     global _POOL, _POOL_SIZE
     with _POOL_LOCK:
         if _POOL is None or _POOL_SIZE < len(tasks) - 1:
-            if _POOL is not None:
-                _POOL.shutdown(wait=False)
             _POOL_SIZE = len(tasks) - 1
             _POOL = concurrent.futures.ThreadPoolExecutor(_POOL_SIZE, thread_name_prefix="gpurag-numpy")
         pool = _POOL
@@ -341,6 +339,7 @@ class _L1Scorer(_Scorer):
         self.offset: F64 = 2.0 * above - rounded.sum(axis=1)
         self.groups = [(g, min(g + _L1_GROUP_DIMS, dim)) for g in range(0, dim, _L1_GROUP_DIMS)]
         self.step = _L1_STEP_DIMS
+        self._local = threading.local()
         self.tile_queries = max(1, _L1_STEP_ELEMENTS // (self.step * self.block_rows))
         row_errors = database.row_data["l1_errors"]
         max_row_error = float(np.max(row_errors, initial=0.0))
@@ -350,14 +349,22 @@ class _L1Scorer(_Scorer):
         l1_scale = np.abs(queries).sum(axis=1, dtype=np.float64) + levels * scale * dim
         self.margin += 2.0**-44 * l1_scale / scale
 
+    def _workspace(self, size: int) -> tuple[I16, I16, I16]:
+        """This thread's int16 buffers: the step temporary, a partial sum and an accumulator."""
+        held = getattr(self._local, "buffers", None)
+        if held is None or held[1].size < size:
+            held = (np.empty(self.step * size, np.int16), np.empty(size, np.int16), np.empty(size, np.int16))
+            self._local.buffers = held
+        return held
+
     def tile(self, q0: int, q1: int, r0: int, r1: int, out: Any) -> Any:
         nq, nb = q1 - q0, r1 - r0
         step = self.step
-        tmp_all = np.empty(step * nq * nb, dtype=np.int16)
-        part = np.empty((nq, nb), dtype=np.int16)
+        tmp_all, part_all, acc_all = self._workspace(nq * nb)
+        part = part_all[: nq * nb].reshape(nq, nb)
+        acc = acc_all[: nq * nb].reshape(nq, nb)
         total: Any = None
         for g0, g1 in self.groups:
-            acc = np.empty((nq, nb), dtype=np.int16)
             for d0 in range(g0, g1, step):
                 d1 = min(d0 + step, g1)
                 tmp = tmp_all[: (d1 - d0) * nq * nb].reshape(d1 - d0, nq, nb)
@@ -373,7 +380,7 @@ class _L1Scorer(_Scorer):
                 total = acc.astype(np.int32)
             else:
                 np.add(total, acc, out=total)
-        np.multiply(total, -2.0, out=out, casting="unsafe")
+        np.multiply(total, -2, out=out, dtype=np.float32, casting="unsafe")
         np.add(out, self.code_sums[r0:r1], out=out)
         return out
 
@@ -688,7 +695,7 @@ class NumpyBackend(DistanceBackend):
             step_x = max(1, min(x.shape[0], _CHUNK_ELEMENTS // dim))
         else:
             step_q = q.shape[0] or 1
-            step_x = max(1, _CHUNK_ELEMENTS // dim)
+            step_x = max(1, min(_CHUNK_ELEMENTS // dim, _CHUNK_ELEMENTS // step_q))
         for x0 in range(0, x.shape[0], step_x):
             block = x[x0 : x0 + step_x].astype(np.float64)
             if metric is Metric.L1:
