@@ -126,7 +126,9 @@ def test_ask_an_index(gpurag_cli: click.Group, built: Path) -> None:
 
 
 def test_ask_as_json(gpurag_cli: click.Group, built: Path) -> None:
-    result = run(gpurag_cli, "ask", "what does break do to the innermost loop?", "--index", str(built), "--json", "-k", "1")
+    result = run(
+        gpurag_cli, "ask", "what does break do to the innermost loop?", "--index", str(built), "--json", "-k", "1"
+    )
     record = json.loads(result.output)
     assert record["question"] == "what does break do to the innermost loop?"
     assert len(record["sources"]) == 1

@@ -65,7 +65,7 @@ class Embedder(abc.ABC):
 
     def embed(self, text: str) -> npt.NDArray[np.float32]:
         """The vector of one text, float32 (dim,)."""
-        return self.embed_batch([text])[0]
+        return np.asarray(self.embed_batch([text])[0], dtype=np.float32)
 
 
 class Generator(abc.ABC):
