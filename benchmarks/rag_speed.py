@@ -6,11 +6,12 @@ writes it to ``--out`` when given::
     python benchmarks/rag_speed.py                        # this machine, default device
     python benchmarks/rag_speed.py --device cuda --out rag_speed_gpu.md
 
-Embedding: passages of about 100 model tokens cut from the default corpus, throughput in texts/s
-at batch 1, 8 and 64 (median of ``--repeats`` timed runs after a warm-up, each run embedding
-``--texts`` passages in batches of that size). End to end: `RAGPipeline.answer_batch` over the
-default corpus (exact retriever, extractive generator), median seconds per stage for batches of
-1 and 8 questions from the evaluation set.
+Embedding: passages of 100 model tokens cut from the default corpus, throughput in texts/s at
+batch 1, 8 and 64 (each timed run embeds ``--texts`` passages in batches of that size; the
+median and the best of ``--repeats`` runs after a warm-up). End to end: `RAGPipeline.answer_batch`
+over the default corpus (exact retriever, extractive generator), median seconds per stage for
+batches of 1 and 8 questions from the evaluation set. On a shared machine the best run is the
+least disturbed one; report both.
 """
 
 from __future__ import annotations
@@ -103,7 +104,10 @@ def embedding_throughput(
 
 
 def pipeline_latency(pipeline: Any, questions: list[str], batch: int, repeats: int) -> dict[str, float]:
-    """Median seconds per stage of `answer_batch` over ``repeats`` batches of ``batch`` questions."""
+    """Median seconds per stage of `answer_batch` over ``repeats`` batches of ``batch`` questions.
+
+    ``best_total_s`` is the fastest batch's total: on a shared machine, the least disturbed one.
+    """
     pipeline.answer_batch(questions[:batch])  # warm-up
     runs: dict[str, list[float]] = {}
     for r in range(repeats):
@@ -111,7 +115,9 @@ def pipeline_latency(pipeline: Any, questions: list[str], batch: int, repeats: i
         answers = pipeline.answer_batch(questions[offset : offset + batch])
         for key, value in answers[0].timings.items():
             runs.setdefault(key, []).append(value)
-    return {key: statistics.median(values) for key, values in runs.items()}
+    medians = {key: statistics.median(values) for key, values in runs.items()}
+    medians["best_total_s"] = min(runs["total_s"])
+    return medians
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,9 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = embedder.model.tokenizer
     mean_tokens = statistics.mean(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
     throughput: dict[int, float] = {}
+    best: dict[int, float] = {}
     for batch in (int(b) for b in args.batches.split(",")):
         rate, times = embedding_throughput(embedder, texts, batch, args.repeats, device)
         throughput[batch] = rate
+        best[batch] = len(texts) / min(times)
         print(f"batch {batch}: {rate:.1f} texts/s (runs: {', '.join(f'{t:.2f}' for t in times)} s)", file=sys.stderr)
 
     from gpurag.rag.default_corpus import is_cached, load_default_corpus
@@ -171,27 +179,33 @@ def main(argv: list[str] | None = None) -> int:
         f"in {corpus_s:.1f} s; searched with the exact retriever on backend {corpus.retriever.backend.name}",
         f"- medians of {args.repeats} timed runs after a warm-up; {args.texts} passages per embedding run",
         "",
-        "| embedding batch | texts/s |",
-        "|---:|---:|",
+        "| embedding batch | texts/s (median run) | texts/s (best run) |",
+        "|---:|---:|---:|",
     ]
-    lines += [f"| {batch} | {rate:,.1f} |" for batch, rate in throughput.items()]
+    lines += [f"| {batch} | {rate:,.1f} | {best[batch]:,.1f} |" for batch, rate in throughput.items()]
     lines += [
         "",
-        "| `answer_batch` size | embed ms | search ms | generate ms | total ms | ms per question |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| `answer_batch` size | embed ms | search ms | generate ms | total ms | ms per question | best total ms |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for batch, stages in latency.items():
         ms = {key: value * 1e3 for key, value in stages.items()}
         lines.append(
             f"| {batch} | {ms['embed_s']:.1f} | {ms['search_s']:.2f} | {ms['generate_s']:.1f} | "
-            f"{ms['total_s']:.1f} | {ms['total_s'] / batch:.1f} |"
+            f"{ms['total_s']:.1f} | {ms['total_s'] / batch:.1f} | {ms['best_total_s']:.1f} |"
         )
     table = "\n".join(lines) + "\n"
     print(table)
     if args.out:
         args.out.write_text(table)
     if args.json:
-        record = {"machine": info, "throughput": throughput, "latency": latency, "mean_tokens": mean_tokens}
+        record = {
+            "machine": info,
+            "throughput": throughput,
+            "best_throughput": best,
+            "latency": latency,
+            "mean_tokens": mean_tokens,
+        }
         args.json.write_text(json.dumps(record, indent=2))
     return 0
 

@@ -70,7 +70,9 @@ def build_command(
     from gpurag.rag.corpus import CorpusIndex
     from gpurag.rag.embedders import get_embedder
     from gpurag.rag.ingest import read_documents
+    from gpurag.settings import get_settings
 
+    settings = get_settings()
     with _errors_as_click():
         ingested = read_documents(list(paths))
         for item in ingested.skipped:
@@ -90,17 +92,18 @@ def build_command(
                 progress=bar.update,
                 metadata={
                     "inputs": [str(p) for p in paths],
-                    "chunk_size": chunk_size,
-                    "chunk_overlap": chunk_overlap,
-                    "chunk_unit": chunk_unit,
+                    "chunk_size": settings.chunk_size if chunk_size is None else chunk_size,
+                    "chunk_overlap": settings.chunk_overlap if chunk_overlap is None else chunk_overlap,
+                    "chunk_unit": chunk_unit or settings.chunk_unit,
                 },
             )
         elapsed = time.perf_counter() - started
         corpus.save(out)
     rate = len(chunks) / elapsed if elapsed > 0 else float("inf")
+    device = getattr(model, "device", None)
     click.echo(
         f"indexed {len(chunks)} chunks from {len(ingested.documents)} documents in {elapsed:.1f} s "
-        f"({rate:.1f} chunks/s) with {model.name} on {getattr(model, 'device', '?')}; wrote {out}"
+        f"({rate:.1f} chunks/s) with {model.name}{f' on {device}' if device else ''}; wrote {out}"
     )
     if ingested.skipped:
         click.echo(f"skipped {len(ingested.skipped)} files (listed above)")
@@ -118,9 +121,7 @@ def info_command(directory: Path, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(manifest, indent=2, sort_keys=True))
         return
-    size = sum(f["bytes"] for f in manifest["files"].values())
-    index_dir = Path(manifest["path"]) / manifest["retriever"].get("path", "index")
-    size += sum(p.stat().st_size for p in index_dir.rglob("*") if p.is_file()) if index_dir.is_dir() else 0
+    size = sum(p.stat().st_size for p in Path(manifest["path"]).rglob("*") if p.is_file())
     embedder, retriever, chunks = manifest["embedder"], manifest["retriever"], manifest["chunks"]
     click.echo(f"corpus:    {manifest['path']}")
     click.echo(f"embedder:  {embedder['name']} (dim {embedder['dim']})")
@@ -173,7 +174,7 @@ def ask_command(
         return
     click.echo(answer.answer)
     click.echo("")
-    click.echo("Sources:")
+    click.echo("Passages retrieved (score, source):")
     for number, passage in enumerate(answer.sources, start=1):
         click.echo(f"  [{number}] {passage.score:.3f}  {passage.source}")
 

@@ -9,12 +9,15 @@ lower position.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
+import functools
+import importlib
 import math
 import os
 import threading
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -29,17 +32,16 @@ F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
 I16 = npt.NDArray[np.int16]
 U8 = npt.NDArray[np.uint8]
+_T = TypeVar("_T")
 
 #: float32 unit roundoff.
 _U32 = 2.0**-24
 #: Scores (queries x rows) one GEMM tile holds: sized so a tile stays in a core's L2 cache.
-_GEMM_TILE_SCORES = 1 << 17
-#: Database rows one l1 block covers.
-_L1_BLOCK_ROWS = 1024
-#: Dimensions one l1 max-and-sum step covers.
-_L1_STEP_DIMS = 16
-#: Elements of the int16 temporary one l1 step writes (dims x queries x rows).
-_L1_STEP_ELEMENTS = 1 << 18
+_GEMM_TILE_SCORES = 1 << 19
+#: Database rows one l1 block covers (NumPy's broadcasting loops slow down past about 2,500).
+_L1_BLOCK_ROWS = 2048
+#: Scores (queries x rows) one l1 tile holds.
+_L1_TILE_SCORES = 1 << 17
 #: Dimensions whose int16 codes are summed before widening to int32; fixes the l1 code range.
 _L1_GROUP_DIMS = 128
 #: Elements one chunk of a float64 pairwise computation, a rescoring or a Hamming scan may hold.
@@ -79,7 +81,7 @@ class _BlasOneThread:
             return
         self._loaded = True
         try:
-            import threadpoolctl
+            threadpoolctl = importlib.import_module("threadpoolctl")
         except ImportError:
             return
         try:
@@ -123,24 +125,24 @@ def _thread_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _run_parallel(tasks: list[Callable[[], Any]], *, uses_blas: bool) -> list[Any]:
-    """Results of ``tasks``, run on a shared thread pool (the last on the calling thread)."""
-    if len(tasks) == 1:
-        return [tasks[0]()]
+def _run_parallel(tasks: Sequence[Callable[[], _T]], *, uses_blas: bool) -> list[_T]:
+    """Results of ``tasks``, run on a shared thread pool (the last on the calling thread).
+
+    With ``uses_blas``, BLAS is held at one thread meanwhile: these GEMMs are small, and BLAS's own
+    threads only slow them down.
+    """
     global _POOL, _POOL_SIZE
-    with _POOL_LOCK:
-        if _POOL is None or _POOL_SIZE < len(tasks) - 1:
-            _POOL_SIZE = len(tasks) - 1
-            _POOL = concurrent.futures.ThreadPoolExecutor(_POOL_SIZE, thread_name_prefix="gpurag-numpy")
-        pool = _POOL
-    if uses_blas:
-        with _BLAS_ONE_THREAD:
-            futures = [pool.submit(task) for task in tasks[:-1]]
-            last = tasks[-1]()
-            return [f.result() for f in futures] + [last]
-    futures = [pool.submit(task) for task in tasks[:-1]]
-    last = tasks[-1]()
-    return [f.result() for f in futures] + [last]
+    with _BLAS_ONE_THREAD if uses_blas else contextlib.nullcontext():
+        if len(tasks) == 1:
+            return [tasks[0]()]
+        with _POOL_LOCK:
+            if _POOL is None or len(tasks) - 1 > _POOL_SIZE:
+                _POOL_SIZE = len(tasks) - 1
+                _POOL = concurrent.futures.ThreadPoolExecutor(_POOL_SIZE, thread_name_prefix="gpurag-numpy")
+            pool = _POOL
+        futures = [pool.submit(task) for task in tasks[:-1]]
+        last = tasks[-1]()
+        return [f.result() for f in futures] + [last]
 
 
 def _split(total: int, parts: int) -> list[tuple[int, int]]:
@@ -190,11 +192,12 @@ class _Scorer:
     """Approximate scores of tiles, their error bound, and exact rescoring, for one search.
 
     Approximate scores are in a selection space where higher is better; `to_selection` maps an exact
-    score there. ``margin[i]`` bounds |approximate - exact| in selection space for query ``i``.
+    score there. ``margin[i]`` bounds |approximate - exact| in selection space for query ``i``. A
+    scan asks for `block` once per block of rows, then for `tile` once per block of queries.
     """
 
     tile_dtype: type[np.floating[Any]] = np.float32
-    block_rows: int = 8192
+    block_rows: int = 1024
     tile_queries: int = 16
 
     def __init__(self, queries: F32, database: Database) -> None:
@@ -203,9 +206,22 @@ class _Scorer:
         self.dim = int(queries.shape[1])
         self.higher_is_better = database.metric.higher_is_better
         self.margin: F64 = np.zeros(queries.shape[0])
+        self._local = threading.local()
 
-    def tile(self, q0: int, q1: int, r0: int, r1: int, out: Any) -> Any:
-        """Approximate selection scores (q1 - q0, r1 - r0) of queries q0:q1 against rows r0:r1."""
+    def _buffer(self, name: str, size: int, dtype: Any) -> Any:
+        """A flat buffer of at least ``size`` elements, one per thread and name."""
+        held = getattr(self._local, name, None)
+        if held is None or held.size < size:
+            held = np.empty(size, dtype=dtype)
+            setattr(self._local, name, held)
+        return held
+
+    def block(self, r0: int, r1: int) -> Any:
+        """Whatever `tile` needs of rows r0:r1."""
+        raise NotImplementedError
+
+    def tile(self, q0: int, q1: int, block: Any, out: Any) -> Any:
+        """Approximate selection scores (q1 - q0, rows of ``block``) of queries q0:q1."""
         raise NotImplementedError
 
     def exact(self, qi: I64, rows: I64) -> F64:
@@ -221,11 +237,12 @@ class _Scorer:
 
 
 def _norms64(x: F32) -> F64:
-    return np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
+    sums: F64 = np.einsum("ij,ij->i", x, x, dtype=np.float64)
+    return np.sqrt(sums)
 
 
 class _GemmScorer(_Scorer):
-    """dot, l2 and cosine: one float32 GEMM per tile."""
+    """dot, l2 and cosine: one float32 GEMM per tile, on a block operand prepared once per block."""
 
     def __init__(self, queries: F32, database: Database) -> None:
         super().__init__(queries, database)
@@ -233,7 +250,6 @@ class _GemmScorer(_Scorer):
         self.tile_queries = max(1, _GEMM_TILE_SCORES // self.block_rows)
         self.qnorm = _norms64(queries)
         self.lhs: Any = queries
-        self.row_term: Any = None
 
     def _use_float64_if_overflowing(self, bound: float) -> None:
         """Compute tiles in float64 when float32 products could overflow."""
@@ -241,15 +257,17 @@ class _GemmScorer(_Scorer):
             self.tile_dtype = np.float64
             self.lhs = np.asarray(self.lhs, dtype=np.float64)
 
-    def tile(self, q0: int, q1: int, r0: int, r1: int, out: Any) -> Any:
+    def block(self, r0: int, r1: int) -> Any:
         block = self.vectors[r0:r1]
-        if self.tile_dtype is not np.float32:
-            block = block.astype(np.float64)
+        return block if self.tile_dtype is np.float32 else block.astype(np.float64)
+
+    def tile(self, q0: int, q1: int, block: Any, out: Any) -> Any:
         np.matmul(self.lhs[q0:q1], block.T, out=out)
         return out
 
     def exact(self, qi: I64, rows: I64) -> F64:
-        return np.einsum("ij,ij->i", self.vectors[rows], self.queries[qi], dtype=np.float64)
+        values: F64 = np.einsum("ij,ij->i", self.vectors[rows], self.queries[qi], dtype=np.float64)
+        return values
 
 
 class _DotScorer(_GemmScorer):
@@ -261,7 +279,7 @@ class _DotScorer(_GemmScorer):
 
 
 class _L2Scorer(_GemmScorer):
-    """Selection score q·x - |x|²/2 = (|q|² - d) / 2."""
+    """Selection score q·x - |x|²/2 = (|q|² - d) / 2, from one GEMM of [q, 1] with [x, -|x|²/2]."""
 
     def __init__(self, queries: F32, database: Database) -> None:
         super().__init__(queries, database)
@@ -269,39 +287,48 @@ class _L2Scorer(_GemmScorer):
         hmax = float(np.max(half, initial=0.0)) * (1 + 4 * _U32)
         xmax = math.sqrt(2.0 * hmax)
         self._use_float64_if_overflowing(float(self.qnorm.max(initial=0.0)) * xmax + hmax)
-        self.row_term = half
+        self.half = half
+        lhs = np.empty((queries.shape[0], self.dim + 1), dtype=self.tile_dtype)
+        lhs[:, : self.dim] = queries
+        lhs[:, self.dim] = 1.0
+        self.lhs = lhs
         self.qsq = self.qnorm**2
         scale = self.qnorm * xmax + hmax
         self.margin = 1.01 * _gamma(2 * self.dim + 12) * scale + 2.0**-44 * (self.qsq + scale)
         self.margin += (self.dim + 4) * 2.0**-148
 
-    def tile(self, q0: int, q1: int, r0: int, r1: int, out: Any) -> Any:
-        super().tile(q0, q1, r0, r1, out)
-        np.subtract(out, self.row_term[r0:r1], out=out)
+    def block(self, r0: int, r1: int) -> Any:
+        rows = r1 - r0
+        out = self._buffer("block", rows * (self.dim + 1), self.tile_dtype)[: rows * (self.dim + 1)]
+        out = out.reshape(rows, self.dim + 1)
+        out[:, : self.dim] = self.vectors[r0:r1]
+        np.negative(self.half[r0:r1], out=out[:, self.dim])
         return out
 
     def exact(self, qi: I64, rows: I64) -> F64:
         x, q = self._gather(qi, rows)
         x -= q
-        return np.einsum("ij,ij->i", x, x)
+        values: F64 = np.einsum("ij,ij->i", x, x)
+        return values
 
     def to_selection(self, qi: I64, values: F64) -> F64:
         return np.asarray(0.5 * (self.qsq[qi] - values), dtype=np.float64)
 
 
 class _CosineScorer(_GemmScorer):
-    """Queries are normalised; each tile column is scaled by its row's inverse norm. No zero queries."""
+    """Queries and each block of rows are normalised before the GEMM. No zero queries."""
 
     def __init__(self, queries: F32, database: Database) -> None:
         super().__init__(queries, database)
         self.lhs = (queries / self.qnorm[:, None]).astype(np.float32)
-        self.row_term = database.row_data["inv_norms"]
+        self.inv_norms = database.row_data["inv_norms"]
         self.margin = np.full(queries.shape[0], 1.01 * _gamma(2 * self.dim + 24) + 2.0**-44)
         self.margin += (self.dim + 4) * 2.0**-120
 
-    def tile(self, q0: int, q1: int, r0: int, r1: int, out: Any) -> Any:
-        super().tile(q0, q1, r0, r1, out)
-        np.multiply(out, self.row_term[r0:r1], out=out)
+    def block(self, r0: int, r1: int) -> Any:
+        rows = r1 - r0
+        out = self._buffer("block", rows * self.dim, np.float32)[: rows * self.dim].reshape(rows, self.dim)
+        np.multiply(self.vectors[r0:r1], self.inv_norms[r0:r1, None], out=out)
         return out
 
     def exact(self, qi: I64, rows: I64) -> F64:
@@ -309,7 +336,8 @@ class _CosineScorer(_GemmScorer):
         dots = np.einsum("ij,ij->i", x, q)
         xn = np.sqrt(np.einsum("ij,ij->i", x, x))
         denominator = xn * self.qnorm[qi]
-        return np.divide(dots, denominator, out=np.zeros_like(dots), where=denominator > 0)
+        values: F64 = np.divide(dots, denominator, out=np.zeros_like(dots), where=denominator > 0)
+        return values
 
 
 class _L1Scorer(_Scorer):
@@ -333,14 +361,12 @@ class _L1Scorer(_Scorer):
         rounded = np.rint(scaled)
         query_errors = np.abs(scaled - rounded).sum(axis=1) * scale
         clipped = np.clip(rounded, -levels, levels)
-        self.query_codes_t: I16 = np.ascontiguousarray(clipped.T.astype(np.int16))
+        self.query_codes: I16 = clipped.astype(np.int16)
         # sum max(x̃, q̃) = sum max(x̃, clip(q̃)) + sum over q̃ > L of (q̃ - L)
         above = np.maximum(rounded - levels, 0.0).sum(axis=1)
         self.offset: F64 = 2.0 * above - rounded.sum(axis=1)
         self.groups = [(g, min(g + _L1_GROUP_DIMS, dim)) for g in range(0, dim, _L1_GROUP_DIMS)]
-        self.step = _L1_STEP_DIMS
-        self._local = threading.local()
-        self.tile_queries = max(1, _L1_STEP_ELEMENTS // (self.step * self.block_rows))
+        self.tile_queries = max(1, _L1_TILE_SCORES // self.block_rows)
         row_errors = database.row_data["l1_errors"]
         max_row_error = float(np.max(row_errors, initial=0.0))
         largest = 3.0 * dim * levels
@@ -349,37 +375,31 @@ class _L1Scorer(_Scorer):
         l1_scale = np.abs(queries).sum(axis=1, dtype=np.float64) + levels * scale * dim
         self.margin += 2.0**-44 * l1_scale / scale
 
-    def _workspace(self, size: int) -> tuple[I16, I16, I16]:
-        """This thread's int16 buffers: the step temporary, a partial sum and an accumulator."""
-        held = getattr(self._local, "buffers", None)
-        if held is None or held[1].size < size:
-            held = (np.empty(self.step * size, np.int16), np.empty(size, np.int16), np.empty(size, np.int16))
-            self._local.buffers = held
-        return held
+    def block(self, r0: int, r1: int) -> Any:
+        rows = r1 - r0
+        out = self._buffer("block", self.dim * rows, np.int16)[: self.dim * rows].reshape(self.dim, rows)
+        np.copyto(out, self.codes_t[:, r0:r1])
+        return r0, r1, out
 
-    def tile(self, q0: int, q1: int, r0: int, r1: int, out: Any) -> Any:
+    def tile(self, q0: int, q1: int, block: Any, out: Any) -> Any:
+        r0, r1, codes_block = block
         nq, nb = q1 - q0, r1 - r0
-        step = self.step
-        tmp_all, part_all, acc_all = self._workspace(nq * nb)
-        part = part_all[: nq * nb].reshape(nq, nb)
-        acc = acc_all[: nq * nb].reshape(nq, nb)
-        total: Any = None
-        for g0, g1 in self.groups:
-            for d0 in range(g0, g1, step):
-                d1 = min(d0 + step, g1)
-                tmp = tmp_all[: (d1 - d0) * nq * nb].reshape(d1 - d0, nq, nb)
-                np.maximum(self.codes_t[d0:d1, None, r0:r1], self.query_codes_t[d0:d1, q0:q1, None], out=tmp)
-                if d0 == g0:
-                    np.add.reduce(tmp, axis=0, out=acc)
+        size = nq * nb
+        groups = self.groups
+        tmp = self._buffer("step", _L1_GROUP_DIMS * nb, np.int16)
+        acc = self._buffer("acc", size, np.int16)[:size].reshape(nq, nb)
+        total: Any = acc
+        for index, (g0, g1) in enumerate(groups):
+            part = tmp[: (g1 - g0) * nb].reshape(g1 - g0, nb)
+            codes = codes_block[g0:g1]
+            for i in range(nq):
+                np.maximum(codes, self.query_codes[q0 + i, g0:g1, None], out=part)
+                np.add.reduce(part, axis=0, out=acc[i])
+            if len(groups) > 1:
+                if index == 0:
+                    total = acc.astype(np.int32)
                 else:
-                    np.add.reduce(tmp, axis=0, out=part)
-                    np.add(acc, part, out=acc)
-            if len(self.groups) == 1:
-                total = acc
-            elif total is None:
-                total = acc.astype(np.int32)
-            else:
-                np.add(total, acc, out=total)
+                    np.add(total, acc, out=total)
         np.multiply(total, -2, out=out, dtype=np.float32, casting="unsafe")
         np.add(out, self.code_sums[r0:r1], out=out)
         return out
@@ -464,10 +484,11 @@ def _scan(scorer: _Scorer, q0: int, q1: int, r0: int, r1: int, k: int) -> _Candi
     """Exact best-k candidates of queries q0:q1 among rows r0:r1."""
     nq = q1 - q0
     block_rows = scorer.block_rows
-    tile_queries = min(scorer.tile_queries, nq)
+    tiles = -(-nq // scorer.tile_queries)
+    tile_queries = -(-nq // tiles)
     dtype = scorer.tile_dtype
     buffer = np.empty(tile_queries * min(block_rows, r1 - r0), dtype=dtype)
-    mask_buffer = np.empty(buffer.size, dtype=np.bool_)
+    top_buffer = np.empty(tile_queries, dtype=dtype)
     pool = _Candidates(nq, k, scorer.higher_is_better)
     margin = scorer.margin[q0:q1]
     thresholds = np.full(nq, -np.inf, dtype=dtype)
@@ -477,23 +498,27 @@ def _scan(scorer: _Scorer, q0: int, q1: int, r0: int, r1: int, k: int) -> _Candi
         b1 = min(b0 + block_rows, r1)
         nb = b1 - b0
         first = seen == 0 and nb >= k
+        block = scorer.block(b0, b1)
         for t0 in range(0, nq, tile_queries):
             t1 = min(t0 + tile_queries, nq)
             nt = t1 - t0
-            scores = scorer.tile(q0 + t0, q0 + t1, b0, b1, buffer[: nt * nb].reshape(nt, nb))
+            scores = scorer.tile(q0 + t0, q0 + t1, block, buffer[: nt * nb].reshape(nt, nb))
             if first:
                 kth = np.partition(scores, nb - k, axis=1)[:, nb - k].astype(np.float64)
                 limit = _below(kth - 2.0 * margin[t0:t1], dtype)
+                flat = np.flatnonzero(scores >= limit[:, None])
+                qi = flat // nb
             else:
                 limit = thresholds[t0:t1]
-            mask = mask_buffer[: nt * nb].reshape(nt, nb)
-            np.greater_equal(scores, limit[:, None], out=mask)
-            flat = np.flatnonzero(mask)
-            if flat.size:
-                qi = flat // nb
-                rows = flat - qi * nb + b0
-                qi += t0
-                pool.add(qi, rows, scorer.exact(local_queries[qi], rows))
+                top = np.max(scores, axis=1, out=top_buffer[:nt])
+                hit = np.flatnonzero(top >= limit)
+                if not hit.size:
+                    continue
+                flat = np.flatnonzero(scores[hit] >= limit[hit, None])
+                qi = hit[flat // nb]
+            rows = flat % nb + b0
+            qi += t0
+            pool.add(qi, rows, scorer.exact(local_queries[qi], rows))
         seen += nb
         if seen >= k and (first or pool.pending_count >= max(pool.q.size, 256)):
             pool.merge()
@@ -503,6 +528,11 @@ def _scan(scorer: _Scorer, q0: int, q1: int, r0: int, r1: int, k: int) -> _Candi
                 thresholds[known] = _below(selection - margin[known], dtype)
     pool.merge()
     return pool
+
+
+def _scan_dense(scorer: _Scorer, q0: int, q1: int, k: int) -> tuple[F64, I64]:
+    """(values, rows) of shape (q1 - q0, k): the exact best k of every row for queries q0:q1."""
+    return _scan(scorer, q0, q1, 0, scorer.vectors.shape[0], k).dense()
 
 
 def _combine(pools: list[_Candidates], n_queries: int, k: int, higher_is_better: bool) -> tuple[F64, I64]:
@@ -656,13 +686,13 @@ class NumpyBackend(DistanceBackend):
         threads = _thread_count()
         uses_blas = database.metric is not Metric.L1
         if uses_blas and not _BLAS_ONE_THREAD.available:
-            threads = 1
+            threads = 1  # BLAS runs its own threads
         if n_queries * n_rows * queries.shape[1] < _MIN_PARALLEL_WORK:
             threads = 1
         higher = scorer.higher_is_better
         if threads > 1 and n_queries >= 4 * threads:
             parts = _split(n_queries, threads)
-            tasks = [lambda a=a, b=b: _scan(scorer, a, b, 0, n_rows, k).dense() for a, b in parts]
+            tasks = [functools.partial(_scan_dense, scorer, a, b, k) for a, b in parts]
             results = _run_parallel(tasks, uses_blas=uses_blas)
             return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
         min_rows = max(k, scorer.block_rows // 2)
@@ -670,10 +700,11 @@ class NumpyBackend(DistanceBackend):
         if row_parts > 1:
             parts = _split(n_rows, row_parts)
             pools = _run_parallel(
-                [lambda a=a, b=b: _scan(scorer, 0, n_queries, a, b, k) for a, b in parts], uses_blas=uses_blas
+                [functools.partial(_scan, scorer, 0, n_queries, a, b, k) for a, b in parts], uses_blas=uses_blas
             )
             return _combine(pools, n_queries, k, higher)
-        return _scan(scorer, 0, n_queries, 0, n_rows, k).dense()
+        [(values, rows)] = _run_parallel([functools.partial(_scan_dense, scorer, 0, n_queries, k)], uses_blas=uses_blas)
+        return values, rows
 
     # --- pairwise ------------------------------------------------------------------------------
     def pairwise(self, queries: Any, vectors: Any, metric: Metric) -> F32:
@@ -785,5 +816,5 @@ class NumpyBackend(DistanceBackend):
 
         threads = _thread_count() if n_queries * n_rows * words >= _MIN_PARALLEL_WORK else 1
         parts = _split(n_queries, threads)
-        _run_parallel([lambda a=a, b=b: run(a, b) for a, b in parts], uses_blas=False)
+        _run_parallel([functools.partial(run, a, b) for a, b in parts], uses_blas=False)
         return TopK(scores, indices)
