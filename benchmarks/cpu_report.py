@@ -18,22 +18,14 @@ The table is printed and saved to ``benchmarks/results/cpu_numpy_vs_faiss.md``.
 
 from __future__ import annotations
 
-import os
-import sys
-
-_UNSET = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
-
-if __name__ == "__main__" and "--faiss-worker" not in sys.argv and any(v in os.environ for v in _UNSET):
-    # The NumPy timing must not inherit a BLAS kernel choice meant for another library.
-    env = {key: value for key, value in os.environ.items() if key not in _UNSET}
-    os.execve(sys.executable, [sys.executable, *sys.argv], env)
-
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,10 +34,12 @@ from typing import Any
 import numpy as np
 
 SEED = 12345
+#: Variables that would change the kernel NumPy's OpenBLAS picks; unset for the NumPy timing.
+_UNSET = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 METRICS = ("l2", "dot", "cosine", "l1")
 RESULTS = Path(__file__).resolve().parent / "results" / "cpu_numpy_vs_faiss.md"
-#: float32 machine epsilon, as gpurag.testing.reference uses it.
-EPS32 = float(np.finfo(np.float32).eps)
+#: The OpenBLAS kernel that gives faiss-cpu's bundled OpenBLAS its best speed on an AVX-512 CPU.
+BEST_CORETYPE = "SkylakeX"
 
 
 # --- data, reference and checks -----------------------------------------------------------------
@@ -102,10 +96,27 @@ def reference_topk(queries: np.ndarray, vectors: np.ndarray, metric: str, k: int
                 qn = np.sqrt((q * q).sum(axis=1))
                 q = np.divide(q, qn[:, None], out=np.zeros_like(q), where=qn[:, None] > 0)
             block = q @ x64.T
-        best, order = reference.topk_reference(block, k, higher_is_better=higher)
+        best, order = _topk_rows(block, k, higher)
         scores[start : start + step] = best
         ids[start : start + step] = order
     return {"scores": scores, "ids": ids, "kth": scores[:, -1].copy(), "tolerance": tolerance}
+
+
+def _topk_rows(block: np.ndarray, k: int, higher: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of each row of a float64 score block, best first, ties to the lower position.
+
+    Same answer as `gpurag.testing.reference.topk_reference` (for k <= N), without sorting whole rows.
+    """
+    key = -block if higher else block
+    kth = np.partition(key, k - 1, axis=1)[:, k - 1 : k]
+    scores = np.empty((block.shape[0], k))
+    ids = np.empty((block.shape[0], k), dtype=np.int64)
+    for row in range(block.shape[0]):
+        candidates = np.flatnonzero(key[row] <= kth[row])
+        order = candidates[np.argsort(key[row, candidates], kind="stable")[:k]]
+        ids[row] = order
+        scores[row] = block[row, order]
+    return scores, ids
 
 
 def check_answer(
@@ -127,7 +138,8 @@ def check_answer(
     ids = np.asarray(ids)
     k = ref["ids"].shape[1]
     assert scores.shape == ids.shape == (queries.shape[0], k), f"{label}: shapes {scores.shape} {ids.shape}"
-    assert ids.min() >= 0 and ids.max() < vectors.shape[0], f"{label}: ids out of range"
+    assert ids.min() >= 0, f"{label}: negative id"
+    assert ids.max() < vectors.shape[0], f"{label}: id beyond the rows"
     sorted_ids = np.sort(ids, axis=1)
     assert (np.diff(sorted_ids, axis=1) != 0).all(), f"{label}: an id is returned twice for one query"
     sign = 1.0 if metric in ("dot", "cosine") else -1.0
@@ -209,8 +221,8 @@ def faiss_worker(variant: str, args: argparse.Namespace) -> None:
 
     numpy is imported before ``OPENBLAS_CORETYPE`` is set, so only faiss's OpenBLAS sees it.
     """
-    if variant == "best":
-        os.environ["OPENBLAS_CORETYPE"] = "SkylakeX"
+    if variant == "best" and has_avx512():
+        os.environ["OPENBLAS_CORETYPE"] = BEST_CORETYPE
     else:
         os.environ.pop("OPENBLAS_CORETYPE", None)
     import faiss
@@ -276,6 +288,14 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def has_avx512() -> bool:
+    """Whether /proc/cpuinfo lists AVX-512 (without it, forcing the SkylakeX kernel would crash)."""
+    try:
+        return " avx512f" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
 def blas_info() -> str:
     """The BLAS libraries loaded in this process, as threadpoolctl reports them."""
     try:
@@ -301,6 +321,7 @@ def main(args: argparse.Namespace) -> None:
     import gpurag_numpy
     from gpurag.settings import get_settings
 
+    load_before = os.getloadavg()
     vectors, all_queries = make_data(args.rows, args.dim, args.queries)
     queries = {m: all_queries[: args.l1_queries] if m == "l1" else all_queries for m in METRICS}
     print(f"data: N={args.rows:,} D={args.dim} Q={args.queries:,} (l1: {args.l1_queries}) k={args.k}", flush=True)
@@ -335,6 +356,7 @@ def main(args: argparse.Namespace) -> None:
             for worker in workers.values():
                 worker.close()
 
+    load_after = os.getloadavg()
     settings = get_settings()
     threads = settings.numpy_threads or len(os.sched_getaffinity(0))
     best_info = workers["best"].info
@@ -343,12 +365,13 @@ def main(args: argparse.Namespace) -> None:
         f"# Exact top-k on the CPU: gpurag NumPy backend vs faiss-cpu ({datetime.date.today().isoformat()})",
         "",
         f"- Machine: {cpu_model()}, {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable), "
-        f"{platform.system()} {platform.release()}",
+        f"{platform.system()} {platform.release()}; load average (1 min) {load_before[0]:.2f} before the run, "
+        f"{load_after[0]:.2f} after (the machine is shared)",
         f"- Python {platform.python_version()}, NumPy {np.__version__}, gpurag-numpy "
         f"{getattr(gpurag_numpy, '__version__', _dist_version('gpurag-numpy'))}, faiss-cpu {best_info['faiss']}",
         f"- NumPy backend: {threads} threads, block rows {settings.numpy_block_rows}; BLAS {blas_info()}",
-        f"- faiss best (OPENBLAS_CORETYPE=SkylakeX in its process): {best_info['omp_threads']} OpenMP threads; "
-        f"BLAS {best_info['blas']}",
+        f"- faiss best (OPENBLAS_CORETYPE={BEST_CORETYPE if has_avx512() else 'unset: no AVX-512'} in its "
+        f"process): {best_info['omp_threads']} OpenMP threads; BLAS {best_info['blas']}",
         f"- faiss self-picked (no OPENBLAS_CORETYPE): BLAS {self_info['blas']}",
         f"- Data: N={args.rows:,}, D={args.dim}, Q={args.queries:,} (l1: Q={args.l1_queries}), k={args.k}, "
         f"random normal float32, seed {SEED}, rows drawn before queries",
@@ -405,6 +428,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
+    if "--faiss-worker" not in sys.argv and any(v in os.environ for v in _UNSET):
+        # NumPy read these when it loaded its OpenBLAS: run again without them.
+        clean = {key: value for key, value in os.environ.items() if key not in _UNSET}
+        os.execve(sys.executable, [sys.executable, *sys.argv], clean)
     arguments = parse_args()
     if arguments.faiss_worker:
         faiss_worker(arguments.faiss_worker, arguments)

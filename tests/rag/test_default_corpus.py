@@ -86,6 +86,14 @@ def test_a_damaged_cache_is_rebuilt(tmp_path: Path) -> None:
     assert CorpusIndex.load(cache_path(embedder, cache_dir=tmp_path), embedder).chunks == corpus.chunks
 
 
+def test_an_unwritable_cache_still_gives_the_corpus(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder would go")
+    with pytest.warns(UserWarning, match="cannot be cached"):
+        corpus = load_default_corpus(HashingEmbedder(dim=16), cache_dir=blocker)
+    assert "pydoc:with" in corpus.sources
+
+
 def test_two_builders_at_once_build_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     embedder = HashingEmbedder(dim=32)
     builds: list[int] = []

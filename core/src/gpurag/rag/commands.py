@@ -54,7 +54,12 @@ def index_group() -> None:
 @click.option("--device", default=None, help="Device for the embedder: cpu, cuda, cuda:1 [default: CUDA if any].")
 @click.option("--chunk-size", type=click.IntRange(min=1), default=None, help="Chunk budget [setting: chunk_size].")
 @click.option("--chunk-overlap", type=click.IntRange(min=0), default=None, help="Overlap [setting: chunk_overlap].")
-@click.option("--chunk-unit", type=click.Choice(["chars", "tokens"]), default=None, help="[setting: chunk_unit]")
+@click.option(
+    "--chunk-unit",
+    type=click.Choice(["chars", "tokens"]),
+    default=None,
+    help="Unit of the budget [setting: chunk_unit].",
+)
 def build_command(
     paths: tuple[Path, ...],
     out: Path,

@@ -12,6 +12,7 @@ import hashlib
 import json
 import re
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -96,14 +97,25 @@ def load_default_corpus(
         cached = _try_load(path, embedder)
         if cached is not None:
             return cached
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(path.parent / f".{path.name}.lock"):
+    with contextlib.ExitStack() as stack:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(_exclusive(path.parent / f".{path.name}.lock"))
+        except OSError as exc:
+            warnings.warn(
+                f"the default corpus cannot be cached in {path.parent} ({exc}); it is built for this process only",
+                stacklevel=2,
+            )
+            return build_default_corpus(embedder, retriever=retriever, progress=progress)
         if not rebuild:
             cached = _try_load(path, embedder)  # another process may have built it while we waited
             if cached is not None:
                 return cached
         corpus = build_default_corpus(embedder, retriever=retriever, progress=progress)
-        corpus.save(path)
+        try:
+            corpus.save(path)
+        except OSError as exc:
+            warnings.warn(f"the default corpus could not be cached at {path} ({exc})", stacklevel=2)
         return corpus
 
 

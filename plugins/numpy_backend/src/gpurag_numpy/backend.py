@@ -36,7 +36,7 @@ _T = TypeVar("_T")
 
 #: float32 unit roundoff.
 _U32 = 2.0**-24
-#: Scores (queries x rows) one GEMM tile holds: sized so a tile stays in a core's L2 cache.
+#: Scores (queries x rows) one GEMM tile holds: large enough for an efficient GEMM, small enough to stay in cache.
 _GEMM_TILE_SCORES = 1 << 19
 #: Database rows one l1 block covers (NumPy's broadcasting loops slow down past about 2,500).
 _L1_BLOCK_ROWS = 2048
@@ -232,9 +232,6 @@ class _Scorer:
         """Exact scores of queries ``qi`` mapped into selection space."""
         return values
 
-    def _gather(self, qi: I64, rows: I64) -> tuple[F64, F64]:
-        return self.vectors[rows].astype(np.float64), self.queries[qi].astype(np.float64)
-
 
 def _norms64(x: F32) -> F64:
     sums: F64 = np.einsum("ij,ij->i", x, x, dtype=np.float64)
@@ -306,13 +303,14 @@ class _L2Scorer(_GemmScorer):
         return out
 
     def exact(self, qi: I64, rows: I64) -> F64:
-        x, q = self._gather(qi, rows)
-        x -= q
-        values: F64 = np.einsum("ij,ij->i", x, x)
+        diff = self.vectors[rows]
+        diff -= self.queries[qi]
+        values: F64 = np.einsum("ij,ij->i", diff, diff, dtype=np.float64)
         return values
 
     def to_selection(self, qi: I64, values: F64) -> F64:
-        return np.asarray(0.5 * (self.qsq[qi] - values), dtype=np.float64)
+        # values carry the float32 rounding of each difference: at most 2u relative.
+        return np.asarray(0.5 * (self.qsq[qi] - values * (1 + 3 * _U32)), dtype=np.float64)
 
 
 class _CosineScorer(_GemmScorer):
@@ -332,9 +330,9 @@ class _CosineScorer(_GemmScorer):
         return out
 
     def exact(self, qi: I64, rows: I64) -> F64:
-        x, q = self._gather(qi, rows)
-        dots = np.einsum("ij,ij->i", x, q)
-        xn = np.sqrt(np.einsum("ij,ij->i", x, x))
+        x = self.vectors[rows]
+        dots = np.einsum("ij,ij->i", x, self.queries[qi], dtype=np.float64)
+        xn = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
         denominator = xn * self.qnorm[qi]
         values: F64 = np.divide(dots, denominator, out=np.zeros_like(dots), where=denominator > 0)
         return values
@@ -405,13 +403,14 @@ class _L1Scorer(_Scorer):
         return out
 
     def exact(self, qi: I64, rows: I64) -> F64:
-        x, q = self._gather(qi, rows)
-        x -= q
-        np.abs(x, out=x)
-        return np.asarray(x.sum(axis=1), dtype=np.float64)
+        diff = self.vectors[rows]
+        diff -= self.queries[qi]
+        np.abs(diff, out=diff)
+        return np.asarray(diff.sum(axis=1, dtype=np.float64), dtype=np.float64)
 
     def to_selection(self, qi: I64, values: F64) -> F64:
-        return np.asarray(self.offset[qi] - values / self.scale, dtype=np.float64)
+        # values carry the float32 rounding of each difference: at most u relative.
+        return np.asarray(self.offset[qi] - values * (1 + 2 * _U32) / self.scale, dtype=np.float64)
 
 
 def _make_scorer(queries: F32, database: Database) -> _Scorer:
@@ -480,6 +479,14 @@ class _Candidates:
         return self.values.reshape(self.n_queries, self.k), self.rows.reshape(self.n_queries, self.k)
 
 
+def _exact(scorer: _Scorer, qi: I64, rows: I64) -> F64:
+    """`_Scorer.exact` in chunks that keep its temporaries small."""
+    step = max(1, _CHUNK_ELEMENTS // (4 * scorer.dim))
+    if qi.size <= step:
+        return scorer.exact(qi, rows)
+    return np.concatenate([scorer.exact(qi[i : i + step], rows[i : i + step]) for i in range(0, qi.size, step)])
+
+
 def _scan(scorer: _Scorer, q0: int, q1: int, r0: int, r1: int, k: int) -> _Candidates:
     """Exact best-k candidates of queries q0:q1 among rows r0:r1."""
     nq = q1 - q0
@@ -518,7 +525,7 @@ def _scan(scorer: _Scorer, q0: int, q1: int, r0: int, r1: int, k: int) -> _Candi
                 qi = hit[flat // nb]
             rows = flat % nb + b0
             qi += t0
-            pool.add(qi, rows, scorer.exact(local_queries[qi], rows))
+            pool.add(qi, rows, _exact(scorer, local_queries[qi], rows))
         seen += nb
         if seen >= k and (first or pool.pending_count >= max(pool.q.size, 256)):
             pool.merge()
@@ -535,6 +542,23 @@ def _scan_dense(scorer: _Scorer, q0: int, q1: int, k: int) -> tuple[F64, I64]:
     return _scan(scorer, q0, q1, 0, scorer.vectors.shape[0], k).dense()
 
 
+def _search_chunk(scorer: _Scorer, q0: int, q1: int, k: int, threads: int, uses_blas: bool) -> tuple[F64, I64]:
+    """(values, rows), (q1 - q0, k): the exact best k for queries q0:q1, over threads by queries or rows."""
+    n_queries, n_rows = q1 - q0, scorer.vectors.shape[0]
+    if threads > 1 and n_queries >= 4 * threads:
+        tasks = [functools.partial(_scan_dense, scorer, q0 + a, q0 + b, k) for a, b in _split(n_queries, threads)]
+        results = _run_parallel(tasks, uses_blas=uses_blas)
+        return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
+    min_rows = max(k, scorer.block_rows // 2)
+    row_parts = min(threads, n_rows // min_rows) if threads > 1 else 1
+    if row_parts > 1:
+        scans = [functools.partial(_scan, scorer, q0, q1, a, b, k) for a, b in _split(n_rows, row_parts)]
+        pools = _run_parallel(scans, uses_blas=uses_blas)
+        return _combine(pools, n_queries, k, scorer.higher_is_better)
+    [(values, rows)] = _run_parallel([functools.partial(_scan_dense, scorer, q0, q1, k)], uses_blas=uses_blas)
+    return values, rows
+
+
 def _combine(pools: list[_Candidates], n_queries: int, k: int, higher_is_better: bool) -> tuple[F64, I64]:
     """The best k of several candidate sets for the same queries."""
     if len(pools) == 1:
@@ -543,6 +567,21 @@ def _combine(pools: list[_Candidates], n_queries: int, k: int, higher_is_better:
     for pool in pools:
         total.add(pool.q, pool.rows, pool.values)
     return total.dense()
+
+
+def _smallest_k(distances: Any, k: int, largest: int) -> tuple[Any, I64]:
+    """The k smallest of a row of integer distances in 0..largest, ascending, ties to the lower position."""
+    cumulative = np.cumsum(np.bincount(distances, minlength=largest + 1))
+    kth = int(np.searchsorted(cumulative, k))
+    positions = np.flatnonzero(distances <= kth)
+    values = distances[positions]
+    if positions.size > k:
+        need = k - (int(cumulative[kth - 1]) if kth > 0 else 0)
+        tie = values == kth
+        keep = ~tie | (np.cumsum(tie) <= need)
+        positions, values = positions[keep], values[keep]
+    order = np.argsort(values, kind="stable")
+    return values[order], positions[order]
 
 
 # --- the backend --------------------------------------------------------------------------------
@@ -605,22 +644,25 @@ class NumpyBackend(DistanceBackend):
             raise InvalidInputError(f"vectors must be (rows, {old.shape[1]}); got shape {new.shape}")
         metric = database.metric
         combined = np.concatenate([old, new])
-        if metric is not Metric.L1 or not isinstance(database, NumpyDatabase) or database.l1_codes is None:
+        added = self._row_data(new, metric)
+        if metric is Metric.L1:
+            scale = getattr(database, "l1_scale", 0.0)
+            codes_before = getattr(database, "l1_codes", None)
+            if codes_before is None or float(np.max(np.abs(new), initial=0.0)) > _l1_levels(new.shape[1]) * scale:
+                return self.prepare(combined, metric)  # the codes need a new scale
+            codes, sums, errors = _l1_encode(new, scale)
+            added = {"l1_code_sums": sums, "l1_errors": errors}
+        if set(added) != set(database.row_data):
             return self.prepare(combined, metric)
-        scale = database.l1_scale
-        if float(np.max(np.abs(new), initial=0.0)) > _l1_levels(combined.shape[1]) * scale:
-            return self.prepare(combined, metric)
-        codes, sums, errors = _l1_encode(new, scale)
-        return NumpyDatabase(
+        result = NumpyDatabase(
             metric=metric,
             vectors=combined,
-            row_data={
-                "l1_code_sums": np.concatenate([database.row_data["l1_code_sums"], sums]),
-                "l1_errors": np.concatenate([database.row_data["l1_errors"], errors]),
-            },
-            l1_codes=np.concatenate([database.l1_codes, codes.T], axis=1),
-            l1_scale=scale,
+            row_data={key: np.concatenate([database.row_data[key], value]) for key, value in added.items()},
         )
+        if metric is Metric.L1:
+            result.l1_codes = np.concatenate([codes_before, codes.T], axis=1)
+            result.l1_scale = scale
+        return result
 
     def take(self, database: Database, positions: np.ndarray[Any, Any]) -> NumpyDatabase:
         """A database of the rows at ``positions`` (host int64), in that order."""
@@ -689,21 +731,13 @@ class NumpyBackend(DistanceBackend):
             threads = 1  # BLAS runs its own threads
         if n_queries * n_rows * queries.shape[1] < _MIN_PARALLEL_WORK:
             threads = 1
-        higher = scorer.higher_is_better
-        if threads > 1 and n_queries >= 4 * threads:
-            parts = _split(n_queries, threads)
-            tasks = [functools.partial(_scan_dense, scorer, a, b, k) for a, b in parts]
-            results = _run_parallel(tasks, uses_blas=uses_blas)
-            return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
-        min_rows = max(k, scorer.block_rows // 2)
-        row_parts = min(threads, n_rows // min_rows) if threads > 1 else 1
-        if row_parts > 1:
-            parts = _split(n_rows, row_parts)
-            pools = _run_parallel(
-                [functools.partial(_scan, scorer, 0, n_queries, a, b, k) for a, b in parts], uses_blas=uses_blas
-            )
-            return _combine(pools, n_queries, k, higher)
-        [(values, rows)] = _run_parallel([functools.partial(_scan_dense, scorer, 0, n_queries, k)], uses_blas=uses_blas)
+        # Candidates take about 32 bytes each: keep a chunk's within the memory budget.
+        chunk = max(1, get_settings().memory_budget_bytes // (32 * (k + scorer.block_rows)))
+        values = np.empty((n_queries, k), dtype=np.float64)
+        rows = np.empty((n_queries, k), dtype=np.int64)
+        for c0 in range(0, n_queries, chunk):
+            c1 = min(c0 + chunk, n_queries)
+            values[c0:c1], rows[c0:c1] = _search_chunk(scorer, c0, c1, k, threads, uses_blas)
         return values, rows
 
     # --- pairwise ------------------------------------------------------------------------------
@@ -788,31 +822,31 @@ class NumpyBackend(DistanceBackend):
             if width % size == 0:
                 word = candidate
                 break
-        av, bv = a.view(word), b.view(word)
+        av = a.view(word)
+        bt = np.ascontiguousarray(b.view(word).T)  # (words, rows): one contiguous pass per word
         words = av.shape[1]
+        n_bits = 8 * width
+        distance_type = np.uint16 if n_bits < 2**16 else np.int64
         n_queries = a.shape[0]
         scores = np.empty((n_queries, k), dtype=np.int32)
         indices = np.empty((n_queries, k), dtype=np.int64)
-        step_q = max(1, min(n_queries, _CHUNK_ELEMENTS // max(1, n_rows)))
-        step_r = max(1, _CHUNK_ELEMENTS // max(1, step_q * words))
-        positions = np.arange(n_rows, dtype=np.int64)
+        step = max(1, min(n_queries, _CHUNK_ELEMENTS // max(1, n_rows)))
 
         def run(q0: int, q1: int) -> None:
-            for s0 in range(q0, q1, step_q):
-                s1 = min(s0 + step_q, q1)
-                distances = np.empty((s1 - s0, n_rows), dtype=np.int64)
-                for r0 in range(0, n_rows, step_r):
-                    r1 = min(r0 + step_r, n_rows)
-                    counts = np.bitwise_count(np.bitwise_xor(av[s0:s1, None, :], bv[None, r0:r1, :]))
-                    distances[:, r0:r1] = counts.sum(axis=2, dtype=np.int64)
-                # distance-major, then position: ties go to the lower row
-                key = distances * n_rows + positions
-                if k < n_rows:
-                    best = np.argpartition(key, k - 1, axis=1)[:, :k]
-                    key = np.take_along_axis(key, best, axis=1)
-                key.sort(axis=1)
-                scores[s0:s1] = key // n_rows
-                indices[s0:s1] = key % n_rows
+            xor = np.empty(step * n_rows, dtype=word)
+            counts = np.empty(step * n_rows, dtype=np.uint8)
+            for s0 in range(q0, q1, step):
+                s1 = min(s0 + step, q1)
+                size = (s1 - s0) * n_rows
+                distances = np.zeros((s1 - s0, n_rows), dtype=distance_type)
+                x = xor[:size].reshape(s1 - s0, n_rows)
+                c = counts[:size].reshape(s1 - s0, n_rows)
+                for w in range(words):
+                    np.bitwise_xor(av[s0:s1, w, None], bt[None, w, :], out=x)
+                    np.bitwise_count(x, out=c)
+                    np.add(distances, c, out=distances)
+                for i in range(s1 - s0):
+                    scores[s0 + i], indices[s0 + i] = _smallest_k(distances[i], k, n_bits)
 
         threads = _thread_count() if n_queries * n_rows * words >= _MIN_PARALLEL_WORK else 1
         parts = _split(n_queries, threads)
