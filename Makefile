@@ -8,7 +8,7 @@ PIP := $(BIN)/python -m pip
 DISTRIBUTIONS := -e ./core[test] -e ./plugins/numpy_backend[test]
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint bench bench-report rag-eval clean
+.PHONY: install test lint bench bench-report rag-eval rag-speed gpu-wheels clean
 
 $(STAMP): core/pyproject.toml plugins/numpy_backend/pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,14 @@ bench-report: $(STAMP)
 
 rag-eval: $(STAMP)
 	$(BIN)/python benchmarks/rag_eval.py
+
+rag-speed: $(STAMP)
+	$(BIN)/python benchmarks/rag_speed.py
+
+# Wheels (and the packed embedding model) that the GPU machine lacks, into .whl/ (git-ignored);
+# on that machine `bash scripts/gpu_wheels.sh --install` installs them.
+gpu-wheels:
+	bash scripts/gpu_wheels.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .benchmarks
