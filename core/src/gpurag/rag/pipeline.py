@@ -6,6 +6,7 @@ import os
 import time
 from collections.abc import Sequence
 
+from gpurag.arrays import check_k
 from gpurag.errors import GpuragError, InvalidInputError
 from gpurag.rag.corpus import CorpusIndex, Progress, check_embedder, read_corpus_manifest
 from gpurag.rag.types import Answer, Embedder, Generator
@@ -124,13 +125,7 @@ def _check_queries(queries: Sequence[str]) -> list[str]:
 
 
 def _check_k(k: int | None) -> int:
-    if k is None:
-        return get_settings().top_k
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise InvalidInputError(f"k must be an integer >= 1; got {k!r}")
-    if k < 1:
-        raise InvalidInputError(f"k must be >= 1; got {k}")
-    return k
+    return get_settings().top_k if k is None else check_k(k)
 
 
 def _embedder(embedder: Embedder | str | None) -> Embedder:
