@@ -5,7 +5,7 @@ Run with ``make bench`` (``pytest benchmarks --benchmark-only`` with ``OPENBLAS_
 (tie-tolerant) before it is timed. faiss: IndexFlatL2 (l2), IndexFlatIP (dot), IndexFlatIP on
 normalised rows and queries (cosine), IndexFlat with METRIC_L1 (l1).
 
-Size: by default N=50,000 x D=128, Q=200 (l1: Q=20), k=10, which runs in well under a couple of
+Size: by default N=50,000 x D=128, Q=1,000 (l1: Q=50), k=10, which runs in well under a couple of
 minutes. ``GPURAG_BENCH_SIZE=full`` gives the issue's N=200,000, Q=1,000 (l1: Q=50);
 ``GPURAG_BENCH_ROWS``, ``GPURAG_BENCH_DIM``, ``GPURAG_BENCH_QUERIES``, ``GPURAG_BENCH_L1_QUERIES``
 and ``GPURAG_BENCH_K`` override single values. Data: random normal float32, seed 12345, rows drawn
@@ -41,7 +41,7 @@ from cpu_report import (
 )
 
 _SIZES = {
-    "small": {"rows": 50_000, "dim": 128, "queries": 200, "l1_queries": 20, "k": 10},
+    "small": {"rows": 50_000, "dim": 128, "queries": 1_000, "l1_queries": 50, "k": 10},
     "full": {"rows": 200_000, "dim": 128, "queries": 1_000, "l1_queries": 50, "k": 10},
 }
 

@@ -1,9 +1,9 @@
 """The NumPy distance backend: exact l2, dot, cosine and l1 search and the LSH primitives on the CPU.
 
-Search is exact in the sense of `gpurag.testing.reference`: a fast float32 (or, for l1, 16-bit
-integer) pass only shortlists, with a threshold widened by a bound on its own rounding error; every
-row it keeps is scored again in float64, and the answer is chosen on those scores, ties going to the
-lower position.
+Search is exact in the sense of `gpurag.testing.reference`: a fast pass (float32 GEMM; for l1,
+16-bit integer codes) only shortlists, behind a threshold widened by a bound on its own error; the
+rows it keeps are scored again directly (float64 sums), the answer is chosen on those scores, and
+ties go to the lower position.
 """
 
 from __future__ import annotations
@@ -42,12 +42,20 @@ _GEMM_TILE_SCORES = 1 << 19
 _L1_BLOCK_ROWS = 2048
 #: Scores (queries x rows) one l1 tile holds.
 _L1_TILE_SCORES = 1 << 17
+#: Elements (queries x dims x rows) of the int16 temporary one l1 step writes.
+_L1_STEP_ELEMENTS = 1 << 21
+#: From this many queries on, each block of l1 codes is copied to contiguous memory first.
+_L1_COPY_QUERIES = 4
 #: Dimensions whose int16 codes are summed before widening to int32; fixes the l1 code range.
 _L1_GROUP_DIMS = 128
 #: Elements one chunk of a float64 pairwise computation, a rescoring or a Hamming scan may hold.
 _CHUNK_ELEMENTS = 1 << 21
 #: Below this many multiply-adds a search runs on the calling thread alone.
 _MIN_PARALLEL_WORK = 1 << 22
+#: Below this many queries, GEMM blocks are scored in place instead of copied.
+_FEW_QUERIES = 32
+#: Candidates wait until they number this many times the kept ones before they are merged in.
+_MERGE_FACTOR = 0.5
 
 
 def _gamma(n: float) -> float:
@@ -225,7 +233,7 @@ class _Scorer:
         raise NotImplementedError
 
     def exact(self, qi: I64, rows: I64) -> F64:
-        """Exact (float64) scores of the pairs (query qi[j], row rows[j])."""
+        """Scores of the pairs (query qi[j], row rows[j]), computed directly, summed in float64."""
         raise NotImplementedError
 
     def to_selection(self, qi: I64, values: F64) -> F64:
@@ -239,11 +247,17 @@ def _norms64(x: F32) -> F64:
 
 
 class _GemmScorer(_Scorer):
-    """dot, l2 and cosine: one float32 GEMM per tile, on a block operand prepared once per block."""
+    """dot, l2 and cosine: one float32 GEMM per tile, on a block operand prepared once per block.
+
+    With few queries a block costs more to copy than to score: rows are then scored as they lie
+    (`finish` applies the per-row term), in longer blocks.
+    """
 
     def __init__(self, queries: F32, database: Database) -> None:
         super().__init__(queries, database)
-        self.block_rows = get_settings().numpy_block_rows
+        n_queries = max(1, queries.shape[0])
+        self.few = n_queries < _FEW_QUERIES
+        self.block_rows = max(get_settings().numpy_block_rows, _GEMM_TILE_SCORES // n_queries)
         self.tile_queries = max(1, _GEMM_TILE_SCORES // self.block_rows)
         self.qnorm = _norms64(queries)
         self.lhs: Any = queries
@@ -255,12 +269,18 @@ class _GemmScorer(_Scorer):
             self.lhs = np.asarray(self.lhs, dtype=np.float64)
 
     def block(self, r0: int, r1: int) -> Any:
-        block = self.vectors[r0:r1]
-        return block if self.tile_dtype is np.float32 else block.astype(np.float64)
+        rows = self.vectors[r0:r1]
+        return r0, r1, (rows if self.tile_dtype is np.float32 else rows.astype(np.float64))
 
     def tile(self, q0: int, q1: int, block: Any, out: Any) -> Any:
-        np.matmul(self.lhs[q0:q1], block.T, out=out)
+        r0, r1, operand = block
+        np.matmul(self.lhs[q0:q1], operand.T, out=out)
+        if self.few:
+            self.finish(out, r0, r1)
         return out
+
+    def finish(self, out: Any, r0: int, r1: int) -> None:
+        """Apply the per-row term to GEMM scores of rows r0:r1 (few queries only)."""
 
     def exact(self, qi: I64, rows: I64) -> F64:
         values: F64 = np.einsum("ij,ij->i", self.vectors[rows], self.queries[qi], dtype=np.float64)
@@ -270,7 +290,7 @@ class _GemmScorer(_Scorer):
 class _DotScorer(_GemmScorer):
     def __init__(self, queries: F32, database: Database) -> None:
         super().__init__(queries, database)
-        xmax = float(np.max(database.row_data["norms"], initial=0.0)) * (1 + 4 * _U32)
+        xmax = float(np.max(database.row_data["norms"], initial=0.0)) * (1 + 2 * _U32)
         self._use_float64_if_overflowing(float(self.qnorm.max(initial=0.0)) * xmax)
         self.margin = 1.01 * _gamma(2 * self.dim + 8) * self.qnorm * xmax + (self.dim + 4) * 2.0**-148
 
@@ -281,26 +301,32 @@ class _L2Scorer(_GemmScorer):
     def __init__(self, queries: F32, database: Database) -> None:
         super().__init__(queries, database)
         half = database.row_data["half_sq_norms"]
-        hmax = float(np.max(half, initial=0.0)) * (1 + 4 * _U32)
+        hmax = float(np.max(half, initial=0.0)) * (1 + 2 * _U32)
         xmax = math.sqrt(2.0 * hmax)
         self._use_float64_if_overflowing(float(self.qnorm.max(initial=0.0)) * xmax + hmax)
-        self.half = half
-        lhs = np.empty((queries.shape[0], self.dim + 1), dtype=self.tile_dtype)
-        lhs[:, : self.dim] = queries
-        lhs[:, self.dim] = 1.0
-        self.lhs = lhs
+        self.half = half.astype(self.tile_dtype)
+        if not self.few:
+            lhs = np.empty((queries.shape[0], self.dim + 1), dtype=self.tile_dtype)
+            lhs[:, : self.dim] = queries
+            lhs[:, self.dim] = 1.0
+            self.lhs = lhs
         self.qsq = self.qnorm**2
         scale = self.qnorm * xmax + hmax
         self.margin = 1.01 * _gamma(2 * self.dim + 12) * scale + 2.0**-44 * (self.qsq + scale)
         self.margin += (self.dim + 4) * 2.0**-148
 
     def block(self, r0: int, r1: int) -> Any:
+        if self.few:
+            return super().block(r0, r1)
         rows = r1 - r0
         out = self._buffer("block", rows * (self.dim + 1), self.tile_dtype)[: rows * (self.dim + 1)]
         out = out.reshape(rows, self.dim + 1)
         out[:, : self.dim] = self.vectors[r0:r1]
         np.negative(self.half[r0:r1], out=out[:, self.dim])
-        return out
+        return r0, r1, out
+
+    def finish(self, out: Any, r0: int, r1: int) -> None:
+        np.subtract(out, self.half[r0:r1], out=out)
 
     def exact(self, qi: I64, rows: I64) -> F64:
         diff = self.vectors[rows]
@@ -319,14 +345,26 @@ class _CosineScorer(_GemmScorer):
     def __init__(self, queries: F32, database: Database) -> None:
         super().__init__(queries, database)
         self.lhs = (queries / self.qnorm[:, None]).astype(np.float32)
-        self.inv_norms = database.row_data["inv_norms"]
+        inverse = database.row_data["inv_norms"]
+        # Rows of norm below 2**-100 are normalised in float64, where 1/norm cannot overflow.
+        self.exact_normalise = bool(np.max(inverse, initial=0.0) > 2.0**100)
+        self.inv_norms = inverse if self.exact_normalise else inverse.astype(np.float32)
         self.margin = np.full(queries.shape[0], 1.01 * _gamma(2 * self.dim + 24) + 2.0**-44)
         self.margin += (self.dim + 4) * 2.0**-120
 
     def block(self, r0: int, r1: int) -> Any:
+        if self.few and not self.exact_normalise:
+            return super().block(r0, r1)
         rows = r1 - r0
         out = self._buffer("block", rows * self.dim, np.float32)[: rows * self.dim].reshape(rows, self.dim)
-        np.multiply(self.vectors[r0:r1], self.inv_norms[r0:r1, None], out=out)
+        np.multiply(self.vectors[r0:r1], self.inv_norms[r0:r1, None], out=out, casting="same_kind")
+        return r0, r1, out
+
+    def tile(self, q0: int, q1: int, block: Any, out: Any) -> Any:
+        r0, r1, operand = block
+        np.matmul(self.lhs[q0:q1], operand.T, out=out)
+        if self.few and not self.exact_normalise:
+            np.multiply(out, self.inv_norms[r0:r1], out=out)
         return out
 
     def exact(self, qi: I64, rows: I64) -> F64:
@@ -374,6 +412,8 @@ class _L1Scorer(_Scorer):
         self.margin += 2.0**-44 * l1_scale / scale
 
     def block(self, r0: int, r1: int) -> Any:
+        if self.queries.shape[0] < _L1_COPY_QUERIES:
+            return r0, r1, self.codes_t[:, r0:r1]
         rows = r1 - r0
         out = self._buffer("block", self.dim * rows, np.int16)[: self.dim * rows].reshape(self.dim, rows)
         np.copyto(out, self.codes_t[:, r0:r1])
@@ -384,15 +424,18 @@ class _L1Scorer(_Scorer):
         nq, nb = q1 - q0, r1 - r0
         size = nq * nb
         groups = self.groups
-        tmp = self._buffer("step", _L1_GROUP_DIMS * nb, np.int16)
+        # A few queries per call: fewer, longer calls keep the threads from queueing for the GIL.
+        step = max(1, min(nq, _L1_STEP_ELEMENTS // (min(self.dim, _L1_GROUP_DIMS) * nb)))
+        tmp = self._buffer("step", step * _L1_GROUP_DIMS * nb, np.int16)
         acc = self._buffer("acc", size, np.int16)[:size].reshape(nq, nb)
         total: Any = acc
         for index, (g0, g1) in enumerate(groups):
-            part = tmp[: (g1 - g0) * nb].reshape(g1 - g0, nb)
-            codes = codes_block[g0:g1]
-            for i in range(nq):
-                np.maximum(codes, self.query_codes[q0 + i, g0:g1, None], out=part)
-                np.add.reduce(part, axis=0, out=acc[i])
+            codes = codes_block[None, g0:g1]
+            for i in range(0, nq, step):
+                j = min(i + step, nq)
+                part = tmp[: (j - i) * (g1 - g0) * nb].reshape(j - i, g1 - g0, nb)
+                np.maximum(codes, self.query_codes[q0 + i : q0 + j, g0:g1, None], out=part)
+                np.add.reduce(part, axis=1, out=acc[i:j])
             if len(groups) > 1:
                 if index == 0:
                     total = acc.astype(np.int32)
@@ -455,7 +498,11 @@ class _Candidates:
         self.pending_count += q.size
 
     def merge(self) -> None:
-        """Fold pending rows in; keep the k best of each query; update `kth`."""
+        """Fold pending rows in; keep the k best of each query; update `kth`.
+
+        Rows must arrive in increasing order for each query (pending after kept): among equal
+        values a stable sort then keeps the lower row first.
+        """
         if not self.pending:
             return
         q = np.concatenate([self.q, *(p[0] for p in self.pending)])
@@ -463,15 +510,34 @@ class _Candidates:
         values = np.concatenate([self.values, *(p[2] for p in self.pending)])
         self.pending = []
         self.pending_count = 0
-        order = np.lexsort((rows, self.sign * values, q))
-        q, rows, values = q[order], rows[order], values[order]
-        counts = np.bincount(q, minlength=self.n_queries)
-        starts = np.cumsum(counts) - counts
-        rank = np.arange(q.size) - starts[q]
-        keep = rank < self.k
-        self.q, self.rows, self.values = q[keep], rows[keep], values[keep]
-        full = counts >= self.k
-        self.kth[full] = values[starts[full] + self.k - 1]
+        n, nq, k = q.size, self.n_queries, self.k
+        key = values if self.sign > 0 else -values
+        counts = np.bincount(q, minlength=nq)
+        width = int(counts.max(initial=0))
+        if nq * width <= 4 * n + 4096:
+            # One short row per query: sort every row at once.
+            order = np.argsort(q, kind="stable")
+            grouped = q[order]
+            starts = np.cumsum(counts) - counts
+            column = np.arange(n) - starts[grouped]
+            dense_key = np.full((nq, width), np.inf)
+            dense_key[grouped, column] = key[order]
+            dense_index = np.full((nq, width), -1, dtype=np.int64)
+            dense_index[grouped, column] = order
+            best = np.argsort(dense_key, axis=1, kind="stable")[:, :k]
+            picked = np.take_along_axis(dense_index, best, axis=1)
+            chosen = picked[picked >= 0]
+            full = counts >= k
+            self.kth[full] = values[picked[full, k - 1]]
+        else:
+            order = np.lexsort((key, q))
+            grouped = q[order]
+            starts = np.cumsum(counts) - counts
+            rank = np.arange(n) - starts[grouped]
+            chosen = order[rank < k]
+            full = counts >= k
+            self.kth[full] = values[order[starts[full] + k - 1]]
+        self.q, self.rows, self.values = q[chosen], rows[chosen], values[chosen]
 
     def dense(self) -> tuple[F64, I64]:
         """(values, rows) of shape (n_queries, k), best first; every query must have k rows."""
@@ -527,7 +593,7 @@ def _scan(scorer: _Scorer, q0: int, q1: int, r0: int, r1: int, k: int) -> _Candi
             qi += t0
             pool.add(qi, rows, _exact(scorer, local_queries[qi], rows))
         seen += nb
-        if seen >= k and (first or pool.pending_count >= max(pool.q.size, 256)):
+        if seen >= k and (first or pool.pending_count >= max(_MERGE_FACTOR * pool.q.size, 256)):
             pool.merge()
             known = ~np.isnan(pool.kth)
             if known.any():
@@ -619,13 +685,12 @@ class NumpyBackend(DistanceBackend):
     @staticmethod
     def _row_data(x: F32, metric: Metric) -> dict[str, Any]:
         if metric is Metric.L2:
-            return {"half_sq_norms": (0.5 * np.einsum("ij,ij->i", x, x, dtype=np.float64)).astype(np.float32)}
+            return {"half_sq_norms": 0.5 * np.einsum("ij,ij->i", x, x, dtype=np.float64)}
         if metric is Metric.DOT:
-            return {"norms": _norms64(x).astype(np.float32)}
+            return {"norms": _norms64(x)}
         if metric is Metric.COSINE:
             norms = _norms64(x)
-            inverse = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
-            return {"inv_norms": inverse.astype(np.float32)}
+            return {"inv_norms": np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)}
         return {}
 
     @staticmethod
@@ -718,7 +783,8 @@ class NumpyBackend(DistanceBackend):
             return TopK(scores, indices)
         work = q if active.size == n_queries else q[active]
         values, rows = self._search(work, database, k)
-        scores[active] = values
+        with np.errstate(over="ignore"):  # a score beyond float32's range is inf
+            scores[active] = values
         indices[active] = rows
         return TopK(scores, indices)
 
@@ -778,7 +844,8 @@ class NumpyBackend(DistanceBackend):
                 dots += q_sq[:, None]
                 dots += np.einsum("ij,ij->i", block, block)[None, :]
                 np.maximum(dots, 0.0, out=dots)
-            out[:, x0 : x0 + step_x] = dots
+            with np.errstate(over="ignore"):  # a value beyond float32's range is inf
+                out[:, x0 : x0 + step_x] = dots
         return out
 
     # --- LSH primitives ------------------------------------------------------------------------
