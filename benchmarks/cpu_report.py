@@ -278,14 +278,17 @@ class FaissWorker:
 
 # --- the machine --------------------------------------------------------------------------------
 def cpu_model() -> str:
-    """The CPU model named in /proc/cpuinfo (or by the platform module)."""
+    """The CPU model named in /proc/cpuinfo, with its family and model numbers (or the platform's name)."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    if "model name" not in fields:
+        return platform.processor() or platform.machine()
+    return f"{fields['model name']} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
 
 
 def has_avx512() -> bool:

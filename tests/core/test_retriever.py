@@ -99,6 +99,16 @@ def test_chunk_plan_respects_the_budget() -> None:
         assert q * r * 4 <= max(budget, 4)
 
 
+def test_a_backend_that_scores_in_tiles_of_its_own_gets_whole_rows() -> None:
+    def tiled(queries: int, rows: int) -> int:
+        return min(queries * rows, 1 << 20)
+
+    assert plan_chunks(1000, 200_000, 256 << 20, 4096, tiled) == (1000, 200_000)
+    q, r = plan_chunks(1000, 200_000, 64, 4096, tiled)  # a tiny budget still bounds it
+    assert q == 1
+    assert tiled(q, r) * 4 <= 64
+
+
 def test_input_in_other_layouts_and_types_is_accepted() -> None:
     vectors, queries = random_data(n=20, d=6, q=3)
     expected_index = ExactRetriever(backend="numpy")

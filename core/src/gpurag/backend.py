@@ -113,6 +113,14 @@ class DistanceBackend(abc.ABC):
         )
 
     # --- distances and selection ---------------------------------------------------------------
+    def working_scores(self, queries: int, rows: int) -> int:
+        """Most scores (float32-sized values) one `topk` call over ``queries`` x ``rows`` holds at once.
+
+        The default, every score of the block, fits a backend that materialises it; a backend that
+        scores in tiles of its own returns less, and the retriever then splits searches less.
+        """
+        return queries * rows
+
     @abc.abstractmethod
     def topk(self, queries: Any, database: Database, k: int) -> TopK:
         """The ``k`` best rows of ``database`` for each query, best first.

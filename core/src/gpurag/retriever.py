@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import abc
+import operator
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -64,17 +66,34 @@ class Retriever(abc.ABC):
         """Read an index that `save` wrote, onto ``backend``."""
 
 
-def plan_chunks(queries: int, rows: int, budget_bytes: int, max_query_chunk: int) -> tuple[int, int]:
-    """(query chunk, row chunk) sizes whose score block stays within ``budget_bytes``.
+def plan_chunks(
+    queries: int,
+    rows: int,
+    budget_bytes: int,
+    max_query_chunk: int,
+    working_scores: Callable[[int, int], int] = operator.mul,
+) -> tuple[int, int]:
+    """(query chunk, row chunk) sizes for which ``working_scores(q, r)`` float32 scores fit ``budget_bytes``.
 
-    Rows per chunk are favoured (at least 1,024 where the index has them) since each query chunk
-    re-reads the database; a budget below one score still gives chunks of one query and one row.
+    ``working_scores`` is the backend's (`DistanceBackend.working_scores`). Whole rows are favoured
+    (at least 1,024 per chunk where the index has them) since each query chunk re-reads the
+    database; a budget below one score still gives chunks of one query and one row.
     """
-    budget_scores = max(1, budget_bytes // SCORE_BYTES)
+    budget = max(1, budget_bytes // SCORE_BYTES)
     min_rows = min(rows, 1024)
-    query_chunk = max(1, min(queries, max_query_chunk, budget_scores // max(1, min_rows)))
-    row_chunk = max(1, min(rows, budget_scores // query_chunk))
-    return query_chunk, row_chunk
+    query_chunk = max(1, min(queries, max_query_chunk))
+    while query_chunk > 1 and working_scores(query_chunk, min_rows) > budget:
+        query_chunk = max(1, min(query_chunk // 2, budget // max(1, min_rows)))
+    if working_scores(query_chunk, rows) <= budget:
+        return query_chunk, rows
+    low, high = 1, rows  # the largest row chunk that fits, by bisection
+    while low < high:
+        mid = (low + high + 1) // 2
+        if working_scores(query_chunk, mid) <= budget:
+            low = mid
+        else:
+            high = mid - 1
+    return query_chunk, low
 
 
 class ExactRetriever(Retriever):
@@ -212,7 +231,9 @@ class ExactRetriever(Retriever):
     def _chunked_topk(self, queries: Any, database: Database, k: int) -> TopK:
         budget = self.memory_budget_bytes or get_settings().memory_budget_bytes
         query_count = int(queries.shape[0])
-        query_chunk, row_chunk = plan_chunks(query_count, database.count, budget, get_settings().max_query_chunk)
+        query_chunk, row_chunk = plan_chunks(
+            query_count, database.count, budget, get_settings().max_query_chunk, self.backend.working_scores
+        )
         blocks: list[TopK] = []
         for q0 in range(0, query_count, query_chunk):
             block = queries[q0 : q0 + query_chunk]

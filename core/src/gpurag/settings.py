@@ -47,7 +47,7 @@ class Settings(BaseSettings):
     )
     max_query_chunk: int = Field(default=4096, gt=0, description="Most queries searched in one chunk.")
     numpy_block_rows: int = Field(
-        default=8192, gt=0, description="Database rows the NumPy backend scores in one BLAS call."
+        default=1024, gt=0, description="Database rows the NumPy backend scores in one BLAS call."
     )
     numpy_threads: int = Field(
         default=0, ge=0, description="Threads the NumPy backend splits queries over; 0 means one per core."

@@ -195,6 +195,15 @@ def _l1_encode(vectors: F32, scale: float) -> tuple[I16, F32, F64]:
     return codes.astype(np.int16), sums.astype(np.float32), errors
 
 
+#: What `NumpyBackend.prepare` puts in ``row_data`` for each metric.
+_ROW_DATA: dict[Metric, tuple[str, ...]] = {
+    Metric.L2: ("half_sq_norms",),
+    Metric.DOT: ("norms",),
+    Metric.COSINE: ("inv_norms",),
+    Metric.L1: ("l1_code_sums", "l1_errors"),
+}
+
+
 # --- per-metric scoring -------------------------------------------------------------------------
 class _Scorer:
     """Approximate scores of tiles, their error bound, and exact rescoring, for one search.
@@ -753,11 +762,16 @@ class NumpyBackend(DistanceBackend):
         )
 
     # --- search --------------------------------------------------------------------------------
+    def working_scores(self, queries: int, rows: int) -> int:
+        """Scores (float32-sized values) one `topk` holds at once: each thread's tiles, not the whole block."""
+        # Per thread, the largest temporary is a float64 chunk of _CHUNK_ELEMENTS (two float32 each).
+        return min(queries * rows, _thread_count() * 2 * _CHUNK_ELEMENTS)
+
     def topk(self, queries: Any, database: Database, k: int) -> TopK:
         """The ``k`` best rows of ``database`` for each query, best first; ties go to the lower row.
 
-        Scores are float32 values of the metric computed directly (float64, then rounded) for the
-        rows returned; indices are int64 row positions. ``1 <= k <= database.count``.
+        Scores are float32 values of the metric computed directly for the rows returned (no norm
+        expansion; sums in float64); indices are int64 row positions. ``1 <= k <= database.count``.
         """
         q = np.ascontiguousarray(self.to_numpy(queries), dtype=np.float32)
         n_rows = database.count
@@ -766,8 +780,10 @@ class NumpyBackend(DistanceBackend):
         k = int(k)
         if q.ndim != 2 or q.shape[1] != database.dim:
             raise InvalidInputError(f"queries must be (Q, {database.dim}); got shape {q.shape}")
-        if database.metric is Metric.L1 and getattr(database, "l1_codes", None) is None:
-            database = self.prepare(database.vectors, Metric.L1)
+        if not set(_ROW_DATA[database.metric]) <= set(database.row_data) or (
+            database.metric is Metric.L1 and getattr(database, "l1_codes", None) is None
+        ):
+            database = self.prepare(database.vectors, database.metric)  # not prepared by this backend
         n_queries = q.shape[0]
         scores = np.empty((n_queries, k), dtype=np.float32)
         indices = np.empty((n_queries, k), dtype=np.int64)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from gpurag.hookspecs import Register, hookimpl
-
 from gpurag_numpy.backend import NumpyBackend
 
 
