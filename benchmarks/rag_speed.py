@@ -26,19 +26,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from machine import cpu_model
+
 HERE = Path(__file__).resolve().parent
 QUESTIONS = HERE / "rag_eval_questions.jsonl"
-
-
-def cpu_model() -> str:
-    """The CPU's model name as the kernel reports it."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine_description(device: str) -> dict[str, str]:
