@@ -8,7 +8,7 @@ PIP := $(BIN)/python -m pip
 DISTRIBUTIONS := -e ./core[test] -e ./plugins/numpy_backend[test]
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint bench bench-report rag-eval rag-speed gpu-wheels clean
+.PHONY: install test test-gpu lint bench bench-report rag-eval rag-speed gpu-wheels clean
 
 $(STAMP): core/pyproject.toml plugins/numpy_backend/pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,12 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# On the GPU machine (the device tool), which has torch, CUDA and pytest but no registry: install the
+# wheels `make gpu-wheels` carried, then run the whole suite there, `gpu` tests included.
+test-gpu:
+	bash scripts/gpu_wheels.sh --install
+	python3 -m pytest -q -p no:cacheprovider -m "gpu or not gpu" -rs tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -131,3 +131,14 @@ def test_default_embedder_on_three_texts(minilm: Embedder) -> None:
 def test_default_embedder_through_the_registry(minilm: Embedder) -> None:
     assert get_embedder(DEFAULT_MODEL, device="cpu") is minilm
     assert get_embedder("sentence-transformers/all-MiniLM-L6-v2", device="cpu").name == DEFAULT_MODEL
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_default_embedder_on_cuda_matches_the_cpu(minilm: Embedder) -> None:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    on_cuda = get_embedder(DEFAULT_MODEL, device="cuda")
+    assert get_embedder(DEFAULT_MODEL).name == DEFAULT_MODEL  # None picks CUDA when it is there
+    np.testing.assert_allclose(on_cuda.embed_batch(TEXTS), minilm.embed_batch(TEXTS), atol=1e-4)
