@@ -87,6 +87,15 @@ class BackendConformance:
             pytest.skip(f"backend {backend.name!r} does not support metric {metric.value}")
 
     @staticmethod
+    def draw_case(
+        backend: DistanceBackend, data: st.DataObject, **options: Any
+    ) -> tuple[Metric, FloatMatrix, FloatMatrix]:
+        """A metric the backend supports and a (queries, vectors) data set drawn with ``options``."""
+        metric = data.draw(gst.metrics(type(backend).metrics), label="metric")
+        queries, vectors = data.draw(gst.datasets(**options), label="queries, vectors")
+        return metric, queries, vectors
+
+    @staticmethod
     def host_topk(backend: DistanceBackend, result: TopK, n_queries: int, k: int) -> tuple[Any, Any]:
         """``result`` on the host, checked to be float32 scores and int64 indices of shape (Q, k)."""
         assert isinstance(result, tuple), f"topk must return a TopK; got {type(result).__name__}"
@@ -159,8 +168,7 @@ class BackendConformance:
     def test_pairwise_matches_float64_reference_for_every_metric(
         self, backend: DistanceBackend, data: st.DataObject
     ) -> None:
-        metric = data.draw(gst.metrics(type(backend).metrics), label="metric")
-        queries, vectors = data.draw(gst.datasets(), label="queries, vectors")
+        metric, queries, vectors = self.draw_case(backend, data)
         before = (queries.copy(), vectors.copy())
         result = backend.pairwise(backend.asarray(queries, "queries"), backend.asarray(vectors, "vectors"), metric)
         ref.assert_pairwise_matches(queries, vectors, metric, backend.to_numpy(result))
@@ -188,8 +196,7 @@ class BackendConformance:
     @SOME
     @given(data=st.data())
     def test_topk_matches_float64_reference_up_to_ties(self, backend: DistanceBackend, data: st.DataObject) -> None:
-        metric = data.draw(gst.metrics(type(backend).metrics), label="metric")
-        queries, vectors = data.draw(gst.datasets(), label="queries, vectors")
+        metric, queries, vectors = self.draw_case(backend, data)
         k = data.draw(gst.ks(vectors.shape[0], max_k=self.max_k(backend, vectors.shape[0])), label="k")
         before = (queries.copy(), vectors.copy())
         self.check_topk(backend, queries, vectors, metric, k)
@@ -280,8 +287,7 @@ class BackendConformance:
     def test_topk_after_append_matches_reference_over_all_rows(
         self, backend: DistanceBackend, data: st.DataObject
     ) -> None:
-        metric = data.draw(gst.metrics(type(backend).metrics), label="metric")
-        queries, vectors = data.draw(gst.datasets(min_rows=2), label="queries, vectors")
+        metric, queries, vectors = self.draw_case(backend, data, min_rows=2)
         n_rows = vectors.shape[0]
         split = data.draw(st.integers(1, n_rows - 1), label="split")
         database = self.prepared(backend, vectors[:split], metric)
@@ -296,8 +302,7 @@ class BackendConformance:
     def test_topk_after_take_matches_reference_over_the_taken_rows_in_order(
         self, backend: DistanceBackend, data: st.DataObject
     ) -> None:
-        metric = data.draw(gst.metrics(type(backend).metrics), label="metric")
-        queries, vectors = data.draw(gst.datasets(), label="queries, vectors")
+        metric, queries, vectors = self.draw_case(backend, data)
         n_rows = vectors.shape[0]
         positions = np.array(
             data.draw(st.lists(st.integers(0, n_rows - 1), min_size=1, max_size=n_rows, unique=True), label="take"),
@@ -318,8 +323,7 @@ class BackendConformance:
     def test_topk_after_slice_matches_reference_over_rows_start_to_stop(
         self, backend: DistanceBackend, data: st.DataObject
     ) -> None:
-        metric = data.draw(gst.metrics(type(backend).metrics), label="metric")
-        queries, vectors = data.draw(gst.datasets(), label="queries, vectors")
+        metric, queries, vectors = self.draw_case(backend, data)
         n_rows = vectors.shape[0]
         start = data.draw(st.integers(0, n_rows - 1), label="start")
         stop = data.draw(st.integers(start + 1, n_rows), label="stop")
@@ -336,8 +340,7 @@ class BackendConformance:
     def test_merge_topk_of_two_slices_matches_topk_of_all_rows(
         self, backend: DistanceBackend, data: st.DataObject
     ) -> None:
-        metric = data.draw(gst.metrics(type(backend).metrics), label="metric")
-        queries, vectors = data.draw(gst.datasets(min_rows=2), label="queries, vectors")
+        metric, queries, vectors = self.draw_case(backend, data, min_rows=2)
         n_rows = vectors.shape[0]
         split = data.draw(st.integers(1, n_rows - 1), label="split")
         k = data.draw(gst.ks(n_rows, max_k=self.max_k(backend, n_rows)), label="k")
@@ -373,8 +376,7 @@ class BackendConformance:
     def test_retriever_search_across_chunk_boundaries_matches_reference(
         self, backend: DistanceBackend, data: st.DataObject
     ) -> None:
-        metric = data.draw(gst.metrics(type(backend).metrics), label="metric")
-        queries, vectors = data.draw(gst.datasets(max_queries=6), label="queries, vectors")
+        metric, queries, vectors = self.draw_case(backend, data, max_queries=6)
         k = data.draw(gst.ks(vectors.shape[0], beyond=3), label="k")
         index = self.retriever(backend, metric)
         index.add(vectors)
@@ -399,8 +401,7 @@ class BackendConformance:
     @FEW
     @given(data=st.data())
     def test_retriever_returns_the_ids_given_to_add(self, backend: DistanceBackend, data: st.DataObject) -> None:
-        metric = data.draw(gst.metrics(type(backend).metrics), label="metric")
-        queries, vectors = data.draw(gst.datasets(min_rows=2), label="queries, vectors")
+        metric, queries, vectors = self.draw_case(backend, data, min_rows=2)
         n_rows = vectors.shape[0]
         row_ids = np.array(
             data.draw(st.lists(st.integers(0, 2**40), min_size=n_rows, max_size=n_rows, unique=True), label="ids"),
@@ -418,8 +419,7 @@ class BackendConformance:
     @FEW
     @given(data=st.data())
     def test_retriever_search_never_returns_a_removed_id(self, backend: DistanceBackend, data: st.DataObject) -> None:
-        metric = data.draw(gst.metrics(type(backend).metrics), label="metric")
-        queries, vectors = data.draw(gst.datasets(min_rows=2), label="queries, vectors")
+        metric, queries, vectors = self.draw_case(backend, data, min_rows=2)
         n_rows = vectors.shape[0]
         removed = data.draw(st.lists(st.integers(0, n_rows - 1), min_size=1, max_size=n_rows - 1, unique=True))
         kept = np.array([i for i in range(n_rows) if i not in set(removed)], dtype=np.int64)
