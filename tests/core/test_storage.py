@@ -151,3 +151,6 @@ def test_a_crash_between_the_two_renames_still_loads_the_previous_index(
     os.rename(tmp_path / "ix", tmp_path / ".ix.old-deadbeef")
     with pytest.warns(UserWarning, match="interrupted save"):
         assert len(ExactRetriever.load(tmp_path / "ix", backend="numpy")) == 10
+    build(n=5).save(tmp_path / "ix")  # the next save puts an index back and clears the leftover
+    assert [p.name for p in tmp_path.iterdir()] == ["ix"]
+    assert len(ExactRetriever.load(tmp_path / "ix", backend="numpy")) == 5

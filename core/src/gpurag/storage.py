@@ -82,6 +82,8 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
         else:
             os.rename(tmp, target)
         _fsync(target.parent)
+        for stale in _backups(target):  # left by a save that died between its two renames
+            shutil.rmtree(stale, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
