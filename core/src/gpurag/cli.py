@@ -66,6 +66,7 @@ def plugins_command(as_json: bool) -> None:
     click.echo("Plugins:")
     for plugin in report["plugins"]:
         what = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in sorted(plugin["registers"].items()))
+        what = what or f"hooks: {', '.join(plugin['hooks'])}"
         click.echo(f"  {plugin['name']:<26} {plugin['distribution']} {plugin['version']}  {what}")
     if report["failed"]:
         click.echo("Failed to load:")
