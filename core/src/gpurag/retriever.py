@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from gpurag import storage
-from gpurag.arrays import FloatMatrix, IdArray, as_ids, as_matrix, check_k
+from gpurag.arrays import FloatMatrix, IdArray, as_ids, check_k
 from gpurag.backend import Database, DistanceBackend
 from gpurag.errors import IndexFormatError, InvalidInputError, UnsupportedError
 from gpurag.metrics import Metric, SearchResult, TopK
@@ -161,24 +161,23 @@ class ExactRetriever(Retriever):
     def add(self, vectors: Any, ids: Any = None) -> IdArray:
         """Add (N, D) ``vectors`` under ``ids`` (distinct int64 >= 0; None: the next free ones); return the ids."""
         with self._lock:
-            matrix = as_matrix(vectors, "vectors", dim=self._dim)
-            if matrix is vectors or not matrix.flags.owndata:
+            matrix = self.backend.asarray(vectors, "vectors", dim=self._dim)  # checked once, here
+            if isinstance(matrix, np.ndarray) and (matrix is vectors or not matrix.flags.owndata):
                 matrix = matrix.copy()  # the index must not change when the caller's array does
             if ids is None:
                 start = int(self._ids.max()) + 1 if len(self) else 0
-                new_ids = np.arange(start, start + matrix.shape[0], dtype=np.int64)
+                new_ids = np.arange(start, start + int(matrix.shape[0]), dtype=np.int64)
             else:
-                new_ids = as_ids(ids, matrix.shape[0])
+                new_ids = as_ids(ids, int(matrix.shape[0]))
                 clash = np.isin(new_ids, self._ids)
                 if clash.any():
                     raise InvalidInputError(f"ids are already in the index: {new_ids[clash][:5].tolist()}")
             if self._dim is None:
-                self._dim = matrix.shape[1]
-            prepared = self.backend.asarray(matrix, "vectors", dim=self._dim)
+                self._dim = int(matrix.shape[1])
             if self._database is None or len(self) == 0:
-                self._database = self.backend.prepare(prepared, self.metric)
+                self._database = self.backend.prepare(matrix, self.metric)
             else:
-                self._database = self.backend.append(self._database, prepared)
+                self._database = self.backend.append(self._database, matrix)
             self._ids = np.concatenate([self._ids, new_ids])
             return new_ids
 
