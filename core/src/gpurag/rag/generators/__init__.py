@@ -1,6 +1,7 @@
-"""The built-in generators: ``extractive`` (no model), ``transformers`` (a local causal LM), ``openai``.
+"""The built-in generators: ``extractive`` (no model), ``local`` (a packaged small model),
+``transformers`` (a causal LM directory), ``openai`` (an OpenAI-compatible endpoint).
 
-This package is a default plugin: `register_generators` registers the three classes, and
+This package is a default plugin: `register_generators` registers the four classes, and
 `get_generator` builds any registered generator by name. Heavy libraries (torch, transformers,
 httpx) are imported only when a generator that needs them is built or used.
 """
@@ -12,14 +13,18 @@ from typing import Any
 from gpurag.hookspecs import Register, hookimpl
 from gpurag.rag.generators.base import build_prompt
 from gpurag.rag.generators.extractive import ExtractiveGenerator
+from gpurag.rag.generators.local import LocalGenerator
 from gpurag.rag.generators.openai import OpenAIGenerator
+from gpurag.rag.generators.streaming import TextPiece
 from gpurag.rag.generators.transformers import TransformersGenerator
 from gpurag.rag.types import Generator
 from gpurag.settings import get_settings
 
 __all__ = [
     "ExtractiveGenerator",
+    "LocalGenerator",
     "OpenAIGenerator",
+    "TextPiece",
     "TransformersGenerator",
     "build_prompt",
     "get_generator",
@@ -29,8 +34,9 @@ __all__ = [
 
 @hookimpl
 def register_generators(register: Register) -> None:
-    """Register ``extractive``, ``transformers`` and ``openai``."""
+    """Register ``extractive``, ``local``, ``transformers`` and ``openai``."""
     register(ExtractiveGenerator, "extractive")
+    register(LocalGenerator, "local")
     register(TransformersGenerator, "transformers")
     register(OpenAIGenerator, "openai")
 

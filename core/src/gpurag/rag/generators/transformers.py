@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from gpurag.errors import InvalidInputError
 from gpurag.rag.generators.base import build_prompt, check_batch, positive_int
+from gpurag.rag.generators.streaming import BatchStreamer, TextPiece, stream_in_thread
 from gpurag.rag.types import Generator, Passage
 from gpurag.settings import get_settings
 
@@ -19,8 +21,9 @@ class TransformersGenerator(Generator):
 
     The prompt is `build_prompt`'s, wrapped in the tokenizer's chat template when it has one.
     Generation is greedy, in batches of ``batch_size`` left-padded prompts, on ``device``
-    (default: the ``device`` setting, else CUDA when available, else CPU); the answer is the
-    newly generated text only.
+    (default: the ``device`` setting, else CUDA when available, else CPU) in ``dtype`` (default:
+    the checkpoint's); the answer is the newly generated text only. `stream` yields the answers'
+    text as the batch generates it.
     """
 
     name = "transformers"
@@ -32,6 +35,7 @@ class TransformersGenerator(Generator):
         max_new_tokens: int | None = None,
         prompt_template: str | None = None,
         batch_size: int | None = None,
+        dtype: str = "auto",
     ) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -51,7 +55,7 @@ class TransformersGenerator(Generator):
         self.device = device or settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
             self.tokenizer: Any = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            model: Any = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype="auto")
+            model: Any = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
         except (OSError, ValueError) as error:
             raise InvalidInputError(f"cannot load a causal language model from {str(path)!r}: {error}") from error
         self.tokenizer.padding_side = "left"
@@ -80,23 +84,34 @@ class TransformersGenerator(Generator):
     def generate(self, questions: Sequence[str], passages: Sequence[Sequence[Passage]]) -> list[str]:
         """One generated answer per question."""
         prompts = self.format_prompts(questions, passages)
-        # Prompts of similar length share a batch, so that little of it is padding.
-        order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
         answers = [""] * len(prompts)
-        for first in range(0, len(order), self.batch_size):
-            batch = order[first : first + self.batch_size]
+        for batch in self._batches(prompts):
             for i, text in zip(batch, self._generate_batch([prompts[i] for i in batch]), strict=True):
                 answers[i] = text
         return answers
 
-    def _generate_batch(self, prompts: list[str]) -> list[str]:
-        import torch
+    def stream(self, questions: Sequence[str], passages: Sequence[Sequence[Passage]]) -> Iterator[TextPiece]:
+        """Each answer's text as the batch generates it, as `TextPiece` objects indexed by question.
 
+        Batches as `generate` does; each answer ends with a ``done`` piece, and its pieces joined
+        and stripped are its `generate` answer. Closing the iterator stops the generation.
+        """
+        prompts = self.format_prompts(questions, passages)
+        for batch in self._batches(prompts):
+            for piece in self._stream_batch([prompts[i] for i in batch]):
+                yield dataclasses.replace(piece, index=batch[piece.index])
+
+    def _batches(self, prompts: list[str]) -> Iterator[list[int]]:
+        """Indexes of ``prompts`` in batches; prompts of similar length share one, so that little is padding."""
+        order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
+        for first in range(0, len(order), self.batch_size):
+            yield order[first : first + self.batch_size]
+
+    def _inputs(self, prompts: list[str]) -> dict[str, Any]:
+        """``generate``'s arguments for ``prompts``: left-padded ids, their mask, a greedy configuration."""
         encoded = self.tokenizer(
             prompts, return_tensors="pt", padding=True, add_special_tokens=not self.uses_chat_template
         )
-        input_ids = encoded["input_ids"].to(self.device)
-        attention_mask = encoded["attention_mask"].to(self.device)
         config = copy.deepcopy(self.model.generation_config)
         config.update(
             do_sample=False,
@@ -107,7 +122,36 @@ class TransformersGenerator(Generator):
             max_new_tokens=self.max_new_tokens,
             pad_token_id=self.tokenizer.pad_token_id,
         )
+        return {
+            "input_ids": encoded["input_ids"].to(self.device),
+            "attention_mask": encoded["attention_mask"].to(self.device),
+            "generation_config": config,
+        }
+
+    def _generate_batch(self, prompts: list[str]) -> list[str]:
+        import torch
+
+        inputs = self._inputs(prompts)
         with torch.inference_mode():
-            output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
-        new_tokens = output[:, input_ids.shape[1] :]
+            output = self.model.generate(**inputs)
+        new_tokens = output[:, inputs["input_ids"].shape[1] :]
         return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+    def _stream_batch(self, prompts: list[str]) -> Iterator[TextPiece]:
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        inputs = self._inputs(prompts)
+        eos = inputs["generation_config"].eos_token_id
+        eos_ids = {*(eos if isinstance(eos, list) else [eos]), self.tokenizer.eos_token_id} - {None}
+        streamer = BatchStreamer(self.tokenizer, len(prompts), eos_ids)
+
+        class Stopped(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+                return torch.full((input_ids.shape[0],), streamer.should_stop(), dtype=torch.bool)
+
+        def run() -> None:
+            with torch.inference_mode():
+                self.model.generate(**inputs, streamer=streamer, stopping_criteria=StoppingCriteriaList([Stopped()]))
+
+        yield from stream_in_thread(streamer, run)
