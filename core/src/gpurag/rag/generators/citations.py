@@ -30,6 +30,7 @@ class CitationFilter:
         self._pending = ""  # a "[..." that may still become a citation
         self._space = ""  # whitespace not yet passed on: dropped if a removed citation follows
         self._after_removal = False
+        self._started = False  # any text passed on yet
 
     def feed(self, text: str) -> str:
         """The part of ``text`` (after what was fed before) that can be passed on now."""
@@ -40,7 +41,7 @@ class CitationFilter:
 
     def finish(self) -> str:
         """What was held back: an unclosed ``[`` and what follows it."""
-        out = [self._space, self._pending]
+        out = ["" if self._after_removal and not self._pending else self._space, self._pending]
         self._pending = self._space = ""
         return "".join(out)
 
@@ -52,6 +53,7 @@ class CitationFilter:
             elif not _MAY_BECOME_CITATION.fullmatch(self._pending) or len(self._pending) > _LONGEST_CITATION:
                 text, self._pending = self._pending, ""
                 out.append(self._space + text[0])
+                self._started = True
                 self._space = ""
                 self._after_removal = False
                 for rest in text[1:]:
@@ -60,19 +62,22 @@ class CitationFilter:
         if char == "[":
             self._pending = char
         elif char.isspace():
-            self._space += char
+            if not (self._after_removal and (self._space or not self._started)):  # one space where one was removed
+                self._space += char
         else:
             if not (self._after_removal and char in _CLOSING_PUNCTUATION):
                 out.append(self._space)
             self._space = ""
             self._after_removal = False
             out.append(char)
+            self._started = True
 
     def _close(self, out: list[str]) -> None:
         text, self._pending = self._pending, ""
         match = CITATION.fullmatch(text)
         if match is None:  # "[]", "[,]": not a citation
             out.append(self._space + text)
+            self._started = True
             self._space = ""
             self._after_removal = False
             return
@@ -84,6 +89,7 @@ class CitationFilter:
             return
         self.cited.extend(n for n in valid if n not in self.cited)
         out.append(self._space + "[" + ", ".join(str(n) for n in valid) + "]")
+        self._started = True
         self._space = ""
         self._after_removal = False
 
