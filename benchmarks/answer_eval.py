@@ -93,9 +93,8 @@ def make_generator(spec: str, args: argparse.Namespace) -> Any:
 
     name, _, model = spec.partition(":")
     if name == "local":
-        return get_generator(
-            "local", model=model or None, device=args.device, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens
-        )
+        options = {"device": args.device, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens}
+        return get_generator("local", model=model or None, **options)
     return get_generator(name)
 
 
