@@ -9,7 +9,8 @@ from the same passages. Reported per generator:
   at most three characters must be a whole word); term recall: the share of key terms mentioned;
 - grounding: the share of the answer's content words (stemmed, stopwords left out; citations
   and the ``Sources:`` line removed) found in its retrieved passages, averaged over questions;
-- cited: the share of answers that cite at least one passage;
+- cited: the share of answers that cite at least one passage in their text; sources: the share
+  that end with a ``Sources`` line (cited, or for `local`, matched by word overlap);
 - seconds spent generating, answer length in words::
 
     python benchmarks/answer_eval.py --generators extractive,local:smollm2-135m --limit 24 \\
@@ -52,7 +53,7 @@ def mentions(answer: str, alternatives: list[str]) -> bool:
 
 def answer_body(answer: str) -> str:
     """The answer without its ``Sources:`` line and citations."""
-    return _CITATION.sub(" ", answer.split("\n\nSources:", 1)[0])
+    return _CITATION.sub(" ", answer.split("\n\nSources", 1)[0])
 
 
 def grounding(answer: str, passages: list[Any]) -> float:
@@ -68,14 +69,15 @@ def grounding(answer: str, passages: list[Any]) -> float:
 
 def score(answers: list[str], terms: list[list[list[str]]], passages: list[list[Any]]) -> dict[str, float]:
     """Key-term hit rate, term recall, mean grounding, cited share and mean words of ``answers``."""
-    hits = recall = ground = cited = words = 0.0
+    hits = recall = ground = cited = sourced = words = 0.0
     for answer, question_terms, found in zip(answers, terms, passages, strict=True):
         body = answer_body(answer)
         mentioned = [mentions(body, alternatives) for alternatives in question_terms]
         hits += all(mentioned)
         recall += sum(mentioned) / len(mentioned)
         ground += grounding(answer, found)
-        cited += bool(_CITATION.search(answer.split("\n\nSources:", 1)[0]))
+        cited += bool(_CITATION.search(answer.split("\n\nSources", 1)[0]))
+        sourced += "\n\nSources" in answer
         words += len(body.split())
     n = len(answers)
     return {
@@ -83,6 +85,7 @@ def score(answers: list[str], terms: list[list[list[str]]], passages: list[list[
         "term recall": recall / n,
         "grounding": ground / n,
         "cited": cited / n,
+        "sources": sourced / n,
         "words": words / n,
     }
 
@@ -147,11 +150,11 @@ def main(argv: list[str] | None = None) -> int:
         f"- questions: {len(questions)}; passages per question: {k} (retrieved once, the same for every generator)",
         *(f"- {key}: {value}" for key, value in info.items()),
         "",
-        "| generator | key-term hit | term recall | grounding | cited | words | load s | generate s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| generator | key-term hit | term recall | grounding | cited | sources | words | load s | generate s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         *(
             f"| {r['generator']} | {r['key-term hit']:.3f} | {r['term recall']:.3f} | {r['grounding']:.3f} "
-            f"| {r['cited']:.3f} | {r['words']:.0f} | {r['load_s']:.1f} | {r['generate_s']:.1f} |"
+            f"| {r['cited']:.3f} | {r['sources']:.3f} | {r['words']:.0f} | {r['load_s']:.1f} | {r['generate_s']:.1f} |"
             for r in rows
         ),
         "",

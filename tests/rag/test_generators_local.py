@@ -282,6 +282,20 @@ def test_local_removes_citations_to_passages_it_was_not_given(
     assert not any("9" in p.text or "7" in p.text for p in pieces)
 
 
+def test_an_uncited_answer_lists_the_passages_that_hold_its_words(
+    tiny_packaged: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    generator = local(tmp_path)
+    found = passages(
+        ("The with statement wraps a block.", "pydoc:with"),
+        ("A class is defined by the class statement; classes hold methods.", "pydoc:class"),
+    )
+    scripted(monkeypatch, {"first?": [" Classes are defined", " by a class statement."], "second?": [" Zebras graze."]})
+    first, second = generator.generate(["first?", "second?"], [found, found])
+    assert first == "Classes are defined by a class statement.\n\nSources (by word overlap): [2] pydoc:class"
+    assert second == "Zebras graze."
+
+
 # --- citations -------------------------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ from gpurag.backend import Availability
 from gpurag.errors import GenerationError
 from gpurag.rag.generators import packaged
 from gpurag.rag.generators.citations import CitationFilter
+from gpurag.rag.generators.sentences import content_terms
 from gpurag.rag.generators.streaming import TextPiece
 from gpurag.rag.generators.transformers import TransformersGenerator
 from gpurag.rag.types import Passage
@@ -25,10 +26,14 @@ class LocalGenerator(TransformersGenerator):
     copied to another machine). Generation is `TransformersGenerator`'s: batched, left-padded,
     the model's chat template, greedy; on CUDA in bfloat16 (float16 where bfloat16 is not
     supported), on the CPU in float32. A citation to a passage that was not given (``[7]`` of 3)
-    is removed, and the answer ends with the sources it cites: ``Sources: [1] pydoc:with``.
+    is removed, and the answer ends with the sources it cites: ``Sources: [1] pydoc:with``. Small
+    models often cite nothing; such an answer ends with the passages that hold at least
+    ``MIN_OVERLAP`` of its content words instead: ``Sources (by word overlap): [1] pydoc:with``.
     """
 
     name = "local"
+    #: Least share of an uncited answer's content words a passage must hold to be listed as its source.
+    MIN_OVERLAP = 0.5
 
     def __init__(
         self,
@@ -85,6 +90,7 @@ class LocalGenerator(TransformersGenerator):
         """Each answer's text as it is generated, invalid citations removed, its sources before its ``done`` piece."""
         citations = [CitationFilter(len(found)) for found in passages]
         started = [False] * len(questions)
+        answers: list[list[str]] = [[] for _ in questions]
         for piece in super().stream(questions, passages):
             i, citation = piece.index, citations[piece.index]
             if not piece.done:
@@ -93,12 +99,27 @@ class LocalGenerator(TransformersGenerator):
                     text = text.lstrip()
                     started[i] = bool(text)
                 if text:
+                    answers[i].append(text)
                     yield TextPiece(i, text)
                 continue
             text = citation.finish().rstrip()
             if citation.cited:
                 sources = "; ".join(f"[{n}] {passages[i][n - 1].source}" for n in citation.cited)
                 text += f"\n\nSources: {sources}"
+            else:
+                matched = overlapping_passages("".join(answers[i]) + text, passages[i], self.MIN_OVERLAP)
+                if matched:
+                    sources = "; ".join(f"[{n}] {passages[i][n - 1].source}" for n in matched)
+                    text += f"\n\nSources (by word overlap): {sources}"
             if text:
                 yield TextPiece(i, text)
             yield piece
+
+
+def overlapping_passages(answer: str, passages: Sequence[Passage], min_share: float) -> list[int]:
+    """Numbers (from 1) of the passages holding at least ``min_share`` of ``answer``'s content words, best first."""
+    words = set(content_terms(answer))
+    if not words:
+        return []
+    shares = [(len(words & set(content_terms(p.text))) / len(words), n) for n, p in enumerate(passages, start=1)]
+    return [n for share, n in sorted(shares, key=lambda item: (-item[0], item[1])) if share >= min_share]
