@@ -353,3 +353,57 @@ def test_smollm2_writes_a_grounded_answer_and_starts_from_its_cache(tmp_path: Pa
     second = LocalGenerator("smollm2-135m", cache_dir=tmp_path, device="cpu", max_new_tokens=24)
     assert not second.built_cache
     assert second.generate(["how does the with statement work?"], [found]) == [answer]
+
+
+# --- gpurag ask ------------------------------------------------------------------------------------
+
+
+class ScriptedStreamer:
+    """A generator that streams a fixed answer and must not be asked for a whole one."""
+
+    name = "scripted"
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[list[str], list[list[Passage]]]] = []
+
+    def stream(self, questions: list[str], found: list[list[Passage]]) -> Iterator[TextPiece]:
+        self.asked.append((questions, found))
+        yield from (TextPiece(0, text) for text in ("The with", " statement", " [1]."))
+        yield TextPiece(0, "", done=True)
+
+    def generate(self, *_: Any) -> list[str]:
+        raise AssertionError("ask --stream should stream")
+
+
+def test_ask_prints_the_streamed_answer_then_the_passages(monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+    from click.testing import CliRunner
+
+    from gpurag.rag import commands
+
+    found = passages(("The with statement wraps a block.", "pydoc:with"))
+    streamer = ScriptedStreamer()
+
+    class Pipeline:
+        generator = streamer
+
+        class embedder:  # noqa: N801
+            @staticmethod
+            def embed_batch(texts: list[str]) -> Any:
+                return np.zeros((len(texts), 4), dtype=np.float32)
+
+        class corpus:  # noqa: N801
+            @staticmethod
+            def search(vectors: Any, k: int) -> list[list[Passage]]:
+                assert k == 2
+                return [found]
+
+    monkeypatch.setattr(commands, "_default_pipeline", lambda embedder, generator: Pipeline())
+    result = CliRunner().invoke(commands.ask_command, ["how does with work?", "-k", "2"], catch_exceptions=False)
+    assert result.exit_code == 0
+    assert result.output.startswith("The with statement [1].\n\nPassages retrieved (score, source):\n")
+    assert "  [1] 1.000  pydoc:with" in result.output
+    assert streamer.asked == [(["how does with work?"], [found])]
+    bad_k = CliRunner().invoke(commands.ask_command, ["q?", "-k", "0"])
+    assert bad_k.exit_code != 0
+    assert "k" in bad_k.output
