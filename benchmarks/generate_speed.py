@@ -8,7 +8,8 @@ work; batch sizes are measured interleaved, ``--repeats`` times, and medians are
 
     python benchmarks/generate_speed.py --out benchmarks/results/generate_speed_cpu.md
     # where the packaged wheel cannot be installed (the GPU machine): the GGUF file, or its chunks
-    python benchmarks/generate_speed.py --device cuda --gguf model.gguf.part0 model.gguf.part1
+    python benchmarks/generate_speed.py --split-gguf .gguf          # here: .gguf/smollm2-135m.gguf.part0...
+    python benchmarks/generate_speed.py --device cuda --gguf .gguf/smollm2-135m.gguf.part*
 """
 
 from __future__ import annotations
@@ -71,6 +72,21 @@ def model_dir_from_gguf(parts: list[Path], scratch: Path) -> Path:
     return out
 
 
+def split_gguf(model: str, out: Path, chunk_bytes: int) -> list[Path]:
+    """Write packaged ``model``'s GGUF file into ``out`` as chunks of at most ``chunk_bytes``."""
+    from gpurag.rag.generators import packaged
+
+    out.mkdir(parents=True, exist_ok=True)
+    parts = []
+    with tempfile.TemporaryDirectory() as scratch:
+        gguf = packaged.packaged_model(model).gguf_file(Path(scratch))
+        with gguf.open("rb") as f:
+            while block := f.read(chunk_bytes):
+                parts.append(out / f"{model}.gguf.part{len(parts)}")
+                parts[-1].write_bytes(block)
+    return parts
+
+
 def start_times(model: str, device: str | None) -> dict[str, float]:
     """Seconds to build a `LocalGenerator` with an empty cache, then with the cache it left."""
     from gpurag.rag.generators import LocalGenerator
@@ -115,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--prompts", type=Path, default=PROMPTS)
     parser.add_argument("--write-prompts", action="store_true", help="rebuild --prompts from the default corpus")
+    parser.add_argument("--split-gguf", type=Path, default=None, help="only write the model's GGUF here in chunks")
+    parser.add_argument("--chunk-mb", type=int, default=30, help="chunk size for --split-gguf (MiB)")
     parser.add_argument("--skip-start", action="store_true", help="do not measure the start-up times")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown report here")
     args = parser.parse_args(argv)
@@ -124,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     from gpurag.settings import get_settings
     from rag_speed import machine_description
 
+    if args.split_gguf:
+        for part in split_gguf(args.model or get_settings().local_model, args.split_gguf, args.chunk_mb << 20):
+            print(part)
+        return 0
     if args.write_prompts:
         write_prompts(args.prompts, count=max(batches))
     questions, passages = read_prompts(args.prompts)
