@@ -113,7 +113,7 @@ class NodePool:
         """Give ``node`` up: stop it, drop it, and start a replacement so the count holds."""
         if node.state in (NodeState.DEAD, NodeState.STOPPED):
             return
-        replace = node.state is not NodeState.DRAINING and not self.closing
+        replace = node.state is NodeState.READY and not self.closing  # a node that never started is not retried
         node.state = NodeState.DEAD
         self.last_error = f"node {node.name} died: {reason}"
         log.warning(self.last_error)

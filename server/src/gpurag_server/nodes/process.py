@@ -89,6 +89,7 @@ class ProcessNode(Node):
         for waiting in (self.connected, self.ready):
             if waiting is not None and not waiting.done():
                 waiting.set_exception(NodeDied(self.death))
+                waiting.exception()  # retrieved: whoever awaits it sees it; nobody else must
         if self.process is not None and self.process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.process.kill()
@@ -124,7 +125,7 @@ class ProcessNode(Node):
             if self.process.returncode is not None:
                 self.die(f"process exited with status {self.process.returncode}")
                 return
-            if time.monotonic() - self.last_seen > timeout_s:
+            if self.writer is not None and time.monotonic() - self.last_seen > timeout_s:
                 self.die(f"no heartbeat for {timeout_s} s")
                 return
             await asyncio.sleep(interval_s)
@@ -189,7 +190,8 @@ class ProcessProvider(NodeProvider):
             settings = self.settings
             node._tasks.append(asyncio.create_task(node.watch(settings.heartbeat_timeout_s, settings.heartbeat_interval_s / 2)))
             reader, writer = await node.connected
-            node.writer = writer
+            node.last_seen = time.monotonic()
+            node.writer = writer  # heartbeats are awaited from now on
             node._tasks.append(asyncio.create_task(node.read_loop(reader)))
             return await node.ready
         except BaseException:
