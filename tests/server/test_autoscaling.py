@@ -37,15 +37,19 @@ def test_a_step_load_scales_up_then_back_to_min_nodes_with_no_failed_request() -
                 return [c for codes in await asyncio.gather(*(client(i) for i in range(64))) for c in codes]
 
         codes = asyncio.run(step())
-        assert codes and set(codes) == {200}
+        assert codes
+        assert set(codes) == {200}
         during = httpx.get(f"{running.url}/v1/status").json()["autoscaler"]["decisions"]
-        assert max(d["new"] for d in during) == 3, [(d["queue_length"], d["old"], d["new"], d["reason"]) for d in during]
+        assert max(d["new"] for d in during) == 3, [
+            (d["queue_length"], d["old"], d["new"], d["reason"]) for d in during
+        ]
         deadline = time.monotonic() + 15
         while len(httpx.get(f"{running.url}/v1/status").json()["nodes"]) != 1:
             assert time.monotonic() < deadline, "the node count did not return to min_nodes"
             time.sleep(0.1)
         decisions = httpx.get(f"{running.url}/v1/status").json()["autoscaler"]["decisions"]
-        assert decisions[-1]["new"] == 1 and all(1 <= d["new"] <= 3 for d in decisions)
+        assert decisions[-1]["new"] == 1
+        assert all(1 <= d["new"] <= 3 for d in decisions)
         assert all(d["reason"] for d in decisions)
 
 
@@ -62,7 +66,8 @@ def test_a_draining_node_finishes_its_batches_then_stops() -> None:
             replies = await asyncio.gather(*(p.future for p in items))
             assert [r.status for r in replies] == [200] * 16
             await asyncio.sleep(0.05)
-            assert "slow" in h.provider.stopped and slow.state is NodeState.STOPPED
+            assert "slow" in h.provider.stopped
+            assert slow.state is NodeState.STOPPED
             assert slow not in h.pool.nodes
 
     asyncio.run(scenario())
@@ -83,7 +88,6 @@ def test_nodes_still_starting_are_removed_before_ready_ones() -> None:
 def test_the_decision_log_is_bounded() -> None:
     async def scenario() -> None:
         from gpurag.scaling import QueueLengthScaler
-
         from gpurag_server.autoscaler import Autoscaler
 
         async with Harness([ScriptedNode("a")]) as h:

@@ -14,7 +14,9 @@ from gpurag_server.nodes.process import ProcessNode
 
 
 def test_a_node_killed_under_load_loses_nothing() -> None:
-    with serving(node_provider="process", nodes=2, workload="sleep", sleep_per_batch_s=0.05, max_wait_s=0.01) as running:
+    with serving(
+        node_provider="process", nodes=2, workload="sleep", sleep_per_batch_s=0.05, max_wait_s=0.01
+    ) as running:
         sent = 300
 
         async def scenario() -> list[httpx.Response | BaseException]:
@@ -44,9 +46,12 @@ def test_a_node_killed_under_load_loses_nothing() -> None:
 
 
 def test_a_silent_node_is_given_up_after_the_heartbeat_timeout() -> None:
-    with serving(node_provider="process", nodes=1, workload="zero", heartbeat_interval_s=0.1, heartbeat_timeout_s=0.5) as running:
+    with serving(
+        node_provider="process", nodes=1, workload="zero", heartbeat_interval_s=0.1, heartbeat_timeout_s=0.5
+    ) as running:
         node = running.head.pool.nodes[0]
-        assert isinstance(node, ProcessNode) and node.pid is not None
+        assert isinstance(node, ProcessNode)
+        assert node.pid is not None
         os.kill(node.pid, signal.SIGSTOP)  # alive but silent
         deadline = time.monotonic() + 10
         while node.death is None:

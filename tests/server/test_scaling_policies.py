@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -62,8 +64,8 @@ def simulate(scaler: Scaler, offered_batches: float, ticks: int, start: int) -> 
 @given(offered=st.floats(0, 12), start=st.integers(1, 8))
 def test_a_constant_load_never_flaps(policy: type[Scaler], offered: float, start: int) -> None:
     counts = simulate(policy(1, 8), offered, 40, start)
-    moves = [b - a for a, b in zip(counts, counts[1:], strict=False) if b != a]
-    reversals = sum(1 for a, b in zip(moves, moves[1:], strict=False) if (a > 0) != (b > 0))
+    moves = [b - a for a, b in itertools.pairwise(counts) if b != a]
+    reversals = sum(1 for a, b in itertools.pairwise(moves) if (a > 0) != (b > 0))
     assert reversals == 0, counts
     assert counts[-1] == counts[-5], counts  # settled
 
@@ -71,7 +73,9 @@ def test_a_constant_load_never_flaps(policy: type[Scaler], offered: float, start
 @pytest.mark.parametrize("policy", POLICIES)
 @settings(max_examples=100, deadline=None)
 @given(low=st.floats(0, 0.5), high=st.floats(6, 20), max_nodes=st.integers(2, 8))
-def test_a_step_up_in_load_scales_up_within_one_interval(policy: type[Scaler], low: float, high: float, max_nodes: int) -> None:
+def test_a_step_up_in_load_scales_up_within_one_interval(
+    policy: type[Scaler], low: float, high: float, max_nodes: int
+) -> None:
     scaler = policy(1, max_nodes)
     current = 1
     for tick in range(5):  # settle at the low load
