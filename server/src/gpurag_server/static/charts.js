@@ -3,7 +3,7 @@
 const SVG = "http://www.w3.org/2000/svg";
 const W = 560;
 const H = 180;
-const PAD = { left: 52, right: 12, top: 12, bottom: 26 };
+const PAD = { left: 58, right: 12, top: 12, bottom: 26 };
 
 function svgEl(tag, attrs = {}, text) {
   const node = document.createElementNS(SVG, tag);
@@ -45,8 +45,8 @@ export function lineChart(svg, series, { tMin, tMax, format = (v) => String(v), 
     grid.append(svgEl("text", { x: PAD.left - 6, y: y(v) + 4, "text-anchor": "end" }, format(v)));
   }
   const span = tMax - tMin;
-  const step = span > 240 ? 60 : span > 60 ? 30 : 10;
-  for (let ago = 0; ago <= span + 1e-9; ago += step) {
+  const step = span > 240 ? 60 : span > 100 ? 30 : span > 50 ? 10 : 5;
+  for (let ago = 0; ago <= span - step * 0.4; ago += step) {
     const t = tMax - ago;
     grid.append(svgEl("text", { x: x(t), y: H - 8, "text-anchor": "middle" }, ago === 0 ? "now" : `-${ago >= 60 && ago % 60 === 0 ? `${ago / 60} min` : `${ago} s`}`));
   }

@@ -170,9 +170,15 @@ function renderDecisions(status) {
   );
 }
 
-function renderCharts() {
+/** The charts' time span: since the first sample (at least a minute), at most WINDOW_S. */
+function chartRange() {
   const tMax = now();
-  const tMin = tMax - WINDOW_S;
+  const watched = samples.length ? tMax - samples[0].t : 0;
+  return { tMin: tMax - Math.min(Math.max(watched, 60), WINDOW_S), tMax };
+}
+
+function renderCharts() {
+  const { tMin, tMax } = chartRange();
   const range = { tMin, tMax };
   const rates = requestRates();
   lineChart($("chart-rps"), [{ name: "requests/s", cls: "rps", points: rates }], { ...range, label: "requests per second", format: (v) => (v >= 100 ? v.toFixed(0) : v.toFixed(1)) });
