@@ -158,7 +158,7 @@ def test_asking_shows_the_answer_its_sources_with_matches_highlighted_and_the_st
     assert len(widths) == 5
     assert sum(widths) == pytest.approx(100, abs=0.1)
     expect(page.locator("#total-time")).to_have_text(re.compile(r"\d+(\.\d+)? (ms|s)"))
-    page.screenshot(path=str(screenshots / "console_ask.png"), full_page=True)
+    page.screenshot(path=str(screenshots / "console_ask.png"))
 
 
 def test_bad_input_shows_the_servers_message_and_a_good_one_clears_it(small_server: RunningServer, page: Page) -> None:
