@@ -124,12 +124,11 @@ def test_asking_shows_the_answer_its_sources_with_matches_highlighted_and_the_st
 ) -> None:
     url = default_corpus_server.url
     question = "What does the with statement do?"
+    expected = httpx.post(f"{url}/v1/rag", json={"query": question, "k": 3}).json()  # also warms the model up
     page.goto(f"{url}/")
     expect(page.locator("#server-line")).to_contain_text("ready")
     ask(page, question, "3")
     expect(page.locator("#result")).to_be_visible()
-
-    expected = httpx.post(f"{url}/v1/rag", json={"query": question, "k": 3}).json()
     assert expected["sources"]
     assert expected["answer"]
     expect(page.locator("#answer")).to_have_text(expected["answer"])
@@ -298,6 +297,7 @@ def test_latency_percentiles_are_read_as_prometheus_does(small_server: RunningSe
     got = page.evaluate(
         """async () => {
             const m = await import("./static/prometheus.js");
+            const charts = await import("./static/charts.js");
             const text = [
               '# TYPE h histogram',
               'h_bucket{route="/a",le="0.1"} 30.0', 'h_bucket{route="/b",le="0.1"} 20.0',
@@ -314,6 +314,7 @@ def test_latency_percentiles_are_read_as_prometheus_does(small_server: RunningSe
               restarted: m.bucketDelta(earlier, buckets),
               empty: m.quantile(0.5, [[0.1, 0], [Infinity, 0]]),
               counts: m.bucketCounts([[1, 3], [2, 3], [3, 10], [Infinity, 10]]),
+              scales: [0, 1, 22, 100, 0.0042].map((v) => charts.niceScale(v)),
             };
         }"""
     )
@@ -322,4 +323,6 @@ def test_latency_percentiles_are_read_as_prometheus_does(small_server: RunningSe
     assert got["delta"] == [["0.1", 40], ["0.25", 80], ["Infinity", 90]]
     assert got["restarted"] is None
     assert got["empty"] is None
+    steps_and_tops = [x for s in got["scales"] for x in (s["step"], s["top"])]
+    assert steps_and_tops == pytest.approx([0.2, 1, 0.2, 1, 5, 25, 20, 100, 0.001, 0.005])
     assert got["counts"] == [{"label": "1", "value": 3}, {"label": "2", "value": 0}, {"label": "3", "value": 7}]

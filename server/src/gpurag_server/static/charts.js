@@ -12,12 +12,23 @@ function svgEl(tag, attrs = {}, text) {
   return node;
 }
 
-/** Round `max` up to a "nice" axis top (1, 2, 2.5, 5 x 10^n). */
-export function niceCeiling(max) {
-  if (!(max > 0)) return 1;
-  const power = 10 ** Math.floor(Math.log10(max));
-  for (const step of [1, 2, 2.5, 5, 10]) if (step * power >= max) return step * power;
-  return 10 * power;
+/** An axis for values up to `max`: a "nice" step (1, 2, 2.5, 5 x 10^n) giving at most 5 intervals, and its top. */
+export function niceScale(max) {
+  const m = max > 0 ? max : 1;
+  const power = 10 ** Math.floor(Math.log10(m / 5));
+  for (const factor of [1, 2, 2.5, 5, 10, 20, 25, 50]) {
+    const step = factor * power;
+    if (m / step <= 5) return { step, top: Math.ceil(m / step - 1e-9) * step };
+  }
+  return { step: 100 * power, top: Math.ceil(m / (100 * power)) * 100 * power };
+}
+
+function gridLines(grid, { step, top }, y, format) {
+  for (let i = 0; i * step <= top + step * 1e-6; i++) {
+    const v = i * step;
+    grid.append(svgEl("line", { x1: PAD.left, x2: W - PAD.right, y1: y(v), y2: y(v) }));
+    grid.append(svgEl("text", { x: PAD.left - 6, y: y(v) + 4, "text-anchor": "end" }, format(v)));
+  }
 }
 
 function frame(svg, label) {
@@ -35,15 +46,12 @@ function frame(svg, label) {
 export function lineChart(svg, series, { tMin, tMax, format = (v) => String(v), label = "chart", minTop = 0 }) {
   frame(svg, label);
   const values = series.flatMap((s) => s.points.map(([, v]) => v)).filter((v) => v !== null && Number.isFinite(v));
-  const top = niceCeiling(Math.max(minTop, ...values, 0));
+  const scale = niceScale(Math.max(minTop, ...values, 0));
+  const top = scale.top;
   const x = (t) => PAD.left + ((t - tMin) / Math.max(tMax - tMin, 1e-9)) * (W - PAD.left - PAD.right);
   const y = (v) => H - PAD.bottom - (v / top) * (H - PAD.top - PAD.bottom);
   const grid = svgEl("g", { class: "grid" });
-  for (let i = 0; i <= 4; i++) {
-    const v = (top * i) / 4;
-    grid.append(svgEl("line", { x1: PAD.left, x2: W - PAD.right, y1: y(v), y2: y(v) }));
-    grid.append(svgEl("text", { x: PAD.left - 6, y: y(v) + 4, "text-anchor": "end" }, format(v)));
-  }
+  gridLines(grid, scale, y, format);
   const span = tMax - tMin;
   const step = span > 240 ? 60 : span > 100 ? 30 : span > 50 ? 10 : 5;
   for (let ago = 0; ago <= span - step * 0.4; ago += step) {
@@ -71,15 +79,12 @@ export function lineChart(svg, series, { tMin, tMax, format = (v) => String(v), 
 /** Draw bars for `bins` ([{label, value}]), labelled with their counts. */
 export function barChart(svg, bins, { label = "histogram", xLabel = "" } = {}) {
   frame(svg, label);
-  const top = niceCeiling(Math.max(...bins.map((b) => b.value), 0));
+  const scale = niceScale(Math.max(4, ...bins.map((b) => b.value)));
+  const top = scale.top;
   const width = (W - PAD.left - PAD.right) / Math.max(bins.length, 1);
   const y = (v) => H - PAD.bottom - (v / top) * (H - PAD.top - PAD.bottom);
   const grid = svgEl("g", { class: "grid" });
-  for (let i = 0; i <= 4; i++) {
-    const v = (top * i) / 4;
-    grid.append(svgEl("line", { x1: PAD.left, x2: W - PAD.right, y1: y(v), y2: y(v) }));
-    grid.append(svgEl("text", { x: PAD.left - 6, y: y(v) + 4, "text-anchor": "end" }, Number.isInteger(v) ? String(v) : v.toFixed(1)));
-  }
+  gridLines(grid, scale, y, (v) => String(Math.round(v)));
   if (xLabel) grid.append(svgEl("text", { x: PAD.left - 6, y: H - 8, "text-anchor": "end" }, xLabel));
   svg.append(grid);
   bins.forEach((bin, i) => {

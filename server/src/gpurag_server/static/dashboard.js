@@ -181,7 +181,7 @@ function renderCharts() {
   const { tMin, tMax } = chartRange();
   const range = { tMin, tMax };
   const rates = requestRates();
-  lineChart($("chart-rps"), [{ name: "requests/s", cls: "rps", points: rates }], { ...range, label: "requests per second", format: (v) => (v >= 100 ? v.toFixed(0) : v.toFixed(1)) });
+  lineChart($("chart-rps"), [{ name: "requests/s", cls: "rps", points: rates }], { ...range, label: "requests per second", format: (v) => (Number.isInteger(v) ? String(v) : v.toFixed(1)) });
   lineChart(
     $("chart-latency"),
     [
