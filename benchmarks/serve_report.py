@@ -228,8 +228,8 @@ def open_loop_text(report: LoadReport) -> str:
 
 def row_batching(lines: list[str]) -> None:
     batched_port, single_port = free_port(), free_port()
-    batched_cmd = [str(BIN / "gpurag"), "serve", "--port", str(batched_port)]
-    single_cmd = [str(BIN / "gpurag"), "serve", "--port", str(single_port), "--max-batch-size", "1"]
+    batched_cmd = [str(BIN / "gpurag"), "serve", "--port", str(batched_port), "--request-timeout-s", "600"]
+    single_cmd = [*batched_cmd[:2], "--port", str(single_port), "--request-timeout-s", "600", "--max-batch-size", "1"]
     runs: dict[str, list[LoadReport]] = {"batched": [], "single": []}
     with server(batched_cmd, batched_port) as batched, server(single_cmd, single_port) as single:
         check_answer(batched, expect_sources=True)
