@@ -118,6 +118,7 @@ async function ask() {
     const failure = describeFailure(result);
     askForKey($("key-form"), storedKey() ? `The server refused this key: ${failure.message}` : "This server needs an API key.", () => {
       wireForgetKey($("forget-key"));
+      probe();
       ask();
     });
     return;
