@@ -188,6 +188,8 @@ def row_head_node(lines: list[str]) -> None:
         print("  open loop", open_loop.describe().replace("\n", " | "), flush=True)
         quarter = run_load(LoadSpec(url=ours, rate=half / 2, arrivals="poisson", duration_s=10, max_connections=64))
         print("  open loop", quarter.describe().replace("\n", " | "), flush=True)
+        anchor_open = run_load(LoadSpec(url=anchor, rate=half, arrivals="poisson", duration_s=10, max_connections=64))
+        print("  anchor open loop", anchor_open.describe().replace("\n", " | "), flush=True)
         os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
     ratio = ours_rps / anchor_rps
     p99 = open_loop.latency_s["p99"] * 1000
@@ -206,6 +208,7 @@ def row_head_node(lines: list[str]) -> None:
         + open_loop_text(open_loop)
         + f" (target p99 ≤ 20 ms: {'met' if p99 <= 20 else 'MISSED'}).",
         f"- Same at a quarter ({half / 2:,.0f} req/s): " + open_loop_text(quarter) + ".",
+        f"- The anchor, same load ({half:,.0f} req/s), same run: " + open_loop_text(anchor_open) + ".",
         "",
     ]
 

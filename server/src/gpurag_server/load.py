@@ -134,9 +134,7 @@ class _Client:
         self.port = parsed.port or 80
         self.auth = f"Authorization: Bearer {api_key}\r\n" if api_key else ""
         self.idle: list[_Connection] = []
-        self.open = 0
-        self.max = max_connections
-        self.freed = asyncio.Event()
+        self.slots = asyncio.Semaphore(max_connections)  # wakes one waiter a release, in order
 
     def post(self, route: str, body: bytes) -> bytes:
         return (
@@ -148,27 +146,22 @@ class _Client:
         return f"GET {route} HTTP/1.1\r\nHost: {self.host}\r\n{self.auth}\r\n".encode()
 
     async def acquire(self) -> _Connection:
-        while True:
-            if self.idle:
-                return self.idle.pop()
-            if self.open < self.max:
-                self.open += 1
-                try:
-                    reader, writer = await asyncio.open_connection(self.host, self.port)
-                except OSError:
-                    self.open -= 1
-                    raise
-                return _Connection(reader, writer)
-            self.freed.clear()
-            await self.freed.wait()
+        await self.slots.acquire()
+        if self.idle:
+            return self.idle.pop()
+        try:
+            reader, writer = await asyncio.open_connection(self.host, self.port)
+        except OSError:
+            self.slots.release()
+            raise
+        return _Connection(reader, writer)
 
     def release(self, connection: _Connection, healthy: bool) -> None:
         if healthy:
             self.idle.append(connection)
         else:
             connection.close()
-            self.open -= 1
-        self.freed.set()
+        self.slots.release()
 
     async def send(self, raw: bytes) -> tuple[int, bytes]:
         connection = await self.acquire()
