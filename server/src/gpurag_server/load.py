@@ -22,6 +22,8 @@ import orjson
 
 #: A send this much past its intended time counts as late.
 LATE_S = 0.001
+#: An idle connection older than this is not reused (uvicorn closes idle ones after 5 s).
+KEEP_ALIVE_S = 3.0
 DEFAULT_QUERIES = (
     "What does the with statement do?",
     "How does a try statement handle exceptions?",
@@ -109,6 +111,7 @@ class _Connection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
+        self.last_used = time.monotonic()
 
     async def request(self, raw: bytes) -> tuple[int, bytes]:
         self.writer.write(raw)
@@ -147,8 +150,11 @@ class _Client:
 
     async def acquire(self) -> _Connection:
         await self.slots.acquire()
-        if self.idle:
-            return self.idle.pop()
+        while self.idle:
+            connection = self.idle.pop()
+            if time.monotonic() - connection.last_used < KEEP_ALIVE_S:
+                return connection
+            connection.close()  # the server may have closed it already
         try:
             reader, writer = await asyncio.open_connection(self.host, self.port)
         except OSError:
@@ -158,6 +164,7 @@ class _Client:
 
     def release(self, connection: _Connection, healthy: bool) -> None:
         if healthy:
+            connection.last_used = time.monotonic()
             self.idle.append(connection)
         else:
             connection.close()
