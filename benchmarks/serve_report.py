@@ -5,8 +5,8 @@
    CPU 1, interleaved; then `gpurag load` open loop (Poisson) at half of gpurag's saturation rate.
 2. Batching: the default pipeline (default corpus, MiniLM, extractive), 32 closed-loop clients,
    max_batch_size 8 / max_wait_s 0.1 against max_batch_size 1, interleaved.
-3. Autoscaling: a step from 20 to 900 req/s and back to 0 against `sleep` nodes (20 ms a batch,
-   so one node serves at most 400 req/s), autoscale_interval_s 2; the plot is committed.
+3. Autoscaling: a step from 20 to 500 req/s and back to 0 against `sleep` nodes (40 ms a batch,
+   so one node serves at most 200 req/s), autoscale_interval_s 2; the plot is committed.
 
 Run: make serve-report (needs wrk: apt-get install wrk).
 """
@@ -279,7 +279,7 @@ def row_autoscaling(lines: list[str]) -> None:
         "--workload",
         "sleep",
         "--sleep-per-batch-s",
-        "0.02",
+        "0.04",
         "--autoscale",
         "--autoscale-interval-s",
         str(interval),
@@ -288,14 +288,16 @@ def row_autoscaling(lines: list[str]) -> None:
         "--max-nodes",
         "4",
     ]
-    phases = [(6.0, 20.0), (16.0, 900.0), (16.0, 0.0)]
+    phases = [(6.0, 20.0), (16.0, 500.0), (20.0, 0.0)]
     with server(command, port) as url:
         report = run_load(
             LoadSpec(url=url, phases=phases, arrivals="poisson", max_connections=256, sample_interval_s=0.2)
         )
         decisions = httpx.get(f"{url}/v1/status").json()["autoscaler"]["decisions"]
     plot = RESULTS / "serve_autoscale_step.png"
-    plot_report(report, plot, title="step 20 -> 900 -> 0 req/s; sleep nodes (20 ms/batch); interval 2 s")
+    plot_report(
+        report, plot, title="step 20 -> 500 -> 0 req/s; sleep nodes (40 ms a batch: 200 req/s each); interval 2 s"
+    )
     step_at, end_at = phases[0][0], phases[0][0] + phases[1][0]
     up = next((s["t"] for s in report.samples if s["t"] >= step_at and s["nodes_all"] > 1), None)
     most = max(s["nodes_all"] for s in report.samples)
@@ -338,10 +340,19 @@ def main() -> None:
     chosen = sys.argv[1:] or list(rows)
     for name in chosen:
         print(name, flush=True)
+        before = len(lines)
         rows[name](lines)
+        lines.insert(before + 1, f"\nMeasured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    if chosen == list(rows):
-        (RESULTS / "serve_report.md").write_text("\n".join(lines))
+    report = RESULTS / "serve_report.md"
+    if chosen != list(rows) and report.exists():  # rerun rows replace their sections, the rest stays
+        old = report.read_text().split("\n## ")
+        new = "\n".join(lines).split("\n## ")
+        fresh = {section.split(".", 1)[0]: section for section in new[1:]}
+        merged = [new[0]] + [fresh.get(section.split(".", 1)[0], section) for section in old[1:]]
+        report.write_text("\n## ".join(merged))
+    else:
+        report.write_text("\n".join(lines))
     print("\n".join(lines))
 
 

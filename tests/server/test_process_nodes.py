@@ -9,7 +9,7 @@ import time
 
 import httpx
 import pytest
-from conftest import serving
+from server_harness import serving
 
 from gpurag_server.nodes.process import ProcessNode, ProcessProvider
 from gpurag_server.settings import ServerSettings
