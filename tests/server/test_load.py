@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from click.testing import CliRunner
-from conftest import serving
+from server_harness import serving
 
 from gpurag.cli import add_plugin_commands, cli
 from gpurag_server.load import LoadSpec, run_load

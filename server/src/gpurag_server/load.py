@@ -22,6 +22,8 @@ import orjson
 
 #: A send this much past its intended time counts as late.
 LATE_S = 0.001
+#: An idle connection older than this is not reused (uvicorn closes idle ones after 5 s).
+KEEP_ALIVE_S = 3.0
 DEFAULT_QUERIES = (
     "What does the with statement do?",
     "How does a try statement handle exceptions?",
@@ -109,6 +111,7 @@ class _Connection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
+        self.last_used = time.monotonic()
 
     async def request(self, raw: bytes) -> tuple[int, bytes]:
         self.writer.write(raw)
@@ -134,9 +137,7 @@ class _Client:
         self.port = parsed.port or 80
         self.auth = f"Authorization: Bearer {api_key}\r\n" if api_key else ""
         self.idle: list[_Connection] = []
-        self.open = 0
-        self.max = max_connections
-        self.freed = asyncio.Event()
+        self.slots = asyncio.Semaphore(max_connections)  # wakes one waiter a release, in order
 
     def post(self, route: str, body: bytes) -> bytes:
         return (
@@ -148,27 +149,26 @@ class _Client:
         return f"GET {route} HTTP/1.1\r\nHost: {self.host}\r\n{self.auth}\r\n".encode()
 
     async def acquire(self) -> _Connection:
-        while True:
-            if self.idle:
-                return self.idle.pop()
-            if self.open < self.max:
-                self.open += 1
-                try:
-                    reader, writer = await asyncio.open_connection(self.host, self.port)
-                except OSError:
-                    self.open -= 1
-                    raise
-                return _Connection(reader, writer)
-            self.freed.clear()
-            await self.freed.wait()
+        await self.slots.acquire()
+        while self.idle:
+            connection = self.idle.pop()
+            if time.monotonic() - connection.last_used < KEEP_ALIVE_S:
+                return connection
+            connection.close()  # the server may have closed it already
+        try:
+            reader, writer = await asyncio.open_connection(self.host, self.port)
+        except OSError:
+            self.slots.release()
+            raise
+        return _Connection(reader, writer)
 
     def release(self, connection: _Connection, healthy: bool) -> None:
         if healthy:
+            connection.last_used = time.monotonic()
             self.idle.append(connection)
         else:
             connection.close()
-            self.open -= 1
-        self.freed.set()
+        self.slots.release()
 
     async def send(self, raw: bytes) -> tuple[int, bytes]:
         connection = await self.acquire()

@@ -7,7 +7,7 @@ from pathlib import Path
 import httpx
 import pytest
 from click.testing import CliRunner
-from conftest import serving
+from server_harness import serving
 
 from gpurag import plugins
 from gpurag.cli import add_plugin_commands, cli
