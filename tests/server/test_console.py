@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import RunningServer, serving
+from server_harness import RunningServer, serving
 
 from gpurag_server.settings import ServerSettings
 
@@ -243,7 +243,7 @@ def test_the_dashboard_asks_for_the_key_once_and_shows_a_scale_up_live(page: Pag
             expect(page.locator("#rps")).to_have_text(re.compile(r"^[1-9]\d*(\.\d)?$|^0\.[1-9]$"))
             expect(page.locator("#chart-rps path.line")).to_have_count(1)
             expect(page.locator("#chart-latency path.line")).to_have_count(2)
-            time.sleep(2)  # a few more samples of load for the screenshot
+            time.sleep(15 if os.environ.get("GPURAG_CONSOLE_SCREENSHOTS") else 2)  # more samples for the screenshot
             page.screenshot(path=str(screenshots / "console_dashboard.png"), full_page=True)
         assert load.codes
         assert set(load.codes) == {200}

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from conftest import RunningServer, serving
+from server_harness import RunningServer, serving
 
 from gpurag_server.console import STATIC_DIR
 

@@ -170,11 +170,11 @@ function renderDecisions(status) {
   );
 }
 
-/** The charts' time span: since the first sample (at least a minute), at most WINDOW_S. */
+/** The charts' time span: since the first sample (at least 30 s), at most WINDOW_S. */
 function chartRange() {
   const tMax = now();
   const watched = samples.length ? tMax - samples[0].t : 0;
-  return { tMin: tMax - Math.min(Math.max(watched, 60), WINDOW_S), tMax };
+  return { tMin: tMax - Math.min(Math.max(watched, 30), WINDOW_S), tMax };
 }
 
 function renderCharts() {
