@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
-DISTRIBUTIONS := -e ./core[test] -e ./plugins/numpy_backend[test] -e ./server[test]
+DISTRIBUTIONS := -e ./core[test] -e ./plugins/numpy_backend[test] -e ./server[test,ray]
 STAMP := $(VENV)/.installed
 
 .PHONY: install test test-gpu lint bench bench-report rag-eval rag-speed gpu-wheels clean serve serve-report
