@@ -76,7 +76,9 @@ def serving(wait_ready: bool = True, **overrides: Any) -> Iterator[RunningServer
         running.stop()
 
 
-async def post_many(url: str, bodies: list[dict[str, Any]], route: str = "/v1/rag", **client: Any) -> list[httpx.Response]:
+async def post_many(
+    url: str, bodies: list[dict[str, Any]], route: str = "/v1/rag", **client: Any
+) -> list[httpx.Response]:
     """POST every body at once from one client; return the responses in order."""
     limits = httpx.Limits(max_connections=len(bodies) + 1, max_keepalive_connections=len(bodies) + 1)
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits, **client) as http:

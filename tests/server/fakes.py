@@ -10,7 +10,7 @@ from typing import Any
 from gpurag_server.batcher import Batcher
 from gpurag_server.dispatch import RoundRobin
 from gpurag_server.metrics import ServerMetrics
-from gpurag_server.nodes.base import BatchFailed, Node, NodeDied, NodeProvider, NodeState
+from gpurag_server.nodes.base import BatchFailedError, Node, NodeDiedError, NodeProvider, NodeState
 from gpurag_server.pool import NodePool
 from gpurag_server.queueing import PendingItem, RequestQueue
 from gpurag_server.settings import ServerSettings
@@ -19,7 +19,7 @@ from gpurag_server.workload import Outcome, WorkItem, WorkloadInfo
 
 class ScriptedNode(Node):
     """Answers ``{"echo": query}``; a batch holding a query "bad" with others fails as a whole,
-    "bad" alone fails on its own; ``dies`` makes every batch raise `NodeDied`."""
+    "bad" alone fails on its own; ``dies`` makes every batch raise `NodeDiedError`."""
 
     def __init__(self, name: str, delay_s: float = 0.0, dies: bool = False) -> None:
         super().__init__(name, "scripted")
@@ -39,11 +39,13 @@ class ScriptedNode(Node):
         finally:
             self.running -= 1
         if self.dies:
-            raise NodeDied(f"{self.name} was killed")
+            raise NodeDiedError(f"{self.name} was killed")
         if "bad" in queries and len(queries) > 1:
-            raise BatchFailed("a bad query spoiled the batch")
+            raise BatchFailedError("a bad query spoiled the batch")
         return [
-            Outcome(ok=False, error="bad query") if q == "bad" else Outcome(ok=True, value={"echo": q, "node": self.name})
+            Outcome(ok=False, error="bad query")
+            if q == "bad"
+            else Outcome(ok=True, value={"echo": q, "node": self.name})
             for q in queries
         ]
 
@@ -101,7 +103,9 @@ class Harness:
 
     def submit(self, query: str, timeout_s: float = 10.0) -> PendingItem:
         now = time.monotonic()
-        pending = PendingItem(WorkItem("rag", {"query": query}), asyncio.get_running_loop().create_future(), now, now + timeout_s)
+        pending = PendingItem(
+            WorkItem("rag", {"query": query}), asyncio.get_running_loop().create_future(), now, now + timeout_s
+        )
         self.queue.put(pending)
         self.batcher.arrived += 1
         return pending

@@ -15,7 +15,9 @@ from conftest import RunningServer, post_many, serving
 
 @pytest.fixture(scope="module")
 def server(small_corpus: Path) -> Iterator[RunningServer]:
-    with serving(corpus=small_corpus, embedder="hashing", nodes=2, max_k=20, max_query_chars=200, max_texts=4) as running:
+    with serving(
+        corpus=small_corpus, embedder="hashing", nodes=2, max_k=20, max_query_chars=200, max_texts=4
+    ) as running:
         yield running
 
 
@@ -31,7 +33,8 @@ def test_v1_rag_answers_with_sources_and_timings(server: RunningServer) -> None:
     timings = body["timings"]
     assert 0 <= timings["queue_wait_s"] <= timings["total_s"]
     assert {"compute_s", "embed_s", "search_s", "generate_s"} <= set(timings)
-    assert body["node"].startswith("local-") and body["batch_size"] >= 1
+    assert body["node"].startswith("local-")
+    assert body["batch_size"] >= 1
 
 
 def test_the_seeds_rag_route_keeps_its_shape(server: RunningServer) -> None:
@@ -62,11 +65,14 @@ def test_search_by_text_and_by_vector_agree(server: RunningServer) -> None:
 
 def test_embeddings_have_openais_shape(server: RunningServer) -> None:
     body = httpx.post(f"{server.url}/v1/embeddings", json={"input": ["a for loop", "a class"], "model": "any"}).json()
-    assert body["object"] == "list" and body["model"] == "hashing"
+    assert body["object"] == "list"
+    assert body["model"] == "hashing"
     assert [d["index"] for d in body["data"]] == [0, 1]
     assert len(body["data"][0]["embedding"]) == 256
     assert body["usage"] == {"prompt_tokens": 5, "total_tokens": 5}
-    one = httpx.post(f"{server.url}/v1/embeddings", json={"input": "x", "encoding_format": "base64", "dimensions": 8}).json()
+    one = httpx.post(
+        f"{server.url}/v1/embeddings", json={"input": "x", "encoding_format": "base64", "dimensions": 8}
+    ).json()
     assert isinstance(one["data"][0]["embedding"], str)
 
 
@@ -122,7 +128,8 @@ def test_a_body_over_the_limit_is_413(small_corpus: Path) -> None:
 def test_status_metrics_openapi_and_health(server: RunningServer) -> None:
     httpx.post(f"{server.url}/v1/rag", json={"query": "while loop"})
     status = httpx.get(f"{server.url}/v1/status").json()
-    assert status["version"] == 1 and status["ready"] is True
+    assert status["version"] == 1
+    assert status["ready"] is True
     assert [n["state"] for n in status["nodes"]] == ["ready", "ready"]
     assert status["queue"]["capacity"] == 1024
     assert int(status["requests"]["200"]) >= 1
@@ -140,7 +147,8 @@ def test_status_metrics_openapi_and_health(server: RunningServer) -> None:
         assert name in metrics, name
     spec = httpx.get(f"{server.url}/openapi.json").json()
     assert {"/v1/rag", "/rag", "/v1/search", "/v1/embeddings", "/v1/status"} <= set(spec["paths"])
-    assert "RagResponse" in spec["components"]["schemas"] and "StatusResponse" in spec["components"]["schemas"]
+    assert "RagResponse" in spec["components"]["schemas"]
+    assert "StatusResponse" in spec["components"]["schemas"]
     assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}
     assert httpx.get(f"{server.url}/readyz").status_code == 200
 
@@ -150,7 +158,8 @@ def test_bearer_keys_guard_every_route_but_health(small_corpus: Path) -> None:
         for route in ("/v1/status", "/metrics", "/openapi.json"):
             assert httpx.get(f"{running.url}{route}").status_code == 401
         denied = httpx.post(f"{running.url}/v1/rag", json={"query": "x"}, headers={"Authorization": "Bearer wrong"})
-        assert denied.status_code == 401 and denied.json()["error"]["type"] == "unauthorized"
+        assert denied.status_code == 401
+        assert denied.json()["error"]["type"] == "unauthorized"
         allowed = httpx.post(f"{running.url}/v1/rag", json={"query": "x"}, headers={"Authorization": "Bearer s3cret"})
         assert allowed.status_code == 200
         assert httpx.get(f"{running.url}/healthz").status_code == 200
@@ -158,10 +167,14 @@ def test_bearer_keys_guard_every_route_but_health(small_corpus: Path) -> None:
 
 
 def test_a_full_queue_answers_503_with_retry_after_and_loses_nothing() -> None:
-    with serving(workload="sleep", sleep_per_batch_s=0.2, max_queue_length=4, max_batch_size=2, retry_after_s=3) as running:
+    with serving(
+        workload="sleep", sleep_per_batch_s=0.2, max_queue_length=4, max_batch_size=2, retry_after_s=3
+    ) as running:
         responses = asyncio.run(post_many(running.url, [{"query": f"q{i}"} for i in range(30)]))
         codes = [r.status_code for r in responses]
-        assert set(codes) <= {200, 503} and codes.count(503) > 0 and codes.count(200) >= 4
+        assert set(codes) <= {200, 503}
+        assert codes.count(503) > 0
+        assert codes.count(200) >= 4
         refused = next(r for r in responses if r.status_code == 503)
         assert refused.headers["Retry-After"] == "3"
         assert refused.json()["error"]["type"] == "overloaded"

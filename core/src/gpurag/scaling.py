@@ -66,7 +66,9 @@ class Scaler(abc.ABC):
         if not isinstance(min_nodes, int) or min_nodes < 0:
             raise InvalidInputError(f"min_nodes must be an int >= 0; got {min_nodes!r}")
         if not isinstance(max_nodes, int) or max_nodes < max(min_nodes, 1):
-            raise InvalidInputError(f"max_nodes must be an int >= max(min_nodes, 1) = {max(min_nodes, 1)}; got {max_nodes!r}")
+            raise InvalidInputError(
+                f"max_nodes must be an int >= max(min_nodes, 1) = {max(min_nodes, 1)}; got {max_nodes!r}"
+            )
         if options:
             raise InvalidInputError(f"scaling policy {self.name!r} takes no option(s) {', '.join(sorted(options))}")
         self.min_nodes = min_nodes
@@ -161,7 +163,9 @@ class TargetUtilisationScaler(Scaler):
             return ScalingDecision(raw, why)
         highest = max(r for _, r in self._history)
         if highest >= current:
-            return ScalingDecision(current, f"{why}; held by the highest recommendation of {self.window_s:g} s ({highest})")
+            return ScalingDecision(
+                current, f"{why}; held by the highest recommendation of {self.window_s:g} s ({highest})"
+            )
         return ScalingDecision(highest, f"{why}; highest recommendation of {self.window_s:g} s is {highest}")
 
 

@@ -15,6 +15,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from gpurag.errors import GpuragError
 from gpurag_server.head import HeadNode
 from gpurag_server.nodes.base import NodeState
 from gpurag_server.queueing import Reply
@@ -22,7 +23,7 @@ from gpurag_server.schemas import (
     EmbeddingsRequest,
     FieldProblem,
     RagRequest,
-    RequestInvalid,
+    RequestInvalidError,
     SearchRequest,
     finite_vectors,
     openapi_schema,
@@ -67,14 +68,16 @@ class _Limits:
         if count == 0:
             return FieldProblem(field=field, problem="is empty; expected at least one item")
         if count > self.settings.max_texts:
-            return FieldProblem(field=field, problem=f"holds {count} items; at most {self.settings.max_texts} are accepted")
+            return FieldProblem(
+                field=field, problem=f"holds {count} items; at most {self.settings.max_texts} are accepted"
+            )
         return None
 
 
 def _raise_if(*problems: FieldProblem | None) -> None:
     found = [p for p in problems if p is not None]
     if found:
-        raise RequestInvalid(found)
+        raise RequestInvalidError(found)
 
 
 def create_app(settings: ServerSettings | None = None) -> Starlette:
@@ -89,16 +92,18 @@ def create_app(settings: ServerSettings | None = None) -> Starlette:
     async def read_body(request: Request) -> bytes:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > settings.max_body_bytes:
-            raise _TooLarge(int(declared))
+            raise _BodyTooLargeError(int(declared))
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > settings.max_body_bytes:
-                raise _TooLarge(size)
+                raise _BodyTooLargeError(size)
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def endpoint(route: str, handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    def endpoint(
+        route: str, handler: Callable[[Request], Awaitable[Response]]
+    ) -> Callable[[Request], Awaitable[Response]]:
         histogram = head_metrics_latency = None  # resolved on first call (the head exists only after startup)
 
         async def wrapped(request: Request) -> Response:
@@ -106,9 +111,9 @@ def create_app(settings: ServerSettings | None = None) -> Starlette:
             started = time.perf_counter()
             try:
                 response = await handler(request)
-            except RequestInvalid as exc:
+            except RequestInvalidError as exc:
                 response = error_response(exc.status, "invalid_request", str(exc), exc.problems)
-            except _TooLarge as exc:
+            except _BodyTooLargeError as exc:
                 response = error_response(
                     413,
                     "payload_too_large",
@@ -147,7 +152,9 @@ def create_app(settings: ServerSettings | None = None) -> Starlette:
         failed = reply_error(reply)
         if failed is not None:
             return failed
-        assert reply is not None and reply.outcome is not None and reply.outcome.value is not None
+        assert reply is not None
+        assert reply.outcome is not None
+        assert reply.outcome.value is not None
         value = reply.outcome.value
         timings = {"queue_wait_s": reply.queue_wait_s, "compute_s": value["compute_s"], "total_s": total}
         timings.update(value["timings"])
@@ -168,17 +175,24 @@ def create_app(settings: ServerSettings | None = None) -> Starlette:
         failed = reply_error(reply)
         if failed is not None:
             return failed
-        assert reply is not None and reply.outcome is not None and reply.outcome.value is not None
+        assert reply is not None
+        assert reply.outcome is not None
+        assert reply.outcome.value is not None
         return _json(200, {"query": body.query, "result": reply.outcome.value["answer"]})
 
     async def search(request: Request) -> Response:
         body = parse(SearchRequest, await read_body(request))
         if (body.texts is None) == (body.vectors is None):
-            raise RequestInvalid([FieldProblem(field="texts", problem="or vectors must be given, not both nor neither")])
+            raise RequestInvalidError(
+                [FieldProblem(field="texts", problem="or vectors must be given, not both nor neither")]
+            )
         _raise_if(limits.k(body.k))
         k = body.k if body.k is not None else 10
         if body.texts is not None:
-            _raise_if(limits.count(len(body.texts), "texts"), *(limits.query(t, f"texts.{i}") for i, t in enumerate(body.texts)))
+            _raise_if(
+                limits.count(len(body.texts), "texts"),
+                *(limits.query(t, f"texts.{i}") for i, t in enumerate(body.texts)),
+            )
             payload: dict[str, Any] = {"texts": body.texts, "k": k}
         else:
             assert body.vectors is not None
@@ -190,7 +204,9 @@ def create_app(settings: ServerSettings | None = None) -> Starlette:
         failed = reply_error(reply)
         if failed is not None:
             return failed
-        assert reply is not None and reply.outcome is not None and reply.outcome.value is not None
+        assert reply is not None
+        assert reply.outcome is not None
+        assert reply.outcome.value is not None
         return _json(200, {"results": reply.outcome.value["results"]})
 
     async def embeddings(request: Request) -> Response:
@@ -199,17 +215,26 @@ def create_app(settings: ServerSettings | None = None) -> Starlette:
         _raise_if(limits.count(len(texts), "input"), *(limits.query(t, f"input.{i}") for i, t in enumerate(texts)))
         info = head().pool.info
         if body.dimensions is not None and not 1 <= body.dimensions <= (info.dim if info and info.dim else 1 << 16):
-            raise RequestInvalid(
-                [FieldProblem(field="dimensions", problem=f"must be between 1 and the model's {info.dim if info else '?'}; got {body.dimensions}")]
+            raise RequestInvalidError(
+                [
+                    FieldProblem(
+                        field="dimensions",
+                        problem=f"must be between 1 and the model's {info.dim if info else '?'}; got {body.dimensions}",
+                    )
+                ]
             )
         payload = {"input": texts, "dimensions": body.dimensions, "encoding_format": body.encoding_format}
         reply = await head().submit(WorkItem("embed", payload), request.receive)
         failed = reply_error(reply)
         if failed is not None:
             return failed
-        assert reply is not None and reply.outcome is not None and reply.outcome.value is not None
+        assert reply is not None
+        assert reply.outcome is not None
+        assert reply.outcome.value is not None
         tokens = sum(len(t.split()) for t in texts)
-        data = [{"object": "embedding", "embedding": e, "index": i} for i, e in enumerate(reply.outcome.value["embeddings"])]
+        data = [
+            {"object": "embedding", "embedding": e, "index": i} for i, e in enumerate(reply.outcome.value["embeddings"])
+        ]
         return _json(
             200,
             {
@@ -267,7 +292,7 @@ def create_app(settings: ServerSettings | None = None) -> Starlette:
     return app
 
 
-class _TooLarge(Exception):
+class _BodyTooLargeError(GpuragError):
     def __init__(self, size: int) -> None:
         super().__init__(size)
         self.size = size
@@ -285,9 +310,10 @@ class _BearerAuth:
         if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not any(hmac.compare_digest(given, key) for key in self.keys):
-                response = error_response(401, "unauthorized", "a valid 'Authorization: Bearer <key>' header is required")
+                response = error_response(
+                    401, "unauthorized", "a valid 'Authorization: Bearer <key>' header is required"
+                )
                 response.headers["WWW-Authenticate"] = "Bearer"
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
-

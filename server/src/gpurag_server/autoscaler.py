@@ -10,7 +10,6 @@ import logging
 import time
 
 from gpurag.scaling import QueueStats, Scaler
-
 from gpurag_server.batcher import Batcher
 from gpurag_server.metrics import ServerMetrics
 from gpurag_server.nodes.base import NodeState

@@ -23,7 +23,7 @@ import numpy as np
 
 from gpurag_server.dispatch import Dispatcher
 from gpurag_server.metrics import ServerMetrics
-from gpurag_server.nodes.base import BatchFailed, Node, NodeDied
+from gpurag_server.nodes.base import BatchFailedError, Node, NodeDiedError
 from gpurag_server.pool import NodePool
 from gpurag_server.queueing import Ledger, PendingItem, Reply, RequestQueue
 from gpurag_server.workload import Outcome
@@ -145,10 +145,10 @@ class Batcher:
         started = time.perf_counter()
         try:
             outcomes = await node.run([p.item for p in batch])
-        except NodeDied as exc:
+        except NodeDiedError as exc:
             self._node_died(node, batch, str(exc))
             return
-        except BatchFailed as exc:
+        except BatchFailedError as exc:
             if len(batch) == 1:
                 self._answer(node, batch, [Outcome(ok=False, error=str(exc))], len(batch))
             elif split:
@@ -174,7 +174,9 @@ class Batcher:
             if outcome.ok:
                 reply = Reply(200, outcome=outcome, node=node.name, batch_size=size, queue_wait_s=wait)
             else:
-                reply = Reply(500, error_type="node_failed", message=f"node {node.name}: {outcome.error}", node=node.name)
+                reply = Reply(
+                    500, error_type="node_failed", message=f"node {node.name}: {outcome.error}", node=node.name
+                )
             pending.answer(reply)
 
     def _node_died(self, node: Node, batch: Sequence[PendingItem], reason: str) -> None:
@@ -215,4 +217,5 @@ class Batcher:
 
 
 def _late(pending: PendingItem, now: float) -> str:
-    return f"the request waited {now - pending.arrival:.3f} s, past its deadline of {pending.deadline - pending.arrival:.3f} s"
+    allowed = pending.deadline - pending.arrival
+    return f"the request waited {now - pending.arrival:.3f} s, past its deadline of {allowed:.3f} s"

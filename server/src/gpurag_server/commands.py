@@ -18,11 +18,13 @@ def _settings_options(function: Any) -> Any:
         annotation = field.annotation
         help_text = (field.description or "") + f" [setting: {name}]"
         if annotation is bool:
-            function = click.option(f"{flag}/--no-{name.replace('_', '-')}", name, default=None, help=help_text)(function)
+            function = click.option(f"{flag}/--no-{name.replace('_', '-')}", name, default=None, help=help_text)(
+                function
+            )
         elif name == "api_keys":
             function = click.option("--api-key", name, multiple=True, help=help_text)(function)
         else:
-            kind: Any = {int: int, float: float}.get(annotation, str)  # type: ignore[call-overload]
+            kind: Any = {int: int, float: float}.get(annotation, str)  # type: ignore[arg-type]
             function = click.option(flag, name, type=kind, default=None, help=help_text)(function)
     return function
 
@@ -58,7 +60,9 @@ def serve_command(**flags: Any) -> None:
 @click.option("--k", type=int, default=3, show_default=True)
 @click.option("--api-key", default=None, help="Bearer key.")
 @click.option("--connections", type=int, default=256, show_default=True, help="Most open connections (open loop).")
-@click.option("--plot", type=click.Path(path_type=Path), default=None, help="PNG of latency, queue and nodes over time.")
+@click.option(
+    "--plot", type=click.Path(path_type=Path), default=None, help="PNG of latency, queue and nodes over time."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def load_command(
     url: str,

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 
 from gpurag.hookspecs import Register, hookimpl
 from gpurag.plugins import lookup
-
 from gpurag_server.nodes.base import Node
 
 

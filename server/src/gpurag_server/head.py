@@ -5,24 +5,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from gpurag.plugins import lookup
 from gpurag.scaling import get_scaling_policy
-
 from gpurag_server.autoscaler import Autoscaler
 from gpurag_server.batcher import Batcher
 from gpurag_server.dispatch import get_dispatcher
 from gpurag_server.metrics import ServerMetrics
 from gpurag_server.nodes.base import NodeProvider, NodeState
 from gpurag_server.pool import NodePool
-from gpurag_server.queueing import PendingItem, QueueFull, Reply, RequestQueue
+from gpurag_server.queueing import PendingItem, QueueFullError, Reply, RequestQueue
 from gpurag_server.schemas import AutoscalerStatus, Decision, NodeStatus, QueueStatus, StatusResponse
 from gpurag_server.settings import ServerSettings
 from gpurag_server.workload import WorkItem
 
-Receive = Callable[[], Awaitable[dict[str, Any]]]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 
 
 class HeadNode:
@@ -83,7 +82,7 @@ class HeadNode:
         pending = PendingItem(item, future, now, now + self.settings.request_timeout_s)
         try:
             self.queue.put(pending)
-        except QueueFull as exc:
+        except QueueFullError as exc:
             self.metrics.rejects.labels("queue_full").inc()
             return Reply(503, error_type="overloaded", message=str(exc))
         self.batcher.arrived += 1

@@ -45,7 +45,9 @@ class ServerMetrics:
         self.rejects = Counter("gpurag_rejects", "Requests refused, by reason", ["reason"], registry=r)
         self.requeues = Counter("gpurag_requeues", "Requests put back after their node died", registry=r)
         self.nodes = Gauge("gpurag_nodes", "Compute nodes by state", ["state"], registry=r)
-        self.decisions = Counter("gpurag_scaling_decisions", "Autoscaler decisions by direction", ["direction"], registry=r)
+        self.decisions = Counter(
+            "gpurag_scaling_decisions", "Autoscaler decisions by direction", ["direction"], registry=r
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from gpurag.hookspecs import Register, hookimpl
-
 from gpurag_server.dispatch import register_dispatchers
 
 

@@ -23,6 +23,7 @@ class NodePool:
         self._on_change = on_change
         self._start_timeout_s = start_timeout_s
         self._tasks: dict[Node, asyncio.Task[None]] = {}
+        self._stopping: set[asyncio.Task[None]] = set()
         self.last_error: str | None = None
         self.closing = False
 
@@ -83,7 +84,9 @@ class NodePool:
         """Take ``count`` nodes out: starting ones first, then the least busy ready ones, which drain."""
         chosen: list[Node] = []
         starting = [n for n in self.nodes if n.state is NodeState.STARTING]
-        ready = sorted((n for n in self.nodes if n.state is NodeState.READY), key=lambda n: (n.in_flight, -n.started_at))
+        ready = sorted(
+            (n for n in self.nodes if n.state is NodeState.READY), key=lambda n: (n.in_flight, -n.started_at)
+        )
         for node in (starting + ready)[:count]:
             chosen.append(node)
             if node.state is NodeState.STARTING:
@@ -91,7 +94,7 @@ class NodePool:
                 if task is not None:
                     task.cancel()
                 node.state = NodeState.STOPPED
-                asyncio.create_task(self._stop_quietly(node))
+                self._stop_later(node)
                 self._forget(node)
             else:
                 node.state = NodeState.DRAINING
@@ -113,11 +116,11 @@ class NodePool:
         """Give ``node`` up: stop it, drop it, and start a replacement so the count holds."""
         if node.state in (NodeState.DEAD, NodeState.STOPPED):
             return
-        replace = node.state is not NodeState.DRAINING and not self.closing
+        replace = node.state is NodeState.READY and not self.closing  # a node that never started is not retried
         node.state = NodeState.DEAD
         self.last_error = f"node {node.name} died: {reason}"
         log.warning(self.last_error)
-        asyncio.create_task(self._stop_quietly(node))
+        self._stop_later(node)
         self._forget(node)
         if replace:
             self.add(1)
@@ -127,6 +130,11 @@ class NodePool:
         with contextlib.suppress(ValueError):
             self.nodes.remove(node)
         self._on_change()
+
+    def _stop_later(self, node: Node) -> None:
+        task = asyncio.create_task(self._stop_quietly(node))
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
 
     async def _stop_quietly(self, node: Node) -> None:
         try:

@@ -13,6 +13,7 @@ import itertools
 import time
 from collections.abc import Iterable
 
+from gpurag.errors import GpuragError
 from gpurag_server.workload import Outcome, WorkItem
 
 _ids = itertools.count()
@@ -56,7 +57,7 @@ class PendingItem:
         return True
 
 
-class QueueFull(Exception):
+class QueueFullError(GpuragError):
     """The queue holds ``max_queue_length`` items: answer 503 with Retry-After."""
 
 
@@ -72,9 +73,9 @@ class RequestQueue:
         return len(self._items)
 
     def put(self, pending: PendingItem) -> None:
-        """Append a new arrival; `QueueFull` when at capacity."""
+        """Append a new arrival; `QueueFullError` when at capacity."""
         if len(self._items) >= self.capacity:
-            raise QueueFull(f"the queue holds {len(self._items)} requests (max_queue_length={self.capacity})")
+            raise QueueFullError(f"the queue holds {len(self._items)} requests (max_queue_length={self.capacity})")
         self._items.append(pending)
         self.wakeup.set()
 
@@ -88,7 +89,7 @@ class RequestQueue:
 
     def take(self, count: int) -> list[PendingItem]:
         """Up to ``count`` items from the front."""
-        taken = []
+        taken: list[PendingItem] = []
         while self._items and len(taken) < count:
             taken.append(self._items.popleft())
         return taken

@@ -14,6 +14,8 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
+from gpurag.errors import InvalidInputError
+
 SCHEMA_VERSION = 1
 
 _M = TypeVar("_M", bound=BaseModel)
@@ -48,7 +50,7 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-class RequestInvalid(Exception):
+class RequestInvalidError(InvalidInputError):
     """A request that fails validation: answered 4xx with the problems, never sent to a node."""
 
     def __init__(self, problems: list[FieldProblem], status: int = 422) -> None:
@@ -78,14 +80,14 @@ def problems_from(exc: ValidationError) -> list[FieldProblem]:
 
 
 def parse(model: type[_M], body: bytes) -> _M:
-    """Validate ``body`` (JSON bytes) as ``model``; a `RequestInvalid` naming each bad field otherwise."""
+    """Validate ``body`` (JSON bytes) as ``model``; a `RequestInvalidError` naming each bad field otherwise."""
     if not body.strip():
-        raise RequestInvalid([FieldProblem(field="body", problem="is empty; expected a JSON object")])
+        raise RequestInvalidError([FieldProblem(field="body", problem="is empty; expected a JSON object")])
     try:
         return model.model_validate_json(body)
     except ValidationError as exc:
         malformed = any(error["type"] == "json_invalid" for error in exc.errors())
-        raise RequestInvalid(problems_from(exc), status=400 if malformed else 422) from None
+        raise RequestInvalidError(problems_from(exc), status=400 if malformed else 422) from None
 
 
 # --- /v1/rag and /rag --------------------------------------------------------------------------
@@ -261,15 +263,17 @@ class StatusResponse(BaseModel):
 
 
 def finite_vectors(vectors: list[list[float]], dim: int | None) -> None:
-    """Raise `RequestInvalid` if a vector has the wrong dimension or a non-finite value."""
+    """Raise `RequestInvalidError` if a vector has the wrong dimension or a non-finite value."""
     problems = []
     for i, vector in enumerate(vectors):
         if dim is not None and len(vector) != dim:
             problems.append(FieldProblem(field=f"vectors.{i}", problem=f"has dimension {len(vector)}; expected {dim}"))
         elif not all(math.isfinite(x) for x in vector):
-            problems.append(FieldProblem(field=f"vectors.{i}", problem="holds NaN or infinity; expected finite numbers"))
+            problems.append(
+                FieldProblem(field=f"vectors.{i}", problem="holds NaN or infinity; expected finite numbers")
+            )
     if problems:
-        raise RequestInvalid(problems)
+        raise RequestInvalidError(problems)
 
 
 def openapi_schema() -> dict[str, Any]:
@@ -321,9 +325,13 @@ def openapi_schema() -> dict[str, Any]:
             "/rag": post("RagRequest", "SeedRagResponse", "Answer a question (the seed's shape)"),
             "/v1/search": post("SearchRequest", "SearchResponse", "Search the corpus by texts or vectors"),
             "/v1/embeddings": post("EmbeddingsRequest", "EmbeddingsResponse", "OpenAI-compatible embeddings"),
-            "/v1/status": {"get": {"summary": "Nodes, queue, policy, decisions", "responses": {"200": ref("StatusResponse")}}},
+            "/v1/status": {
+                "get": {"summary": "Nodes, queue, policy, decisions", "responses": {"200": ref("StatusResponse")}}
+            },
             "/healthz": {"get": {"summary": "Alive", "security": [], "responses": {"200": {"description": "OK"}}}},
-            "/readyz": {"get": {"summary": "A node is ready", "security": [], "responses": {"200": {"description": "OK"}}}},
+            "/readyz": {
+                "get": {"summary": "A node is ready", "security": [], "responses": {"200": {"description": "OK"}}}
+            },
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "OK"}}}},
         },
     }

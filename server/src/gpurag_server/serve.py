@@ -11,9 +11,10 @@ def prepare_default_corpus(settings: ServerSettings) -> None:
     """Build the default corpus index now, with a progress bar, unless it is cached (or another corpus is named)."""
     if settings.workload != "rag" or settings.corpus is not None:
         return
+    from tqdm import tqdm
+
     from gpurag.rag.default_corpus import default_chunks, is_cached, load_default_corpus
     from gpurag.rag.embedders import get_embedder
-    from tqdm import tqdm
 
     embedder = get_embedder(settings.embedder)
     if is_cached(embedder):
@@ -28,7 +29,7 @@ def curl_example(settings: ServerSettings, port: int) -> str:
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     return (
         f"curl -s http://{host}:{port}/v1/rag{auth} -H 'Content-Type: application/json' "
-        "-d '{\"query\": \"What does the with statement do?\", \"k\": 3}'"
+        '-d \'{"query": "What does the with statement do?", "k": 3}\''
     )
 
 
@@ -59,7 +60,9 @@ def serve(settings: ServerSettings) -> None:
             await asyncio.sleep(0.05)
         if server.started:
             port = server.servers[0].sockets[0].getsockname()[1]
-            print(f"gpurag serving on http://{settings.host}:{port}; try:\n  {curl_example(settings, port)}", flush=True)
+            print(
+                f"gpurag serving on http://{settings.host}:{port}; try:\n  {curl_example(settings, port)}", flush=True
+            )
         await task
 
     uvloop.run(main())

@@ -147,7 +147,7 @@ class Workload:
             if payload.get("dimensions"):
                 block = block[:, : payload["dimensions"]]
                 norms = np.linalg.norm(block, axis=1, keepdims=True)
-                block = block / np.where(norms == 0, 1, norms)
+                block = (block / np.where(norms == 0, 1, norms)).astype(np.float32)
             if payload.get("encoding_format") == "base64":
                 data: list[Any] = [base64.b64encode(row.astype("<f4").tobytes()).decode() for row in block]
             else:

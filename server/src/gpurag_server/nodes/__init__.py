@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from gpurag_server.nodes.base import BatchFailed, Node, NodeDied, NodeProvider, NodeState
+from gpurag_server.nodes.base import BatchFailedError, Node, NodeDiedError, NodeProvider, NodeState
 
-__all__ = ["BatchFailed", "Node", "NodeDied", "NodeProvider", "NodeState"]
+__all__ = ["BatchFailedError", "Node", "NodeDiedError", "NodeProvider", "NodeState"]

@@ -13,6 +13,7 @@ import itertools
 import time
 from collections.abc import Callable, Sequence
 
+from gpurag.errors import GpuragError
 from gpurag_server.settings import ServerSettings
 from gpurag_server.workload import Outcome, WorkItem, WorkloadInfo
 
@@ -27,11 +28,11 @@ class NodeState(enum.StrEnum):
     DEAD = "dead"
 
 
-class NodeDied(Exception):
+class NodeDiedError(GpuragError):
     """The node died (process gone, broken pipe, missed heartbeat): its batches go back to the queue."""
 
 
-class BatchFailed(Exception):
+class BatchFailedError(GpuragError):
     """The node is alive but the batch raised as a whole: the head splits it and retries."""
 
 
@@ -62,7 +63,7 @@ class Node(abc.ABC):
 
     @abc.abstractmethod
     async def run(self, items: Sequence[WorkItem]) -> list[Outcome]:
-        """One outcome per item; raise `NodeDied` if the node died, `BatchFailed` if the batch raised."""
+        """One outcome per item; raise `NodeDiedError` if the node died, `BatchFailedError` if the batch raised."""
 
 
 class NodeProvider(abc.ABC):
@@ -89,5 +90,5 @@ class NodeProvider(abc.ABC):
     async def stop(self, node: Node) -> None:
         """Stop ``node`` now and free what it holds (the head drains it first when it must)."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - optional: most providers hold nothing of their own
         """Release what the provider itself holds, after every node is stopped."""

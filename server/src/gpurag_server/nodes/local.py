@@ -6,7 +6,7 @@ import asyncio
 import concurrent.futures
 from collections.abc import Sequence
 
-from gpurag_server.nodes.base import BatchFailed, Node, NodeDied, NodeProvider
+from gpurag_server.nodes.base import BatchFailedError, Node, NodeDiedError, NodeProvider
 from gpurag_server.workload import Outcome, WorkItem, Workload, WorkloadInfo
 
 
@@ -21,16 +21,16 @@ class LocalNode(Node):
     async def run(self, items: Sequence[WorkItem]) -> list[Outcome]:
         workload = self.workload
         if workload is None:
-            raise NodeDied(f"node {self.name} has no workload (stopped)")
+            raise NodeDiedError(f"node {self.name} has no workload (stopped)")
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self.executor, workload.run, list(items))
         except RuntimeError as exc:
             if self.executor._shutdown:
-                raise NodeDied(f"node {self.name} was shut down") from exc
-            raise BatchFailed(f"{type(exc).__name__}: {exc}") from exc
+                raise NodeDiedError(f"node {self.name} was shut down") from exc
+            raise BatchFailedError(f"{type(exc).__name__}: {exc}") from exc
         except Exception as exc:
-            raise BatchFailed(f"{type(exc).__name__}: {exc}") from exc
+            raise BatchFailedError(f"{type(exc).__name__}: {exc}") from exc
 
 
 class LocalProvider(NodeProvider):

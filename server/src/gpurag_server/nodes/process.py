@@ -2,7 +2,7 @@
 
 Where there are GPUs, node i sees only GPU i mod count (``CUDA_VISIBLE_DEVICES``). A node is dead
 when its process exits, its connection breaks, or it misses heartbeats for ``heartbeat_timeout_s``;
-its batches then fail with `NodeDied` and the batcher puts them back in the queue.
+its batches then fail with `NodeDiedError` and the batcher puts them back in the queue.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from gpurag_server.nodes.base import BatchFailed, Node, NodeDied, NodeProvider, NodeState
+from gpurag_server.nodes.base import BatchFailedError, Node, NodeDiedError, NodeProvider, NodeState
 from gpurag_server.nodes.transport import encode, read_frame
 from gpurag_server.nodes.worker_process import PORT_ENV, SETTINGS_ENV, TOKEN_ENV
 from gpurag_server.settings import ServerSettings
@@ -64,7 +64,7 @@ class ProcessNode(Node):
 
     async def run(self, items: Sequence[WorkItem]) -> list[Outcome]:
         if self.death is not None or self.writer is None:
-            raise NodeDied(self.death or f"node {self.name} is not connected")
+            raise NodeDiedError(self.death or f"node {self.name} is not connected")
         batch_id = next(self._ids)
         future: asyncio.Future[list[Outcome]] = asyncio.get_running_loop().create_future()
         self.pending[batch_id] = future
@@ -79,16 +79,17 @@ class ProcessNode(Node):
             self.pending.pop(batch_id, None)
 
     def die(self, reason: str) -> None:
-        """Fail every pending batch with `NodeDied` and kill the process."""
+        """Fail every pending batch with `NodeDiedError` and kill the process."""
         if self.death is not None:
             return
         self.death = f"node {self.name} (pid {self.pid}): {reason}"
         for future in self.pending.values():
             if not future.done():
-                future.set_exception(NodeDied(self.death))
+                future.set_exception(NodeDiedError(self.death))
         for waiting in (self.connected, self.ready):
             if waiting is not None and not waiting.done():
-                waiting.set_exception(NodeDied(self.death))
+                waiting.set_exception(NodeDiedError(self.death))
+                waiting.exception()  # retrieved: whoever awaits it sees it; nobody else must
         if self.process is not None and self.process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.process.kill()
@@ -108,7 +109,7 @@ class ProcessNode(Node):
                 elif kind == "failed":
                     future = self.pending.get(message[1])
                     if future is not None and not future.done():
-                        future.set_exception(BatchFailed(message[2]))
+                        future.set_exception(BatchFailedError(message[2]))
                 elif kind == "ready":
                     if self.ready is not None and not self.ready.done():
                         self.ready.set_result(message[1])
@@ -124,7 +125,7 @@ class ProcessNode(Node):
             if self.process.returncode is not None:
                 self.die(f"process exited with status {self.process.returncode}")
                 return
-            if time.monotonic() - self.last_seen > timeout_s:
+            if self.writer is not None and time.monotonic() - self.last_seen > timeout_s:
                 self.die(f"no heartbeat for {timeout_s} s")
                 return
             await asyncio.sleep(interval_s)
@@ -187,9 +188,12 @@ class ProcessProvider(NodeProvider):
             )
             node.last_seen = time.monotonic()
             settings = self.settings
-            node._tasks.append(asyncio.create_task(node.watch(settings.heartbeat_timeout_s, settings.heartbeat_interval_s / 2)))
+            node._tasks.append(
+                asyncio.create_task(node.watch(settings.heartbeat_timeout_s, settings.heartbeat_interval_s / 2))
+            )
             reader, writer = await node.connected
-            node.writer = writer
+            node.last_seen = time.monotonic()
+            node.writer = writer  # heartbeats are awaited from now on
             node._tasks.append(asyncio.create_task(node.read_loop(reader)))
             return await node.ready
         except BaseException:
