@@ -4,7 +4,7 @@ The head node keeps the queue, batcher, dispatcher, ledger and autoscaler; this 
 starts, calls, drains and stops actors. It joins the cluster at ``GPURAG_RAY_ADDRESS`` or, without
 one, starts a local Ray instance of its own (its own temp dir, no dashboard). Each actor asks for
 ``GPURAG_RAY_NUM_CPUS`` / ``GPURAG_RAY_NUM_GPUS``. Ray does not restart actors or retry their
-calls: an actor that dies fails its batches with `NodeDied`, the batcher re-queues them once and
+calls: an actor that dies fails its batches with `NodeDiedError`, the batcher re-queues them once and
 the pool starts a replacement, as for a dead process node.
 
 The corpus index reaches the actors through Ray's object store by default: the head node loads
@@ -28,7 +28,7 @@ from typing import Any, Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from gpurag_server.nodes.base import BatchFailed, Node, NodeDied, NodeProvider, NodeState
+from gpurag_server.nodes.base import BatchFailedError, Node, NodeDiedError, NodeProvider, NodeState
 from gpurag_server.settings import ServerSettings
 from gpurag_server.workload import Outcome, WorkItem, WorkloadInfo
 
@@ -84,7 +84,7 @@ class RayNode(Node):
 
     async def run(self, items: Sequence[WorkItem]) -> list[Outcome]:
         if self.death is not None or self.actor is None:
-            raise NodeDied(self.death or f"node {self.name} has no actor")
+            raise NodeDiedError(self.death or f"node {self.name} has no actor")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Outcome]] = loop.create_future()
         self.pending.add(future)
@@ -103,22 +103,23 @@ class RayNode(Node):
         if error is None:
             future.set_result(done.result())
         elif isinstance(error, task_raised):
-            future.set_exception(BatchFailed(f"{type(error.cause).__name__}: {error.cause}"))
+            cause = getattr(error, "cause", error)
+            future.set_exception(BatchFailedError(f"{type(cause).__name__}: {cause}"))
         elif isinstance(error, actor_died):
             self.die(f"actor died ({type(error).__name__})")
         else:  # a Ray system error: the batch's fate is unknown, so treat the node as gone
             self.die(f"{type(error).__name__}: {error}")
         if not future.done():
-            future.set_exception(NodeDied(self.death or "node died"))
+            future.set_exception(NodeDiedError(self.death or "node died"))
 
     def die(self, reason: str) -> None:
-        """Fail every pending batch with `NodeDied` and tell the pool (which stops the actor)."""
+        """Fail every pending batch with `NodeDiedError` and tell the pool (which stops the actor)."""
         if self.death is not None:
             return
         self.death = f"node {self.name} (pid {self.pid}): {reason}"
         for future in self.pending:
             if not future.done():
-                future.set_exception(NodeDied(self.death))
+                future.set_exception(NodeDiedError(self.death))
         if self.on_death is not None and self.state is not NodeState.STARTING:
             self.on_death(self, self.death)
 
@@ -171,7 +172,7 @@ class RayProvider(NodeProvider):
 
             from gpurag_server.nodes.ray_actor import NodeActor
 
-            self._actor_class = ray.remote(concurrency_groups={CONTROL_GROUP: 1})(NodeActor)
+            self._actor_class = ray.remote(concurrency_groups={CONTROL_GROUP: 1})(NodeActor)  # type: ignore[call-overload]
             if self.settings.workload == "rag" and self.ray_settings.corpus_transfer == "object_store":
                 self._corpus_ref = await loop.run_in_executor(None, self._put_corpus)
 
@@ -193,13 +194,15 @@ class RayProvider(NodeProvider):
                     _temp_dir=str(temp_dir),
                 )
             self._started_ray = True
-        gpus = float(ray.cluster_resources().get("GPU", 0.0))
+        gpus = float(ray.cluster_resources().get("GPU", 0.0))  # type: ignore[no-untyped-call]
         self._num_gpus = rs.num_gpus if rs.num_gpus is not None else (1.0 if gpus > 0 else 0.0)
 
     def _put_corpus(self) -> Any:
         import ray
+
         from gpurag.rag.corpus import CorpusIndex
         from gpurag.rag.embedders import get_embedder
+        from gpurag_server.nodes.ray_actor import CorpusPayload
 
         started = time.perf_counter()
         settings = self.settings
@@ -210,7 +213,7 @@ class RayProvider(NodeProvider):
 
             corpus = load_default_corpus(get_embedder(settings.embedder))
         loaded = time.perf_counter()
-        ref = ray.put(corpus)
+        ref = ray.put(CorpusPayload.of(corpus))
         self.corpus_load_s, self.corpus_put_s = loaded - started, time.perf_counter() - loaded
         log.info("corpus loaded in %.2f s, put in Ray's object store in %.2f s", self.corpus_load_s, self.corpus_put_s)
         return ref
