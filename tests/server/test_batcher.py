@@ -6,7 +6,7 @@ import asyncio
 import time
 
 import pytest
-from fakes import Harness, ScriptedNode
+from server_fakes import Harness, ScriptedNode
 
 from gpurag_server.queueing import Ledger, PendingItem, QueueFullError, RequestQueue
 from gpurag_server.workload import WorkItem

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from fakes import ScriptedNode
+from server_fakes import ScriptedNode
 
 from gpurag_server.dispatch import LeastLoaded, RoundRobin, get_dispatcher
 from gpurag_server.nodes.base import NodeState

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import RunningServer, post_many, serving
+from server_harness import RunningServer, post_many, serving
 
 
 @pytest.fixture(scope="module")

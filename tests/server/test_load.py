@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from click.testing import CliRunner
-from conftest import serving
+from server_harness import serving
 
 from gpurag.cli import add_plugin_commands, cli
 from gpurag_server.load import LoadSpec, run_load
@@ -53,3 +53,13 @@ def test_load_needs_exactly_one_of_rate_and_clients() -> None:
     result = CliRunner().invoke(_cli(), ["load", "--duration", "1"])
     assert result.exit_code != 0
     assert "exactly one of --rate" in result.output
+
+
+def test_phases_fix_a_step_schedule_in_advance() -> None:
+    spec = LoadSpec(arrivals="constant", phases=[(1.0, 10.0), (0.5, 100.0), (1.0, 0.0)])
+    offsets = spec.schedule()
+    assert len([t for t in offsets if t < 1.0]) == 9
+    assert len([t for t in offsets if 1.0 <= t < 1.5]) == 49
+    assert not [t for t in offsets if t >= 1.5]
+    poisson = LoadSpec(arrivals="poisson", phases=[(100.0, 50.0)]).schedule()
+    assert 4500 < len(poisson) < 5500

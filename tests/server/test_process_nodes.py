@@ -8,9 +8,11 @@ import signal
 import time
 
 import httpx
-from conftest import serving
+import pytest
+from server_harness import serving
 
-from gpurag_server.nodes.process import ProcessNode
+from gpurag_server.nodes.process import ProcessNode, ProcessProvider
+from gpurag_server.settings import ServerSettings
 
 
 def test_a_node_killed_under_load_loses_nothing() -> None:
@@ -61,3 +63,11 @@ def test_a_silent_node_is_given_up_after_the_heartbeat_timeout() -> None:
         response = httpx.post(f"{running.url}/v1/rag", json={"query": "still served"}, timeout=30)
         assert response.status_code == 200
         assert response.json()["node"] != node.name
+
+
+def test_nodes_are_spread_over_the_visible_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,6")
+    provider = ProcessProvider(ServerSettings())
+    assert [provider.create().gpu for _ in range(5)] == ["3", "5", "6", "3", "5"]  # type: ignore[attr-defined]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert ProcessProvider(ServerSettings()).create().gpu is None  # type: ignore[attr-defined]

@@ -111,6 +111,8 @@ def create_app(settings: ServerSettings | None = None) -> Starlette:
             started = time.perf_counter()
             try:
                 response = await handler(request)
+            except _ReplyError as exc:
+                response = exc.response
             except RequestInvalidError as exc:
                 response = error_response(exc.status, "invalid_request", str(exc), exc.problems)
             except _BodyTooLargeError as exc:
@@ -140,22 +142,26 @@ def create_app(settings: ServerSettings | None = None) -> Starlette:
             response.headers["Retry-After"] = str(settings.retry_after_s)
         return response
 
-    async def run_rag(request: Request) -> tuple[RagRequest, Reply | None, float]:
-        started = time.monotonic()
-        body = parse(RagRequest, await read_body(request))
-        _raise_if(limits.query(body.query, "query"), limits.k(body.k))
-        reply = await head().submit(WorkItem("rag", {"query": body.query, "k": body.k}), request.receive)
-        return body, reply, time.monotonic() - started
-
-    async def rag_v1(request: Request) -> Response:
-        body, reply, total = await run_rag(request)
+    async def run(request: Request, kind: str, payload: dict[str, Any]) -> tuple[Reply, dict[str, Any]]:
+        """Submit one work item; its reply and the node's value, or `_ReplyError` carrying the error response."""
+        reply = await head().submit(WorkItem(kind, payload), request.receive)
         failed = reply_error(reply)
         if failed is not None:
-            return failed
+            raise _ReplyError(failed)
         assert reply is not None
         assert reply.outcome is not None
         assert reply.outcome.value is not None
-        value = reply.outcome.value
+        return reply, reply.outcome.value
+
+    async def run_rag(request: Request) -> tuple[RagRequest, Reply, dict[str, Any], float]:
+        started = time.monotonic()
+        body = parse(RagRequest, await read_body(request))
+        _raise_if(limits.query(body.query, "query"), limits.k(body.k))
+        reply, value = await run(request, "rag", {"query": body.query, "k": body.k})
+        return body, reply, value, time.monotonic() - started
+
+    async def rag_v1(request: Request) -> Response:
+        body, reply, value, total = await run_rag(request)
         timings = {"queue_wait_s": reply.queue_wait_s, "compute_s": value["compute_s"], "total_s": total}
         timings.update(value["timings"])
         return _json(
@@ -171,14 +177,8 @@ def create_app(settings: ServerSettings | None = None) -> Starlette:
         )
 
     async def rag_seed(request: Request) -> Response:
-        body, reply, _ = await run_rag(request)
-        failed = reply_error(reply)
-        if failed is not None:
-            return failed
-        assert reply is not None
-        assert reply.outcome is not None
-        assert reply.outcome.value is not None
-        return _json(200, {"query": body.query, "result": reply.outcome.value["answer"]})
+        body, _, value, _ = await run_rag(request)
+        return _json(200, {"query": body.query, "result": value["answer"]})
 
     async def search(request: Request) -> Response:
         body = parse(SearchRequest, await read_body(request))
@@ -200,14 +200,8 @@ def create_app(settings: ServerSettings | None = None) -> Starlette:
             info = head().pool.info
             finite_vectors(body.vectors, info.dim if info is not None else None)
             payload = {"vectors": body.vectors, "k": k}
-        reply = await head().submit(WorkItem("search", payload), request.receive)
-        failed = reply_error(reply)
-        if failed is not None:
-            return failed
-        assert reply is not None
-        assert reply.outcome is not None
-        assert reply.outcome.value is not None
-        return _json(200, {"results": reply.outcome.value["results"]})
+        _, value = await run(request, "search", payload)
+        return _json(200, {"results": value["results"]})
 
     async def embeddings(request: Request) -> Response:
         body = parse(EmbeddingsRequest, await read_body(request))
@@ -224,23 +218,15 @@ def create_app(settings: ServerSettings | None = None) -> Starlette:
                 ]
             )
         payload = {"input": texts, "dimensions": body.dimensions, "encoding_format": body.encoding_format}
-        reply = await head().submit(WorkItem("embed", payload), request.receive)
-        failed = reply_error(reply)
-        if failed is not None:
-            return failed
-        assert reply is not None
-        assert reply.outcome is not None
-        assert reply.outcome.value is not None
+        _, value = await run(request, "embed", payload)
         tokens = sum(len(t.split()) for t in texts)
-        data = [
-            {"object": "embedding", "embedding": e, "index": i} for i, e in enumerate(reply.outcome.value["embeddings"])
-        ]
+        data = [{"object": "embedding", "embedding": e, "index": i} for i, e in enumerate(value["embeddings"])]
         return _json(
             200,
             {
                 "object": "list",
                 "data": data,
-                "model": reply.outcome.value["model"],
+                "model": value["model"],
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
             },
         )
@@ -290,6 +276,14 @@ def create_app(settings: ServerSettings | None = None) -> Starlette:
     if settings.api_keys:
         return _BearerAuth(app, settings.api_keys)  # type: ignore[return-value]
     return app
+
+
+class _ReplyError(GpuragError):
+    """The head node answered a request with an error (503, 504, 500): ``response`` says which."""
+
+    def __init__(self, response: Response) -> None:
+        super().__init__(response.status_code)
+        self.response = response
 
 
 class _BodyTooLargeError(GpuragError):

@@ -54,6 +54,7 @@ def serve_command(**flags: Any) -> None:
 @click.option("--path", "route", default="/v1/rag", show_default=True, help="Route to POST to.")
 @click.option("--rate", type=float, default=None, help="Open loop: requests/s (send times fixed in advance).")
 @click.option("--arrivals", type=click.Choice(["constant", "poisson"]), default="poisson", show_default=True)
+@click.option("--phases", default=None, help="Open loop in steps: 'SECONDS:RATE,...' e.g. '10:20,30:400,20:0'.")
 @click.option("--clients", type=int, default=None, help="Closed loop: this many clients, each one request at a time.")
 @click.option("--duration", type=float, default=10.0, show_default=True, help="Seconds of load.")
 @click.option("--query", "queries", multiple=True, help="Questions to send (cycled); default: a few about Python.")
@@ -69,6 +70,7 @@ def load_command(
     route: str,
     rate: float | None,
     arrivals: str,
+    phases: str | None,
     clients: int | None,
     duration: float,
     queries: tuple[str, ...],
@@ -83,8 +85,14 @@ def load_command(
 
     from gpurag_server.load import LoadSpec, run_load
 
-    if (rate is None) == (clients is None):
-        raise click.UsageError("give exactly one of --rate (open loop) and --clients (closed loop)")
+    steps = None
+    if phases:
+        try:
+            steps = [(float(part.split(":")[0]), float(part.split(":")[1])) for part in phases.split(",")]
+        except (ValueError, IndexError) as exc:
+            raise click.BadParameter(f"expected SECONDS:RATE,...; got {phases!r}", param_hint="--phases") from exc
+    if (rate is None and steps is None) == (clients is None):
+        raise click.UsageError("give exactly one of --rate or --phases (open loop) and --clients (closed loop)")
     spec = LoadSpec(
         url=url,
         route=route,
@@ -97,6 +105,7 @@ def load_command(
         api_key=api_key,
         max_connections=connections,
         plot=plot,
+        phases=steps,
     )
     report = run_load(spec)
     if as_json:

@@ -22,6 +22,8 @@ import orjson
 
 #: A send this much past its intended time counts as late.
 LATE_S = 0.001
+#: An idle connection older than this is not reused (uvicorn closes idle ones after 5 s).
+KEEP_ALIVE_S = 3.0
 DEFAULT_QUERIES = (
     "What does the with statement do?",
     "How does a try statement handle exceptions?",
@@ -49,6 +51,25 @@ class LoadSpec:
     plot: Path | None = None
     sample_interval_s: float = 0.25
     seed: int = 0
+    #: Open loop in steps: (seconds, requests/s) one after another; overrides rate and duration_s.
+    phases: list[tuple[float, float]] | None = None
+
+    def schedule(self) -> list[float]:
+        """Every intended send time, in seconds from the start, fixed before the run."""
+        rng = random.Random(self.seed)
+        phases = self.phases or [(self.duration_s, self.rate or 0.0)]
+        offsets: list[float] = []
+        begin = 0.0
+        for seconds, rate in phases:
+            end, t, n = begin + seconds, begin, 0
+            while rate > 0:
+                n += 1
+                t = t + rng.expovariate(rate) if self.arrivals == "poisson" else begin + n / rate
+                if t >= end - 1e-9:
+                    break
+                offsets.append(t)
+            begin = end
+        return offsets
 
 
 @dataclasses.dataclass
@@ -90,6 +111,7 @@ class _Connection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
+        self.last_used = time.monotonic()
 
     async def request(self, raw: bytes) -> tuple[int, bytes]:
         self.writer.write(raw)
@@ -115,9 +137,7 @@ class _Client:
         self.port = parsed.port or 80
         self.auth = f"Authorization: Bearer {api_key}\r\n" if api_key else ""
         self.idle: list[_Connection] = []
-        self.open = 0
-        self.max = max_connections
-        self.freed = asyncio.Event()
+        self.slots = asyncio.Semaphore(max_connections)  # wakes one waiter a release, in order
 
     def post(self, route: str, body: bytes) -> bytes:
         return (
@@ -129,27 +149,26 @@ class _Client:
         return f"GET {route} HTTP/1.1\r\nHost: {self.host}\r\n{self.auth}\r\n".encode()
 
     async def acquire(self) -> _Connection:
-        while True:
-            if self.idle:
-                return self.idle.pop()
-            if self.open < self.max:
-                self.open += 1
-                try:
-                    reader, writer = await asyncio.open_connection(self.host, self.port)
-                except OSError:
-                    self.open -= 1
-                    raise
-                return _Connection(reader, writer)
-            self.freed.clear()
-            await self.freed.wait()
+        await self.slots.acquire()
+        while self.idle:
+            connection = self.idle.pop()
+            if time.monotonic() - connection.last_used < KEEP_ALIVE_S:
+                return connection
+            connection.close()  # the server may have closed it already
+        try:
+            reader, writer = await asyncio.open_connection(self.host, self.port)
+        except OSError:
+            self.slots.release()
+            raise
+        return _Connection(reader, writer)
 
     def release(self, connection: _Connection, healthy: bool) -> None:
         if healthy:
+            connection.last_used = time.monotonic()
             self.idle.append(connection)
         else:
             connection.close()
-            self.open -= 1
-        self.freed.set()
+        self.slots.release()
 
     async def send(self, raw: bytes) -> tuple[int, bytes]:
         connection = await self.acquire()
@@ -202,16 +221,7 @@ class _Run:
         self.record(intended, status)
 
     async def open_loop(self) -> None:
-        spec = self.spec
-        assert spec.rate is not None
-        assert spec.rate > 0
-        rng = random.Random(spec.seed)
-        offsets, t = [], 0.0
-        while True:
-            t += rng.expovariate(spec.rate) if spec.arrivals == "poisson" else 1.0 / spec.rate
-            if t >= spec.duration_s:
-                break
-            offsets.append(t)
+        offsets = self.spec.schedule()
         tasks = []
         for i, offset in enumerate(offsets):
             intended = self.start + offset
@@ -219,6 +229,8 @@ class _Run:
             if delay > 0:
                 await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(self.one(intended, self.bodies[i % len(self.bodies)])))
+        if self.spec.phases:  # a quiet last phase still counts: the sampler watches it
+            await asyncio.sleep(max(self.start + sum(p[0] for p in self.spec.phases) - time.perf_counter(), 0))
         await asyncio.gather(*tasks)
 
     async def closed_loop(self) -> None:
@@ -260,7 +272,11 @@ class _Run:
     async def run(self) -> LoadReport:
         self.start = time.perf_counter()
         sampler = asyncio.create_task(self.sample_status())
-        if self.spec.rate is not None:
+        if self.spec.phases:
+            await self.open_loop()
+            steps = ", ".join(f"{rate:g} req/s for {seconds:g} s" for seconds, rate in self.spec.phases)
+            mode = f"open loop, {self.spec.arrivals}: {steps}"
+        elif self.spec.rate is not None:
             await self.open_loop()
             mode = f"open loop, {self.spec.arrivals} {self.spec.rate:g} req/s"
         else:
@@ -295,7 +311,7 @@ def run_load(spec: LoadSpec) -> LoadReport:
     """Run the load described by ``spec`` (blocking) and return its report; write the plot if asked."""
     import uvloop
 
-    if (spec.rate is None) == (spec.clients is None):
+    if (spec.rate is None and not spec.phases) == (spec.clients is None):
         raise ValueError("give exactly one of rate (open loop) and clients (closed loop)")
     report = uvloop.run(_Run(spec).run())
     if spec.plot is not None:

@@ -27,18 +27,18 @@ from gpurag_server.settings import ServerSettings
 from gpurag_server.workload import Outcome, WorkItem, WorkloadInfo
 
 
-def gpu_count() -> int:
-    """GPUs this host has (``CUDA_VISIBLE_DEVICES`` if set, else ``nvidia-smi -L``), 0 without any."""
+def gpu_ids() -> list[str]:
+    """The GPUs this host offers: ``CUDA_VISIBLE_DEVICES`` if set, else ``nvidia-smi -L``; none without any."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
-        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+        return [d.strip() for d in visible.split(",") if d.strip() and d.strip() != "-1"]
     if shutil.which("nvidia-smi") is None:
-        return 0
+        return []
     try:
         listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.SubprocessError):
-        return 0
-    return sum(1 for line in listing.stdout.splitlines() if line.startswith("GPU "))
+        return []
+    return [str(i) for i, line in enumerate(line for line in listing.stdout.splitlines() if line.startswith("GPU "))]
 
 
 class ProcessNode(Node):
@@ -141,11 +141,11 @@ class ProcessProvider(NodeProvider):
         self._server: asyncio.Server | None = None
         self._port = 0
         self._waiting: dict[str, ProcessNode] = {}
-        self._gpus = gpu_count()
+        self._gpus = gpu_ids()
         self._count = 0
 
     def create(self) -> Node:
-        gpu = str(self._count % self._gpus) if self._gpus else None
+        gpu = self._gpus[self._count % len(self._gpus)] if self._gpus else None
         self._count += 1
         return ProcessNode(self.next_name(), secrets.token_hex(16), gpu)
 
