@@ -51,14 +51,16 @@ def synthetic_corpus(path: Path, count: int, dim: int) -> None:
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     retriever = get_retriever("exact", metric="cosine", backend="numpy")
     retriever.add(vectors, np.arange(count, dtype=np.int64))
-    chunks = [Chunk(text=f"chunk {i}", source=f"synthetic:{i // 1000}", position=i % 1000, start=0) for i in range(count)]
+    chunks = [
+        Chunk(text=f"chunk {i}", source=f"synthetic:{i // 1000}", position=i % 1000, start=0) for i in range(count)
+    ]
     CorpusIndex(retriever, chunks, "synthetic", dim).save(path)
 
 
 def measure(name: str, path: Path, repeats: int) -> dict[str, Any]:
     import ray
-    from gpurag.rag.corpus import CorpusIndex
 
+    from gpurag.rag.corpus import CorpusIndex
     from gpurag_server.nodes.ray_actor import CorpusPayload
 
     loader = ray.remote(num_cpus=0.5)(Loader)
@@ -110,7 +112,9 @@ def main() -> None:
         started = time.perf_counter()
         synthetic_corpus(work / "big", count, 384)
         print(f"synthetic index of {count} built and saved in {time.perf_counter() - started:.1f} s", flush=True)
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=ray_dir, object_store_memory=4 << 30)
+        ray.init(
+            num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=ray_dir, object_store_memory=4 << 30
+        )
         rows = [measure("default corpus", cache_path(embedder), 3), measure(f"{count:,} x 384", work / "big", 3)]
     finally:
         ray.shutdown()
@@ -119,7 +123,8 @@ def main() -> None:
     lines = [
         f"# Getting the corpus index into a Ray node actor (Ray {ray.__version__}, {cpu_model()}, 2 cores)",
         "",
-        "| index | vectors | on disk | path: load in each actor | object store: head load + put (once) | object store: each actor |",
+        "| index | vectors | on disk | path: load in each actor | object store: head load + put (once) "
+        "| object store: each actor |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:

@@ -10,7 +10,7 @@ count as gpurag's nodes, the replica's CPU work off its event loop. Three scenar
   replica's process is SIGKILLed mid-run; each side's failed requests are counted.
 
 Saturation throughput comes from ``wrk`` (closed loop); latency at common rates from
-``gpurag load`` (open loop, Poisson arrivals, latency from the intended send time) at fractions of
+an open loop (Poisson arrivals fixed in advance, latency from the intended send time) at fractions of
 the lower of the two saturation throughputs. Writes ``benchmarks/results/ray_serve_anchor.{json,md}``.
 
 Run: ``make ray-serve-anchor`` (installs ``gpurag-server[ray-serve]``).
@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -261,24 +262,76 @@ def _wrk_ms(out: str, name: str) -> float:
 
 
 def open_loop(server: Server, rate: float, duration_s: float) -> dict[str, Any]:
-    """``gpurag load`` at ``rate`` (Poisson): throughput, p50/p99 and statuses."""
-    command = [str(BIN / "gpurag"), "load", "--url", server.url, "--path", server.route, "--rate", f"{rate:.1f}"]
-    command += ["--duration", str(duration_s), "--connections", "1024", "--json"]
-    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    report = json.loads(out[out.index("{") :])
-    statuses = {str(k): v for k, v in report["statuses"].items()}
+    """Open loop at ``rate`` (Poisson arrivals, keep-alive connections): throughput, p50/p99, statuses."""
+    return asyncio.run(arrivals(server, rate, duration_s, poisson=True, keep_alive=True))
+
+
+async def arrivals(
+    server: Server,
+    rate: float,
+    duration_s: float,
+    *,
+    poisson: bool,
+    keep_alive: bool,
+    kill_at_s: float | None = None,
+    victim: int | None = None,
+) -> dict[str, Any]:
+    """Requests at send times fixed in advance, each its own task, latency from its intended send time.
+
+    The same httpx client drives both servers (``gpurag load``'s minimal client does not read the
+    chunked responses Ray Serve's proxy sends). With ``kill_at_s``, SIGKILL ``victim`` then.
+    Every request ends as a status or an exception's name: nothing goes uncounted.
+    """
+    rng = np.random.default_rng(0)
+    gaps = (
+        rng.exponential(1 / rate, int(rate * duration_s * 1.2))
+        if poisson
+        else np.full(int(rate * duration_s), 1 / rate)
+    )
+    offsets = np.cumsum(gaps) - gaps[0]
+    offsets = offsets[offsets < duration_s]
+    statuses: collections.Counter[str] = collections.Counter()
+    latencies: list[float] = []
+    late = 0
+    limits = httpx.Limits(max_connections=1024, max_keepalive_connections=1024 if keep_alive else 0)
+    async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits) as http:
+
+        async def one(i: int, due: float) -> None:
+            try:
+                response = await http.post(server.route, json={"query": f"question {i}", "k": 3})
+                statuses[str(response.status_code)] += 1
+            except httpx.HTTPError as exc:
+                statuses[type(exc).__name__] += 1
+            latencies.append(time.perf_counter() - due)
+
+        start = time.perf_counter()
+        tasks, killed = [], False
+        for i, offset in enumerate(offsets):
+            due = start + float(offset)
+            wait = due - time.perf_counter()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            elif wait < -0.01:
+                late += 1
+            tasks.append(asyncio.create_task(one(i, due)))
+            if kill_at_s is not None and victim is not None and not killed and offset >= kill_at_s:
+                os.kill(victim, signal.SIGKILL)
+                killed = True
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - start
     ok = sum(v for k, v in statuses.items() if k.startswith("2"))
+    p50, p99 = np.percentile(np.array(latencies), [50, 99]) * 1e3
     return {
         "rate": rate,
-        "sent": report["sent"],
+        "sent": len(tasks),
         "ok": ok,
-        "failed": report["sent"] - ok,
-        "statuses": statuses,
-        "errors": report["errors"],
-        "throughput": report["throughput"],
-        "p50_ms": report["latency_s"]["p50"] * 1e3,
-        "p99_ms": report["latency_s"]["p99"] * 1e3,
-        "late_sends": report["late_sends"],
+        "failed": len(tasks) - ok,
+        "statuses": dict(statuses),
+        "throughput": ok / elapsed,
+        "p50_ms": float(p50),
+        "p99_ms": float(p99),
+        "late_sends": late,
+        "killed_pid": victim if killed else None,
     }
 
 
@@ -314,47 +367,6 @@ def saturation_and_rates(
     return result
 
 
-async def constant_rate(
-    server: Server, rate: float, duration_s: float, kill_at_s: float, victim: int
-) -> dict[str, Any]:
-    """Requests at a constant ``rate``, each on a fresh connection (no keep-alive state for a failure
-    to spoil); SIGKILL ``victim`` at ``kill_at_s``. Every request ends as a status or an exception."""
-    statuses: collections.Counter[str] = collections.Counter()
-    latencies: list[float] = []
-    limits = httpx.Limits(max_connections=1024, max_keepalive_connections=0)
-    async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits) as http:
-
-        async def one(i: int, due: float) -> None:
-            try:
-                response = await http.post(server.route, json={"query": f"question {i}", "k": 3})
-                statuses[str(response.status_code)] += 1
-            except httpx.HTTPError as exc:
-                statuses[type(exc).__name__] += 1
-            latencies.append(time.perf_counter() - due)
-
-        start = time.perf_counter()
-        tasks, killed = [], False
-        for i in range(int(rate * duration_s)):
-            due = start + i / rate
-            await asyncio.sleep(max(0.0, due - time.perf_counter()))
-            tasks.append(asyncio.create_task(one(i, due)))
-            if not killed and due - start >= kill_at_s:
-                os.kill(victim, signal.SIGKILL)
-                killed = True
-        await asyncio.gather(*tasks)
-    ok = sum(v for k, v in statuses.items() if k.startswith("2"))
-    ordered = sorted(latencies)
-    return {
-        "sent": len(tasks),
-        "ok": ok,
-        "failed": len(tasks) - ok,
-        "statuses": dict(statuses),
-        "p50_ms": ordered[len(ordered) // 2] * 1e3,
-        "p99_ms": ordered[int(len(ordered) * 0.99)] * 1e3,
-        "killed_pid": victim,
-    }
-
-
 def kill_under_load(rate: float, duration_s: float, kill_at_s: float) -> dict[str, Any]:
     """Two replicas/nodes, 50 ms batches, constant ``rate``; SIGKILL one replica at ``kill_at_s``."""
     result: dict[str, Any] = {"rate": rate, "duration_s": duration_s, "kill_at_s": kill_at_s, "servers": {}}
@@ -362,7 +374,9 @@ def kill_under_load(rate: float, duration_s: float, kill_at_s: float) -> dict[st
         with running(server):
             pids = server.replica_pids()
             assert len(pids) >= 2, f"{server.label}: replica processes not found ({pids})"
-            measured = asyncio.run(constant_rate(server, rate, duration_s, kill_at_s, pids[0]))
+            measured = asyncio.run(
+                arrivals(server, rate, duration_s, poisson=False, keep_alive=False, kill_at_s=kill_at_s, victim=pids[0])
+            )
             time.sleep(5)
             measured["replicas_after"] = len(server.replica_pids())
             result["servers"][f"{server.kind}-{server.provider}"] = {"label": server.label, **measured}
@@ -380,7 +394,8 @@ def table(results: dict[str, Any]) -> str:
         if not block:
             continue
         lines += [
-            f"**{name}** (wrk closed loop, {results['duration_s']} s a point; open loop: gpurag load, Poisson)",
+            f"**{name}** (wrk closed loop, {results['duration_s']} s a point; "
+            "open loop: Poisson arrivals, one httpx client for both)",
             "",
             "| server | load | req/s | p50 ms | p99 ms | failed |",
             "|---|---|---|---|---|---|",
@@ -388,7 +403,8 @@ def table(results: dict[str, Any]) -> str:
         for entry in block["servers"].values():
             for w in entry["wrk"]:
                 load = f"wrk {w['connections']} conns"
-                row = f"| {entry['label']} | {load} | {w['rate']:.1f} | {w['p50_ms']:.1f} | {w['p99_ms']:.1f} | {w['failed']} |"
+                row = f"| {entry['label']} | {load} | {w['rate']:.1f} | {w['p50_ms']:.1f} | {w['p99_ms']:.1f} |"
+                row += f" {w['failed']} |"
                 lines.append(row)
             for o in entry["open_loop"]:
                 load = f"open loop {o['rate']:.1f}/s"
@@ -401,7 +417,8 @@ def table(results: dict[str, Any]) -> str:
     kill = results.get("kill")
     if kill:
         lines += [
-            f"**kill** (2 replicas/nodes, 50 ms batches, {kill['rate']} req/s at a constant rate, a fresh connection each for {kill['duration_s']} s, "
+            f"**kill** (2 replicas/nodes, 50 ms batches, {kill['rate']} req/s at a constant rate, "
+            f"a fresh connection each, for {kill['duration_s']} s, "
             f"one replica SIGKILLed at {kill['kill_at_s']} s)",
             "",
             "| server | sent | 2xx | failed | statuses | p99 ms | replicas after |",
@@ -455,7 +472,8 @@ def main() -> None:
         results["kill"] = kill_under_load(100.0, 2 * args.duration, args.duration / 2)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "ray_serve_anchor.json").write_text(json.dumps(results, indent=2) + "\n")
-    text = f"# gpurag vs Ray Serve {results['ray']}\n\n{results['machine']}; Python {results['python']}; {results['when']}\n\n"
+    text = f"# gpurag vs Ray Serve {results['ray']}\n\n"
+    text += f"{results['machine']}; Python {results['python']}; {results['when']}\n\n"
     text += table(results) + "\n"
     (RESULTS / "ray_serve_anchor.md").write_text(text)
     print(text)
