@@ -44,6 +44,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 BIN = Path(sys.executable).parent
+#: A keep-alive connection idle longer than this is not reused (uvicorn closes them after 5 s).
+IDLE_REUSE_S = 4.0
 WRK_SCRIPT = """wrk.method = "POST"
 wrk.body = '{"query": "What does the with statement do?", "k": 3}'
 wrk.headers["Content-Type"] = "application/json"
@@ -280,10 +282,12 @@ class RawClient:
             route,
             keep_alive,
         )
-        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self.idle: list[tuple[float, tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = []
 
     async def post(self, body: bytes) -> int:
-        connection = self.idle.pop() if self.idle else await asyncio.open_connection(self.host, self.port)
+        while self.idle and time.monotonic() - self.idle[-1][0] > IDLE_REUSE_S:
+            self.idle.pop()[1][1].close()  # the server may be closing it: its keep-alive ran out
+        connection = self.idle.pop()[1] if self.idle else await asyncio.open_connection(self.host, self.port)
         reader, writer = connection
         closing = "" if self.keep_alive else "Connection: close\r\n"
         head = f"POST {self.route} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n{closing}"
@@ -302,13 +306,13 @@ class RawClient:
             writer.close()
             raise
         if self.keep_alive and b"connection: close" not in lowered:
-            self.idle.append(connection)
+            self.idle.append((time.monotonic(), connection))
         else:
             writer.close()
         return status
 
     def close(self) -> None:
-        for _, writer in self.idle:
+        for _, (_, writer) in self.idle:
             writer.close()
 
 

@@ -124,8 +124,7 @@ class ShardedRetriever(Retriever):
             parts = list(self._pool.map(lambda shard: shard.search(matrix, k), busy))
         scores = np.concatenate([p.scores for p in parts], axis=1)
         found = np.concatenate([p.ids for p in parts], axis=1)
-        key = -scores if self.metric.higher_is_better else scores
-        key = np.where(found < 0, np.inf, key)  # padding sorts last whatever its score
+        key = -scores if self.metric.higher_is_better else scores  # padding (the worst score) sorts last
         order = np.argsort(key, axis=1, kind="stable")[:, :k]
         return SearchResult(
             np.ascontiguousarray(np.take_along_axis(scores, order, 1)),

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import shutil
 import tempfile
 import time
 from collections.abc import Sequence
@@ -153,6 +154,7 @@ class RayProvider(NodeProvider):
         self._actor_class: Any = None
         self._corpus_ref: Any = None
         self._started_ray = False
+        self._own_temp_dir: Path | None = None
         self._num_gpus = 0.0
         #: Seconds the head spent loading the corpus and putting it in the object store.
         self.corpus_load_s: float | None = None
@@ -184,7 +186,9 @@ class RayProvider(NodeProvider):
             if rs.address is not None:
                 ray.init(address=rs.address, namespace=rs.namespace, log_to_driver=False)
             else:
-                temp_dir = rs.local_temp_dir or Path(tempfile.mkdtemp(prefix="gpurag-ray-"))
+                if rs.local_temp_dir is None:
+                    self._own_temp_dir = Path(tempfile.mkdtemp(prefix="gpurag-ray-"))
+                temp_dir = rs.local_temp_dir or self._own_temp_dir
                 ray.init(
                     num_cpus=rs.local_num_cpus,
                     object_store_memory=rs.local_object_store_bytes,
@@ -267,6 +271,8 @@ class RayProvider(NodeProvider):
 
             await asyncio.get_running_loop().run_in_executor(None, ray.shutdown)
             self._started_ray = False
+            if self._own_temp_dir is not None:
+                shutil.rmtree(self._own_temp_dir, ignore_errors=True)
         self._actor_class = None
 
 
