@@ -333,7 +333,8 @@ def main() -> None:
         f"Machine: {cpu_model()}, {os.cpu_count()} cores, avx512f {'yes' if avx512 else 'no'}; shared with other jobs. "
         f"Python {platform.python_version()}, starlette {version('starlette')}, uvicorn {version('uvicorn')}, "
         f"wrk {subprocess.run(['wrk', '-v'], capture_output=True, text=True).stdout.split()[1]}. "
-        f"Date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Produced by `make serve-report`.",
+        f"Date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average at the start "
+        f"{os.getloadavg()[0]:.1f}. Produced by `make serve-report`.",
         "",
     ]
     rows = {"head": row_head_node, "batching": row_batching, "autoscaling": row_autoscaling}

@@ -204,3 +204,12 @@ def test_a_disconnected_clients_request_is_dropped_before_dispatch() -> None:
         status = httpx.get(f"{running.url}/v1/status").json()
         assert sum(n["items_done"] for n in status["nodes"]) == 2
         assert 'gpurag_rejects_total{reason="client_gone"} 1.0' in httpx.get(f"{running.url}/metrics").text
+
+
+def test_readyz_is_503_without_a_ready_node_and_requests_wait_for_one_until_their_deadline() -> None:
+    with serving(wait_ready=False, workload="zero", nodes=0, request_timeout_s=0.3) as running:
+        response = httpx.get(f"{running.url}/readyz")
+        assert response.status_code == 503
+        assert response.json()["error"]["type"] == "not_ready"
+        assert httpx.get(f"{running.url}/healthz").status_code == 200
+        assert httpx.post(f"{running.url}/v1/rag", json={"query": "anyone?"}).status_code == 504
