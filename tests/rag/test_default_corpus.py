@@ -41,7 +41,7 @@ def test_one_document_per_topic() -> None:
     assert {"pydoc:with", "pydoc:try", "pydoc:for"} <= set(sources)
     assert sources == sorted(sources)
     with_doc = documents[sources.index("pydoc:with")]
-    assert with_doc.metadata == {"topic": "with"}
+    assert with_doc.metadata == {"topic": "with", "title": "with"}
     assert "context manager" in with_doc.text
 
 

@@ -109,8 +109,8 @@ def test_timings_per_stage(pipeline: RAGPipeline) -> None:
     for answer in pipeline.answer_batch(QUESTIONS):
         assert tuple(answer.timings) == TIMING_KEYS
         assert all(value >= 0.0 for value in answer.timings.values())
-        stages = answer.timings["embed_s"] + answer.timings["search_s"] + answer.timings["generate_s"]
-        assert answer.timings["total_s"] == pytest.approx(stages, abs=1e-6)
+        stages = sum(value for key, value in answer.timings.items() if key != "total_s")
+        assert answer.timings["total_s"] == pytest.approx(stages, abs=1e-5)
 
 
 def test_one_call_per_stage_for_a_batch(corpus: CorpusIndex) -> None:
