@@ -133,11 +133,12 @@ def section_headings(text: str) -> list[tuple[int, int, str]]:
 def headings_at(headings: list[tuple[int, int, str]], offset: int) -> tuple[str, ...]:
     """The headings in force at ``offset`` (outermost first), from `section_headings`'s list.
 
-    A heading whose line starts at or after ``offset`` is not yet in force.
+    A heading whose line starts at ``offset`` is in force (a chunk that begins with a heading
+    belongs to that section); one that starts after it is not yet.
     """
     stack: list[tuple[int, str]] = []
     for start, level, heading in headings:
-        if start >= offset:
+        if start > offset:
             break
         while stack and stack[-1][0] >= level:
             stack.pop()
