@@ -52,7 +52,7 @@ def test_scores_are_bm25() -> None:
     ]
     query = ["loop", "statement"]
     expected = bm25(query, documents)
-    (ids, scores), = index.search(["loop statement"], 10)
+    ((ids, scores),) = index.search(["loop statement"], 10)
     assert dict(zip(ids.tolist(), scores.tolist(), strict=True)) == pytest.approx(
         {i: s for i, s in enumerate(expected) if s > 0}, rel=1e-5
     )
