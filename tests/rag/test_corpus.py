@@ -215,7 +215,8 @@ def test_titles_and_headings_are_indexed_but_not_shown() -> None:
     (row,) = corpus.passages(corpus.lexical_rankings(["heading3"], 5))
     assert row[0].text == TEXTS[3][0]  # the passage is the chunk's text, without title or headings
     (dense,) = corpus.search(embedder.embed_batch(["Heading4"]), 1)
-    assert dense[0].id == 4 and dense[0].text == TEXTS[4][0]
+    assert dense[0].id == 4
+    assert dense[0].text == TEXTS[4][0]
 
 
 def test_without_titles_only_the_text_is_indexed() -> None:
@@ -241,7 +242,7 @@ def test_the_lexical_index_is_saved_checked_and_loaded(tmp_path: Path) -> None:
 
     vocab = tmp_path / "corpus" / "lexical" / "vocab.json"
     vocab.write_text(vocab.read_text().replace("loop", "lool"))
-    with pytest.raises(IndexFormatError, match="vocab.json"):
+    with pytest.raises(IndexFormatError, match=r"vocab\.json"):
         CorpusIndex.load(tmp_path / "corpus")
 
 
@@ -259,5 +260,6 @@ def test_a_corpus_saved_before_lexical_indexes_gets_one_built(tmp_path: Path) ->
     files = [name for name in manifest.pop("files") if not name.startswith("lexical/")]
     storage.write_manifest(path, {k: v for k, v in manifest.items() if k not in ("format", "format_version")}, files)
     loaded = CorpusIndex.load(path)
-    assert loaded._lexical is None and loaded.titles is False
+    assert loaded._lexical is None
+    assert loaded.titles is False
     assert loaded.lexical_rankings(["precision"], 3)[0][0].tolist() == [4]

@@ -71,8 +71,10 @@ def test_only_matching_documents_at_most_k() -> None:
     index = LexicalIndex.build(TEXTS)
     (ids, scores), (none, nothing) = index.search(["loop", "zebra"], 1)
     assert ids.tolist() == [3]
-    assert scores.dtype == np.float32 and scores[0] > 0
-    assert none.tolist() == [] and nothing.tolist() == []
+    assert scores.dtype == np.float32
+    assert scores[0] > 0
+    assert none.tolist() == []
+    assert nothing.tolist() == []
 
 
 def test_texts_without_words_still_index() -> None:

@@ -208,8 +208,10 @@ def test_lexical_retrieval_needs_no_embedding() -> None:
     pipeline = blind_pipeline(retrieval="lexical")
     (answer,) = pipeline.answer_batch(["what does the else clause of a for loop do?"], k=2)
     assert answer.sources[0].source == "notes/for.md"
-    assert isinstance(pipeline.embedder, BlindEmbedder) and pipeline.embedder.calls == [4]  # the build's only
-    assert answer.timings["embed_s"] == 0.0 and answer.timings["search_s"] == 0.0
+    assert isinstance(pipeline.embedder, BlindEmbedder)
+    assert pipeline.embedder.calls == [4]
+    assert answer.timings["embed_s"] == 0.0
+    assert answer.timings["search_s"] == 0.0
     assert answer.timings["lexical_s"] > 0.0
 
 
@@ -222,7 +224,8 @@ def test_hybrid_fuses_both_lists() -> None:
         sources = [p.source for p in hybrid.sources]
         assert sources[0] == "notes/ints.md", fusion  # lifted by the lexical list
         assert set(sources) == {d.source for d in DOCUMENTS}, fusion  # the dense list's chunks stay in
-        assert hybrid.timings["fuse_s"] > 0.0 and hybrid.timings["search_s"] > 0.0
+        assert hybrid.timings["fuse_s"] > 0.0
+        assert hybrid.timings["search_s"] > 0.0
 
 
 def test_a_question_with_no_shared_word_keeps_the_dense_order() -> None:
@@ -245,8 +248,11 @@ def test_each_stage_runs_once_per_batch(corpus: CorpusIndex, monkeypatch: pytest
         lambda q, k: dense.append(len(q)) or retriever_search(q, k),  # type: ignore[func-returns-value]
     )
     answers = pipeline.answer_batch(QUESTIONS, k=2)
-    assert searches == [3] and dense == [3] and generator.calls == [3]
-    assert embedder.calls[0] == 3 and len(embedder.calls) == 2  # the questions, then every candidate sentence
+    assert searches == [3]
+    assert dense == [3]
+    assert generator.calls == [3]
+    assert embedder.calls[0] == 3
+    assert len(embedder.calls) == 2
     assert all(len(a.sources) == 2 for a in answers)
     assert answers[0].timings["rerank_s"] > 0.0
 
@@ -260,7 +266,8 @@ def test_the_default_mode_is_the_setting(corpus: CorpusIndex, monkeypatch: pytes
     get_settings.cache_clear()
     try:
         pipeline = RAGPipeline(corpus, HashingEmbedder(dim=128), CountingGenerator())
-        assert pipeline.retrieval == "lexical" and pipeline.reranker is not None
+        assert pipeline.retrieval == "lexical"
+        assert pipeline.reranker is not None
     finally:
         get_settings.cache_clear()
 

@@ -52,7 +52,8 @@ def test_the_passage_with_the_matching_sentence_comes_first() -> None:
     assert len(reranked[0]) == 2
     assert reranked[1][0].id in (1, 2)
     assert reranked[0][0].score >= reranked[0][1].score
-    assert reranked[0][0].text == CANDIDATES[2].text and reranked[0][0].source == "doc2"
+    assert reranked[0][0].text == CANDIDATES[2].text
+    assert reranked[0][0].source == "doc2"
     # One call: every candidate's whole text and its sentences, for both questions.
     assert len(embedder.calls) == 1
     per_question = sum(1 + len(split_sentences(p.text)) for p in CANDIDATES)
@@ -80,7 +81,8 @@ def test_get_reranker_by_name() -> None:
     embedder = HashingEmbedder()
     assert get_reranker("none", embedder) is None
     made = get_reranker("sentence", embedder)
-    assert isinstance(made, SentenceReranker) and made.embedder is embedder
+    assert isinstance(made, SentenceReranker)
+    assert made.embedder is embedder
     assert get_reranker(made, embedder) is made
     with pytest.raises(InvalidInputError, match="reranker must be one of none, sentence or a Reranker; got 'cross'"):
         get_reranker("cross", embedder)
