@@ -121,26 +121,21 @@ def with_settings(overrides: dict[str, str], action: Callable[[], Any]) -> Any:
 CONFIGURATIONS: list[tuple[str, bool, dict[str, Any], dict[str, str]]] = [
     ("dense, untitled chunks (before)", False, {"retrieval": "dense", "reranker": "none"}, {}),
     ("lexical, untitled chunks", False, {"retrieval": "lexical", "reranker": "none"}, {}),
-    ("hybrid rrf, untitled chunks", False, {"retrieval": "hybrid", "reranker": "none", "fusion": "rrf"}, {}),
     ("dense", True, {"retrieval": "dense", "reranker": "none"}, {}),
     ("lexical", True, {"retrieval": "lexical", "reranker": "none"}, {}),
-    ("hybrid rrf k=60", True, {"retrieval": "hybrid", "reranker": "none", "fusion": "rrf"}, {}),
+    ("hybrid rrf k=60", True, {"retrieval": "hybrid", "reranker": "none", "fusion": "rrf"}, {"GPURAG_RRF_K": "60"}),
     ("hybrid rrf k=20", True, {"retrieval": "hybrid", "reranker": "none", "fusion": "rrf"}, {"GPURAG_RRF_K": "20"}),
-    ("hybrid weighted 0.5", True, {"retrieval": "hybrid", "reranker": "none", "fusion": "weighted"}, {}),
-    (
-        "hybrid weighted 0.3",
-        True,
-        {"retrieval": "hybrid", "reranker": "none", "fusion": "weighted"},
-        {"GPURAG_FUSION_WEIGHT": "0.3"},
-    ),
-    (
-        "hybrid weighted 0.7",
-        True,
-        {"retrieval": "hybrid", "reranker": "none", "fusion": "weighted"},
-        {"GPURAG_FUSION_WEIGHT": "0.7"},
+    *(
+        (
+            f"hybrid weighted {weight}",
+            True,
+            {"retrieval": "hybrid", "reranker": "none", "fusion": "weighted"},
+            {"GPURAG_FUSION_WEIGHT": weight},
+        )
+        for weight in ("0.5", "0.6", "0.7", "0.8")
     ),
     ("dense + sentence re-ranker", True, {"retrieval": "dense", "reranker": "sentence"}, {}),
-    ("hybrid rrf + sentence re-ranker", True, {"retrieval": "hybrid", "reranker": "sentence", "fusion": "rrf"}, {}),
+    ("default + sentence re-ranker", True, {"reranker": "sentence"}, {}),
     ("default settings", True, {}, {}),
 ]
 
@@ -277,9 +272,8 @@ def main(argv: list[str] | None = None) -> int:
             status |= 0 if met else 1
         else:
             dense = next(r for r in results if r["label"] == "dense")
-            hybrid = next(r for r in results if r["label"] == "hybrid rrf k=60")
-            met = all(hybrid[m] >= dense[m] for m in ("hit@1", "hit@5", "mrr@10"))
-            lines += [f"Target: hybrid ≥ dense on every metric: {'met' if met else 'missed'}.", ""]
+            met = all(default[m] >= dense[m] for m in ("hit@1", "hit@5", "mrr@10"))
+            lines += [f"Target: the default (hybrid) ≥ dense on every metric: {'met' if met else 'missed'}.", ""]
             status |= 0 if met else 1
         lines += misses(default)
         everything[name] = [{k: v for k, v in r.items() if k != "rows"} for r in results]
