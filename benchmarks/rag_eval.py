@@ -141,7 +141,12 @@ CONFIGURATIONS: list[tuple[str, bool, dict[str, Any], dict[str, str]]] = [
 
 
 def evaluate_corpus(
-    name: str, corpora: dict[bool, Any], embedder: Any, records: list[dict[str, Any]], skip_rerank: bool
+    name: str,
+    corpora: dict[bool, Any],
+    embedder: Any,
+    records: list[dict[str, Any]],
+    skip_rerank: bool,
+    only_rerank: bool = False,
 ) -> list[dict[str, Any]]:
     """One result per configuration: metrics, the batch's retrieval seconds, the options."""
     from gpurag.rag.generators import get_generator
@@ -150,7 +155,7 @@ def evaluate_corpus(
     questions = [record["question"] for record in records]
     results = []
     for label, titled, options, overrides in CONFIGURATIONS:
-        if skip_rerank and options.get("reranker") == "sentence":
+        if (skip_rerank and options.get("reranker") == "sentence") or (only_rerank and "sentence" not in label):
             continue
 
         def run(titled: bool = titled, options: dict[str, Any] = options) -> tuple[Any, float]:
@@ -203,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="cpu, cuda...; default: CUDA when available")
     parser.add_argument("--corpora", default="pydoc,stdlib", help="which corpora: pydoc, stdlib")
     parser.add_argument("--skip-rerank", action="store_true", help="leave out the re-ranker configurations")
+    parser.add_argument("--only-rerank", action="store_true", help="only the re-ranker configurations")
     parser.add_argument("--rebuild", action="store_true", help="rebuild the cached corpora")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown report here")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here as JSON")
@@ -252,7 +258,11 @@ def main(argv: list[str] | None = None) -> int:
         unknown = sorted({source for record in records for source in record["sources"]} - known)
         if unknown:
             raise SystemExit(f"{name}: expected sources not in the corpus: {', '.join(unknown)}")
-        results = evaluate_corpus(name, corpora, embedder, records, args.skip_rerank)
+        results = evaluate_corpus(name, corpora, embedder, records, args.skip_rerank, args.only_rerank)
+        if args.only_rerank:
+            lines += [f"### {heading}", "", *table(results, len(records)), ""]
+            everything[name] = [{k: v for k, v in r.items() if k != "rows"} for r in results]
+            continue
         lines += [
             f"### {heading}",
             "",
