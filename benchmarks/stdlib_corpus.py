@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import pydoc
+import re
 import sys
 from typing import Any
 
@@ -37,6 +38,7 @@ MODULES = (
     "subprocess",
 )
 SOURCE_PREFIX = "py:"
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 def public_members(module: Any) -> list[tuple[str, Any]]:
@@ -66,6 +68,7 @@ def stdlib_documents() -> list[Any]:
             qualified = f"{module_name}.{name}"
             text = pydoc.render_doc(obj, title="%s", renderer=pydoc.plaintext)
             text = "\n".join(text.splitlines()[1:]).strip()  # the first line repeats the title
+            text = _ADDRESS.sub("", text)  # "<function copy2 at 0x7f...>": differs between processes
             if text:
                 documents.append(
                     Document(text, f"{SOURCE_PREFIX}{qualified}", {"module": module_name, "title": qualified})
