@@ -134,7 +134,6 @@ CONFIGURATIONS: list[tuple[str, bool, dict[str, Any], dict[str, str]]] = [
         )
         for weight in ("0.5", "0.6", "0.7", "0.8")
     ),
-    ("dense + sentence re-ranker", True, {"retrieval": "dense", "reranker": "sentence"}, {}),
     ("default + sentence re-ranker", True, {"reranker": "sentence"}, {}),
     ("default settings", True, {}, {}),
 ]
