@@ -12,6 +12,7 @@ MRR@10 averages 1/rank of the first such passage within the first 10 (0 when non
 configuration retrieves the whole question set in one `RAGPipeline.retrieve_batch`::
 
     python benchmarks/rag_eval.py                                   # both corpora, every mode
+    python benchmarks/rag_eval.py --rerank                          # and with the sentence re-ranker
     python benchmarks/rag_eval.py --out benchmarks/results/rag_eval.md
 
 Indexes are built on first use and cached (the default corpus under the ``cache_dir`` setting,
@@ -206,7 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--embedder", default=None, help="embedder name (default: the setting)")
     parser.add_argument("--device", default=None, help="cpu, cuda...; default: CUDA when available")
     parser.add_argument("--corpora", default="pydoc,stdlib", help="which corpora: pydoc, stdlib")
-    parser.add_argument("--skip-rerank", action="store_true", help="leave out the re-ranker configurations")
+    parser.add_argument(
+        "--rerank", action="store_true", help="also the re-ranker configurations (minutes to hours on a CPU)"
+    )
+    parser.add_argument("--skip-rerank", action="store_true", help="leave out the re-ranker configurations (default)")
     parser.add_argument("--only-rerank", action="store_true", help="only the re-ranker configurations")
     parser.add_argument("--rebuild", action="store_true", help="rebuild the cached corpora")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown report here")
@@ -257,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         unknown = sorted({source for record in records for source in record["sources"]} - known)
         if unknown:
             raise SystemExit(f"{name}: expected sources not in the corpus: {', '.join(unknown)}")
-        results = evaluate_corpus(name, corpora, embedder, records, args.skip_rerank, args.only_rerank)
+        skip_rerank = args.skip_rerank or not (args.rerank or args.only_rerank)
+        results = evaluate_corpus(name, corpora, embedder, records, skip_rerank, args.only_rerank)
         if args.only_rerank:
             lines += [f"### {heading}", "", *table(results, len(records)), ""]
             everything[name] = [{k: v for k, v in r.items() if k != "rows"} for r in results]
