@@ -9,8 +9,11 @@ writes it to ``--out`` when given::
 Embedding: passages of 100 model tokens cut from the default corpus, throughput in texts/s at
 batch 1, 8 and 64 (each timed run embeds ``--texts`` passages in batches of that size; the
 median and the best of ``--repeats`` runs after a warm-up). End to end: `RAGPipeline.answer_batch`
-over the default corpus (exact retriever, extractive generator), median seconds per stage for
-batches of 1 and 8 questions from the evaluation set. On a shared machine the best run is the
+over the default corpus (extractive generator), median seconds per stage for batches of 1 and 8
+questions from the evaluation set, for each pipeline of `PIPELINES` side by side: the runs
+interleave (one batch of each pipeline in turn, the same questions), so that a disturbance of the
+shared machine hits them alike. ``before`` is gpurag before hybrid retrieval (dense search over
+untitled chunks), ``default`` today's default settings. On a shared machine the best run is the
 least disturbed one; report both.
 """
 
@@ -94,21 +97,38 @@ def embedding_throughput(
     return len(texts) / statistics.median(times), times
 
 
-def pipeline_latency(pipeline: Any, questions: list[str], batch: int, repeats: int) -> dict[str, float]:
-    """Median seconds per stage of `answer_batch` over ``repeats`` batches of ``batch`` questions.
+#: The pipelines compared: name -> (titled corpus?, pipeline options).
+PIPELINES: dict[str, tuple[bool, dict[str, Any]]] = {
+    "before": (False, {"retrieval": "dense", "reranker": "none"}),
+    "default": (True, {}),
+}
+#: Added with ``--reranker``: the opt-in re-ranker costs seconds a batch on a CPU.
+RERANKED = ("default + sentence re-ranker", (True, {"reranker": "sentence"}))
 
-    ``best_total_s`` is the fastest batch's total: on a shared machine, the least disturbed one.
+
+def pipeline_latency(
+    pipelines: dict[str, Any], questions: list[str], batch: int, repeats: int
+) -> dict[str, dict[str, float]]:
+    """Per pipeline, median seconds per stage of `answer_batch` over ``repeats`` batches of ``batch`` questions.
+
+    The pipelines take turns on the same batch. ``best_total_s`` is the fastest batch's total: on a
+    shared machine, the least disturbed one.
     """
-    pipeline.answer_batch(questions[:batch])  # warm-up
-    runs: dict[str, list[float]] = {}
+    for pipeline in pipelines.values():
+        pipeline.answer_batch(questions[:batch])  # warm-up
+    runs: dict[str, dict[str, list[float]]] = {name: {} for name in pipelines}
     for r in range(repeats):
         offset = (r * batch) % max(1, len(questions) - batch)
-        answers = pipeline.answer_batch(questions[offset : offset + batch])
-        for key, value in answers[0].timings.items():
-            runs.setdefault(key, []).append(value)
-    medians = {key: statistics.median(values) for key, values in runs.items()}
-    medians["best_total_s"] = min(runs["total_s"])
-    return medians
+        for name, pipeline in pipelines.items():
+            answers = pipeline.answer_batch(questions[offset : offset + batch])
+            for key, value in answers[0].timings.items():
+                runs[name].setdefault(key, []).append(value)
+    result = {}
+    for name, stages in runs.items():
+        medians = {key: statistics.median(values) for key, values in stages.items()}
+        medians["best_total_s"] = min(stages["total_s"])
+        result[name] = medians
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="embedder name or model path (default: the setting)")
     parser.add_argument("--texts", type=int, default=128, help="passages embedded per timed run")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement")
-    parser.add_argument("--batches", default="1,8,64", help="embedding batch sizes")
+    parser.add_argument("--batches", default="1,8,64", help='embedding batch sizes ("" skips that part)')
     parser.add_argument("--pipeline-batches", default="1,8", help="answer_batch sizes")
+    parser.add_argument("--reranker", action="store_true", help="also time the default + sentence re-ranker")
     parser.add_argument("--label", default="", help="a name for the machine, printed in the heading")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown here")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw figures here as JSON")
@@ -140,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     mean_tokens = statistics.mean(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
     throughput: dict[int, float] = {}
     best: dict[int, float] = {}
-    for batch in (int(b) for b in args.batches.split(",")):
+    for batch in (int(b) for b in args.batches.split(",") if b):
         rate, times = embedding_throughput(embedder, texts, batch, args.repeats, device)
         throughput[batch] = rate
         best[batch] = len(texts) / min(times)
@@ -151,13 +172,17 @@ def main(argv: list[str] | None = None) -> int:
     embedder.batch_size = 64
     cached = is_cached(embedder)
     started = time.perf_counter()
-    corpus = load_default_corpus(embedder)
+    corpora = {titled: load_default_corpus(embedder, titles=titled) for titled in (True, False)}
+    corpus = corpora[True]
     corpus_s = time.perf_counter() - started
-    print(f"default corpus ready ({len(corpus)} chunks) in {corpus_s:.1f} s", file=sys.stderr)
-    pipeline = RAGPipeline(corpus, embedder, get_generator("extractive"))
+    print(f"default corpus ready ({len(corpus)} chunks, titled and not) in {corpus_s:.1f} s", file=sys.stderr)
+    pipelines = {
+        name: RAGPipeline(corpora[titled], embedder, get_generator("extractive"), **options)
+        for name, (titled, options) in ([*PIPELINES.items(), RERANKED] if args.reranker else PIPELINES.items())
+    }
     questions = [json.loads(line)["question"] for line in QUESTIONS.read_text().splitlines() if line.strip()]
     latency = {
-        batch: pipeline_latency(pipeline, questions, batch, args.repeats)
+        batch: pipeline_latency(pipelines, questions, batch, args.repeats)
         for batch in (int(b) for b in args.pipeline_batches.split(","))
     }
 
@@ -167,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     lines += [
         f"- model: {embedder.name} (dim {embedder.dim}), fp32; passages of {mean_tokens:.0f} tokens on average",
         f"- default corpus: {len(corpus)} chunks, {'loaded from the cache' if cached else 'built'} "
-        f"in {corpus_s:.1f} s; searched with the exact retriever on backend {corpus.retriever.backend.name}",
+        f"in {corpus_s:.1f} s; dense search with the exact retriever on backend {corpus.retriever.backend.name}",
+        f"- pipelines: {'; '.join(f'{name}: {pipelines[name]!r}' for name in pipelines)}",
         f"- medians of {args.repeats} timed runs after a warm-up; {args.texts} passages per embedding run",
         "",
         "| embedding batch | texts/s (median run) | texts/s (best run) |",
@@ -176,15 +202,20 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"| {batch} | {rate:,.1f} | {best[batch]:,.1f} |" for batch, rate in throughput.items()]
     lines += [
         "",
-        "| `answer_batch` size | embed ms | search ms | generate ms | total ms | ms per question | best total ms |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| pipeline | `answer_batch` size | embed ms | dense ms | lexical ms | fuse ms | rerank ms | generate ms "
+        "| total ms | best total ms | total / before (median) | (best) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for batch, stages in latency.items():
-        ms = {key: value * 1e3 for key, value in stages.items()}
-        lines.append(
-            f"| {batch} | {ms['embed_s']:.1f} | {ms['search_s']:.2f} | {ms['generate_s']:.1f} | "
-            f"{ms['total_s']:.1f} | {ms['total_s'] / batch:.1f} | {ms['best_total_s']:.1f} |"
-        )
+    for batch, per_pipeline in latency.items():
+        before = per_pipeline["before"]
+        for name, stages in per_pipeline.items():
+            ms = {key: value * 1e3 for key, value in stages.items()}
+            lines.append(
+                f"| {name} | {batch} | {ms['embed_s']:.1f} | {ms['search_s']:.2f} | {ms['lexical_s']:.2f} | "
+                f"{ms['fuse_s']:.2f} | {ms['rerank_s']:.1f} | {ms['generate_s']:.1f} | {ms['total_s']:.1f} | "
+                f"{ms['best_total_s']:.1f} | {stages['total_s'] / before['total_s']:.2f}× | "
+                f"{stages['best_total_s'] / before['best_total_s']:.2f}× |"
+            )
     table = "\n".join(lines) + "\n"
     print(table)
     if args.out:

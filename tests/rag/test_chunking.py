@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from gpurag.errors import InvalidInputError
 from gpurag.rag.chunking import chunk_documents, chunk_text
-from gpurag.rag.types import Document
+from gpurag.rag.types import Chunk, Document
 from gpurag.settings import get_settings
 
 WORDS = st.text(alphabet="abcxyz", min_size=1, max_size=14)
@@ -165,3 +165,87 @@ def test_defaults_come_from_the_settings(monkeypatch: pytest.MonkeyPatch) -> Non
         ("three four", 1, 8, "d"),
         ("five", 2, 19, "d"),
     ]
+
+
+# --- titles and section headings ---------------------------------------------------------------
+
+REST = """Top heading
+***********
+
+Intro text.
+
+First section
+=============
+
+Body of the first section.
+
+Sub section
+-----------
+
+Body of the sub section.
+
+Second section
+==============
+
+Body of the second section.
+a line
+======
+not a heading: no blank line before it."""
+
+
+def test_section_headings_of_restructured_text() -> None:
+    from gpurag.rag.chunking import section_headings
+
+    found = section_headings(REST)
+    assert [(level, heading) for _, level, heading in found] == [
+        (0, "Top heading"),
+        (1, "First section"),
+        (2, "Sub section"),
+        (1, "Second section"),
+    ]
+    assert [REST[offset:].split("\n")[0] for offset, _, _ in found] == [h for _, _, h in found]
+
+
+def test_section_headings_of_markdown() -> None:
+    from gpurag.rag.chunking import section_headings
+
+    text = "# Guide\n\nintro\n\n## Install ##\n\npip\n\n### From source\n\nmake\n\n## Use\n\nrun\n    # a comment"
+    assert [(level, h) for _, level, h in section_headings(text)] == [
+        (0, "Guide"),
+        (1, "Install"),
+        (2, "From source"),
+        (1, "Use"),
+    ]
+
+
+def test_headings_in_force_at_an_offset() -> None:
+    from gpurag.rag.chunking import headings_at, section_headings
+
+    found = section_headings(REST)
+    assert headings_at(found, 0) == ("Top heading",)
+    assert headings_at([(5, 0, "Late")], 0) == ()
+    assert headings_at(found, REST.index("Intro")) == ("Top heading",)
+    assert headings_at(found, REST.index("Body of the sub")) == ("Top heading", "First section", "Sub section")
+    assert headings_at(found, REST.index("Body of the second")) == ("Top heading", "Second section")
+    # A chunk that starts at a heading's line belongs to that section.
+    assert headings_at(found, REST.index("Second section")) == ("Top heading", "Second section")
+    assert headings_at(found, REST.index("Second section") - 1) == ("Top heading", "First section", "Sub section")
+
+
+def test_chunks_carry_title_and_headings_outside_their_text() -> None:
+    document = Document(REST, "doc.rst", {"title": "The guide"})
+    chunks = chunk_documents([document], size=60, overlap=0, unit="chars")
+    assert all(chunk.title == "The guide" for chunk in chunks)
+    sub = next(chunk for chunk in chunks if chunk.text.startswith("Sub section"))
+    assert sub.headings == ("Top heading", "First section", "Sub section")
+    assert sub.context() == "The guide > Top heading > First section > Sub section"
+    assert sub.indexed_text() == f"{sub.context()}\n\n{sub.text}"
+    assert "The guide" not in sub.text
+    # Text between the chunks is what the document holds, nothing added.
+    assert all(document.text[c.start : c.start + len(c.text)] == c.text for c in chunks)
+
+
+def test_a_title_repeated_as_the_first_heading_is_given_once() -> None:
+    chunk = Chunk(text="t", source="s", position=0, start=0, title="with", headings=("with", "with", "Details"))
+    assert chunk.context() == "with > Details"
+    assert Chunk(text="t", source="s", position=0, start=0).indexed_text() == "t"

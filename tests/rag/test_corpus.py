@@ -88,7 +88,7 @@ def test_build_errors(embedder: HashingEmbedder) -> None:
 def test_save_load_round_trip(corpus: CorpusIndex, embedder: HashingEmbedder, tmp_path: Path) -> None:
     path = tmp_path / "corpus"
     corpus.save(path)
-    assert sorted(p.name for p in path.iterdir()) == ["chunks.jsonl", "index", "manifest.json"]
+    assert sorted(p.name for p in path.iterdir()) == ["chunks.jsonl", "index", "lexical", "manifest.json"]
     loaded = CorpusIndex.load(path, embedder)
     assert loaded.chunks == corpus.chunks
     assert loaded.chunks[3].metadata == {"n": 3, "tags": ["a", "b"]}
@@ -180,3 +180,86 @@ def test_an_unknown_retriever_in_the_manifest(corpus: CorpusIndex, tmp_path: Pat
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(IndexFormatError, match="from-a-plugin-not-installed"):
         CorpusIndex.load(path)
+
+
+# --- titled chunks and the lexical index -------------------------------------------------------
+
+
+class RecordingEmbedder(HashingEmbedder):
+    """The hashing embedder, keeping every text it embedded."""
+
+    def __init__(self) -> None:
+        super().__init__(dim=128)
+        self.texts: list[str] = []
+
+    def embed_batch(self, texts):  # type: ignore[no-untyped-def]
+        self.texts.extend(texts)
+        return super().embed_batch(texts)
+
+
+def titled_chunks() -> list[Chunk]:
+    return [
+        Chunk(text=text, source=source, position=0, start=0, title=f"Title{i}", headings=("Part", f"Heading{i}"))
+        for i, (text, source) in enumerate(TEXTS)
+    ]
+
+
+def test_titles_and_headings_are_indexed_but_not_shown() -> None:
+    embedder = RecordingEmbedder()
+    corpus = CorpusIndex.build(titled_chunks(), embedder)
+    assert embedder.texts == [f"Title{i} > Part > Heading{i}\n\n{text}" for i, (text, _) in enumerate(TEXTS)]
+    assert corpus.indexed_texts() == embedder.texts
+    assert corpus.metadata["titles"] is True
+    ((ids, _),) = corpus.lexical_rankings(["heading3"], 5)
+    assert ids.tolist() == [3]  # found through its heading alone
+    (row,) = corpus.passages(corpus.lexical_rankings(["heading3"], 5))
+    assert row[0].text == TEXTS[3][0]  # the passage is the chunk's text, without title or headings
+    (dense,) = corpus.search(embedder.embed_batch(["Heading4"]), 1)
+    assert dense[0].id == 4
+    assert dense[0].text == TEXTS[4][0]
+
+
+def test_without_titles_only_the_text_is_indexed() -> None:
+    embedder = RecordingEmbedder()
+    corpus = CorpusIndex.build(titled_chunks(), embedder, titles=False)
+    assert embedder.texts == [text for text, _ in TEXTS]
+    assert corpus.metadata["titles"] is False
+    assert corpus.lexical_rankings(["heading3"], 5)[0][0].tolist() == []
+
+
+def test_the_lexical_index_is_saved_checked_and_loaded(tmp_path: Path) -> None:
+    corpus = CorpusIndex.build(titled_chunks(), HashingEmbedder(dim=128))
+    corpus.save(tmp_path / "corpus")
+    manifest = read_corpus_manifest(tmp_path / "corpus")
+    assert "lexical/manifest.json" in manifest["files"]
+    assert (tmp_path / "corpus" / "lexical" / "data.npy").is_file()
+    loaded = CorpusIndex.load(tmp_path / "corpus")
+    assert loaded.chunks == corpus.chunks  # titles and headings survive the round trip
+    queries = ["loop heading1", "try", "precision"]
+    before, after = corpus.lexical_rankings(queries, 5), loaded.lexical_rankings(queries, 5)
+    assert [ids.tolist() for ids, _ in after] == [ids.tolist() for ids, _ in before]
+    assert loaded._lexical is not None  # read from disk, not rebuilt
+
+    vocab = tmp_path / "corpus" / "lexical" / "vocab.json"
+    vocab.write_text(vocab.read_text().replace("loop", "lool"))
+    with pytest.raises(IndexFormatError, match=r"vocab\.json"):
+        CorpusIndex.load(tmp_path / "corpus")
+
+
+def test_a_corpus_saved_before_lexical_indexes_gets_one_built(tmp_path: Path) -> None:
+    import shutil
+
+    from gpurag import storage
+
+    corpus = CorpusIndex.build(make_chunks(), HashingEmbedder(dim=128), titles=False)
+    corpus.save(tmp_path / "corpus")
+    path = tmp_path / "corpus"
+    manifest = json.loads((path / "manifest.json").read_text())
+    shutil.rmtree(path / "lexical")
+    del manifest["lexical"], manifest["metadata"]["titles"]
+    files = [name for name in manifest.pop("files") if not name.startswith("lexical/")]
+    storage.write_manifest(path, {k: v for k, v in manifest.items() if k not in ("format", "format_version")}, files)
+    loaded = CorpusIndex.load(path)
+    assert loaded._lexical is None
+    assert loaded.titles is False
+    assert loaded.lexical_rankings(["precision"], 3)[0][0].tolist() == [4]

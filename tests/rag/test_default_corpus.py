@@ -41,7 +41,7 @@ def test_one_document_per_topic() -> None:
     assert {"pydoc:with", "pydoc:try", "pydoc:for"} <= set(sources)
     assert sources == sorted(sources)
     with_doc = documents[sources.index("pydoc:with")]
-    assert with_doc.metadata == {"topic": "with"}
+    assert with_doc.metadata == {"topic": "with", "title": "with"}
     assert "context manager" in with_doc.text
 
 
@@ -166,3 +166,20 @@ def test_gpurag_ask_answers_from_the_default_corpus(real_cache_dir: Path, monkey
     assert "pydoc:with" in result.output
     assert "context manager" in result.output
     assert "[1]" in result.output
+
+
+def test_titled_and_untitled_corpora_are_cached_apart(tmp_path: Path) -> None:
+    from gpurag.rag.default_corpus import CACHE_VERSION, cache_key, cache_path
+
+    embedder = HashingEmbedder()
+    assert CACHE_VERSION >= 2  # caches from before titled chunks and lexical indexes are not reused
+    assert cache_key(embedder)["titles"] is True
+    assert cache_path(embedder, cache_dir=tmp_path) != cache_path(embedder, cache_dir=tmp_path, titles=False)
+
+
+def test_default_chunks_carry_topic_and_heading() -> None:
+    chunks = [chunk for chunk in default_corpus.default_chunks() if chunk.source == "pydoc:try"]
+    assert chunks[0].context() == 'try > The "try" statement'
+    assert all(chunk.title == "try" for chunk in chunks)
+    assert any('"finally" clause' in chunk.headings for chunk in chunks)
+    assert not any(chunk.text.startswith("try >") for chunk in chunks)

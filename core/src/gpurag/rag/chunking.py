@@ -16,6 +16,11 @@ else at the start of a word.
 Guarantees: every chunk is within budget; every non-whitespace character of the text lies in
 some chunk; no chunk begins or ends with whitespace; neighbours share at most ``overlap`` units;
 whitespace-only text gives no chunks.
+
+Each chunk also knows where it sits: its document's title (the ``title`` metadata) and the
+section headings in force where it starts (`section_headings`: reStructuredText headings, a
+line underlined with ``=``, ``*``, ``-``...; Markdown ``#`` headings), which `Chunk.indexed_text`
+puts before the text that is embedded and lexically indexed.
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ from gpurag.settings import get_settings
 UNITS = ("chars", "tokens")
 
 _WORD = re.compile(r"\S+")
+# A reStructuredText underline: one punctuation character repeated, at least three times.
+_UNDERLINE = re.compile(r"([=*\-~^\"'`#+:.])\1{2,}")
+_MARKDOWN_HEADING = re.compile(r"(#{1,6})[ \t]+(\S.*?)[ \t#]*")
 _SENTENCE_END = frozenset(".!?…")
 _CLOSERS = frozenset("\"')]}»”’`*_")
 # Boundary levels, strongest first; a boundary of a level also counts for every weaker one.
@@ -69,6 +77,8 @@ def chunk_documents(
     chunks = []
     for document in documents:
         spans = _Splitter(document.text, size, overlap, tokens).spans()
+        title = document.metadata.get("title")
+        headings = section_headings(document.text)
         for position, (start, end) in enumerate(spans):
             chunks.append(
                 Chunk(
@@ -77,9 +87,63 @@ def chunk_documents(
                     position=position,
                     start=start,
                     metadata=dict(document.metadata),
+                    title=title if isinstance(title, str) else "",
+                    headings=headings_at(headings, start),
                 )
             )
     return chunks
+
+
+def section_headings(text: str) -> list[tuple[int, int, str]]:
+    """The section headings of ``text``: ``(offset of the heading line, level, heading)``, in order.
+
+    A heading is a line of text preceded by a blank line (or the start) and underlined by one
+    punctuation character repeated at least as long as it (reStructuredText), or a Markdown
+    ``#`` line. Levels are numbered from 0 in the order their adornments first appear, as
+    reStructuredText does.
+    """
+    found: list[tuple[int, int, str]] = []
+    levels: dict[str, int] = {}
+    lines = text.split("\n")
+    offsets = [0]
+    for line in lines:
+        offsets.append(offsets[-1] + len(line) + 1)
+    for i, line in enumerate(lines):
+        adornment, heading = "", ""
+        markdown = _MARKDOWN_HEADING.fullmatch(line)
+        if markdown is not None:
+            adornment, heading = markdown.group(1), markdown.group(2)
+        elif i + 1 < len(lines) and (i == 0 or not lines[i - 1].strip()):
+            underline = lines[i + 1].rstrip()
+            title = line.strip()
+            if (
+                title
+                and line == line.lstrip()
+                and _UNDERLINE.fullmatch(underline)
+                and not _UNDERLINE.fullmatch(title)
+                and len(underline) >= len(title)
+            ):
+                adornment, heading = underline[0], title
+        if heading:
+            level = levels.setdefault(adornment, len(levels))
+            found.append((offsets[i], level, heading))
+    return found
+
+
+def headings_at(headings: list[tuple[int, int, str]], offset: int) -> tuple[str, ...]:
+    """The headings in force at ``offset`` (outermost first), from `section_headings`'s list.
+
+    A heading whose line starts at ``offset`` is in force (a chunk that begins with a heading
+    belongs to that section); one that starts after it is not yet.
+    """
+    stack: list[tuple[int, str]] = []
+    for start, level, heading in headings:
+        if start > offset:
+            break
+        while stack and stack[-1][0] >= level:
+            stack.pop()
+        stack.append((level, heading))
+    return tuple(heading for _, heading in stack)
 
 
 def _check_budget(size: int, overlap: int, unit: str) -> None:

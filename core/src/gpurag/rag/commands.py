@@ -132,6 +132,8 @@ def info_command(directory: Path, as_json: bool) -> None:
     click.echo(f"embedder:  {embedder['name']} (dim {embedder['dim']})")
     click.echo(f"retriever: {retriever['name']} ({retriever.get('metric', '?')})")
     click.echo(f"chunks:    {chunks['count']} from {chunks.get('sources', '?')} sources")
+    lexical = manifest.get("lexical")
+    click.echo(f"lexical:   BM25 in {lexical['path']}/" if lexical else "lexical:   none saved (built on use)")
     click.echo(f"size:      {size / 1e6:.2f} MB")
     for key, value in sorted((manifest.get("metadata") or {}).items()):
         if value is not None:
@@ -150,6 +152,18 @@ def info_command(directory: Path, as_json: bool) -> None:
 @click.option("-k", "k", type=int, default=None, help="Passages to retrieve [setting: top_k].")
 @click.option("--generator", default=None, help="Generator name [setting: generator].")
 @click.option("--embedder", default=None, help="Embedder [the index's; for the default corpus: setting embedder].")
+@click.option(
+    "--retrieval",
+    type=click.Choice(["dense", "lexical", "hybrid"]),
+    default=None,
+    help="Dense, lexical (BM25) or both fused [setting: retrieval].",
+)
+@click.option(
+    "--reranker",
+    type=click.Choice(["none", "sentence"]),
+    default=None,
+    help="Re-rank the first candidates [setting: reranker].",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the answer, sources and timings as JSON.")
 @click.option(
     "--stream/--no-stream",
@@ -163,17 +177,20 @@ def ask_command(
     k: int | None,
     generator: str | None,
     embedder: str | None,
+    retrieval: str | None,
+    reranker: str | None,
     as_json: bool,
     stream: bool,
 ) -> None:
     """Answer QUESTION from a corpus index, or from Python's language reference when no --index is given."""
     from gpurag.rag.pipeline import RAGPipeline
 
+    options = {"retrieval": retrieval, "reranker": reranker}
     with _errors_as_click():
         if index is not None:
-            pipeline = RAGPipeline.from_index(index, embedder=embedder, generator=generator)
+            pipeline = RAGPipeline.from_index(index, embedder=embedder, generator=generator, **options)
         else:
-            pipeline = _default_pipeline(embedder, generator)
+            pipeline = _default_pipeline(embedder, generator, **options)
         if stream and not as_json and hasattr(pipeline.generator, "stream"):
             _stream_answer(pipeline, question, k)
             return
@@ -206,7 +223,7 @@ def _stream_answer(pipeline: Any, question: str, k: int | None) -> None:
     if not question.strip():
         raise click.BadParameter("expected a question", param_hint="QUESTION")
     k = get_settings().top_k if k is None else check_k(k)
-    (passages,) = pipeline.corpus.search(pipeline.embedder.embed_batch([question]), k)
+    (passages,), _ = pipeline.retrieve_batch([question], k)
     for piece in pipeline.generator.stream([question], [passages]):
         click.echo(piece.text, nl=False)
         sys.stdout.flush()
@@ -214,7 +231,7 @@ def _stream_answer(pipeline: Any, question: str, k: int | None) -> None:
     _echo_passages(list(passages))
 
 
-def _default_pipeline(embedder_name: str | None, generator: str | None) -> Any:
+def _default_pipeline(embedder_name: str | None, generator: str | None, **options: Any) -> Any:
     """The default pipeline; a first build of the default corpus shows a progress bar."""
     from gpurag.rag import default_corpus
     from gpurag.rag.embedders import get_embedder
@@ -222,11 +239,11 @@ def _default_pipeline(embedder_name: str | None, generator: str | None) -> Any:
 
     embedder = get_embedder(embedder_name)
     if default_corpus.is_cached(embedder):
-        return RAGPipeline.default(embedder=embedder, generator=generator)
+        return RAGPipeline.default(embedder=embedder, generator=generator, **options)
     where = default_corpus.cache_path(embedder)
     click.echo(f"indexing Python's language reference once, into {where}", err=True)
     with _progress_bar(len(default_corpus.default_chunks()), "embedding") as bar:
-        return RAGPipeline.default(embedder=embedder, generator=generator, progress=bar.update)
+        return RAGPipeline.default(embedder=embedder, generator=generator, progress=bar.update, **options)
 
 
 @hookimpl

@@ -3,8 +3,14 @@
 On disk it is a directory written atomically and checked on load (see `gpurag.storage`)::
 
     manifest.json    kind "corpus", the embedder (name, dim), the retriever, the chunk count, checksums
-    chunks.jsonl     one chunk a line: text, source, position, start, metadata (line i has id i)
+    chunks.jsonl     one chunk a line: text, source, position, start, metadata, title, headings
+                     (line i has id i)
     index/           the retriever's own index directory, with its own manifest
+    lexical/         the BM25 index of the same chunks (`gpurag.rag.lexical`), with its own manifest
+
+What is embedded and lexically indexed is each chunk's `Chunk.indexed_text` (its title and
+headings, then its text) when the corpus is built with ``titles=True`` (the default), else its
+text alone; a passage shows the chunk's text alone either way.
 """
 
 from __future__ import annotations
@@ -17,9 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from gpurag import storage
 from gpurag.errors import IndexFormatError, InvalidInputError
+from gpurag.rag.fusion import Ranking
+from gpurag.rag.lexical import LexicalIndex
 from gpurag.rag.types import Chunk, Embedder, Passage
 from gpurag.retriever import Retriever
 from gpurag.settings import get_settings
@@ -28,6 +37,7 @@ from gpurag.settings import get_settings
 KIND = "corpus"
 CHUNKS_FILE = "chunks.jsonl"
 INDEX_DIR = "index"
+LEXICAL_DIR = "lexical"
 
 #: Called after each embedded batch with the number of chunks it held.
 Progress = Callable[[int], None]
@@ -56,6 +66,7 @@ class CorpusIndex:
         embedder_name: str,
         embedder_dim: int,
         metadata: dict[str, Any] | None = None,
+        lexical: LexicalIndex | None = None,
     ) -> None:
         if len(retriever) != len(chunks):
             raise InvalidInputError(f"the retriever holds {len(retriever)} vectors but {len(chunks)} chunks were given")
@@ -67,8 +78,31 @@ class CorpusIndex:
         self.chunks: list[Chunk] = list(chunks)
         self.embedder_name = embedder_name
         self.embedder_dim = int(embedder_dim)
-        #: Free-form facts recorded in the manifest (chunk settings, build time...).
+        #: Free-form facts recorded in the manifest (chunk settings, build time, ``titles``...).
         self.metadata: dict[str, Any] = dict(metadata or {})
+        if lexical is not None and len(lexical) != len(self.chunks):
+            raise InvalidInputError(
+                f"the lexical index holds {len(lexical)} documents but {len(chunks)} chunks were given"
+            )
+        self._lexical = lexical
+
+    @property
+    def titles(self) -> bool:
+        """Whether titles and headings were indexed with the chunks' text (``titles`` in the metadata)."""
+        return bool(self.metadata.get("titles", False))
+
+    def indexed_texts(self) -> list[str]:
+        """What was embedded and lexically indexed for each chunk."""
+        if self.titles:
+            return [chunk.indexed_text() for chunk in self.chunks]
+        return [chunk.text for chunk in self.chunks]
+
+    @property
+    def lexical(self) -> LexicalIndex:
+        """The BM25 index of the chunks; a corpus saved without one gets it built here, once."""
+        if self._lexical is None:
+            self._lexical = LexicalIndex.build(self.indexed_texts())
+        return self._lexical
 
     def __len__(self) -> int:
         return len(self.chunks)
@@ -95,13 +129,15 @@ class CorpusIndex:
         batch_size: int | None = None,
         backend: str | None = None,
         metadata: dict[str, Any] | None = None,
+        titles: bool = True,
     ) -> CorpusIndex:
-        """Embed ``chunks`` in batches and index them with ``retriever`` (a registered name or an empty one).
+        """Embed ``chunks`` in batches, index them with ``retriever`` (a registered name or an empty one) and BM25.
 
         :param progress: called after each batch with the number of chunks it embedded.
         :param batch_size: chunks per call to the embedder; None takes the ``embed_batch_size`` setting.
         :param backend: distance backend for a retriever given by name; None takes the ``backend`` setting.
         :param metadata: extra facts to record in the manifest.
+        :param titles: embed and lexically index each chunk's title and headings with its text.
         """
         chunk_list = list(chunks)
         if not chunk_list:
@@ -116,10 +152,11 @@ class CorpusIndex:
         if len(index):
             raise InvalidInputError(f"retriever must be empty; it holds {len(index)} vectors")
         started = time.perf_counter()
+        texts = [chunk.indexed_text() if titles else chunk.text for chunk in chunk_list]
         batches: list[np.ndarray[Any, Any]] = []
         for start in range(0, len(chunk_list), size):
-            batch = chunk_list[start : start + size]
-            vectors = np.asarray(embedder.embed_batch([chunk.text for chunk in batch]), dtype=np.float32)
+            batch = texts[start : start + size]
+            vectors = np.asarray(embedder.embed_batch(batch), dtype=np.float32)
             if vectors.shape != (len(batch), embedder.dim):
                 raise InvalidInputError(
                     f"embedder {embedder.name!r} returned shape {vectors.shape} for {len(batch)} texts; "
@@ -130,22 +167,36 @@ class CorpusIndex:
                 progress(len(batch))
         # One add: appending batch by batch would copy the growing index each time.
         index.add(np.concatenate(batches), ids=np.arange(len(chunk_list), dtype=np.int64))
-        facts = {"build_s": round(time.perf_counter() - started, 3), **(metadata or {})}
-        return cls(index, chunk_list, embedder.name, embedder.dim, facts)
+        lexical = LexicalIndex.build(texts)
+        facts = {"build_s": round(time.perf_counter() - started, 3), "titles": bool(titles), **(metadata or {})}
+        return cls(index, chunk_list, embedder.name, embedder.dim, facts, lexical)
 
     def search(self, query_vectors: Any, k: int) -> list[list[Passage]]:
-        """The ``k`` best passages for each query vector, best first (fewer where the corpus is smaller)."""
+        """The ``k`` best passages for each query vector by the dense retriever alone, best first."""
+        return self.passages(self.dense_rankings(query_vectors, k))
+
+    def dense_rankings(self, query_vectors: Any, k: int) -> list[Ranking]:
+        """Each query vector's ``k`` nearest chunks (ids, similarities), best first, in one search."""
         result = self.retriever.search(query_vectors, k)
-        passages: list[list[Passage]] = []
+        rankings: list[Ranking] = []
         for scores, ids in zip(result.scores, result.ids, strict=True):
-            row: list[Passage] = []
-            for score, chunk_id in zip(scores.tolist(), ids.tolist(), strict=True):
-                if chunk_id < 0:
-                    continue
-                chunk = self.chunks[chunk_id]
-                row.append(Passage(id=int(chunk_id), score=float(score), text=chunk.text, source=chunk.source))
-            passages.append(row)
-        return passages
+            keep = ids >= 0
+            rankings.append((ids[keep].astype(np.int64), np.asarray(scores[keep], dtype=np.float32)))
+        return rankings
+
+    def lexical_rankings(self, queries: Sequence[str], k: int) -> list[Ranking]:
+        """Each query text's ``k`` best chunks by BM25 (ids, scores), best first; only chunks sharing a term."""
+        return self.lexical.search(queries, k)
+
+    def passages(self, rankings: Sequence[Ranking]) -> list[list[Passage]]:
+        """The passages of each ranking's chunk ids, in order, scored with the ranking's scores."""
+        return [
+            [
+                Passage(id=chunk_id, score=score, text=self.chunks[chunk_id].text, source=self.chunks[chunk_id].source)
+                for chunk_id, score in zip(_ints(ids), scores.tolist(), strict=True)
+            ]
+            for ids, scores in rankings
+        ]
 
     def manifest(self) -> dict[str, Any]:
         """What the manifest records besides checksums: kind, embedder, retriever, chunk count, metadata."""
@@ -158,6 +209,7 @@ class CorpusIndex:
                 "path": INDEX_DIR,
             },
             "chunks": {"file": CHUNKS_FILE, "count": len(self.chunks), "sources": len(self.sources)},
+            "lexical": {"path": LEXICAL_DIR, "kind": "bm25"},
             "metadata": self.metadata,
         }
 
@@ -169,7 +221,9 @@ class CorpusIndex:
                     handle.write(_chunk_line(chunk, i))
                     handle.write("\n")
             self.retriever.save(tmp / INDEX_DIR)
-            storage.write_manifest(tmp, self.manifest(), files=[CHUNKS_FILE, f"{INDEX_DIR}/{storage.MANIFEST}"])
+            self.lexical.save(tmp / LEXICAL_DIR)
+            files = [CHUNKS_FILE, f"{INDEX_DIR}/{storage.MANIFEST}", f"{LEXICAL_DIR}/{storage.MANIFEST}"]
+            storage.write_manifest(tmp, self.manifest(), files=files)
 
     @classmethod
     def load(
@@ -207,7 +261,12 @@ class CorpusIndex:
                 f"{where} is inconsistent: the manifest says {count} chunks, "
                 f"{CHUNKS_FILE} holds {len(chunks)} and the index {len(retriever)} vectors"
             )
-        return cls(retriever, chunks, name, dim, manifest.get("metadata") or {})
+        lexical = None
+        if manifest.get("lexical"):  # corpora saved before hybrid retrieval have none; it is built on use
+            lexical = LexicalIndex.load(where / LEXICAL_DIR)
+            if len(lexical) != count:
+                raise IndexFormatError(f"{where} is inconsistent: {count} chunks, the lexical index {len(lexical)}")
+        return cls(retriever, chunks, name, dim, manifest.get("metadata") or {}, lexical)
 
 
 def read_corpus_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -246,6 +305,8 @@ def _chunk_line(chunk: Chunk, position: int) -> str:
         "position": chunk.position,
         "start": chunk.start,
         "metadata": chunk.metadata,
+        "title": chunk.title,
+        "headings": list(chunk.headings),
     }
     try:
         return json.dumps(record, ensure_ascii=False)
@@ -268,8 +329,14 @@ def _read_chunks(path: Path) -> list[Chunk]:
                         position=int(record["position"]),
                         start=int(record["start"]),
                         metadata=dict(record.get("metadata") or {}),
+                        title=str(record.get("title") or ""),
+                        headings=tuple(str(heading) for heading in record.get("headings") or ()),
                     )
                 )
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
                 raise IndexFormatError(f"{path} is damaged at line {number}: {exc}") from exc
     return chunks
+
+
+def _ints(ids: npt.NDArray[np.int64]) -> list[int]:
+    return [int(i) for i in ids.tolist()]

@@ -1,7 +1,9 @@
 """The default corpus: Python's language reference as CPython ships it (`pydoc_data.topics`).
 
-Each pydoc topic is one document whose source is ``pydoc:<topic>`` (``pydoc:with``, ``pydoc:try``).
-It is chunked and indexed on first use and cached under the ``cache_dir`` setting, keyed by the
+Each pydoc topic is one document whose source is ``pydoc:<topic>`` (``pydoc:with``, ``pydoc:try``)
+and whose title is the topic; its chunks also carry the section headings above them (``with >
+The "with" statement``), which are embedded and lexically indexed with the text. It is chunked
+and indexed on first use and cached under the ``cache_dir`` setting, keyed by the
 Python version, the topics' text, the embedder and the chunk settings; later calls load the cache.
 """
 
@@ -23,7 +25,7 @@ from gpurag.rag.types import Chunk, Document, Embedder
 from gpurag.settings import get_settings
 
 #: Bump when the way the default corpus is made changes, so old caches are not reused.
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: titled chunks and a lexical index
 SOURCE_PREFIX = "pydoc:"
 
 
@@ -37,14 +39,14 @@ def topics() -> dict[str, str]:
 def default_documents() -> list[Document]:
     """One document per pydoc topic, sorted by topic, with source ``pydoc:<topic>``."""
     return [
-        Document(text=text, source=f"{SOURCE_PREFIX}{name}", metadata={"topic": name})
+        Document(text=text, source=f"{SOURCE_PREFIX}{name}", metadata={"topic": name, "title": name})
         for name, text in sorted(topics().items())
         if text.strip()
     ]
 
 
-def cache_key(embedder: Embedder, retriever: str = "exact") -> dict[str, Any]:
-    """What the cached index depends on: Python and topics, embedder, chunk settings, retriever."""
+def cache_key(embedder: Embedder, retriever: str = "exact", titles: bool = True) -> dict[str, Any]:
+    """What the cached index depends on: Python and topics, embedder, chunk settings, retriever, titles."""
     settings = get_settings()
     digest = hashlib.sha256()
     for name, text in sorted(topics().items()):
@@ -62,12 +64,15 @@ def cache_key(embedder: Embedder, retriever: str = "exact") -> dict[str, Any]:
         "chunk_overlap": settings.chunk_overlap,
         "chunk_unit": settings.chunk_unit,
         "retriever": retriever,
+        "titles": titles,
     }
 
 
-def cache_path(embedder: Embedder, retriever: str = "exact", cache_dir: Path | None = None) -> Path:
+def cache_path(
+    embedder: Embedder, retriever: str = "exact", cache_dir: Path | None = None, titles: bool = True
+) -> Path:
     """The directory the default corpus for ``embedder`` is cached in."""
-    key = cache_key(embedder, retriever)
+    key = cache_key(embedder, retriever, titles)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", embedder.name).strip("._-")[-40:] or "embedder"
     name = f"py{key['python']}-{slug}-{key['chunk_unit']}{key['chunk_size']}-{digest}"
@@ -81,18 +86,20 @@ def load_default_corpus(
     cache_dir: Path | None = None,
     progress: Progress | None = None,
     rebuild: bool = False,
+    titles: bool = True,
 ) -> CorpusIndex:
     """The default corpus indexed with ``embedder`` (None: the default embedder), from the cache if there.
 
     The first call (or ``rebuild=True``, or a damaged cache) chunks and embeds the topics and saves
     the index atomically; ``progress`` sees each embedded batch. Two processes building at once take
-    turns on a lock file, so the second loads what the first saved.
+    turns on a lock file, so the second loads what the first saved. ``titles=False`` indexes the
+    chunks' text alone (as gpurag did before titled chunks; kept for comparison).
     """
     if embedder is None:
         from gpurag.rag.embedders import get_embedder
 
         embedder = get_embedder()
-    path = cache_path(embedder, retriever, cache_dir)
+    path = cache_path(embedder, retriever, cache_dir, titles)
     if not rebuild:
         cached = _try_load(path, embedder)
         if cached is not None:
@@ -106,12 +113,12 @@ def load_default_corpus(
                 f"the default corpus cannot be cached in {path.parent} ({exc}); it is built for this process only",
                 stacklevel=2,
             )
-            return build_default_corpus(embedder, retriever=retriever, progress=progress)
+            return build_default_corpus(embedder, retriever=retriever, progress=progress, titles=titles)
         if not rebuild:
             cached = _try_load(path, embedder)  # another process may have built it while we waited
             if cached is not None:
                 return cached
-        corpus = build_default_corpus(embedder, retriever=retriever, progress=progress)
+        corpus = build_default_corpus(embedder, retriever=retriever, progress=progress, titles=titles)
         try:
             corpus.save(path)
         except OSError as exc:
@@ -120,7 +127,7 @@ def load_default_corpus(
 
 
 def build_default_corpus(
-    embedder: Embedder, *, retriever: str = "exact", progress: Progress | None = None
+    embedder: Embedder, *, retriever: str = "exact", progress: Progress | None = None, titles: bool = True
 ) -> CorpusIndex:
     """Chunk and index the pydoc topics with ``embedder`` and the chunk settings (no cache involved)."""
     return CorpusIndex.build(
@@ -128,7 +135,8 @@ def build_default_corpus(
         embedder,
         retriever,
         progress=progress,
-        metadata={"corpus": "default", **cache_key(embedder, retriever)},
+        metadata={"corpus": "default", **cache_key(embedder, retriever, titles)},
+        titles=titles,
     )
 
 

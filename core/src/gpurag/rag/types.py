@@ -29,6 +29,30 @@ class Chunk:
     position: int  # index of this chunk among its document's chunks
     start: int  # character offset of the chunk in the document's text
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: The document's title ("" when it has none).
+    title: str = ""
+    #: The section headings in force where the chunk starts, outermost first.
+    headings: tuple[str, ...] = ()
+
+    def context(self) -> str:
+        """Where the chunk sits: its title and headings joined by `` > `` ("" when it has neither).
+
+        A heading equal to the title (or to the previous heading) is given once.
+        """
+        parts: list[str] = []
+        for part in (self.title, *self.headings):
+            part = " ".join(part.split())
+            if part and (not parts or parts[-1] != part):
+                parts.append(part)
+        return " > ".join(parts)
+
+    def indexed_text(self) -> str:
+        """What is embedded and lexically indexed: the context line, a blank line, then the text.
+
+        The passage a reader sees is `text` alone.
+        """
+        context = self.context()
+        return f"{context}\n\n{self.text}" if context else self.text
 
 
 @dataclasses.dataclass(frozen=True)
