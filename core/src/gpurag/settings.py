@@ -46,6 +46,9 @@ class Settings(BaseSettings):
         description="Most bytes one chunk of a search may hold in scores (queries x rows x 4).",
     )
     max_query_chunk: int = Field(default=4096, gt=0, description="Most queries searched in one chunk.")
+    max_k: int = Field(
+        default=65536, gt=0, description="Largest k a search accepts; raise it (up to the index size) for more."
+    )
     numpy_block_rows: int = Field(
         default=1024, gt=0, description="Database rows the NumPy backend scores in one BLAS call."
     )

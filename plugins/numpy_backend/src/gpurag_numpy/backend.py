@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from gpurag.arrays import check_int
 from gpurag.backend import Availability, Database, DistanceBackend
 from gpurag.errors import InvalidInputError
 from gpurag.metrics import Metric, TopK
@@ -20,7 +21,6 @@ from gpurag_numpy import lsh
 from gpurag_numpy.database import (
     ROW_DATA,
     NumpyDatabase,
-    l1_encode,
     l1_levels,
     l1_scale_for,
     row_data_for,
@@ -64,55 +64,47 @@ class NumpyBackend(DistanceBackend):
             set_l1_codes(database, x, scale)
         return database
 
-    def append(self, database: Database, vectors: Any) -> NumpyDatabase:
-        """A database holding ``database``'s rows followed by ``vectors``."""
-        old = np.asarray(self.to_numpy(database.vectors), dtype=np.float32)
+    def append(self, database: Database, vectors: Any) -> Database:
+        """``database`` with ``vectors`` added as its last rows, in place past ``count`` (amortised O(new rows)).
+
+        l1 rows are encoded at the database's scale; rows too large for it re-encode every row at a
+        new (at least twice as large) scale.
+        """
         new = np.ascontiguousarray(self.to_numpy(vectors), dtype=np.float32)
-        if new.ndim != 2 or (old.shape[0] and new.shape[1] != old.shape[1]):
-            raise InvalidInputError(f"vectors must be (rows, {old.shape[1]}); got shape {new.shape}")
-        metric = database.metric
-        combined = np.concatenate([old, new])
-        added = row_data_for(new, metric)
-        if metric is Metric.L1:
-            scale = getattr(database, "l1_scale", 0.0)
-            codes_before = getattr(database, "l1_codes", None)
-            if codes_before is None or float(np.max(np.abs(new), initial=0.0)) > l1_levels(new.shape[1]) * scale:
-                return self.prepare(combined, metric)  # the codes need a new scale
-            codes, sums, errors = l1_encode(new, scale)
-            added = {"l1_code_sums": sums, "l1_errors": errors}
-        if set(added) != set(database.row_data):
-            return self.prepare(combined, metric)
-        result = NumpyDatabase(
-            metric=metric,
-            vectors=combined,
-            row_data={key: np.concatenate([database.row_data[key], value]) for key, value in added.items()},
-        )
-        if metric is Metric.L1:
-            result.l1_codes = np.concatenate([codes_before, codes.T], axis=1)
-            result.l1_scale = scale
-        return result
+        if new.ndim != 2 or new.shape[1] != database.dim:
+            raise InvalidInputError(f"vectors must be (rows, {database.dim}); got shape {new.shape}")
+        if not isinstance(database, NumpyDatabase) or not set(ROW_DATA[database.metric]) <= set(database.row_data):
+            return self.prepare(np.concatenate([self.to_numpy(database.vectors), new]), database.metric)
+        if database.metric is not Metric.L1:
+            return self.append_prepared(database, self.prepare(new, database.metric))
+        scale = database.l1_scale
+        if database.l1_codes is None or float(np.max(np.abs(new), initial=0.0)) > l1_levels(new.shape[1]) * scale:
+            return self.prepare(np.concatenate([database.vectors, new]), database.metric)  # a new scale
+        added = NumpyDatabase(metric=database.metric, vectors=new)
+        set_l1_codes(added, new, scale)
+        return self.append_prepared(database, added)
 
     def take(self, database: Database, positions: np.ndarray[Any, Any]) -> NumpyDatabase:
-        """A database of the rows at ``positions`` (host int64), in that order."""
+        """A new database of the rows at ``positions`` (host int64), in that order."""
         positions = np.asarray(positions, dtype=np.int64)
-        codes = getattr(database, "l1_codes", None)
+        codes = database.l1_codes if isinstance(database, NumpyDatabase) else None
         return NumpyDatabase(
             metric=database.metric,
             vectors=np.ascontiguousarray(database.vectors[positions]),
             row_data={key: value[positions] for key, value in database.row_data.items()},
             l1_codes=None if codes is None else np.ascontiguousarray(codes[:, positions]),
-            l1_scale=getattr(database, "l1_scale", 0.0),
+            l1_scale=database.l1_scale if isinstance(database, NumpyDatabase) else 0.0,
         )
 
     def slice(self, database: Database, start: int, stop: int) -> NumpyDatabase:
         """Rows ``start:stop`` of ``database``, as views."""
-        codes = getattr(database, "l1_codes", None)
+        codes = database.l1_codes if isinstance(database, NumpyDatabase) else None
         return NumpyDatabase(
             metric=database.metric,
             vectors=database.vectors[start:stop],
             row_data={key: value[start:stop] for key, value in database.row_data.items()},
             l1_codes=None if codes is None else codes[:, start:stop],
-            l1_scale=getattr(database, "l1_scale", 0.0),
+            l1_scale=database.l1_scale if isinstance(database, NumpyDatabase) else 0.0,
         )
 
     # --- search --------------------------------------------------------------------------------
@@ -129,13 +121,11 @@ class NumpyBackend(DistanceBackend):
         """
         q = np.ascontiguousarray(self.to_numpy(queries), dtype=np.float32)
         n_rows = database.count
-        if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= n_rows:
-            raise InvalidInputError(f"k must be an integer in 1..{n_rows} (the database's rows); got {k!r}")
-        k = int(k)
+        k = check_int(k, "k (at most the database's rows)", minimum=1, maximum=n_rows)
         if q.ndim != 2 or q.shape[1] != database.dim:
             raise InvalidInputError(f"queries must be (Q, {database.dim}); got shape {q.shape}")
         if not set(ROW_DATA[database.metric]) <= set(database.row_data) or (
-            database.metric is Metric.L1 and getattr(database, "l1_codes", None) is None
+            database.metric is Metric.L1 and not (isinstance(database, NumpyDatabase) and database.l1_codes is not None)
         ):
             database = self.prepare(database.vectors, database.metric)  # not prepared by this backend
         n_queries = q.shape[0]

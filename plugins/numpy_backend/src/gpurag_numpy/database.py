@@ -30,6 +30,28 @@ class NumpyDatabase(Database):
     l1_codes: Any = None
     l1_scale: float = 0.0
 
+    def row_axes(self) -> dict[str, int]:
+        """`Database.row_axes` plus the l1 codes, whose rows lie along axis 1."""
+        axes = super().row_axes()
+        if self.l1_codes is not None:
+            axes["l1_codes"] = 1
+        return axes
+
+    def row_arrays(self) -> dict[str, Any]:
+        """`Database.row_arrays` plus the l1 codes."""
+        arrays = super().row_arrays()
+        if self.l1_codes is not None:
+            arrays["l1_codes"] = self.l1_codes
+        return arrays
+
+    def with_rows(self, count: int, storage: dict[str, Any]) -> NumpyDatabase:
+        """`Database.with_rows`, the l1 codes included."""
+        result = super().with_rows(count, storage)
+        assert isinstance(result, NumpyDatabase)
+        if "l1_codes" in storage:
+            result.l1_codes = storage["l1_codes"][:, :count]
+        return result
+
 
 #: What `NumpyBackend.prepare` puts in ``row_data`` for each metric.
 ROW_DATA: dict[Metric, tuple[str, ...]] = {
