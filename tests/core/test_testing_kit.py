@@ -140,7 +140,7 @@ def test_check_rejects_a_wrong_id_with_its_own_score() -> None:
     ids[0, 3] = 2
     scores[0, 3] = ref.pairwise_reference(queries, vectors, Metric.L2)[0, 2]
     message = _rejects("query 0, rank 3, id 2", queries, vectors, scores, ids)
-    assert "k-th best" in message
+    assert "incomplete answer" in message
 
 
 def test_check_rejects_a_wrong_value() -> None:
@@ -206,8 +206,44 @@ def test_check_rejects_the_worst_rows_for_every_metric(metric: Metric) -> None:
     vectors = rng.standard_normal((20, 8)).astype(np.float32)
     scores, ids = ref.search_reference(queries, vectors, metric, 20)
     ref.assert_topk_matches(queries, vectors, metric, scores[:, :3].astype(np.float32), ids[:, :3], 3)
-    with pytest.raises(AssertionError, match="k-th best"):
+    with pytest.raises(AssertionError, match="incomplete answer"):
         ref.assert_topk_matches(queries, vectors, metric, scores[:, -3:].astype(np.float32), ids[:, -3:], 3)
+
+
+def test_check_rejects_an_answer_that_drops_a_better_row_when_the_kth_place_is_tied() -> None:
+    vectors = np.array([[0.0], [1.0], [2.0], [2.0]], np.float32)
+    queries = np.zeros((1, 1), np.float32)
+    ref.assert_topk_matches(queries, vectors, Metric.L2, np.array([[0.0, 1.0, 4.0]], np.float32), [[0, 1, 3]], 3)
+    message = _rejects(
+        "incomplete answer", queries, vectors, np.array([[1.0, 4.0, 4.0]], np.float32), [[1, 2, 3]], k=3
+    )
+    assert "better rows missing: [0]" in message
+
+
+@pytest.mark.parametrize("metric", list(Metric), ids=str)
+def test_check_tolerance_is_per_pair_so_one_huge_row_does_not_loosen_the_others(metric: Metric) -> None:
+    rng = np.random.default_rng(5)
+    queries = rng.standard_normal((1, 8)).astype(np.float32)
+    vectors = rng.standard_normal((50, 8)).astype(np.float32)
+    vectors[0] *= 1e4
+    scores, ids = ref.search_reference(queries, vectors, metric, 50)
+    ref.assert_topk_matches(queries, vectors, metric, scores[:, :1].astype(np.float32), ids[:, :1], 1)
+    wrong = ids[:, 40:41] if ids[0, 40] != 0 else ids[:, 41:42]
+    wrong_scores = ref.pairwise_reference(queries, vectors, metric)[:, wrong[0]]
+    with pytest.raises(AssertionError, match="incomplete answer"):
+        ref.assert_topk_matches(queries, vectors, metric, wrong_scores.astype(np.float32), wrong, 1)
+
+
+def test_pair_tolerance_has_a_floor_for_float32_underflow() -> None:
+    tiny = np.full((1, 4), 1e-30, np.float32)  # products of 1e-60 underflow float32
+    tol = ref.pair_tolerance(tiny, tiny, Metric.DOT)
+    assert tol.shape == (1, 1)
+    assert tol[0, 0] >= 4 * float(np.finfo(np.float32).tiny)
+    rng = np.random.default_rng(2)
+    q, x = rng.standard_normal((2, 6)), rng.standard_normal((3, 6))
+    x[1] *= 1000.0
+    tol = ref.pair_tolerance(q, x, Metric.DOT)
+    assert tol[0, 1] > 500 * tol[0, 0], "a large row's tolerance is its own, not every row's"
 
 
 def test_pairwise_check_rejects_one_wrong_entry() -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from gpurag.arrays import check_int
-from gpurag.backend import Availability, Database, DistanceBackend
+from gpurag.backend import Availability, Boundaries, Database, DistanceBackend
 from gpurag.errors import InvalidInputError
 from gpurag.metrics import Metric, TopK
 from gpurag.settings import get_settings
@@ -28,7 +28,7 @@ from gpurag_numpy.database import (
 )
 from gpurag_numpy.numerics import CHUNK_ELEMENTS, F32, F64, I64, U8
 from gpurag_numpy.pairwise import pairwise_matrix
-from gpurag_numpy.scorers import make_scorer
+from gpurag_numpy.scorers import make_scorer, scan_query_boundaries, scan_shape
 from gpurag_numpy.selection import search_chunk
 from gpurag_numpy.threads import BLAS_ONE_THREAD, MIN_PARALLEL_WORK, thread_count
 
@@ -148,17 +148,37 @@ class NumpyBackend(DistanceBackend):
         indices[active] = rows
         return TopK(scores, indices)
 
+    @staticmethod
+    def _threads(metric: Metric) -> int:
+        """Threads a large search for ``metric`` splits over (1 where BLAS runs its own threads)."""
+        if metric is not Metric.L1 and not BLAS_ONE_THREAD.available:
+            return 1
+        return thread_count()
+
+    @staticmethod
+    def _query_chunk(k: int, block_rows: int) -> int:
+        """Queries searched at once: candidates take about 32 bytes each, within the memory budget."""
+        return max(1, get_settings().memory_budget_bytes // (32 * (k + block_rows)))
+
+    def boundaries(self, metric: Metric, queries: int, dim: int) -> Boundaries:
+        """Blocks of rows and tiles of queries of the scan, thread splits by rows or by queries, query chunks."""
+        block_rows, tile_queries = scan_shape(metric, queries)
+        threads = self._threads(metric)
+        rows = [block_rows]
+        query_counts = [tile_queries, self._query_chunk(1, block_rows), *scan_query_boundaries(metric)]
+        if threads > 1:
+            rows.append(-(-MIN_PARALLEL_WORK // max(1, queries * dim)))  # threads start here
+            query_counts.append(4 * threads)  # split by queries from here, by rows below
+        return Boundaries(rows=tuple(rows), queries=tuple(query_counts))
+
     def _search(self, queries: F32, database: Database, k: int) -> tuple[F64, I64]:
         scorer = make_scorer(queries, database)
         n_queries, n_rows = queries.shape[0], database.count
-        threads = thread_count()
         uses_blas = database.metric is not Metric.L1
-        if uses_blas and not BLAS_ONE_THREAD.available:
-            threads = 1  # BLAS runs its own threads
+        threads = self._threads(database.metric)
         if n_queries * n_rows * queries.shape[1] < MIN_PARALLEL_WORK:
             threads = 1
-        # Candidates take about 32 bytes each: keep a chunk's within the memory budget.
-        chunk = max(1, get_settings().memory_budget_bytes // (32 * (k + scorer.block_rows)))
+        chunk = self._query_chunk(k, scorer.block_rows)
         values = np.empty((n_queries, k), dtype=np.float64)
         rows = np.empty((n_queries, k), dtype=np.int64)
         for c0 in range(0, n_queries, chunk):

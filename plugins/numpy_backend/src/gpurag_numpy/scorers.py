@@ -34,6 +34,21 @@ _L1_COPY_QUERIES = 4
 _FEW_QUERIES = 32
 
 
+def scan_shape(metric: Metric, n_queries: int) -> tuple[int, int]:
+    """(rows per block, queries per tile) of a scan of ``n_queries`` queries for ``metric``."""
+    if metric is Metric.L1:
+        return _L1_BLOCK_ROWS, max(1, _L1_TILE_SCORES // _L1_BLOCK_ROWS)
+    block_rows = max(get_settings().numpy_block_rows, _GEMM_TILE_SCORES // max(1, n_queries))
+    return block_rows, max(1, _GEMM_TILE_SCORES // block_rows)
+
+
+def scan_query_boundaries(metric: Metric) -> tuple[int, ...]:
+    """Query counts at which a scan for ``metric`` changes path: copied blocks, and blocks at their least rows."""
+    if metric is Metric.L1:
+        return (_L1_COPY_QUERIES,)
+    return (_FEW_QUERIES, _GEMM_TILE_SCORES // get_settings().numpy_block_rows)
+
+
 class Scorer:
     """Approximate scores of tiles, their error bound, and exact rescoring, for one search.
 
@@ -88,10 +103,8 @@ class _GemmScorer(Scorer):
 
     def __init__(self, queries: F32, database: Database) -> None:
         super().__init__(queries, database)
-        n_queries = max(1, queries.shape[0])
-        self.few = n_queries < _FEW_QUERIES
-        self.block_rows = max(get_settings().numpy_block_rows, _GEMM_TILE_SCORES // n_queries)
-        self.tile_queries = max(1, _GEMM_TILE_SCORES // self.block_rows)
+        self.few = queries.shape[0] < _FEW_QUERIES
+        self.block_rows, self.tile_queries = scan_shape(database.metric, queries.shape[0])
         self.qnorm = norms64(queries)
         self.lhs: Any = queries
 
@@ -235,7 +248,7 @@ class _L1Scorer(Scorer):
         above = np.maximum(rounded - levels, 0.0).sum(axis=1)
         self.offset: F64 = 2.0 * above - rounded.sum(axis=1)
         self.groups = [(g, min(g + L1_GROUP_DIMS, dim)) for g in range(0, dim, L1_GROUP_DIMS)]
-        self.tile_queries = max(1, _L1_TILE_SCORES // self.block_rows)
+        self.block_rows, self.tile_queries = scan_shape(Metric.L1, queries.shape[0])
         row_errors = database.row_data["l1_errors"]
         max_row_error = float(np.max(row_errors, initial=0.0))
         largest = 3.0 * dim * levels
