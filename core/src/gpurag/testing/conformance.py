@@ -177,19 +177,22 @@ class BackendConformance:
 
     @staticmethod
     def boundary_data(rng: np.random.Generator, queries: int, rows: int, dim: int) -> tuple[Any, Any]:
-        """Gaussian (queries, rows) data whose first rows, a middle one and the last repeat row 0.
+        """Gaussian (queries, rows) data with ties across blocks and a last row some query must find.
 
-        Query 0 lies near row 0, so it ties with many rows in the first block (uneven candidate counts
-        per query) and with rows in the middle and last blocks.
+        The first rows, a middle one and the one before last repeat row 0, and query 0 lies near row
+        0, so it ties with many rows in the first block (uneven candidate counts per query) and with
+        rows in later blocks. The last row is long and unique, and the last query equals it.
         """
         vectors = rng.standard_normal((rows, dim)).astype(np.float32)
         vectors[1 : 1 + min(120, rows // 10)] = vectors[0]
-        vectors[-1] = vectors[0]
         vectors[rows // 2] = vectors[0]
+        if rows > 2:
+            vectors[-2] = vectors[0]
+            vectors[-1] *= np.float32(4.0)
         q = rng.standard_normal((queries, dim)).astype(np.float32)
         q[0] = vectors[0] + np.float32(0.01)
         if queries > 1:
-            q[-1] = vectors[-2]
+            q[-1] = vectors[-1]
         return q, vectors
 
     # --- identity ------------------------------------------------------------------------------
