@@ -67,12 +67,11 @@ def _backups(path: Path) -> list[Path]:
     return sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime, reverse=True)
 
 
-@contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield an empty temporary directory; when the block ends without error it replaces ``path``.
+def check_index_target(path: str | os.PathLike[str]) -> Path:
+    """Where a save to ``path`` writes (symbolic links followed), checked before any work is done.
 
-    If the block raises, or the process dies before the end, ``path`` is left as it was.
-    An existing ``path`` is replaced only if it is itself an index directory (holds a manifest).
+    ``path`` may be missing, an empty directory or an index directory; a file or a directory of
+    other things is an `InvalidInputError`.
     """
     target = Path(os.path.realpath(path))  # a symbolic link is followed: the index goes where it points
     if target.exists() and not target.is_dir():
@@ -81,6 +80,17 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise InvalidInputError(
             f"path {str(path)!r} is a non-empty directory that is not a gpurag index; refusing to replace it"
         )
+    return target
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield an empty temporary directory; when the block ends without error it replaces ``path``.
+
+    If the block raises, or the process dies before the end, ``path`` is left as it was.
+    An existing ``path`` is replaced only if it is itself an index directory (holds a manifest).
+    """
+    target = check_index_target(path)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
