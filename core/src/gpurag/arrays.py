@@ -11,6 +11,8 @@ from gpurag.errors import InvalidInputError
 
 FloatMatrix = npt.NDArray[np.float32]
 IdArray = npt.NDArray[np.int64]
+#: The largest int64.
+INT64_MAX = int(np.iinfo(np.int64).max)
 
 
 def to_host(x: Any) -> np.ndarray[Any, Any]:
@@ -82,6 +84,13 @@ def _integer_array(ids: Any, name: str) -> np.ndarray[Any, Any]:
     """``ids`` as a 1-D NumPy array of an integer dtype (an empty list counts); else `InvalidInputError`."""
     if isinstance(ids, bool | np.bool_ | float | np.floating):
         raise InvalidInputError(f"{name} must be integers; got {ids!r} ({type(ids).__name__})")
+    if isinstance(ids, list | tuple) and all(
+        isinstance(v, int | np.integer) and not isinstance(v, bool | np.bool_) for v in ids
+    ):
+        values = [int(v) for v in ids]  # Python ints: checked before NumPy can round them through float64
+        if values and (max(values) > INT64_MAX or min(values) < -INT64_MAX - 1):
+            raise InvalidInputError(f"{name} holds a value outside the int64 range: {max(values, key=abs)}")
+        return np.array(values, dtype=np.int64)
     try:
         host = to_host(ids) if not isinstance(ids, list | tuple | range) else np.asarray(ids)
     except (ValueError, TypeError, OverflowError) as exc:
