@@ -288,14 +288,16 @@ def test_add_grows_the_capacity_by_doubling_and_remove_moves_the_last_rows_into_
     assert database is not None
     index.add(np.ones((1, 2)))
     grown = index._database
-    assert grown is not None and grown.capacity == 40, "the first add past the rows doubles the capacity"
+    assert grown is not None
+    assert grown.capacity == 40, "the first add past the rows doubles the capacity"
     storage_before = grown.storage["vectors"]
     for _ in range(10):
         index.add(np.ones((1, 2)))
-    assert index._database is not None and index._database.storage["vectors"] is storage_before, "no copy"
+    assert index._database is not None
+    assert index._database.storage["vectors"] is storage_before, "adds within the capacity copy nothing"
     assert index.remove([3, 7]) == 2
     ids = index.ids
-    assert ids[3] == 29 and ids[7] == 30, f"the last rows fill the holes; got {ids[:10]}"
+    assert (ids[3], ids[7]) == (29, 30), f"the last rows fill the holes; got {ids[:10]}"
     np.testing.assert_array_equal(index.vectors()[3], np.ones(2))
     assert len(index) == 29
 

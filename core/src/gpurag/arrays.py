@@ -53,8 +53,11 @@ def as_matrix(x: Any, name: str, *, dim: int | None = None, allow_empty: bool = 
         raise InvalidInputError(f"{name} must have at least one row; got shape {host.shape}")
     if dim is not None and host.shape[1] != dim:
         raise InvalidInputError(f"{name} has dimension {host.shape[1]}, the index has {dim}")
-    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, by name
-        out = np.ascontiguousarray(host, dtype=np.float32)
+    if host.dtype == np.float32 and host.flags.c_contiguous:
+        out = host  # nothing to convert, so nothing can overflow
+    else:
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, by name
+            out = np.ascontiguousarray(host, dtype=np.float32)
     if host.dtype.kind == "f" and not np.isfinite(out).all():
         bad = np.argwhere(~np.isfinite(out))[0]
         source = "NaN or inf" if not np.isfinite(host).all() else "a value too large for float32"
@@ -69,15 +72,20 @@ def check_int(value: Any, name: str, *, minimum: int | None = None, maximum: int
 
     Anything else is an `InvalidInputError` naming ``name``, the range expected and the value received.
     """
-    low = "" if minimum is None else f" >= {minimum}"
-    high = "" if maximum is None else f" <= {maximum}"
-    expected = f"an integer{low}{high and (' and' if low else '')}{high}"
     if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
-        raise InvalidInputError(f"{name} must be {expected}; got {value!r} ({type(value).__name__})")
+        raise InvalidInputError(
+            f"{name} must be {_int_range(minimum, maximum)}; got {value!r} ({type(value).__name__})"
+        )
     number = int(value)
     if (minimum is not None and number < minimum) or (maximum is not None and number > maximum):
-        raise InvalidInputError(f"{name} must be {expected}; got {number}")
+        raise InvalidInputError(f"{name} must be {_int_range(minimum, maximum)}; got {number}")
     return number
+
+
+def _int_range(minimum: int | None, maximum: int | None) -> str:
+    low = "" if minimum is None else f" >= {minimum}"
+    high = "" if maximum is None else f" <= {maximum}"
+    return f"an integer{low}{' and' if low and high else ''}{high}"
 
 
 def _integer_array(ids: Any, name: str) -> np.ndarray[Any, Any]:

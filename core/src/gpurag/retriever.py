@@ -257,9 +257,13 @@ class ExactRetriever(Retriever):
     def _chunked_topk(self, queries: Any, database: Database, k: int) -> TopK:
         budget = self.memory_budget_bytes or get_settings().memory_budget_bytes
         query_count = int(queries.shape[0])
+        if query_count * database.count * SCORE_BYTES <= budget:
+            return self.backend.topk(queries, database, k)  # every score fits: one chunk, nothing to merge
         query_chunk, row_chunk = plan_chunks(
             query_count, database.count, budget, get_settings().max_query_chunk, self.backend.working_scores
         )
+        if query_chunk >= query_count and row_chunk >= database.count:
+            return self.backend.topk(queries, database, k)  # one chunk: nothing to slice or merge
         blocks: list[TopK] = []
         for q0 in range(0, query_count, query_chunk):
             block = queries[q0 : q0 + query_chunk]

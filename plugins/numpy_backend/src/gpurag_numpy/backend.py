@@ -24,12 +24,13 @@ from gpurag_numpy.database import (
     l1_levels,
     l1_scale_for,
     row_data_for,
+    row_max,
     set_l1_codes,
 )
 from gpurag_numpy.numerics import CHUNK_ELEMENTS, F32, F64, I64, U8
 from gpurag_numpy.pairwise import pairwise_matrix
 from gpurag_numpy.scorers import make_scorer, scan_query_boundaries, scan_shape
-from gpurag_numpy.selection import search_chunk
+from gpurag_numpy.selection import SMALL_SEARCH_SCORES, search_chunk, search_one_dot, search_small
 from gpurag_numpy.threads import BLAS_ONE_THREAD, MIN_PARALLEL_WORK, thread_count
 
 
@@ -124,28 +125,30 @@ class NumpyBackend(DistanceBackend):
         k = check_int(k, "k (at most the database's rows)", minimum=1, maximum=n_rows)
         if q.ndim != 2 or q.shape[1] != database.dim:
             raise InvalidInputError(f"queries must be (Q, {database.dim}); got shape {q.shape}")
-        if not set(ROW_DATA[database.metric]) <= set(database.row_data) or (
+        if not database.row_data.keys() >= set(ROW_DATA[database.metric]) or (
             database.metric is Metric.L1 and not (isinstance(database, NumpyDatabase) and database.l1_codes is not None)
         ):
             database = self.prepare(database.vectors, database.metric)  # not prepared by this backend
         n_queries = q.shape[0]
-        scores = np.empty((n_queries, k), dtype=np.float32)
-        indices = np.empty((n_queries, k), dtype=np.int64)
-        active = np.arange(n_queries)
+        zero = None
         if database.metric in (Metric.DOT, Metric.COSINE):
             # A zero query scores 0 against every row: the first k rows, in order.
-            zero = ~np.any(q != 0, axis=1)
-            if zero.any():
-                scores[zero] = 0.0
-                indices[zero] = np.arange(k)
-                active = np.flatnonzero(~zero)
-        if active.size == 0:
-            return TopK(scores, indices)
-        work = q if active.size == n_queries else q[active]
-        values, rows = self._search(work, database, k)
-        with np.errstate(over="ignore"):  # a score beyond float32's range is inf
-            scores[active] = values
-        indices[active] = rows
+            zero = None if (q.any() if n_queries == 1 else q.any(axis=1).all()) else ~q.any(axis=1)
+        if zero is None:
+            values, rows = self._search(q, database, k)
+            if values.dtype == np.float32:
+                return TopK(values, rows)
+            with np.errstate(over="ignore"):  # a score beyond float32's range is inf
+                return TopK(values.astype(np.float32), rows)
+        scores = np.zeros((n_queries, k), dtype=np.float32)
+        indices = np.empty((n_queries, k), dtype=np.int64)
+        indices[zero] = np.arange(k)
+        active = np.flatnonzero(~zero)
+        if active.size:
+            values, rows = self._search(q[active], database, k)
+            with np.errstate(over="ignore"):
+                scores[active] = values
+            indices[active] = rows
         return TopK(scores, indices)
 
     @staticmethod
@@ -171,9 +174,15 @@ class NumpyBackend(DistanceBackend):
             query_counts.append(4 * threads)  # split by queries from here, by rows below
         return Boundaries(rows=tuple(rows), queries=tuple(query_counts))
 
-    def _search(self, queries: F32, database: Database, k: int) -> tuple[F64, I64]:
+    def _search(self, queries: F32, database: Database, k: int) -> tuple[F64 | F32, I64]:
+        if queries.shape[0] == 1 and database.metric is Metric.DOT and database.count <= SMALL_SEARCH_SCORES:
+            found = search_one_dot(queries[0], database.vectors, row_max(database, "norms"), k)
+            if found is not None:
+                return found
         scorer = make_scorer(queries, database)
         n_queries, n_rows = queries.shape[0], database.count
+        if n_queries * n_rows <= SMALL_SEARCH_SCORES and n_rows <= scorer.block_rows:
+            return search_small(scorer, k)
         uses_blas = database.metric is not Metric.L1
         threads = self._threads(database.metric)
         if n_queries * n_rows * queries.shape[1] < MIN_PARALLEL_WORK:

@@ -29,6 +29,8 @@ class NumpyDatabase(Database):
 
     l1_codes: Any = None
     l1_scale: float = 0.0
+    #: The largest value of each ``row_data`` array, computed once per database (see `row_max`).
+    maxima: dict[str, float] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     def row_axes(self) -> dict[str, int]:
         """`Database.row_axes` plus the l1 codes, whose rows lie along axis 1."""
@@ -50,7 +52,18 @@ class NumpyDatabase(Database):
         assert isinstance(result, NumpyDatabase)
         if "l1_codes" in storage:
             result.l1_codes = storage["l1_codes"][:, :count]
+        result.maxima = {}  # other rows: other maxima
         return result
+
+
+def row_max(database: Database, key: str) -> float:
+    """The largest value of ``database.row_data[key]`` (0 for no rows), kept on a `NumpyDatabase`."""
+    if isinstance(database, NumpyDatabase):
+        cached = database.maxima.get(key)
+        if cached is None:
+            cached = database.maxima[key] = float(np.max(database.row_data[key], initial=0.0))
+        return cached
+    return float(np.max(database.row_data[key], initial=0.0))
 
 
 #: What `NumpyBackend.prepare` puts in ``row_data`` for each metric.

@@ -17,7 +17,7 @@ from gpurag.backend import Database
 from gpurag.errors import InvalidInputError
 from gpurag.metrics import Metric
 from gpurag.settings import get_settings
-from gpurag_numpy.database import L1_GROUP_DIMS, NumpyDatabase, l1_levels
+from gpurag_numpy.database import L1_GROUP_DIMS, NumpyDatabase, l1_levels, row_max
 from gpurag_numpy.numerics import F32, F64, I16, I64, U32, gamma, norms64
 
 #: Scores (queries x rows) one GEMM tile holds: large enough for an efficient GEMM, small enough to stay in cache.
@@ -136,7 +136,7 @@ class _GemmScorer(Scorer):
 class _DotScorer(_GemmScorer):
     def __init__(self, queries: F32, database: Database) -> None:
         super().__init__(queries, database)
-        xmax = float(np.max(database.row_data["norms"], initial=0.0)) * (1 + 2 * U32)
+        xmax = row_max(database, "norms") * (1 + 2 * U32)
         self._use_float64_if_overflowing(float(self.qnorm.max(initial=0.0)) * xmax)
         self.margin = 1.01 * gamma(2 * self.dim + 8) * self.qnorm * xmax + (self.dim + 4) * 2.0**-148
 
@@ -147,7 +147,7 @@ class _L2Scorer(_GemmScorer):
     def __init__(self, queries: F32, database: Database) -> None:
         super().__init__(queries, database)
         half = database.row_data["half_sq_norms"]
-        hmax = float(np.max(half, initial=0.0)) * (1 + 2 * U32)
+        hmax = row_max(database, "half_sq_norms") * (1 + 2 * U32)
         xmax = math.sqrt(2.0 * hmax)
         self._use_float64_if_overflowing(float(self.qnorm.max(initial=0.0)) * xmax + hmax)
         self.half = half.astype(self.tile_dtype)
@@ -193,7 +193,7 @@ class _CosineScorer(_GemmScorer):
         self.lhs = (queries / self.qnorm[:, None]).astype(np.float32)
         inverse = database.row_data["inv_norms"]
         # Rows of norm below 2**-100 are normalised in float64, where 1/norm cannot overflow.
-        self.exact_normalise = bool(np.max(inverse, initial=0.0) > 2.0**100)
+        self.exact_normalise = row_max(database, "inv_norms") > 2.0**100
         self.inv_norms = inverse if self.exact_normalise else inverse.astype(np.float32)
         self.margin = np.full(queries.shape[0], 1.01 * gamma(2 * self.dim + 24) + 2.0**-44)
         self.margin += (self.dim + 4) * 2.0**-120
@@ -249,8 +249,7 @@ class _L1Scorer(Scorer):
         self.offset: F64 = 2.0 * above - rounded.sum(axis=1)
         self.groups = [(g, min(g + L1_GROUP_DIMS, dim)) for g in range(0, dim, L1_GROUP_DIMS)]
         self.block_rows, self.tile_queries = scan_shape(Metric.L1, queries.shape[0])
-        row_errors = database.row_data["l1_errors"]
-        max_row_error = float(np.max(row_errors, initial=0.0))
+        max_row_error = row_max(database, "l1_errors")
         largest = 3.0 * dim * levels
         self.margin = (max_row_error + query_errors) * (1 + 1e-9) / scale
         self.margin += U32 * largest if largest >= 2**24 else 0.0
