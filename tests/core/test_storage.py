@@ -167,7 +167,7 @@ def _edit_manifest(index_dir: Path, edit: Any, *, rechecksum: bool) -> None:
     manifest = json.loads(path.read_text())
     edit(manifest)
     if rechecksum:
-        manifest[storage.CHECKSUM_KEY] = storage._canonical_sha256(manifest)
+        manifest[storage.CHECKSUM_KEY] = storage.manifest_checksum(manifest)
     path.write_text(json.dumps(manifest))
 
 

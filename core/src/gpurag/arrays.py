@@ -78,7 +78,9 @@ def check_int(value: Any, name: str, *, minimum: int | None = None, maximum: int
         )
     number = int(value)
     if (minimum is not None and number < minimum) or (maximum is not None and number > maximum):
-        raise InvalidInputError(f"{name} must be {_int_range(minimum, maximum)}; got {number}")
+        raise InvalidInputError(
+            f"{name} must be {_int_range(minimum, maximum).removeprefix('an integer ')}; got {number}"
+        )
     return number
 
 

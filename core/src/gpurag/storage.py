@@ -49,8 +49,8 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _canonical_sha256(manifest: dict[str, Any]) -> str:
-    """SHA-256 of ``manifest`` without its checksum key, as sorted, compact, ASCII JSON."""
+def manifest_checksum(manifest: dict[str, Any]) -> str:
+    """SHA-256 of ``manifest`` without its checksum key, as sorted, compact, ASCII JSON (its canonical form)."""
     body = {key: value for key, value in manifest.items() if key != CHECKSUM_KEY}
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
     return hashlib.sha256(text.encode("ascii")).hexdigest()
@@ -139,7 +139,7 @@ def write_manifest(directory: Path, manifest: dict[str, Any], files: Iterable[st
         file_path = directory / name
         entries[name] = {"bytes": file_path.stat().st_size, "sha256": _sha256(file_path)}
     full = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "files": entries}
-    full[CHECKSUM_KEY] = _canonical_sha256(full)
+    full[CHECKSUM_KEY] = manifest_checksum(full)
     with (directory / MANIFEST).open("w", encoding="utf-8") as handle:
         json.dump(full, handle, indent=2, sort_keys=True)
         handle.write("\n")
@@ -188,7 +188,7 @@ def read_manifest(path: str | os.PathLike[str], *, kind: str | None = None) -> d
         )
     recorded = manifest_field(manifest, CHECKSUM_KEY, str, where=manifest_path)
     try:
-        actual = _canonical_sha256(manifest)
+        actual = manifest_checksum(manifest)
     except ValueError as exc:  # NaN or infinity in the manifest
         raise IndexFormatError(f"{manifest_path} is damaged: {exc}") from exc
     if recorded != actual:
