@@ -8,7 +8,7 @@ PIP := $(BIN)/python -m pip
 DISTRIBUTIONS := -e ./core[test] -e ./plugins/numpy_backend[test]
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-gpu lint bench bench-report rag-eval rag-speed gpu-wheels clean
+.PHONY: install test test-gpu lint bench bench-report bench-core rag-eval rag-speed gpu-wheels clean
 
 $(STAMP): core/pyproject.toml plugins/numpy_backend/pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ bench: $(STAMP)
 
 bench-report: $(STAMP)
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(BIN)/python benchmarks/cpu_report.py
+
+bench-core: $(STAMP)
+	$(BIN)/python benchmarks/core_report.py
 
 rag-eval: $(STAMP)
 	$(BIN)/python benchmarks/rag_eval.py
