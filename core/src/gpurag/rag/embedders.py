@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from gpurag.arrays import check_int
 from gpurag.errors import InvalidInputError
 from gpurag.hookspecs import Register, hookimpl
 from gpurag.rag.types import Embedder
@@ -68,8 +69,7 @@ class SentenceTransformerEmbedder(Embedder):
         settings = get_settings()
         if batch_size is None:
             batch_size = settings.embed_batch_size
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise InvalidInputError(f"batch_size must be an integer >= 1; got {batch_size!r}")
+        batch_size = check_int(batch_size, "batch_size", minimum=1)
         model = (model or DEFAULT_MODEL).strip()
         if not model:
             raise InvalidInputError("model must name a sentence-transformers model or a directory; got ''")
@@ -188,9 +188,7 @@ class HashingEmbedder(Embedder):
     name = "hashing"
 
     def __init__(self, dim: int = 256):
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise InvalidInputError(f"dim must be an integer >= 1; got {dim!r}")
-        self.dim = dim
+        self.dim = check_int(dim, "dim", minimum=1)
 
     def embed_batch(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
         """Vectors for ``texts``: float32 (len(texts), dim), L2-normalised (zero for a text with no words)."""
