@@ -27,7 +27,7 @@ from gpurag.errors import IndexFormatError, InvalidInputError
 
 MANIFEST = "manifest.json"
 FORMAT = "gpurag-index"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 1
 #: The manifest key holding the SHA-256 of the rest of the manifest in canonical form.
 CHECKSUM_KEY = "manifest_sha256"
 _UMASK_LOCK = threading.Lock()
@@ -185,6 +185,11 @@ def read_manifest(path: str | os.PathLike[str], *, kind: str | None = None) -> d
         raise IndexFormatError(
             f"{manifest_path} has format version {version!r} (key 'format_version'); this gpurag reads "
             f"version {FORMAT_VERSION}: build or save the index again"
+        )
+    if CHECKSUM_KEY not in manifest:
+        raise IndexFormatError(
+            f"{manifest_path} has no checksum (key {CHECKSUM_KEY!r} is missing): it was edited, or saved by a "
+            "gpurag older than the manifest checksum; build or save the index again"
         )
     recorded = manifest_field(manifest, CHECKSUM_KEY, str, where=manifest_path)
     try:
