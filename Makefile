@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
-DISTRIBUTIONS := -e ./core[test] -e ./plugins/numpy_backend[test] -e ./server[test]
+DISTRIBUTIONS := -e ./core[test] -e ./plugins/numpy_backend[test] -e ./server[test,ray]
 STAMP := $(VENV)/.installed
 
 .PHONY: install test test-gpu lint bench bench-report bench-core rag-eval rag-speed gpu-wheels clean serve serve-report
@@ -59,6 +59,15 @@ rag-eval: $(STAMP)
 
 rag-speed: $(STAMP)
 	$(BIN)/python benchmarks/rag_speed.py
+
+# gpurag's server against Ray Serve (same work and load), and a Ray node actor's index load time.
+.PHONY: ray-serve-anchor ray-index-load
+ray-serve-anchor: $(STAMP)
+	$(PIP) install --quiet -e "./server[ray-serve]"
+	$(BIN)/python benchmarks/ray_serve_anchor.py
+
+ray-index-load: $(STAMP)
+	$(BIN)/python benchmarks/ray_index_load.py
 
 # Wheels (and the packed embedding model) that the GPU machine lacks, into .whl/ (git-ignored);
 # on that machine `bash scripts/gpu_wheels.sh --install` installs them.

@@ -15,7 +15,7 @@ def test_the_server_plugin_is_listed_with_its_dispatchers_and_providers() -> Non
     server = next(p for p in report["plugins"] if p["distribution"] == "gpurag-server")
     assert server["registers"] == {
         "dispatchers": ["round_robin", "least_loaded"],
-        "node_providers": ["local", "process"],
+        "node_providers": ["local", "process", "ray"],
     }
     assert "register_commands" in server["hooks"]
     scaling = next(p for p in report["plugins"] if p["name"] == "gpurag.scaling")

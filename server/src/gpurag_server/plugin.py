@@ -13,9 +13,11 @@ def register_node_providers(register: Register) -> None:
     """Register ``local`` (threads in the server) and ``process`` (OS processes on loopback)."""
     from gpurag_server.nodes.local import LocalProvider
     from gpurag_server.nodes.process import ProcessProvider
+    from gpurag_server.nodes.ray import RayProvider  # Ray itself is imported when a node starts
 
     register(LocalProvider, "local")
     register(ProcessProvider, "process")
+    register(RayProvider, "ray")
 
 
 @hookimpl

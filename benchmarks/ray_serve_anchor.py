@@ -1,0 +1,535 @@
+"""gpurag's server against Ray Serve, same work, same load, one run on this machine.
+
+Ray Serve is configured fairly: `@serve.batch(max_batch_size=8, batch_wait_timeout_s=0.1)`,
+``max_ongoing_requests`` (512) above every connection count, access logs off, the same replica
+count as gpurag's nodes, the replica's CPU work off its event loop. Three scenarios:
+
+- ``zero``: the work costs nothing (the servers' own overhead);
+- ``rag``: the default RAG pipeline (all-MiniLM-L6-v2, default corpus, extractive generator);
+- ``kill``: two replicas / two Ray-actor nodes doing 50 ms batches under open-loop load; one
+  replica's process is SIGKILLed mid-run; each side's failed requests are counted.
+
+Saturation throughput comes from ``wrk`` (closed loop); latency at common rates from
+an open loop (Poisson arrivals fixed in advance, latency from the intended send time) at fractions of
+the lower of the two saturation throughputs. Writes ``benchmarks/results/ray_serve_anchor.{json,md}``.
+
+Run: ``make ray-serve-anchor`` (installs ``gpurag-server[ray-serve]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+BIN = Path(sys.executable).parent
+#: A keep-alive connection idle longer than this is not reused (uvicorn closes them after 5 s).
+IDLE_REUSE_S = 4.0
+WRK_SCRIPT = """wrk.method = "POST"
+wrk.body = '{"query": "What does the with statement do?", "k": 3}'
+wrk.headers["Content-Type"] = "application/json"
+"""
+
+
+# --- the Ray Serve side (run in its own process: ``--ray-serve-app``) ----------------------------
+
+
+def ray_serve_app(workload: str, replicas: int, port: int, num_cpus: float) -> None:
+    """Start a local Ray, deploy the workload on Ray Serve at 127.0.0.1:port, serve until SIGTERM."""
+    import ray
+    from ray import serve
+    from starlette.requests import Request
+
+    temp_dir = tempfile.mkdtemp(prefix="gpurag-rs-")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp_dir)
+
+    @serve.deployment(
+        num_replicas=replicas,
+        max_ongoing_requests=512,
+        ray_actor_options={"num_cpus": num_cpus},
+        logging_config={"enable_access_log": False},
+    )
+    class Replica:
+        def __init__(self, workload: str) -> None:
+            self.workload = workload
+            self.pipeline: Any = None
+            if workload == "rag":
+                from gpurag.rag.pipeline import RAGPipeline
+
+                self.pipeline = RAGPipeline.default()
+
+        def _answer(self, queries: list[str], k: int) -> list[dict[str, Any]]:
+            answers = self.pipeline.answer_batch(queries, k)
+            return [
+                {"query": q, "answer": a.answer, "sources": [{"id": p.id, "source": p.source} for p in a.sources]}
+                for q, a in zip(queries, answers, strict=True)
+            ]
+
+        @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.1)
+        async def handle(self, queries: list[str]) -> list[dict[str, Any]]:
+            if self.workload == "rag":
+                return await asyncio.to_thread(self._answer, queries, 3)
+            if self.workload == "sleep":
+                await asyncio.sleep(0.05)
+            return [{"query": q, "answer": "", "sources": [], "pid": os.getpid()} for q in queries]
+
+        async def __call__(self, request: Request) -> dict[str, Any]:
+            body = await request.json()
+            result: dict[str, Any] = await self.handle(body["query"])
+            return result
+
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"enable_access_log": False})
+    serve.run(Replica.bind(workload), route_prefix="/", logging_config={"enable_access_log": False})
+    print("READY", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        stop.wait()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+# --- servers as subprocesses -------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Server:
+    """A server subprocess: ``kind`` gpurag (provider local or ray) or rayserve."""
+
+    def __init__(self, kind: str, workload: str, nodes: int, provider: str = "local") -> None:
+        self.kind, self.workload, self.nodes, self.provider = kind, workload, nodes, provider
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.route = "/v1/rag" if kind == "gpurag" else "/"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.temp_dir = tempfile.mkdtemp(prefix="gpurag-anchor-")
+
+    @property
+    def label(self) -> str:
+        if self.kind == "rayserve":
+            return f"Ray Serve ({self.nodes} replica{'s' if self.nodes > 1 else ''})"
+        return f"gpurag, {self.provider} provider ({self.nodes} node{'s' if self.nodes > 1 else ''})"
+
+    def start(self) -> float:
+        started = time.monotonic()
+        env = dict(os.environ, HF_HUB_OFFLINE="1")
+        log = open(Path(self.temp_dir) / "server.log", "wb")  # noqa: SIM115 - closed with the process
+        if self.kind == "gpurag":
+            env.update(
+                GPURAG_WORKLOAD=self.workload if self.workload != "sleep" else "sleep",
+                GPURAG_SLEEP_PER_BATCH_S="0.05",
+                GPURAG_NODE_PROVIDER=self.provider,
+                GPURAG_NODES=str(self.nodes),
+                GPURAG_PORT=str(self.port),
+                GPURAG_MAX_QUEUE_LENGTH="4096",
+                GPURAG_RAY_NUM_CPUS=str(1.0 / self.nodes),
+            )
+            command = [str(BIN / "gpurag"), "serve"]
+        else:
+            command = [sys.executable, __file__, "--ray-serve-app", self.workload, str(self.nodes), str(self.port)]
+        self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        self._wait_ready(600)
+        return time.monotonic() - started
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        assert self.process is not None
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.label} exited: {self.log_tail()}")
+            with contextlib.suppress(httpx.HTTPError):
+                response = httpx.post(self.url + self.route, json={"query": "warm up", "k": 3}, timeout=30)
+                if response.status_code == 200:
+                    for _ in range(20):  # warm every replica
+                        httpx.post(self.url + self.route, json={"query": "warm up", "k": 3}, timeout=30)
+                    return
+            time.sleep(0.5)
+        raise RuntimeError(f"{self.label} did not answer within {timeout_s} s: {self.log_tail()}")
+
+    def log_tail(self) -> str:
+        return (Path(self.temp_dir) / "server.log").read_text(errors="replace")[-2000:]
+
+    def replica_pids(self) -> list[int]:
+        """Process ids of the Ray actors that do the work (Serve replicas or gpurag node actors)."""
+        assert self.process is not None
+        title = "ray::ServeReplica" if self.kind == "rayserve" else "ray::NodeActor"
+        return [pid for pid in descendants(self.process.pid) if _cmdline(pid).startswith(title)]
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT if self.kind == "gpurag" else signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running(server: Server) -> Iterator[Server]:
+    startup = server.start()
+    print(f"  {server.label} up in {startup:.1f} s", flush=True)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def descendants(root: int) -> list[int]:
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent]
+        found += children
+        frontier += children
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+# --- load ----------------------------------------------------------------------------------------
+
+
+def wrk(server: Server, connections: int, duration_s: int) -> dict[str, Any]:
+    """Closed loop: requests/s, p50/p99 and the requests that failed (non-2xx, socket errors)."""
+    script = Path(server.temp_dir) / "post.lua"
+    script.write_text(WRK_SCRIPT)
+    threads = min(2, connections)
+    command = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration_s}s", "--timeout", "60s"]
+    out = subprocess.run(
+        [*command, "--latency", "-s", str(script), server.url + server.route],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    failed = (int(non_2xx.group(1)) if non_2xx else 0) + (sum(map(int, socket_errors.groups())) if socket_errors else 0)
+    return {
+        "connections": connections,
+        "requests": total,
+        "rate": rate,
+        "p50_ms": _wrk_ms(out, "50%"),
+        "p99_ms": _wrk_ms(out, "99%"),
+        "failed": failed,
+    }
+
+
+def _wrk_ms(out: str, name: str) -> float:
+    match = re.search(rf"^\s+{re.escape(name)}\s+([\d.]+)(us|ms|s)\s*$", out, re.MULTILINE)
+    assert match is not None, out
+    return float(match.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[match.group(2)]
+
+
+def open_loop(server: Server, rate: float, duration_s: float) -> dict[str, Any]:
+    """Open loop at ``rate`` (Poisson arrivals, keep-alive connections): throughput, p50/p99, statuses."""
+    return asyncio.run(arrivals(server, rate, duration_s, poisson=True, keep_alive=True))
+
+
+class RawClient:
+    """Keep-alive HTTP/1.1 POSTs on raw asyncio streams: cheap enough not to be the bottleneck on two
+    cores (httpx is), and it reads both Content-Length and chunked bodies (Ray Serve's proxy sends
+    chunked ones, which ``gpurag load``'s client does not read)."""
+
+    def __init__(self, url: str, route: str, keep_alive: bool) -> None:
+        parsed = urllib.parse.urlsplit(url)
+        self.host, self.port, self.route, self.keep_alive = (
+            parsed.hostname or "127.0.0.1",
+            parsed.port or 80,
+            route,
+            keep_alive,
+        )
+        self.idle: list[tuple[float, tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = []
+
+    async def post(self, body: bytes) -> int:
+        while self.idle and time.monotonic() - self.idle[-1][0] > IDLE_REUSE_S:
+            self.idle.pop()[1][1].close()  # the server may be closing it: its keep-alive ran out
+        connection = self.idle.pop()[1] if self.idle else await asyncio.open_connection(self.host, self.port)
+        reader, writer = connection
+        closing = "" if self.keep_alive else "Connection: close\r\n"
+        head = f"POST {self.route} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n{closing}"
+        try:
+            writer.write(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            response = await reader.readuntil(b"\r\n\r\n")
+            status, lowered = int(response[9:12]), response.lower()
+            if b"transfer-encoding: chunked" in lowered:
+                while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
+                    await reader.readexactly(size + 2)
+                await reader.readuntil(b"\r\n")
+            else:
+                found = re.search(rb"content-length:\s*(\d+)", lowered)
+                await reader.readexactly(int(found.group(1)) if found else 0)
+        except BaseException:
+            writer.close()
+            raise
+        if self.keep_alive and b"connection: close" not in lowered:
+            self.idle.append((time.monotonic(), connection))
+        else:
+            writer.close()
+        return status
+
+    def close(self) -> None:
+        for _, (_, writer) in self.idle:
+            writer.close()
+
+
+async def arrivals(
+    server: Server,
+    rate: float,
+    duration_s: float,
+    *,
+    poisson: bool,
+    keep_alive: bool,
+    kill_at_s: float | None = None,
+    victim: int | None = None,
+) -> dict[str, Any]:
+    """Requests at send times fixed in advance, each its own task, latency from its intended send time.
+
+    The same `RawClient` drives both servers. With ``kill_at_s``, SIGKILL ``victim`` then.
+    Every request ends as a status or an exception's name: nothing goes uncounted.
+    """
+    rng = np.random.default_rng(0)
+    gaps = (
+        rng.exponential(1 / rate, int(rate * duration_s * 1.2))
+        if poisson
+        else np.full(int(rate * duration_s), 1 / rate)
+    )
+    offsets = np.cumsum(gaps) - gaps[0]
+    offsets = offsets[offsets < duration_s]
+    statuses: collections.Counter[str] = collections.Counter()
+    latencies: list[float] = []
+    late = 0
+    client = RawClient(server.url, server.route, keep_alive)
+    try:
+
+        async def one(i: int, due: float) -> None:
+            body = json.dumps({"query": f"question {i}", "k": 3}).encode()
+            try:
+                status = await asyncio.wait_for(client.post(body), 120)
+                statuses[str(status)] += 1
+            except (OSError, asyncio.IncompleteReadError, ValueError, TimeoutError) as exc:
+                statuses[type(exc).__name__] += 1
+            latencies.append(time.perf_counter() - due)
+
+        start = time.perf_counter()
+        tasks, killed = [], False
+        for i, offset in enumerate(offsets):
+            due = start + float(offset)
+            wait = due - time.perf_counter()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            elif wait < -0.01:
+                late += 1
+            tasks.append(asyncio.create_task(one(i, due)))
+            if kill_at_s is not None and victim is not None and not killed and offset >= kill_at_s:
+                os.kill(victim, signal.SIGKILL)
+                killed = True
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - start
+    finally:
+        client.close()
+    ok = sum(v for k, v in statuses.items() if k.startswith("2"))
+    p50, p99 = np.percentile(np.array(latencies), [50, 99]) * 1e3
+    return {
+        "rate": rate,
+        "sent": len(tasks),
+        "ok": ok,
+        "failed": len(tasks) - ok,
+        "statuses": dict(statuses),
+        "throughput": ok / elapsed,
+        "p50_ms": float(p50),
+        "p99_ms": float(p99),
+        "late_sends": late,
+        "killed_pid": victim if killed else None,
+    }
+
+
+# --- scenarios -----------------------------------------------------------------------------------
+
+
+def saturation_and_rates(
+    workload: str, connections: list[int], fractions: list[float], duration_s: int
+) -> dict[str, Any]:
+    """wrk on each server at each connection count, then open loop at fractions of the lower saturation."""
+    servers = [Server("gpurag", workload, 1), Server("rayserve", workload, 1)]
+    if workload == "zero":
+        servers.append(Server("gpurag", workload, 1, provider="ray"))
+    result: dict[str, Any] = {"workload": workload, "servers": {}}
+    for server in servers:
+        with running(server):
+            entry: dict[str, Any] = {"label": server.label, "wrk": [], "open_loop": []}
+            for conns in connections:
+                entry["wrk"].append(wrk(server, conns, duration_s))
+                print(f"    wrk {conns} conns: {entry['wrk'][-1]}", flush=True)
+            result["servers"][f"{server.kind}-{server.provider}"] = entry
+    saturation = {key: max(w["rate"] for w in e["wrk"]) for key, e in result["servers"].items()}
+    common = min(saturation["gpurag-local"], saturation["rayserve-local"])
+    rates = [round(common * f, 1) for f in fractions]
+    result["rates"] = rates
+    for server in servers[:2]:
+        again = Server(server.kind, workload, 1, provider=server.provider)
+        with running(again):
+            for rate in rates:
+                measured = open_loop(again, rate, duration_s)
+                result["servers"][f"{again.kind}-{again.provider}"]["open_loop"].append(measured)
+                print(f"    open loop {rate}/s: {measured}", flush=True)
+    return result
+
+
+def kill_under_load(rate: float, duration_s: float, kill_at_s: float) -> dict[str, Any]:
+    """Two replicas/nodes, 50 ms batches, constant ``rate``; SIGKILL one replica at ``kill_at_s``."""
+    result: dict[str, Any] = {"rate": rate, "duration_s": duration_s, "kill_at_s": kill_at_s, "servers": {}}
+    for server in (Server("gpurag", "sleep", 2, provider="ray"), Server("rayserve", "sleep", 2)):
+        with running(server):
+            pids = server.replica_pids()
+            assert len(pids) >= 2, f"{server.label}: replica processes not found ({pids})"
+            measured = asyncio.run(
+                arrivals(server, rate, duration_s, poisson=False, keep_alive=False, kill_at_s=kill_at_s, victim=pids[0])
+            )
+            time.sleep(5)
+            measured["replicas_after"] = len(server.replica_pids())
+            result["servers"][f"{server.kind}-{server.provider}"] = {"label": server.label, **measured}
+            print(f"    {server.label}: {measured}", flush=True)
+    return result
+
+
+# --- report --------------------------------------------------------------------------------------
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = []
+    for name in ("zero", "rag"):
+        block = results.get(name)
+        if not block:
+            continue
+        lines += [
+            f"**{name}** (wrk closed loop, {results['duration_s']} s a point; "
+            "open loop: Poisson arrivals, one raw asyncio client for both)",
+            "",
+            "| server | load | req/s | p50 ms | p99 ms | failed |",
+            "|---|---|---|---|---|---|",
+        ]
+        for entry in block["servers"].values():
+            for w in entry["wrk"]:
+                load = f"wrk {w['connections']} conns"
+                row = f"| {entry['label']} | {load} | {w['rate']:.1f} | {w['p50_ms']:.1f} | {w['p99_ms']:.1f} |"
+                row += f" {w['failed']} |"
+                lines.append(row)
+            for o in entry["open_loop"]:
+                load = f"open loop {o['rate']:.1f}/s"
+                row = (
+                    f"| {entry['label']} | {load} | {o['throughput']:.1f} | {o['p50_ms']:.1f} | "
+                    f"{o['p99_ms']:.1f} | {o['failed']} |"
+                )
+                lines.append(row)
+        lines.append("")
+    kill = results.get("kill")
+    if kill:
+        lines += [
+            f"**kill** (2 replicas/nodes, 50 ms batches, {kill['rate']} req/s at a constant rate, "
+            f"a fresh connection each, for {kill['duration_s']} s, "
+            f"one replica SIGKILLed at {kill['kill_at_s']} s)",
+            "",
+            "| server | sent | 2xx | failed | statuses | p99 ms | replicas after |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for entry in kill["servers"].values():
+            lines.append(
+                f"| {entry['label']} | {entry['sent']} | {entry['ok']} | {entry['failed']} | "
+                f"{entry['statuses']} | {entry['p99_ms']:.1f} | {entry['replicas_after']} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ray-serve-app", nargs=3, metavar=("WORKLOAD", "REPLICAS", "PORT"), help=argparse.SUPPRESS)
+    parser.add_argument("--duration", type=int, default=10, help="Seconds of each load point.")
+    parser.add_argument("--scenarios", default="zero,rag,kill", help="Comma-separated: zero, rag, kill.")
+    args = parser.parse_args()
+    if args.ray_serve_app:
+        workload, replicas, port = args.ray_serve_app
+        ray_serve_app(workload, int(replicas), int(port), 1.0 / int(replicas))
+        return
+    sys.path.insert(0, str(HERE))
+    import ray
+
+    from machine import cpu_model
+
+    avx512 = "avx512f" in Path("/proc/cpuinfo").read_text()
+    results: dict[str, Any] = {
+        "machine": f"{cpu_model()}, {os.cpu_count()} cores, avx512f {'yes' if avx512 else 'no'}",
+        "ray": ray.__version__,
+        "python": sys.version.split()[0],
+        "duration_s": args.duration,
+        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    scenarios = args.scenarios.split(",")
+    if "rag" in scenarios:
+        from gpurag_server.serve import prepare_default_corpus
+        from gpurag_server.settings import ServerSettings
+
+        prepare_default_corpus(ServerSettings())
+    if "zero" in scenarios:
+        print("zero-cost work", flush=True)
+        results["zero"] = saturation_and_rates("zero", [32, 128], [0.25, 0.5, 0.8], args.duration)
+    if "rag" in scenarios:
+        print("default RAG pipeline", flush=True)
+        results["rag"] = saturation_and_rates("rag", [32], [0.25, 0.5, 0.8], args.duration)
+    if "kill" in scenarios:
+        print("a replica killed under load", flush=True)
+        results["kill"] = kill_under_load(100.0, 2 * args.duration, args.duration / 2)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "ray_serve_anchor.json").write_text(json.dumps(results, indent=2) + "\n")
+    text = f"# gpurag vs Ray Serve {results['ray']}\n\n"
+    text += f"{results['machine']}; Python {results['python']}; {results['when']}\n\n"
+    text += table(results) + "\n"
+    (RESULTS / "ray_serve_anchor.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
