@@ -8,7 +8,7 @@ PIP := $(BIN)/python -m pip
 DISTRIBUTIONS := -e ./core[test] -e ./plugins/numpy_backend[test] -e ./server[test,ray]
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-gpu lint bench bench-report rag-eval rag-speed gpu-wheels clean serve serve-report
+.PHONY: install test test-gpu lint bench bench-report bench-core rag-eval rag-speed gpu-wheels clean serve serve-report
 
 $(STAMP): core/pyproject.toml plugins/numpy_backend/pyproject.toml server/pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,9 @@ bench: $(STAMP)
 
 bench-report: $(STAMP)
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(BIN)/python benchmarks/cpu_report.py
+
+bench-core: $(STAMP)
+	$(BIN)/python benchmarks/core_report.py
 
 rag-eval: $(STAMP)
 	$(BIN)/python benchmarks/rag_eval.py

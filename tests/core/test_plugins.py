@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 from typing import Any
 
 import pytest
-from core_toys import ToyBackend, make_plugin
+from core_toys import ToyBackend, UnavailableBackend, make_plugin
 
 import gpurag
 from gpurag import plugins
 from gpurag.errors import BackendUnavailableError, InvalidInputError, PluginError
+from gpurag.metrics import Metric
 
 
 class FakeEntryPoint:
@@ -49,10 +51,59 @@ def test_numpy_backend_comes_through_its_entry_point(fresh_plugins: pytest.Monke
     assert registration.distribution == "gpurag-numpy"
 
 
-def test_auto_picks_an_available_backend(fresh_plugins: pytest.MonkeyPatch) -> None:
+class _NoL1(ToyBackend):
+    name = "no-l1"
+    metrics = frozenset({Metric.L2, Metric.DOT, Metric.COSINE})
+
+
+class _GpuOnly(ToyBackend):
+    name = "gpu-only"
+    device_kinds = ("cuda",)
+
+
+def _preferring(fresh: pytest.MonkeyPatch, *order: str) -> None:
+    fresh.setenv("GPURAG_BACKEND_PREFERENCE", json.dumps(list(order)))
+    gpurag.get_settings.cache_clear()
+
+
+@pytest.fixture
+def ranked_backends(fresh_plugins: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    def register_backends(register: Any) -> None:
+        for cls in (ToyBackend, UnavailableBackend, _NoL1, _GpuOnly):
+            register(cls, cls.name)
+
+    plugins.register_plugin(make_plugin(register_backends=register_backends), "ranked-plugin")
+    return fresh_plugins
+
+
+def test_auto_follows_the_preference_order_skipping_unavailable_backends(ranked_backends: pytest.MonkeyPatch) -> None:
+    _preferring(ranked_backends, "nowhere", "no-l1", "toy", "numpy")
     backend = gpurag.get_backend("auto")
-    assert backend.availability().available
+    assert backend.name == "no-l1"
     assert gpurag.get_backend("auto") is backend  # one instance per (name, device)
+    _preferring(ranked_backends, "toy", "no-l1", "numpy")
+    assert gpurag.get_backend("auto").name == "toy"
+    _preferring(ranked_backends, "numpy", "toy")
+    assert gpurag.get_backend("auto").name == "numpy"
+
+
+def test_auto_skips_backends_that_lack_the_metric_or_the_device(ranked_backends: pytest.MonkeyPatch) -> None:
+    _preferring(ranked_backends, "gpu-only", "no-l1", "toy", "numpy")
+    assert gpurag.get_backend("auto").name == "gpu-only"
+    assert gpurag.get_backend("auto", device="CPU").name == "no-l1"  # gpu-only runs on cuda only
+    assert gpurag.get_backend("auto", device="cpu", metric="l1").name == "toy"
+    index = gpurag.ExactRetriever(metric="l1", backend="auto", device="cpu")
+    assert index.backend.name == "toy"
+
+
+def test_auto_says_when_no_backend_has_the_metric(fresh_plugins: pytest.MonkeyPatch) -> None:
+    fresh_plugins.setenv("GPURAG_PLUGINS", "")  # the built-ins only: no entry-point backends
+    gpurag.get_settings.cache_clear()
+    plugins.reset_plugins()
+    plugins.register_plugin(make_plugin(register_backends=lambda register: register(_NoL1, "no-l1")), "only")
+    assert gpurag.get_backend("auto", metric="l2").name == "no-l1"
+    with pytest.raises(BackendUnavailableError, match="with metric 'l1'"):
+        gpurag.get_backend("auto", metric="l1")
 
 
 def test_a_throwaway_plugin_registers_a_backend(toy_backend: ToyBackend) -> None:
@@ -166,3 +217,19 @@ def test_importing_gpurag_imports_nothing_heavy() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_device_names_are_normalised_and_one_instance_serves_each_device(fresh_plugins: pytest.MonkeyPatch) -> None:
+    backend = gpurag.get_backend("numpy", device="cpu")
+    assert backend.device == "cpu"
+    assert gpurag.get_backend("numpy", device="cpu:0") is backend
+    assert gpurag.get_backend("numpy", device=" CPU ") is backend
+    assert gpurag.get_backend("numpy") is backend
+
+
+@pytest.mark.parametrize("device", ["cpu:7", "cpu:x", "cpu:-1"])
+def test_a_device_that_does_not_exist_is_refused_with_those_that_do(
+    fresh_plugins: pytest.MonkeyPatch, device: str
+) -> None:
+    with pytest.raises(InvalidInputError, match=rf"device must be one of cpu for backend 'numpy'; got '{device}'"):
+        gpurag.get_backend("numpy", device=device)

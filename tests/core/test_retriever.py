@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import tracemalloc
+from typing import Any
+
 import numpy as np
 import pytest
 
 import gpurag
-from gpurag import ExactRetriever, InvalidInputError
+from gpurag import ExactRetriever, InvalidInputError, get_settings
 from gpurag.retriever import plan_chunks
 from gpurag.testing.reference import pairwise_reference
 
@@ -194,3 +197,123 @@ def test_metric_names_and_directions() -> None:
     assert [m.higher_is_better for m in gpurag.Metric] == [False, True, True, False]
     assert gpurag.Metric.DOT.worst == -np.inf
     assert gpurag.Metric.L1.worst == np.inf
+
+
+# --- k: checked for type and against max_k before anything is allocated -------------------------
+@pytest.mark.parametrize("k", [10**8, 2**62, np.uint64(2**63), 65537])
+def test_k_above_the_max_k_setting_is_refused_before_anything_is_allocated(k: Any) -> None:
+    index = ExactRetriever(backend="numpy")
+    index.add(np.eye(4, dtype=np.float32))
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidInputError, match=r"k must be <= 65536 \(the max_k setting; set GPURAG_MAX_K"):
+            index.search(np.zeros((1, 4)), k)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, f"{peak} bytes were allocated before k was refused"
+
+
+def test_max_k_can_be_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    index = ExactRetriever(backend="numpy")
+    index.add(np.random.default_rng(0).standard_normal((70000, 2)))
+    with pytest.raises(InvalidInputError, match="max_k"):
+        index.search(np.zeros((1, 2)), 70000)
+    monkeypatch.setenv("GPURAG_MAX_K", "100000")
+    get_settings.cache_clear()
+    try:
+        assert index.search(np.zeros((1, 2)), 70000).ids.shape == (1, 70000)
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+
+
+@pytest.mark.parametrize("k", [np.int8(3), np.uint64(3), np.int64(3), 3])
+def test_k_of_any_integer_type_is_accepted(k: Any) -> None:
+    index = ExactRetriever(backend="numpy")
+    index.add(np.eye(4, dtype=np.float32))
+    assert index.search(np.zeros((1, 4)), k).ids.shape == (1, 3)
+
+
+@pytest.mark.parametrize("k", [3.0, np.float32(3), True, np.bool_(True), "3", None])
+def test_k_that_is_not_an_integer_is_refused_naming_its_type(k: Any) -> None:
+    index = ExactRetriever(backend="numpy")
+    index.add(np.eye(4, dtype=np.float32))
+    with pytest.raises(InvalidInputError, match=r"k must be an integer >= 1; got .* \("):
+        index.search(np.zeros((1, 4)), k)
+
+
+# --- ids: integer dtypes only, within int64 ------------------------------------------------------
+@pytest.mark.parametrize(
+    ("ids", "message"),
+    [
+        ([1.0, 2.0], "ids must be integers .*got dtype float64"),
+        (np.array([2**53 + 1, 3], dtype=np.float64), "ids must be integers .*got dtype float64"),
+        ([2**63, 5], "outside the int64 range: 9223372036854775808"),
+        (np.array([2**64 - 1, 5], dtype=np.uint64), "above the int64 range"),
+        ([2**70, 5], "outside the int64 range"),
+        ([True, False], "ids must be integers .*got dtype bool"),
+        (3.0, "ids must be integers; got 3.0 \\(float\\)"),
+    ],
+)
+def test_ids_that_are_not_int64_integers_are_refused_naming_the_argument(ids: Any, message: str) -> None:
+    index = ExactRetriever(backend="numpy")
+    vectors = np.eye(2, dtype=np.float32) if not np.isscalar(ids) else np.eye(1, 2, dtype=np.float32)
+    with pytest.raises(InvalidInputError, match=message):
+        index.add(vectors, ids=ids)
+    with pytest.raises(InvalidInputError, match=message):
+        index.remove(ids)
+
+
+def test_automatic_ids_past_the_int64_range_are_refused_naming_ids() -> None:
+    index = ExactRetriever(backend="numpy")
+    index.add(np.ones((1, 2)), ids=[2**63 - 2])
+    index.add(np.ones((1, 2)))  # takes 2**63 - 1, the last one
+    with pytest.raises(InvalidInputError, match=r"ids: the next 1 automatic ids would pass 9223372036854775807"):
+        index.add(np.ones((1, 2)))
+    assert len(index) == 2
+
+
+@pytest.mark.parametrize(("option", "value"), [("memory_budget_bytes", "x"), ("memory_budget_bytes", 0), ("dim", 2.0)])
+def test_constructor_options_are_checked_naming_them(option: str, value: Any) -> None:
+    with pytest.raises(InvalidInputError, match=f"{option} must be (an integer )?>= 1"):
+        ExactRetriever(backend="numpy", **{option: value})
+
+
+# --- add and remove: amortised O(rows changed), results right after churn -------------------------
+def test_add_grows_the_capacity_by_doubling_and_remove_moves_the_last_rows_into_the_holes() -> None:
+    index = ExactRetriever(backend="numpy")
+    index.add(np.arange(40, dtype=np.float32).reshape(20, 2))
+    database = index._database
+    assert database is not None
+    index.add(np.ones((1, 2)))
+    grown = index._database
+    assert grown is not None
+    assert grown.capacity == 40, "the first add past the rows doubles the capacity"
+    storage_before = grown.storage["vectors"]
+    for _ in range(10):
+        index.add(np.ones((1, 2)))
+    assert index._database is not None
+    assert index._database.storage["vectors"] is storage_before, "adds within the capacity copy nothing"
+    assert index.remove([3, 7]) == 2
+    ids = index.ids
+    assert (ids[3], ids[7]) == (29, 30), f"the last rows fill the holes; got {ids[:10]}"
+    np.testing.assert_array_equal(index.vectors()[3], np.ones(2))
+    assert len(index) == 29
+
+
+def test_remove_work_is_proportional_to_the_ids_removed(monkeypatch: pytest.MonkeyPatch) -> None:
+    index = ExactRetriever(backend="numpy")
+    index.add(np.random.default_rng(0).standard_normal((5000, 4)))
+    moved: list[int] = []
+    original = index.backend.move_rows
+
+    def counting(database: Any, moves: Any) -> Any:
+        moved.append(int(moves.sources.size))
+        return original(database, moves)
+
+    monkeypatch.setattr(index.backend, "move_rows", counting)
+    monkeypatch.setattr(index.backend, "take", lambda *a: pytest.fail("remove must not rebuild the database"))
+    monkeypatch.setattr(index.backend, "prepare", lambda *a: pytest.fail("remove must not prepare rows again"))
+    assert index.remove([10, 20, 4999]) == 3
+    assert moved == [2]  # two holes before the end, filled by the two last live rows

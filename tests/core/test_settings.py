@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gpurag import Settings, get_settings
+from gpurag import InvalidInputError, Settings, get_settings
 
 
 def test_environment_overrides_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -29,3 +29,24 @@ def test_get_settings_is_cached_until_cleared(monkeypatch: pytest.MonkeyPatch) -
         assert get_settings() is not first
     finally:
         get_settings.cache_clear()
+
+
+def test_a_bad_environment_value_is_one_line_naming_the_variable_and_what_it_expects(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("GPURAG_MEMORY_BUDGET_BYTES", "abc")
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(InvalidInputError) as caught:
+            get_settings()
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "GPURAG_MEMORY_BUDGET_BYTES='abc'" in message
+    assert "valid integer" in message
+
+
+def test_max_k_defaults_to_65536() -> None:
+    assert Settings().max_k == 65536

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from gpurag.backend import Availability, Database, DistanceBackend
+from gpurag.backend import Availability, Boundaries, Database, DistanceBackend, RowMoves
 from gpurag.metrics import Metric, TopK
 from gpurag.testing import reference as ref
 from gpurag.testing import strategies as gst
@@ -140,7 +140,7 @@ def test_check_rejects_a_wrong_id_with_its_own_score() -> None:
     ids[0, 3] = 2
     scores[0, 3] = ref.pairwise_reference(queries, vectors, Metric.L2)[0, 2]
     message = _rejects("query 0, rank 3, id 2", queries, vectors, scores, ids)
-    assert "k-th best" in message
+    assert "incomplete answer" in message
 
 
 def test_check_rejects_a_wrong_value() -> None:
@@ -206,8 +206,42 @@ def test_check_rejects_the_worst_rows_for_every_metric(metric: Metric) -> None:
     vectors = rng.standard_normal((20, 8)).astype(np.float32)
     scores, ids = ref.search_reference(queries, vectors, metric, 20)
     ref.assert_topk_matches(queries, vectors, metric, scores[:, :3].astype(np.float32), ids[:, :3], 3)
-    with pytest.raises(AssertionError, match="k-th best"):
+    with pytest.raises(AssertionError, match="incomplete answer"):
         ref.assert_topk_matches(queries, vectors, metric, scores[:, -3:].astype(np.float32), ids[:, -3:], 3)
+
+
+def test_check_rejects_an_answer_that_drops_a_better_row_when_the_kth_place_is_tied() -> None:
+    vectors = np.array([[0.0], [1.0], [2.0], [2.0]], np.float32)
+    queries = np.zeros((1, 1), np.float32)
+    ref.assert_topk_matches(queries, vectors, Metric.L2, np.array([[0.0, 1.0, 4.0]], np.float32), [[0, 1, 3]], 3)
+    message = _rejects("incomplete answer", queries, vectors, np.array([[1.0, 4.0, 4.0]], np.float32), [[1, 2, 3]], k=3)
+    assert "better rows missing: [0]" in message
+
+
+@pytest.mark.parametrize("metric", list(Metric), ids=str)
+def test_check_tolerance_is_per_pair_so_one_huge_row_does_not_loosen_the_others(metric: Metric) -> None:
+    rng = np.random.default_rng(5)
+    queries = rng.standard_normal((1, 8)).astype(np.float32)
+    vectors = rng.standard_normal((50, 8)).astype(np.float32)
+    vectors[0] *= 1e4
+    scores, ids = ref.search_reference(queries, vectors, metric, 50)
+    ref.assert_topk_matches(queries, vectors, metric, scores[:, :1].astype(np.float32), ids[:, :1], 1)
+    wrong = ids[:, 40:41] if ids[0, 40] != 0 else ids[:, 41:42]
+    wrong_scores = ref.pairwise_reference(queries, vectors, metric)[:, wrong[0]]
+    with pytest.raises(AssertionError, match="incomplete answer"):
+        ref.assert_topk_matches(queries, vectors, metric, wrong_scores.astype(np.float32), wrong, 1)
+
+
+def test_pair_tolerance_has_a_floor_for_float32_underflow() -> None:
+    tiny = np.full((1, 4), 1e-30, np.float32)  # products of 1e-60 underflow float32
+    tol = ref.pair_tolerance(tiny, tiny, Metric.DOT)
+    assert tol.shape == (1, 1)
+    assert tol[0, 0] >= 4 * float(np.finfo(np.float32).tiny)
+    rng = np.random.default_rng(2)
+    q, x = rng.standard_normal((2, 6)), rng.standard_normal((3, 6))
+    x[1] *= 1000.0
+    tol = ref.pair_tolerance(q, x, Metric.DOT)
+    assert tol[0, 1] > 500 * tol[0, 0], "a large row's tolerance is its own, not every row's"
 
 
 def test_pairwise_check_rejects_one_wrong_entry() -> None:
@@ -366,6 +400,73 @@ class AppendDropsRows(ReferenceBackend):
         return database
 
 
+#: Rows per block of the blocked broken backends below (declared through `boundaries`).
+BLOCK = 64
+
+
+class Blocked(ReferenceBackend):
+    """A correct backend that scans rows in blocks of `BLOCK` and merges the blocks' best k."""
+
+    def boundaries(self, metric: Metric, queries: int, dim: int) -> Boundaries:
+        return Boundaries(rows=(BLOCK,))
+
+    def blocks(self, database: Database) -> list[tuple[int, int]]:
+        return [(b0, min(b0 + BLOCK, database.count)) for b0 in range(0, database.count, BLOCK)]
+
+    def merge(self, parts: list[TopK], k: int, metric: Metric) -> TopK:
+        merged = parts[0]
+        for part in parts[1:]:
+            merged = self.merge_topk(merged, part, k, metric)
+        return merged
+
+    def topk(self, queries: Any, database: Database, k: int) -> TopK:
+        parts = []
+        for b0, b1 in self.blocks(database):
+            scores, ids = ref.search_reference(queries, database.vectors[b0:b1], database.metric, min(k, b1 - b0))
+            parts.append(TopK(scores.astype(np.float32), ids + b0))
+        return self.merge(parts, k, database.metric)
+
+
+class ScansOnlyTheFirstBlock(Blocked):
+    def blocks(self, database: Database) -> list[tuple[int, int]]:
+        first = super().blocks(database)[0]
+        return [first] if first[1] - first[0] >= BLOCK else super().blocks(database)
+
+    def merge(self, parts: list[TopK], k: int, metric: Metric) -> TopK:
+        if parts[0].scores.shape[1] >= k:
+            return parts[0]
+        return super().merge(parts, k, metric)
+
+
+class DropsTheLastRow(Blocked):
+    def blocks(self, database: Database) -> list[tuple[int, int]]:
+        blocks = super().blocks(database)
+        b0, b1 = blocks[-1]
+        if database.count > BLOCK and b1 - b0 > 1:
+            blocks[-1] = (b0, b1 - 1)
+        return blocks
+
+
+class MergesBlocksOutOfOrder(Blocked):
+    def merge(self, parts: list[TopK], k: int, metric: Metric) -> TopK:
+        scores = np.concatenate([p.scores for p in parts], axis=1)[:, :k]  # block order, not score order
+        indices = np.concatenate([p.indices for p in parts], axis=1)[:, :k]
+        return TopK(scores, indices)
+
+
+class MoveRowsForgetsTheMoves(ReferenceBackend):
+    def move_rows(self, database: Database, moves: RowMoves) -> Database:
+        return Database(database.metric, database.vectors[: moves.count])  # the holes are never filled
+
+
+class AppendOverwritesTheLastRow(ReferenceBackend):
+    def append(self, database: Database, vectors: Any) -> Database:
+        grown = super().append(database, vectors)
+        if database.count > 1:
+            grown.vectors[database.count - 1] = np.asarray(vectors)[0]  # one row written one place early
+        return grown
+
+
 QUICK = settings(
     max_examples=60,
     deadline=None,
@@ -388,6 +489,20 @@ BROKEN_CASES = [
     (MergePrefersSecond, "test_merge_topk_keeps_the_first_result_among_ties", {"metric": Metric.L2}),
     (L1AsL2, "test_topk_on_gaussian_data_matches_reference", {"metric": Metric.L1}),
     (AppendDropsRows, "test_topk_after_append_matches_reference_over_all_rows", {}),
+    (ScansOnlyTheFirstBlock, "test_topk_across_every_declared_boundary_matches_reference", {"metric": Metric.L2}),
+    (DropsTheLastRow, "test_topk_across_every_declared_boundary_matches_reference", {"metric": Metric.DOT}),
+    (MergesBlocksOutOfOrder, "test_topk_across_every_declared_boundary_matches_reference", {"metric": Metric.L1}),
+    (MoveRowsForgetsTheMoves, "test_append_and_move_rows_under_random_churn_match_reference", {"metric": Metric.L2}),
+    (
+        MoveRowsForgetsTheMoves,
+        "test_retriever_search_after_random_add_remove_churn_matches_reference",
+        {"metric": Metric.L2},
+    ),
+    (
+        AppendOverwritesTheLastRow,
+        "test_append_and_move_rows_under_random_churn_match_reference",
+        {"metric": Metric.COSINE},
+    ),
 ]
 
 
@@ -418,3 +533,11 @@ def test_conformance_kit_passes_the_reference_backend_in_the_same_harness(
     test_name: str, kwargs: dict[str, Any]
 ) -> None:
     _run_kit_test(ReferenceBackend("cpu"), test_name, kwargs)
+
+
+@pytest.mark.parametrize("metric", list(Metric), ids=str)
+def test_conformance_kit_passes_a_correct_blocked_backend_across_its_boundaries(metric: Metric) -> None:
+    backend = Blocked("cpu")
+    cases = BackendConformance().boundary_cases(backend, metric, 4)
+    assert all(rows > 2 * BLOCK for _, rows in cases), f"cases must cross two blocks of {BLOCK}; got {cases}"
+    _run_kit_test(backend, "test_topk_across_every_declared_boundary_matches_reference", {"metric": metric})

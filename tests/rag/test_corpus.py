@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import gpurag
+from gpurag import storage
 from gpurag.errors import IndexFormatError, InvalidInputError
 from gpurag.rag.corpus import CorpusIndex, read_corpus_manifest
 from gpurag.rag.embedders import HashingEmbedder
@@ -177,6 +178,7 @@ def test_an_unknown_retriever_in_the_manifest(corpus: CorpusIndex, tmp_path: Pat
     corpus.save(path)
     manifest = json.loads((path / "manifest.json").read_text())
     manifest["retriever"]["name"] = "from-a-plugin-not-installed"
+    manifest[storage.CHECKSUM_KEY] = storage.manifest_checksum(manifest)  # as a deliberate edit would
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(IndexFormatError, match="from-a-plugin-not-installed"):
         CorpusIndex.load(path)

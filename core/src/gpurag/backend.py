@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from gpurag.arrays import as_matrix, to_host
+from gpurag.errors import InvalidInputError
 from gpurag.metrics import Metric, TopK
 
 
@@ -23,18 +24,38 @@ class Availability:
         return self.available
 
 
+@dataclasses.dataclass(frozen=True)
+class Boundaries:
+    """Sizes at which a backend's `topk` splits its work, for one shape of search.
+
+    ``rows``: row counts at which a new block, tile, chunk or thread's share of the rows begins;
+    ``queries``: query counts at which a new tile, thread share or chunk of queries begins. A search
+    over more rows (queries) than a value crosses that boundary; the conformance kit sizes its cases
+    to cross every value declared here, so a backend that declares its boundaries is tested across them.
+    """
+
+    rows: tuple[int, ...] = ()
+    queries: tuple[int, ...] = ()
+
+
 @dataclasses.dataclass
 class Database:
     """Vectors resident where a backend computes, plus whatever the metric wants precomputed.
 
-    ``vectors`` is the backend's own (rows, dim) float32 array of the rows exactly as given (a
+    ``vectors`` is the backend's own (rows, dim) float32 array of the live rows exactly as given (a
     retriever reads them back to save the index); each entry of ``row_data`` is an array with one
     entry per row (norms, normalised rows, a reduced-precision copy) that is sliced with the rows.
+
+    ``storage`` optionally holds the full-capacity arrays behind ``vectors`` and ``row_data`` (the
+    same keys as `row_arrays`), of ``capacity`` rows each: `DistanceBackend.append` writes new rows
+    past ``count`` in place and grows them by doubling; `DistanceBackend.move_rows` fills holes in
+    place. Empty means the live arrays are all there is (capacity = count).
     """
 
     metric: Metric
     vectors: Any
     row_data: dict[str, Any] = dataclasses.field(default_factory=dict)
+    storage: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def count(self) -> int:
@@ -45,6 +66,80 @@ class Database:
     def dim(self) -> int:
         """Dimension of each row."""
         return int(self.vectors.shape[1])
+
+    @property
+    def capacity(self) -> int:
+        """Rows the storage holds before `DistanceBackend.append` must grow it."""
+        if not self.storage:
+            return self.count
+        array, axis = self.storage["vectors"], self.row_axes()["vectors"]
+        return int(array.shape[axis])
+
+    def row_axes(self) -> dict[str, int]:
+        """Every per-row array's key and the axis its rows lie along: ``vectors`` and ``row_data.<key>``."""
+        return {"vectors": 0, **{f"row_data.{key}": 0 for key in self.row_data}}
+
+    def row_arrays(self) -> dict[str, Any]:
+        """Every per-row array (live rows only), keyed as in `row_axes`."""
+        return {"vectors": self.vectors, **{f"row_data.{key}": value for key, value in self.row_data.items()}}
+
+    def with_rows(self, count: int, storage: dict[str, Any]) -> Database:
+        """A database of the first ``count`` rows of ``storage`` (keyed as `row_axes`), sharing it."""
+        axes = self.row_axes()
+        live = {key: _first_rows(array, axes[key], count) for key, array in storage.items()}
+        return dataclasses.replace(
+            self,
+            vectors=live["vectors"],
+            row_data={key.removeprefix("row_data."): v for key, v in live.items() if key.startswith("row_data.")},
+            storage=storage,
+        )
+
+
+def _first_rows(array: Any, axis: int, count: int) -> Any:
+    return array[:count] if axis == 0 else array[:, :count]
+
+
+def _set_rows(array: Any, axis: int, start: int, values: Any) -> None:
+    stop = start + int(values.shape[axis])
+    if axis == 0:
+        array[start:stop] = values
+    else:
+        array[:, start:stop] = values
+
+
+def _move_rows(array: Any, axis: int, sources: Any, destinations: Any) -> None:
+    if axis == 0:
+        array[destinations] = array[sources]
+    else:
+        array[:, destinations] = array[:, sources]
+
+
+@dataclasses.dataclass(frozen=True)
+class RowMoves:
+    """How removing rows compacts a database: row ``sources[i]`` moves into the hole ``destinations[i]``.
+
+    After the moves the first ``count`` rows are the ones kept. Sources are live rows from the tail
+    (at or past ``count``), destinations removed rows before ``count``: the two never overlap, and
+    the number of moves is at most the number of rows removed.
+    """
+
+    sources: np.ndarray[Any, np.dtype[np.int64]]
+    destinations: np.ndarray[Any, np.dtype[np.int64]]
+    count: int
+
+    @classmethod
+    def plan(cls, count: int, removed: np.ndarray[Any, Any]) -> RowMoves:
+        """The moves that close the holes left by removing the distinct positions ``removed`` of ``count`` rows."""
+        removed = np.unique(np.asarray(removed, dtype=np.int64))
+        kept = count - int(removed.size)
+        holes = removed[removed < kept]
+        tail = np.arange(kept, count, dtype=np.int64)
+        sources = tail[~np.isin(tail, removed[removed >= kept])] if tail.size else tail
+        return cls(sources=sources, destinations=holes, count=kept)
+
+
+#: Rows a database's storage holds at least, once it grows.
+MIN_CAPACITY = 16
 
 
 class DistanceBackend(abc.ABC):
@@ -65,7 +160,7 @@ class DistanceBackend(abc.ABC):
     max_k: ClassVar[int | None] = None
 
     def __init__(self, device: str | None = None) -> None:
-        self.device = device or self.default_device()
+        self.device = self.normalize_device(device)
 
     @classmethod
     @abc.abstractmethod
@@ -76,6 +171,39 @@ class DistanceBackend(abc.ABC):
     def default_device(cls) -> str:
         """The device used when none is named."""
         return cls.device_kinds[0]
+
+    @classmethod
+    def devices(cls) -> tuple[str, ...] | None:
+        """The device names this backend can run on here, or None where it cannot list them.
+
+        The default lists ``cpu`` for a CPU backend and None otherwise; a GPU backend overrides it to
+        list its cards (``cuda:0``, ``cuda:1``...) so that a missing one is refused by name.
+        """
+        return ("cpu",) if "cpu" in cls.device_kinds else None
+
+    @classmethod
+    def normalize_device(cls, device: str | None) -> str:
+        """``device`` in canonical form: lower case, ``cpu`` for ``cpu:0``, ``cuda:0`` for ``cuda``.
+
+        None is `default_device`. A device of another kind, or one `devices` does not list, is an
+        `InvalidInputError` listing those that exist.
+        """
+        if device is None:
+            return cls.default_device()
+        if not isinstance(device, str):
+            raise InvalidInputError(f"device must be a string such as 'cpu' or 'cuda:0'; got {device!r}")
+        kind, _, index = device.strip().lower().partition(":")
+        if kind == "cpu" and index in ("", "0"):
+            name = "cpu"
+        elif index == "" or (index.isdigit() and kind != "cpu"):
+            name = f"{kind}:{int(index or 0)}"
+        else:
+            name = f"{kind}:{index}"
+        known = cls.devices()
+        if kind not in cls.device_kinds or (known is not None and name not in known):
+            listed = ", ".join(known) if known is not None else ", ".join(f"{k}[:N]" for k in cls.device_kinds)
+            raise InvalidInputError(f"device must be one of {listed} for backend {cls.name!r}; got {device!r}")
+        return name
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(device={self.device!r})"
@@ -94,14 +222,78 @@ class DistanceBackend(abc.ABC):
     def prepare(self, vectors: Any, metric: Metric) -> Database:
         """Place ``vectors`` (float32, rows x dim, from `asarray`) on the device for ``metric``."""
 
+    def empty_rows(self, like: Any, shape: tuple[int, ...]) -> Any:
+        """An uninitialised array of ``shape`` with ``like``'s dtype, on ``like``'s device.
+
+        The default serves NumPy arrays and any array type with ``new_empty`` (torch); a backend whose
+        arrays are neither overrides it.
+        """
+        if hasattr(like, "new_empty"):
+            return like.new_empty(shape)
+        return np.empty(shape, dtype=like.dtype)
+
     def append(self, database: Database, vectors: Any) -> Database:
-        """A database holding ``database``'s rows followed by ``vectors``."""
-        old = self.to_numpy(database.vectors)
-        new = self.to_numpy(vectors)
-        return self.prepare(np.concatenate([old, new]), database.metric)
+        """``database`` with ``vectors`` (from `asarray`) added as its last rows, in amortised O(new rows).
+
+        Contract (GPU backends implement the same on their own arrays, without host round trips):
+        rows ``0 .. database.count - 1`` keep their positions and values, so a `Database` returned
+        earlier stays valid for the rows it holds; the new rows are written past ``count`` into
+        ``database.storage``, which grows by doubling (at least `MIN_CAPACITY` rows) when full.
+        The default prepares the new rows alone with `prepare` and copies what it returns; a backend
+        whose precomputed data is not per-row (or whose new rows need the old ones) overrides it.
+        """
+        added = self.prepare(vectors, database.metric)
+        if type(added) is not type(database) or set(added.row_axes()) != set(database.row_axes()):
+            combined = np.concatenate([self.to_numpy(database.vectors), self.to_numpy(vectors)])
+            return self.prepare(combined, database.metric)
+        return self.append_prepared(database, added)
+
+    def append_prepared(self, database: Database, added: Database) -> Database:
+        """``database`` followed by the rows of ``added`` (prepared alike), grown by doubling when full."""
+        count, extra = database.count, added.count
+        axes = database.row_axes()
+        storage = dict(database.storage) if database.storage else database.row_arrays()
+        capacity = database.capacity
+        if count + extra > capacity:
+            capacity = max(count + extra, 2 * capacity, MIN_CAPACITY)
+            grown = {}
+            for key, array in storage.items():
+                shape = list(array.shape)
+                shape[axes[key]] = capacity
+                grown[key] = self.empty_rows(array, tuple(shape))
+                _set_rows(grown[key], axes[key], 0, _first_rows(array, axes[key], count))
+            storage = grown
+        for key, array in added.row_arrays().items():
+            _set_rows(storage[key], axes[key], count, array)
+        return database.with_rows(count + extra, storage)
+
+    def move_rows(self, database: Database, moves: RowMoves) -> Database:
+        """``database`` compacted after a removal: the rows of ``moves.sources`` copied into its holes.
+
+        Contract (GPU backends implement the same on the device; ``moves`` holds host int64 arrays
+        of at most the removed count): the copy is done in place in ``database.storage``, in time
+        proportional to the moves, and the result holds the first ``moves.count`` rows. The
+        ``database`` passed in is invalid afterwards; a retriever calls this only while no search
+        reads it. Storage shrinks (one copy) when fewer than a quarter of its rows are live.
+        """
+        axes = database.row_axes()
+        storage = dict(database.storage) if database.storage else database.row_arrays()
+        if moves.sources.size:
+            for key, array in storage.items():
+                _move_rows(array, axes[key], moves.sources, moves.destinations)
+        capacity = database.capacity
+        if capacity > 4 * MIN_CAPACITY and moves.count < capacity // 4:
+            smaller = {}
+            for key, array in storage.items():
+                shape = list(array.shape)
+                shape[axes[key]] = max(2 * moves.count, MIN_CAPACITY)
+                smaller[key] = self.empty_rows(array, tuple(shape))
+                _set_rows(smaller[key], axes[key], 0, _first_rows(array, axes[key], moves.count))
+            storage = smaller
+        return database.with_rows(moves.count, storage)
 
     def take(self, database: Database, positions: np.ndarray[Any, Any]) -> Database:
-        """A database of the rows at ``positions`` (host int64), in that order."""
+        """A new database of the rows at ``positions`` (host int64), in that order; ``database`` is unchanged."""
         return self.prepare(self.to_numpy(database.vectors)[positions], database.metric)
 
     def slice(self, database: Database, start: int, stop: int) -> Database:
@@ -113,6 +305,14 @@ class DistanceBackend(abc.ABC):
         )
 
     # --- distances and selection ---------------------------------------------------------------
+    def boundaries(self, metric: Metric, queries: int, dim: int) -> Boundaries:
+        """Where `topk` over ``queries`` queries of dimension ``dim`` splits its work (see `Boundaries`).
+
+        The default declares none; a backend that scans in blocks, tiles, threads or chunks returns
+        their sizes so that the conformance kit crosses each.
+        """
+        return Boundaries()
+
     def working_scores(self, queries: int, rows: int) -> int:
         """Most scores (float32-sized values) one `topk` call over ``queries`` x ``rows`` holds at once.
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import click
 
 from gpurag import plugins
+from gpurag.errors import GpuragError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -86,6 +88,18 @@ def add_plugin_commands() -> None:
 
 
 def main() -> None:
-    """Entry point of the ``gpurag`` script."""
-    add_plugin_commands()
-    cli()
+    """Entry point of the ``gpurag`` script; gpurag's own errors are one line on standard error, exit 1."""
+    try:
+        add_plugin_commands()
+        status = cli(standalone_mode=False)
+        if isinstance(status, int) and status:
+            sys.exit(status)
+    except click.exceptions.Abort:
+        click.echo("Aborted!", err=True)
+        sys.exit(1)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except GpuragError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(1)

@@ -14,6 +14,7 @@ import pluggy
 from gpurag import hookspecs
 from gpurag.backend import Availability, DistanceBackend
 from gpurag.errors import BackendUnavailableError, InvalidInputError, PluginError
+from gpurag.metrics import Metric
 from gpurag.settings import get_settings
 
 #: The entry-point group third-party distributions announce themselves in.
@@ -251,19 +252,24 @@ def _describe_backends() -> str:
 
 
 def _device_kind(device: str) -> str:
-    return device.split(":", 1)[0].lower()
+    return device.strip().split(":", 1)[0].lower() if isinstance(device, str) else ""
 
 
-def get_backend(name: str | DistanceBackend = "auto", device: str | None = None) -> DistanceBackend:
+def get_backend(
+    name: str | DistanceBackend = "auto", device: str | None = None, *, metric: Metric | str | None = None
+) -> DistanceBackend:
     """The backend ``name`` on ``device``, or for ``"auto"`` the first available one in the preference order.
 
-    Instances are cached per (name, device). An unknown or unavailable name raises
-    `BackendUnavailableError` listing every installed backend and why each unavailable one is.
+    ``"auto"`` skips backends that cannot run on ``device``'s kind or lack ``metric``. Devices are
+    normalised (``"CPU"`` and ``"cpu:0"`` are ``"cpu"``) and instances cached per (name, device). An
+    unknown or unavailable name raises `BackendUnavailableError` listing every installed backend and
+    why each unavailable one is; a device that does not exist, an `InvalidInputError`.
     """
     if isinstance(name, DistanceBackend):
         return name
     if not isinstance(name, str):
         raise InvalidInputError(f"backend must be a name or a DistanceBackend; got {type(name).__name__}")
+    wanted_metric = None if metric is None else Metric.parse(metric)
     registry = get_registry("backends")
     if name == "auto":
         available = backend_availability()
@@ -275,9 +281,14 @@ def get_backend(name: str | DistanceBackend = "auto", device: str | None = None)
                 continue
             if device is not None and _device_kind(device) not in cls.device_kinds:
                 continue
+            if wanted_metric is not None and wanted_metric not in cls.metrics:
+                continue
             return get_backend(candidate, device)
         where = f" for device {device!r}" if device else ""
-        raise BackendUnavailableError(f"no distance backend is available{where}. Installed:\n{_describe_backends()}")
+        needs = f" with metric {wanted_metric.value!r}" if wanted_metric else ""
+        raise BackendUnavailableError(
+            f"no distance backend is available{where}{needs}. Installed:\n{_describe_backends()}"
+        )
     if name not in registry:
         raise BackendUnavailableError(f"unknown backend {name!r}. Installed:\n{_describe_backends()}")
     cls = registry[name].obj
@@ -290,10 +301,10 @@ def get_backend(name: str | DistanceBackend = "auto", device: str | None = None)
         raise BackendUnavailableError(
             f"backend {name!r} runs on {', '.join(cls.device_kinds)}; device {device!r} was asked for"
         )
-    key = (name, device or cls.default_device())
+    key = (name, cls.normalize_device(device))
     with _state.lock:
         if key not in _state.backends:
-            _state.backends[key] = cls(device=device)
+            _state.backends[key] = cls(device=key[1])
         return _state.backends[key]
 
 

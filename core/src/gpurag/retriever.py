@@ -5,7 +5,6 @@ from __future__ import annotations
 import abc
 import operator
 import os
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -13,12 +12,15 @@ from typing import Any, ClassVar
 import numpy as np
 
 from gpurag import storage
-from gpurag.arrays import FloatMatrix, IdArray, as_ids, check_k
-from gpurag.backend import Database, DistanceBackend
+from gpurag.arrays import FloatMatrix, IdArray, as_id_list, as_ids, check_int, check_k
+from gpurag.backend import MIN_CAPACITY, Database, DistanceBackend, RowMoves
 from gpurag.errors import IndexFormatError, InvalidInputError, UnsupportedError
+from gpurag.locking import ReadWriteLock
 from gpurag.metrics import Metric, SearchResult, TopK
 from gpurag.settings import get_settings
 
+#: The largest int64 id.
+INT64_MAX = int(np.iinfo(np.int64).max)
 #: Bytes per score a backend holds while it scores one chunk (float32).
 SCORE_BYTES = 4
 
@@ -119,18 +121,21 @@ class ExactRetriever(Retriever):
         from gpurag.plugins import get_backend
 
         self.metric = Metric.parse(metric)
-        self.backend = get_backend(backend, device=device)
+        if dim is not None:
+            dim = check_int(dim, "dim", minimum=1)
+        if memory_budget_bytes is not None:
+            memory_budget_bytes = check_int(memory_budget_bytes, "memory_budget_bytes", minimum=1)
+        self.backend = get_backend(backend, device=device, metric=self.metric)
         if self.metric not in self.backend.metrics:
             raise UnsupportedError(f"backend {self.backend.name!r} does not support metric {self.metric.value!r}")
-        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
-            raise InvalidInputError(f"dim must be an integer >= 1; got {dim!r}")
-        if memory_budget_bytes is not None and memory_budget_bytes < 1:
-            raise InvalidInputError(f"memory_budget_bytes must be >= 1; got {memory_budget_bytes}")
         self.memory_budget_bytes = memory_budget_bytes
         self._dim = dim
-        self._ids: IdArray = np.empty(0, dtype=np.int64)
+        self._id_storage: IdArray = np.empty(0, dtype=np.int64)  # ids by row position; capacity doubles
+        self._count = 0
+        self._positions: dict[int, int] = {}  # id -> row position
+        self._next_id = 0
         self._database: Database | None = None
-        self._lock = threading.RLock()
+        self._lock = ReadWriteLock()
 
     def __repr__(self) -> str:
         return (
@@ -139,7 +144,7 @@ class ExactRetriever(Retriever):
         )
 
     def __len__(self) -> int:
-        return int(self._ids.shape[0])
+        return self._count
 
     @property
     def dim(self) -> int | None:
@@ -148,79 +153,101 @@ class ExactRetriever(Retriever):
 
     @property
     def ids(self) -> IdArray:
-        """The ids held, in insertion order (a copy)."""
-        return self._ids.copy()
+        """The ids held, in the order of `vectors` (a copy); a removal moves the last rows into its holes."""
+        with self._lock.read():
+            return self._id_storage[: self._count].copy()
 
     def vectors(self) -> FloatMatrix:
         """The vectors held, float32 (N, D), in the order of `ids` (a copy)."""
-        with self._lock:
-            if self._database is None:
-                return np.empty((0, self._dim or 0), dtype=np.float32)
-            return np.array(self.backend.to_numpy(self._database.vectors), dtype=np.float32, copy=True)
+        with self._lock.read():
+            return self._vectors_copy()
+
+    def _vectors_copy(self) -> FloatMatrix:
+        if self._database is None:
+            return np.empty((0, self._dim or 0), dtype=np.float32)
+        return np.array(self.backend.to_numpy(self._database.vectors), dtype=np.float32, copy=True)
 
     def add(self, vectors: Any, ids: Any = None) -> IdArray:
-        """Add (N, D) ``vectors`` under ``ids`` (distinct int64 >= 0; None: the next free ones); return the ids."""
-        with self._lock:
+        """Add (N, D) ``vectors`` under ``ids`` (distinct int64 >= 0; None: the next free ones); return the ids.
+
+        Amortised O(N): the rows are appended in place (see `DistanceBackend.append`).
+        """
+        with self._lock.write():
             matrix = self.backend.asarray(vectors, "vectors", dim=self._dim)  # checked once, here
             if isinstance(matrix, np.ndarray) and (matrix is vectors or not matrix.flags.owndata):
                 matrix = matrix.copy()  # the index must not change when the caller's array does
+            rows = int(matrix.shape[0])
             if ids is None:
-                start = int(self._ids.max()) + 1 if len(self) else 0
-                new_ids = np.arange(start, start + int(matrix.shape[0]), dtype=np.int64)
+                if self._next_id + rows - 1 > INT64_MAX:
+                    raise InvalidInputError(
+                        f"ids: the next {rows} automatic ids would pass {INT64_MAX} (2**63 - 1); pass ids explicitly"
+                    )
+                new_ids = np.arange(self._next_id, self._next_id + rows, dtype=np.int64)
             else:
-                new_ids = as_ids(ids, int(matrix.shape[0]))
-                clash = np.isin(new_ids, self._ids)
-                if clash.any():
-                    raise InvalidInputError(f"ids are already in the index: {new_ids[clash][:5].tolist()}")
+                new_ids = as_ids(ids, rows)
+                clash = [i for i in new_ids.tolist() if i in self._positions]
+                if clash:
+                    raise InvalidInputError(f"ids are already in the index: {clash[:5]}")
             if self._dim is None:
                 self._dim = int(matrix.shape[1])
-            if self._database is None or len(self) == 0:
+            if self._database is None or self._count == 0:
                 self._database = self.backend.prepare(matrix, self.metric)
             else:
                 self._database = self.backend.append(self._database, matrix)
-            self._ids = np.concatenate([self._ids, new_ids])
+            self._append_ids(new_ids)
             return new_ids
 
+    def _append_ids(self, new_ids: IdArray) -> None:
+        count, extra = self._count, int(new_ids.shape[0])
+        if count + extra > self._id_storage.shape[0]:
+            grown = np.empty(max(count + extra, 2 * self._id_storage.shape[0], MIN_CAPACITY), dtype=np.int64)
+            grown[:count] = self._id_storage[:count]
+            self._id_storage = grown
+        self._id_storage[count : count + extra] = new_ids
+        self._positions.update(zip(new_ids.tolist(), range(count, count + extra), strict=True))
+        self._count = count + extra
+        if extra:
+            self._next_id = max(self._next_id, int(new_ids.max()) + 1)
+
     def remove(self, ids: Any) -> int:
-        """Remove the vectors with these ids; return how many were present and removed (absent ids are ignored)."""
-        with self._lock:
-            wanted = np.asarray(ids)
-            if wanted.ndim == 0:
-                wanted = wanted.reshape(1)
-            if wanted.size and wanted.dtype.kind not in "iu":
-                raise InvalidInputError(f"ids must be integers; got dtype {wanted.dtype}")
-            if wanted.ndim != 1:
-                raise InvalidInputError(f"ids must be 1-D; got shape {wanted.shape}")
-            drop = np.isin(self._ids, wanted)
-            removed = int(drop.sum())
-            if removed == 0:
+        """Remove the vectors with these ids; return how many were present and removed (absent ids are ignored).
+
+        O(ids given): the last rows move into the holes (see `DistanceBackend.move_rows`).
+        """
+        wanted = as_id_list(ids)
+        with self._lock.write():
+            positions = [self._positions.pop(i) for i in set(wanted.tolist()) if i in self._positions]
+            if not positions:
                 return 0
-            keep = np.flatnonzero(~drop)
-            self._ids = self._ids[keep]
+            moves = RowMoves.plan(self._count, np.array(positions, dtype=np.int64))
             if self._database is not None:
-                self._database = self.backend.take(self._database, keep)
-            return removed
+                self._database = self.backend.move_rows(self._database, moves)
+            moved_ids = self._id_storage[moves.sources]
+            self._id_storage[moves.destinations] = moved_ids
+            self._positions.update(zip(moved_ids.tolist(), moves.destinations.tolist(), strict=True))
+            self._count = moves.count
+            return len(positions)
 
     def search(self, queries: Any, k: int) -> SearchResult:
         """The ``k`` nearest vectors to each query: ``(scores float32 (Q, k), ids int64 (Q, k))``, best first.
 
         Where k exceeds the index size the tail holds id -1 and the metric's worst value (as FAISS).
-        An empty index is an `InvalidInputError`.
+        k above the ``max_k`` setting, or an empty index, is an `InvalidInputError`.
         """
-        k = check_k(k)
-        with self._lock:
-            if len(self) == 0 or self._database is None:
+        k = check_k(k, get_settings().max_k)
+        with self._lock.read():
+            if self._count == 0 or self._database is None:
                 raise InvalidInputError("the index is empty; add vectors before searching")
-            if self.backend.max_k is not None and min(k, len(self)) > self.backend.max_k:
+            database = self._database
+            if self.backend.max_k is not None and min(k, database.count) > self.backend.max_k:
                 raise UnsupportedError(
                     f"k={k} exceeds what backend {self.backend.name!r} supports ({self.backend.max_k})"
                 )
             native = self.backend.asarray(queries, "queries", dim=self._dim)
-            database, ids = self._database, self._ids
-        top = self._chunked_topk(native, database, min(k, database.count))
+            top = self._chunked_topk(native, database, min(k, database.count))
+            positions = self.backend.to_numpy(top.indices).astype(np.int64, copy=False)
+            found = self._id_storage[positions]
         scores = self.backend.to_numpy(top.scores).astype(np.float32, copy=False)
-        positions = self.backend.to_numpy(top.indices).astype(np.int64, copy=False)
-        found = ids[positions]
         if k > database.count:
             pad = k - database.count
             scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=self.metric.worst)
@@ -230,9 +257,13 @@ class ExactRetriever(Retriever):
     def _chunked_topk(self, queries: Any, database: Database, k: int) -> TopK:
         budget = self.memory_budget_bytes or get_settings().memory_budget_bytes
         query_count = int(queries.shape[0])
+        if query_count * database.count * SCORE_BYTES <= budget:
+            return self.backend.topk(queries, database, k)  # every score fits: one chunk, nothing to merge
         query_chunk, row_chunk = plan_chunks(
             query_count, database.count, budget, get_settings().max_query_chunk, self.backend.working_scores
         )
+        if query_chunk >= query_count and row_chunk >= database.count:
+            return self.backend.topk(queries, database, k)  # one chunk: nothing to slice or merge
         blocks: list[TopK] = []
         for q0 in range(0, query_count, query_chunk):
             block = queries[q0 : q0 + query_chunk]
@@ -253,9 +284,9 @@ class ExactRetriever(Retriever):
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the index to directory ``path`` atomically: manifest.json, vectors.npy and ids.npy."""
-        vectors = self.vectors()
-        with self._lock:
-            ids, dim = self._ids, self._dim
+        with self._lock.read():  # one snapshot: ids and vectors of one moment
+            vectors = self._vectors_copy()
+            ids, dim = self._id_storage[: self._count].copy(), self._dim
         with storage.atomic_directory(path) as tmp:
             storage.write_array(tmp, "vectors.npy", vectors)
             storage.write_array(tmp, "ids.npy", ids)
@@ -278,7 +309,15 @@ class ExactRetriever(Retriever):
         where = Path(manifest["path"])
         vectors = storage.read_array(manifest, "vectors.npy")
         ids = storage.read_array(manifest, "ids.npy")
-        count, dim = manifest.get("count"), manifest.get("dim")
+        count = storage.manifest_field(manifest, "count", int)
+        dim = storage.manifest_field(manifest, "dim", (int, type(None)))
+        metric = storage.manifest_field(manifest, "metric", str)
+        if count < 0 or (dim is None and count > 0) or (dim is not None and dim < 1):
+            raise IndexFormatError(f"{where / storage.MANIFEST} is damaged: count {count} with dim {dim}")
+        try:
+            metric = Metric.parse(metric)
+        except InvalidInputError as exc:
+            raise IndexFormatError(f"{where / storage.MANIFEST} is damaged: key 'metric': {exc}") from exc
         vectors_file, ids_file = where / "vectors.npy", where / "ids.npy"
         if vectors.dtype != np.float32 or vectors.ndim != 2 or vectors.shape[0] != count:
             expected = f"float32 ({count}, {dim})"
@@ -289,7 +328,7 @@ class ExactRetriever(Retriever):
             raise IndexFormatError(f"{vectors_file} has dimension {vectors.shape[1]}, the manifest says {dim}")
         if ids.dtype != np.int64 or ids.shape != (count,):
             raise IndexFormatError(f"{ids_file} holds {ids.dtype} {ids.shape}, the manifest says int64 ({count},)")
-        retriever = cls(metric=manifest["metric"], backend=backend, dim=dim)
+        retriever = cls(metric=metric, backend=backend, dim=dim)
         if count:
             retriever.add(vectors, ids)
         return retriever

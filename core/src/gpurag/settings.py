@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from gpurag.errors import InvalidInputError
 
 DEFAULT_PROMPT_TEMPLATE = (
     "Answer the question using only the numbered passages below. "
@@ -52,6 +55,9 @@ class Settings(BaseSettings):
         description="Most bytes one chunk of a search may hold in scores (queries x rows x 4).",
     )
     max_query_chunk: int = Field(default=4096, gt=0, description="Most queries searched in one chunk.")
+    max_k: int = Field(
+        default=65536, gt=0, description="Largest k a search accepts; raise it (up to the index size) for more."
+    )
     numpy_block_rows: int = Field(
         default=1024, gt=0, description="Database rows the NumPy backend scores in one BLAS call."
     )
@@ -100,5 +106,18 @@ class Settings(BaseSettings):
 
 @functools.cache
 def get_settings() -> Settings:
-    """The process-wide settings, read from the environment once; `get_settings.cache_clear()` re-reads."""
-    return Settings()
+    """The process-wide settings, read from the environment once; `get_settings.cache_clear()` re-reads.
+
+    A ``GPURAG_*`` variable that does not parse is an `InvalidInputError` naming it, its value and
+    what it expects, in one line.
+    """
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = ".".join(str(part) for part in error.get("loc", ())) or "?"
+            variable = f"GPURAG_{field.upper()}"
+            value = os.environ.get(variable, error.get("input"))
+            problems.append(f"{variable}={value!r}: {error.get('msg', 'invalid')}")
+        raise InvalidInputError("bad setting: " + "; ".join(problems)) from None

@@ -76,9 +76,11 @@ def build_command(
     from gpurag.rag.embedders import get_embedder
     from gpurag.rag.ingest import read_documents
     from gpurag.settings import get_settings
+    from gpurag.storage import check_index_target
 
     settings = get_settings()
     with _errors_as_click():
+        check_index_target(out)  # before the embedding, not after it
         ingested = read_documents(list(paths))
         for item in ingested.skipped:
             click.echo(f"skipped {_describe_skipped(item)}", err=True)
@@ -183,10 +185,14 @@ def ask_command(
     stream: bool,
 ) -> None:
     """Answer QUESTION from a corpus index, or from Python's language reference when no --index is given."""
+    from gpurag.arrays import check_k
     from gpurag.rag.pipeline import RAGPipeline
+    from gpurag.settings import get_settings
 
     options = {"retrieval": retrieval, "reranker": reranker}
     with _errors_as_click():
+        if k is not None:
+            check_k(k, get_settings().max_k)  # before any model is loaded
         if index is not None:
             pipeline = RAGPipeline.from_index(index, embedder=embedder, generator=generator, **options)
         else:

@@ -10,7 +10,9 @@ import hashlib
 import importlib
 import os
 import re
+import socket
 import threading
+import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from gpurag.arrays import check_int
 from gpurag.errors import InvalidInputError
 from gpurag.hookspecs import Register, hookimpl
 from gpurag.rag.types import Embedder
@@ -66,8 +69,7 @@ class SentenceTransformerEmbedder(Embedder):
         settings = get_settings()
         if batch_size is None:
             batch_size = settings.embed_batch_size
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise InvalidInputError(f"batch_size must be an integer >= 1; got {batch_size!r}")
+        batch_size = check_int(batch_size, "batch_size", minimum=1)
         model = (model or DEFAULT_MODEL).strip()
         if not model:
             raise InvalidInputError("model must name a sentence-transformers model or a directory; got ''")
@@ -80,6 +82,12 @@ class SentenceTransformerEmbedder(Embedder):
         else:
             self.name = model.rstrip("/") or model
             location = model
+            if not Path(location).exists() and not _in_hub_cache(model) and not _hub_reachable():
+                raise InvalidInputError(
+                    f"embedder {model!r} is not a registered embedder, a local directory or a cached "
+                    "Hugging Face model, and the hub cannot be reached (offline); "
+                    "`gpurag plugins` lists the registered embedders"
+                )
         self.batch_size = batch_size
         self.device = pick_device(device)
         self._model = _load_sentence_transformer(location, self.device, self.name)
@@ -118,6 +126,26 @@ class SentenceTransformerEmbedder(Embedder):
 
     def __repr__(self) -> str:
         return f"SentenceTransformerEmbedder(name={self.name!r}, dim={self.dim}, device={self.device!r})"
+
+
+def _in_hub_cache(model: str) -> bool:
+    """Whether the Hugging Face cache holds ``model`` (``org/name``, or ``name`` of sentence-transformers)."""
+    home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+    cache = Path(os.environ.get("HF_HUB_CACHE", home / "hub"))
+    repo = model if "/" in model else f"sentence-transformers/{model}"
+    return (cache / f"models--{repo.replace('/', '--')}").is_dir()
+
+
+def _hub_reachable(timeout_s: float = 2.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within ``timeout_s`` (False when HF_HUB_OFFLINE)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or ""
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
 
 
 def _load_sentence_transformer(location: str, device: str, name: str) -> Any:
@@ -160,9 +188,7 @@ class HashingEmbedder(Embedder):
     name = "hashing"
 
     def __init__(self, dim: int = 256):
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise InvalidInputError(f"dim must be an integer >= 1; got {dim!r}")
-        self.dim = dim
+        self.dim = check_int(dim, "dim", minimum=1)
 
     def embed_batch(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
         """Vectors for ``texts``: float32 (len(texts), dim), L2-normalised (zero for a text with no words)."""
@@ -185,7 +211,12 @@ class HashingEmbedder(Embedder):
 
 
 def hashing_factory(model: str | None = None, device: str | None = None) -> Embedder:
-    """The factory registered as ``hashing``: ``model`` may give the dimension (``"512"``), default 256."""
+    """The factory registered as ``hashing``: ``model`` may give the dimension (``"512"``), default 256.
+
+    It runs on the CPU: a ``device`` other than ``cpu`` is an `InvalidInputError`, not ignored.
+    """
+    if device is not None and device.strip().lower() not in ("cpu", "cpu:0"):
+        raise InvalidInputError(f"the hashing embedder runs on the CPU only; got device {device!r}")
     if model is None:
         return HashingEmbedder()
     try:

@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gpurag
-from gpurag.backend import Availability, Database, DistanceBackend
+from gpurag.backend import Availability, Database, DistanceBackend, RowMoves
 from gpurag.errors import BackendUnavailableError
 from gpurag.metrics import Metric, SearchResult, TopK
 from gpurag.testing import reference as ref
@@ -53,6 +53,10 @@ class BackendConformance:
     devices: ClassVar[tuple[str, ...]] = ("cpu",)
     #: ``memory_budget_bytes`` for the retriever tests: tiny, so every search crosses chunk boundaries.
     tiny_memory_budget_bytes: ClassVar[int] = 64
+    #: Most (query, row) pairs one boundary case may hold; declared boundaries beyond it are not crossed.
+    max_boundary_pairs: ClassVar[int] = 1 << 22
+    #: Most rows one boundary case may hold.
+    max_boundary_rows: ClassVar[int] = 1 << 21
 
     # --- fixtures ------------------------------------------------------------------------------
     def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
@@ -151,6 +155,46 @@ class BackendConformance:
         limit = type(backend).max_k
         return n_rows if limit is None else min(n_rows, limit)
 
+    def boundary_cases(self, backend: DistanceBackend, metric: Metric, dim: int) -> list[tuple[int, int]]:
+        """(queries, rows) shapes that together cross every boundary `DistanceBackend.boundaries` declares.
+
+        Query counts are 1, 3 and one past each query boundary declared for one query; each gets a
+        row count past its largest declared row boundary and past twice its smallest (so that a row
+        split into two parts still crosses a block in each), within `max_boundary_pairs` and `max_boundary_rows`.
+        """
+        query_counts = {1, 3}
+        for b in backend.boundaries(metric, 1, dim).queries:
+            if 0 < b < self.max_boundary_pairs:
+                query_counts.add(b + 1)
+        cases = []
+        for q in sorted(query_counts):
+            found = backend.boundaries(metric, q, dim)
+            limit = max(2, min(self.max_boundary_rows, self.max_boundary_pairs // q))
+            reachable = [b for b in found.rows if 0 < b < limit]
+            rows = max(2 * min(reachable) + 37, max(reachable) + 37) if reachable else 37
+            cases.append((q, min(rows, limit)))
+        return cases
+
+    @staticmethod
+    def boundary_data(rng: np.random.Generator, queries: int, rows: int, dim: int) -> tuple[Any, Any]:
+        """Gaussian (queries, rows) data with ties across blocks and a last row some query must find.
+
+        The first rows, a middle one and the one before last repeat row 0, and query 0 lies near row
+        0, so it ties with many rows in the first block (uneven candidate counts per query) and with
+        rows in later blocks. The last row is long and unique, and the last query equals it.
+        """
+        vectors = rng.standard_normal((rows, dim)).astype(np.float32)
+        vectors[1 : 1 + min(120, rows // 10)] = vectors[0]
+        vectors[rows // 2] = vectors[0]
+        if rows > 2:
+            vectors[-2] = vectors[0]
+            vectors[-1] *= np.float32(4.0)
+        q = rng.standard_normal((queries, dim)).astype(np.float32)
+        q[0] = vectors[0] + np.float32(0.01)
+        if queries > 1:
+            q[-1] = vectors[-1]
+        return q, vectors
+
     # --- identity ------------------------------------------------------------------------------
     def test_backend_is_registered_under_its_name_and_available(self, backend: DistanceBackend, device: str) -> None:
         assert isinstance(backend, DistanceBackend)
@@ -221,6 +265,43 @@ class BackendConformance:
         queries = rng.standard_normal((7, 48)).astype(np.float32)
         queries[0] = vectors[5]
         self.check_topk(backend, queries, vectors, metric, min(10, self.max_k(backend, 300)))
+
+    @pytest.mark.parametrize("metric", ALL_METRICS, ids=str)
+    def test_topk_across_every_declared_boundary_matches_reference(
+        self, backend: DistanceBackend, metric: Metric
+    ) -> None:
+        """Blocks, tiles, thread splits and chunks the backend declares are each crossed and checked."""
+        self.require(backend, metric)
+        rng = np.random.default_rng(12)
+        dim = 4
+        for n_queries, n_rows in self.boundary_cases(backend, metric, dim):
+            queries, vectors = self.boundary_data(rng, n_queries, n_rows, dim)
+            database = self.prepared(backend, vectors, metric)
+            for k in sorted({1, min(10, self.max_k(backend, n_rows))}):
+                scores, indices = self.search(backend, queries, database, k)
+                label = f"{metric.value}, {n_queries} queries x {n_rows} rows, k={k}"
+                ref.assert_topk_matches(queries, vectors, metric, scores, indices, k, label=label)
+
+    def test_topk_of_dot_products_whose_float32_terms_overflow_matches_reference(
+        self, backend: DistanceBackend
+    ) -> None:
+        """Terms near 1e40 that cancel: float32 products overflow, so a backend must widen (float64 tiles)."""
+        self.require(backend, Metric.DOT)
+        rng = np.random.default_rng(13)
+        n_queries, n_rows = self.boundary_cases(backend, Metric.DOT, 4)[-1]
+        n_queries, n_rows = min(n_queries, 64), min(n_rows, 5000)
+        big = np.float32(1e20)
+        queries = np.zeros((n_queries, 4), np.float32)
+        queries[:, :2] = big * rng.uniform(0.5, 1.0, (n_queries, 1)).astype(np.float32)
+        queries[:, 2:] = rng.standard_normal((n_queries, 2)).astype(np.float32)
+        vectors = np.zeros((n_rows, 4), np.float32)
+        vectors[:, 0] = big * rng.uniform(0.5, 1.0, n_rows).astype(np.float32)
+        vectors[:, 1] = -vectors[:, 0] + np.float32(1e17) * rng.standard_normal(n_rows).astype(np.float32)
+        vectors[:, 2:] = rng.standard_normal((n_rows, 2)).astype(np.float32)
+        database = self.prepared(backend, vectors, Metric.DOT)
+        k = min(5, self.max_k(backend, n_rows))
+        scores, indices = self.search(backend, queries, database, k)
+        ref.assert_topk_matches(queries, vectors, Metric.DOT, scores, indices, k, label="float32 terms overflow")
 
     @pytest.mark.parametrize("metric", ALL_METRICS, ids=str)
     def test_topk_with_k_one_returns_the_nearest_row(self, backend: DistanceBackend, metric: Metric) -> None:
@@ -334,6 +415,54 @@ class BackendConformance:
         scores, indices = self.search(backend, queries, part, k)
         ref.assert_topk_matches(queries, vectors[start:stop], metric, scores, indices, k, label="after slice")
 
+    @pytest.mark.parametrize("metric", ALL_METRICS, ids=str)
+    def test_append_and_move_rows_under_random_churn_match_reference(
+        self, backend: DistanceBackend, metric: Metric
+    ) -> None:
+        """Rows appended in place, holes filled by moving the last rows: the database holds the model's rows."""
+        self.require(backend, metric)
+        rng = np.random.default_rng(14)
+        dim = 5
+        model = rng.standard_normal((3, dim)).astype(np.float32)
+        database = self.prepared(backend, model, metric)
+        queries = rng.standard_normal((3, dim)).astype(np.float32)
+        for step in range(60):
+            if rng.random() < 0.6 or model.shape[0] < 4:
+                new = rng.standard_normal((int(rng.integers(1, 30)), dim)).astype(np.float32)
+                if rng.random() < 0.3:
+                    new[0] = model[0]  # an exact tie with an older row
+                database = backend.append(database, backend.asarray(new, "vectors"))
+                model = np.concatenate([model, new])
+            else:
+                removed = rng.choice(model.shape[0], size=int(rng.integers(1, model.shape[0] // 2 + 1)), replace=False)
+                moves = RowMoves.plan(model.shape[0], removed)
+                database = backend.move_rows(database, moves)
+                model[moves.destinations] = model[moves.sources]
+                model = model[: moves.count]
+            assert database.count == model.shape[0], (
+                f"step {step}: {database.count} rows, the model has {model.shape[0]}"
+            )
+            if step % 6 == 5:
+                held = np.asarray(backend.to_numpy(database.vectors))
+                np.testing.assert_array_equal(held, model, err_msg=f"step {step}: rows differ from the model")
+                k = min(7, self.max_k(backend, model.shape[0]))
+                scores, indices = self.search(backend, queries, database, k)
+                ref.assert_topk_matches(queries, model, metric, scores, indices, k, label=f"churn step {step}")
+
+    @pytest.mark.parametrize("metric", ALL_METRICS, ids=str)
+    def test_append_keeps_the_rows_of_the_database_it_was_given(self, backend: DistanceBackend, metric: Metric) -> None:
+        self.require(backend, metric)
+        rng = np.random.default_rng(15)
+        first = rng.standard_normal((20, 3)).astype(np.float32)
+        database = self.prepared(backend, first, metric)
+        grown = database
+        for _ in range(5):
+            grown = backend.append(grown, backend.asarray(rng.standard_normal((9, 3)).astype(np.float32), "vectors"))
+        assert database.count == 20, "append changed the row count of the database it was given"
+        np.testing.assert_array_equal(np.asarray(backend.to_numpy(database.vectors)), first)
+        scores, indices = self.search(backend, first[:2], database, 3)
+        ref.assert_topk_matches(first[:2], first, metric, scores, indices, 3, label="the database before append")
+
     # --- merging partial results ---------------------------------------------------------------
     @FEW
     @given(data=st.data())
@@ -430,6 +559,39 @@ class BackendConformance:
         assert len(index) == kept.size
         scores, ids = self.host_search_result(index.search(queries, k), queries.shape[0], k)
         ref.assert_topk_matches(queries, vectors[kept], metric, scores, ids, k, row_ids=kept, label="after remove")
+
+    @pytest.mark.parametrize("metric", ALL_METRICS, ids=str)
+    def test_retriever_search_after_random_add_remove_churn_matches_reference(
+        self, backend: DistanceBackend, metric: Metric
+    ) -> None:
+        self.require(backend, metric)
+        rng = np.random.default_rng(16)
+        dim = 6
+        index = gpurag.ExactRetriever(metric=metric.value, backend=backend)
+        held: dict[int, Any] = {}
+        queries = rng.standard_normal((4, dim)).astype(np.float32)
+        for step in range(80):
+            if rng.random() < 0.55 or len(held) < 5:
+                new = rng.standard_normal((int(rng.integers(1, 40)), dim)).astype(np.float32)
+                for user_id, row in zip(index.add(new).tolist(), new, strict=True):
+                    held[user_id] = row
+            else:
+                present = np.array(sorted(held), dtype=np.int64)
+                gone = rng.choice(present, size=int(rng.integers(1, len(present) // 2 + 1)), replace=False)
+                absent = np.array([-5, 10**12], dtype=np.int64)
+                assert index.remove(np.concatenate([gone, absent])) == gone.size
+                for user_id in gone.tolist():
+                    del held[user_id]
+            assert len(index) == len(held)
+            if step % 8 == 7:
+                row_ids = np.array(sorted(held), dtype=np.int64)
+                vectors = np.stack([held[i] for i in row_ids.tolist()])
+                order = np.argsort(index.ids)
+                np.testing.assert_array_equal(index.ids[order], row_ids, err_msg=f"step {step}: ids")
+                np.testing.assert_array_equal(index.vectors()[order], vectors, err_msg=f"step {step}: vectors")
+                k = min(9, self.max_k(backend, row_ids.size))
+                scores, ids = self.host_search_result(index.search(queries, k), queries.shape[0], k)
+                ref.assert_topk_matches(queries, vectors, metric, scores, ids, k, row_ids=row_ids, label=f"step {step}")
 
     # --- LSH primitives ------------------------------------------------------------------------
     @SOME

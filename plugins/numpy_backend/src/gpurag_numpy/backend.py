@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from gpurag.backend import Availability, Database, DistanceBackend
+from gpurag.arrays import check_int
+from gpurag.backend import Availability, Boundaries, Database, DistanceBackend
 from gpurag.errors import InvalidInputError
 from gpurag.metrics import Metric, TopK
 from gpurag.settings import get_settings
@@ -20,16 +21,16 @@ from gpurag_numpy import lsh
 from gpurag_numpy.database import (
     ROW_DATA,
     NumpyDatabase,
-    l1_encode,
     l1_levels,
     l1_scale_for,
     row_data_for,
+    row_max,
     set_l1_codes,
 )
 from gpurag_numpy.numerics import CHUNK_ELEMENTS, F32, F64, I64, U8
 from gpurag_numpy.pairwise import pairwise_matrix
-from gpurag_numpy.scorers import make_scorer
-from gpurag_numpy.selection import search_chunk
+from gpurag_numpy.scorers import make_scorer, scan_query_boundaries, scan_shape
+from gpurag_numpy.selection import SMALL_SEARCH_SCORES, search_chunk, search_one_dot, search_small
 from gpurag_numpy.threads import BLAS_ONE_THREAD, MIN_PARALLEL_WORK, thread_count
 
 
@@ -64,55 +65,47 @@ class NumpyBackend(DistanceBackend):
             set_l1_codes(database, x, scale)
         return database
 
-    def append(self, database: Database, vectors: Any) -> NumpyDatabase:
-        """A database holding ``database``'s rows followed by ``vectors``."""
-        old = np.asarray(self.to_numpy(database.vectors), dtype=np.float32)
+    def append(self, database: Database, vectors: Any) -> Database:
+        """``database`` with ``vectors`` added as its last rows, in place past ``count`` (amortised O(new rows)).
+
+        l1 rows are encoded at the database's scale; rows too large for it re-encode every row at a
+        new (at least twice as large) scale.
+        """
         new = np.ascontiguousarray(self.to_numpy(vectors), dtype=np.float32)
-        if new.ndim != 2 or (old.shape[0] and new.shape[1] != old.shape[1]):
-            raise InvalidInputError(f"vectors must be (rows, {old.shape[1]}); got shape {new.shape}")
-        metric = database.metric
-        combined = np.concatenate([old, new])
-        added = row_data_for(new, metric)
-        if metric is Metric.L1:
-            scale = getattr(database, "l1_scale", 0.0)
-            codes_before = getattr(database, "l1_codes", None)
-            if codes_before is None or float(np.max(np.abs(new), initial=0.0)) > l1_levels(new.shape[1]) * scale:
-                return self.prepare(combined, metric)  # the codes need a new scale
-            codes, sums, errors = l1_encode(new, scale)
-            added = {"l1_code_sums": sums, "l1_errors": errors}
-        if set(added) != set(database.row_data):
-            return self.prepare(combined, metric)
-        result = NumpyDatabase(
-            metric=metric,
-            vectors=combined,
-            row_data={key: np.concatenate([database.row_data[key], value]) for key, value in added.items()},
-        )
-        if metric is Metric.L1:
-            result.l1_codes = np.concatenate([codes_before, codes.T], axis=1)
-            result.l1_scale = scale
-        return result
+        if new.ndim != 2 or new.shape[1] != database.dim:
+            raise InvalidInputError(f"vectors must be (rows, {database.dim}); got shape {new.shape}")
+        if not isinstance(database, NumpyDatabase) or not set(ROW_DATA[database.metric]) <= set(database.row_data):
+            return self.prepare(np.concatenate([self.to_numpy(database.vectors), new]), database.metric)
+        if database.metric is not Metric.L1:
+            return self.append_prepared(database, self.prepare(new, database.metric))
+        scale = database.l1_scale
+        if database.l1_codes is None or float(np.max(np.abs(new), initial=0.0)) > l1_levels(new.shape[1]) * scale:
+            return self.prepare(np.concatenate([database.vectors, new]), database.metric)  # a new scale
+        added = NumpyDatabase(metric=database.metric, vectors=new)
+        set_l1_codes(added, new, scale)
+        return self.append_prepared(database, added)
 
     def take(self, database: Database, positions: np.ndarray[Any, Any]) -> NumpyDatabase:
-        """A database of the rows at ``positions`` (host int64), in that order."""
+        """A new database of the rows at ``positions`` (host int64), in that order."""
         positions = np.asarray(positions, dtype=np.int64)
-        codes = getattr(database, "l1_codes", None)
+        codes = database.l1_codes if isinstance(database, NumpyDatabase) else None
         return NumpyDatabase(
             metric=database.metric,
             vectors=np.ascontiguousarray(database.vectors[positions]),
             row_data={key: value[positions] for key, value in database.row_data.items()},
             l1_codes=None if codes is None else np.ascontiguousarray(codes[:, positions]),
-            l1_scale=getattr(database, "l1_scale", 0.0),
+            l1_scale=database.l1_scale if isinstance(database, NumpyDatabase) else 0.0,
         )
 
     def slice(self, database: Database, start: int, stop: int) -> NumpyDatabase:
         """Rows ``start:stop`` of ``database``, as views."""
-        codes = getattr(database, "l1_codes", None)
+        codes = database.l1_codes if isinstance(database, NumpyDatabase) else None
         return NumpyDatabase(
             metric=database.metric,
             vectors=database.vectors[start:stop],
             row_data={key: value[start:stop] for key, value in database.row_data.items()},
             l1_codes=None if codes is None else codes[:, start:stop],
-            l1_scale=getattr(database, "l1_scale", 0.0),
+            l1_scale=database.l1_scale if isinstance(database, NumpyDatabase) else 0.0,
         )
 
     # --- search --------------------------------------------------------------------------------
@@ -129,46 +122,72 @@ class NumpyBackend(DistanceBackend):
         """
         q = np.ascontiguousarray(self.to_numpy(queries), dtype=np.float32)
         n_rows = database.count
-        if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= n_rows:
-            raise InvalidInputError(f"k must be an integer in 1..{n_rows} (the database's rows); got {k!r}")
-        k = int(k)
+        k = check_int(k, "k (at most the database's rows)", minimum=1, maximum=n_rows)
         if q.ndim != 2 or q.shape[1] != database.dim:
             raise InvalidInputError(f"queries must be (Q, {database.dim}); got shape {q.shape}")
-        if not set(ROW_DATA[database.metric]) <= set(database.row_data) or (
-            database.metric is Metric.L1 and getattr(database, "l1_codes", None) is None
+        if not database.row_data.keys() >= set(ROW_DATA[database.metric]) or (
+            database.metric is Metric.L1 and not (isinstance(database, NumpyDatabase) and database.l1_codes is not None)
         ):
             database = self.prepare(database.vectors, database.metric)  # not prepared by this backend
         n_queries = q.shape[0]
-        scores = np.empty((n_queries, k), dtype=np.float32)
-        indices = np.empty((n_queries, k), dtype=np.int64)
-        active = np.arange(n_queries)
+        zero = None
         if database.metric in (Metric.DOT, Metric.COSINE):
             # A zero query scores 0 against every row: the first k rows, in order.
-            zero = ~np.any(q != 0, axis=1)
-            if zero.any():
-                scores[zero] = 0.0
-                indices[zero] = np.arange(k)
-                active = np.flatnonzero(~zero)
-        if active.size == 0:
-            return TopK(scores, indices)
-        work = q if active.size == n_queries else q[active]
-        values, rows = self._search(work, database, k)
-        with np.errstate(over="ignore"):  # a score beyond float32's range is inf
-            scores[active] = values
-        indices[active] = rows
+            zero = None if (q.any() if n_queries == 1 else q.any(axis=1).all()) else ~q.any(axis=1)
+        if zero is None:
+            values, rows = self._search(q, database, k)
+            if values.dtype == np.float32:
+                return TopK(values, rows)
+            with np.errstate(over="ignore"):  # a score beyond float32's range is inf
+                return TopK(values.astype(np.float32), rows)
+        scores = np.zeros((n_queries, k), dtype=np.float32)
+        indices = np.empty((n_queries, k), dtype=np.int64)
+        indices[zero] = np.arange(k)
+        active = np.flatnonzero(~zero)
+        if active.size:
+            values, rows = self._search(q[active], database, k)
+            with np.errstate(over="ignore"):
+                scores[active] = values
+            indices[active] = rows
         return TopK(scores, indices)
 
-    def _search(self, queries: F32, database: Database, k: int) -> tuple[F64, I64]:
+    @staticmethod
+    def _threads(metric: Metric) -> int:
+        """Threads a large search for ``metric`` splits over (1 where BLAS runs its own threads)."""
+        if metric is not Metric.L1 and not BLAS_ONE_THREAD.available:
+            return 1
+        return thread_count()
+
+    @staticmethod
+    def _query_chunk(k: int, block_rows: int) -> int:
+        """Queries searched at once: candidates take about 32 bytes each, within the memory budget."""
+        return max(1, get_settings().memory_budget_bytes // (32 * (k + block_rows)))
+
+    def boundaries(self, metric: Metric, queries: int, dim: int) -> Boundaries:
+        """Blocks of rows and tiles of queries of the scan, thread splits by rows or by queries, query chunks."""
+        block_rows, tile_queries = scan_shape(metric, queries)
+        threads = self._threads(metric)
+        rows = [block_rows]
+        query_counts = [tile_queries, self._query_chunk(1, block_rows), *scan_query_boundaries(metric)]
+        if threads > 1:
+            rows.append(-(-MIN_PARALLEL_WORK // max(1, queries * dim)))  # threads start here
+            query_counts.append(4 * threads)  # split by queries from here, by rows below
+        return Boundaries(rows=tuple(rows), queries=tuple(query_counts))
+
+    def _search(self, queries: F32, database: Database, k: int) -> tuple[F64 | F32, I64]:
+        if queries.shape[0] == 1 and database.metric is Metric.DOT and database.count <= SMALL_SEARCH_SCORES:
+            found = search_one_dot(queries[0], database.vectors, row_max(database, "norms"), k)
+            if found is not None:
+                return found
         scorer = make_scorer(queries, database)
         n_queries, n_rows = queries.shape[0], database.count
-        threads = thread_count()
+        if n_queries * n_rows <= SMALL_SEARCH_SCORES and n_rows <= scorer.block_rows:
+            return search_small(scorer, k)
         uses_blas = database.metric is not Metric.L1
-        if uses_blas and not BLAS_ONE_THREAD.available:
-            threads = 1  # BLAS runs its own threads
+        threads = self._threads(database.metric)
         if n_queries * n_rows * queries.shape[1] < MIN_PARALLEL_WORK:
             threads = 1
-        # Candidates take about 32 bytes each: keep a chunk's within the memory budget.
-        chunk = max(1, get_settings().memory_budget_bytes // (32 * (k + scorer.block_rows)))
+        chunk = self._query_chunk(k, scorer.block_rows)
         values = np.empty((n_queries, k), dtype=np.float64)
         rows = np.empty((n_queries, k), dtype=np.int64)
         for c0 in range(0, n_queries, chunk):

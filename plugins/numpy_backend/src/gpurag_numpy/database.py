@@ -29,6 +29,41 @@ class NumpyDatabase(Database):
 
     l1_codes: Any = None
     l1_scale: float = 0.0
+    #: The largest value of each ``row_data`` array, computed once per database (see `row_max`).
+    maxima: dict[str, float] = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    def row_axes(self) -> dict[str, int]:
+        """`Database.row_axes` plus the l1 codes, whose rows lie along axis 1."""
+        axes = super().row_axes()
+        if self.l1_codes is not None:
+            axes["l1_codes"] = 1
+        return axes
+
+    def row_arrays(self) -> dict[str, Any]:
+        """`Database.row_arrays` plus the l1 codes."""
+        arrays = super().row_arrays()
+        if self.l1_codes is not None:
+            arrays["l1_codes"] = self.l1_codes
+        return arrays
+
+    def with_rows(self, count: int, storage: dict[str, Any]) -> NumpyDatabase:
+        """`Database.with_rows`, the l1 codes included."""
+        result = super().with_rows(count, storage)
+        assert isinstance(result, NumpyDatabase)
+        if "l1_codes" in storage:
+            result.l1_codes = storage["l1_codes"][:, :count]
+        result.maxima = {}  # other rows: other maxima
+        return result
+
+
+def row_max(database: Database, key: str) -> float:
+    """The largest value of ``database.row_data[key]`` (0 for no rows), kept on a `NumpyDatabase`."""
+    if isinstance(database, NumpyDatabase):
+        cached = database.maxima.get(key)
+        if cached is None:
+            cached = database.maxima[key] = float(np.max(database.row_data[key], initial=0.0))
+        return cached
+    return float(np.max(database.row_data[key], initial=0.0))
 
 
 #: What `NumpyBackend.prepare` puts in ``row_data`` for each metric.

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from gpurag.arrays import check_int
 from gpurag.errors import InvalidInputError
 from gpurag.metrics import TopK
 from gpurag_numpy.numerics import CHUNK_ELEMENTS, I64, U8, gamma, norms64
@@ -47,9 +48,7 @@ def hamming_topk(codes: Any, database_codes: Any, k: int) -> TopK:
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
         raise InvalidInputError(f"codes must be (Q, W) and (N, W) with one W; got {a.shape} and {b.shape}")
     n_rows = b.shape[0]
-    if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= n_rows:
-        raise InvalidInputError(f"k must be an integer in 1..{n_rows} (the database codes); got {k!r}")
-    k = int(k)
+    k = check_int(k, "k (at most the database codes)", minimum=1, maximum=n_rows)
     width = a.shape[1]
     word: type[np.unsignedinteger[Any]] = np.uint8
     for candidate, size in ((np.uint64, 8), (np.uint32, 4), (np.uint16, 2)):

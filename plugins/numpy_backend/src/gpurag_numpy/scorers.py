@@ -17,7 +17,7 @@ from gpurag.backend import Database
 from gpurag.errors import InvalidInputError
 from gpurag.metrics import Metric
 from gpurag.settings import get_settings
-from gpurag_numpy.database import L1_GROUP_DIMS, NumpyDatabase, l1_levels
+from gpurag_numpy.database import L1_GROUP_DIMS, NumpyDatabase, l1_levels, row_max
 from gpurag_numpy.numerics import F32, F64, I16, I64, U32, gamma, norms64
 
 #: Scores (queries x rows) one GEMM tile holds: large enough for an efficient GEMM, small enough to stay in cache.
@@ -32,6 +32,21 @@ _L1_STEP_ELEMENTS = 1 << 21
 _L1_COPY_QUERIES = 4
 #: Below this many queries, GEMM blocks are scored in place instead of copied.
 _FEW_QUERIES = 32
+
+
+def scan_shape(metric: Metric, n_queries: int) -> tuple[int, int]:
+    """(rows per block, queries per tile) of a scan of ``n_queries`` queries for ``metric``."""
+    if metric is Metric.L1:
+        return _L1_BLOCK_ROWS, max(1, _L1_TILE_SCORES // _L1_BLOCK_ROWS)
+    block_rows = max(get_settings().numpy_block_rows, _GEMM_TILE_SCORES // max(1, n_queries))
+    return block_rows, max(1, _GEMM_TILE_SCORES // block_rows)
+
+
+def scan_query_boundaries(metric: Metric) -> tuple[int, ...]:
+    """Query counts at which a scan for ``metric`` changes path: copied blocks, and blocks at their least rows."""
+    if metric is Metric.L1:
+        return (_L1_COPY_QUERIES,)
+    return (_FEW_QUERIES, _GEMM_TILE_SCORES // get_settings().numpy_block_rows)
 
 
 class Scorer:
@@ -88,10 +103,8 @@ class _GemmScorer(Scorer):
 
     def __init__(self, queries: F32, database: Database) -> None:
         super().__init__(queries, database)
-        n_queries = max(1, queries.shape[0])
-        self.few = n_queries < _FEW_QUERIES
-        self.block_rows = max(get_settings().numpy_block_rows, _GEMM_TILE_SCORES // n_queries)
-        self.tile_queries = max(1, _GEMM_TILE_SCORES // self.block_rows)
+        self.few = queries.shape[0] < _FEW_QUERIES
+        self.block_rows, self.tile_queries = scan_shape(database.metric, queries.shape[0])
         self.qnorm = norms64(queries)
         self.lhs: Any = queries
 
@@ -123,7 +136,7 @@ class _GemmScorer(Scorer):
 class _DotScorer(_GemmScorer):
     def __init__(self, queries: F32, database: Database) -> None:
         super().__init__(queries, database)
-        xmax = float(np.max(database.row_data["norms"], initial=0.0)) * (1 + 2 * U32)
+        xmax = row_max(database, "norms") * (1 + 2 * U32)
         self._use_float64_if_overflowing(float(self.qnorm.max(initial=0.0)) * xmax)
         self.margin = 1.01 * gamma(2 * self.dim + 8) * self.qnorm * xmax + (self.dim + 4) * 2.0**-148
 
@@ -134,7 +147,7 @@ class _L2Scorer(_GemmScorer):
     def __init__(self, queries: F32, database: Database) -> None:
         super().__init__(queries, database)
         half = database.row_data["half_sq_norms"]
-        hmax = float(np.max(half, initial=0.0)) * (1 + 2 * U32)
+        hmax = row_max(database, "half_sq_norms") * (1 + 2 * U32)
         xmax = math.sqrt(2.0 * hmax)
         self._use_float64_if_overflowing(float(self.qnorm.max(initial=0.0)) * xmax + hmax)
         self.half = half.astype(self.tile_dtype)
@@ -180,7 +193,7 @@ class _CosineScorer(_GemmScorer):
         self.lhs = (queries / self.qnorm[:, None]).astype(np.float32)
         inverse = database.row_data["inv_norms"]
         # Rows of norm below 2**-100 are normalised in float64, where 1/norm cannot overflow.
-        self.exact_normalise = bool(np.max(inverse, initial=0.0) > 2.0**100)
+        self.exact_normalise = row_max(database, "inv_norms") > 2.0**100
         self.inv_norms = inverse if self.exact_normalise else inverse.astype(np.float32)
         self.margin = np.full(queries.shape[0], 1.01 * gamma(2 * self.dim + 24) + 2.0**-44)
         self.margin += (self.dim + 4) * 2.0**-120
@@ -235,9 +248,8 @@ class _L1Scorer(Scorer):
         above = np.maximum(rounded - levels, 0.0).sum(axis=1)
         self.offset: F64 = 2.0 * above - rounded.sum(axis=1)
         self.groups = [(g, min(g + L1_GROUP_DIMS, dim)) for g in range(0, dim, L1_GROUP_DIMS)]
-        self.tile_queries = max(1, _L1_TILE_SCORES // self.block_rows)
-        row_errors = database.row_data["l1_errors"]
-        max_row_error = float(np.max(row_errors, initial=0.0))
+        self.block_rows, self.tile_queries = scan_shape(Metric.L1, queries.shape[0])
+        max_row_error = row_max(database, "l1_errors")
         largest = 3.0 * dim * levels
         self.margin = (max_row_error + query_errors) * (1 + 1e-9) / scale
         self.margin += U32 * largest if largest >= 2**24 else 0.0

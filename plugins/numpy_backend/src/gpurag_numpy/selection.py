@@ -10,11 +10,12 @@ scores.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import numpy as np
 
-from gpurag_numpy.numerics import CHUNK_ELEMENTS, F64, I64
+from gpurag_numpy.numerics import CHUNK_ELEMENTS, F32, F64, I64, U32, gamma
 from gpurag_numpy.scorers import Scorer
 from gpurag_numpy.threads import run_parallel, split
 
@@ -158,6 +159,75 @@ def _scan(scorer: Scorer, q0: int, q1: int, r0: int, r1: int, k: int) -> _Candid
 def _scan_dense(scorer: Scorer, q0: int, q1: int, k: int) -> tuple[F64, I64]:
     """(values, rows) of shape (q1 - q0, k): the exact best k of every row for queries q0:q1."""
     return _scan(scorer, q0, q1, 0, scorer.vectors.shape[0], k).dense()
+
+
+#: Most scores (queries x rows) a search takes the single-block path for.
+SMALL_SEARCH_SCORES = 1 << 16
+
+
+def search_one_dot(query: F32, vectors: F32, max_norm: float, k: int) -> tuple[F32, I64] | None:
+    """(scores, rows), (1, k): the exact best k dot products of one query, ties to the lower row.
+
+    Scores are the float64 sums rounded to float32 (they cannot overflow: larger products take the
+    general path).
+
+    `search_small` for one query and the dot metric, in the fewest NumPy calls: the float32 GEMV
+    shortlists behind the `_DotScorer` error bound, the shortlist is rescored in float64. None
+    where float32 products could overflow (the caller then takes the general path).
+    """
+    query64 = query.astype(np.float64)
+    norm = math.sqrt(float(query64 @ query64))
+    bound = norm * max_norm * (1 + 2 * U32)
+    if bound > 1e36:
+        return None
+    dim = query.shape[0]
+    margin = 1.01 * gamma(2 * dim + 8) * bound + (dim + 4) * 2.0**-148
+    scores = vectors @ query
+    n_rows = scores.shape[0]
+    if k < n_rows:
+        kth = float(np.partition(scores, n_rows - k)[n_rows - k])
+        rows = np.flatnonzero(scores >= np.float64(kth - 2.0 * margin))
+        values = vectors[rows] @ query64
+    else:
+        rows = np.arange(n_rows)
+        values = vectors @ query64
+    chosen = np.lexsort((rows, -values))[:k]
+    return values[chosen].astype(np.float32).reshape(1, k), rows[chosen].reshape(1, k)
+
+
+def search_small(scorer: Scorer, k: int) -> tuple[F64, I64]:
+    """(values, rows): the exact best k of every row for every query, in one block on this thread.
+
+    The `_scan` rule for one block, without its bookkeeping: rows scoring at least the approximate
+    k-th best less twice the error bound are rescored exactly, and the best k of those are chosen,
+    ties to the lower row.
+    """
+    n_queries, n_rows = scorer.queries.shape[0], scorer.vectors.shape[0]
+    out = np.empty((n_queries, n_rows), dtype=scorer.tile_dtype)
+    scores = scorer.tile(0, n_queries, scorer.block(0, n_rows), out)
+    if n_queries == 1:  # the common case, in fewer and flatter steps
+        flat = scores[0]
+        if k < n_rows:
+            kth = float(np.partition(flat, n_rows - k)[n_rows - k])
+            rows = np.flatnonzero(flat >= np.float64(kth - 2.0 * float(scorer.margin[0])))
+        else:
+            rows = np.arange(n_rows)
+        values = scorer.exact(np.zeros(rows.size, dtype=np.int64), rows)
+        chosen = np.lexsort((rows, -values if scorer.higher_is_better else values))[:k]
+        return values[chosen].reshape(1, k), rows[chosen].reshape(1, k)
+    if k < n_rows:
+        kths = np.partition(scores, n_rows - k, axis=1)[:, n_rows - k].astype(np.float64)
+        limit = _below(kths - 2.0 * scorer.margin, scorer.tile_dtype)
+        qi, rows = np.nonzero(scores >= limit[:, None])
+    else:
+        qi, rows = np.divmod(np.arange(n_queries * n_rows, dtype=np.int64), n_rows)
+    values = _exact(scorer, qi, rows)
+    key = -values if scorer.higher_is_better else values
+    order = np.lexsort((rows, key, qi))
+    counts = np.bincount(qi, minlength=n_queries)
+    starts = np.cumsum(counts) - counts
+    chosen = order[np.arange(order.size) - starts[qi[order]] < k]
+    return values[chosen].reshape(n_queries, k), rows[chosen].astype(np.int64).reshape(n_queries, k)
 
 
 def search_chunk(scorer: Scorer, q0: int, q1: int, k: int, threads: int, uses_blas: bool) -> tuple[F64, I64]:

@@ -93,13 +93,13 @@ def thread_count() -> int:
 def run_parallel(tasks: Sequence[Callable[[], _T]], *, uses_blas: bool) -> list[_T]:
     """Results of ``tasks``, run on a shared thread pool (the last on the calling thread).
 
-    With ``uses_blas``, BLAS is held at one thread meanwhile: these GEMMs are small, and BLAS's own
-    threads only slow them down.
+    With ``uses_blas`` and more than one task, BLAS is held at one thread meanwhile: these GEMMs are
+    small, and BLAS's own threads only slow them down. A single task runs as it is.
     """
     global _POOL, _POOL_SIZE
+    if len(tasks) == 1:
+        return [tasks[0]()]  # one task: BLAS may use its own threads, and nothing is limited per call
     with BLAS_ONE_THREAD if uses_blas else contextlib.nullcontext():
-        if len(tasks) == 1:
-            return [tasks[0]()]
         with _POOL_LOCK:
             if _POOL is None or len(tasks) - 1 > _POOL_SIZE:
                 _POOL_SIZE = len(tasks) - 1
