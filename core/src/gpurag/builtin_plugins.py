@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from gpurag.hookspecs import Register, hookimpl
+from gpurag.lsh import LSHRetriever
 from gpurag.retriever import ExactRetriever
 
 
 @hookimpl
 def register_retrievers(register: Register) -> None:
-    """Register `ExactRetriever` as ``exact``."""
+    """Register `ExactRetriever` as ``exact`` and `LSHRetriever` as ``lsh``."""
     register(ExactRetriever, "exact")
+    register(LSHRetriever, "lsh")
