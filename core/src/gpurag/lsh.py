@@ -16,7 +16,7 @@ from gpurag.arrays import as_matrix, check_k
 from gpurag.backend import DistanceBackend
 from gpurag.errors import IndexFormatError, InvalidInputError
 from gpurag.metrics import Metric, SearchResult, TopK
-from gpurag.rerank import concat_rows
+from gpurag.rerank import concat_rows, like
 from gpurag.retriever import ExactRetriever
 from gpurag.settings import get_settings
 
@@ -396,7 +396,7 @@ class LSHRetriever(ExactRetriever):
         width = (retriever.n_bits + 7) // 8
         extra = EXTRA_COORDINATES[retriever.metric]
         expected = {
-            "vectors.npy": (np.float32, (count, dim)),
+            "vectors.npy": (np.float32, (count, dim) if count else None),
             "ids.npy": (np.int64, (count,)),
             "planes.npy": (np.float32, (retriever.n_bits, (dim or 0) + extra) if count else None),
             "codes.npy": (np.uint8, (count, width)),
@@ -419,13 +419,5 @@ class LSHRetriever(ExactRetriever):
 
     def _device_codes(self, codes: npt.NDArray[np.uint8]) -> Any:
         """Host codes placed where the backend keeps its own (the array type `sign_codes` returns)."""
-        probe = self.backend.sign_codes(self.backend.asarray(np.zeros((1, 1), np.float32), "probe"),
-                                        self.backend.asarray(np.ones((1, 1), np.float32), "probe"))
-        if isinstance(probe, np.ndarray):
-            return codes
-        from gpurag.rerank import array_module
-
-        xp = array_module(probe)
-        if hasattr(xp, "from_numpy"):  # torch
-            return xp.from_numpy(np.ascontiguousarray(codes)).to(probe.device)
-        return xp.asarray(codes)
+        one = np.ones((1, 1), np.float32)
+        return like(self.backend.sign_codes(self.backend.asarray(one, "probe"), self.backend.asarray(one, "probe")), codes)

@@ -22,6 +22,16 @@ def array_module(x: Any) -> Any:
     return importlib.import_module(type(x).__module__.split(".")[0])
 
 
+def like(template: Any, host: np.ndarray[Any, Any]) -> Any:
+    """``host`` as an array of ``template``'s library on ``template``'s device."""
+    if isinstance(template, np.ndarray):
+        return host
+    xp = array_module(template)
+    if hasattr(xp, "from_numpy"):  # torch
+        return xp.from_numpy(np.ascontiguousarray(host)).to(template.device)
+    return xp.asarray(host)
+
+
 def concat_rows(first: Any, second: Any) -> Any:
     """``first`` followed by ``second`` along the rows, in their own array library."""
     xp = array_module(first)
