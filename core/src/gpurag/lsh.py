@@ -233,6 +233,20 @@ class LSHRetriever(ExactRetriever):
                 self._codes = self._codes[keep]
             return removed
 
+    def rehash(self, n_bits: int | None = None, seed: int | None = None) -> None:
+        """Draw new hyperplanes (``n_bits``, ``seed``; unchanged where None) and recompute every code."""
+        with self._lock:
+            n_bits = self.n_bits if n_bits is None else _positive_int(n_bits, "n_bits")
+            if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0):
+                raise InvalidInputError(f"seed must be an integer >= 0; got {seed!r}")
+            self.n_bits, self.seed = n_bits, self.seed if seed is None else int(seed)
+            if self._database is None or self._dim is None:
+                self._planes = self._device_planes = None
+                return
+            self._set_planes(self.make_planes(n_bits, self._dim + EXTRA_COORDINATES[self.metric], self.seed))
+            rows = self._hashed_rows(self.backend.to_numpy(self._database.vectors))
+            self._codes = self._codes_of(rows, self._device_planes)
+
     # --- search --------------------------------------------------------------------------------
     def search(self, queries: Any, k: int) -> SearchResult:
         """The ``k`` approximately nearest vectors to each query, with exact scores, best first.
