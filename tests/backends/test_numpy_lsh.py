@@ -59,7 +59,12 @@ def test_the_numpy_fallback_matches_the_reference() -> None:
     ranked = lsh.rerank(vectors[:5], vectors, candidates, 6, Metric.L2)
     for q in range(5):
         ref.assert_topk_matches(
-            vectors[q : q + 1], vectors[candidates[q]], "l2", ranked.scores[q : q + 1], ranked.indices[q : q + 1], 6,
+            vectors[q : q + 1],
+            vectors[candidates[q]],
+            "l2",
+            ranked.scores[q : q + 1],
+            ranked.indices[q : q + 1],
+            6,
             row_ids=candidates[q],
         )
 
@@ -74,10 +79,16 @@ def test_compiled_rerank_matches_the_reference_for_every_metric(metric: Metric) 
     queries[1] = 0.0
     candidates = np.stack([rng.permutation(300)[:50] for _ in range(9)])
     ranked = lsh.rerank(queries, vectors, candidates, 10, metric)
-    assert ranked.scores.dtype == np.float32 and ranked.indices.dtype == np.int64
+    assert ranked.scores.dtype == np.float32
+    assert ranked.indices.dtype == np.int64
     for q in range(9):
         ref.assert_topk_matches(
-            queries[q : q + 1], vectors[candidates[q]], metric, ranked.scores[q : q + 1], ranked.indices[q : q + 1], 10,
+            queries[q : q + 1],
+            vectors[candidates[q]],
+            metric,
+            ranked.scores[q : q + 1],
+            ranked.indices[q : q + 1],
+            10,
             row_ids=candidates[q],
         )
 

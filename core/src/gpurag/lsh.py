@@ -207,7 +207,9 @@ class LSHRetriever(ExactRetriever):
             assert self._database is not None
             added = self.backend.to_numpy(self._database.vectors[before:])
             if self._planes is None:
-                self._set_planes(self.make_planes(self.n_bits, added.shape[1] + EXTRA_COORDINATES[self.metric], self.seed))
+                self._set_planes(
+                    self.make_planes(self.n_bits, added.shape[1] + EXTRA_COORDINATES[self.metric], self.seed)
+                )
             if self.metric is not Metric.DOT and self._centre is None:
                 rows = added.astype(np.float64)
                 self._centre = (_unit_rows(rows) if self.metric is Metric.COSINE else rows).mean(axis=0)
@@ -259,9 +261,7 @@ class LSHRetriever(ExactRetriever):
             if len(self) == 0 or self._database is None:
                 raise InvalidInputError("the index is empty; add vectors before searching")
             if self.n_candidates < min(k, len(self)):
-                raise InvalidInputError(
-                    f"n_candidates must be >= k; got n_candidates={self.n_candidates} for k={k}"
-                )
+                raise InvalidInputError(f"n_candidates must be >= k; got n_candidates={self.n_candidates} for k={k}")
             host = as_matrix(queries, "queries", dim=self._dim)
             state = (self._database, self._ids, self._device_planes, self._codes)
         database, ids, planes, codes = state
@@ -373,7 +373,13 @@ class LSHRetriever(ExactRetriever):
                 "seed": self.seed,
                 "augment_norm": self._augment_norm,
             }
-        files = {"vectors.npy": vectors, "ids.npy": ids, "planes.npy": planes, "codes.npy": codes, "centre.npy": centre}
+        files: dict[str, np.ndarray[Any, Any]] = {
+            "vectors.npy": vectors,
+            "ids.npy": ids,
+            "planes.npy": planes,
+            "codes.npy": codes,
+            "centre.npy": centre,
+        }
         with storage.atomic_directory(path) as tmp:
             for name, array in files.items():
                 storage.write_array(tmp, name, array)
@@ -398,7 +404,10 @@ class LSHRetriever(ExactRetriever):
         count, dim, params = manifest.get("count"), manifest.get("dim"), manifest.get("lsh")
         if not isinstance(params, dict) or not isinstance(count, int):
             raise IndexFormatError(f"{where / storage.MANIFEST} is damaged: no LSH parameters or count")
-        arrays = {name: storage.read_array(manifest, name) for name in ("vectors.npy", "ids.npy", "planes.npy", "codes.npy", "centre.npy")}
+        arrays = {
+            name: storage.read_array(manifest, name)
+            for name in ("vectors.npy", "ids.npy", "planes.npy", "codes.npy", "centre.npy")
+        }
         retriever = cls(
             metric=manifest["metric"],
             backend=backend,
@@ -434,4 +443,6 @@ class LSHRetriever(ExactRetriever):
     def _device_codes(self, codes: npt.NDArray[np.uint8]) -> Any:
         """Host codes placed where the backend keeps its own (the array type `sign_codes` returns)."""
         one = np.ones((1, 1), np.float32)
-        return like(self.backend.sign_codes(self.backend.asarray(one, "probe"), self.backend.asarray(one, "probe")), codes)
+        return like(
+            self.backend.sign_codes(self.backend.asarray(one, "probe"), self.backend.asarray(one, "probe")), codes
+        )

@@ -510,17 +510,25 @@ class BackendConformance:
         candidates = np.array(picks, dtype=np.int64).reshape(queries.shape[0], n_candidates)
         k = data.draw(gst.ks(n_candidates), label="k")
         database = self.prepared(backend, vectors, metric)
-        result = backend.rerank(backend.asarray(queries, "queries"), database, self.device_array(backend, candidates), k)
+        result = backend.rerank(
+            backend.asarray(queries, "queries"), database, self.device_array(backend, candidates), k
+        )
         scores, positions = self.host_topk(backend, result, queries.shape[0], k)
         for q in range(queries.shape[0]):
             ref.assert_topk_matches(
-                queries[q : q + 1], vectors[candidates[q]], metric, scores[q : q + 1], positions[q : q + 1], k,
-                row_ids=candidates[q], label=f"rerank {metric.value}, query {q}",
+                queries[q : q + 1],
+                vectors[candidates[q]],
+                metric,
+                scores[q : q + 1],
+                positions[q : q + 1],
+                k,
+                row_ids=candidates[q],
+                label=f"rerank {metric.value}, query {q}",
             )
 
     @staticmethod
     def device_array(backend: DistanceBackend, host: Any) -> Any:
-        """``host`` int64 row positions as the backend's own array type, on its device (as `hamming_topk` gives them)."""
+        """``host`` int64 row positions in the backend's array type, on its device (as `hamming_topk` gives them)."""
         from gpurag.rerank import like
 
         one = backend.asarray(np.ones((1, 1), np.float32), "probe")
@@ -539,12 +547,17 @@ class BackendConformance:
         n_bits = data.draw(gst.bit_counts(), label="bits")
         split = data.draw(st.integers(1, n_rows), label="rows in the first add")
         index = gpurag.get_retriever(
-            "lsh", metric=metric, backend=backend, n_bits=n_bits, n_candidates=n_rows + data.draw(st.integers(0, 3)),
+            "lsh",
+            metric=metric,
+            backend=backend,
+            n_bits=n_bits,
+            n_candidates=n_rows + data.draw(st.integers(0, 3)),
             memory_budget_bytes=self.tiny_memory_budget_bytes,
         )
         index.add(vectors[:split])
         if split < n_rows:
             index.add(vectors[split:])
         scores, ids = self.host_search_result(index.search(queries, k), queries.shape[0], k)
-        ref.assert_topk_matches(queries, vectors, metric, scores, ids, k, label=f"lsh, every row a candidate, {metric.value}")
-
+        ref.assert_topk_matches(
+            queries, vectors, metric, scores, ids, k, label=f"lsh, every row a candidate, {metric.value}"
+        )
