@@ -27,6 +27,8 @@ F32 = npt.NDArray[np.float32]
 EXTRA_COORDINATES = {Metric.COSINE: 0, Metric.DOT: 1, Metric.L2: 0}
 #: Headroom given to the augmentation norm when a longer vector arrives, so growth rarely recodes.
 NORM_HEADROOM = 1.05
+#: Rows transformed and hashed at once.
+HASH_ROWS = 1 << 18
 #: Bit counts `LSHRetriever.tune` tries.
 TUNE_BITS = (64, 128, 256, 512)
 #: The recall tolerance of ann-benchmarks: a neighbour counts when its score is this close to the k-th best.
@@ -190,6 +192,15 @@ class LSHRetriever(ExactRetriever):
     def _codes_of(self, hashed: F32, planes: Any) -> Any:
         return self.backend.sign_codes(self.backend.asarray(hashed, "vectors"), planes)
 
+    def _row_codes(self, rows: Any, planes: Any) -> Any:
+        """Codes of host ``rows``, transformed and hashed in slices so host memory stays bounded."""
+        return concat_rows(
+            *[
+                self._codes_of(self._hashed_rows(rows[r0 : r0 + HASH_ROWS]), planes)
+                for r0 in range(0, max(len(rows), 1), HASH_ROWS)
+            ]
+        )
+
     def _set_planes(self, planes: F32) -> None:
         self._planes = planes
         self._device_planes = self.backend.asarray(planes, "planes")
@@ -220,9 +231,9 @@ class LSHRetriever(ExactRetriever):
                     self._codes = None  # every code depends on the norm
             if self._codes is None or before == 0:
                 everything = self.backend.to_numpy(self._database.vectors)
-                self._codes = self._codes_of(self._hashed_rows(everything), self._device_planes)
+                self._codes = self._row_codes(everything, self._device_planes)
             else:
-                self._codes = concat_rows(self._codes, self._codes_of(self._hashed_rows(added), self._device_planes))
+                self._codes = concat_rows(self._codes, self._row_codes(added, self._device_planes))
             return new_ids
 
     def remove(self, ids: Any) -> int:
@@ -246,8 +257,7 @@ class LSHRetriever(ExactRetriever):
                 self._planes = self._device_planes = None
                 return
             self._set_planes(self.make_planes(n_bits, self._dim + EXTRA_COORDINATES[self.metric], self.seed))
-            rows = self._hashed_rows(self.backend.to_numpy(self._database.vectors))
-            self._codes = self._codes_of(rows, self._device_planes)
+            self._codes = self._row_codes(self.backend.to_numpy(self._database.vectors), self._device_planes)
 
     # --- search --------------------------------------------------------------------------------
     def search(self, queries: Any, k: int) -> SearchResult:
@@ -328,13 +338,13 @@ class LSHRetriever(ExactRetriever):
             count = len(self)
             k = min(k, count)
             truth = ExactRetriever.search(self, host, k).scores
-            rows = self._hashed_rows(self.backend.to_numpy(self._database.vectors))
-            width = rows.shape[1]
+            rows = self.backend.to_numpy(self._database.vectors)
+            width = rows.shape[1] + EXTRA_COORDINATES[self.metric]
             trials: list[tuple[int, int, float, float]] = []
             chosen: dict[int, tuple[Any, Any]] = {}
             for n_bits in sorted(set(bits)):
                 planes = self.backend.asarray(self.make_planes(n_bits, width, self.seed), "planes")
-                codes = self._codes_of(rows, planes)
+                codes = self._row_codes(rows, planes)
                 chosen[n_bits] = (planes, codes)
                 n_candidates = k
                 while True:

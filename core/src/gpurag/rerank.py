@@ -32,11 +32,13 @@ def like(template: Any, host: np.ndarray[Any, Any]) -> Any:
     return xp.asarray(host)
 
 
-def concat_rows(first: Any, second: Any) -> Any:
-    """``first`` followed by ``second`` along the rows, in their own array library."""
-    xp = array_module(first)
+def concat_rows(*parts: Any) -> Any:
+    """The arrays ``parts`` one after another along the rows, in their own array library."""
+    if len(parts) == 1:
+        return parts[0]
+    xp = array_module(parts[0])
     join = getattr(xp, "cat", None) or xp.concatenate
-    return join([first, second])
+    return join(list(parts))
 
 
 def candidate_scores(queries: Any, vectors: Any, candidates: Any, metric: Metric) -> Any:
