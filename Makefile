@@ -5,12 +5,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
-DISTRIBUTIONS := -e ./core[test] -e ./plugins/numpy_backend[test]
+DISTRIBUTIONS := -e ./core[test] -e ./plugins/numpy_backend[test] -e ./server[test]
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-gpu lint bench bench-report ann-report rag-eval rag-speed gpu-wheels clean
+.PHONY: install test test-gpu lint bench bench-report ann-report rag-eval rag-speed gpu-wheels clean serve serve-report
 
-$(STAMP): core/pyproject.toml plugins/numpy_backend/pyproject.toml Makefile
+$(STAMP): core/pyproject.toml plugins/numpy_backend/pyproject.toml server/pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	# torch is pinned to the CPU build that lies on these machines' disk (see README).
@@ -18,6 +18,18 @@ $(STAMP): core/pyproject.toml plugins/numpy_backend/pyproject.toml Makefile
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Serve the default corpus on 127.0.0.1:8000 (builds its index on first use, with a progress bar).
+serve: $(STAMP)
+	$(BIN)/gpurag serve
+
+serve-report: $(STAMP)
+	$(BIN)/python benchmarks/serve_report.py
+
+# The web console's browser tests (headless Debian Chromium), saving their screenshots to benchmarks/results/.
+.PHONY: console-screenshots
+console-screenshots: $(STAMP)
+	GPURAG_CONSOLE_SCREENSHOTS=benchmarks/results $(BIN)/python -m pytest -q -p no:cacheprovider tests/server/test_console.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
