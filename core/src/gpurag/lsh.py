@@ -312,7 +312,7 @@ class LSHRetriever(ExactRetriever):
             self._code_rows.replace(self._row_codes(self.backend.to_numpy(self._database.vectors), self._device_planes))
 
     def _set_codes(self, planes: Any, codes: Any) -> None:
-        """Search with ``planes`` (the backend's array) and ``codes`` for the current rows (benchmarks swap settings)."""
+        """Search with ``planes`` (the backend's array) and ``codes`` of the current rows (benchmarks swap them)."""
         with self._lock.write():
             if int(codes.shape[0]) != self._count:
                 raise InvalidInputError(f"codes must have one row per vector ({self._count}); got {codes.shape[0]}")
