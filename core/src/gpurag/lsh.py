@@ -263,7 +263,7 @@ class LSHRetriever(ExactRetriever):
     # --- codes kept aligned with the rows -------------------------------------------------------
     @property
     def codes(self) -> Any:
-        """The codes of the rows, (N, ceil(n_bits / 8)) uint8 of the backend's array type, in `ids` order."""
+        """The codes of the rows, (N, ceil(n_bits / 8)) uint8 of the backend's array type, in `ids` order (a view)."""
         with self._lock.read():
             live = self._code_rows.live
             return self._device_codes(np.empty((0, (self.n_bits + 7) // 8), np.uint8)) if live is None else live
