@@ -60,3 +60,9 @@ class ServerSettings(BaseSettings):
     embedder: str | None = Field(default=None, description="Embedder; None: the core's embedder setting.")
     generator: str | None = Field(default=None, description="Generator; None: the core's generator setting.")
     search_backend: str | None = Field(default=None, description="Distance backend for a loaded corpus index.")
+    node_threads: int = Field(
+        default=0,
+        ge=0,
+        description="Threads a node's models use (torch intra-op); 0: one fewer than the cores, at least 1, "
+        "so the head node's event loop keeps a core of its own.",
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -47,6 +48,25 @@ class WorkloadInfo:
     chunks: int
 
 
+def model_threads(setting: int) -> int:
+    """Threads a node's models get: ``setting``, or for 0 one fewer than the cores (at least 1)."""
+    return setting if setting > 0 else max(1, (os.cpu_count() or 1) - 1)
+
+
+def limit_model_threads(setting: int) -> None:
+    """Cap torch's intra-op threads for this process, so models never starve the head node's event loop.
+
+    torch's OpenMP pool defaults to one thread a core; beside a busy event loop on the same cores its
+    spinning threads slowed the default pipeline about 17x on a 2-core machine (4.8 against 83.9
+    requests/s, `benchmarks/results/ray_serve_anchor.md`).
+    """
+    try:
+        import torch
+    except ImportError:  # a workload without models
+        return
+    torch.set_num_threads(model_threads(setting))
+
+
 class Workload:
     """Runs batches of `WorkItem` for one node; `run` raises only when the whole batch failed."""
 
@@ -56,6 +76,8 @@ class Workload:
         self.pipeline: Any = None
         if self.kind == "rag":
             from gpurag.rag.pipeline import RAGPipeline
+
+            limit_model_threads(settings.node_threads)
 
             if settings.corpus is None:
                 self.pipeline = RAGPipeline.default(embedder=settings.embedder, generator=settings.generator)
