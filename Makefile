@@ -8,7 +8,7 @@ PIP := $(BIN)/python -m pip
 DISTRIBUTIONS := -e ./core[test] -e ./plugins/numpy_backend[test] -e ./server[test,ray]
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-gpu lint bench bench-report bench-core rag-eval rag-speed gpu-wheels clean serve serve-report
+.PHONY: install test test-gpu lint bench bench-report bench-core ann-report rag-eval rag-speed gpu-wheels clean serve serve-report
 
 $(STAMP): core/pyproject.toml plugins/numpy_backend/pyproject.toml server/pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -55,6 +55,12 @@ bench-report: $(STAMP)
 
 bench-core: $(STAMP)
 	$(BIN)/python benchmarks/core_report.py
+
+# Approximate search (LSH) against exact and FAISS on GloVe-50 and clustered 1M x 384; installs the ann-bench extra.
+ann-report: $(STAMP)
+	$(PIP) install --quiet -e "./core[ann-bench]"
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(BIN)/python benchmarks/ann_report.py --data glove
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(BIN)/python benchmarks/ann_report.py --data clustered --dim 384 --rows 1000000 --queries 500
 
 rag-eval: $(STAMP)
 	$(BIN)/python benchmarks/rag_eval.py

@@ -376,7 +376,6 @@ class ScriptedStreamer:
 
 
 def test_ask_prints_the_streamed_answer_then_the_passages(monkeypatch: pytest.MonkeyPatch) -> None:
-    import numpy as np
     from click.testing import CliRunner
 
     from gpurag.rag import commands
@@ -387,18 +386,12 @@ def test_ask_prints_the_streamed_answer_then_the_passages(monkeypatch: pytest.Mo
     class Pipeline:
         generator = streamer
 
-        class embedder:  # noqa: N801
-            @staticmethod
-            def embed_batch(texts: list[str]) -> Any:
-                return np.zeros((len(texts), 4), dtype=np.float32)
+        @staticmethod
+        def retrieve_batch(queries: list[str], k: int) -> tuple[list[list[Passage]], dict[str, float]]:
+            assert (queries, k) == (["how does with work?"], 2)
+            return [found], {}
 
-        class corpus:  # noqa: N801
-            @staticmethod
-            def search(vectors: Any, k: int) -> list[list[Passage]]:
-                assert k == 2
-                return [found]
-
-    monkeypatch.setattr(commands, "_default_pipeline", lambda embedder, generator: Pipeline())
+    monkeypatch.setattr(commands, "_default_pipeline", lambda embedder, generator, **options: Pipeline())
     result = CliRunner().invoke(commands.ask_command, ["how does with work?", "-k", "2"], catch_exceptions=False)
     assert result.exit_code == 0
     assert result.output.startswith("The with statement [1].\n\nPassages retrieved (score, source):\n")

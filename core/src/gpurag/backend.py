@@ -359,3 +359,14 @@ class DistanceBackend(abc.ABC):
         ``codes`` (Q, W) and ``database_codes`` (N, W) are uint8 from `sign_codes`;
         ``1 <= k <= N``. Scores are int32 Hamming distances; indices int64 row positions.
         """
+
+    def rerank(self, queries: Any, database: Database, candidates: Any, k: int) -> TopK:
+        """The ``k`` best of each query's candidate rows, scored exactly with the database's metric, best first.
+
+        ``candidates`` (Q, C) are int64 row positions in this backend's array type (as `hamming_topk`
+        returns them), ``1 <= k <= C``. The rows are gathered and scored on the device (see
+        `gpurag.rerank`); indices returned are row positions of ``database``.
+        """
+        from gpurag.rerank import rerank
+
+        return rerank(queries, database.vectors, candidates, k, database.metric)

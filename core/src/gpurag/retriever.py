@@ -194,8 +194,23 @@ class ExactRetriever(Retriever):
                 self._database = self.backend.prepare(matrix, self.metric)
             else:
                 self._database = self.backend.append(self._database, matrix)
+            self._rows_appended(self._count)
             self._append_ids(new_ids)
             return new_ids
+
+    def _rows_appended(self, start: int) -> None:
+        """Called under the write lock once the database holds new rows from position ``start`` on.
+
+        A subclass that keeps data aligned with the rows appends its own for those rows here
+        (``start`` is 0 when the database was prepared afresh); the default keeps nothing.
+        """
+
+    def _rows_moved(self, moves: RowMoves) -> None:
+        """Called under the write lock once a removal compacted the database by ``moves``.
+
+        A subclass that keeps data aligned with the rows applies the same moves to it here; the
+        default keeps nothing.
+        """
 
     def _append_ids(self, new_ids: IdArray) -> None:
         count, extra = self._count, int(new_ids.shape[0])
@@ -222,6 +237,7 @@ class ExactRetriever(Retriever):
             moves = RowMoves.plan(self._count, np.array(positions, dtype=np.int64))
             if self._database is not None:
                 self._database = self.backend.move_rows(self._database, moves)
+            self._rows_moved(moves)
             moved_ids = self._id_storage[moves.sources]
             self._id_storage[moves.destinations] = moved_ids
             self._positions.update(zip(moved_ids.tolist(), moves.destinations.tolist(), strict=True))

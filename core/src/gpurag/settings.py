@@ -61,6 +61,11 @@ class Settings(BaseSettings):
     numpy_block_rows: int = Field(
         default=1024, gt=0, description="Database rows the NumPy backend scores in one BLAS call."
     )
+    lsh_n_bits: int = Field(default=256, gt=0, description="Bits of an LSH retriever's sign codes.")
+    lsh_n_candidates: int = Field(
+        default=500, gt=0, description="Rows an LSH retriever's Hamming prefilter keeps per query for exact re-ranking."
+    )
+    lsh_seed: int = Field(default=0, ge=0, description="Seed of an LSH retriever's random hyperplanes.")
     numpy_threads: int = Field(
         default=0, ge=0, description="Threads the NumPy backend splits queries over; 0 means one per core."
     )

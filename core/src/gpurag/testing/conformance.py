@@ -655,3 +655,84 @@ class BackendConformance:
         assert (scores[:, 0] == 0).all(), f"each code is at distance 0 from itself; got {scores[:, 0]}"
         host = np.asarray(backend.to_numpy(codes))
         ref.assert_hamming_topk_matches(host, host, scores, backend.to_numpy(result.indices), 1)
+
+    # --- approximate search: exact re-ranking and the LSH retriever ----------------------------
+    @SOME
+    @given(data=st.data())
+    def test_rerank_returns_the_best_k_of_each_querys_candidates(
+        self, backend: DistanceBackend, data: st.DataObject
+    ) -> None:
+        metric, queries, vectors = self.draw_case(backend, data)
+        n_rows = vectors.shape[0]
+        n_candidates = data.draw(st.integers(1, n_rows), label="candidates")
+        picks = [
+            data.draw(st.permutations(range(n_rows)), label=f"candidates of query {q}")[:n_candidates]
+            for q in range(queries.shape[0])
+        ]
+        candidates = np.array(picks, dtype=np.int64).reshape(queries.shape[0], n_candidates)
+        k = data.draw(gst.ks(n_candidates), label="k")
+        database = self.prepared(backend, vectors, metric)
+        result = backend.rerank(
+            backend.asarray(queries, "queries"), database, self.device_array(backend, candidates), k
+        )
+        scores, positions = self.host_topk(backend, result, queries.shape[0], k)
+        for q in range(queries.shape[0]):
+            ref.assert_topk_matches(
+                queries[q : q + 1],
+                vectors[candidates[q]],
+                metric,
+                scores[q : q + 1],
+                positions[q : q + 1],
+                k,
+                row_ids=candidates[q],
+                label=f"rerank {metric.value}, query {q}",
+            )
+
+    @staticmethod
+    def device_array(backend: DistanceBackend, host: Any) -> Any:
+        """``host`` int64 row positions in the backend's array type, on its device (as `hamming_topk` gives them)."""
+        from gpurag.rerank import like
+
+        one = backend.asarray(np.ones((1, 1), np.float32), "probe")
+        probe = backend.hamming_topk(backend.sign_codes(one, one), backend.sign_codes(one, one), 1).indices
+        return like(probe, host)
+
+    @SOME
+    @given(data=st.data())
+    def test_lsh_retriever_with_every_row_a_candidate_matches_the_exact_answer(
+        self, backend: DistanceBackend, data: st.DataObject
+    ) -> None:
+        metric = data.draw(gst.metrics(type(backend).metrics & {Metric.COSINE, Metric.DOT, Metric.L2}), label="metric")
+        queries, vectors = data.draw(gst.datasets(max_queries=5, min_rows=1), label="queries, vectors")
+        n_rows = vectors.shape[0]
+        n_bits = data.draw(gst.bit_counts(), label="bits")
+        split = data.draw(st.integers(1, n_rows), label="rows in the first add")
+        removed = data.draw(st.lists(st.integers(0, n_rows - 1), unique=True, max_size=n_rows - 1), label="removed")
+        kept = np.setdiff1d(np.arange(n_rows, dtype=np.int64), np.array(removed, dtype=np.int64))
+        k = data.draw(gst.ks(kept.size, beyond=2, max_k=self.max_k(backend, kept.size)), label="k")
+        index = gpurag.get_retriever(
+            "lsh",
+            metric=metric,
+            backend=backend,
+            n_bits=n_bits,
+            n_candidates=n_rows + data.draw(st.integers(0, 3)),
+            memory_budget_bytes=self.tiny_memory_budget_bytes,
+        )
+        index.add(vectors[:split])
+        if split < n_rows:
+            index.add(vectors[split:])
+        assert index.remove(removed) == len(removed)  # the last rows and their codes move into the holes
+        codes = np.array(backend.to_numpy(index.codes), copy=True)
+        index.rehash()  # the same planes: every code recomputed from the rows as they now lie
+        np.testing.assert_array_equal(codes, backend.to_numpy(index.codes), err_msg="codes left unaligned with rows")
+        scores, ids = self.host_search_result(index.search(queries, k), queries.shape[0], k)
+        ref.assert_topk_matches(
+            queries,
+            vectors[kept],
+            metric,
+            scores,
+            ids,
+            k,
+            row_ids=kept,
+            label=f"lsh, every row a candidate, {metric.value}, {len(removed)} removed",
+        )

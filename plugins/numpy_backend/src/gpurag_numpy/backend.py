@@ -209,3 +209,7 @@ class NumpyBackend(DistanceBackend):
     def hamming_topk(self, codes: Any, database_codes: Any, k: int) -> TopK:
         """The ``k`` database codes nearest each code in Hamming distance, nearest first, ties to the lower row."""
         return lsh.hamming_topk(self.to_numpy(codes), self.to_numpy(database_codes), k)
+
+    def rerank(self, queries: Any, database: Database, candidates: Any, k: int) -> TopK:
+        """The ``k`` best of each query's candidate rows, scored directly (float64 sums), best first."""
+        return lsh.rerank(self.to_numpy(queries), database.vectors, self.to_numpy(candidates), k, database.metric)

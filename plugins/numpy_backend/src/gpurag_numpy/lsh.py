@@ -1,5 +1,8 @@
-"""The LSH primitives on the CPU: packed sign codes of random-hyperplane projections, and exact
-Hamming top-k over them.
+"""The LSH primitives on the CPU: packed sign codes of random-hyperplane projections, exact
+Hamming top-k over them, and exact re-ranking of candidate rows.
+
+Hamming top-k and re-ranking run compiled loops (`gpurag_numpy.lsh_kernels`, Numba) where Numba is
+installed, and NumPy array passes with the same answers where it is not.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ import numpy as np
 
 from gpurag.arrays import check_int
 from gpurag.errors import InvalidInputError
-from gpurag.metrics import TopK
+from gpurag.metrics import Metric, TopK
+from gpurag.rerank import best_k
+from gpurag_numpy import lsh_kernels
 from gpurag_numpy.numerics import CHUNK_ELEMENTS, I64, U8, gamma, norms64
 from gpurag_numpy.threads import MIN_PARALLEL_WORK, run_parallel, split, thread_count
 
@@ -49,6 +54,9 @@ def hamming_topk(codes: Any, database_codes: Any, k: int) -> TopK:
         raise InvalidInputError(f"codes must be (Q, W) and (N, W) with one W; got {a.shape} and {b.shape}")
     n_rows = b.shape[0]
     k = check_int(k, "k (at most the database codes)", minimum=1, maximum=n_rows)
+    kernels = lsh_kernels.load()
+    if kernels is not None:
+        return _hamming_topk_compiled(kernels, a, b, k)
     width = a.shape[1]
     word: type[np.unsignedinteger[Any]] = np.uint8
     for candidate, size in ((np.uint64, 8), (np.uint32, 4), (np.uint16, 2)):
@@ -100,3 +108,58 @@ def _smallest_k(distances: Any, k: int, largest: int) -> tuple[Any, I64]:
         positions, values = positions[keep], values[keep]
     order = np.argsort(values, kind="stable")
     return values[order], positions[order]
+
+
+def _hamming_topk_compiled(kernels: Any, codes: U8, database_codes: U8, k: int) -> TopK:
+    """`hamming_topk` through the compiled kernel: codes padded to 64-bit words, the database transposed."""
+    pad = -codes.shape[1] % 8
+    if pad:
+        codes = np.pad(codes, ((0, 0), (0, pad)))
+        database_codes = np.pad(database_codes, ((0, 0), (0, pad)))
+    queries = np.ascontiguousarray(codes).view(np.uint64)
+    columns = np.ascontiguousarray(np.ascontiguousarray(database_codes).view(np.uint64).T)
+    n_queries, n_rows = queries.shape[0], columns.shape[1]
+    scores = np.empty((n_queries, k), dtype=np.int32)
+    indices = np.empty((n_queries, k), dtype=np.int64)
+    threads = thread_count() if n_queries > 1 and n_queries * n_rows * columns.shape[0] >= MIN_PARALLEL_WORK else 1
+    tasks = [
+        functools.partial(kernels.hamming_select, queries, columns, k, q0, q1, scores, indices)
+        for q0, q1 in split(n_queries, threads)
+    ]
+    run_parallel(tasks, uses_blas=False)
+    return TopK(scores, indices)
+
+
+#: The metric codes the compiled scorer takes.
+METRIC_CODES = {Metric.DOT: 0, Metric.COSINE: 1, Metric.L2: 2, Metric.L1: 3}
+
+
+def rerank(queries: Any, vectors: Any, candidates: Any, k: int, metric: Metric) -> TopK:
+    """The ``k`` best of each query's candidate rows of ``vectors``, scored directly in float64, best first."""
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    rows = np.ascontiguousarray(candidates, dtype=np.int64)
+    if q.ndim != 2 or x.ndim != 2 or rows.ndim != 2 or q.shape[1] != x.shape[1] or rows.shape[0] != q.shape[0]:
+        raise InvalidInputError(
+            f"queries, vectors and candidates must be (Q, D), (N, D) and (Q, C); got {q.shape}, {x.shape}, {rows.shape}"
+        )
+    if rows.size and (rows.min() < 0 or rows.max() >= x.shape[0]):
+        raise InvalidInputError(f"candidates must be row positions in 0..{x.shape[0] - 1}")
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= rows.shape[1]:
+        raise InvalidInputError(f"k must be an integer in 1..{rows.shape[1]} (the candidates); got {k!r}")
+    kernels = lsh_kernels.load()
+    if kernels is None:
+        from gpurag.rerank import candidate_scores
+
+        scores = np.asarray(candidate_scores(q.astype(np.float64), x.astype(np.float64), rows, metric))
+    else:
+        scores = np.empty(rows.shape, dtype=np.float64)
+        threads = thread_count() if rows.size * x.shape[1] >= MIN_PARALLEL_WORK else 1
+        tasks = [
+            functools.partial(kernels.score_rows, q, x, rows, METRIC_CODES[metric], q0, q1, scores)
+            for q0, q1 in split(q.shape[0], threads)
+        ]
+        run_parallel(tasks, uses_blas=False)
+    with np.errstate(over="ignore"):
+        top = best_k(scores.astype(np.float32), rows, int(k), metric.higher_is_better)
+    return top
