@@ -1,0 +1,170 @@
+"""Host wrappers of the Triton kernels: check shapes, dtypes, devices and strides, pick block sizes, launch.
+
+A wrapper returns the kernels' packed keys (Q, splits, KP) float64; `decode` turns them into
+float32 oriented scores and int64 rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+import triton
+
+from gpurag.errors import InvalidInputError
+from gpurag_triton.kernels.hamming import hamming_topk_kernel
+from gpurag_triton.kernels.scan import scan_topk_kernel
+
+#: Multiprocessors of the card this was tuned on (an H200 has 132); read from the device when there is one.
+DEFAULT_SMS = 132
+#: Largest KP the kernels keep per (query, split).
+MAX_KP = 256
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanConfig:
+    """Block sizes and launch shape of one `scan_topk_kernel` launch."""
+
+    use_dot: bool
+    block_q: int
+    block_n: int
+    block_d: int
+    splits: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def _pow2(value: int) -> int:
+    return 1 << max(0, (max(1, value) - 1).bit_length())
+
+
+def _sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).multi_processor_count)
+    return DEFAULT_SMS
+
+
+def choose_scan_config(n_queries: int, n_rows: int, dim: int, *, l1: bool, low: bool, device: torch.device) -> ScanConfig:
+    """Block sizes by Q: a streaming SIMT scan for small Q (and l1), a tensor-core tile kernel from Q = 16."""
+    if interpreting():  # small blocks, several splits: every boundary is crossed on tiny inputs
+        use_dot = not l1 and not low and n_queries >= 16
+        block_q = 16 if use_dot else min(4, _pow2(n_queries))
+        splits = max(1, min(3, triton.cdiv(n_rows, 16)))
+        return ScanConfig(use_dot, block_q, 16, 16, splits)
+    use_dot = not l1 and n_queries >= 16
+    if use_dot:
+        block_q = 64 if n_queries >= 64 else _pow2(n_queries)
+        block_n = 128
+        block_d = 64 if dim > 128 else max(16, _pow2(dim))
+        warps, stages = 8, 3
+    else:
+        block_q = min(_pow2(n_queries), 32 if l1 else 8)
+        block_n = 64 if block_q <= 8 else 32
+        block_d = max(4, min(_pow2(dim), 8192 // (block_q * block_n)))
+        warps, stages = 4, 2
+    query_blocks = triton.cdiv(n_queries, block_q)
+    target_programs = _sms(device) * (8 if query_blocks == 1 else 4)
+    splits = max(1, min(triton.cdiv(target_programs, query_blocks), triton.cdiv(n_rows, block_n * 4)))
+    return ScanConfig(use_dot, block_q, block_n, block_d, splits, warps, stages)
+
+
+def _check_matrix(x: torch.Tensor, name: str, dtype: torch.dtype, device: torch.device) -> None:
+    if not isinstance(x, torch.Tensor) or x.ndim != 2:
+        raise InvalidInputError(f"{name} must be a 2-D tensor; got {type(x).__name__} {getattr(x, 'shape', '')}")
+    if x.dtype != dtype:
+        raise InvalidInputError(f"{name} must be {dtype}; got {x.dtype}")
+    if x.device != device:
+        raise InvalidInputError(f"{name} must be on {device}; got {x.device}")
+    if x.stride(1) != 1 or x.shape[0] == 0:
+        raise InvalidInputError(f"{name} must be non-empty with contiguous rows; got strides {x.stride()}")
+
+
+def scan_topk(
+    queries: torch.Tensor,
+    rows: torch.Tensor,
+    extra: torch.Tensor | None,
+    metric_code: int,
+    kp: int,
+    config: ScanConfig | None = None,
+) -> torch.Tensor:
+    """Packed keys (Q, splits, kp) of each query's kp best rows per split (see `kernels.scan`).
+
+    ``queries`` and ``rows`` are both bf16 (the reduced-precision pass) or both float32; ``extra``
+    is the float32 per-row term of l2 (|x|²) and of the scaled dot (1/|x|).
+    """
+    low = queries.dtype == torch.bfloat16
+    dtype = torch.bfloat16 if low else torch.float32
+    _check_matrix(queries, "queries", dtype, rows.device)
+    _check_matrix(rows, "rows", dtype, queries.device)
+    if queries.shape[1] != rows.shape[1]:
+        raise InvalidInputError(f"queries have dimension {queries.shape[1]}, rows {rows.shape[1]}")
+    if kp < 1 or kp > MAX_KP or kp & (kp - 1):
+        raise InvalidInputError(f"kp must be a power of two in 1..{MAX_KP}; got {kp}")
+    n_queries, dim = queries.shape
+    n_rows = rows.shape[0]
+    if extra is None:
+        extra = torch.empty(1, dtype=torch.float32, device=rows.device)
+    elif extra.dtype != torch.float32 or extra.shape != (n_rows,) or not extra.is_contiguous():
+        raise InvalidInputError(f"extra must be contiguous float32 ({n_rows},); got {extra.dtype} {tuple(extra.shape)}")
+    l1 = metric_code == 2
+    if config is None:
+        config = choose_scan_config(n_queries, n_rows, dim, l1=l1, low=low, device=rows.device)
+    rows_per_split = triton.cdiv(triton.cdiv(n_rows, config.splits), config.block_n) * config.block_n
+    splits = triton.cdiv(n_rows, rows_per_split)
+    out = torch.empty((n_queries, splits, kp), dtype=torch.float64, device=rows.device)
+    grid = (triton.cdiv(n_queries, config.block_q), splits)
+    scan_topk_kernel[grid](
+        queries, rows, extra, out,
+        n_queries, n_rows, dim, rows_per_split, splits,
+        queries.stride(0), rows.stride(0),
+        METRIC=metric_code, USE_DOT=config.use_dot, LOW=low,
+        BLOCK_Q=config.block_q, BLOCK_N=config.block_n, BLOCK_D=config.block_d, KP=kp,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    return out
+
+
+def hamming_topk(codes: torch.Tensor, database_codes: torch.Tensor, kp: int) -> torch.Tensor:
+    """Packed keys (Q, splits, kp) of each code's kp nearest database codes per split (score: -distance)."""
+    for name, x in (("codes", codes), ("database_codes", database_codes)):
+        _check_matrix(x, name, torch.uint8, codes.device)
+    if codes.shape[1] != database_codes.shape[1]:
+        raise InvalidInputError(f"codes have {codes.shape[1]} bytes, database codes {database_codes.shape[1]}")
+    if kp < 1 or kp > MAX_KP or kp & (kp - 1):
+        raise InvalidInputError(f"kp must be a power of two in 1..{MAX_KP}; got {kp}")
+    words = triton.cdiv(codes.shape[1], 4)
+    a, b = _as_words(codes, words), _as_words(database_codes, words)
+    n_queries, n_rows = a.shape[0], b.shape[0]
+    block_q = min(16, _pow2(n_queries))
+    block_n = 16 if interpreting() else 64
+    query_blocks = triton.cdiv(n_queries, block_q)
+    splits = max(1, min(triton.cdiv(_sms(codes.device) * 4, query_blocks), triton.cdiv(n_rows, block_n * 4)))
+    if interpreting():
+        splits = max(1, min(3, triton.cdiv(n_rows, block_n)))
+    rows_per_split = triton.cdiv(triton.cdiv(n_rows, splits), block_n) * block_n
+    splits = triton.cdiv(n_rows, rows_per_split)
+    out = torch.empty((n_queries, splits, kp), dtype=torch.float64, device=codes.device)
+    hamming_topk_kernel[(query_blocks, splits)](
+        a, b, out, n_queries, n_rows, words, rows_per_split, splits, BLOCK_Q=block_q, BLOCK_N=block_n, KP=kp
+    )
+    return out
+
+
+def _as_words(codes: torch.Tensor, words: int) -> torch.Tensor:
+    padded = codes
+    if codes.shape[1] != words * 4 or not codes.is_contiguous():
+        padded = torch.zeros((codes.shape[0], words * 4), dtype=torch.uint8, device=codes.device)
+        padded[:, : codes.shape[1]] = codes
+    return padded.view(torch.int32)
+
+
+def decode(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 oriented scores, int64 rows) packed in float64 ``keys``."""
+    bits = keys.view(torch.int64)
+    return (bits >> 32).to(torch.int32).view(torch.float32), bits & 0xFFFFFFFF
