@@ -236,37 +236,46 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def sweep(sc: Scenario, q: torch.Tensor, x: torch.Tensor) -> list[dict[str, Any]]:
-    """The Triton scan kernel alone (bf16 pass) over block-size variants: ms of each, best first."""
+    """The Triton kernels alone (the pass `topk` runs first) over block-size variants: ms of each, best first."""
     from gpurag_triton import launch
-    from gpurag_triton.kernels.scan import DOT, L1, L2
+    from gpurag_triton.kernels.scan import DOT, L2
 
-    code = {"dot": DOT, "cosine": DOT, "l2": L2, "l1": L1}[sc.metric]
-    low = sc.metric != "l1" or sc.n_queries <= 16
-    qi = q.to(torch.bfloat16) if low else q
-    xi = x.to(torch.bfloat16) if low else x
-    extra = (x * x).sum(1) if sc.metric == "l2" else None
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    configs = []
-    if sc.metric != "l1" and sc.n_queries >= 16:
-        for bq, bn, bd, w, st in [(64, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4),
-                                  (128, 64, 64, 8, 3), (64, 128, 128, 8, 2), (128, 128, 128, 8, 2), (64, 256, 64, 8, 3)]:
-            bd = min(bd, sc.dim)
-            for mult in (2, 4):
+    runs: list[tuple[Any, Callable[[], Any]]] = []
+    if sc.metric == "l1":
+        low = sc.n_queries <= 16
+        qt = (q.to(torch.bfloat16) if low else q).T.contiguous()
+        xt = (x.to(torch.bfloat16) if low else x).T.contiguous()
+        bq0 = min(64, 1 << (sc.n_queries - 1).bit_length())
+        shapes = [(bq0, 64, 4), (bq0, 128, 4), (bq0, 128, 8), (bq0, 256, 8), (bq0, 512, 8), (bq0, 32, 4)]
+        if bq0 >= 32:
+            shapes += [(32, 128, 4), (32, 64, 4), (128, 64, 8), (128, 32, 4)]
+        for bq, bn, w in shapes:
+            for mult in (2, 4, 8):
                 splits = max(1, math.ceil(sms * mult / math.ceil(sc.n_queries / bq)))
-                configs.append(launch.ScanConfig(True, bq, bn, bd, splits, w, st))
+                cfg = launch.L1Config(bq, bn, splits, w, 3)
+                runs.append((cfg, lambda cfg=cfg: launch.l1_scan(qt, xt, 16, cfg)))
     else:
-        bq0 = min(32, 1 << (sc.n_queries - 1).bit_length())
-        for bq, bn, bd, w in [(bq0, 64, 128, 4), (bq0, 32, 128, 4), (bq0, 128, 64, 4), (bq0, 64, 64, 8),
-                              (bq0, 64, 32, 4), (bq0, 32, 8, 4), (bq0, 64, 8, 8), (bq0, 32, 16, 4), (bq0 // 2 or 1, 64, 16, 4)]:
-            if bq * bn * bd > 16384:
-                continue
-            for mult in (4, 8, 16):
+        code = {"dot": DOT, "cosine": DOT, "l2": L2}[sc.metric]
+        qi, xi = q.to(torch.bfloat16), x.to(torch.bfloat16)
+        extra = (x * x).sum(1) if sc.metric == "l2" else None
+        if sc.n_queries >= 16:
+            shapes = [(64, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 3),
+                      (64, 64, 128, 4, 3), (128, 128, 128, 8, 2), (64, 256, 64, 8, 3), (256, 128, 64, 8, 3)]
+            mults = (1, 2, 4)
+        else:
+            shapes = [(16, 128, 64, 4, 3), (16, 64, 128, 4, 3), (16, 128, 128, 4, 3), (16, 256, 64, 8, 3),
+                      (16, 64, 64, 4, 4), (16, 128, 64, 8, 4)]
+            mults = (2, 4, 8)
+        for bq, bn, bd, w, st in shapes:
+            for mult in mults:
                 splits = max(1, math.ceil(sms * mult / math.ceil(sc.n_queries / bq)))
-                configs.append(launch.ScanConfig(False, bq, bn, bd, splits, w, 2))
+                cfg = launch.ScanConfig(True, bq, bn, min(bd, sc.dim), splits, w, st)
+                runs.append((cfg, lambda cfg=cfg: launch.scan_topk(qi, xi, extra, int(code), 16, cfg)))
     out = []
-    for cfg in configs:
+    for cfg, fn in runs:
         try:
-            ms = time_ms(lambda cfg=cfg: launch.scan_topk(qi, xi, extra, int(code), 16, cfg), 10, warmup=1)
+            ms = time_ms(fn, 10, warmup=1)
             out.append({"config": dataclasses.asdict(cfg), "ms": round(ms, 4)})
         except Exception as exc:  # a variant that does not compile is listed with its error
             out.append({"config": dataclasses.asdict(cfg), "error": f"{type(exc).__name__}: {exc}"[:200]})

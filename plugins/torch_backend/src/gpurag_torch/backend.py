@@ -131,17 +131,36 @@ class TorchBackend(DistanceBackend):
         """A database of the rows at ``positions`` (host int64), in that order, gathered on the device."""
         import torch
 
+        from gpurag_torch.database import row_axis
+
         index = torch.as_tensor(np.asarray(positions, dtype=np.int64), device=self.torch_device)
         return Database(
             database.metric,
             database.vectors.index_select(0, index),
-            {key: value.index_select(0, index) for key, value in database.row_data.items()},
+            {key: value.index_select(row_axis(key), index) for key, value in database.row_data.items()},
         )
 
-    def _own(self, database: Database) -> Database:
+    def slice(self, database: Database, start: int, stop: int) -> Database:
+        """Rows ``start:stop`` of ``database``, as views (column-major layouts sliced along their columns)."""
+        from gpurag_torch.database import row_axis
+
+        return Database(
+            database.metric,
+            database.vectors[start:stop],
+            {
+                key: value[:, start:stop] if row_axis(key) else value[start:stop]
+                for key, value in database.row_data.items()
+            },
+        )
+
+    def required_keys(self, metric: Metric) -> set[str]:
+        """The row_data keys this backend's databases hold for ``metric``."""
         from gpurag_torch.database import required_keys
 
-        wanted = required_keys(database.metric, low_precision=self.low_precision)
+        return required_keys(metric, low_precision=self.low_precision)
+
+    def _own(self, database: Database) -> Database:
+        wanted = self.required_keys(database.metric)
         import torch
 
         if isinstance(database.vectors, torch.Tensor) and wanted <= set(database.row_data):

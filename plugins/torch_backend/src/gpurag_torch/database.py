@@ -15,6 +15,13 @@ L1_NORMS = "l1_norms"
 SQ_NORMS = "sq_norms"
 #: The rows rounded to bf16 (cosine: the normalised rows), for the shortlist pass.
 LOW = "low"
+#: Suffix of column-major (D, N) layouts of the rows, which slice and gather along axis 1.
+COLUMN_MAJOR = "_t"
+
+
+def row_axis(key: str) -> int:
+    """The axis of row_data[key] that runs over rows: 1 for column-major layouts, else 0."""
+    return 1 if key.endswith(COLUMN_MAJOR) else 0
 
 
 def row_data_for(vectors: torch.Tensor, metric: Metric, *, low_precision: bool) -> dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ import triton
 
 from gpurag.errors import InvalidInputError
 from gpurag_triton.kernels.hamming import hamming_topk_kernel
+from gpurag_triton.kernels.l1 import l1_scan_kernel
 from gpurag_triton.kernels.scan import scan_topk_kernel
 
 #: Multiprocessors of the card this was tuned on (an H200 has 132); read from the device when there is one.
@@ -57,12 +58,12 @@ def choose_scan_config(n_queries: int, n_rows: int, dim: int, *, l1: bool, low: 
         block_q = 16 if use_dot else min(4, _pow2(n_queries))
         splits = max(1, min(3, triton.cdiv(n_rows, 16)))
         return ScanConfig(use_dot, block_q, 16, 16, splits)
-    use_dot = not l1 and n_queries >= 16
-    if use_dot:
-        block_q = 64 if n_queries >= 64 else _pow2(n_queries)
+    use_dot = not l1
+    if use_dot:  # small Q too: tensor cores on a 16-row query tile keep the loads wide (H200 sweep)
+        block_q = 128 if n_queries >= 512 and dim > 128 else max(16, min(64, _pow2(n_queries)))
         block_n = 128
         block_d = 64 if dim > 128 else max(16, _pow2(dim))
-        warps, stages = 8, 3
+        warps, stages = (8, 3) if block_q == 128 else (4, 3)
     else:
         block_q = min(_pow2(n_queries), 32 if l1 else 8)
         block_n = 64 if block_q <= 8 else 32
@@ -81,7 +82,7 @@ def _check_matrix(x: torch.Tensor, name: str, dtype: torch.dtype, device: torch.
         raise InvalidInputError(f"{name} must be {dtype}; got {x.dtype}")
     if x.device != device:
         raise InvalidInputError(f"{name} must be on {device}; got {x.device}")
-    if x.stride(1) != 1 or x.shape[0] == 0:
+    if (x.stride(1) != 1 and x.shape[1] > 1) or x.shape[0] == 0:
         raise InvalidInputError(f"{name} must be non-empty with contiguous rows; got strides {x.stride()}")
 
 
@@ -125,6 +126,60 @@ def scan_topk(
         queries.stride(0), rows.stride(0),
         METRIC=metric_code, USE_DOT=config.use_dot, LOW=low,
         BLOCK_Q=config.block_q, BLOCK_N=config.block_n, BLOCK_D=config.block_d, KP=kp,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class L1Config:
+    """Block sizes and launch shape of one `l1_scan_kernel` launch."""
+
+    block_q: int
+    block_n: int
+    splits: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def choose_l1_config(n_queries: int, n_rows: int, *, device: torch.device) -> L1Config:
+    """A (BLOCK_Q, BLOCK_N) accumulator of 16-64 values a thread; all SMs split the rows."""
+    if interpreting():
+        return L1Config(min(4, _pow2(n_queries)), 16, max(1, min(3, triton.cdiv(n_rows, 16))))
+    block_q = min(64, _pow2(n_queries))
+    block_n = max(64, min(512, 4096 // block_q))
+    warps = 8 if block_q * block_n >= 8192 else 4
+    query_blocks = triton.cdiv(n_queries, block_q)
+    target = _sms(device) * (8 if query_blocks == 1 else 4)
+    splits = max(1, min(triton.cdiv(target, query_blocks), triton.cdiv(n_rows, block_n * 4)))
+    return L1Config(block_q, block_n, splits, warps)
+
+
+def l1_scan(queries_t: torch.Tensor, rows_t: torch.Tensor, kp: int, config: L1Config | None = None) -> torch.Tensor:
+    """Packed keys (Q, splits, kp) of each query's kp nearest rows in l1 per split (score: -l1).
+
+    ``queries_t`` (D, Q) and ``rows_t`` (D, N) are column-major, both float32 or both bf16.
+    """
+    dtype = queries_t.dtype
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise InvalidInputError(f"queries must be float32 or bfloat16; got {dtype}")
+    _check_matrix(queries_t, "queries_t", dtype, rows_t.device)
+    _check_matrix(rows_t, "rows_t", dtype, queries_t.device)
+    if queries_t.shape[0] != rows_t.shape[0]:
+        raise InvalidInputError(f"queries have dimension {queries_t.shape[0]}, rows {rows_t.shape[0]}")
+    if kp < 1 or kp > MAX_KP or kp & (kp - 1):
+        raise InvalidInputError(f"kp must be a power of two in 1..{MAX_KP}; got {kp}")
+    dim, n_queries = queries_t.shape
+    n_rows = rows_t.shape[1]
+    if config is None:
+        config = choose_l1_config(n_queries, n_rows, device=rows_t.device)
+    rows_per_split = triton.cdiv(triton.cdiv(n_rows, config.splits), config.block_n) * config.block_n
+    splits = triton.cdiv(n_rows, rows_per_split)
+    out = torch.empty((n_queries, splits, kp), dtype=torch.float64, device=rows_t.device)
+    l1_scan_kernel[(triton.cdiv(n_queries, config.block_q), splits)](
+        queries_t, rows_t, out, n_queries, n_rows, dim, rows_per_split, splits,
+        queries_t.stride(0), rows_t.stride(0),
+        BLOCK_Q=config.block_q, BLOCK_N=config.block_n, KP=kp,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return out
