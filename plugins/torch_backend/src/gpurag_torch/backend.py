@@ -57,6 +57,10 @@ class TorchBackend(DistanceBackend):
         if chunk_scores is not None and chunk_scores < 1:
             raise InvalidInputError(f"chunk_scores must be >= 1; got {chunk_scores}")
         self._chunk_scores = chunk_scores
+        #: Queries answered through a reduced-precision shortlist, and those of them whose certificate
+        #: failed so they were answered again in float32 (counters, for benchmarks and tests).
+        self.queries_searched = 0
+        self.queries_rescanned = 0
 
     @classmethod
     def availability(cls) -> Availability:
@@ -194,8 +198,10 @@ class TorchBackend(DistanceBackend):
         budget = self.chunk_scores
         if self.low_precision and database.metric is not Metric.L1 and k <= SHORTLIST_MAX_K:
             scores, rows, certified = search.shortlist_topk(q, database, k, budget)
+            self.queries_searched += q.shape[0]
             if not bool(certified.all()):
                 redo = torch.nonzero(~certified)[:, 0]
+                self.queries_rescanned += int(redo.numel())
                 redo_scores, redo_rows = search.exact_topk(q[redo], database, k, budget)
                 scores[redo], rows[redo] = redo_scores, redo_rows
             return TopK(scores, rows)

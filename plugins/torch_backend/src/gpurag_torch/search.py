@@ -19,6 +19,9 @@ from gpurag_torch import exact
 from gpurag_torch.database import LOW, NORMS, SQ_NORMS, max_norm, normalised, query_norms
 from gpurag_torch.tensors import full_precision
 
+#: ``direct_scores``'s signature: (queries, vectors, candidate rows, metric, row norms) -> (Q, M) scores.
+Scorer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Metric, "torch.Tensor | None"], torch.Tensor]
+
 #: Rows of the bf16 shortlist re-scored per query: the certificate needs the best row left out more
 #: than twice the error bound below the k-th (32 failed for most queries on 1M x 768, H200).
 SHORTLIST_PER_CHUNK = 256
@@ -163,10 +166,11 @@ def rescore_and_certify(
     k: int,
     *,
     rounded_output: bool,
+    scorer: Scorer = exact.direct_scores,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Score ``candidates`` (Q, M) directly, keep the k best, and certify them against ``cutoff`` (Q,)."""
+    """Score ``candidates`` (Q, M) directly with ``scorer``, keep the k best, certify them against ``cutoff`` (Q,)."""
     metric = database.metric
-    scores = exact.direct_scores(queries, database.vectors, candidates, metric, database.row_data.get(NORMS))
+    scores = scorer(queries, database.vectors, candidates, metric, database.row_data.get(NORMS))
     scores, rows = exact.best_first(scores, candidates, k, metric)
     norms_q = query_norms(queries, metric)
     largest = max_norm(database)

@@ -125,8 +125,10 @@ class TritonBackend(TorchBackend):
         metric = database.metric
         low = self.low_precision and (metric is not Metric.L1 or q.shape[0] <= L1_LOW_MAX_QUERIES)
         scores, rows, certified = self._scan(q, database, k, low=low)
+        self.queries_searched += q.shape[0]
         if certified is not None and not bool(certified.all()):
             redo = torch.nonzero(~certified)[:, 0]
+            self.queries_rescanned += int(redo.numel())
             redo_scores, redo_rows, _ = self._scan(q[redo], database, k, low=False)
             scores[redo], rows[redo] = redo_scores, redo_rows
         return TopK(scores, rows)
@@ -160,23 +162,21 @@ class TritonBackend(TorchBackend):
         kp = launch._pow2(max(k, 16 if not launch.interpreting() else k))
         if metric is Metric.L1:
             queries_t = query_in.T.contiguous()
-            keys = launch.l1_scan(queries_t, database.row_data[LOW_T if low else ROWS_T], kp)
+            scan = launch.l1_scan(queries_t, database.row_data[LOW_T if low else ROWS_T], kp)
         else:
-            keys = launch.scan_topk(query_in, rows_in, extra, int(code), kp)
-        n_queries, splits, _ = keys.shape
-        approx, rows = launch.decode(keys.reshape(n_queries, splits * kp))
+            scan = launch.scan_topk(query_in, rows_in, extra, int(code), kp)
+        n_queries, splits, _ = scan.keys.shape
+        approx, rows = launch.decode(scan.keys.reshape(n_queries, splits * kp))
         # The worst kept key of each split bounds every row that split left out.
         cutoff = approx.reshape(n_queries, splits, kp).min(dim=2).values.max(dim=1).values
-        rows_per_split = -(-database.count // splits)
-        valid = sum(min(kp, max(0, min(rows_per_split, database.count - s * rows_per_split))) for s in range(splits))
-        keep = min(valid, max(2 * k, SHORTLIST_MIN) if low else k)
+        keep = min(scan.kept_per_query(database.count), max(2 * k, SHORTLIST_MIN) if low else k)
         if approx.shape[1] > keep:
             top = torch.topk(approx, keep, dim=1)
             cutoff = torch.maximum(cutoff, top.values[:, -1])
             rows = torch.gather(rows, 1, top.indices)
         if low:
-            return search.rescore_and_certify(q, database, rows, cutoff, k, rounded_output=False)
-        scores = exact.direct_scores(q, database.vectors, rows, metric, database.row_data.get(NORMS))
+            return search.rescore_and_certify(q, database, rows, cutoff, k, rounded_output=False, scorer=direct_scores)
+        scores = direct_scores(q, database.vectors, rows, metric, database.row_data.get(NORMS))
         scores, rows = exact.best_first(scores, rows, k, metric)
         return scores, rows, None
 
@@ -194,9 +194,29 @@ class TritonBackend(TorchBackend):
         if k > KERNEL_MAX_K:
             return super().hamming_topk(a, b, k)
         kp = launch._pow2(k)
-        keys = launch.hamming_topk(a, b, kp)
+        keys = launch.hamming_topk(a, b, kp).keys
         n_queries = keys.shape[0]
         scores, rows = launch.decode(keys.reshape(n_queries, -1))
         top = torch.topk(scores, k, dim=1)  # valid entries (distance >= 0) outrank the -inf padding
         distances = (-top.values).to(torch.int32)
         return TopK(distances, torch.gather(rows, 1, top.indices))
+
+
+def direct_scores(
+    queries: torch.Tensor, vectors: torch.Tensor, rows: torch.Tensor, metric: Metric, row_norms: torch.Tensor | None
+) -> torch.Tensor:
+    """As `gpurag_torch.exact.direct_scores`, by the re-scoring kernel: rows read in place, no (Q, M, D) copy."""
+    import torch
+
+    from gpurag_torch import exact
+    from gpurag_triton import launch
+
+    if launch.interpreting():  # the interpreter runs a program at a time: torch's gather is far quicker there
+        return exact.direct_scores(queries, vectors, rows, metric, row_norms)
+    term = {Metric.L2: 0, Metric.L1: 1, Metric.DOT: 2, Metric.COSINE: 2}[metric]
+    sums = launch.rescore(queries, vectors, rows, term)
+    if metric is not Metric.COSINE:
+        return sums
+    assert row_norms is not None
+    denominator = row_norms[rows] * torch.linalg.vector_norm(queries, dim=1)[:, None]
+    return torch.where(denominator > 0, sums / torch.where(denominator > 0, denominator, 1.0), 0.0)

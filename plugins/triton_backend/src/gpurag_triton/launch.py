@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -15,6 +16,7 @@ import triton
 from gpurag.errors import InvalidInputError
 from gpurag_triton.kernels.hamming import hamming_topk_kernel
 from gpurag_triton.kernels.l1 import l1_scan_kernel
+from gpurag_triton.kernels.rescore import rescore_kernel
 from gpurag_triton.kernels.scan import scan_topk_kernel
 
 #: Multiprocessors of the card this was tuned on (an H200 has 132); read from the device when there is one.
@@ -28,6 +30,19 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+class Scan(NamedTuple):
+    """A launch's packed keys (Q, splits, kp) float64, and how many rows each split covered."""
+
+    keys: torch.Tensor
+    rows_per_split: int
+
+    def kept_per_query(self, n_rows: int) -> int:
+        """How many keys of each query hold a real row (the others are -inf padding)."""
+        kp = self.keys.shape[2]
+        full, rest = divmod(n_rows, self.rows_per_split)
+        return full * min(kp, self.rows_per_split) + min(kp, rest)
+
+
 @dataclasses.dataclass(frozen=True)
 class ScanConfig:
     """Block sizes and launch shape of one `scan_topk_kernel` launch."""
@@ -39,6 +54,8 @@ class ScanConfig:
     splits: int
     num_warps: int = 4
     num_stages: int = 2
+    #: False only to time the scan without its selection (diagnostics; the output is then no top-k).
+    select: bool = True
 
 
 def _pow2(value: int) -> int:
@@ -59,19 +76,19 @@ def choose_scan_config(n_queries: int, n_rows: int, dim: int, *, l1: bool, low: 
         splits = max(1, min(3, triton.cdiv(n_rows, 16)))
         return ScanConfig(use_dot, block_q, 16, 16, splits)
     use_dot = not l1
-    if use_dot:  # small Q too: tensor cores on a 16-row query tile keep the loads wide (H200 sweep)
-        block_q = 128 if n_queries >= 512 and dim > 128 else max(16, min(64, _pow2(n_queries)))
-        block_n = 128
-        block_d = 64 if dim > 128 else max(16, _pow2(dim))
-        warps, stages = (8, 3) if block_q == 128 else (4, 3)
+    # Block sizes picked by the sweep in benchmarks/gpu_report.py on an H200 (see benchmarks/results).
+    if use_dot and n_queries >= 512:  # tensor-core tiles, wgmma on 128-query blocks
+        block_q, block_n, block_d, warps, stages, per_sm = 128, 128, 64, 8, 3, 2
+    elif use_dot and n_queries >= 16:
+        block_q, block_n, block_d, warps, stages, per_sm = 64, 128, 64, 4, 3, 4
+    elif use_dot:  # small Q: a 16-query tile keeps the loads wide; all SMs split the rows
+        block_q, block_n, block_d, warps, stages, per_sm = 16, 64, 128, 4, 3, 4
     else:
-        block_q = min(_pow2(n_queries), 32 if l1 else 8)
-        block_n = 64 if block_q <= 8 else 32
+        block_q, block_n, warps, stages, per_sm = min(_pow2(n_queries), 32), 64, 4, 2, 4
         block_d = max(4, min(_pow2(dim), 8192 // (block_q * block_n)))
-        warps, stages = 4, 2
+    block_d = min(block_d, max(16, _pow2(dim)))
     query_blocks = triton.cdiv(n_queries, block_q)
-    target_programs = _sms(device) * (8 if query_blocks == 1 else 4)
-    splits = max(1, min(triton.cdiv(target_programs, query_blocks), triton.cdiv(n_rows, block_n * 4)))
+    splits = max(1, min(triton.cdiv(_sms(device) * per_sm, query_blocks), triton.cdiv(n_rows, block_n * 4)))
     return ScanConfig(use_dot, block_q, block_n, block_d, splits, warps, stages)
 
 
@@ -93,7 +110,7 @@ def scan_topk(
     metric_code: int,
     kp: int,
     config: ScanConfig | None = None,
-) -> torch.Tensor:
+) -> Scan:
     """Packed keys (Q, splits, kp) of each query's kp best rows per split (see `kernels.scan`).
 
     ``queries`` and ``rows`` are both bf16 (the reduced-precision pass) or both float32; ``extra``
@@ -125,10 +142,10 @@ def scan_topk(
         n_queries, n_rows, dim, rows_per_split, splits,
         queries.stride(0), rows.stride(0),
         METRIC=metric_code, USE_DOT=config.use_dot, LOW=low,
-        BLOCK_Q=config.block_q, BLOCK_N=config.block_n, BLOCK_D=config.block_d, KP=kp,
+        BLOCK_Q=config.block_q, BLOCK_N=config.block_n, BLOCK_D=config.block_d, KP=kp, SELECT=config.select,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
-    return out
+    return Scan(out, rows_per_split)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,16 +163,19 @@ def choose_l1_config(n_queries: int, n_rows: int, *, device: torch.device) -> L1
     """A (BLOCK_Q, BLOCK_N) accumulator of 16-64 values a thread; all SMs split the rows."""
     if interpreting():
         return L1Config(min(4, _pow2(n_queries)), 16, max(1, min(3, triton.cdiv(n_rows, 16))))
-    block_q = min(64, _pow2(n_queries))
-    block_n = max(64, min(512, 4096 // block_q))
-    warps = 8 if block_q * block_n >= 8192 else 4
+    # Picked by the sweep in benchmarks/gpu_report.py on an H200 (see benchmarks/results).
+    if n_queries == 1:
+        block_q, block_n, warps, per_sm = 1, 256, 8, 8
+    elif n_queries <= 16:
+        block_q, block_n, warps, per_sm = _pow2(n_queries), 512, 8, 2
+    else:
+        block_q, block_n, warps, per_sm = 32, 128, 4, 8
     query_blocks = triton.cdiv(n_queries, block_q)
-    target = _sms(device) * (8 if query_blocks == 1 else 4)
-    splits = max(1, min(triton.cdiv(target, query_blocks), triton.cdiv(n_rows, block_n * 4)))
+    splits = max(1, min(triton.cdiv(_sms(device) * per_sm, query_blocks), triton.cdiv(n_rows, block_n * 4)))
     return L1Config(block_q, block_n, splits, warps)
 
 
-def l1_scan(queries_t: torch.Tensor, rows_t: torch.Tensor, kp: int, config: L1Config | None = None) -> torch.Tensor:
+def l1_scan(queries_t: torch.Tensor, rows_t: torch.Tensor, kp: int, config: L1Config | None = None) -> Scan:
     """Packed keys (Q, splits, kp) of each query's kp nearest rows in l1 per split (score: -l1).
 
     ``queries_t`` (D, Q) and ``rows_t`` (D, N) are column-major, both float32 or both bf16.
@@ -182,10 +202,10 @@ def l1_scan(queries_t: torch.Tensor, rows_t: torch.Tensor, kp: int, config: L1Co
         BLOCK_Q=config.block_q, BLOCK_N=config.block_n, KP=kp,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
-    return out
+    return Scan(out, rows_per_split)
 
 
-def hamming_topk(codes: torch.Tensor, database_codes: torch.Tensor, kp: int) -> torch.Tensor:
+def hamming_topk(codes: torch.Tensor, database_codes: torch.Tensor, kp: int) -> Scan:
     """Packed keys (Q, splits, kp) of each code's kp nearest database codes per split (score: -distance)."""
     for name, x in (("codes", codes), ("database_codes", database_codes)):
         _check_matrix(x, name, torch.uint8, codes.device)
@@ -208,7 +228,7 @@ def hamming_topk(codes: torch.Tensor, database_codes: torch.Tensor, kp: int) -> 
     hamming_topk_kernel[(query_blocks, splits)](
         a, b, out, n_queries, n_rows, words, rows_per_split, splits, BLOCK_Q=block_q, BLOCK_N=block_n, KP=kp
     )
-    return out
+    return Scan(out, rows_per_split)
 
 
 def _as_words(codes: torch.Tensor, words: int) -> torch.Tensor:
@@ -217,6 +237,26 @@ def _as_words(codes: torch.Tensor, words: int) -> torch.Tensor:
         padded = torch.zeros((codes.shape[0], words * 4), dtype=torch.uint8, device=codes.device)
         padded[:, : codes.shape[1]] = codes
     return padded.view(torch.int32)
+
+
+def rescore(queries: torch.Tensor, rows: torch.Tensor, candidates: torch.Tensor, term: int) -> torch.Tensor:
+    """(Q, M) float32 sums over D of ``term`` (0: squared difference, 1: absolute difference, 2: product)
+    between each query and the rows ``candidates`` (Q, M) int64 of ``rows``, read in place."""
+    _check_matrix(queries, "queries", torch.float32, rows.device)
+    _check_matrix(rows, "rows", torch.float32, queries.device)
+    if candidates.ndim != 2 or candidates.shape[0] != queries.shape[0] or candidates.device != rows.device:
+        raise InvalidInputError(f"candidates must be (Q, M) on {rows.device}; got {tuple(candidates.shape)}")
+    n_queries, n_candidates = candidates.shape
+    dim = queries.shape[1]
+    candidates = candidates.contiguous()
+    out = torch.empty((n_queries, n_candidates), dtype=torch.float32, device=rows.device)
+    block_m = 8 if interpreting() else 32
+    block_d = max(16, min(128, _pow2(dim)))
+    rescore_kernel[(n_queries, triton.cdiv(n_candidates, block_m))](
+        queries, rows, candidates, out, n_candidates, dim, queries.stride(0), rows.stride(0),
+        TERM=term, BLOCK_M=block_m, BLOCK_D=block_d,
+    )  # fmt: skip
+    return out
 
 
 def decode(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -70,6 +70,7 @@ def scan_topk_kernel(
     stride_q, stride_x,
     METRIC: tl.constexpr, USE_DOT: tl.constexpr, LOW: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KP: tl.constexpr,
+    SELECT: tl.constexpr,
 ):
     """out[q, split, :] = the KP best packed keys of query q over rows of its split (see module doc)."""
     pid_q = tl.program_id(0)
@@ -100,8 +101,13 @@ def scan_topk_kernel(
         else:
             scores = raw
         scores = tl.where(n_mask[None, :], scores, float("-inf"))
-        best, threshold = offer_tile(best, threshold, scores, offs_n[None, :] + tl.zeros((BLOCK_Q, BLOCK_N), tl.int32),
-                                     KP)
+        if SELECT:
+            rows = offs_n[None, :] + tl.zeros((BLOCK_Q, BLOCK_N), tl.int32)
+            best, threshold = offer_tile(best, threshold, scores, rows, KP)
+        else:  # diagnostics only: the scan without selection (its answer is not a top-k)
+            threshold = tl.maximum(threshold, tl.max(scores, axis=1))
     slots = tl.arange(0, KP)
     out = out_ptr + (offs_q[:, None] * n_splits + pid_s) * KP + slots[None, :]
+    if not SELECT:
+        best = tl.where(best == best, threshold[:, None].to(tl.float64), best)
     tl.store(out, best, mask=q_mask[:, None])

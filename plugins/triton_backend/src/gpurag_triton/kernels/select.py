@@ -28,8 +28,8 @@ def key_scores(keys):
 
 @triton.jit
 def empty_best(BLOCK_Q: tl.constexpr, KP: tl.constexpr):
-    """(BLOCK_Q, KP) keys of score -inf, distinct by slot."""
-    slots = tl.zeros((BLOCK_Q, KP), dtype=tl.int32) + tl.arange(0, KP)[None, :]
+    """(BLOCK_Q, KP) keys of score -inf, distinct by slot; their rows (-1 - slot) match no real row."""
+    slots = tl.zeros((BLOCK_Q, KP), dtype=tl.int32) - 1 - tl.arange(0, KP)[None, :]
     return pack_keys(tl.full((BLOCK_Q, KP), float("-inf"), tl.float32), slots)
 
 
