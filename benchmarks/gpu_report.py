@@ -206,10 +206,11 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                                "floor_ms": sc.floor_ms, "floor": sc.floor_what}  # fmt: skip
         scores, ids = naive(q, x, sc.metric)
         check("naive", sc, q, x, ref, scores, ids)
-        row["naive_ms"] = time_ms(lambda: naive(q, x, sc.metric), 2 if sc.metric == "l1" and sc.n_queries > 16 else reps)
+        naive_reps = 2 if sc.metric == "l1" and sc.n_queries > 16 else reps
+        row["naive_ms"] = time_ms(lambda q=q, x=x, metric=sc.metric: naive(q, x, metric), naive_reps)
         if sc.metric == "dot":
             xh = x.to(torch.bfloat16)
-            row["skilled_ms"] = time_ms(lambda: skilled(q, x, xh), reps)
+            row["skilled_ms"] = time_ms(lambda q=q, x=x, xh=xh: skilled(q, x, xh), reps)
             del xh
         for backend in backends:
             name = backend.name
@@ -219,14 +220,15 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 result = index.search(q, K)
                 check(name, sc, q, x, ref, result.scores, result.ids)
                 backend.queries_searched = backend.queries_rescanned = 0
-                row[f"{name}_ms"] = time_ms(lambda index=index: index.search(q, K), reps)
+                row[f"{name}_ms"] = time_ms(lambda index=index, q=q: index.search(q, K), reps)
                 searched = max(1, backend.queries_searched)
                 row[f"{name}_rescanned"] = round(backend.queries_rescanned / searched, 4)
                 database = index._database
                 top = backend.topk(q, database, K)
                 check(f"{name} topk", sc, q, x, ref, top.scores, top.indices)
-                row[f"{name}_topk_ms"] = time_ms(lambda backend=backend, database=database: backend.topk(q, database, K)
-                                                 .scores.cpu(), reps)  # fmt: skip
+                row[f"{name}_topk_ms"] = time_ms(
+                    lambda backend=backend, database=database, q=q: backend.topk(q, database, K).scores.cpu(), reps
+                )
                 del index, database
             except Exception as exc:  # reported in the table; the other rows still run
                 row[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:300]
@@ -285,8 +287,14 @@ def sweep(sc: Scenario, q: torch.Tensor, x: torch.Tensor) -> list[dict[str, Any]
         qi, xi = q.to(torch.bfloat16), x.to(torch.bfloat16)
         extra = (x * x).sum(1) if sc.metric == "l2" else None
         if sc.n_queries >= 16:
-            shapes = [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 64, 128, 4, 3),
-                      (128, 256, 64, 8, 3), (256, 128, 64, 8, 3)]
+            shapes = [
+                (64, 128, 64, 4, 3),
+                (128, 128, 64, 8, 3),
+                (128, 64, 64, 4, 3),
+                (64, 64, 128, 4, 3),
+                (128, 256, 64, 8, 3),
+                (256, 128, 64, 8, 3),
+            ]
             mults = (1, 2)
         else:
             shapes = [(16, 128, 64, 4, 3), (16, 64, 128, 4, 3), (16, 256, 64, 8, 3), (16, 64, 64, 4, 4)]
@@ -334,7 +342,8 @@ def markdown(results: list[dict[str, Any]], backends: list[str], card: str) -> s
             f"| {r['scenario']} | {r['metric']} | ≤ {r['target_ms']} | {r['floor_ms']} ({r['floor']}) | "
             f"{r['naive_ms']:.3f} | {'' if skilled_ms is None else f'{skilled_ms:.3f}'} | " + " | ".join(cells) +
             f" | {best / r['floor_ms']:.2f} | {r['naive_ms'] / best:.1f} | "
-            f"{'' if skilled_ms is None else f'{skilled_ms / best:.2f}'} | {'yes' if best <= r['target_ms'] else 'no'} |"
+            f"{'' if skilled_ms is None else f'{skilled_ms / best:.2f}'} | "
+            f"{'yes' if best <= r['target_ms'] else 'no'} |"
         )  # fmt: skip
     return "\n".join(lines) + "\n"
 

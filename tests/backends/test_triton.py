@@ -25,6 +25,6 @@ class TestTritonBackendFloat32Scan(BackendConformance):
 
         from gpurag_triton.backend import TritonBackend
 
-        if not TritonBackend.availability() or (device == "cuda" and not TritonBackend.default_device() == "cuda"):
+        if not TritonBackend.availability() or (device == "cuda" and TritonBackend.default_device() != "cuda"):
             pytest.skip(f"triton on {device}: {TritonBackend.availability().reason or 'no CUDA device'}")
         return TritonBackend(device, low_precision=False)

@@ -34,8 +34,10 @@ def row_data_for(vectors: torch.Tensor, metric: Metric, *, low_precision: bool) 
     if metric is Metric.L2:
         data[SQ_NORMS] = (vectors * vectors).sum(dim=1)
     if low_precision:
-        data[LOW] = normalised(vectors, data[NORMS]).to(torch.bfloat16) if metric is Metric.COSINE else vectors.to(
-            torch.bfloat16
+        data[LOW] = (
+            normalised(vectors, data[NORMS]).to(torch.bfloat16)
+            if metric is Metric.COSINE
+            else vectors.to(torch.bfloat16)
         )
     return data
 
@@ -47,7 +49,7 @@ def normalised(vectors: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
 
 def max_norm(database: Database) -> torch.Tensor:
     """The largest row norm (l1 norm for l1) of ``database``, a 0-d tensor on its device."""
-    norms = database.row_data[L1_NORMS if database.metric is Metric.L1 else NORMS]
+    norms: torch.Tensor = database.row_data[L1_NORMS if database.metric is Metric.L1 else NORMS]
     return norms.max()
 
 
@@ -55,7 +57,7 @@ def query_norms(queries: torch.Tensor, metric: Metric) -> torch.Tensor:
     """|q| per query (l1: Σ|q|), float32."""
     if metric is Metric.L1:
         return queries.abs().sum(dim=1)
-    return torch.linalg.vector_norm(queries, dim=1)
+    return torch.linalg.vector_norm(queries, dim=1)  # type: ignore[no-any-return]
 
 
 def required_keys(metric: Metric, *, low_precision: bool) -> set[str]:

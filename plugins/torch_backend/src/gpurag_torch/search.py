@@ -110,9 +110,11 @@ def exact_topk(
 def approximate_oriented(low_queries: torch.Tensor, database: Database, start: int, stop: int) -> torch.Tensor:
     """(Q, stop - start) oriented scores from the bf16 rows (a bf16 product, its result rounded to bf16)."""
     with full_precision():
-        dots = (low_queries @ database.row_data[LOW][start:stop].T).float()
+        low_rows: torch.Tensor = database.row_data[LOW][start:stop]
+        dots = (low_queries @ low_rows.T).float()
     if database.metric is Metric.L2:
-        return 2 * dots - database.row_data[SQ_NORMS][start:stop][None, :]
+        sq_norms: torch.Tensor = database.row_data[SQ_NORMS][start:stop]
+        return 2 * dots - sq_norms[None, :]
     return dots
 
 

@@ -33,7 +33,7 @@ def _from_foreign(x: Any) -> torch.Tensor | None:
     if isinstance(x, np.ndarray | list | tuple) or not hasattr(x, "__dlpack__"):
         return None
     try:
-        return torch.from_dlpack(x)
+        return torch.utils.dlpack.from_dlpack(x)
     except (BufferError, RuntimeError, TypeError, ValueError):
         return None
 

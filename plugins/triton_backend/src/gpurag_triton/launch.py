@@ -68,7 +68,9 @@ def _sms(device: torch.device) -> int:
     return DEFAULT_SMS
 
 
-def choose_scan_config(n_queries: int, n_rows: int, dim: int, *, l1: bool, low: bool, device: torch.device) -> ScanConfig:
+def choose_scan_config(
+    n_queries: int, n_rows: int, dim: int, *, l1: bool, low: bool, device: torch.device
+) -> ScanConfig:
     """Block sizes by Q: a streaming SIMT scan for small Q (and l1), a tensor-core tile kernel from Q = 16."""
     if interpreting():  # small blocks, several splits: every boundary is crossed on tiny inputs
         use_dot = not l1 and not low and n_queries >= 16

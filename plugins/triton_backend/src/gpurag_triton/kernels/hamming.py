@@ -20,9 +20,17 @@ def popcount32(v):
 
 @triton.jit
 def hamming_topk_kernel(
-    q_ptr, x_ptr, out_ptr,
-    n_queries, n_rows, words, rows_per_split, n_splits,
-    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, KP: tl.constexpr,
+    q_ptr,
+    x_ptr,
+    out_ptr,
+    n_queries,
+    n_rows,
+    words,
+    rows_per_split,
+    n_splits,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    KP: tl.constexpr,
 ):
     """out[q, split, :] = the KP nearest rows of the split (packed keys of -distance and row)."""
     pid_q = tl.program_id(0)

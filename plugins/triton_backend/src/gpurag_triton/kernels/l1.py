@@ -17,10 +17,19 @@ from gpurag_triton.kernels.select import empty_best, offer_tile
 
 @triton.jit
 def l1_scan_kernel(
-    qt_ptr, xt_ptr, out_ptr,
-    n_queries, n_rows, dim, rows_per_split, n_splits,
-    stride_qt, stride_xt,
-    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, KP: tl.constexpr,
+    qt_ptr,
+    xt_ptr,
+    out_ptr,
+    n_queries,
+    n_rows,
+    dim,
+    rows_per_split,
+    n_splits,
+    stride_qt,
+    stride_xt,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    KP: tl.constexpr,
 ):
     """out[q, split, :] = the KP best packed keys (score -l1) of query q over the rows of its split."""
     pid_q = tl.program_id(0)

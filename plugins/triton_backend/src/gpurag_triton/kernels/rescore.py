@@ -16,9 +16,17 @@ PRODUCT = tl.constexpr(2)
 
 @triton.jit
 def rescore_kernel(
-    q_ptr, x_ptr, rows_ptr, out_ptr,
-    n_candidates, dim, stride_q, stride_x,
-    TERM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    q_ptr,
+    x_ptr,
+    rows_ptr,
+    out_ptr,
+    n_candidates,
+    dim,
+    stride_q,
+    stride_x,
+    TERM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """out[q, m] = Σ_d term(q_d, x[rows[q, m], d]) for BLOCK_M candidates of one query."""
     pid_q = tl.program_id(0)
@@ -31,8 +39,9 @@ def rescore_kernel(
         offs_d = d0 + tl.arange(0, BLOCK_D)
         d_mask = offs_d < dim
         q = tl.load(q_ptr + pid_q * stride_q + offs_d, mask=d_mask, other=0.0)
-        x = tl.load(x_ptr + rows[:, None] * stride_x + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :],
-                    other=0.0)
+        x = tl.load(
+            x_ptr + rows[:, None] * stride_x + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0
+        )
         if TERM == SQUARED_DIFF:
             diff = x - q[None, :]
             acc += diff * diff

@@ -26,17 +26,34 @@ SCALED_DOT = tl.constexpr(3)
 
 
 @triton.jit
-def _tile_scores_dot(q_ptr, x_ptr, offs_q, offs_n, q_mask, n_mask, stride_q, stride_x, dim,
-                     LOW: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _tile_scores_dot(
+    q_ptr,
+    x_ptr,
+    offs_q,
+    offs_n,
+    q_mask,
+    n_mask,
+    stride_q,
+    stride_x,
+    dim,
+    LOW: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     acc = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
     for d0 in range(0, dim, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         d_mask = offs_d < dim
-        q = tl.load(q_ptr + offs_q[:, None] * stride_q + offs_d[None, :], mask=q_mask[:, None] & d_mask[None, :],
-                    other=0.0)
-        xt = tl.load(x_ptr + offs_n.to(tl.int64)[None, :] * stride_x + offs_d[:, None], mask=n_mask[None, :] & d_mask[:, None],
-                     other=0.0)
-        if LOW:
+        q = tl.load(
+            q_ptr + offs_q[:, None] * stride_q + offs_d[None, :], mask=q_mask[:, None] & d_mask[None, :], other=0.0
+        )
+        xt = tl.load(
+            x_ptr + offs_n.to(tl.int64)[None, :] * stride_x + offs_d[:, None],
+            mask=n_mask[None, :] & d_mask[:, None],
+            other=0.0,
+        )
+        if LOW:  # noqa: SIM108 (a constexpr branch: one of the two is compiled)
             acc = tl.dot(q, xt, acc)
         else:
             acc = tl.dot(q, xt, acc, input_precision="ieee")
@@ -44,17 +61,34 @@ def _tile_scores_dot(q_ptr, x_ptr, offs_q, offs_n, q_mask, n_mask, stride_q, str
 
 
 @triton.jit
-def _tile_scores_simt(q_ptr, x_ptr, offs_q, offs_n, q_mask, n_mask, stride_q, stride_x, dim,
-                      ABS_DIFF: tl.constexpr, LOW: tl.constexpr,
-                      BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _tile_scores_simt(
+    q_ptr,
+    x_ptr,
+    offs_q,
+    offs_n,
+    q_mask,
+    n_mask,
+    stride_q,
+    stride_x,
+    dim,
+    ABS_DIFF: tl.constexpr,
+    LOW: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     acc = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
     for d0 in range(0, dim, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         d_mask = offs_d < dim
-        q = tl.load(q_ptr + offs_q[:, None] * stride_q + offs_d[None, :], mask=q_mask[:, None] & d_mask[None, :],
-                    other=0.0)
-        x = tl.load(x_ptr + offs_n.to(tl.int64)[:, None] * stride_x + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :],
-                    other=0.0).to(tl.float32)
+        q = tl.load(
+            q_ptr + offs_q[:, None] * stride_q + offs_d[None, :], mask=q_mask[:, None] & d_mask[None, :], other=0.0
+        )
+        x = tl.load(
+            x_ptr + offs_n.to(tl.int64)[:, None] * stride_x + offs_d[None, :],
+            mask=n_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        ).to(tl.float32)
         q = q.to(tl.float32)
         if ABS_DIFF:
             acc += tl.sum(tl.abs(q[:, None, :] - x[None, :, :]), axis=2)
@@ -65,11 +99,24 @@ def _tile_scores_simt(q_ptr, x_ptr, offs_q, offs_n, q_mask, n_mask, stride_q, st
 
 @triton.jit
 def scan_topk_kernel(
-    q_ptr, x_ptr, extra_ptr, out_ptr,
-    n_queries, n_rows, dim, rows_per_split, n_splits,
-    stride_q, stride_x,
-    METRIC: tl.constexpr, USE_DOT: tl.constexpr, LOW: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KP: tl.constexpr,
+    q_ptr,
+    x_ptr,
+    extra_ptr,
+    out_ptr,
+    n_queries,
+    n_rows,
+    dim,
+    rows_per_split,
+    n_splits,
+    stride_q,
+    stride_x,
+    METRIC: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    LOW: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    KP: tl.constexpr,
     SELECT: tl.constexpr,
 ):
     """out[q, split, :] = the KP best packed keys of query q over rows of its split (see module doc)."""
@@ -85,11 +132,26 @@ def scan_topk_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < row_stop
         if USE_DOT:
-            raw = _tile_scores_dot(q_ptr, x_ptr, offs_q, offs_n, q_mask, n_mask, stride_q, stride_x, dim,
-                                   LOW, BLOCK_Q, BLOCK_N, BLOCK_D)
+            raw = _tile_scores_dot(
+                q_ptr, x_ptr, offs_q, offs_n, q_mask, n_mask, stride_q, stride_x, dim, LOW, BLOCK_Q, BLOCK_N, BLOCK_D
+            )
         else:
-            raw = _tile_scores_simt(q_ptr, x_ptr, offs_q, offs_n, q_mask, n_mask, stride_q, stride_x, dim,
-                                    METRIC == L1, LOW, BLOCK_Q, BLOCK_N, BLOCK_D)
+            raw = _tile_scores_simt(
+                q_ptr,
+                x_ptr,
+                offs_q,
+                offs_n,
+                q_mask,
+                n_mask,
+                stride_q,
+                stride_x,
+                dim,
+                METRIC == L1,
+                LOW,
+                BLOCK_Q,
+                BLOCK_N,
+                BLOCK_D,
+            )
         if METRIC == L2:
             extra = tl.load(extra_ptr + offs_n, mask=n_mask, other=0.0)
             scores = 2.0 * raw - extra[None, :]
