@@ -5,12 +5,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
-DISTRIBUTIONS := -e ./core[test] -e ./plugins/numpy_backend[test] -e ./plugins/torch_backend[test] -e ./plugins/triton_backend[test]
+DISTRIBUTIONS := -e ./core[test] -e ./plugins/numpy_backend[test] -e ./server[test] -e ./plugins/torch_backend[test] -e ./plugins/triton_backend[test]
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-gpu lint bench bench-report rag-eval rag-speed gpu-wheels clean
+.PHONY: install test test-gpu lint bench bench-report rag-eval rag-speed gpu-wheels clean serve serve-report
 
-$(STAMP): core/pyproject.toml plugins/numpy_backend/pyproject.toml plugins/torch_backend/pyproject.toml plugins/triton_backend/pyproject.toml Makefile
+$(STAMP): core/pyproject.toml plugins/numpy_backend/pyproject.toml server/pyproject.toml plugins/torch_backend/pyproject.toml plugins/triton_backend/pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	# torch is pinned to the CPU build that lies on these machines' disk (see README).
@@ -18,6 +18,13 @@ $(STAMP): core/pyproject.toml plugins/numpy_backend/pyproject.toml plugins/torch
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Serve the default corpus on 127.0.0.1:8000 (builds its index on first use, with a progress bar).
+serve: $(STAMP)
+	$(BIN)/gpurag serve
+
+serve-report: $(STAMP)
+	$(BIN)/python benchmarks/serve_report.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider

@@ -25,6 +25,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "gpurag.rag.embedders",
     "gpurag.rag.generators",
     "gpurag.rag.commands",
+    "gpurag.scaling",
 )
 
 #: Registration hooks and the registry each one fills.
