@@ -61,6 +61,7 @@ class TorchBackend(DistanceBackend):
         #: failed so they were answered again in float32 (counters, for benchmarks and tests).
         self.queries_searched = 0
         self.queries_rescanned = 0
+        self._device_ids: tuple[np.ndarray[Any, Any], torch.Tensor] | None = None
 
     @classmethod
     def availability(cls) -> Availability:
@@ -216,6 +217,34 @@ class TorchBackend(DistanceBackend):
         indices = torch.cat([self._as_result(first.indices), self._as_result(second.indices)], dim=1)
         order = torch.sort(scores, dim=1, descending=metric.higher_is_better, stable=True).indices[:, :k]
         return TopK(torch.gather(scores, 1, order), torch.gather(indices, 1, order))
+
+    def concat_topk(self, blocks: list[TopK]) -> TopK:
+        """Query blocks stacked on the device."""
+        import torch
+
+        return TopK(
+            torch.cat([self._as_result(b.scores) for b in blocks]),
+            torch.cat([self._as_result(b.indices) for b in blocks]),
+        )
+
+    def map_ids(self, ids: np.ndarray[Any, Any], positions: Any) -> Any:
+        """``ids[positions]`` on the device; the ids go up once per ids array (the retriever replaces it on change)."""
+        import torch
+
+        cached = self._device_ids
+        if cached is None or cached[0] is not ids:
+            cached = (ids, torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)).to(self.torch_device))
+            self._device_ids = cached
+        return cached[1][self._as_result(positions)]
+
+    def pad_result(self, scores: Any, ids: Any, width: int, worst: float) -> tuple[Any, Any]:
+        """(scores, ids) padded on the device to ``width`` columns with ``worst`` and id -1."""
+        import torch
+
+        pad = width - int(scores.shape[1])
+        scores = torch.nn.functional.pad(self._as_result(scores), (0, pad), value=worst)
+        ids = torch.nn.functional.pad(self._as_result(ids), (0, pad), value=-1)
+        return scores, ids
 
     def _as_result(self, x: Any) -> torch.Tensor:
         import torch
