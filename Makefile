@@ -26,6 +26,11 @@ serve: $(STAMP)
 serve-report: $(STAMP)
 	$(BIN)/python benchmarks/serve_report.py
 
+# The web console's browser tests (headless Debian Chromium), saving their screenshots to benchmarks/results/.
+.PHONY: console-screenshots
+console-screenshots: $(STAMP)
+	GPURAG_CONSOLE_SCREENSHOTS=benchmarks/results $(BIN)/python -m pytest -q -p no:cacheprovider tests/server/test_console.py
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 

@@ -16,6 +16,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from gpurag.errors import GpuragError
+from gpurag_server.console import console_routes, is_console_path
 from gpurag_server.head import HeadNode
 from gpurag_server.nodes.base import NodeState
 from gpurag_server.queueing import Reply
@@ -272,7 +273,8 @@ def create_app(settings: ServerSettings | None = None) -> Starlette:
         Route("/v1/status", status, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    routes_and_console = [*routes, *console_routes()]  # the web console: `/`, `/dashboard`, `/static` (issue 19)
+    app = Starlette(routes=routes_and_console, lifespan=lifespan)
     if settings.api_keys:
         return _BearerAuth(app, settings.api_keys)  # type: ignore[return-value]
     return app
@@ -301,7 +303,7 @@ class _BearerAuth:
         self.state = app.state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS and not is_console_path(scope["path"]):
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not any(hmac.compare_digest(given, key) for key in self.keys):
                 response = error_response(
