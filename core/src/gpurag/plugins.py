@@ -275,7 +275,10 @@ def get_backend(name: str | DistanceBackend = "auto", device: str | None = None)
                 continue
             if device is not None and _device_kind(device) not in cls.device_kinds:
                 continue
-            return get_backend(candidate, device)
+            try:
+                return get_backend(candidate, device)
+            except BackendUnavailableError:  # available, but not on this device (no CUDA for "cuda:0")
+                continue
         where = f" for device {device!r}" if device else ""
         raise BackendUnavailableError(f"no distance backend is available{where}. Installed:\n{_describe_backends()}")
     if name not in registry:
