@@ -8,6 +8,10 @@ accumulation; the shortlist is certified per query against the bound of its own 
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
+from glob import glob
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -65,11 +69,9 @@ class TorchBackend(DistanceBackend):
 
     @classmethod
     def availability(cls) -> Availability:
-        """Available when torch imports; CUDA devices only where torch sees one."""
-        try:
-            import torch  # noqa: F401
-        except Exception as exc:  # torch missing or broken
-            return Availability(False, f"torch cannot be imported ({type(exc).__name__}: {exc})")
+        """Available where torch is installed (found without importing it); CUDA devices where torch sees one."""
+        if importlib.util.find_spec("torch") is None:
+            return Availability(False, "torch is not installed (pip install torch)")
         return Availability(True)
 
     @classmethod
@@ -306,6 +308,14 @@ class TorchBackend(DistanceBackend):
         return lsh.hamming_topk(
             self._codes(codes, "codes"), self._codes(database_codes, "database_codes"), k, self.chunk_scores
         )
+
+
+def cuda_present() -> bool:
+    """Whether a CUDA device is there, asking torch only when it is already imported (lookups stay light)."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return bool(torch.cuda.is_available())
+    return os.path.exists("/dev/nvidiactl") or bool(glob("/proc/driver/nvidia/gpus/*"))
 
 
 def _shares_memory(tensor: Any, source: Any) -> bool:

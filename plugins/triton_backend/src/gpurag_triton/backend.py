@@ -8,6 +8,7 @@ shortlist is certified per query and uncertified queries are scanned again in fl
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +17,7 @@ import numpy as np
 from gpurag.backend import Availability, Database
 from gpurag.errors import BackendUnavailableError, InvalidInputError
 from gpurag.metrics import Metric, TopK
-from gpurag_torch.backend import TorchBackend
+from gpurag_torch.backend import TorchBackend, cuda_present
 
 if TYPE_CHECKING:
     import torch
@@ -59,12 +60,10 @@ class TritonBackend(TorchBackend):
     @classmethod
     def availability(cls) -> Availability:
         """Available when triton imports and there is a CUDA device, or the interpreter is on."""
-        try:
-            import torch
-            import triton  # noqa: F401
-        except Exception as exc:  # triton or torch missing or broken
-            return Availability(False, f"triton cannot be imported ({type(exc).__name__}: {exc})")
-        if torch.cuda.is_available() or _interpreting():
+        for module in ("torch", "triton"):
+            if importlib.util.find_spec(module) is None:
+                return Availability(False, f"{module} is not installed")
+        if _interpreting() or cuda_present():
             return Availability(True)
         return Availability(False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU)")
 
