@@ -283,7 +283,10 @@ def get_backend(
                 continue
             if wanted_metric is not None and wanted_metric not in cls.metrics:
                 continue
-            return get_backend(candidate, device)
+            try:
+                return get_backend(candidate, device)
+            except BackendUnavailableError:  # available, but not on this device (no CUDA for "cuda:0")
+                continue
         where = f" for device {device!r}" if device else ""
         needs = f" with metric {wanted_metric.value!r}" if wanted_metric else ""
         raise BackendUnavailableError(
