@@ -132,6 +132,9 @@ class ExactRetriever(Retriever):
         self._dim = dim
         self._id_storage: IdArray = np.empty(0, dtype=np.int64)  # ids by row position; capacity doubles
         self._count = 0
+        #: The live ids as one view object, replaced on every change: backends that keep a device
+        #: copy for `DistanceBackend.map_ids` key it by this object's identity.
+        self._live_ids: IdArray = self._id_storage[:0]
         self._positions: dict[int, int] = {}  # id -> row position
         self._next_id = 0
         self._database: Database | None = None
@@ -206,6 +209,7 @@ class ExactRetriever(Retriever):
         self._id_storage[count : count + extra] = new_ids
         self._positions.update(zip(new_ids.tolist(), range(count, count + extra), strict=True))
         self._count = count + extra
+        self._live_ids = self._id_storage[: self._count]
         if extra:
             self._next_id = max(self._next_id, int(new_ids.max()) + 1)
 
@@ -226,6 +230,7 @@ class ExactRetriever(Retriever):
             self._id_storage[moves.destinations] = moved_ids
             self._positions.update(zip(moved_ids.tolist(), moves.destinations.tolist(), strict=True))
             self._count = moves.count
+            self._live_ids = self._id_storage[: self._count]
             return len(positions)
 
     def search(self, queries: Any, k: int, *, out: str = "numpy") -> SearchResult:
@@ -250,7 +255,7 @@ class ExactRetriever(Retriever):
             native = self.backend.asarray(queries, "queries", dim=self._dim)
             top = self._chunked_topk(native, database, min(k, database.count))
             if out == "device":
-                found_on_device = self.backend.map_ids(self._id_storage[: self._count], top.indices)
+                found_on_device = self.backend.map_ids(self._live_ids, top.indices)
                 if k > database.count:
                     return SearchResult(*self.backend.pad_result(top.scores, found_on_device, k, self.metric.worst))
                 return SearchResult(top.scores, found_on_device)

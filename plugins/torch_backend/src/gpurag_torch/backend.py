@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from gpurag.backend import Availability, Database, DistanceBackend
+from gpurag.backend import Availability, Boundaries, Database, DistanceBackend, RowMoves
 from gpurag.errors import BackendUnavailableError, InvalidInputError
 from gpurag.metrics import Metric, TopK
 from gpurag.settings import get_settings
@@ -81,6 +81,14 @@ class TorchBackend(DistanceBackend):
 
         return "cuda" if torch.cuda.is_available() else "cpu"
 
+    @classmethod
+    def devices(cls) -> tuple[str, ...]:
+        """``cpu`` and each CUDA device torch sees (``cuda:0``, ``cuda:1``...)."""
+        import torch
+
+        cards = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return ("cpu", *(f"cuda:{index}" for index in range(cards)))
+
     @property
     def chunk_scores(self) -> int:
         """Most float32 scores one chunk of a search holds."""
@@ -109,39 +117,62 @@ class TorchBackend(DistanceBackend):
     # --- the database --------------------------------------------------------------------------
     def prepare(self, vectors: Any, metric: Metric) -> Database:
         """A copy of ``vectors`` on this device, with the norms (and bf16 rows) ``metric`` needs."""
-        from gpurag_torch.database import row_data_for
+        from gpurag_torch.database import TorchDatabase, row_data_for
 
         metric = Metric.parse(metric)
         source = self._tensor(vectors, "vectors")
         rows = source.clone() if _shares_memory(source, vectors) else source
-        return Database(metric, rows, row_data_for(rows, metric, low_precision=self.low_precision))
+        return TorchDatabase(metric, rows, row_data_for(rows, metric, low_precision=self.low_precision))
 
     def append(self, database: Database, vectors: Any) -> Database:
-        """A database holding ``database``'s rows followed by ``vectors`` (only the new rows are prepared)."""
-        import torch
+        """``database`` with ``vectors`` added as its last rows, written in place on the device (see `DistanceBackend.append`).
 
-        from gpurag_torch.database import row_data_for
+        Only the new rows are prepared (norms, bf16 and column-major copies); every per-row layout is
+        written past ``count`` into the storage, which grows by doubling on the device when full.
+        """
+        import torch
 
         new = self._tensor(vectors, "vectors")
         if new.shape[1] != database.dim:
             raise InvalidInputError(f"vectors must be (rows, {database.dim}); got shape {tuple(new.shape)}")
-        added = row_data_for(new, database.metric, low_precision=self.low_precision)
-        if set(added) != set(database.row_data):
+        if set(database.row_data) != self.required_keys(database.metric) or not isinstance(
+            database.vectors, torch.Tensor
+        ):  # prepared elsewhere or differently: prepare every row here, on the device
             return self.prepare(torch.cat([self._tensor(database.vectors, "database"), new]), database.metric)
-        return Database(
-            database.metric,
-            torch.cat([database.vectors, new]),
-            {key: torch.cat([database.row_data[key], value]) for key, value in added.items()},
-        )
+        return self.append_prepared(self._torch_database(database), self.prepare(new, database.metric))
+
+    def move_rows(self, database: Database, moves: RowMoves) -> Database:
+        """``database`` compacted in place on the device (see `DistanceBackend.move_rows`): one gather and
+        one scatter per per-row layout, of the moved rows only; column-major layouts move their columns."""
+        import torch
+
+        database = self._torch_database(database)
+        if moves.sources.size:
+            axes = database.row_axes()
+            sources = torch.from_numpy(np.ascontiguousarray(moves.sources, dtype=np.int64)).to(self.torch_device)
+            holes = torch.from_numpy(np.ascontiguousarray(moves.destinations, dtype=np.int64)).to(self.torch_device)
+            storage = database.storage or database.row_arrays()
+            for key, array in storage.items():
+                array.index_copy_(axes[key], holes, array.index_select(axes[key], sources))
+        # What is left (shrinking the storage, the live views) moves nothing: the base does it.
+        return super().move_rows(database, RowMoves(moves.sources[:0], moves.destinations[:0], moves.count))
+
+    @staticmethod
+    def _torch_database(database: Database) -> Database:
+        from gpurag_torch.database import TorchDatabase
+
+        if isinstance(database, TorchDatabase):
+            return database
+        return TorchDatabase(database.metric, database.vectors, database.row_data, database.storage)
 
     def take(self, database: Database, positions: np.ndarray[Any, Any]) -> Database:
         """A database of the rows at ``positions`` (host int64), in that order, gathered on the device."""
         import torch
 
-        from gpurag_torch.database import row_axis
+        from gpurag_torch.database import TorchDatabase, row_axis
 
         index = torch.as_tensor(np.asarray(positions, dtype=np.int64), device=self.torch_device)
-        return Database(
+        return TorchDatabase(
             database.metric,
             database.vectors.index_select(0, index),
             {key: value.index_select(row_axis(key), index) for key, value in database.row_data.items()},
@@ -149,9 +180,9 @@ class TorchBackend(DistanceBackend):
 
     def slice(self, database: Database, start: int, stop: int) -> Database:
         """Rows ``start:stop`` of ``database``, as views (column-major layouts sliced along their columns)."""
-        from gpurag_torch.database import row_axis
+        from gpurag_torch.database import TorchDatabase, row_axis
 
-        return Database(
+        return TorchDatabase(
             database.metric,
             database.vectors[start:stop],
             {
@@ -175,6 +206,20 @@ class TorchBackend(DistanceBackend):
         return self.prepare(database.vectors, database.metric)  # prepared elsewhere
 
     # --- distances and selection ---------------------------------------------------------------
+    def boundaries(self, metric: Metric, queries: int, dim: int) -> Boundaries:
+        """Row chunks of the float32 pass (`chunk_scores` / Q rows) and, with the bf16 shortlist, its
+        chunks (at least `search.SHORTLIST_PER_CHUNK` rows) and the rows it re-scores per query; l1's
+        eager blocks of `chunk_scores` / D rows; queries: past `chunk_scores` one row per chunk."""
+        from gpurag_torch import search
+
+        budget = self.chunk_scores
+        rows = {max(1, budget // max(1, queries))}
+        if metric is Metric.L1:
+            rows.add(max(1, budget // max(1, dim)))
+        elif self.low_precision:
+            rows |= {max(search.SHORTLIST_PER_CHUNK, budget // max(1, queries)), search.SHORTLIST_PER_CHUNK}
+        return Boundaries(rows=tuple(sorted(rows)), queries=(budget,))
+
     def working_scores(self, queries: int, rows: int) -> int:
         """Scores one `topk` holds at once: it chunks rows itself, so at most `chunk_scores`."""
         return min(queries * rows, self.chunk_scores)

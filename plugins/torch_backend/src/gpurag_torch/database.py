@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from gpurag.backend import Database
@@ -22,6 +24,15 @@ COLUMN_MAJOR = "_t"
 def row_axis(key: str) -> int:
     """The axis of row_data[key] that runs over rows: 1 for column-major layouts, else 0."""
     return 1 if key.endswith(COLUMN_MAJOR) else 0
+
+
+@dataclasses.dataclass
+class TorchDatabase(Database):
+    """A `Database` of torch tensors whose column-major (``_t``) layouts hold their rows along axis 1."""
+
+    def row_axes(self) -> dict[str, int]:
+        """``vectors`` and each ``row_data.<key>``, with the axis its rows lie along (see `row_axis`)."""
+        return {"vectors": 0, **{f"row_data.{key}": row_axis(key) for key in self.row_data}}
 
 
 def row_data_for(vectors: torch.Tensor, metric: Metric, *, low_precision: bool) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from gpurag.backend import Availability, Database
+from gpurag.backend import Availability, Boundaries, Database
 from gpurag.errors import BackendUnavailableError, InvalidInputError
 from gpurag.metrics import Metric, TopK
 from gpurag_torch.backend import TorchBackend, cuda_present
@@ -33,6 +33,11 @@ ROWS_T = "rows_t"
 LOW_T = "low_t"
 #: Largest Q for which l1 also shortlists in bf16 (above it l1 is compute-bound and stays float32).
 L1_LOW_MAX_QUERIES = 16
+#: Keys each (query, split) keeps for the k the conformance kit asks (k <= 16): the shortlist
+#: boundary is declared where the splits' kept keys first outnumber `SHORTLIST_MIN`.
+BOUNDARY_KP = 16
+#: Query counts probed for a change of kernel or tile (`launch.choose_scan_config` switches at 16 and 512).
+BOUNDARY_QUERY_PROBE = 1024
 
 
 def _interpreting() -> bool:
@@ -99,6 +104,58 @@ class TritonBackend(TorchBackend):
         return keys
 
     # --- distances and selection ---------------------------------------------------------------
+    def boundaries(self, metric: Metric, queries: int, dim: int) -> Boundaries:
+        """Where the scan kernels split a search of ``queries`` queries, from the launch configuration itself.
+
+        Rows: one ``BLOCK_N`` block, the row count from which the rows split across the most
+        programs, and (bf16 shortlist) the first row count whose splits keep more keys than
+        `SHORTLIST_MIN`, so the shortlist is cut. Queries: each count past which the kernel, its
+        query tile or its precision changes, and each query tile (``BLOCK_Q``).
+        """
+        from gpurag_triton import launch
+
+        l1 = metric is Metric.L1
+
+        def layout(n_queries: int, n_rows: int) -> tuple[int, int, int, bool, bool]:
+            """(BLOCK_Q, BLOCK_N, splits, tensor-core tiles, bf16 shortlist) of one launch."""
+            low = self.low_precision and (not l1 or n_queries <= L1_LOW_MAX_QUERIES)
+            if l1:
+                c1 = launch.choose_l1_config(n_queries, n_rows, device=self.torch_device)
+                return c1.block_q, c1.block_n, c1.splits, False, low
+            c = launch.choose_scan_config(n_queries, n_rows, dim, l1=False, low=low, device=self.torch_device)
+            return c.block_q, c.block_n, c.splits, c.use_dot, low
+
+        def first_rows(holds: Any) -> int:  # the smallest row count for which holds(rows), by bisection
+            low_n, high_n = 1, 1 << 24
+            if not holds(high_n):
+                return 0
+            while low_n < high_n:
+                mid = (low_n + high_n) // 2
+                low_n, high_n = (low_n, mid) if holds(mid) else (mid + 1, high_n)
+            return low_n
+
+        block_q, block_n, most_splits, _, low = layout(queries, 1 << 24)
+        rows = {block_n, first_rows(lambda n: layout(queries, n)[2] >= most_splits) - 1}
+        if low:
+
+            def kept(n: int) -> int:
+                splits = layout(queries, n)[2]
+                per_split = -(-(-(-n // splits)) // block_n) * block_n
+                full, rest = divmod(n, per_split)
+                return full * min(BOUNDARY_KP, per_split) + min(BOUNDARY_KP, rest)
+
+            rows.add(first_rows(lambda n: kept(n) > SHORTLIST_MIN) - 1)
+        query_bounds = {block_q}
+        previous = layout(1, 1 << 24)
+        for n_queries in range(2, BOUNDARY_QUERY_PROBE + 1):
+            current = layout(n_queries, 1 << 24)
+            if (current[0], current[1], current[3], current[4]) != (previous[0], previous[1], previous[3], previous[4]):
+                query_bounds |= {n_queries - 1, current[0]}
+            previous = current
+        return Boundaries(
+            rows=tuple(sorted(r for r in rows if r > 0)), queries=tuple(sorted(q for q in query_bounds if q > 1))
+        )
+
     def working_scores(self, queries: int, rows: int) -> int:
         """The kernels keep no score matrix: a few tiles' worth, whatever the block."""
         return min(queries * rows, 1 << 20)
