@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 
 #: Largest k for which the bf16 shortlist is tried (above it the float32 pass answers directly).
 SHORTLIST_MAX_K = 256
+#: Largest |q| + |x| (l1: |q|_1 + |x|_1 squared) for which no float32 product, difference or partial
+#: sum can overflow: (|q| + |x|)² stays under a quarter of float32's largest value. Past it (or
+#: with an infinite norm) a search is answered in float64.
+FLOAT32_SAFE_REACH = float(np.sqrt(np.finfo(np.float32).max)) / 2
 
 
 class TorchBackend(DistanceBackend):
@@ -80,6 +84,16 @@ class TorchBackend(DistanceBackend):
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+    @classmethod
+    def normalize_device(cls, device: str | None) -> str:
+        """As `DistanceBackend.normalize_device`; a CUDA device where torch sees none is a `BackendUnavailableError`."""
+        if isinstance(device, str) and device.strip().lower().startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise BackendUnavailableError(f"backend {cls.name!r}: CUDA is not available for device {device!r}")
+        return super().normalize_device(device)
 
     @classmethod
     def devices(cls) -> tuple[str, ...]:
@@ -244,6 +258,8 @@ class TorchBackend(DistanceBackend):
         if q.shape[1] != database.dim:
             raise InvalidInputError(f"queries must be (Q, {database.dim}); got shape {tuple(q.shape)}")
         budget = self.chunk_scores
+        if self.needs_float64(q, database):
+            return self.float64_topk(q, database, k)
         if self.low_precision and database.metric is not Metric.L1 and k <= SHORTLIST_MAX_K:
             scores, rows, certified = search.shortlist_topk(q, database, k, budget)
             self.queries_searched += q.shape[0]
@@ -255,6 +271,25 @@ class TorchBackend(DistanceBackend):
             return TopK(scores, rows)
         scores, rows = search.exact_topk(q, database, k, budget)
         return TopK(scores, rows)
+
+    def needs_float64(self, queries: torch.Tensor, database: Database) -> bool:
+        """Whether float32 terms of this search may overflow (norms past `FLOAT32_SAFE_REACH`, or infinite)."""
+        from gpurag_torch.database import max_norm, query_norms
+
+        reach = float(query_norms(queries, database.metric).max()) + float(max_norm(database))
+        if database.metric is Metric.L1:
+            reach = float(np.sqrt(reach)) if reach >= 0 else reach
+        return not np.isfinite(reach) or reach > FLOAT32_SAFE_REACH
+
+    def float64_topk(self, queries: torch.Tensor, database: Database, k: int) -> TopK:
+        """The float32 pass run on float64 copies of the rows and queries (terms too large for float32)."""
+        from gpurag_torch import search
+        from gpurag_torch.database import TorchDatabase, row_data_for
+
+        wide = database.vectors.double()
+        wide_database = TorchDatabase(database.metric, wide, row_data_for(wide, database.metric, low_precision=False))
+        scores, rows = search.exact_topk(queries.double(), wide_database, k, self.chunk_scores)
+        return TopK(scores.float(), rows)
 
     def merge_topk(self, first: TopK, second: TopK, k: int, metric: Metric) -> TopK:
         """The ``k`` best of two partial results, on the device; ``first`` wins ties."""

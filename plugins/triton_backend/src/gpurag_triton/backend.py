@@ -178,6 +178,8 @@ class TritonBackend(TorchBackend):
             raise InvalidInputError(f"queries must be (Q, {database.dim}); got shape {tuple(q.shape)}")
         if k > KERNEL_MAX_K:
             return super().topk(q, database, k)
+        if self.needs_float64(q, database):
+            return self.float64_topk(q, database, k)
         metric = database.metric
         low = self.low_precision and (metric is not Metric.L1 or q.shape[0] <= L1_LOW_MAX_QUERIES)
         scores, rows, certified = self._scan(q, database, k, low=low)
