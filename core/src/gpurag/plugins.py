@@ -258,9 +258,11 @@ def _device_kind(device: str) -> str:
 def _first_available(
     registry: dict[str, Any], device: str | None, wanted_metric: Metric | None, *, cpu_first: bool
 ) -> DistanceBackend:
-    """The first backend in the preference order (`cpu_backend_preference` first when ``cpu_first``) that opens ``device``."""
+    """The first preferred backend that opens ``device`` (with ``cpu_first``, `cpu_backend_preference` first)."""
     settings = get_settings()
-    preferred = (*settings.cpu_backend_preference, *settings.backend_preference) if cpu_first else settings.backend_preference
+    preferred = (
+        (*settings.cpu_backend_preference, *settings.backend_preference) if cpu_first else settings.backend_preference
+    )
     order = [n for n in dict.fromkeys(preferred) if n in registry]
     order += sorted(n for n in registry if n not in order)
     available = backend_availability()

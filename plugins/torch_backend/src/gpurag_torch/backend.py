@@ -87,7 +87,7 @@ class TorchBackend(DistanceBackend):
 
     @classmethod
     def normalize_device(cls, device: str | None) -> str:
-        """As `DistanceBackend.normalize_device`; a CUDA device where torch sees none is a `BackendUnavailableError`."""
+        """As `DistanceBackend.normalize_device`; CUDA where torch sees none is a `BackendUnavailableError`."""
         if isinstance(device, str) and device.strip().lower().startswith("cuda"):
             import torch
 
@@ -139,7 +139,7 @@ class TorchBackend(DistanceBackend):
         return TorchDatabase(metric, rows, row_data_for(rows, metric, low_precision=self.low_precision))
 
     def append(self, database: Database, vectors: Any) -> Database:
-        """``database`` with ``vectors`` added as its last rows, written in place on the device (see `DistanceBackend.append`).
+        """``database`` with ``vectors`` added as its last rows, in place on the device (`DistanceBackend.append`).
 
         Only the new rows are prepared (norms, bf16 and column-major copies); every per-row layout is
         written past ``count`` into the storage, which grows by doubling on the device when full.
@@ -156,8 +156,11 @@ class TorchBackend(DistanceBackend):
         return self.append_prepared(self._torch_database(database), self.prepare(new, database.metric))
 
     def move_rows(self, database: Database, moves: RowMoves) -> Database:
-        """``database`` compacted in place on the device (see `DistanceBackend.move_rows`): one gather and
-        one scatter per per-row layout, of the moved rows only; column-major layouts move their columns."""
+        """``database`` compacted in place on the device (see `DistanceBackend.move_rows`).
+
+        One gather and one scatter per per-row layout, of the moved rows only; column-major layouts
+        move their columns.
+        """
         import torch
 
         database = self._torch_database(database)
@@ -222,8 +225,9 @@ class TorchBackend(DistanceBackend):
     # --- distances and selection ---------------------------------------------------------------
     def boundaries(self, metric: Metric, queries: int, dim: int) -> Boundaries:
         """Row chunks of the float32 pass (`chunk_scores` / Q rows) and, with the bf16 shortlist, its
-        chunks (at least `search.SHORTLIST_PER_CHUNK` rows) and the rows it re-scores per query; l1's
-        eager blocks of `chunk_scores` / D rows; queries: past `chunk_scores` one row per chunk."""
+        chunks (at least `search.SHORTLIST_PER_CHUNK` rows) and the row count past which the chunks'
+        union is cut to the rows re-scored; l1's eager blocks of `chunk_scores` / D rows; queries:
+        past `chunk_scores` the float32 pass holds one row per chunk."""
         from gpurag_torch import search
 
         budget = self.chunk_scores
@@ -231,7 +235,10 @@ class TorchBackend(DistanceBackend):
         if metric is Metric.L1:
             rows.add(max(1, budget // max(1, dim)))
         elif self.low_precision:
-            rows |= {max(search.SHORTLIST_PER_CHUNK, budget // max(1, queries)), search.SHORTLIST_PER_CHUNK}
+            step = max(search.SHORTLIST_PER_CHUNK, budget // max(1, queries))
+            # Past this many chunks their kept rows outnumber SHORTLIST_PER_CHUNK and the union is cut.
+            cut = step * (search.SHORTLIST_PER_CHUNK // search.SHORTLIST_KEEP_MIN)
+            rows |= {step, cut}
         return Boundaries(rows=tuple(sorted(rows)), queries=(budget,))
 
     def working_scores(self, queries: int, rows: int) -> int:

@@ -25,6 +25,8 @@ Scorer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Metric, "torch.Tens
 #: Rows of the bf16 shortlist re-scored per query: the certificate needs the best row left out more
 #: than twice the error bound below the k-th (32 failed for most queries on 1M x 768, H200).
 SHORTLIST_PER_CHUNK = 256
+#: Rows each chunk of the shortlist keeps at least (more when k is larger or chunks are few).
+SHORTLIST_KEEP_MIN = 32
 
 
 def row_chunks(count: int, step: int) -> Iterator[tuple[int, int]]:
@@ -137,7 +139,7 @@ def shortlist_topk(
     step = max(SHORTLIST_PER_CHUNK, chunk_scores // max(1, queries.shape[0]))
     chunks = -(-n_rows // step)
     # Each chunk keeps its share of the rows re-scored (and at least 2k), so the union holds them.
-    keep = max(2 * k, 32, -(-SHORTLIST_PER_CHUNK // chunks))
+    keep = max(2 * k, SHORTLIST_KEEP_MIN, -(-SHORTLIST_PER_CHUNK // chunks))
     total = max(2 * k, SHORTLIST_PER_CHUNK)
     low_queries = low_precision_queries(queries, metric)
     neg_inf = torch.full((queries.shape[0],), float("-inf"), device=queries.device)

@@ -112,6 +112,8 @@ class TritonBackend(TorchBackend):
         `SHORTLIST_MIN`, so the shortlist is cut. Queries: each count past which the kernel, its
         query tile or its precision changes, and each query tile (``BLOCK_Q``).
         """
+        import triton
+
         from gpurag_triton import launch
 
         l1 = metric is Metric.L1
@@ -140,7 +142,7 @@ class TritonBackend(TorchBackend):
 
             def kept(n: int) -> int:
                 splits = layout(queries, n)[2]
-                per_split = -(-(-(-n // splits)) // block_n) * block_n
+                per_split = int(triton.cdiv(triton.cdiv(n, splits), block_n)) * block_n
                 full, rest = divmod(n, per_split)
                 return full * min(BOUNDARY_KP, per_split) + min(BOUNDARY_KP, rest)
 
