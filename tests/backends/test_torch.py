@@ -48,3 +48,21 @@ def test_search_out_device_returns_tensors_equal_to_the_numpy_answer(device: str
     np.testing.assert_array_equal(on_device.scores.cpu().numpy(), on_host.scores)
     with pytest.raises(InvalidInputError, match="out"):
         index.search(queries, 3, out="gpu")
+
+
+def test_auto_on_a_cpu_prefers_numpy_over_torch_unless_told_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    import gpurag
+
+    monkeypatch.setenv("GPURAG_BACKEND_PREFERENCE", json.dumps(["torch", "numpy"]))
+    gpurag.get_settings.cache_clear()
+    try:
+        assert gpurag.get_backend("auto", device="cpu").name == "numpy"
+        if gpurag.get_backend("torch").device == "cpu":  # no CUDA: torch would land on the CPU
+            assert gpurag.get_backend("auto").name == "numpy"
+        monkeypatch.setenv("GPURAG_CPU_BACKEND_PREFERENCE", json.dumps(["torch"]))
+        gpurag.get_settings.cache_clear()
+        assert gpurag.get_backend("auto", device="cpu").name == "torch"
+    finally:
+        gpurag.get_settings.cache_clear()
