@@ -398,7 +398,7 @@ def test_ask_prints_the_streamed_answer_then_the_passages(monkeypatch: pytest.Mo
                 assert k == 2
                 return [found]
 
-    monkeypatch.setattr(commands, "_default_pipeline", lambda embedder, generator: Pipeline())
+    monkeypatch.setattr(commands, "_default_pipeline", lambda embedder, generator, **options: Pipeline())
     result = CliRunner().invoke(commands.ask_command, ["how does with work?", "-k", "2"], catch_exceptions=False)
     assert result.exit_code == 0
     assert result.output.startswith("The with statement [1].\n\nPassages retrieved (score, source):\n")
