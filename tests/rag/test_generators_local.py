@@ -398,6 +398,10 @@ def test_ask_prints_the_streamed_answer_then_the_passages(monkeypatch: pytest.Mo
                 assert k == 2
                 return [found]
 
+        @classmethod
+        def retrieve_batch(cls, queries: list[str], k: int) -> tuple[list[list[Passage]], dict[str, float]]:
+            return cls.corpus.search(cls.embedder.embed_batch(queries), k), {}
+
     monkeypatch.setattr(commands, "_default_pipeline", lambda embedder, generator, **options: Pipeline())
     result = CliRunner().invoke(commands.ask_command, ["how does with work?", "-k", "2"], catch_exceptions=False)
     assert result.exit_code == 0
