@@ -61,8 +61,10 @@ class _GpuOnly(ToyBackend):
     device_kinds = ("cuda",)
 
 
-def _preferring(fresh: pytest.MonkeyPatch, *order: str) -> None:
+def _preferring(fresh: pytest.MonkeyPatch, *order: str, cpu: tuple[str, ...] | None = None) -> None:
+    """Prefer ``order``; on the CPU (where the toy backends run) ``cpu``, by default the same order."""
     fresh.setenv("GPURAG_BACKEND_PREFERENCE", json.dumps(list(order)))
+    fresh.setenv("GPURAG_CPU_BACKEND_PREFERENCE", json.dumps(list(order if cpu is None else cpu)))
     gpurag.get_settings.cache_clear()
 
 
@@ -94,6 +96,18 @@ def test_auto_skips_backends_that_lack_the_metric_or_the_device(ranked_backends:
     assert gpurag.get_backend("auto", device="cpu", metric="l1").name == "toy"
     index = gpurag.ExactRetriever(metric="l1", backend="auto", device="cpu")
     assert index.backend.name == "toy"
+
+
+def test_auto_on_the_cpu_tries_the_cpu_preference_first(ranked_backends: pytest.MonkeyPatch) -> None:
+    _preferring(ranked_backends, "gpu-only", "toy", "numpy", cpu=("numpy",))
+    assert gpurag.get_backend("auto").name == "gpu-only"  # lands on cuda: the general order holds
+    assert gpurag.get_backend("auto", device="cpu").name == "numpy"
+    assert gpurag.get_backend("auto", device="cpu", metric="l1").name == "numpy"
+    _preferring(ranked_backends, "toy", "numpy", cpu=("numpy",))
+    assert gpurag.get_backend("auto").name == "numpy"  # toy would run on the CPU: the CPU order decides
+    _preferring(ranked_backends, "toy", "numpy", cpu=())
+    assert gpurag.get_backend("auto").name == "toy"
+    assert gpurag.get_backend("auto", device="cpu").name == "toy"
 
 
 def test_auto_says_when_no_backend_has_the_metric(fresh_plugins: pytest.MonkeyPatch) -> None:

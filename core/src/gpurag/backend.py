@@ -328,6 +328,12 @@ class DistanceBackend(abc.ABC):
         ``1 <= k <= database.count``. Scores are float32 and computed directly for the rows
         returned (an l2 score is the sum of squared differences, not a norm expansion); indices
         are int64 row positions. Among equal scores any order is allowed.
+
+        Reduced precision (bf16, fp16, TF32, integer codes) may only *shortlist*: the shortlist is
+        widened by a bound on the fast pass's own error, its survivors are scored again in float32
+        directly, and the answer is chosen on those scores. Where the bound cannot prove that no
+        row left out beats the k-th answer (the kept set would overflow, norms too large for the
+        bound), that block is answered in float32 instead: never a wrong id.
         """
 
     @abc.abstractmethod
@@ -341,6 +347,24 @@ class DistanceBackend(abc.ABC):
         key = -scores if metric.higher_is_better else scores
         order = np.argsort(key, axis=1, kind="stable")[:, :k]
         return TopK(np.take_along_axis(scores, order, 1), np.take_along_axis(indices, order, 1))
+
+    def concat_topk(self, blocks: list[TopK]) -> TopK:
+        """Results for consecutive query blocks, stacked along the queries (on the backend's device)."""
+        return TopK(
+            np.concatenate([self.to_numpy(b.scores) for b in blocks]),
+            np.concatenate([self.to_numpy(b.indices) for b in blocks]),
+        )
+
+    def map_ids(self, ids: np.ndarray[Any, Any], positions: Any) -> Any:
+        """``ids[positions]``: row positions (the backend's array) to user ids, as the backend's int64 array."""
+        return ids[self.to_numpy(positions).astype(np.int64, copy=False)]
+
+    def pad_result(self, scores: Any, ids: Any, width: int, worst: float) -> tuple[Any, Any]:
+        """(scores, ids) padded on the right to ``width`` columns with ``worst`` and id -1, as the backend's arrays."""
+        pad = width - int(scores.shape[1])
+        scores = np.pad(self.to_numpy(scores), ((0, 0), (0, pad)), constant_values=worst)
+        ids = np.pad(self.to_numpy(ids), ((0, 0), (0, pad)), constant_values=-1)
+        return scores, ids
 
     # --- LSH primitives ------------------------------------------------------------------------
     @abc.abstractmethod

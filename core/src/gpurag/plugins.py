@@ -255,12 +255,42 @@ def _device_kind(device: str) -> str:
     return device.strip().split(":", 1)[0].lower() if isinstance(device, str) else ""
 
 
+def _first_available(
+    registry: dict[str, Any], device: str | None, wanted_metric: Metric | None, *, cpu_first: bool
+) -> DistanceBackend:
+    """The first preferred backend that opens ``device`` (with ``cpu_first``, `cpu_backend_preference` first)."""
+    settings = get_settings()
+    preferred = (
+        (*settings.cpu_backend_preference, *settings.backend_preference) if cpu_first else settings.backend_preference
+    )
+    order = [n for n in dict.fromkeys(preferred) if n in registry]
+    order += sorted(n for n in registry if n not in order)
+    available = backend_availability()
+    for candidate in order:
+        cls = registry[candidate].obj
+        if not available[candidate]:
+            continue
+        if device is not None and _device_kind(device) not in cls.device_kinds:
+            continue
+        if wanted_metric is not None and wanted_metric not in cls.metrics:
+            continue
+        try:
+            return get_backend(candidate, device)
+        except (BackendUnavailableError, InvalidInputError):  # available, but it lacks this device ("cuda:0")
+            continue
+    where = f" for device {device!r}" if device else ""
+    needs = f" with metric {wanted_metric.value!r}" if wanted_metric else ""
+    raise BackendUnavailableError(f"no distance backend is available{where}{needs}. Installed:\n{_describe_backends()}")
+
+
 def get_backend(
     name: str | DistanceBackend = "auto", device: str | None = None, *, metric: Metric | str | None = None
 ) -> DistanceBackend:
     """The backend ``name`` on ``device``, or for ``"auto"`` the first available one in the preference order.
 
-    ``"auto"`` skips backends that cannot run on ``device``'s kind or lack ``metric``. Devices are
+    ``"auto"`` skips backends that cannot run on ``device``'s kind or lack ``metric``; on device kind
+    ``cpu`` (named, or where the first choice would run) it tries ``cpu_backend_preference`` first,
+    so numpy, the tuned CPU backend, wins over torch there. Devices are
     normalised (``"CPU"`` and ``"cpu:0"`` are ``"cpu"``) and instances cached per (name, device). An
     unknown or unavailable name raises `BackendUnavailableError` listing every installed backend and
     why each unavailable one is; a device that does not exist, an `InvalidInputError`.
@@ -272,23 +302,11 @@ def get_backend(
     wanted_metric = None if metric is None else Metric.parse(metric)
     registry = get_registry("backends")
     if name == "auto":
-        available = backend_availability()
-        order = [n for n in get_settings().backend_preference if n in registry]
-        order += sorted(n for n in registry if n not in order)
-        for candidate in order:
-            cls = registry[candidate].obj
-            if not available[candidate]:
-                continue
-            if device is not None and _device_kind(device) not in cls.device_kinds:
-                continue
-            if wanted_metric is not None and wanted_metric not in cls.metrics:
-                continue
-            return get_backend(candidate, device)
-        where = f" for device {device!r}" if device else ""
-        needs = f" with metric {wanted_metric.value!r}" if wanted_metric else ""
-        raise BackendUnavailableError(
-            f"no distance backend is available{where}{needs}. Installed:\n{_describe_backends()}"
-        )
+        kind = _device_kind(device) if device is not None else None
+        chosen = _first_available(registry, device, wanted_metric, cpu_first=kind == "cpu")
+        if device is None and _device_kind(chosen.device) == "cpu" and get_settings().cpu_backend_preference:
+            chosen = _first_available(registry, "cpu", wanted_metric, cpu_first=True)  # landed on the CPU
+        return chosen
     if name not in registry:
         raise BackendUnavailableError(f"unknown backend {name!r}. Installed:\n{_describe_backends()}")
     cls = registry[name].obj

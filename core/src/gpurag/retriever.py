@@ -132,6 +132,9 @@ class ExactRetriever(Retriever):
         self._dim = dim
         self._id_storage: IdArray = np.empty(0, dtype=np.int64)  # ids by row position; capacity doubles
         self._count = 0
+        #: The live ids as one view object, replaced on every change: backends that keep a device
+        #: copy for `DistanceBackend.map_ids` key it by this object's identity.
+        self._live_ids: IdArray = self._id_storage[:0]
         self._positions: dict[int, int] = {}  # id -> row position
         self._next_id = 0
         self._database: Database | None = None
@@ -221,6 +224,7 @@ class ExactRetriever(Retriever):
         self._id_storage[count : count + extra] = new_ids
         self._positions.update(zip(new_ids.tolist(), range(count, count + extra), strict=True))
         self._count = count + extra
+        self._live_ids = self._id_storage[: self._count]
         if extra:
             self._next_id = max(self._next_id, int(new_ids.max()) + 1)
 
@@ -242,15 +246,20 @@ class ExactRetriever(Retriever):
             self._id_storage[moves.destinations] = moved_ids
             self._positions.update(zip(moved_ids.tolist(), moves.destinations.tolist(), strict=True))
             self._count = moves.count
+            self._live_ids = self._id_storage[: self._count]
             return len(positions)
 
-    def search(self, queries: Any, k: int) -> SearchResult:
+    def search(self, queries: Any, k: int, *, out: str = "numpy") -> SearchResult:
         """The ``k`` nearest vectors to each query: ``(scores float32 (Q, k), ids int64 (Q, k))``, best first.
 
         Where k exceeds the index size the tail holds id -1 and the metric's worst value (as FAISS).
-        k above the ``max_k`` setting, or an empty index, is an `InvalidInputError`.
+        k above the ``max_k`` setting, or an empty index, is an `InvalidInputError`. ``out="device"``
+        returns the backend's own arrays (torch tensors on its device, say) for callers that feed
+        another GPU stage: intermediate results stay on the device and nothing is copied to the host.
         """
         k = check_k(k, get_settings().max_k)
+        if out not in ("numpy", "device"):
+            raise InvalidInputError(f"out must be 'numpy' or 'device'; got {out!r}")
         with self._lock.read():
             if self._count == 0 or self._database is None:
                 raise InvalidInputError("the index is empty; add vectors before searching")
@@ -261,6 +270,11 @@ class ExactRetriever(Retriever):
                 )
             native = self.backend.asarray(queries, "queries", dim=self._dim)
             top = self._chunked_topk(native, database, min(k, database.count))
+            if out == "device":
+                found_on_device = self.backend.map_ids(self._live_ids, top.indices)
+                if k > database.count:
+                    return SearchResult(*self.backend.pad_result(top.scores, found_on_device, k, self.metric.worst))
+                return SearchResult(top.scores, found_on_device)
             positions = self.backend.to_numpy(top.indices).astype(np.int64, copy=False)
             found = self._id_storage[positions]
         scores = self.backend.to_numpy(top.scores).astype(np.float32, copy=False)
@@ -293,10 +307,7 @@ class ExactRetriever(Retriever):
             blocks.append(merged)
         if len(blocks) == 1:
             return blocks[0]
-        return TopK(
-            np.concatenate([self.backend.to_numpy(b.scores) for b in blocks]),
-            np.concatenate([self.backend.to_numpy(b.indices) for b in blocks]),
-        )
+        return self.backend.concat_topk(blocks)  # on the device: one host copy, at the end
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the index to directory ``path`` atomically: manifest.json, vectors.npy and ids.npy."""

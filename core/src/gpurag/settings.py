@@ -49,6 +49,11 @@ class Settings(BaseSettings):
         default=("cuda", "triton", "cupy", "torch", "numpy"),
         description="Order in which `get_backend('auto')` tries the available backends.",
     )
+    cpu_backend_preference: tuple[str, ...] = Field(
+        default=("numpy",),
+        description="Backends `get_backend('auto')` tries first on device kind cpu (named or defaulted to), "
+        "before `backend_preference`: numpy is the tuned CPU backend.",
+    )
     memory_budget_bytes: int = Field(
         default=256 * 1024 * 1024,
         gt=0,

@@ -1,0 +1,175 @@
+"""Distance and selection fused: each program scores a block of queries against one split of the rows.
+
+No Q x N score tile leaves the chip: a program walks its split in tiles of BLOCK_N rows, scores the
+tile (tensor cores through ``tl.dot``, or SIMT multiply / abs-difference sums), and merges it into
+each query's running top-KP (`select.offer_tile`). It writes KP packed keys per (query, split); the
+host wrapper merges the splits. Oriented scores, larger is better:
+
+- ``DOT`` (0): ``q·x``; ``L2`` (1): ``2 q·x - |x|²`` (from ``extra``, the squared row norms);
+- ``L1`` (2): ``-Σ|q - x|``; ``SCALED_DOT`` (3): ``q·x · extra`` (cosine over raw rows: 1/|x|).
+
+With ``LOW`` queries and rows come in bf16 (rounded to nearest by the host) and products are summed
+in float32; otherwise everything is float32 (``tl.dot`` in IEEE float32, never TF32).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from gpurag_triton.kernels.select import empty_best, offer_tile
+
+DOT = tl.constexpr(0)
+L2 = tl.constexpr(1)
+L1 = tl.constexpr(2)
+SCALED_DOT = tl.constexpr(3)
+
+
+@triton.jit
+def _tile_scores_dot(
+    q_ptr,
+    x_ptr,
+    offs_q,
+    offs_n,
+    q_mask,
+    n_mask,
+    stride_q,
+    stride_x,
+    dim,
+    LOW: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    acc = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
+    for d0 in range(0, dim, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < dim
+        q = tl.load(
+            q_ptr + offs_q[:, None] * stride_q + offs_d[None, :], mask=q_mask[:, None] & d_mask[None, :], other=0.0
+        )
+        xt = tl.load(
+            x_ptr + offs_n.to(tl.int64)[None, :] * stride_x + offs_d[:, None],
+            mask=n_mask[None, :] & d_mask[:, None],
+            other=0.0,
+        )
+        if LOW:  # noqa: SIM108 (a constexpr branch: one of the two is compiled)
+            acc = tl.dot(q, xt, acc)
+        else:
+            acc = tl.dot(q, xt, acc, input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _tile_scores_simt(
+    q_ptr,
+    x_ptr,
+    offs_q,
+    offs_n,
+    q_mask,
+    n_mask,
+    stride_q,
+    stride_x,
+    dim,
+    ABS_DIFF: tl.constexpr,
+    LOW: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    acc = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
+    for d0 in range(0, dim, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < dim
+        q = tl.load(
+            q_ptr + offs_q[:, None] * stride_q + offs_d[None, :], mask=q_mask[:, None] & d_mask[None, :], other=0.0
+        )
+        x = tl.load(
+            x_ptr + offs_n.to(tl.int64)[:, None] * stride_x + offs_d[None, :],
+            mask=n_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        q = q.to(tl.float32)
+        if ABS_DIFF:
+            acc += tl.sum(tl.abs(q[:, None, :] - x[None, :, :]), axis=2)
+        else:
+            acc += tl.sum(q[:, None, :] * x[None, :, :], axis=2)
+    return acc
+
+
+@triton.jit
+def scan_topk_kernel(
+    q_ptr,
+    x_ptr,
+    extra_ptr,
+    out_ptr,
+    n_queries,
+    n_rows,
+    dim,
+    rows_per_split,
+    n_splits,
+    stride_q,
+    stride_x,
+    METRIC: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    LOW: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    KP: tl.constexpr,
+    SELECT: tl.constexpr,
+):
+    """out[q, split, :] = the KP best packed keys of query q over rows of its split (see module doc)."""
+    pid_q = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_mask = offs_q < n_queries
+    row_start = pid_s * rows_per_split
+    row_stop = tl.minimum(row_start + rows_per_split, n_rows)
+    best = empty_best(BLOCK_Q, KP)
+    threshold = tl.full((BLOCK_Q,), float("-inf"), tl.float32)
+    for n0 in range(row_start, row_stop, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < row_stop
+        if USE_DOT:
+            raw = _tile_scores_dot(
+                q_ptr, x_ptr, offs_q, offs_n, q_mask, n_mask, stride_q, stride_x, dim, LOW, BLOCK_Q, BLOCK_N, BLOCK_D
+            )
+        else:
+            raw = _tile_scores_simt(
+                q_ptr,
+                x_ptr,
+                offs_q,
+                offs_n,
+                q_mask,
+                n_mask,
+                stride_q,
+                stride_x,
+                dim,
+                METRIC == L1,
+                LOW,
+                BLOCK_Q,
+                BLOCK_N,
+                BLOCK_D,
+            )
+        if METRIC == L2:
+            extra = tl.load(extra_ptr + offs_n, mask=n_mask, other=0.0)
+            scores = 2.0 * raw - extra[None, :]
+        elif METRIC == L1:
+            scores = -raw
+        elif METRIC == SCALED_DOT:
+            extra = tl.load(extra_ptr + offs_n, mask=n_mask, other=0.0)
+            scores = raw * extra[None, :]
+        else:
+            scores = raw
+        scores = tl.where(n_mask[None, :], scores, float("-inf"))
+        if SELECT:
+            rows = offs_n[None, :] + tl.zeros((BLOCK_Q, BLOCK_N), tl.int32)
+            best, threshold = offer_tile(best, threshold, scores, rows, KP)
+        else:  # diagnostics only: the scan without selection (its answer is not a top-k)
+            threshold = tl.maximum(threshold, tl.max(scores, axis=1))
+    slots = tl.arange(0, KP)
+    out = out_ptr + (offs_q[:, None] * n_splits + pid_s) * KP + slots[None, :]
+    if not SELECT:
+        best = tl.where(best == best, threshold[:, None].to(tl.float64), best)
+    tl.store(out, best, mask=q_mask[:, None])

@@ -1,0 +1,267 @@
+"""Host wrappers of the Triton kernels: check shapes, dtypes, devices and strides, pick block sizes, launch.
+
+A wrapper returns the kernels' packed keys (Q, splits, KP) float64; `decode` turns them into
+float32 oriented scores and int64 rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+
+from gpurag.errors import InvalidInputError
+from gpurag_triton.kernels.hamming import hamming_topk_kernel
+from gpurag_triton.kernels.l1 import l1_scan_kernel
+from gpurag_triton.kernels.rescore import rescore_kernel
+from gpurag_triton.kernels.scan import scan_topk_kernel
+
+#: Multiprocessors of the card this was tuned on (an H200 has 132); read from the device when there is one.
+DEFAULT_SMS = 132
+#: Largest KP the kernels keep per (query, split).
+MAX_KP = 256
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+class Scan(NamedTuple):
+    """A launch's packed keys (Q, splits, kp) float64, and how many rows each split covered."""
+
+    keys: torch.Tensor
+    rows_per_split: int
+
+    def kept_per_query(self, n_rows: int) -> int:
+        """How many keys of each query hold a real row (the others are -inf padding)."""
+        kp = self.keys.shape[2]
+        full, rest = divmod(n_rows, self.rows_per_split)
+        return full * min(kp, self.rows_per_split) + min(kp, rest)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanConfig:
+    """Block sizes and launch shape of one `scan_topk_kernel` launch."""
+
+    use_dot: bool
+    block_q: int
+    block_n: int
+    block_d: int
+    splits: int
+    num_warps: int = 4
+    num_stages: int = 2
+    #: False only to time the scan without its selection (diagnostics; the output is then no top-k).
+    select: bool = True
+
+
+def _pow2(value: int) -> int:
+    return 1 << max(0, (max(1, value) - 1).bit_length())
+
+
+def _sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).multi_processor_count)
+    return DEFAULT_SMS
+
+
+def choose_scan_config(
+    n_queries: int, n_rows: int, dim: int, *, l1: bool, low: bool, device: torch.device
+) -> ScanConfig:
+    """Block sizes by Q: a streaming SIMT scan for small Q (and l1), a tensor-core tile kernel from Q = 16."""
+    if interpreting():  # small blocks, several splits: every boundary is crossed on tiny inputs
+        use_dot = not l1 and not low and n_queries >= 16
+        block_q = 16 if use_dot else min(4, _pow2(n_queries))
+        splits = max(1, min(3, triton.cdiv(n_rows, 16)))
+        return ScanConfig(use_dot, block_q, 16, 16, splits)
+    use_dot = not l1
+    # Block sizes picked by the sweep in benchmarks/gpu_report.py on an H200 (see benchmarks/results).
+    if use_dot and n_queries >= 512:  # tensor-core tiles, wgmma on 128-query blocks
+        block_q, block_n, block_d, warps, stages, per_sm = 128, 128, 64, 8, 3, 2
+    elif use_dot and n_queries >= 16:
+        block_q, block_n, block_d, warps, stages, per_sm = 64, 128, 64, 4, 3, 4
+    elif use_dot:  # small Q: a 16-query tile keeps the loads wide; all SMs split the rows
+        block_q, block_n, block_d, warps, stages, per_sm = 16, 64, 128, 4, 3, 4
+    else:
+        block_q, block_n, warps, stages, per_sm = min(_pow2(n_queries), 32), 64, 4, 2, 4
+        block_d = max(4, min(_pow2(dim), 8192 // (block_q * block_n)))
+    block_d = min(block_d, max(16, _pow2(dim)))
+    query_blocks = triton.cdiv(n_queries, block_q)
+    splits = max(1, min(triton.cdiv(_sms(device) * per_sm, query_blocks), triton.cdiv(n_rows, block_n * 4)))
+    return ScanConfig(use_dot, block_q, block_n, block_d, splits, warps, stages)
+
+
+def _check_matrix(x: torch.Tensor, name: str, dtype: torch.dtype, device: torch.device) -> None:
+    if not isinstance(x, torch.Tensor) or x.ndim != 2:
+        raise InvalidInputError(f"{name} must be a 2-D tensor; got {type(x).__name__} {getattr(x, 'shape', '')}")
+    if x.dtype != dtype:
+        raise InvalidInputError(f"{name} must be {dtype}; got {x.dtype}")
+    if x.device != device:
+        raise InvalidInputError(f"{name} must be on {device}; got {x.device}")
+    if (x.stride(1) != 1 and x.shape[1] > 1) or x.shape[0] == 0:
+        raise InvalidInputError(f"{name} must be non-empty with contiguous rows; got strides {x.stride()}")
+
+
+def scan_topk(
+    queries: torch.Tensor,
+    rows: torch.Tensor,
+    extra: torch.Tensor | None,
+    metric_code: int,
+    kp: int,
+    config: ScanConfig | None = None,
+) -> Scan:
+    """Packed keys (Q, splits, kp) of each query's kp best rows per split (see `kernels.scan`).
+
+    ``queries`` and ``rows`` are both bf16 (the reduced-precision pass) or both float32; ``extra``
+    is the float32 per-row term of l2 (|x|²) and of the scaled dot (1/|x|).
+    """
+    low = queries.dtype == torch.bfloat16
+    dtype = torch.bfloat16 if low else torch.float32
+    _check_matrix(queries, "queries", dtype, rows.device)
+    _check_matrix(rows, "rows", dtype, queries.device)
+    if queries.shape[1] != rows.shape[1]:
+        raise InvalidInputError(f"queries have dimension {queries.shape[1]}, rows {rows.shape[1]}")
+    if kp < 1 or kp > MAX_KP or kp & (kp - 1):
+        raise InvalidInputError(f"kp must be a power of two in 1..{MAX_KP}; got {kp}")
+    n_queries, dim = queries.shape
+    n_rows = rows.shape[0]
+    if extra is None:
+        extra = torch.empty(1, dtype=torch.float32, device=rows.device)
+    elif extra.dtype != torch.float32 or extra.shape != (n_rows,) or not extra.is_contiguous():
+        raise InvalidInputError(f"extra must be contiguous float32 ({n_rows},); got {extra.dtype} {tuple(extra.shape)}")
+    l1 = metric_code == 2
+    if config is None:
+        config = choose_scan_config(n_queries, n_rows, dim, l1=l1, low=low, device=rows.device)
+    rows_per_split = triton.cdiv(triton.cdiv(n_rows, config.splits), config.block_n) * config.block_n
+    splits = triton.cdiv(n_rows, rows_per_split)
+    out = torch.empty((n_queries, splits, kp), dtype=torch.float64, device=rows.device)
+    grid = (triton.cdiv(n_queries, config.block_q), splits)
+    scan_topk_kernel[grid](
+        queries, rows, extra, out,
+        n_queries, n_rows, dim, rows_per_split, splits,
+        queries.stride(0), rows.stride(0),
+        METRIC=metric_code, USE_DOT=config.use_dot, LOW=low,
+        BLOCK_Q=config.block_q, BLOCK_N=config.block_n, BLOCK_D=config.block_d, KP=kp, SELECT=config.select,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    return Scan(out, rows_per_split)
+
+
+@dataclasses.dataclass(frozen=True)
+class L1Config:
+    """Block sizes and launch shape of one `l1_scan_kernel` launch."""
+
+    block_q: int
+    block_n: int
+    splits: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def choose_l1_config(n_queries: int, n_rows: int, *, device: torch.device) -> L1Config:
+    """A (BLOCK_Q, BLOCK_N) accumulator of 16-64 values a thread; all SMs split the rows."""
+    if interpreting():
+        return L1Config(min(4, _pow2(n_queries)), 16, max(1, min(3, triton.cdiv(n_rows, 16))))
+    # Picked by the sweep in benchmarks/gpu_report.py on an H200 (see benchmarks/results).
+    if n_queries == 1:
+        block_q, block_n, warps, per_sm = 1, 256, 8, 8
+    elif n_queries <= 16:
+        block_q, block_n, warps, per_sm = _pow2(n_queries), 512, 8, 2
+    else:
+        block_q, block_n, warps, per_sm = 32, 128, 4, 8
+    query_blocks = triton.cdiv(n_queries, block_q)
+    splits = max(1, min(triton.cdiv(_sms(device) * per_sm, query_blocks), triton.cdiv(n_rows, block_n * 4)))
+    return L1Config(block_q, block_n, splits, warps)
+
+
+def l1_scan(queries_t: torch.Tensor, rows_t: torch.Tensor, kp: int, config: L1Config | None = None) -> Scan:
+    """Packed keys (Q, splits, kp) of each query's kp nearest rows in l1 per split (score: -l1).
+
+    ``queries_t`` (D, Q) and ``rows_t`` (D, N) are column-major, both float32 or both bf16.
+    """
+    dtype = queries_t.dtype
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise InvalidInputError(f"queries must be float32 or bfloat16; got {dtype}")
+    _check_matrix(queries_t, "queries_t", dtype, rows_t.device)
+    _check_matrix(rows_t, "rows_t", dtype, queries_t.device)
+    if queries_t.shape[0] != rows_t.shape[0]:
+        raise InvalidInputError(f"queries have dimension {queries_t.shape[0]}, rows {rows_t.shape[0]}")
+    if kp < 1 or kp > MAX_KP or kp & (kp - 1):
+        raise InvalidInputError(f"kp must be a power of two in 1..{MAX_KP}; got {kp}")
+    dim, n_queries = queries_t.shape
+    n_rows = rows_t.shape[1]
+    if config is None:
+        config = choose_l1_config(n_queries, n_rows, device=rows_t.device)
+    rows_per_split = triton.cdiv(triton.cdiv(n_rows, config.splits), config.block_n) * config.block_n
+    splits = triton.cdiv(n_rows, rows_per_split)
+    out = torch.empty((n_queries, splits, kp), dtype=torch.float64, device=rows_t.device)
+    l1_scan_kernel[(triton.cdiv(n_queries, config.block_q), splits)](
+        queries_t, rows_t, out, n_queries, n_rows, dim, rows_per_split, splits,
+        queries_t.stride(0), rows_t.stride(0),
+        BLOCK_Q=config.block_q, BLOCK_N=config.block_n, KP=kp,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    return Scan(out, rows_per_split)
+
+
+def hamming_topk(codes: torch.Tensor, database_codes: torch.Tensor, kp: int) -> Scan:
+    """Packed keys (Q, splits, kp) of each code's kp nearest database codes per split (score: -distance)."""
+    for name, x in (("codes", codes), ("database_codes", database_codes)):
+        _check_matrix(x, name, torch.uint8, codes.device)
+    if codes.shape[1] != database_codes.shape[1]:
+        raise InvalidInputError(f"codes have {codes.shape[1]} bytes, database codes {database_codes.shape[1]}")
+    if kp < 1 or kp > MAX_KP or kp & (kp - 1):
+        raise InvalidInputError(f"kp must be a power of two in 1..{MAX_KP}; got {kp}")
+    words = triton.cdiv(codes.shape[1], 4)
+    a, b = _as_words(codes, words), _as_words(database_codes, words)
+    n_queries, n_rows = a.shape[0], b.shape[0]
+    block_q = min(16, _pow2(n_queries))
+    block_n = 16 if interpreting() else 64
+    query_blocks = triton.cdiv(n_queries, block_q)
+    splits = max(1, min(triton.cdiv(_sms(codes.device) * 4, query_blocks), triton.cdiv(n_rows, block_n * 4)))
+    if interpreting():
+        splits = max(1, min(3, triton.cdiv(n_rows, block_n)))
+    rows_per_split = triton.cdiv(triton.cdiv(n_rows, splits), block_n) * block_n
+    splits = triton.cdiv(n_rows, rows_per_split)
+    out = torch.empty((n_queries, splits, kp), dtype=torch.float64, device=codes.device)
+    hamming_topk_kernel[(query_blocks, splits)](
+        a, b, out, n_queries, n_rows, words, rows_per_split, splits, BLOCK_Q=block_q, BLOCK_N=block_n, KP=kp
+    )
+    return Scan(out, rows_per_split)
+
+
+def _as_words(codes: torch.Tensor, words: int) -> torch.Tensor:
+    padded = codes
+    if codes.shape[1] != words * 4 or not codes.is_contiguous():
+        padded = torch.zeros((codes.shape[0], words * 4), dtype=torch.uint8, device=codes.device)
+        padded[:, : codes.shape[1]] = codes
+    return padded.view(torch.int32)
+
+
+def rescore(queries: torch.Tensor, rows: torch.Tensor, candidates: torch.Tensor, term: int) -> torch.Tensor:
+    """(Q, M) float32 sums over D of ``term`` (0: squared difference, 1: absolute difference, 2: product)
+    between each query and the rows ``candidates`` (Q, M) int64 of ``rows``, read in place."""
+    _check_matrix(queries, "queries", torch.float32, rows.device)
+    _check_matrix(rows, "rows", torch.float32, queries.device)
+    if candidates.ndim != 2 or candidates.shape[0] != queries.shape[0] or candidates.device != rows.device:
+        raise InvalidInputError(f"candidates must be (Q, M) on {rows.device}; got {tuple(candidates.shape)}")
+    n_queries, n_candidates = candidates.shape
+    dim = queries.shape[1]
+    candidates = candidates.contiguous()
+    out = torch.empty((n_queries, n_candidates), dtype=torch.float32, device=rows.device)
+    block_m = 8 if interpreting() else 32
+    block_d = max(16, min(128, _pow2(dim)))
+    rescore_kernel[(n_queries, triton.cdiv(n_candidates, block_m))](
+        queries, rows, candidates, out, n_candidates, dim, queries.stride(0), rows.stride(0),
+        TERM=term, BLOCK_M=block_m, BLOCK_D=block_d,
+    )  # fmt: skip
+    return out
+
+
+def decode(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 oriented scores, int64 rows) packed in float64 ``keys``."""
+    bits = keys.view(torch.int64)
+    return (bits >> 32).to(torch.int32).view(torch.float32), bits & 0xFFFFFFFF
