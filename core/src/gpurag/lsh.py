@@ -320,13 +320,15 @@ class LSHRetriever(ExactRetriever):
             self._code_rows.replace(codes)
 
     # --- search --------------------------------------------------------------------------------
-    def search(self, queries: Any, k: int) -> SearchResult:
+    def search(self, queries: Any, k: int, *, out: str = "numpy") -> SearchResult:
         """The ``k`` approximately nearest vectors to each query, with exact scores, best first.
 
         Where k exceeds the index size the tail holds id -1 and the metric's worst value. An empty
-        index, or ``n_candidates`` below k, is an `InvalidInputError`.
+        index, or ``n_candidates`` below k, is an `InvalidInputError`. ``out="device"`` returns the
+        backend's own arrays, as `ExactRetriever.search` does.
         """
         k = check_k(k, get_settings().max_k)
+        self._check_out(out)
         with self._lock.read():  # held throughout: a removal moves rows and codes in place
             if self._count == 0 or self._database is None:
                 raise InvalidInputError("the index is empty; add vectors before searching")
@@ -337,12 +339,7 @@ class LSHRetriever(ExactRetriever):
             top = self._two_stage(
                 host, self._device_planes, self._code_rows.live, min(self.n_candidates, count), min(k, count)
             )
-            found = self._id_storage[self.backend.to_numpy(top.indices).astype(np.int64, copy=False)]
-        scores = self.backend.to_numpy(top.scores).astype(np.float32, copy=False)
-        if k > count:
-            scores = np.pad(scores, ((0, 0), (0, k - count)), constant_values=self.metric.worst)
-            found = np.pad(found, ((0, 0), (0, k - count)), constant_values=-1)
-        return SearchResult(np.ascontiguousarray(scores), np.ascontiguousarray(found))
+            return self._result(top, k, out)
 
     def _two_stage(self, queries: F32, planes: Any, codes: Any, n_candidates: int, k: int) -> TopK:
         """Hamming prefilter then exact re-ranking, in query chunks whose working memory fits the budget."""
@@ -363,10 +360,7 @@ class LSHRetriever(ExactRetriever):
             indices.append(top.indices)
         if len(scores) == 1:
             return TopK(scores[0], indices[0])
-        return TopK(
-            np.concatenate([self.backend.to_numpy(s) for s in scores]),
-            np.concatenate([self.backend.to_numpy(i) for i in indices]),
-        )
+        return self.backend.concat_topk([TopK(s, i) for s, i in zip(scores, indices, strict=True)])
 
     # --- tuning --------------------------------------------------------------------------------
     def tune(

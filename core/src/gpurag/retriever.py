@@ -258,8 +258,7 @@ class ExactRetriever(Retriever):
         another GPU stage: intermediate results stay on the device and nothing is copied to the host.
         """
         k = check_k(k, get_settings().max_k)
-        if out not in ("numpy", "device"):
-            raise InvalidInputError(f"out must be 'numpy' or 'device'; got {out!r}")
+        self._check_out(out)
         with self._lock.read():
             if self._count == 0 or self._database is None:
                 raise InvalidInputError("the index is empty; add vectors before searching")
@@ -270,18 +269,26 @@ class ExactRetriever(Retriever):
                 )
             native = self.backend.asarray(queries, "queries", dim=self._dim)
             top = self._chunked_topk(native, database, min(k, database.count))
-            if out == "device":
-                found_on_device = self.backend.map_ids(self._live_ids, top.indices)
-                if k > database.count:
-                    return SearchResult(*self.backend.pad_result(top.scores, found_on_device, k, self.metric.worst))
-                return SearchResult(top.scores, found_on_device)
-            positions = self.backend.to_numpy(top.indices).astype(np.int64, copy=False)
-            found = self._id_storage[positions]
+            return self._result(top, k, out)
+
+    @staticmethod
+    def _check_out(out: str) -> None:
+        if out not in ("numpy", "device"):
+            raise InvalidInputError(f"out must be 'numpy' or 'device'; got {out!r}")
+
+    def _result(self, top: TopK, k: int, out: str) -> SearchResult:
+        """``top`` (row positions of the current rows) as ids, padded to ``k``; call under the read lock."""
+        count = self._count
+        if out == "device":
+            found_on_device = self.backend.map_ids(self._live_ids, top.indices)
+            if k > count:
+                return SearchResult(*self.backend.pad_result(top.scores, found_on_device, k, self.metric.worst))
+            return SearchResult(top.scores, found_on_device)
+        found = self._id_storage[self.backend.to_numpy(top.indices).astype(np.int64, copy=False)]
         scores = self.backend.to_numpy(top.scores).astype(np.float32, copy=False)
-        if k > database.count:
-            pad = k - database.count
-            scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=self.metric.worst)
-            found = np.pad(found, ((0, 0), (0, pad)), constant_values=-1)
+        if k > count:
+            scores = np.pad(scores, ((0, 0), (0, k - count)), constant_values=self.metric.worst)
+            found = np.pad(found, ((0, 0), (0, k - count)), constant_values=-1)
         return SearchResult(np.ascontiguousarray(scores), np.ascontiguousarray(found))
 
     def _chunked_topk(self, queries: Any, database: Database, k: int) -> TopK:
