@@ -12,7 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gpurag import storage
-from gpurag.arrays import as_matrix, check_k
+from gpurag.arrays import as_matrix, check_int, check_k
 from gpurag.backend import MIN_CAPACITY, DistanceBackend, RowMoves
 from gpurag.errors import IndexFormatError, InvalidInputError
 from gpurag.metrics import Metric, SearchResult, TopK
@@ -38,12 +38,6 @@ RECALL_EPSILON = 1e-3
 def _unit_rows(x: F64) -> F64:
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return x / np.where(norms == 0, 1.0, norms)
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-        raise InvalidInputError(f"{name} must be an integer >= 1; got {value!r}")
-    return int(value)
 
 
 def recall_at_k(found_scores: Any, true_scores: Any, higher_is_better: bool, epsilon: float = RECALL_EPSILON) -> float:
@@ -178,14 +172,11 @@ class LSHRetriever(ExactRetriever):
                 f"metric must be one of cosine, dot, l2 for the LSH retriever (no sign hashing preserves "
                 f"{parsed.value} order; use the exact retriever); got {parsed.value!r}"
             )
-        self.n_bits = _positive_int(settings.lsh_n_bits if n_bits is None else n_bits, "n_bits")
-        self.n_candidates = _positive_int(
-            settings.lsh_n_candidates if n_candidates is None else n_candidates, "n_candidates"
+        self.n_bits = check_int(settings.lsh_n_bits if n_bits is None else n_bits, "n_bits", minimum=1)
+        self.n_candidates = check_int(
+            settings.lsh_n_candidates if n_candidates is None else n_candidates, "n_candidates", minimum=1
         )
-        seed = settings.lsh_seed if seed is None else seed
-        if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
-            raise InvalidInputError(f"seed must be an integer >= 0; got {seed!r}")
-        self.seed = int(seed)
+        self.seed = check_int(settings.lsh_seed if seed is None else seed, "seed", minimum=0)
         super().__init__(parsed, backend, dim=dim, device=device, memory_budget_bytes=memory_budget_bytes)
         self._planes: F32 | None = None  # host (n_bits, dim + extra)
         self._device_planes: Any = None
@@ -300,10 +291,8 @@ class LSHRetriever(ExactRetriever):
     def rehash(self, n_bits: int | None = None, seed: int | None = None) -> None:
         """Draw new hyperplanes (``n_bits``, ``seed``; unchanged where None) and recompute every code."""
         with self._lock.write():
-            n_bits = self.n_bits if n_bits is None else _positive_int(n_bits, "n_bits")
-            if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0):
-                raise InvalidInputError(f"seed must be an integer >= 0; got {seed!r}")
-            self.n_bits, self.seed = n_bits, self.seed if seed is None else int(seed)
+            n_bits = self.n_bits if n_bits is None else check_int(n_bits, "n_bits", minimum=1)
+            self.n_bits, self.seed = n_bits, self.seed if seed is None else check_int(seed, "seed", minimum=0)
             if self._database is None or self._dim is None or self._count == 0:
                 self._planes = self._device_planes = None
                 self._code_rows = CodeRows(self.backend)
@@ -382,7 +371,7 @@ class LSHRetriever(ExactRetriever):
         if not isinstance(target_recall, float | int) or not 0 < target_recall <= 1:
             raise InvalidInputError(f"target_recall must be a number in (0, 1]; got {target_recall!r}")
         k = check_k(k, get_settings().max_k)
-        bits = [_positive_int(b, "bit_choices") for b in bit_choices]
+        bits = [check_int(b, "bit_choices", minimum=1) for b in bit_choices]
         if not bits:
             raise InvalidInputError("bit_choices must name at least one bit count; got none")
         with self._lock.write():
