@@ -36,6 +36,21 @@ L1_LOW_MAX_QUERIES = 16
 #: Keys each (query, split) keeps for the k the conformance kit asks (k <= 16): the shortlist
 #: boundary is declared where the splits' kept keys first outnumber `SHORTLIST_MIN`.
 BOUNDARY_KP = 16
+#: Searches of at most this many queries over at least `GRAPH_MIN_ROWS` rows replay a CUDA graph of
+#: the whole search (captured on the first search of each shape): a one-query search costs tens of
+#: kernel launches, more host time than the scan itself.
+GRAPH_MAX_QUERIES = 16
+GRAPH_MIN_ROWS = 1 << 16
+#: Searches of at least this many queries over at least `FILTER_MIN_ROWS` rows shortlist by
+#: threshold (`kernels.filter`) instead of a running top-k in the scan.
+FILTER_MIN_QUERIES = 64
+FILTER_MIN_ROWS = 1 << 16
+#: The threshold is the `FILTER_SAMPLE_RANK`-th best score over every `FILTER_SAMPLE_STRIDE`-th row,
+#: so each query keeps about rank x stride rows (512); a query whose list overflows
+#: `FILTER_CAPACITY` is scanned again in float32.
+FILTER_SAMPLE_RANK = 16
+FILTER_SAMPLE_STRIDE = 32
+FILTER_CAPACITY = 2048
 #: Query counts probed for a change of kernel or tile (`launch.choose_scan_config` switches at 16 and 512).
 BOUNDARY_QUERY_PROBE = 1024
 
@@ -57,6 +72,14 @@ class TritonBackend(TorchBackend):
     ) -> None:
         super().__init__(device, low_precision=True if low_precision is None else low_precision,
                          chunk_scores=chunk_scores)  # fmt: skip
+        #: Replay CUDA graphs for small searches (`GRAPH_MAX_QUERIES`), and shortlist large ones by threshold.
+        self.use_graphs = True
+        self.use_filter = True
+        #: How the filter kernel's hits take their slots (`kernels.filter.PER_HIT` or `PER_QUERY`).
+        self.filter_append = 0
+        from gpurag_triton.graphs import GraphCache
+
+        self._graphs = GraphCache()
         if self.torch_device.type == "cpu" and not _interpreting():
             raise BackendUnavailableError(
                 f"backend {self.name!r} runs on the CPU only under TRITON_INTERPRET=1 (set before triton is imported)"
@@ -180,27 +203,60 @@ class TritonBackend(TorchBackend):
             raise InvalidInputError(f"queries must be (Q, {database.dim}); got shape {tuple(q.shape)}")
         if k > KERNEL_MAX_K:
             return super().topk(q, database, k)
-        if self.needs_float64(q, database):
-            return self.float64_topk(q, database, k)
         metric = database.metric
         low = self.low_precision and (metric is not Metric.L1 or q.shape[0] <= L1_LOW_MAX_QUERIES)
-        scores, rows, certified = self._scan(q, database, k, low=low)
         self.queries_searched += q.shape[0]
-        if certified is not None and not bool(certified.all()):
-            redo = torch.nonzero(~certified)[:, 0]
-            self.queries_rescanned += int(redo.numel())
-            redo_scores, redo_rows, _ = self._scan(q[redo], database, k, low=False)
-            scores[redo], rows[redo] = redo_scores, redo_rows
+        if self._graphable(q, database):
+            scores, rows, certified, overflow, good = self._graphs.run(self, q, database, k, low)
+        else:
+            scores, rows, certified, overflow, good = self.device_topk(q, database, k, low)
+        if bool(good):  # the one synchronisation of a search that needed nothing else
+            return TopK(scores, rows)
+        if bool(overflow):
+            return self.float64_topk(q, database, k)
+        assert certified is not None
+        redo = torch.nonzero(~certified)[:, 0]
+        self.queries_rescanned += int(redo.numel())
+        redo_scores, redo_rows, _ = self._scan(q[redo], database, k, low=False)
+        scores[redo], rows[redo] = redo_scores, redo_rows
         return TopK(scores, rows)
 
-    def _scan(
-        self, q: torch.Tensor, database: Database, k: int, *, low: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def _graphable(self, q: torch.Tensor, database: Database) -> bool:
+        """Whether this search replays a captured CUDA graph (few queries, many rows, on CUDA)."""
+        return self.use_graphs and q.is_cuda and q.shape[0] <= GRAPH_MAX_QUERIES and database.count >= GRAPH_MIN_ROWS
+
+    def device_topk(
+        self, q: torch.Tensor, database: Database, k: int, low: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """One search without any synchronisation: (scores, rows, certified (Q,) or None, overflow, good).
+
+        ``overflow`` (0-d bool) says float32 terms may overflow (the answer must come from
+        `float64_topk`); ``good`` (0-d bool) that neither that nor any failed certificate happened,
+        so (scores, rows) is the answer. Captured whole in a CUDA graph for small searches.
+        """
+        overflow = self.overflow_flag(q, database)
+        if low and self._filterable(q, database):
+            scores, rows, certified = self._filter_topk(q, database, k)
+        else:
+            scores, rows, certified = self._scan(q, database, k, low=low)
+        good = ~overflow if certified is None else certified.all() & ~overflow
+        return scores, rows, certified, overflow, good
+
+    def _filterable(self, q: torch.Tensor, database: Database) -> bool:
+        return (
+            self.use_filter
+            and database.metric is not Metric.L1
+            and q.shape[0] >= FILTER_MIN_QUERIES
+            and database.count >= FILTER_MIN_ROWS
+        )
+
+    def _scan_inputs(
+        self, q: torch.Tensor, database: Database, *, low: bool
+    ) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(metric code, queries, rows, extra) as the scan kernels read them."""
         import torch
 
-        from gpurag_torch import exact, search
         from gpurag_torch.database import LOW, NORMS, SQ_NORMS, normalised
-        from gpurag_triton import launch
         from gpurag_triton.kernels.scan import DOT, L1, L2, SCALED_DOT
 
         metric = database.metric
@@ -208,23 +264,34 @@ class TritonBackend(TorchBackend):
         if metric is Metric.COSINE:
             unit = normalised(q, torch.linalg.vector_norm(q, dim=1))
             if low:
-                code, query_in, rows_in = DOT, unit.to(torch.bfloat16), database.row_data[LOW]
-            else:
-                norms = database.row_data[NORMS]
-                code, query_in, rows_in = SCALED_DOT, unit, database.vectors
-                extra = torch.where(norms > 0, 1.0 / torch.where(norms > 0, norms, 1.0), 0.0)
-        else:
-            code = {Metric.DOT: DOT, Metric.L2: L2, Metric.L1: L1}[metric]
-            query_in = q.to(torch.bfloat16) if low else q
-            rows_in = database.row_data[LOW] if low and metric is not Metric.L1 else database.vectors
-            if metric is Metric.L2:
-                extra = database.row_data[SQ_NORMS]
+                return int(DOT), unit.to(torch.bfloat16), database.row_data[LOW], None
+            norms = database.row_data[NORMS]
+            extra = torch.where(norms > 0, 1.0 / torch.where(norms > 0, norms, 1.0), 0.0)
+            return int(SCALED_DOT), unit, database.vectors, extra
+        code = {Metric.DOT: DOT, Metric.L2: L2, Metric.L1: L1}[metric]
+        query_in = q.to(torch.bfloat16) if low else q
+        rows_in = database.row_data[LOW] if low and metric is not Metric.L1 else database.vectors
+        if metric is Metric.L2:
+            extra = database.row_data[SQ_NORMS]
+        return int(code), query_in, rows_in, extra
+
+    def _scan(
+        self, q: torch.Tensor, database: Database, k: int, *, low: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        import torch
+
+        from gpurag_torch import exact, search
+        from gpurag_torch.database import NORMS
+        from gpurag_triton import launch
+
+        metric = database.metric
+        code, query_in, rows_in, extra = self._scan_inputs(q, database, low=low)
         kp = launch._pow2(max(k, 16 if not launch.interpreting() else k))
         if metric is Metric.L1:
             queries_t = query_in.T.contiguous()
             scan = launch.l1_scan(queries_t, database.row_data[LOW_T if low else ROWS_T], kp)
         else:
-            scan = launch.scan_topk(query_in, rows_in, extra, int(code), kp)
+            scan = launch.scan_topk(query_in, rows_in, extra, code, kp)
         n_queries, splits, _ = scan.keys.shape
         approx, rows = launch.decode(scan.keys.reshape(n_queries, splits * kp))
         # The worst kept key of each split bounds every row that split left out.
@@ -239,6 +306,44 @@ class TritonBackend(TorchBackend):
         scores = direct_scores(q, database.vectors, rows, metric, database.row_data.get(NORMS))
         scores, rows = exact.best_first(scores, rows, k, metric)
         return scores, rows, None
+
+    def _filter_topk(
+        self, q: torch.Tensor, database: Database, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The bf16 shortlist by threshold: every row scoring at least the ``FILTER_SAMPLE_RANK``-th best of
+        a strided sample of the rows, re-scored in float32 and certified as `_scan`'s shortlist is."""
+        import torch
+
+        from gpurag_torch import search
+        from gpurag_triton import launch
+
+        code, query_in, rows_in, extra = self._scan_inputs(q, database, low=True)
+        n_queries = q.shape[0]
+        stride = FILTER_SAMPLE_STRIDE
+        sample_extra = None if extra is None else extra[::stride].contiguous()
+        sample = launch.scan_topk(query_in, rows_in[::stride], sample_extra, code, FILTER_SAMPLE_RANK)
+        sample_best, _ = launch.decode(sample.keys.reshape(n_queries, -1))
+        tau = torch.topk(sample_best, FILTER_SAMPLE_RANK, dim=1).values[:, -1].contiguous()
+        found = launch.filter_scan(query_in, rows_in, extra, code, tau, FILTER_CAPACITY, append=self.filter_append)
+        counts = found.counts.to(torch.int64)
+        slots = torch.arange(FILTER_CAPACITY, device=q.device)
+        approx = torch.where(slots[None, :] < counts[:, None], found.scores, float("-inf"))
+        top = torch.topk(approx, max(2 * k, SHORTLIST_MIN), dim=1)
+        real = top.values > float("-inf")
+        rows = torch.where(real, torch.gather(found.rows, 1, top.indices).to(torch.int64), 0)
+        # Rows left out score below tau, or at most the last kept one.
+        cutoff = torch.maximum(tau, top.values[:, -1])
+        worst = database.metric.worst
+
+        def real_scores(
+            queries: torch.Tensor, vectors: torch.Tensor, cand: torch.Tensor, metric: Metric, norms: Any
+        ) -> torch.Tensor:
+            return torch.where(real, direct_scores(queries, vectors, cand, metric, norms), worst)
+
+        scores, rows, certified = search.rescore_and_certify(
+            q, database, rows, cutoff, k, rounded_output=False, scorer=real_scores
+        )
+        return scores, rows, certified & (counts >= k) & (counts <= FILTER_CAPACITY)
 
     # --- LSH primitives ------------------------------------------------------------------------
     def hamming_topk(self, codes: Any, database_codes: Any, k: int) -> TopK:
