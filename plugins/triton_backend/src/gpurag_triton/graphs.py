@@ -79,6 +79,6 @@ class GraphCache:
             backend.device_topk(static_q, database, k, low)
         torch.cuda.current_stream(q.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             outputs = backend.device_topk(static_q, database, k, low)
         return graph, static_q, outputs
