@@ -235,6 +235,7 @@ class TritonBackend(TorchBackend):
         so (scores, rows) is the answer. Captured whole in a CUDA graph for small searches.
         """
         overflow = self.overflow_flag(q, database)
+        certified: torch.Tensor | None
         if low and self._filterable(q, database):
             scores, rows, certified = self._filter_topk(q, database, k)
         else:
@@ -328,7 +329,7 @@ class TritonBackend(TorchBackend):
         counts = found.counts.to(torch.int64)
         slots = torch.arange(FILTER_CAPACITY, device=q.device)
         approx = torch.where(slots[None, :] < counts[:, None], found.scores, float("-inf"))
-        top = torch.topk(approx, max(2 * k, SHORTLIST_MIN), dim=1)
+        top = torch.topk(approx, min(FILTER_CAPACITY, max(2 * k, SHORTLIST_MIN)), dim=1)
         real = top.values > float("-inf")
         rows = torch.where(real, torch.gather(found.rows, 1, top.indices).to(torch.int64), 0)
         # Rows left out score below tau, or at most the last kept one.

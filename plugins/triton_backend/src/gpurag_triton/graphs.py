@@ -73,7 +73,7 @@ class GraphCache:
         import torch
 
         static_q = q.clone()
-        side = torch.cuda.Stream(device=q.device)
+        side = torch.cuda.Stream(device=q.device)  # type: ignore[no-untyped-call]
         side.wait_stream(torch.cuda.current_stream(q.device))
         with torch.cuda.stream(side):  # warm up (compile, allocate) outside the capture
             backend.device_topk(static_q, database, k, low)
