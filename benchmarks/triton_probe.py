@@ -110,13 +110,31 @@ def q1_metric(x: torch.Tensor, metric: str) -> None:
             backend.use_graphs = False
             return index.search(q, K)
 
+        def search_graph_unfused() -> Any:
+            backend.use_graphs, backend.use_finish = True, False
+            try:
+                return index.search(q, K)
+            finally:
+                backend.use_finish = True
+
+        def search_plain_unfused() -> Any:
+            backend.use_graphs, backend.use_finish = False, False
+            try:
+                return index.search(q, K)
+            finally:
+                backend.use_finish = True
+
         def topk_graph() -> Any:
             backend.use_graphs = True
             return backend.topk(q, database, K)
 
         backend.use_graphs = False
         ok &= checked(f"q1 plain {metric}", sc, qs[:1], x, ref[:1], index.search(q, K))
-        ms = interleaved({"search_graph": search_graph, "search_plain": search_plain, "topk_graph": topk_graph}, 10)
+        ok &= checked(f"q1 graph unfused {metric}", sc, qs[:1], x, ref[:1], search_graph_unfused())
+        ms = interleaved(
+            {"search_graph": search_graph, "search_plain": search_plain, "search_graph_unfused": search_graph_unfused,
+             "search_plain_unfused": search_plain_unfused, "topk_graph": topk_graph}, 10
+        )  # fmt: skip
         emit(part="q1", metric=metric, correct=ok, rescanned=backend.queries_rescanned, **ms)
 
 

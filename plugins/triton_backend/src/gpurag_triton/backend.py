@@ -77,6 +77,8 @@ class TritonBackend(TorchBackend):
         self.use_filter = True
         #: How the filter kernel's hits take their slots (`kernels.filter.PER_HIT` or `PER_QUERY`).
         self.filter_append = 0
+        #: Re-score, order and certify a scan's shortlist in one kernel (`kernels.finish`).
+        self.use_finish = True
         from gpurag_triton.graphs import GraphCache
 
         self._graphs = GraphCache()
@@ -234,14 +236,46 @@ class TritonBackend(TorchBackend):
         `float64_topk`); ``good`` (0-d bool) that neither that nor any failed certificate happened,
         so (scores, rows) is the answer. Captured whole in a CUDA graph for small searches.
         """
-        overflow = self.overflow_flag(q, database)
         certified: torch.Tensor | None
+        if low and not self._filterable(q, database) and self.use_finish:
+            done = self._scan_finished(q, database, k)
+            return done.scores, done.rows, done.certified, done.flags[1] > 0, done.flags[0] == 0
+        overflow = self.overflow_flag(q, database)
         if low and self._filterable(q, database):
             scores, rows, certified = self._filter_topk(q, database, k)
         else:
             scores, rows, certified = self._scan(q, database, k, low=low)
         good = ~overflow if certified is None else certified.all() & ~overflow
         return scores, rows, certified, overflow, good
+
+    def _scan_finished(self, q: torch.Tensor, database: Database, k: int) -> Any:
+        """The bf16 scan's shortlist re-scored, ordered and certified by one kernel (`kernels.finish`)."""
+        import torch
+
+        from gpurag_torch.database import L1_NORMS, NORMS
+        from gpurag_triton import launch
+
+        metric = database.metric
+        code, query_in, rows_in, extra = self._scan_inputs(q, database, low=True)
+        kp = launch._pow2(max(k, 16 if not launch.interpreting() else k))
+        if metric is Metric.L1:
+            scan = launch.l1_scan(query_in.T.contiguous(), database.row_data[LOW_T], kp)
+        else:
+            scan = launch.scan_topk(query_in, rows_in, extra, code, kp)
+        n_queries, splits, _ = scan.keys.shape
+        keys = scan.keys.reshape(n_queries, splits * kp)
+        # Keys order as their scores do: the worst kept key of each split bounds every row it left out.
+        cutoff = scan.keys.min(dim=2).values.max(dim=1).values
+        keep = min(scan.kept_per_query(database.count), max(2 * k, SHORTLIST_MIN))
+        if keys.shape[1] > keep:
+            keys = torch.topk(keys, keep, dim=1).values
+            cutoff = torch.maximum(cutoff, keys[:, -1])
+        norms = database.row_data[L1_NORMS if metric is Metric.L1 else NORMS]
+        metric_code = {Metric.DOT: 0, Metric.L2: 1, Metric.L1: 2, Metric.COSINE: 3}[metric]
+        return launch.finish(
+            q, database.vectors, keys, cutoff, norms.max(), norms if metric is Metric.COSINE else None, k,
+            metric_code, finish_bounds(metric, database.dim),
+        )  # fmt: skip
 
     def _filterable(self, q: torch.Tensor, database: Database) -> bool:
         return (
@@ -302,6 +336,9 @@ class TritonBackend(TorchBackend):
             top = torch.topk(approx, keep, dim=1)
             cutoff = torch.maximum(cutoff, top.values[:, -1])
             rows = torch.gather(rows, 1, top.indices)
+        # Padding keys (row -1 - slot) are kept only where scores are NaN (float32 overflow, answered
+        # in float64 by the caller): keep the re-scoring's reads in bounds.
+        rows = rows.clamp(0, database.count - 1)
         if low:
             return search.rescore_and_certify(q, database, rows, cutoff, k, rounded_output=False, scorer=direct_scores)
         scores = direct_scores(q, database.vectors, rows, metric, database.row_data.get(NORMS))
@@ -366,6 +403,22 @@ class TritonBackend(TorchBackend):
         top = torch.topk(scores, k, dim=1)  # valid entries (distance >= 0) outrank the -inf padding
         distances = (-top.values).to(torch.int32)
         return TopK(distances, torch.gather(rows, 1, top.indices))
+
+
+def finish_bounds(metric: Metric, dim: int) -> Any:
+    """`launch.Bounds` of ``metric`` at ``dim``: the factors of `gpurag_torch.exact`'s bounds that depend on D only."""
+    from gpurag_torch import exact
+    from gpurag_torch.backend import FLOAT32_SAFE_REACH
+    from gpurag_triton import launch
+
+    if metric is Metric.L1:
+        rel = exact.bf16_l1_relative_error(dim, rounded_output=False)
+    else:
+        rel = exact.bf16_relative_error(dim, rounded_output=False)
+    floor = dim * exact.UNDERFLOW
+    unit = 1.0 + 8 * (dim + 4) * exact.U32
+    cosine_error = rel * unit * unit + 8 * (dim + 4) * exact.U32 + floor
+    return launch.Bounds(rel, floor, cosine_error, 4 * (dim + 4) * exact.U32, FLOAT32_SAFE_REACH)
 
 
 def direct_scores(

@@ -15,6 +15,7 @@ import triton
 
 from gpurag.errors import InvalidInputError
 from gpurag_triton.kernels.filter import filter_scan_kernel
+from gpurag_triton.kernels.finish import finish_kernel
 from gpurag_triton.kernels.hamming import hamming_topk_kernel
 from gpurag_triton.kernels.l1 import l1_scan_kernel
 from gpurag_triton.kernels.rescore import rescore_kernel
@@ -322,6 +323,65 @@ def rescore(queries: torch.Tensor, rows: torch.Tensor, candidates: torch.Tensor,
         TERM=term, BLOCK_M=block_m, BLOCK_D=block_d,
     )  # fmt: skip
     return out
+
+
+class Finished(NamedTuple):
+    """`finish`'s answer: the k best (scores, int64 rows) per query, the certificate per query, and
+    flags (2,) int32: queries not answered (certificate failed or overflow), queries that may overflow."""
+
+    scores: torch.Tensor
+    rows: torch.Tensor
+    certified: torch.Tensor
+    flags: torch.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """The dimension-only factors of the shortlist's certificate (see `gpurag_torch.exact`)."""
+
+    rel: float
+    floor: float
+    cosine_error: float
+    slack_scale: float
+    safe_reach: float
+
+
+def finish(
+    queries: torch.Tensor,
+    vectors: torch.Tensor,
+    keys: torch.Tensor,
+    cutoff_keys: torch.Tensor,
+    max_norm: torch.Tensor,
+    row_norms: torch.Tensor | None,
+    k: int,
+    metric_code: int,
+    bounds: Bounds,
+) -> Finished:
+    """Re-score the candidate ``keys`` (Q, M) in float32, keep the k best, certify them (`kernels.finish`).
+
+    ``metric_code``: 0 dot, 1 l2, 2 l1, 3 cosine (``row_norms`` then the rows' norms).
+    """
+    _check_matrix(queries, "queries", torch.float32, vectors.device)
+    _check_matrix(vectors, "vectors", torch.float32, queries.device)
+    n_queries, n_candidates = keys.shape
+    if keys.dtype != torch.float64 or n_queries != queries.shape[0] or not 1 <= k <= n_candidates:
+        raise InvalidInputError(f"keys must be float64 (Q, >= k); got {keys.dtype} {tuple(keys.shape)} for k={k}")
+    device = vectors.device
+    keys = keys.contiguous()
+    m = _pow2(n_candidates)
+    block_d = max(4, min(_pow2(queries.shape[1]), 8192 // m))
+    scores = torch.empty((n_queries, k), dtype=torch.float32, device=device)
+    rows = torch.empty((n_queries, k), dtype=torch.int64, device=device)
+    certified = torch.empty(n_queries, dtype=torch.int8, device=device)
+    flags = torch.zeros(2, dtype=torch.int32, device=device)
+    norms = row_norms if row_norms is not None else max_norm
+    finish_kernel[(n_queries,)](
+        queries, vectors, keys, cutoff_keys.contiguous(), max_norm, norms, scores, rows, certified, flags,
+        n_candidates, vectors.shape[0], queries.shape[1], queries.stride(0), vectors.stride(0), k,
+        bounds.rel, bounds.floor, bounds.cosine_error, bounds.slack_scale, bounds.safe_reach,
+        METRIC=metric_code, M=m, BLOCK_D=block_d, num_warps=4 if m <= 256 else 8,
+    )  # fmt: skip
+    return Finished(scores, rows, certified.view(torch.bool), flags)
 
 
 def decode(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
