@@ -23,7 +23,7 @@ import gpu_report
 
 K = 10
 OUT = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
-PARTS = sys.argv[2:] or ["q1", "big", "tenm", "kernels", "sweep1", "l1"]
+PARTS = sys.argv[2:] or ["q1", "big", "tenm", "sweep1", "l1sweep", "kernels"]
 METRICS_Q1 = ("dot", "l2", "cosine", "l1")
 T0 = time.time()
 
@@ -128,12 +128,21 @@ def q1_metric(x: torch.Tensor, metric: str) -> None:
             backend.use_graphs = True
             return backend.topk(q, database, K)
 
+        from gpurag_triton import launch
+
+        code, query_in, rows_in, extra = backend._scan_inputs(q, database, low=True)
+
+        def scan_only() -> Any:
+            if metric == "l1":
+                return launch.l1_scan(query_in.T.contiguous(), database.row_data["low_t"], 16).keys.sum()
+            return launch.scan_topk(query_in, rows_in, extra, code, 16).keys.sum()
+
         backend.use_graphs = False
         ok &= checked(f"q1 plain {metric}", sc, qs[:1], x, ref[:1], index.search(q, K))
         ok &= checked(f"q1 graph unfused {metric}", sc, qs[:1], x, ref[:1], search_graph_unfused())
         ms = interleaved(
             {"search_graph": search_graph, "search_plain": search_plain, "search_graph_unfused": search_graph_unfused,
-             "search_plain_unfused": search_plain_unfused, "topk_graph": topk_graph}, 10
+             "search_plain_unfused": search_plain_unfused, "topk_graph": topk_graph, "scan_only": scan_only}, 10
         )  # fmt: skip
         emit(part="q1", metric=metric, correct=ok, rescanned=backend.queries_rescanned, **ms)
 
@@ -147,72 +156,56 @@ def part_big(n: int, d: int, label: str, metrics: tuple[str, ...]) -> None:
 
 
 def big_metric(x: torch.Tensor, q: torch.Tensor, n: int, d: int, label: str, metric: str) -> None:
-    if True:
-        sc = gpu_report.Scenario(n, d, 1024, metric, 6.0, 2.3, "")
-        ref = gpu_report.reference_scores(q[:64], x, metric)
-        index = index_for(metric, x)
-        backend = index.backend
-        backend.use_filter = True
-        ok = checked(f"{label} filter {metric}", sc, q, x, ref, index.search(q, K))
-        backend.use_filter = False
-        ok &= checked(f"{label} plain {metric}", sc, q, x, ref, index.search(q, K))
-        backend.queries_searched = backend.queries_rescanned = 0
+    sc = gpu_report.Scenario(n, d, 1024, metric, 6.0, 2.3, "")
+    ref = gpu_report.reference_scores(q[:64], x, metric)
+    index = index_for(metric, x)
+    backend = index.backend
 
-        def search_filter() -> Any:
-            backend.use_filter = True
-            return index.search(q, K)
-
-        def search_filter_per_query() -> Any:
-            backend.use_filter, backend.filter_append = True, 1
+    def variant(seed: bool, finish: bool) -> Any:
+        def search() -> Any:
+            backend.use_seed, backend.use_finish = seed, finish
             try:
                 return index.search(q, K)
             finally:
-                backend.filter_append = 0
+                backend.use_seed, backend.use_finish = True, True
 
-        def search_plain() -> Any:
-            backend.use_filter = False
-            return index.search(q, K)
+        return search
 
-        backend.filter_append = 1
-        backend.use_filter = True
-        ok &= checked(f"{label} filter per query {metric}", sc, q, x, ref, index.search(q, K))
-        backend.filter_append = 0
-        ms = interleaved({"search_filter": search_filter, "search_filter_per_query": search_filter_per_query,
-                          "search_plain": search_plain}, 2, rounds=2)  # fmt: skip
-        emit(part=label, metric=metric, correct=ok, rescanned=backend.queries_rescanned,
-             searched=backend.queries_searched, **ms)  # fmt: skip
+    fns = {
+        "seeded_finish": variant(True, True),
+        "plain_finish": variant(False, True),
+    }
+    ok = all(checked(f"{label} {name} {metric}", sc, q, x, ref, fn()) for name, fn in fns.items())
+    backend.queries_searched = backend.queries_rescanned = 0
+    ms = interleaved(fns, 2, rounds=2)
+    emit(part=label, metric=metric, correct=ok, rescanned=backend.queries_rescanned,
+         searched=backend.queries_searched, **ms)  # fmt: skip
 
 
 def kernels(n: int, d: int, label: str) -> None:
-    """The filter kernel alone, its counts, and the GEMM-only scan (the floor of both) on one database."""
+    """The seeded and plain scans alone, and the GEMM-only scan (their floor), on one database."""
     from gpurag_triton import backend as tb
     from gpurag_triton import launch
 
     xi = data(n, d).to(torch.bfloat16)
     q = queries(1024, d)
     qi = q.to(torch.bfloat16)
-    n = xi.shape[0]
-    sample = launch.scan_topk(qi, xi[:: tb.FILTER_SAMPLE_STRIDE], None, 0, tb.FILTER_SAMPLE_RANK)
-    best, _ = launch.decode(sample.keys.reshape(q.shape[0], -1))
-    tau = torch.topk(best, tb.FILTER_SAMPLE_RANK, dim=1).values[:, -1].contiguous()
-    counts = launch.filter_scan(qi, xi, None, 0, tau, tb.FILTER_CAPACITY).counts.float()
-    emit(part=f"{label} counts", mean=float(counts.mean()), max=float(counts.max()), min=float(counts.min()),
-         over=int((counts > tb.FILTER_CAPACITY).sum()))  # fmt: skip
+    sample = launch.scan_topk(qi, xi[:: tb.SEED_SAMPLE_STRIDE], None, 0, tb.SEED_SAMPLE_RANK)
+    floor = torch.topk(sample.keys.reshape(q.shape[0], -1), tb.SEED_SAMPLE_RANK, dim=1).values[:, -1]
+    tau = launch.decode(floor)[0]
     base = launch.choose_scan_config(q.shape[0], n, xi.shape[1], l1=False, low=True, device=xi.device)
     fns = {
-        "sample_scan": lambda: launch.scan_topk(qi, xi[:: tb.FILTER_SAMPLE_STRIDE], None, 0, 16),
-        "filter": lambda: launch.filter_scan(qi, xi, None, 0, tau, tb.FILTER_CAPACITY),
-        "filter per_query": lambda: launch.filter_scan(qi, xi, None, 0, tau, tb.FILTER_CAPACITY, append=1),
-        "scan_select": lambda: launch.scan_topk(qi, xi, None, 0, 16),
-        "scan_noselect": lambda: launch.scan_topk(qi, xi, None, 0, 16, _replace(base, select=False)),
+        "sample_scan": lambda: launch.scan_topk(qi, xi[:: tb.SEED_SAMPLE_STRIDE], None, 0, tb.SEED_SAMPLE_RANK),
+        "seeded": lambda: launch.scan_topk(qi, xi, None, 0, 16, tau=tau),
+        "plain": lambda: launch.scan_topk(qi, xi, None, 0, 16),
+        "noselect": lambda: launch.scan_topk(qi, xi, None, 0, 16, _replace(base, select=False)),
     }
     for bq, bn, bd, w, st, mult in ((128, 256, 64, 8, 3, 1), (128, 128, 64, 8, 4, 2), (128, 128, 128, 8, 3, 1)):
         qb = -(-q.shape[0] // bq)
         cfg = launch.ScanConfig(True, bq, bn, min(bd, xi.shape[1]), max(1, 132 * mult // qb), w, st)
-        for append in (0, 1):
-            fns[f"filter {bq}x{bn}x{bd} w{w} s{st} m{mult} a{append}"] = lambda cfg=cfg, append=append: (
-                launch.filter_scan(qi, xi, None, 0, tau, tb.FILTER_CAPACITY, cfg, append)
-            )
+        fns[f"seeded {bq}x{bn}x{bd} w{w} s{st} m{mult}"] = lambda cfg=cfg: launch.scan_topk(
+            qi, xi, None, 0, 16, cfg, tau
+        )
     out = {}
     for name, fn in fns.items():
         try:

@@ -1,9 +1,9 @@
-"""The Triton backend's fast paths: the threshold-filter shortlist (many queries) and CUDA graph replay (few).
+"""The Triton backend's fast paths: the scan seeded with a sampled floor (many queries) and CUDA graph replay (few).
 
 Both only change how the bf16 shortlist is found or launched; answers must stay exact, certificates
-must hold on plain data, and whatever the filter cannot certify (an overflowing list, too few rows
-kept) must be answered again rather than wrongly. The size thresholds that pick the paths are
-lowered here so small inputs take them (the interpreter runs them on the CPU).
+must hold on plain data, and whatever the seeded scan cannot certify (too few rows above the floor,
+decoys above it) must be answered again rather than wrongly. The size thresholds that pick the
+paths are lowered here so small inputs take them (the interpreter runs them on the CPU).
 """
 
 from __future__ import annotations
@@ -35,21 +35,22 @@ DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=
 
 
 @pytest.fixture
-def filtered(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Small searches take the filter path; returns a list that grows by one per filter launch."""
+def seeded(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Small searches take the seeded path; returns a list that grows by one per seeded scan."""
     from gpurag_triton import backend, launch
 
-    monkeypatch.setattr(backend, "FILTER_MIN_QUERIES", 4)
-    monkeypatch.setattr(backend, "FILTER_MIN_ROWS", 500)
-    monkeypatch.setattr(backend, "FILTER_SAMPLE_STRIDE", 8)
+    monkeypatch.setattr(backend, "SEED_MIN_QUERIES", 4)
+    monkeypatch.setattr(backend, "SEED_MIN_ROWS", 500)
+    monkeypatch.setattr(backend, "SEED_SAMPLE_STRIDE", 8)
     calls: list[int] = []
-    original = launch.filter_scan
+    original = launch.scan_topk
 
     def counting(*args: Any, **kwargs: Any) -> Any:
-        calls.append(1)
+        if kwargs.get("tau") is not None:
+            calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(launch, "filter_scan", counting)
+    monkeypatch.setattr(launch, "scan_topk", counting)
     return calls
 
 
@@ -61,49 +62,32 @@ def _search(backend: DistanceBackend, queries: Any, vectors: Any, metric: Metric
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("metric", [Metric.DOT, Metric.L2, Metric.COSINE], ids=str)
-def test_filter_shortlist_is_exact_and_certifies_plain_data(device: str, metric: Metric, filtered: list[int]) -> None:
+def test_seeded_shortlist_is_exact_and_certifies_plain_data(device: str, metric: Metric, seeded: list[int]) -> None:
     backend = _triton(device)
     rng = np.random.default_rng(11)
     vectors = rng.standard_normal((530, 19)).astype(np.float32)  # 19: no block divides it
     queries = rng.standard_normal((5, 19)).astype(np.float32)
     scores, ids = _search(backend, queries, vectors, metric, 6)
     ref.assert_topk_matches(queries, vectors, metric, scores, ids, 6)
-    assert filtered, "the search did not take the filter path"
-    assert backend.queries_rescanned == 0, f"{backend.queries_rescanned} of 5 filter certificates failed"
+    assert seeded, "the search did not take the seeded path"
+    assert backend.queries_rescanned == 0, f"{backend.queries_rescanned} of 5 seeded certificates failed"
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_filter_list_overflow_is_answered_again_exactly(
-    device: str, filtered: list[int], monkeypatch: pytest.MonkeyPatch
+def test_seeded_scan_keeping_fewer_than_k_rows_is_answered_again_exactly(
+    device: str, seeded: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from gpurag_triton import backend as module
 
-    monkeypatch.setattr(module, "FILTER_CAPACITY", 8)  # far fewer slots than rows above the threshold
-    backend = _triton(device)
-    rng = np.random.default_rng(12)
-    vectors = rng.standard_normal((530, 16)).astype(np.float32)
-    queries = rng.standard_normal((4, 16)).astype(np.float32)
-    scores, ids = _search(backend, queries, vectors, Metric.DOT, 5)
-    ref.assert_topk_matches(queries, vectors, Metric.DOT, scores, ids, 5)
-    assert filtered
-    assert backend.queries_rescanned == 4, "an overflowing list must not be certified"
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_filter_keeping_fewer_than_k_rows_is_answered_again_exactly(
-    device: str, filtered: list[int], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from gpurag_triton import backend as module
-
-    # The threshold is the sample's best row: the filter keeps about 8 rows, fewer than k = 40.
-    monkeypatch.setattr(module, "FILTER_SAMPLE_RANK", 1)
+    # The floor is the sample's best row: about 8 rows score above it, fewer than k = 40.
+    monkeypatch.setattr(module, "SEED_SAMPLE_RANK", 1)
     backend = _triton(device)
     rng = np.random.default_rng(13)
     vectors = rng.standard_normal((600, 16)).astype(np.float32)
     queries = rng.standard_normal((4, 16)).astype(np.float32)
     scores, ids = _search(backend, queries, vectors, Metric.L2, 40)
     ref.assert_topk_matches(queries, vectors, Metric.L2, scores, ids, 40)
-    assert filtered
+    assert seeded
     assert backend.queries_rescanned == 4, "a list shorter than k must not be certified"
 
 
@@ -159,24 +143,77 @@ def test_graph_replay_falls_back_where_the_certificate_fails(monkeypatch: pytest
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_filter_threshold_bounds_the_rows_it_leaves_out(
-    device: str, filtered: list[int], monkeypatch: pytest.MonkeyPatch
+def test_seeded_floor_bounds_the_rows_it_leaves_out(
+    device: str, seeded: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from gpurag_triton import backend as module
 
-    # bf16 rounding ranks 100 "decoy" rows above the 3 true best ones: a decoy's first coordinate
-    # (just past the midpoint 1 + 2^-9) rounds up to 1 + 2^-7, a true row's (just below) down to 1.
-    # The threshold is the sample's best row, a decoy: the filter keeps only decoys, so only the
-    # threshold itself (a bound on the rows left out) can show that the true rows may beat them.
-    monkeypatch.setattr(module, "FILTER_SAMPLE_RANK", 1)
+    # bf16 rounding ranks "decoy" rows above the 3 true best ones: a decoy's first coordinate (just
+    # past the midpoint 1 + 2^-9) rounds up to 1 + 2^-7, a true row's (just below) down to 1. The
+    # floor is the sample's best row (every 8th row), decoy 0: the scan keeps only the decoys above
+    # it, so only the floor itself (a bound on the rows left out) can show the true rows may beat them.
+    monkeypatch.setattr(module, "SEED_SAMPLE_RANK", 1)
     backend = _triton(device)
     rng = np.random.default_rng(16)
     vectors = (rng.random((600, 2)) * 0.01).astype(np.float32)
-    vectors[:100, 0] = 1.00395 + np.arange(100) * 1e-7
-    vectors[:100, 1] = -0.001
-    vectors[300:303] = [1.0039, 0.0]
+    decoys = [0, *range(1, 7)]  # 6 above the floor: fewer than a split has slots for, at least k
+    vectors[decoys, 0] = 1.00395 + np.arange(len(decoys)) * 1e-7
+    vectors[decoys, 1] = -0.001
+    vectors[0, 1] = -0.002  # the sampled decoy scores lowest of them
+    vectors[301:304] = [1.0039, 0.0]
     queries = np.ones((4, 2), dtype=np.float32)
     scores, ids = _search(backend, queries, vectors, Metric.DOT, 5)
     ref.assert_topk_matches(queries, vectors, Metric.DOT, scores, ids, 5)
-    assert set(ids[0, :3].tolist()) == {300, 301, 302}
-    assert filtered
+    assert set(ids[0, :3].tolist()) == {301, 302, 303}
+    assert seeded
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("metric", [Metric.DOT, Metric.L2, Metric.COSINE, Metric.L1], ids=str)
+def test_graph_replay_is_exact_and_follows_database_changes(metric: Metric, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gpurag
+    from gpurag_triton import backend as module
+
+    backend = _triton("cuda")
+    monkeypatch.setattr(module, "GRAPH_MIN_ROWS", 1000)
+    rng = np.random.default_rng(14)
+    vectors = rng.standard_normal((3000, 37)).astype(np.float32)
+    index = gpurag.ExactRetriever(metric=metric, backend=backend)
+    index.add(vectors)
+    for _ in range(3):  # the first search captures, the others replay with new queries
+        queries = rng.standard_normal((2, 37)).astype(np.float32)
+        result = index.search(queries, 7)
+        ref.assert_topk_matches(queries, vectors, metric, result.scores, result.ids, 7)
+    assert len(backend._graphs) == 1
+    # Rows changed in place (same storage, same count) are read by the replay.
+    current = vectors.copy()
+    current[:2] = rng.standard_normal((2, 37)).astype(np.float32)
+    index.remove([0, 1])
+    index.add(current[:2], ids=[0, 1])
+    queries = current[:2] + np.float32(0.01)  # their nearest rows are the new ones
+    result = index.search(queries, 7)
+    ref.assert_topk_matches(queries, current, metric, result.scores, result.ids, 7)
+    # A changed row count is a new graph, and still exact.
+    current = np.concatenate([current, rng.standard_normal((100, 37)).astype(np.float32)])
+    index.add(current[3000:], ids=np.arange(3000, 3100))
+    queries = current[-2:] + np.float32(0.01)
+    result = index.search(queries, 7)
+    ref.assert_topk_matches(queries, current, metric, result.scores, result.ids, 7)
+    assert len(backend._graphs) >= 2
+
+
+@pytest.mark.gpu
+def test_graph_replay_falls_back_where_the_certificate_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gpurag_triton import backend as module
+
+    backend = _triton("cuda")
+    monkeypatch.setattr(module, "GRAPH_MIN_ROWS", 1000)
+    rng = np.random.default_rng(15)
+    base = rng.standard_normal(64).astype(np.float32)
+    # Rows that differ only far below bf16's resolution: the bf16 pass cannot rank them.
+    vectors = np.repeat(base[None, :], 2000, axis=0)
+    vectors += rng.standard_normal(vectors.shape).astype(np.float32) * 1e-5
+    queries = (base + rng.standard_normal(64).astype(np.float32) * 1e-3)[None, :].astype(np.float32)
+    scores, ids = _search(backend, queries, vectors, Metric.L2, 5)
+    ref.assert_topk_matches(queries, vectors, Metric.L2, scores, ids, 5)
+    assert backend.queries_rescanned == 1

@@ -41,16 +41,14 @@ BOUNDARY_KP = 16
 #: kernel launches, more host time than the scan itself.
 GRAPH_MAX_QUERIES = 16
 GRAPH_MIN_ROWS = 1 << 16
-#: Searches of at least this many queries over at least `FILTER_MIN_ROWS` rows shortlist by
-#: threshold (`kernels.filter`) instead of a running top-k in the scan.
-FILTER_MIN_QUERIES = 64
-FILTER_MIN_ROWS = 1 << 16
-#: The threshold is the `FILTER_SAMPLE_RANK`-th best score over every `FILTER_SAMPLE_STRIDE`-th row,
-#: so each query keeps about rank x stride rows (512); a query whose list overflows
-#: `FILTER_CAPACITY` is scanned again in float32.
-FILTER_SAMPLE_RANK = 16
-FILTER_SAMPLE_STRIDE = 32
-FILTER_CAPACITY = 2048
+#: Searches of at least this many queries over at least `SEED_MIN_ROWS` rows first find, per query, a
+#: floor from a sample of the rows (the `SEED_SAMPLE_RANK`-th best approximate score over every
+#: `SEED_SAMPLE_STRIDE`-th row, so about rank x stride = 256 rows score above it): the scan then
+#: keeps only rows above the floor, and its running top-k is updated far less often.
+SEED_MIN_QUERIES = 64
+SEED_MIN_ROWS = 1 << 16
+SEED_SAMPLE_RANK = 8
+SEED_SAMPLE_STRIDE = 32
 #: Query counts probed for a change of kernel or tile (`launch.choose_scan_config` switches at 16 and 512).
 BOUNDARY_QUERY_PROBE = 1024
 
@@ -72,11 +70,9 @@ class TritonBackend(TorchBackend):
     ) -> None:
         super().__init__(device, low_precision=True if low_precision is None else low_precision,
                          chunk_scores=chunk_scores)  # fmt: skip
-        #: Replay CUDA graphs for small searches (`GRAPH_MAX_QUERIES`), and shortlist large ones by threshold.
+        #: Replay CUDA graphs for small searches (`GRAPH_MAX_QUERIES`); seed large ones with a sampled floor.
         self.use_graphs = True
-        self.use_filter = True
-        #: How the filter kernel's hits take their slots (`kernels.filter.PER_HIT` or `PER_QUERY`).
-        self.filter_append = 0
+        self.use_seed = True
         #: Re-score, order and certify a scan's shortlist in one kernel (`kernels.finish`).
         self.use_finish = True
         from gpurag_triton.graphs import GraphCache
@@ -236,17 +232,21 @@ class TritonBackend(TorchBackend):
         `float64_topk`); ``good`` (0-d bool) that neither that nor any failed certificate happened,
         so (scores, rows) is the answer. Captured whole in a CUDA graph for small searches.
         """
-        certified: torch.Tensor | None
-        if low and not self._filterable(q, database) and self.use_finish:
+        if low and self.use_finish:
             done = self._scan_finished(q, database, k)
             return done.scores, done.rows, done.certified, done.flags[1] > 0, done.flags[0] == 0
         overflow = self.overflow_flag(q, database)
-        if low and self._filterable(q, database):
-            scores, rows, certified = self._filter_topk(q, database, k)
-        else:
-            scores, rows, certified = self._scan(q, database, k, low=low)
+        scores, rows, certified = self._scan(q, database, k, low=low)
         good = ~overflow if certified is None else certified.all() & ~overflow
         return scores, rows, certified, overflow, good
+
+    def _seeded(self, q: torch.Tensor, database: Database) -> bool:
+        return (
+            self.use_seed
+            and database.metric is not Metric.L1
+            and q.shape[0] >= SEED_MIN_QUERIES
+            and database.count >= SEED_MIN_ROWS
+        )
 
     def _scan_finished(self, q: torch.Tensor, database: Database, k: int) -> Any:
         """The bf16 scan's shortlist re-scored, ordered and certified by one kernel (`kernels.finish`)."""
@@ -258,14 +258,24 @@ class TritonBackend(TorchBackend):
         metric = database.metric
         code, query_in, rows_in, extra = self._scan_inputs(q, database, low=True)
         kp = launch._pow2(max(k, 16 if not launch.interpreting() else k))
+        floor = None
         if metric is Metric.L1:
             scan = launch.l1_scan(query_in.T.contiguous(), database.row_data[LOW_T], kp)
+        elif self._seeded(q, database):
+            stride = SEED_SAMPLE_STRIDE
+            sample_extra = None if extra is None else extra[::stride].contiguous()
+            sample = launch.scan_topk(query_in, rows_in[::stride], sample_extra, code, SEED_SAMPLE_RANK)
+            floor = torch.topk(sample.keys.reshape(q.shape[0], -1), SEED_SAMPLE_RANK, dim=1).values[:, -1]
+            scan = launch.scan_topk(query_in, rows_in, extra, code, kp, tau=launch.decode(floor)[0])
         else:
             scan = launch.scan_topk(query_in, rows_in, extra, code, kp)
         n_queries, splits, _ = scan.keys.shape
         keys = scan.keys.reshape(n_queries, splits * kp)
-        # Keys order as their scores do: the worst kept key of each split bounds every row it left out.
+        # Keys order as their scores do: the worst kept key of each split bounds every row it left out
+        # (and the floor every row scoring at most it).
         cutoff = scan.keys.min(dim=2).values.max(dim=1).values
+        if floor is not None:
+            cutoff = torch.maximum(cutoff, floor)
         keep = min(scan.kept_per_query(database.count), max(2 * k, SHORTLIST_MIN))
         if keys.shape[1] > keep:
             keys = torch.topk(keys, keep, dim=1).values
@@ -276,14 +286,6 @@ class TritonBackend(TorchBackend):
             q, database.vectors, keys, cutoff, norms.max(), norms if metric is Metric.COSINE else None, k,
             metric_code, finish_bounds(metric, database.dim),
         )  # fmt: skip
-
-    def _filterable(self, q: torch.Tensor, database: Database) -> bool:
-        return (
-            self.use_filter
-            and database.metric is not Metric.L1
-            and q.shape[0] >= FILTER_MIN_QUERIES
-            and database.count >= FILTER_MIN_ROWS
-        )
 
     def _scan_inputs(
         self, q: torch.Tensor, database: Database, *, low: bool
@@ -344,44 +346,6 @@ class TritonBackend(TorchBackend):
         scores = direct_scores(q, database.vectors, rows, metric, database.row_data.get(NORMS))
         scores, rows = exact.best_first(scores, rows, k, metric)
         return scores, rows, None
-
-    def _filter_topk(
-        self, q: torch.Tensor, database: Database, k: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The bf16 shortlist by threshold: every row scoring at least the ``FILTER_SAMPLE_RANK``-th best of
-        a strided sample of the rows, re-scored in float32 and certified as `_scan`'s shortlist is."""
-        import torch
-
-        from gpurag_torch import search
-        from gpurag_triton import launch
-
-        code, query_in, rows_in, extra = self._scan_inputs(q, database, low=True)
-        n_queries = q.shape[0]
-        stride = FILTER_SAMPLE_STRIDE
-        sample_extra = None if extra is None else extra[::stride].contiguous()
-        sample = launch.scan_topk(query_in, rows_in[::stride], sample_extra, code, FILTER_SAMPLE_RANK)
-        sample_best, _ = launch.decode(sample.keys.reshape(n_queries, -1))
-        tau = torch.topk(sample_best, FILTER_SAMPLE_RANK, dim=1).values[:, -1].contiguous()
-        found = launch.filter_scan(query_in, rows_in, extra, code, tau, FILTER_CAPACITY, append=self.filter_append)
-        counts = found.counts.to(torch.int64)
-        slots = torch.arange(FILTER_CAPACITY, device=q.device)
-        approx = torch.where(slots[None, :] < counts[:, None], found.scores, float("-inf"))
-        top = torch.topk(approx, min(FILTER_CAPACITY, max(2 * k, SHORTLIST_MIN)), dim=1)
-        real = top.values > float("-inf")
-        rows = torch.where(real, torch.gather(found.rows, 1, top.indices).to(torch.int64), 0)
-        # Rows left out score below tau, or at most the last kept one.
-        cutoff = torch.maximum(tau, top.values[:, -1])
-        worst = database.metric.worst
-
-        def real_scores(
-            queries: torch.Tensor, vectors: torch.Tensor, cand: torch.Tensor, metric: Metric, norms: Any
-        ) -> torch.Tensor:
-            return torch.where(real, direct_scores(queries, vectors, cand, metric, norms), worst)
-
-        scores, rows, certified = search.rescore_and_certify(
-            q, database, rows, cutoff, k, rounded_output=False, scorer=real_scores
-        )
-        return scores, rows, certified & (counts >= k) & (counts <= FILTER_CAPACITY)
 
     # --- LSH primitives ------------------------------------------------------------------------
     def hamming_topk(self, codes: Any, database_codes: Any, k: int) -> TopK:

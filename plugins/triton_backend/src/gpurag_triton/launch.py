@@ -14,7 +14,6 @@ import torch
 import triton
 
 from gpurag.errors import InvalidInputError
-from gpurag_triton.kernels.filter import filter_scan_kernel
 from gpurag_triton.kernels.finish import finish_kernel
 from gpurag_triton.kernels.hamming import hamming_topk_kernel
 from gpurag_triton.kernels.l1 import l1_scan_kernel
@@ -114,11 +113,13 @@ def scan_topk(
     metric_code: int,
     kp: int,
     config: ScanConfig | None = None,
+    tau: torch.Tensor | None = None,
 ) -> Scan:
     """Packed keys (Q, splits, kp) of each query's kp best rows per split (see `kernels.scan`).
 
     ``queries`` and ``rows`` are both bf16 (the reduced-precision pass) or both float32; ``extra``
-    is the float32 per-row term of l2 (|x|²) and of the scaled dot (1/|x|).
+    is the float32 per-row term of l2 (|x|²) and of the scaled dot (1/|x|). ``tau`` (Q,) float32, if
+    given, is a floor per query: rows scoring at most it are left out (their slots hold -inf keys).
     """
     low = queries.dtype == torch.bfloat16
     dtype = torch.bfloat16 if low else torch.float32
@@ -135,6 +136,8 @@ def scan_topk(
     elif extra.dtype != torch.float32 or extra.shape != (n_rows,) or not extra.is_contiguous():
         raise InvalidInputError(f"extra must be contiguous float32 ({n_rows},); got {extra.dtype} {tuple(extra.shape)}")
     l1 = metric_code == 2
+    if tau is not None and (tau.dtype != torch.float32 or tau.shape != (n_queries,) or tau.device != rows.device):
+        raise InvalidInputError(f"tau must be float32 ({n_queries},) on {rows.device}; got {tau.dtype} {tuple(tau.shape)}")
     if config is None:
         config = choose_scan_config(n_queries, n_rows, dim, l1=l1, low=low, device=rows.device)
     rows_per_split = triton.cdiv(triton.cdiv(n_rows, config.splits), config.block_n) * config.block_n
@@ -142,76 +145,14 @@ def scan_topk(
     out = torch.empty((n_queries, splits, kp), dtype=torch.float64, device=rows.device)
     grid = (triton.cdiv(n_queries, config.block_q), splits)
     scan_topk_kernel[grid](
-        queries, rows, extra, out,
+        queries, rows, extra, extra if tau is None else tau.contiguous(), out,
         n_queries, n_rows, dim, rows_per_split, splits,
         queries.stride(0), rows.stride(0),
         METRIC=metric_code, USE_DOT=config.use_dot, LOW=low,
         BLOCK_Q=config.block_q, BLOCK_N=config.block_n, BLOCK_D=config.block_d, KP=kp, SELECT=config.select,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        HAS_TAU=tau is not None, num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return Scan(out, rows_per_split)
-
-
-class Filtered(NamedTuple):
-    """A filter scan's lists: per query the count of rows at or above its threshold (it may exceed the
-    capacity: then only ``capacity`` were written), their approximate oriented scores and rows."""
-
-    counts: torch.Tensor
-    scores: torch.Tensor
-    rows: torch.Tensor
-
-
-def filter_scan(
-    queries: torch.Tensor,
-    rows: torch.Tensor,
-    extra: torch.Tensor | None,
-    metric_code: int,
-    tau: torch.Tensor,
-    capacity: int,
-    config: ScanConfig | None = None,
-    append: int = 0,
-) -> Filtered:
-    """Every row scoring at least ``tau`` (Q,) for each query, in (Q, ``capacity``) lists (see `kernels.filter`).
-
-    Inputs as `scan_topk` (l1 is not filtered); the order within a list is arbitrary. ``append``
-    picks how hits take their slots (`kernels.filter.PER_HIT` 0 or `PER_QUERY` 1).
-    """
-    low = queries.dtype == torch.bfloat16
-    dtype = torch.bfloat16 if low else torch.float32
-    _check_matrix(queries, "queries", dtype, rows.device)
-    _check_matrix(rows, "rows", dtype, queries.device)
-    if queries.shape[1] != rows.shape[1]:
-        raise InvalidInputError(f"queries have dimension {queries.shape[1]}, rows {rows.shape[1]}")
-    if metric_code == 2:
-        raise InvalidInputError("the filter scan scores dot products; l1 goes through l1_scan")
-    n_queries, dim = queries.shape
-    n_rows = rows.shape[0]
-    if tau.dtype != torch.float32 or tau.shape != (n_queries,) or tau.device != rows.device:
-        raise InvalidInputError(
-            f"tau must be float32 ({n_queries},) on {rows.device}; got {tau.dtype} {tuple(tau.shape)}"
-        )
-    if capacity < 1:
-        raise InvalidInputError(f"capacity must be >= 1; got {capacity}")
-    if extra is None:
-        extra = torch.empty(1, dtype=torch.float32, device=rows.device)
-    elif extra.dtype != torch.float32 or extra.shape != (n_rows,) or not extra.is_contiguous():
-        raise InvalidInputError(f"extra must be contiguous float32 ({n_rows},); got {extra.dtype} {tuple(extra.shape)}")
-    if config is None:
-        config = choose_scan_config(n_queries, n_rows, dim, l1=False, low=low, device=rows.device)
-    rows_per_split = triton.cdiv(triton.cdiv(n_rows, config.splits), config.block_n) * config.block_n
-    splits = triton.cdiv(n_rows, rows_per_split)
-    counts = torch.zeros(n_queries, dtype=torch.int32, device=rows.device)
-    scores = torch.empty((n_queries, capacity), dtype=torch.float32, device=rows.device)
-    found = torch.empty((n_queries, capacity), dtype=torch.int32, device=rows.device)
-    filter_scan_kernel[(triton.cdiv(n_queries, config.block_q), splits)](
-        queries, rows, extra, tau.contiguous(), counts, scores, found,
-        n_queries, n_rows, dim, rows_per_split, capacity,
-        queries.stride(0), rows.stride(0),
-        METRIC=metric_code, USE_DOT=config.use_dot, LOW=low,
-        BLOCK_Q=config.block_q, BLOCK_N=config.block_n, BLOCK_D=config.block_d, APPEND=append,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )  # fmt: skip
-    return Filtered(counts, scores, found)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The end of a shortlist search in one kernel: re-score, order, certify, flag overflow (one program per query).
 
-Given each query's candidate rows (packed keys from the scan, best first or not) and the cutoff key
-(no row left out scores above it), a program:
+Given each query's candidate rows (packed keys from the scan, in any order; keys of score -inf are
+empty slots) and the cutoff key (no row left out scores above it), a program:
 
 1. scores each candidate directly in float32 (l2: Σ(x - q)², l1: Σ|x - q|, dot / cosine: Σ x q, cosine
    then divided by both norms, 0 where one is 0), and |q| (l1: Σ|q|) along the way;
@@ -69,7 +69,10 @@ def finish_kernel(
     offs_m = tl.arange(0, M)
     m_mask = offs_m < n_candidates
     keys = tl.load(keys_ptr + pid * n_candidates + offs_m, mask=m_mask, other=0.0)
-    rows = (keys.to(tl.int64, bitcast=True) & 0xFFFFFFFF).to(tl.int32)
+    bits = keys.to(tl.int64, bitcast=True)
+    rows = (bits & 0xFFFFFFFF).to(tl.int32)
+    # Keys of score -inf are empty slots (a split that kept fewer rows than it had room for).
+    m_mask = m_mask & ((bits >> 32).to(tl.int32).to(tl.float32, bitcast=True) > float("-inf"))
     # Only real rows reach here, except padding keys when scores are NaN (float32 overflow, flagged
     # below and answered in float64): keep every read in bounds.
     rows = tl.where(m_mask & (rows >= 0) & (rows < n_rows), rows, 0)

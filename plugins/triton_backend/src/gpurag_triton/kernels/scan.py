@@ -102,6 +102,7 @@ def scan_topk_kernel(
     q_ptr,
     x_ptr,
     extra_ptr,
+    tau_ptr,
     out_ptr,
     n_queries,
     n_rows,
@@ -118,8 +119,12 @@ def scan_topk_kernel(
     BLOCK_D: tl.constexpr,
     KP: tl.constexpr,
     SELECT: tl.constexpr,
+    HAS_TAU: tl.constexpr,
 ):
-    """out[q, split, :] = the KP best packed keys of query q over rows of its split (see module doc)."""
+    """out[q, split, :] = the KP best packed keys of query q over rows of its split (see module doc).
+
+    With ``HAS_TAU`` only rows scoring above ``tau[q]`` are kept; slots left empty hold -inf keys.
+    """
     pid_q = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -127,7 +132,10 @@ def scan_topk_kernel(
     row_start = pid_s * rows_per_split
     row_stop = tl.minimum(row_start + rows_per_split, n_rows)
     best = empty_best(BLOCK_Q, KP)
-    threshold = tl.full((BLOCK_Q,), float("-inf"), tl.float32)
+    if HAS_TAU:  # a floor known beforehand: rows scoring at most tau[q] are never kept
+        threshold = tl.load(tau_ptr + offs_q, mask=q_mask, other=float("-inf"))
+    else:
+        threshold = tl.full((BLOCK_Q,), float("-inf"), tl.float32)
     for n0 in range(row_start, row_stop, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < row_stop
