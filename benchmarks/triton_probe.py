@@ -134,7 +134,7 @@ def q1_metric(x: torch.Tensor, metric: str) -> None:
 
         def scan_only() -> Any:
             if metric == "l1":
-                return launch.l1_scan(query_in.T.contiguous(), database.row_data["low_t"], 16).keys.sum()
+                return backend._l1_scan(query_in, database, 16, low=True).keys.sum()
             return launch.scan_topk(query_in, rows_in, extra, code, 16).keys.sum()
 
         backend.use_graphs = False

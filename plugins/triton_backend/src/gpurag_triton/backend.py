@@ -31,6 +31,9 @@ SHORTLIST_MIN = 256
 #: Column-major (D, N) float32 rows, and their bf16 rounding, that the l1 kernel reads.
 ROWS_T = "rows_t"
 LOW_T = "low_t"
+#: Whether l1's bf16 shortlist reads row-major bf16 rows through the SIMT scan (`kernels.scan`, a
+#: D-tile of abs-difference sums per row) rather than column-major ones through `kernels.l1`.
+L1_ROW_MAJOR = True
 #: Largest Q for which l1 also shortlists in bf16 (above it l1 is compute-bound and stays float32).
 L1_LOW_MAX_QUERIES = 16
 #: Keys each (query, split) keeps for the k the conformance kit asks (k <= 16): the shortlist
@@ -108,7 +111,7 @@ class TritonBackend(TorchBackend):
             from gpurag_torch.database import LOW
 
             database.row_data[ROWS_T] = database.vectors.T.contiguous()
-            if LOW in database.row_data:
+            if LOW in database.row_data and not L1_ROW_MAJOR:
                 database.row_data[LOW_T] = database.row_data.pop(LOW).T.contiguous()
         return database
 
@@ -119,7 +122,7 @@ class TritonBackend(TorchBackend):
             from gpurag_torch.database import LOW
 
             keys.add(ROWS_T)
-            if LOW in keys:
+            if LOW in keys and not L1_ROW_MAJOR:
                 keys.discard(LOW)
                 keys.add(LOW_T)
         return keys
@@ -142,10 +145,10 @@ class TritonBackend(TorchBackend):
         def layout(n_queries: int, n_rows: int) -> tuple[int, int, int, bool, bool]:
             """(BLOCK_Q, BLOCK_N, splits, tensor-core tiles, bf16 shortlist) of one launch."""
             low = self.low_precision and (not l1 or n_queries <= L1_LOW_MAX_QUERIES)
-            if l1:
+            if l1 and not (low and L1_ROW_MAJOR):
                 c1 = launch.choose_l1_config(n_queries, n_rows, device=self.torch_device)
                 return c1.block_q, c1.block_n, c1.splits, False, low
-            c = launch.choose_scan_config(n_queries, n_rows, dim, l1=False, low=low, device=self.torch_device)
+            c = launch.choose_scan_config(n_queries, n_rows, dim, l1=l1, low=low, device=self.torch_device)
             return c.block_q, c.block_n, c.splits, c.use_dot, low
 
         def first_rows(holds: Any) -> int:  # the smallest row count for which holds(rows), by bisection
@@ -240,6 +243,16 @@ class TritonBackend(TorchBackend):
         good = ~overflow if certified is None else certified.all() & ~overflow
         return scores, rows, certified, overflow, good
 
+    @staticmethod
+    def _l1_scan(query_in: torch.Tensor, database: Database, kp: int, *, low: bool) -> Any:
+        from gpurag_torch.database import LOW
+        from gpurag_triton import launch
+        from gpurag_triton.kernels.scan import L1
+
+        if low and L1_ROW_MAJOR:
+            return launch.scan_topk(query_in, database.row_data[LOW], None, int(L1), kp)
+        return launch.l1_scan(query_in.T.contiguous(), database.row_data[LOW_T if low else ROWS_T], kp)
+
     def _seeded(self, q: torch.Tensor, database: Database) -> bool:
         return (
             self.use_seed
@@ -260,7 +273,7 @@ class TritonBackend(TorchBackend):
         kp = launch._pow2(max(k, 16 if not launch.interpreting() else k))
         floor = None
         if metric is Metric.L1:
-            scan = launch.l1_scan(query_in.T.contiguous(), database.row_data[LOW_T], kp)
+            scan = self._l1_scan(query_in, database, kp, low=True)
         elif self._seeded(q, database):
             stride = SEED_SAMPLE_STRIDE
             sample_extra = None if extra is None else extra[::stride].contiguous()
@@ -325,8 +338,7 @@ class TritonBackend(TorchBackend):
         code, query_in, rows_in, extra = self._scan_inputs(q, database, low=low)
         kp = launch._pow2(max(k, 16 if not launch.interpreting() else k))
         if metric is Metric.L1:
-            queries_t = query_in.T.contiguous()
-            scan = launch.l1_scan(queries_t, database.row_data[LOW_T if low else ROWS_T], kp)
+            scan = self._l1_scan(query_in, database, kp, low=low)
         else:
             scan = launch.scan_topk(query_in, rows_in, extra, code, kp)
         n_queries, splits, _ = scan.keys.shape

@@ -86,6 +86,10 @@ def choose_scan_config(
         block_q, block_n, block_d, warps, stages, per_sm = 64, 128, 64, 4, 3, 4
     elif use_dot:  # small Q: a 16-query tile keeps the loads wide; all SMs split the rows
         block_q, block_n, block_d, warps, stages, per_sm = 16, 64, 128, 4, 3, 4
+    elif l1 and low and n_queries == 1:  # bf16 rows, abs-difference sums over D tiles: bandwidth-bound
+        block_q, block_n, block_d, warps, stages, per_sm = 1, 64, 128, 4, 3, 4
+    elif l1 and low and n_queries <= 16:
+        block_q, block_n, block_d, warps, stages, per_sm = _pow2(n_queries), 16, 64, 4, 3, 2
     else:
         block_q, block_n, warps, stages, per_sm = min(_pow2(n_queries), 32), 64, 4, 2, 4
         block_d = max(4, min(_pow2(dim), 8192 // (block_q * block_n)))
@@ -137,7 +141,9 @@ def scan_topk(
         raise InvalidInputError(f"extra must be contiguous float32 ({n_rows},); got {extra.dtype} {tuple(extra.shape)}")
     l1 = metric_code == 2
     if tau is not None and (tau.dtype != torch.float32 or tau.shape != (n_queries,) or tau.device != rows.device):
-        raise InvalidInputError(f"tau must be float32 ({n_queries},) on {rows.device}; got {tau.dtype} {tuple(tau.shape)}")
+        raise InvalidInputError(
+            f"tau must be float32 ({n_queries},) on {rows.device}; got {tau.dtype} {tuple(tau.shape)}"
+        )
     if config is None:
         config = choose_scan_config(n_queries, n_rows, dim, l1=l1, low=low, device=rows.device)
     rows_per_split = triton.cdiv(triton.cdiv(n_rows, config.splits), config.block_n) * config.block_n
