@@ -91,57 +91,6 @@ def test_seeded_scan_keeping_fewer_than_k_rows_is_answered_again_exactly(
     assert backend.queries_rescanned == 4, "a list shorter than k must not be certified"
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("metric", [Metric.DOT, Metric.L2, Metric.COSINE, Metric.L1], ids=str)
-def test_graph_replay_is_exact_and_follows_database_changes(metric: Metric, monkeypatch: pytest.MonkeyPatch) -> None:
-    import gpurag
-    from gpurag_triton import backend as module
-
-    backend = _triton("cuda")
-    monkeypatch.setattr(module, "GRAPH_MIN_ROWS", 1000)
-    rng = np.random.default_rng(14)
-    vectors = rng.standard_normal((3000, 37)).astype(np.float32)
-    index = gpurag.ExactRetriever(metric=metric, backend=backend)
-    index.add(vectors)
-    for _ in range(3):  # the first search captures, the others replay with new queries
-        queries = rng.standard_normal((2, 37)).astype(np.float32)
-        result = index.search(queries, 7)
-        ref.assert_topk_matches(queries, vectors, metric, result.scores, result.ids, 7)
-    assert len(backend._graphs) == 1
-    # Rows changed in place (same storage, same count) are read by the replay.
-    current = vectors.copy()
-    current[:2] = rng.standard_normal((2, 37)).astype(np.float32)
-    index.remove([0, 1])
-    index.add(current[:2], ids=[0, 1])
-    queries = current[:2] + np.float32(0.01)  # their nearest rows are the new ones
-    result = index.search(queries, 7)
-    ref.assert_topk_matches(queries, current, metric, result.scores, result.ids, 7)
-    # A changed row count is a new graph, and still exact.
-    current = np.concatenate([current, rng.standard_normal((100, 37)).astype(np.float32)])
-    index.add(current[3000:], ids=np.arange(3000, 3100))
-    queries = current[-2:] + np.float32(0.01)
-    result = index.search(queries, 7)
-    ref.assert_topk_matches(queries, current, metric, result.scores, result.ids, 7)
-    assert len(backend._graphs) >= 2
-
-
-@pytest.mark.gpu
-def test_graph_replay_falls_back_where_the_certificate_fails(monkeypatch: pytest.MonkeyPatch) -> None:
-    from gpurag_triton import backend as module
-
-    backend = _triton("cuda")
-    monkeypatch.setattr(module, "GRAPH_MIN_ROWS", 1000)
-    rng = np.random.default_rng(15)
-    base = rng.standard_normal(64).astype(np.float32)
-    # Rows that differ only far below bf16's resolution: the bf16 pass cannot rank them.
-    vectors = np.repeat(base[None, :], 2000, axis=0)
-    vectors += rng.standard_normal(vectors.shape).astype(np.float32) * 1e-5
-    queries = (base + rng.standard_normal(64).astype(np.float32) * 1e-3)[None, :].astype(np.float32)
-    scores, ids = _search(backend, queries, vectors, Metric.L2, 5)
-    ref.assert_topk_matches(queries, vectors, Metric.L2, scores, ids, 5)
-    assert backend.queries_rescanned == 1
-
-
 @pytest.mark.parametrize("device", DEVICES)
 def test_seeded_floor_bounds_the_rows_it_leaves_out(
     device: str, seeded: list[int], monkeypatch: pytest.MonkeyPatch
