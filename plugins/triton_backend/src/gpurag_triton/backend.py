@@ -4,6 +4,11 @@ It shares the torch backend's database, conversions, re-scoring and certificate 
 what differs is the scan: `kernels.scan` scores and selects on chip, so no Q x N tile reaches memory.
 l2 / dot / cosine (and l1 for small Q, where it is bandwidth-bound) shortlist from bf16 rows; the
 shortlist is certified per query and uncertified queries are scanned again in float32.
+
+A search costs one synchronisation when nothing needs answering again: the shortlist is re-scored,
+ordered and certified by one kernel (`kernels.finish`), which also flags float32 overflow on the
+device; small searches replay a CUDA graph of the whole pipeline (`graphs`); many-query scans start
+from a floor sampled from the rows, so their running top-k is rarely touched.
 """
 
 from __future__ import annotations
