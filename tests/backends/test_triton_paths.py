@@ -166,3 +166,23 @@ def test_graph_replay_falls_back_where_the_certificate_fails(monkeypatch: pytest
     scores, ids = _search(backend, queries, vectors, Metric.L2, 5)
     ref.assert_topk_matches(queries, vectors, Metric.L2, scores, ids, 5)
     assert backend.queries_rescanned == 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_seeded_scan_keeps_only_rows_above_the_floor(device: str) -> None:
+    import torch
+
+    from gpurag_triton import launch
+
+    backend = _triton(device)
+    rng = np.random.default_rng(17)
+    rows = torch.from_numpy(rng.standard_normal((300, 16)).astype(np.float32)).to(backend.torch_device)
+    queries = torch.from_numpy(rng.standard_normal((3, 16)).astype(np.float32)).to(backend.torch_device)
+    scores = queries @ rows.T
+    tau = torch.sort(scores, dim=1, descending=True).values[:, 5].contiguous()  # 5 rows above it
+    kept, found = launch.decode(launch.scan_topk(queries, rows, None, 0, 8, tau=tau).keys.reshape(3, -1))
+    real = kept > float("-inf")
+    assert bool((kept[real] > tau[:, None].expand_as(kept)[real]).all()), "a row at or below the floor was kept"
+    assert real.sum(dim=1).tolist() == [5, 5, 5]
+    assert torch.equal(torch.sort(found.where(real, -1), dim=1).values[:, -5:].cpu(),
+                       torch.sort(torch.topk(scores, 5, dim=1).indices, dim=1).values.cpu())  # fmt: skip

@@ -132,10 +132,10 @@ def scan_topk_kernel(
     row_start = pid_s * rows_per_split
     row_stop = tl.minimum(row_start + rows_per_split, n_rows)
     best = empty_best(BLOCK_Q, KP)
+    floor = tl.full((BLOCK_Q,), float("-inf"), tl.float32)
     if HAS_TAU:  # a floor known beforehand: rows scoring at most tau[q] are never kept
-        threshold = tl.load(tau_ptr + offs_q, mask=q_mask, other=float("-inf"))
-    else:
-        threshold = tl.full((BLOCK_Q,), float("-inf"), tl.float32)
+        floor = tl.load(tau_ptr + offs_q, mask=q_mask, other=float("-inf"))
+    threshold = floor
     for n0 in range(row_start, row_stop, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < row_stop
@@ -174,6 +174,8 @@ def scan_topk_kernel(
         if SELECT:
             rows = offs_n[None, :] + tl.zeros((BLOCK_Q, BLOCK_N), tl.int32)
             best, threshold = offer_tile(best, threshold, scores, rows, KP)
+            if HAS_TAU:  # until the running best is full its worst slot is empty (-inf): keep the floor
+                threshold = tl.maximum(threshold, floor)
         else:  # diagnostics only: the scan without selection (its answer is not a top-k)
             threshold = tl.maximum(threshold, tl.max(scores, axis=1))
     slots = tl.arange(0, KP)
