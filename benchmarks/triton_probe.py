@@ -206,7 +206,7 @@ def kernels(n: int, d: int, label: str) -> None:
         fns[f"seeded {bq}x{bn}x{bd} w{w} s{st} m{mult}"] = lambda cfg=cfg: launch.scan_topk(
             qi, xi, None, 0, 16, cfg, tau
         )
-    out = {}
+    out: dict[str, Any] = {}
     for name, fn in fns.items():
         try:
             out[name] = interleaved({name: fn}, 5, rounds=1)[name]
@@ -228,9 +228,10 @@ def part_sweep1() -> None:
     x = data(1_000_000, 768).to(torch.bfloat16)
     q = queries(1, 768).to(torch.bfloat16)
     fns = {}
-    for bq, bn, bd, w, st, splits in ((16, 64, 128, 4, 3, 528), (16, 128, 128, 4, 3, 528), (16, 128, 64, 4, 4, 528),
-                                      (16, 64, 256, 4, 3, 528), (16, 64, 128, 8, 3, 528), (16, 128, 128, 8, 3, 264),
-                                      (16, 32, 256, 4, 3, 1056), (16, 64, 128, 4, 4, 396), (16, 256, 64, 8, 3, 264)):  # fmt: skip
+    variants = ((16, 64, 128, 4, 3, 528), (16, 128, 128, 4, 3, 528), (16, 128, 64, 4, 4, 528), (16, 64, 256, 4, 3, 528),
+                (16, 64, 128, 8, 3, 528), (16, 128, 128, 8, 3, 264), (16, 32, 256, 4, 3, 1056),
+                (16, 64, 128, 4, 4, 396), (16, 256, 64, 8, 3, 264))  # fmt: skip
+    for bq, bn, bd, w, st, splits in variants:
         for use_dot in (True, False):
             if not use_dot and bn * bd > 8192:
                 continue
@@ -238,7 +239,7 @@ def part_sweep1() -> None:
             fns[f"{'dot' if use_dot else 'simt'} {bq}x{bn}x{bd} w{w} s{st} sp{splits}"] = lambda cfg=cfg: (
                 launch.scan_topk(q, x, None, 0, 16, cfg)
             )
-    out = {}
+    out: dict[str, Any] = {}
     for name, fn in fns.items():
         try:
             out[name] = interleaved({name: fn}, 10, rounds=1)[name]
@@ -248,36 +249,34 @@ def part_sweep1() -> None:
 
 
 def part_l1sweep() -> None:
-    """l1 through the row-major SIMT scan (bf16 rows, abs-difference sums over D tiles) instead of the column-major kernel."""
+    """l1 through the row-major SIMT scan (bf16 rows, abs-difference sums over D tiles) and the column-major kernel."""
+    l1_shapes(1_000_000, 768, 1, ((1, 64, 128, 4, 528), (1, 128, 64, 4, 528), (1, 32, 256, 4, 1056),
+                                  (1, 64, 128, 8, 264), (1, 16, 512, 4, 1056)))  # fmt: skip
+    l1_shapes(10_000_000, 128, 16, ((16, 16, 64, 4, 264), (16, 32, 32, 4, 264), (8, 32, 64, 4, 132),
+                                    (16, 16, 128, 8, 264), (4, 64, 64, 4, 132), (16, 64, 16, 4, 264)))  # fmt: skip
+
+
+def l1_shapes(n: int, d: int, nq: int, shapes: tuple[tuple[int, int, int, int, int], ...]) -> None:
     from gpurag_triton import launch
 
-    for n, d, nq, shapes in (
-        (1_000_000, 768, 1, ((1, 64, 128, 4, 528), (1, 128, 64, 4, 528), (1, 32, 256, 4, 1056), (1, 64, 128, 8, 264),
-                             (1, 16, 512, 4, 1056))),
-        (10_000_000, 128, 16, ((16, 16, 64, 4, 264), (16, 32, 32, 4, 264), (8, 32, 64, 4, 132), (16, 16, 128, 8, 264),
-                               (4, 64, 64, 4, 132), (16, 64, 16, 4, 264))),
-    ):  # fmt: skip
-        x = data(n, d).to(torch.bfloat16)
-        q = queries(nq, d).to(torch.bfloat16)
-        qt, xt = q.T.contiguous(), x.T.contiguous()
-        ref = launch.l1_scan(qt, xt, 16)
-        want, _ = launch.decode(ref.keys.reshape(nq, -1))
-        want = torch.topk(want, 10, dim=1).values
-        out = {}
-        for bq, bn, bd, w, splits in shapes:
-            cfg = launch.ScanConfig(False, bq, bn, bd, splits, w, 3)
-            name = f"simt {bq}x{bn}x{bd} w{w} sp{splits}"
-            try:
-                got, _ = launch.decode(launch.scan_topk(q, x, None, 2, 16, cfg).keys.reshape(nq, -1))
-                same = bool(torch.equal(torch.topk(got, 10, dim=1).values, want))
-                out[name] = [interleaved({name: lambda cfg=cfg: launch.scan_topk(q, x, None, 2, 16, cfg)}, 10, 1)[name],
-                             same]  # fmt: skip
-            except Exception as exc:
-                out[name] = f"{type(exc).__name__}: {exc}"[:120]
-        out["column_major_now"] = interleaved({"c": lambda: launch.l1_scan(qt, xt, 16)}, 10, 1)["c"]
-        emit(part=f"l1sweep N={n} D={d} Q={nq}", **out)
-        del x, xt
-        torch.cuda.empty_cache()
+    x = data(n, d).to(torch.bfloat16)
+    q = queries(nq, d).to(torch.bfloat16)
+    qt, xt = q.T.contiguous(), x.T.contiguous()
+    want, _ = launch.decode(launch.l1_scan(qt, xt, 16).keys.reshape(nq, -1))
+    want = torch.topk(want, 10, dim=1).values
+    out: dict[str, Any] = {}
+    for bq, bn, bd, w, splits in shapes:
+        cfg = launch.ScanConfig(False, bq, bn, bd, splits, w, 3)
+        name = f"simt {bq}x{bn}x{bd} w{w} sp{splits}"
+        try:
+            got, _ = launch.decode(launch.scan_topk(q, x, None, 2, 16, cfg).keys.reshape(nq, -1))
+            close = bool(torch.allclose(torch.topk(got, 10, dim=1).values, want, rtol=1e-5))
+            ms = interleaved({name: lambda cfg=cfg: launch.scan_topk(q, x, None, 2, 16, cfg)}, 10, 1)[name]
+            out[name] = [ms, close]
+        except Exception as exc:
+            out[name] = f"{type(exc).__name__}: {exc}"[:120]
+    out["column_major_now"] = interleaved({"c": lambda: launch.l1_scan(qt, xt, 16)}, 10, 1)["c"]
+    emit(part=f"l1sweep N={n} D={d} Q={nq}", **out)
 
 
 def part_l1() -> None:
