@@ -124,6 +124,13 @@ def q1_metric(x: torch.Tensor, metric: str) -> None:
             finally:
                 backend.use_finish = True
 
+        def search_graph_fused() -> Any:
+            backend.use_graphs, backend.finish_split_below = True, 0
+            try:
+                return index.search(q, K)
+            finally:
+                backend.finish_split_below = 132
+
         def topk_graph() -> Any:
             backend.use_graphs = True
             return backend.topk(q, database, K)
@@ -140,8 +147,10 @@ def q1_metric(x: torch.Tensor, metric: str) -> None:
         backend.use_graphs = False
         ok &= checked(f"q1 plain {metric}", sc, qs[:1], x, ref[:1], index.search(q, K))
         ok &= checked(f"q1 graph unfused {metric}", sc, qs[:1], x, ref[:1], search_graph_unfused())
+        ok &= checked(f"q1 graph fused {metric}", sc, qs[:1], x, ref[:1], search_graph_fused())
         ms = interleaved(
             {"search_graph": search_graph, "search_plain": search_plain, "search_graph_unfused": search_graph_unfused,
+             "search_graph_fused": search_graph_fused,
              "search_plain_unfused": search_plain_unfused, "topk_graph": topk_graph, "scan_only": scan_only}, 10
         )  # fmt: skip
         emit(part="q1", metric=metric, correct=ok, rescanned=backend.queries_rescanned, **ms)

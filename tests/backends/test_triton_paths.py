@@ -186,3 +186,19 @@ def test_seeded_scan_keeps_only_rows_above_the_floor(device: str) -> None:
     assert real.sum(dim=1).tolist() == [5, 5, 5]
     assert torch.equal(torch.sort(found.where(real, -1), dim=1).values[:, -5:].cpu(),
                        torch.sort(torch.topk(scores, 5, dim=1).indices, dim=1).values.cpu())  # fmt: skip
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("metric", [Metric.DOT, Metric.L2, Metric.COSINE, Metric.L1], ids=str)
+@pytest.mark.parametrize("split_below", [0, 1000], ids=["fused", "split"])
+def test_finish_kernel_is_exact_whether_it_sums_the_candidates_itself_or_not(
+    device: str, metric: Metric, split_below: int
+) -> None:
+    backend = _triton(device)
+    backend.finish_split_below = split_below  # 0: one program per query gathers and sums its candidates
+    rng = np.random.default_rng(18)
+    vectors = rng.standard_normal((700, 21)).astype(np.float32)
+    queries = rng.standard_normal((3, 21)).astype(np.float32)
+    scores, ids = _search(backend, queries, vectors, metric, 7)
+    ref.assert_topk_matches(queries, vectors, metric, scores, ids, 7)
+    assert backend.queries_rescanned == 0

@@ -57,6 +57,9 @@ SEED_MIN_QUERIES = 64
 SEED_MIN_ROWS = 1 << 16
 SEED_SAMPLE_RANK = 8
 SEED_SAMPLE_STRIDE = 32
+#: Below this many queries (an H200's multiprocessors) the finish kernel's one program per query would
+#: leave most of the GPU idle while it gathers the candidates: `kernels.rescore` sums them first.
+FINISH_SPLIT_BELOW = 132
 #: Query counts probed for a change of kernel or tile (`launch.choose_scan_config` switches at 16 and 512).
 BOUNDARY_QUERY_PROBE = 1024
 
@@ -81,8 +84,10 @@ class TritonBackend(TorchBackend):
         #: Replay CUDA graphs for small searches (`GRAPH_MAX_QUERIES`); seed large ones with a sampled floor.
         self.use_graphs = True
         self.use_seed = True
-        #: Re-score, order and certify a scan's shortlist in one kernel (`kernels.finish`).
+        #: Re-score, order and certify a scan's shortlist in one kernel (`kernels.finish`); below this
+        #: many queries the re-scoring runs first on its own, wider grid.
         self.use_finish = True
+        self.finish_split_below = FINISH_SPLIT_BELOW
         from gpurag_triton.graphs import GraphCache
 
         self._graphs = GraphCache()
@@ -302,7 +307,7 @@ class TritonBackend(TorchBackend):
         metric_code = {Metric.DOT: 0, Metric.L2: 1, Metric.L1: 2, Metric.COSINE: 3}[metric]
         return launch.finish(
             q, database.vectors, keys, cutoff, norms.max(), norms if metric is Metric.COSINE else None, k,
-            metric_code, finish_bounds(metric, database.dim),
+            metric_code, finish_bounds(metric, database.dim), self.finish_split_below,
         )  # fmt: skip
 
     def _scan_inputs(

@@ -303,10 +303,12 @@ def finish(
     k: int,
     metric_code: int,
     bounds: Bounds,
+    split_below: int = 0,
 ) -> Finished:
     """Re-score the candidate ``keys`` (Q, M) in float32, keep the k best, certify them (`kernels.finish`).
 
-    ``metric_code``: 0 dot, 1 l2, 2 l1, 3 cosine (``row_norms`` then the rows' norms).
+    ``metric_code``: 0 dot, 1 l2, 2 l1, 3 cosine (``row_norms`` then the rows' norms). Below
+    ``split_below`` queries the candidates are summed by `rescore` first (its grid is wider).
     """
     _check_matrix(queries, "queries", torch.float32, vectors.device)
     _check_matrix(vectors, "vectors", torch.float32, queries.device)
@@ -322,11 +324,16 @@ def finish(
     certified = torch.empty(n_queries, dtype=torch.int8, device=device)
     flags = torch.zeros(2, dtype=torch.int32, device=device)
     norms = row_norms if row_norms is not None else max_norm
+    sums = None
+    if n_queries < split_below:  # few queries: gather and sum the candidates over many programs first
+        term = {0: 2, 1: 0, 2: 1, 3: 2}[metric_code]
+        sums = rescore(queries, vectors, (keys.view(torch.int64) & 0xFFFFFFFF).clamp_(max=vectors.shape[0] - 1), term)
     finish_kernel[(n_queries,)](
-        queries, vectors, keys, cutoff_keys.contiguous(), max_norm, norms, scores, rows, certified, flags,
+        queries, vectors, keys, keys if sums is None else sums, cutoff_keys.contiguous(), max_norm, norms,
+        scores, rows, certified, flags,
         n_candidates, vectors.shape[0], queries.shape[1], queries.stride(0), vectors.stride(0), k,
         bounds.rel, bounds.floor, bounds.cosine_error, bounds.slack_scale, bounds.safe_reach,
-        METRIC=metric_code, M=m, BLOCK_D=block_d, num_warps=4 if m <= 256 else 8,
+        METRIC=metric_code, M=m, BLOCK_D=block_d, HAS_SUMS=sums is not None, num_warps=4 if m <= 256 else 8,
     )  # fmt: skip
     return Finished(scores, rows, certified.view(torch.bool), flags)
 

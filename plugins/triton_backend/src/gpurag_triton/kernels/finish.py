@@ -4,7 +4,9 @@ Given each query's candidate rows (packed keys from the scan, in any order; keys
 empty slots) and the cutoff key (no row left out scores above it), a program:
 
 1. scores each candidate directly in float32 (l2: Σ(x - q)², l1: Σ|x - q|, dot / cosine: Σ x q, cosine
-   then divided by both norms, 0 where one is 0), and |q| (l1: Σ|q|) along the way;
+   then divided by both norms, 0 where one is 0), and |q| (l1: Σ|q|) along the way; with
+   ``HAS_SUMS`` the sums come from `kernels.rescore` instead (few queries: its grid spreads the
+   candidates' reads over many programs);
 2. sorts the candidates best first, equal scores by lower row, and writes the k best;
 3. certifies them as `gpurag_torch.exact.certify` does, with the bounds of `gpurag_torch.exact`
    (their dimension-only factors come in as scalars), and flags the search when float32 terms may
@@ -42,6 +44,7 @@ def finish_kernel(
     q_ptr,
     x_ptr,
     keys_ptr,
+    sums_ptr,
     cutoff_ptr,
     max_norm_ptr,
     row_norms_ptr,
@@ -63,6 +66,7 @@ def finish_kernel(
     METRIC: tl.constexpr,
     M: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    HAS_SUMS: tl.constexpr,
 ):
     """Query ``program_id(0)``: its k best candidates of ``keys`` (Q, n_candidates), certified (module doc)."""
     pid = tl.program_id(0)
@@ -82,23 +86,27 @@ def finish_kernel(
         offs_d = d0 + tl.arange(0, BLOCK_D)
         d_mask = offs_d < dim
         q = tl.load(q_ptr + pid * stride_q + offs_d, mask=d_mask, other=0.0)
-        x = tl.load(
-            x_ptr + rows.to(tl.int64)[:, None] * stride_x + offs_d[None, :],
-            mask=m_mask[:, None] & d_mask[None, :],
-            other=0.0,
-        )
-        if METRIC == L2:
-            diff = x - q[None, :]
-            acc += diff * diff
-        elif METRIC == L1:
-            acc += tl.abs(x - q[None, :])
-        else:
-            acc += x * q[None, :]
+        if not HAS_SUMS:
+            x = tl.load(
+                x_ptr + rows.to(tl.int64)[:, None] * stride_x + offs_d[None, :],
+                mask=m_mask[:, None] & d_mask[None, :],
+                other=0.0,
+            )
+            if METRIC == L2:
+                diff = x - q[None, :]
+                acc += diff * diff
+            elif METRIC == L1:
+                acc += tl.abs(x - q[None, :])
+            else:
+                acc += x * q[None, :]
         if METRIC == L1:
             q_acc += tl.abs(q)
         else:
             q_acc += q * q
-    sums = tl.sum(acc, axis=1)
+    if HAS_SUMS:  # noqa: SIM108 (constexpr) summed beforehand by `kernels.rescore` (a wider grid)
+        sums = tl.load(sums_ptr + pid * n_candidates + offs_m, mask=m_mask, other=0.0)
+    else:
+        sums = tl.sum(acc, axis=1)
     q_norm = tl.sum(q_acc, axis=0)
     if METRIC != L1:
         q_norm = tl.sqrt(q_norm)
