@@ -117,13 +117,6 @@ def q1_metric(x: torch.Tensor, metric: str) -> None:
             finally:
                 backend.use_finish = True
 
-        def search_plain_unfused() -> Any:
-            backend.use_graphs, backend.use_finish = False, False
-            try:
-                return index.search(q, K)
-            finally:
-                backend.use_finish = True
-
         def search_graph_fused() -> Any:
             backend.use_graphs, backend.finish_split_below = True, 0
             try:
@@ -151,7 +144,7 @@ def q1_metric(x: torch.Tensor, metric: str) -> None:
         ms = interleaved(
             {"search_graph": search_graph, "search_plain": search_plain, "search_graph_unfused": search_graph_unfused,
              "search_graph_fused": search_graph_fused,
-             "search_plain_unfused": search_plain_unfused, "topk_graph": topk_graph, "scan_only": scan_only}, 10
+             "topk_graph": topk_graph, "scan_only": scan_only}, 10
         )  # fmt: skip
         emit(part="q1", metric=metric, correct=ok, rescanned=backend.queries_rescanned, **ms)
 
