@@ -223,6 +223,38 @@ def _replace(cfg: Any, **kw: Any) -> Any:
     return dataclasses.replace(cfg, **kw)
 
 
+def part_seedrank() -> None:
+    """SEED_SAMPLE_RANK 4 against 8 (the floor's rank in the sample) on 1M x 768, Q=1024."""
+    from gpurag_triton import backend as tb
+
+    x = data(1_000_000, 768)
+    q = queries(1024, 768)
+    for metric in ("l2", "cosine", "dot"):
+        sc = gpu_report.Scenario(1_000_000, 768, 1024, metric, 6.0, 2.3, "")
+        ref = gpu_report.reference_scores(q[:64], x, metric)
+        index = index_for(metric, x)
+        backend = index.backend
+
+        def with_rank(rank: int, index: Any = index) -> Any:
+            def search() -> Any:
+                tb.SEED_SAMPLE_RANK = rank
+                try:
+                    return index.search(q, K)
+                finally:
+                    tb.SEED_SAMPLE_RANK = 8
+
+            return search
+
+        fns = {"rank8": with_rank(8), "rank4": with_rank(4), "rank2": with_rank(2)}
+        ok = all(checked(f"seedrank {name} {metric}", sc, q, x, ref, fn()) for name, fn in fns.items())
+        backend.queries_searched = backend.queries_rescanned = 0
+        ms = interleaved(fns, 2, rounds=2)
+        emit(part="seedrank 1Mx768 Q1024", metric=metric, correct=ok, rescanned=backend.queries_rescanned,
+             searched=backend.queries_searched, **ms)  # fmt: skip
+        del index
+        torch.cuda.empty_cache()
+
+
 def part_sweep1() -> None:
     """Q=1 scan kernel variants (bf16 dot, 1M x 768), with selection."""
     from gpurag_triton import launch
@@ -310,6 +342,11 @@ def main() -> None:
                 kernels(10_000_000, 128, "10Mx128")
             elif part == "kernels768":
                 kernels(1_000_000, 768, "1Mx768")
+            elif part == "seedrank":
+                part_seedrank()
+            elif part == "l1sweep16":
+                l1_shapes(10_000_000, 128, 16, ((16, 16, 64, 4, 264), (16, 32, 32, 4, 264), (8, 32, 64, 4, 132),
+                                                (16, 16, 128, 8, 264)))  # fmt: skip
             elif part == "sweep1":
                 part_sweep1()
             elif part == "l1sweep":

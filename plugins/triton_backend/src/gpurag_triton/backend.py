@@ -37,8 +37,9 @@ SHORTLIST_MIN = 256
 ROWS_T = "rows_t"
 LOW_T = "low_t"
 #: Whether l1's bf16 shortlist reads row-major bf16 rows through the SIMT scan (`kernels.scan`, a
-#: D-tile of abs-difference sums per row) rather than column-major ones through `kernels.l1`.
-L1_ROW_MAJOR = True
+#: D-tile of abs-difference sums per row) rather than column-major ones through `kernels.l1`. Off: on
+#: the H200 the row-major scan took 1.24 ms for 1M x 768 at Q = 1, the column-major kernel 0.90.
+L1_ROW_MAJOR = False
 #: Largest Q for which l1 also shortlists in bf16 (above it l1 is compute-bound and stays float32).
 L1_LOW_MAX_QUERIES = 16
 #: Keys each (query, split) keeps for the k the conformance kit asks (k <= 16): the shortlist
