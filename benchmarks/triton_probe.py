@@ -342,6 +342,8 @@ def main() -> None:
                 kernels(10_000_000, 128, "10Mx128")
             elif part == "kernels768":
                 kernels(1_000_000, 768, "1Mx768")
+            elif part == "tenm_l2":
+                part_big(10_000_000, 128, "10Mx128 Q1024", ("l2", "dot"))
             elif part == "seedrank":
                 part_seedrank()
             elif part == "l1sweep16":
