@@ -1,8 +1,10 @@
 """`RAGPipeline`: questions in, answers with their sources and per-stage timings out.
 
 Retrieval is ``dense`` (the embedder and the corpus's retriever), ``lexical`` (BM25) or
-``hybrid`` (both, each giving ``retrieval_depth`` candidates, fused by `gpurag.rag.fusion`);
-an optional re-ranker then reorders the first ``rerank_depth`` candidates.
+``hybrid`` (both, each giving ``retrieval_depth`` candidates, fused by `gpurag.rag.fusion`, then
+each candidate given its document's scores, `gpurag.rag.documents`); at most
+``passages_per_source`` passages of one source are kept; an optional re-ranker then reorders the
+first ``rerank_depth`` candidates.
 """
 
 from __future__ import annotations
@@ -17,13 +19,15 @@ import numpy as np
 from gpurag.arrays import check_k
 from gpurag.errors import GpuragError, InvalidInputError
 from gpurag.rag.corpus import CorpusIndex, Progress, check_embedder, read_corpus_manifest
-from gpurag.rag.fusion import Ranking, check_fusion, fuse
+from gpurag.rag.documents import at_most_per_document
+from gpurag.rag.fusion import Ranking, add_document_scores, check_fusion, fuse
 from gpurag.rag.rerankers import Reranker, get_reranker
 from gpurag.rag.types import Answer, Embedder, Generator, Passage
 from gpurag.settings import get_settings
 
 #: The keys of `Answer.timings`, in seconds, each the whole batch's time for that stage (0 when skipped):
-#: question embedding, dense search, lexical search, fusion, re-ranking, generation, and all of it.
+#: question embedding, dense search, lexical search, fusion (document scores included), re-ranking,
+#: generation, and all of it.
 TIMING_KEYS = ("embed_s", "search_s", "lexical_s", "fuse_s", "rerank_s", "generate_s", "total_s")
 #: The retrieval modes.
 RETRIEVALS = ("dense", "lexical", "hybrid")
@@ -119,16 +123,18 @@ class RAGPipeline:
     ) -> tuple[list[list[Passage]], dict[str, float]]:
         """Each query's ``k`` best passages, and the batch's seconds per retrieval stage.
 
-        One embedding call, one dense search, one lexical search, one fusion pass and one
-        re-ranking call for the whole batch, each only where the mode needs it.
+        One embedding call, one dense search, one lexical search, one fusion pass (with one
+        document scoring) and one re-ranking call for the whole batch, each only where the mode needs it.
         """
         clock = time.perf_counter()
         questions = _check_queries(queries)
         k = _check_k(k)
         settings = get_settings()
+        limit = settings.passages_per_source
         # How many candidates retrieval hands on: k, or what the re-ranker and the fusion look at.
         wanted = max(k, settings.rerank_depth) if self.reranker is not None else k
-        depth = max(wanted, settings.retrieval_depth) if self.retrieval == "hybrid" else wanted
+        # Fusion, and keeping few passages per source, look deeper than what they hand on.
+        depth = max(wanted, settings.retrieval_depth) if self.retrieval == "hybrid" or limit else wanted
         timings = dict.fromkeys(TIMING_KEYS, 0.0)
         vectors: Any = None
         if self.retrieval != "lexical" or self.reranker is not None:
@@ -139,26 +145,45 @@ class RAGPipeline:
         if self.retrieval != "lexical":
             dense = self.corpus.dense_rankings(vectors, depth)
             if self.retrieval == "dense":
-                dense = [(ids[:wanted], scores[:wanted]) for ids, scores in dense]
-                passages = self.corpus.passages(dense)
+                passages = self.corpus.passages([self._select(ranking, limit, wanted) for ranking in dense])
             clock = _lap(timings, "search_s", clock)
         if self.retrieval != "dense":
             lexical = self.corpus.lexical_rankings(questions, depth)
             if self.retrieval == "lexical":
-                passages = self.corpus.passages([(ids[:wanted], scores[:wanted]) for ids, scores in lexical])
+                passages = self.corpus.passages([self._select(ranking, limit, wanted) for ranking in lexical])
             clock = _lap(timings, "lexical_s", clock)
         if self.retrieval == "hybrid":
             weight = settings.fusion_weight
-            fused = [
-                fuse([d, lex], wanted, fusion=self.fusion, rrf_k=settings.rrf_k, weights=[weight, 1 - weight])
-                for d, lex in zip(dense, lexical, strict=True)
-            ]
+            document_weights = [settings.document_dense_weight, settings.document_lexical_weight]
+            documents: tuple[list[Ranking], list[Ranking]] = ([], [])
+            if any(document_weights):
+                documents = self.corpus.document_rankings(self.embedder, vectors, questions, depth)
+            fused = []
+            for q, (d, lex) in enumerate(zip(dense, lexical, strict=True)):
+                candidates = len(d[0]) + len(lex[0])  # all of them: document scores may reorder any
+                ranking = fuse(
+                    [d, lex], candidates, fusion=self.fusion, rrf_k=settings.rrf_k, weights=[weight, 1 - weight]
+                )
+                if any(document_weights):
+                    ranking = add_document_scores(
+                        ranking,
+                        self.corpus.owners,
+                        [documents[0][q], documents[1][q]],
+                        document_weights,
+                        fusion=self.fusion,
+                        rrf_k=settings.rrf_k,
+                    )
+                fused.append(self._select(ranking, limit, wanted))
             passages = self.corpus.passages(fused)
             clock = _lap(timings, "fuse_s", clock)
         if self.reranker is not None:
             passages = self.reranker.rerank(questions, np.asarray(vectors), passages, k)
             clock = _lap(timings, "rerank_s", clock)
         return passages, timings
+
+    def _select(self, ranking: Ranking, limit: int, k: int) -> Ranking:
+        """The ``k`` best of ``ranking`` with at most ``limit`` chunks per source (0: no limit)."""
+        return at_most_per_document(ranking, self.corpus.owners, limit, k)
 
     def answer_batch(self, queries: Sequence[str], k: int | None = None) -> list[Answer]:
         """Answer every query: each retrieval stage once for the batch (`retrieve_batch`), one generation call.
