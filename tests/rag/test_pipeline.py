@@ -355,3 +355,10 @@ def test_at_most_passages_per_source_in_every_mode(monkeypatch: pytest.MonkeyPat
         (answer,) = long_pipeline(retrieval=mode).answer_batch(question, k=4)
         sources = [p.source for p in answer.sources]
         assert max(sources.count(source) for source in sources) >= 3, mode  # no limit: one page may fill it
+
+
+def test_passages_per_source_is_an_option_checked_by_name() -> None:
+    (answer,) = long_pipeline(retrieval="dense", passages_per_source=0).answer_batch(["walrus"], k=3)
+    assert [p.source for p in answer.sources].count("notes/strings.md") >= 2
+    with pytest.raises(InvalidInputError, match="passages_per_source must be >= 0; got -1"):
+        long_pipeline(passages_per_source=-1)

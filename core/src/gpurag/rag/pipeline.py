@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from gpurag.arrays import check_k
+from gpurag.arrays import check_int, check_k
 from gpurag.errors import GpuragError, InvalidInputError
 from gpurag.rag.corpus import CorpusIndex, Progress, check_embedder, read_corpus_manifest
 from gpurag.rag.documents import at_most_per_document
@@ -48,6 +48,8 @@ class RAGPipeline:
     :param retrieval: ``dense``, ``lexical`` or ``hybrid``; None takes the ``retrieval`` setting.
     :param reranker: ``none``, ``sentence`` or a `Reranker`; None takes the ``reranker`` setting.
     :param fusion: ``rrf`` or ``weighted``; None takes the ``fusion`` setting.
+    :param passages_per_source: most passages of one source per question (0: no limit); None takes
+        the ``passages_per_source`` setting.
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class RAGPipeline:
         retrieval: str | None = None,
         reranker: str | Reranker | None = None,
         fusion: str | None = None,
+        passages_per_source: int | None = None,
     ) -> None:
         check_embedder(embedder, corpus.embedder_name, corpus.embedder_dim, "given to the pipeline")
         settings = get_settings()
@@ -68,6 +71,11 @@ class RAGPipeline:
         self.retrieval = check_retrieval(retrieval or settings.retrieval)
         self.fusion = check_fusion(fusion or settings.fusion)
         self.reranker = get_reranker(settings.reranker if reranker is None else reranker, embedder)
+        self.passages_per_source = check_int(
+            settings.passages_per_source if passages_per_source is None else passages_per_source,
+            "passages_per_source",
+            minimum=0,
+        )
 
     def __repr__(self) -> str:
         reranker = self.reranker.name if self.reranker is not None else "none"
@@ -90,7 +98,7 @@ class RAGPipeline:
         :param embedder: an embedder or its name; None takes the ``embedder`` setting.
         :param generator: a generator or its name; None takes the ``generator`` setting (``extractive``).
         :param progress: passed to `load_default_corpus` for a first build.
-        :param options: ``retrieval``, ``reranker``, ``fusion`` (see the class).
+        :param options: ``retrieval``, ``reranker``, ``fusion``, ``passages_per_source`` (see the class).
         """
         from gpurag.rag.default_corpus import load_default_corpus
 
@@ -110,7 +118,7 @@ class RAGPipeline:
     ) -> RAGPipeline:
         """A pipeline over the corpus saved at ``path``; with no embedder, the one its manifest names.
 
-        :param options: ``retrieval``, ``reranker``, ``fusion`` (see the class).
+        :param options: ``retrieval``, ``reranker``, ``fusion``, ``passages_per_source`` (see the class).
         """
         if embedder is None:
             embedder = read_corpus_manifest(path)["embedder"]["name"]
@@ -130,7 +138,7 @@ class RAGPipeline:
         questions = _check_queries(queries)
         k = _check_k(k)
         settings = get_settings()
-        limit = settings.passages_per_source
+        limit = self.passages_per_source
         # How many candidates retrieval hands on: k, or what the re-ranker and the fusion look at.
         wanted = max(k, settings.rerank_depth) if self.reranker is not None else k
         # Fusion, and keeping few passages per source, look deeper than what they hand on.
