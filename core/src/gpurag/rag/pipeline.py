@@ -76,6 +76,8 @@ class RAGPipeline:
             "passages_per_source",
             minimum=0,
         )
+        if self.retrieval == "hybrid" and (settings.document_dense_weight or settings.document_lexical_weight):
+            corpus.document_index(embedder)  # a corpus saved without one gets it now, not at the first question
 
     def __repr__(self) -> str:
         reranker = self.reranker.name if self.reranker is not None else "none"
