@@ -293,3 +293,64 @@ def test_process_nodes_stream_a_real_models_tokens(
         answers.add(done["answer"])
     assert len(answers) == len(questions)  # each client got its own answer
     assert [s.named("done")[0]["answer"] for s in streams] == [p["answer"] for p in plain]
+
+
+def test_gpurag_ask_streams_the_servers_answer(small_corpus: Path, step_generators: None) -> None:
+    from click.testing import CliRunner
+
+    from gpurag.rag import commands
+    from gpurag.rag.remote import ask_server
+
+    runner = CliRunner()
+    with batched_server(small_corpus, "steps", dispatch_when_idle=True) as server:
+        texts: list[tuple[float, str, bool]] = []
+        response = ask_server(server.url, "alpha", 2, on_text=lambda t, r: texts.append((time.monotonic(), t, r)))
+        answered = time.monotonic()
+        streamed = runner.invoke(commands.ask_command, ["alpha", "-k", "2", "--server", server.url])
+        plain = runner.invoke(commands.ask_command, ["bravo", "--server", server.url, "--no-stream"])
+        as_json = runner.invoke(commands.ask_command, ["charlie", "--server", server.url, "--json"])
+        bad_k = runner.invoke(commands.ask_command, ["alpha", "-k", "0", "--server", server.url])
+        mixed = runner.invoke(commands.ask_command, ["alpha", "--server", server.url, "--generator", "local"])
+    assert [t for _, t, _ in texts] == [f" alpha:{step}" for step in range(STEPS)]
+    assert texts[0][0] < answered - STEPS * STEP_S / 2  # the first piece came while the answer was written
+    assert response["answer"] == expected_answer("alpha")
+    assert streamed.exit_code == 0, streamed.output
+    assert streamed.output.startswith(f" {expected_answer('alpha')}\n\nPassages retrieved (score, source):\n  [1] ")
+    assert len(streamed.output.splitlines()) == 5  # answer, blank, heading, two passages
+    assert plain.exit_code == 0, plain.output
+    assert plain.output.startswith(f"{expected_answer('bravo')}\n\nPassages retrieved")
+    assert as_json.exit_code == 0, as_json.output
+    assert orjson.loads(as_json.output)["answer"] == expected_answer("charlie")
+    assert bad_k.exit_code == 1
+    assert "422 invalid_request" in bad_k.output
+    assert "k must be between 1" in bad_k.output
+    assert mixed.exit_code == 2
+    assert "--generator cannot be given with it" in mixed.output
+    gone = runner.invoke(commands.ask_command, ["alpha", "--server", server.url])
+    assert gone.exit_code == 1
+    assert "could not be asked" in gone.output
+
+
+@pytest.mark.slow
+def test_the_packaged_model_streams_through_the_server(small_corpus: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real `local` generator (SmolLM2, de-quantised into the cache on first use) behind a thread node."""
+    from gpurag.rag.generators import LocalGenerator
+
+    if not LocalGenerator.availability("smollm2-135m"):
+        pytest.skip(LocalGenerator.availability("smollm2-135m").reason)
+    monkeypatch.setenv("GPURAG_LOCAL_MAX_NEW_TOKENS", "24")
+    questions = ["how does the with statement work?", "what does the try statement do?"]
+    with batched_server(small_corpus, "local", request_timeout_s=600, wait_ready=False) as server:
+        deadline = time.monotonic() + 600  # the first start de-quantises the model
+        while httpx.get(f"{server.url}/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "the node did not start"
+            time.sleep(0.2)
+        streams = asyncio.run(stream_all(server.url, [{"query": q, "k": 2, "stream": True} for q in questions]))
+    for question, stream in zip(questions, streams, strict=True):
+        assert stream.named("error") == []
+        (done,) = stream.named("done")
+        assert done["query"] == question
+        assert done["batch_size"] == len(questions)
+        assert len(stream.named("token")) >= 5
+        assert stream.text.strip() == done["answer"]
+        assert stream.at("token")[0] < stream.at("done")[0]
