@@ -62,12 +62,12 @@ def ask_server(
 
 def server_sent_events(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
     """(event name, data) for each event in the lines of a ``text/event-stream`` body."""
-    event, data = "message", []
+    event, data = "message", list[str]()
     for line in lines:
         if not line:
             if data:
                 yield event, "\n".join(data)
-            event, data = "message", []
+            event, data = "message", list[str]()
         elif line.startswith("event:"):
             event = line[len("event:") :].strip()
         elif line.startswith("data:"):
