@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-start", action="store_true", help="do not measure the start-up times")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown report here (after each run)")
     parser.add_argument("--keep-model", type=Path, default=None, help="with --gguf: keep the de-quantised model here")
+    parser.add_argument("--only-dequantise", action="store_true", help="with --gguf and --keep-model: stop there")
     parser.add_argument("--dtype", default=None, help="float16 or bfloat16: cast the model (default: the generator's)")
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
@@ -166,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.keep_model:
                 shutil.rmtree(args.keep_model, ignore_errors=True)
                 shutil.copytree(model_path, args.keep_model)
+            if args.only_dequantise:
+                return 0
             model = f"{args.gguf[0].name} (given)"
         elif model_path is None and not args.skip_start:
             starts = start_times(model, args.device)

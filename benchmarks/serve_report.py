@@ -43,6 +43,7 @@ REPEATS = int(os.environ.get("SERVE_REPORT_REPEATS", "3"))
 GENERATOR = os.environ.get("SERVE_REPORT_GENERATOR")
 CLIENTS = int(os.environ.get("SERVE_REPORT_CLIENTS", "32"))
 SECONDS = float(os.environ.get("SERVE_REPORT_SECONDS", "15"))
+WARMUP_S = float(os.environ.get("SERVE_REPORT_WARMUP_S", "3"))  # 0: the answer checks are the only warm-up
 REPORT = Path(os.environ.get("SERVE_REPORT_OUT", str(RESULTS / "serve_report.md")))
 
 
@@ -53,11 +54,22 @@ def free_port() -> int:
         return port
 
 
-@contextlib.contextmanager
-def server(command: list[str], port: int, cpu: int | None = None, ready_s: float = 900) -> Iterator[str]:
-    """Start ``command`` (pinned to ``cpu``), wait until it answers, yield its URL, stop it."""
+def launch(command: list[str], cpu: int | None = None) -> subprocess.Popen[str]:
+    """Start ``command`` (pinned to ``cpu``)."""
     full = (["taskset", "-c", str(cpu)] if cpu is not None else []) + command
-    process = subprocess.Popen(full, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(full, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+@contextlib.contextmanager
+def server(
+    command: list[str],
+    port: int,
+    cpu: int | None = None,
+    ready_s: float = 900,
+    process: subprocess.Popen[str] | None = None,
+) -> Iterator[str]:
+    """Start ``command`` (unless ``process`` runs it already), wait until it answers, yield its URL, stop it."""
+    process = process or launch(command, cpu)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + ready_s
     try:
@@ -268,11 +280,18 @@ def row_batching(lines: list[str]) -> None:
     batched_cmd = [*gpurag_command(), "serve", "--port", str(batched_port), *options]
     single_cmd = [*gpurag_command(), "serve", "--port", str(single_port), *options, "--max-batch-size", "1"]
     runs: dict[str, list[LoadReport]] = {"batched": [], "single": []}
-    with server(batched_cmd, batched_port) as batched, server(single_cmd, single_port) as single:
+    with contextlib.ExitStack() as stack:
+        # Both servers load their models at once; stopped whatever happens.
+        processes = [launch(command) for command in (batched_cmd, single_cmd)]
+        for process in processes:
+            stack.callback(process.kill)
+        batched = stack.enter_context(server(batched_cmd, batched_port, process=processes[0]))
+        single = stack.enter_context(server(single_cmd, single_port, process=processes[1]))
         check_answer(batched, expect_sources=True)
         check_answer(single, expect_sources=True)
-        for url in (batched, single):
-            run_load(LoadSpec(url=url, clients=CLIENTS, duration_s=min(3, SECONDS)))  # warm-up
+        print(f"  both servers answer ({time.strftime('%H:%M:%S')})", flush=True)
+        for url in (batched, single) if WARMUP_S > 0 else ():
+            run_load(LoadSpec(url=url, clients=CLIENTS, duration_s=WARMUP_S))
         for _ in range(max(REPEATS - 1, 2)):
             for name, url in (("batched", batched), ("single", single)):
                 report = run_load(LoadSpec(url=url, clients=CLIENTS, duration_s=SECONDS))
@@ -288,8 +307,9 @@ def row_batching(lines: list[str]) -> None:
     med = {name: statistics.median(r.throughput for r in reports) for name, reports in runs.items()}
     ratio = med["batched"] / med["single"]
     lines += [
-        f"## 2. Batching pays (default pipeline: default corpus, all-MiniLM-L6-v2, {GENERATOR or 'extractive'}; "
-        f"{CLIENTS} closed-loop clients, {SECONDS:g} s runs)",
+        f"## 2. Batching pays (default pipeline: default corpus, all-MiniLM-L6-v2, {GENERATOR or 'extractive'}"
+        + (f" (at most {os.environ.get('GPURAG_LOCAL_MAX_NEW_TOKENS', 160)} new tokens)" * (GENERATOR == "local"))
+        + f"; {CLIENTS} closed-loop clients, {SECONDS:g} s runs, warm-up {WARMUP_S:g} s)",
         "",
         "| configuration | responses/s, median (runs) | p50 / p99 ms (median run) | mean batch size |",
         "|---|---|---|---|",
