@@ -338,14 +338,14 @@ def test_the_packaged_model_streams_through_the_server(small_corpus: Path, monke
 
     if not LocalGenerator.availability("smollm2-135m"):
         pytest.skip(LocalGenerator.availability("smollm2-135m").reason)
-    monkeypatch.setenv("GPURAG_LOCAL_MAX_NEW_TOKENS", "24")
+    monkeypatch.setenv("GPURAG_LOCAL_MAX_NEW_TOKENS", "16")
     questions = ["how does the with statement work?", "what does the try statement do?"]
     with batched_server(small_corpus, "local", request_timeout_s=600, wait_ready=False) as server:
         deadline = time.monotonic() + 600  # the first start de-quantises the model
         while httpx.get(f"{server.url}/readyz").status_code != 200:
             assert time.monotonic() < deadline, "the node did not start"
             time.sleep(0.2)
-        streams = asyncio.run(stream_all(server.url, [{"query": q, "k": 2, "stream": True} for q in questions]))
+        streams = asyncio.run(stream_all(server.url, [{"query": q, "k": 1, "stream": True} for q in questions]))
     for question, stream in zip(questions, streams, strict=True):
         assert stream.named("error") == []
         (done,) = stream.named("done")
