@@ -164,9 +164,12 @@ def main(argv: list[str] | None = None) -> int:
             model_path = model_dir_from_gguf(args.gguf, scratch)
             starts["de-quantise the given GGUF and save"] = time.perf_counter() - started
             print(f"de-quantised in {starts['de-quantise the given GGUF and save']:.1f} s", file=sys.stderr, flush=True)
-            if args.keep_model:
+            if args.keep_model:  # whole or not at all: another process may be waiting for it
+                partial = args.keep_model.with_name(args.keep_model.name + ".partial")
+                shutil.rmtree(partial, ignore_errors=True)
+                shutil.copytree(model_path, partial)
                 shutil.rmtree(args.keep_model, ignore_errors=True)
-                shutil.copytree(model_path, args.keep_model)
+                partial.rename(args.keep_model)
             if args.only_dequantise:
                 return 0
             model = f"{args.gguf[0].name} (given)"
