@@ -1,0 +1,50 @@
+"""The CUDA C++ kernels of gpurag-cupy, compiled once per process by NVRTC through `cupy.RawModule`."""
+
+from __future__ import annotations
+
+import functools
+from importlib import resources
+from typing import Any
+
+#: The kernel sources, in the order they are concatenated into one module.
+SOURCES = ("select.cu", "scores.cu")
+#: Every kernel the module exposes (template instances by their C++ names).
+NAMES = (
+    "radix_histogram<true>",
+    "radix_histogram<false>",
+    "radix_pick",
+    "radix_gather<true>",
+    "radix_gather<false>",
+    "l1_scores<1>",
+    "l1_scores<8>",
+    "l1_scores<16>",
+    "hamming_scores",
+    "rescore",
+    "pairwise_direct",
+)
+
+
+def source() -> str:
+    """The concatenated CUDA source of every kernel."""
+    folder = resources.files(__package__)
+    return "\n".join(folder.joinpath(name).read_text() for name in SOURCES)
+
+
+@functools.cache
+def module() -> Any:
+    """The compiled `cupy.RawModule` (NVRTC, for the current device's architecture; cupy caches the binary)."""
+    import cupy
+
+    return cupy.RawModule(code=source(), options=("-std=c++17",), name_expressions=NAMES)
+
+
+def kernel(name: str) -> Any:
+    """The kernel ``name`` (one of `NAMES`) of the compiled module, on the current device."""
+    import cupy
+
+    return _function(name, cupy.cuda.Device().id)
+
+
+@functools.cache
+def _function(name: str, device: int) -> Any:
+    return module().get_function(name)
