@@ -8,10 +8,12 @@ unavailable with the reason instead of failing.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import functools
 import importlib.util
 import math
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,24 +29,47 @@ from gpurag.settings import get_settings
 FLOAT32_SAFE_REACH = float(np.sqrt(np.finfo(np.float32).max)) / 2
 #: Keys one block of a selection pass reads at least (see `gpurag_cupy.select.KEYS_PER_BLOCK`).
 SELECTION_BLOCK_KEYS = 8192
+#: The CUDA driver's library, whose presence makes the backend available before cupy is imported.
+CUDA_DRIVER_LIBRARY = "libcuda.so.1"
 #: The install line named when cupy is missing.
 INSTALL_HINT = "pip install 'gpurag-cupy[cuda12]' or 'gpurag-cupy[cuda13]'"
 
 
 @functools.cache
 def cupy_availability() -> Availability:
-    """Whether cupy is installed and sees a CUDA device; why not, when it does not (cached)."""
+    """Whether cupy is installed and a CUDA driver is there; why not, when not (cached).
+
+    Answered without importing cupy or starting CUDA (a lookup must stay light, and a process that
+    forks must not have touched the driver): cupy is found by its spec, the driver by loading
+    ``libcuda``. Where cupy is already imported its own device count decides. A card cupy cannot use
+    after all is refused with the reason when the backend is made (`cupy_device_count`).
+    """
     if importlib.util.find_spec("cupy") is None:
         return Availability(False, f"cupy is not installed ({INSTALL_HINT})")
+    if "cupy" in sys.modules:
+        try:
+            cupy_device_count()
+        except BackendUnavailableError as exc:
+            return Availability(False, str(exc))
+        return Availability(True)
+    try:
+        ctypes.CDLL(CUDA_DRIVER_LIBRARY)
+    except OSError as exc:
+        return Availability(False, f"no CUDA driver ({CUDA_DRIVER_LIBRARY} cannot be loaded: {exc})")
+    return Availability(True)
+
+
+def cupy_device_count() -> int:
+    """The CUDA devices cupy sees; a `BackendUnavailableError` with the reason where it sees none or fails."""
     try:
         import cupy
 
         count = int(cupy.cuda.runtime.getDeviceCount())
     except Exception as exc:  # no driver, a driver too old, a broken install: unavailable, with the reason
-        return Availability(False, f"no CUDA driver or device for cupy ({type(exc).__name__}: {exc})")
+        raise BackendUnavailableError(f"no CUDA driver or device for cupy ({type(exc).__name__}: {exc})") from exc
     if count < 1:
-        return Availability(False, "cupy sees no CUDA device")
-    return Availability(True)
+        raise BackendUnavailableError("cupy sees no CUDA device")
+    return count
 
 
 class CupyBackend(DistanceBackend):
@@ -79,9 +104,7 @@ class CupyBackend(DistanceBackend):
         """Each CUDA device cupy sees (``cuda:0``, ``cuda:1``...); none where cupy cannot run."""
         if not cupy_availability():
             return ()
-        import cupy
-
-        return tuple(f"cuda:{index}" for index in range(cupy.cuda.runtime.getDeviceCount()))
+        return tuple(f"cuda:{index}" for index in range(cupy_device_count()))
 
     @classmethod
     def normalize_device(cls, device: str | None) -> str:

@@ -16,7 +16,7 @@ NEG_SQ_NORMS = "neg_sq_norms"
 INV_NORMS = "inv_norms"
 
 _squares = cupy.ReductionKernel("T x", "T y", "x * x", "a + b", "y = a", "0", "gpurag_sum_of_squares")
-_absolutes = cupy.ReductionKernel("T x", "T y", "abs(x)", "a + b", "y = a", "0", "gpurag_sum_of_absolutes")
+_absolutes = cupy.ReductionKernel("T x", "T y", "fabs(x)", "a + b", "y = a", "0", "gpurag_sum_of_absolutes")
 
 
 @dataclasses.dataclass
