@@ -1,4 +1,4 @@
-"""The CuPy backend: the conformance kit and any-k cases on CUDA; on CI, its unavailability and its kernels' compilation.
+"""The CuPy backend: the conformance kit and any-k cases on CUDA; on CI, its unavailability and its kernels compiling.
 
 CI has no GPU and installs gpurag-cupy without cupy (the extras ``cuda12`` / ``cuda13`` bring it):
 there the backend must be listed as unavailable with the reason, and every kernel must compile
@@ -63,7 +63,8 @@ def test_without_cupy_the_backend_is_unavailable_and_says_how_to_install_it(
     availability = cupy_backend.CupyBackend.availability()
     assert not availability
     assert availability.reason.startswith("cupy is not installed")
-    assert "gpurag-cupy[cuda12]" in availability.reason and "gpurag-cupy[cuda13]" in availability.reason
+    assert "gpurag-cupy[cuda12]" in availability.reason
+    assert "gpurag-cupy[cuda13]" in availability.reason
     with pytest.raises(BackendUnavailableError, match="cupy is not installed"):
         cupy_backend.CupyBackend.normalize_device("cuda:0")
 

@@ -104,7 +104,8 @@ def test_unavailable_or_uninstalled_measured_backends_fall_to_the_next_measured(
 def test_without_a_measurement_the_preference_order_is_the_fallback(measured: pytest.MonkeyPatch) -> None:
     backend, reason = plugins.auto_choice("cuda:0", metric="cosine", queries=1)
     assert backend.name == "sleepy"  # first of backend_preference
-    assert "no measurement" in reason and "fallback order sleepy, steady, swift" in reason
+    assert "no measurement" in reason
+    assert "fallback order sleepy, steady, swift" in reason
 
 
 def test_the_retrievers_default_pick_follows_the_table_for_the_assumed_query_count(
@@ -127,7 +128,8 @@ def test_gpurag_plugins_shows_what_auto_picks_and_why(measured: pytest.MonkeyPat
     assert "fastest available in the measured table for Q 1: swift 0.5 ms, steady 0.9 ms, sleepy 3 ms" in result.output
     report = json.loads(CliRunner().invoke(cli, ["plugins", "--json"]).output)
     pick = next(p for p in report["auto"] if p["metric"] == "l2" and p["queries"] == "1")
-    assert pick["backend"] == "steady" and pick["device"] == "cuda:0"
+    assert pick["backend"] == "steady"
+    assert pick["device"] == "cuda:0"
 
 
 def test_the_shipped_table_ranks_gpu_backends_for_every_metric() -> None:
@@ -137,7 +139,8 @@ def test_the_shipped_table_ranks_gpu_backends_for_every_metric() -> None:
     assert "gpu_report.py" in table.source
     for metric in Metric:
         ranked, bucket = table.lookup("cuda", metric, 1)
-        assert ranked and bucket == "1", f"no Q=1 ranking for {metric.value}"
+        assert ranked, f"no Q=1 ranking for {metric.value}"
+        assert bucket == "1"
         assert [m.ms for m in ranked] == sorted(m.ms for m in ranked)
         assert table.lookup("cuda", metric, 1024)[1] == ">64"
     assert auto.load_table().rankings == table.rankings  # the default setting loads the shipped one
