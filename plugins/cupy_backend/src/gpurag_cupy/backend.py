@@ -276,9 +276,9 @@ class CupyBackend(DistanceBackend):
             q = self._matrix(queries, "queries")
             if q.shape[1] != own.dim:
                 raise InvalidInputError(f"queries must be (Q, {own.dim}); got shape {tuple(q.shape)}")
-            reach = row_norms(q, own.metric).max()  # on the device; read after the float32 pass is queued
-            scores, rows = search.float32_topk(q, own, k, self.tile_scores)
-            if self._overflows(float(reach), own):
+            scores, rows = search.float32_topk(q, own, k, self.tile_scores)  # queued, not waited for
+            reach = row_norms(q, own.metric).max()
+            if self._overflows(float(reach), own):  # the one wait of a search
                 scores, rows = search.float64_topk(q, own.vectors, k, own.metric)
             return TopK(scores, rows)
 

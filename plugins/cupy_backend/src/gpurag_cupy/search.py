@@ -17,7 +17,7 @@ from gpurag.metrics import Metric
 from gpurag_cupy.database import INV_NORMS, NEG_SQ_NORMS, sum_of_squares
 from gpurag_cupy.gemm import scores_into
 from gpurag_cupy.kernels import kernel
-from gpurag_cupy.select import BLOCK, Candidates
+from gpurag_cupy.select import BLOCK, Candidates, multiprocessors
 
 #: Metric codes of the kernels in ``scores.cu``.
 METRIC_CODES = {Metric.DOT: 0, Metric.L2: 1, Metric.COSINE: 2, Metric.L1: 3}
@@ -42,7 +42,7 @@ def l1_tile(queries: cupy.ndarray, rows: cupy.ndarray, out: cupy.ndarray, ld: in
     n_queries, dim = queries.shape
     group = 1 if n_queries == 1 else 8 if n_queries <= 8 else 16
     n_rows = rows.shape[0]
-    sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
+    sms = multiprocessors(cupy.cuda.Device().id)
     groups = -(-n_queries // group)
     blocks = max(1, min(-(-n_rows // (BLOCK // 32)), -(-8 * sms // groups)))
     kernel(f"l1_scores<{group}>")(

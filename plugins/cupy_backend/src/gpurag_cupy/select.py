@@ -10,6 +10,7 @@ kernels, on the keys), and once more at the end. No score matrix is ever sorted.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import cupy
@@ -29,9 +30,15 @@ CANDIDATE_FACTOR = 8
 NULL = np.uint64(0)
 
 
+@functools.cache
+def multiprocessors(device: int) -> int:
+    """The streaming multiprocessors of CUDA device ``device``."""
+    return int(cupy.cuda.runtime.deviceGetAttribute(cupy.cuda.runtime.cudaDevAttrMultiProcessorCount, device))
+
+
 def row_blocks(n: int, n_queries: int) -> int:
     """Blocks per query for a pass over ``n`` keys: one per `KEYS_PER_BLOCK`, and enough to fill the card."""
-    sms = int(cupy.cuda.Device().attributes["MultiProcessorCount"])
+    sms = multiprocessors(cupy.cuda.Device().id)
     wanted = -(-n // KEYS_PER_BLOCK)
     filling = -(-4 * sms // n_queries)
     return max(1, min(-(-n // BLOCK), max(wanted, filling)))
