@@ -21,6 +21,8 @@ from gpurag_cupy.select import BLOCK, Candidates, multiprocessors
 
 #: Metric codes of the kernels in ``scores.cu``.
 METRIC_CODES = {Metric.DOT: 0, Metric.L2: 1, Metric.COSINE: 2, Metric.L1: 3}
+#: Per query group of the l1 kernel, the register widths (elements per lane) it is compiled for.
+L1_REGISTER_WIDTHS = {1: (4, 8, 16, 24, 32), 8: (4, 8), 16: (4, 8)}
 #: Most queries one kernel grid covers (CUDA's limit on gridDim.y).
 MAX_GRID_QUERIES = 65535
 
@@ -45,7 +47,10 @@ def l1_tile(queries: cupy.ndarray, rows: cupy.ndarray, out: cupy.ndarray, ld: in
     sms = multiprocessors(cupy.cuda.Device().id)
     groups = -(-n_queries // group)
     blocks = max(1, min(-(-n_rows // (BLOCK // 32)), -(-8 * sms // groups)))
-    kernel(f"l1_scores<{group}>")(
+    lanes_share = -(-dim // 32)  # elements of a row each lane reads
+    held = [w for w in L1_REGISTER_WIDTHS[group] if w >= lanes_share]
+    name = f"l1_scores_registers<{group}, {held[0]}>" if held else f"l1_scores<{group}>"
+    kernel(name)(
         (blocks, groups),
         (BLOCK,),
         (queries, np.int32(n_queries), rows, np.int64(n_rows), np.int32(dim), out, np.int64(ld)),
