@@ -254,3 +254,21 @@ def test_the_database_never_aliases_the_callers_device_array(cupy_gpu: DistanceB
     database = cupy_gpu.prepare(vectors, Metric.L2)
     vectors[:] = 0
     assert float(cupy.abs(database.vectors).sum()) > 0
+
+
+@pytest.mark.gpu
+def test_search_out_device_answers_in_cupy_arrays_padded_like_the_host_answer(cupy_gpu: DistanceBackend) -> None:
+    import cupy
+
+    rng = np.random.default_rng(8)
+    vectors = rng.standard_normal((40, 6)).astype(np.float32)
+    queries = rng.standard_normal((3, 6)).astype(np.float32)
+    index = gpurag.ExactRetriever(metric="l2", backend=cupy_gpu, memory_budget_bytes=256)
+    index.add(vectors, ids=np.arange(1000, 1040))
+    for k in (5, 45):
+        on_host = index.search(queries, k)
+        on_device = index.search(queries, k, out="device")
+        assert isinstance(on_device.scores, cupy.ndarray)
+        assert isinstance(on_device.ids, cupy.ndarray)
+        np.testing.assert_array_equal(on_device.ids.get(), on_host.ids)
+        np.testing.assert_array_equal(on_device.scores.get(), on_host.scores)

@@ -93,6 +93,7 @@ class CupyBackend(DistanceBackend):
         if tile_scores is not None and (isinstance(tile_scores, bool) or tile_scores < 1):
             raise InvalidInputError(f"tile_scores must be an integer >= 1; got {tile_scores!r}")
         self._tile_scores = tile_scores
+        self._device_ids: tuple[np.ndarray[Any, Any], Any] | None = None
 
     @classmethod
     def availability(cls) -> Availability:
@@ -289,6 +290,38 @@ class CupyBackend(DistanceBackend):
         if database.metric is Metric.L1:
             reach = math.sqrt(reach) if reach >= 0 else reach
         return not math.isfinite(reach) or reach > FLOAT32_SAFE_REACH
+
+    def concat_topk(self, blocks: list[TopK]) -> TopK:
+        """Query blocks stacked on the card (blocks merged on the host are copied up)."""
+        import cupy
+
+        with self._on_device():
+            return TopK(
+                cupy.concatenate([cupy.asarray(b.scores) for b in blocks]),
+                cupy.concatenate([cupy.asarray(b.indices) for b in blocks]),
+            )
+
+    def map_ids(self, ids: np.ndarray[Any, Any], positions: Any) -> Any:
+        """``ids[positions]`` on the card; the ids go up once per ids array (the retriever replaces it on change)."""
+        import cupy
+
+        with self._on_device():
+            cached = self._device_ids
+            if cached is None or cached[0] is not ids:
+                cached = (ids, cupy.asarray(np.ascontiguousarray(ids, dtype=np.int64)))
+                self._device_ids = cached
+            return cached[1][cupy.asarray(positions)]
+
+    def pad_result(self, scores: Any, ids: Any, width: int, worst: float) -> tuple[Any, Any]:
+        """(scores, ids) padded on the card to ``width`` columns with ``worst`` and id -1."""
+        import cupy
+
+        with self._on_device():
+            pad = ((0, 0), (0, width - int(scores.shape[1])))
+            return (
+                cupy.pad(cupy.asarray(scores), pad, constant_values=worst),
+                cupy.pad(cupy.asarray(ids), pad, constant_values=-1),
+            )
 
     def pairwise(self, queries: Any, vectors: Any, metric: Metric) -> Any:
         """The (Q, N) float32 matrix of ``metric``, each entry summed directly in float64."""
