@@ -228,7 +228,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 top = backend.topk(q, database, K)
                 check(f"{name} topk", sc, q, x, ref, top.scores, top.indices)
                 row[f"{name}_topk_ms"] = time_ms(
-                    lambda backend=backend, database=database, q=q: backend.topk(q, database, K).scores.cpu(), reps
+                    lambda backend=backend, database=database, q=q: backend.to_numpy(backend.topk(q, database, K).scores), reps
                 )
                 del index, database
             except Exception as exc:  # reported in the table; the other rows still run
@@ -253,11 +253,11 @@ def profile(backends: list[Any], q: torch.Tensor, x: torch.Tensor, metric: str) 
         index.add(x)
         database = index._database
         for _ in range(3):
-            backend.topk(q, database, K).scores.cpu()
+            backend.to_numpy(backend.topk(q, database, K).scores)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                 torch.profiler.ProfilerActivity.CUDA]) as prof:  # fmt: skip
             for _ in range(20):
-                backend.topk(q, database, K).scores.cpu()
+                backend.to_numpy(backend.topk(q, database, K).scores)
         tables[backend.name] = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14)
         del index, database
     return tables
