@@ -228,7 +228,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 top = backend.topk(q, database, K)
                 check(f"{name} topk", sc, q, x, ref, top.scores, top.indices)
                 row[f"{name}_topk_ms"] = time_ms(
-                    lambda backend=backend, database=database, q=q: backend.to_numpy(backend.topk(q, database, K).scores), reps
+                    lambda b=backend, database=database, q=q: b.to_numpy(b.topk(q, database, K).scores), reps
                 )
                 del index, database
             except Exception as exc:  # reported in the table; the other rows still run
