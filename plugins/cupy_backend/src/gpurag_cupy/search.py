@@ -23,6 +23,8 @@ from gpurag_cupy.select import BLOCK, Candidates, multiprocessors
 METRIC_CODES = {Metric.DOT: 0, Metric.L2: 1, Metric.COSINE: 2, Metric.L1: 3}
 #: Per query group of the l1 kernel, the register widths (elements per lane) it is compiled for.
 L1_REGISTER_WIDTHS = {1: (4, 8, 16, 24, 32), 8: (4, 8), 16: (4, 8)}
+#: Largest k whose final scores are ordered by one block per query (``rescore_sorted``).
+SORTED_MAX = 1024
 #: Most queries one kernel grid covers (CUDA's limit on gridDim.y).
 MAX_GRID_QUERIES = 65535
 
@@ -96,6 +98,24 @@ def direct_scores(queries: cupy.ndarray, vectors: cupy.ndarray, rows: cupy.ndarr
     return out
 
 
+def final_scores(
+    queries: cupy.ndarray, vectors: cupy.ndarray, rows: cupy.ndarray, metric: Metric
+) -> tuple[cupy.ndarray, cupy.ndarray]:
+    """Each query's selected rows (Q, k) scored directly and ordered best first (ties by row)."""
+    n_queries, k = rows.shape
+    if k > SORTED_MAX:
+        return best_first(direct_scores(queries, vectors, rows, metric), rows, metric.higher_is_better)
+    scores = cupy.empty((n_queries, k), dtype=cupy.float32)
+    ordered = cupy.empty((n_queries, k), dtype=cupy.int64)
+    kernel("rescore_sorted")(
+        (n_queries,),
+        (BLOCK,),
+        (queries, vectors, np.int32(vectors.shape[1]), rows, np.int32(k), np.int32(METRIC_CODES[metric]),
+         np.int32(metric.higher_is_better), scores, ordered),
+    )  # fmt: skip
+    return scores, ordered
+
+
 def best_first(scores: cupy.ndarray, rows: cupy.ndarray, higher_is_better: bool) -> tuple[cupy.ndarray, cupy.ndarray]:
     """(scores, rows) of each query ordered best first."""
     order = cupy.argsort(-scores if higher_is_better else scores, axis=1)
@@ -117,9 +137,7 @@ def float32_topk(queries: cupy.ndarray, database: Any, k: int, tile_scores: int)
         for start, stop in tiles(n_rows, tile_rows):
             mul, add = oriented_tile(ranked, database, start, stop, buffer, tile_rows)
             candidates.add_scores(buffer, tile_rows, stop - start, start, mul=mul, add=add)
-        rows = candidates.best()
-        scores = direct_scores(block, database.vectors, rows, metric)
-        scores, rows = best_first(scores, rows, metric.higher_is_better)
+        scores, rows = final_scores(block, database.vectors, candidates.best(), metric)
         out_scores.append(scores)
         out_rows.append(rows)
     if len(out_scores) == 1:

@@ -22,6 +22,7 @@ NAMES = (
     *(f"l1_scores_registers<{group}, {width}>" for group in (8, 16) for width in (4, 8)),
     "hamming_scores",
     "rescore",
+    "rescore_sorted",
     "pairwise_direct",
 )
 

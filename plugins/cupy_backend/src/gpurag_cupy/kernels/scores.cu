@@ -165,3 +165,61 @@ __global__ void pairwise_direct(const float* queries, const float* vectors, int 
     }
     out[static_cast<i64>(q) * n + j] = static_cast<float>(acc);
 }
+
+#define SORTED_MAX 1024
+
+// One block per query: scores its k candidate rows directly (float64 sums, as `rescore`), then writes
+// them best first (ties by row) to out_scores/out_rows[q, :k]. k <= SORTED_MAX; `higher` says whether a
+// larger score is better; the rows of a query are distinct, so every rank is taken once.
+__global__ void rescore_sorted(const float* __restrict__ queries, const float* __restrict__ vectors, int dim,
+                               const i64* rows, int k, int metric, int higher, float* out_scores, i64* out_rows) {
+    __shared__ float score[SORTED_MAX];
+    __shared__ i64 row_of[SORTED_MAX];
+    const int q = blockIdx.x;
+    const int lane = threadIdx.x & 31;
+    const int warps = blockDim.x >> 5;
+    const float* a = queries + static_cast<i64>(q) * dim;
+    for (int c = threadIdx.x >> 5; c < k; c += warps) {
+        const i64 row = rows[static_cast<i64>(q) * k + c];
+        const float* b = vectors + row * dim;
+        double acc = 0.0, aa = 0.0, bb = 0.0;
+        for (int d = lane; d < dim; d += 32) {
+            const double x = b[d], y = a[d];
+            if (metric == METRIC_L2) {
+                acc = fma(x - y, x - y, acc);
+            } else if (metric == METRIC_L1) {
+                acc += fabs(x - y);
+            } else {
+                acc = fma(x, y, acc);
+                aa = fma(y, y, aa);
+                bb = fma(x, x, bb);
+            }
+        }
+#pragma unroll
+        for (int offset = 16; offset > 0; offset >>= 1) {
+            acc += __shfl_xor_sync(0xffffffffu, acc, offset);
+            aa += __shfl_xor_sync(0xffffffffu, aa, offset);
+            bb += __shfl_xor_sync(0xffffffffu, bb, offset);
+        }
+        if (lane == 0) {
+            if (metric == METRIC_COSINE) {
+                const double den = sqrt(aa) * sqrt(bb);
+                acc = den > 0.0 ? acc / den : 0.0;
+            }
+            score[c] = static_cast<float>(acc);
+            row_of[c] = row;
+        }
+    }
+    __syncthreads();
+    for (int c = threadIdx.x; c < k; c += blockDim.x) {
+        const float s = score[c];
+        const i64 r = row_of[c];
+        int rank = 0;
+        for (int o = 0; o < k; ++o) {
+            const float t = score[o];
+            rank += (higher ? t > s : t < s) || (t == s && row_of[o] < r);
+        }
+        out_scores[static_cast<i64>(q) * k + rank] = s;
+        out_rows[static_cast<i64>(q) * k + rank] = r;
+    }
+}
