@@ -21,6 +21,8 @@ from gpurag.errors import InvalidInputError
 #: DLPack's device type of CUDA memory (kDLCUDA).
 DLPACK_CUDA = 2
 
+_all_finite = cupy.ReductionKernel("T x", "bool y", "isfinite(x)", "a && b", "y = a", "true", "gpurag_all_finite")
+
 
 def is_torch_cuda(x: Any) -> bool:
     """Whether ``x`` is a torch tensor on a CUDA device (torch is not imported to find out)."""
@@ -89,7 +91,7 @@ def as_device_matrix(x: Any, name: str, *, dim: int | None = None) -> cupy.ndarr
     if array.device.id != cupy.cuda.Device().id:
         array = cupy.asarray(array)  # a peer copy onto this card
     out = cupy.ascontiguousarray(array, dtype=cupy.float32)
-    if array.dtype.kind == "f" and not bool(cupy.isfinite(out).all()):
+    if array.dtype.kind == "f" and not bool(_all_finite(out)):
         bad = cupy.argwhere(~cupy.isfinite(out))[0].get().tolist()
         source = "NaN or inf" if not bool(cupy.isfinite(array[bad[0], bad[1]])) else "a value too large for float32"
         raise InvalidInputError(f"{name} must be finite; row {bad[0]}, column {bad[1]} holds {source}")
