@@ -31,6 +31,8 @@ FLOAT32_SAFE_REACH = float(np.sqrt(np.finfo(np.float32).max)) / 2
 SELECTION_BLOCK_KEYS = 8192
 #: The CUDA driver's library, whose presence makes the backend available before cupy is imported.
 CUDA_DRIVER_LIBRARY = "libcuda.so.1"
+#: The value of bit j % 8 within its byte: little bit order, as np.packbits(..., bitorder="little").
+BIT_WEIGHTS = np.array([1, 2, 4, 8, 16, 32, 64, 128], dtype=np.uint8)
 #: The install line named when cupy is missing.
 INSTALL_HINT = "pip install 'gpurag-cupy[cuda12]' or 'gpurag-cupy[cuda13]'"
 
@@ -350,7 +352,12 @@ class CupyBackend(DistanceBackend):
                     f"vectors (N, D) and planes (B, D) must share D; got {tuple(x.shape)} and {tuple(p.shape)}"
                 )
             bits = (x.astype(cupy.float64) @ p.astype(cupy.float64).T) > 0
-            return cupy.packbits(bits, axis=1, bitorder="little")
+            n_rows, n_bits = bits.shape
+            width = (n_bits + 7) // 8
+            padded = cupy.zeros((n_rows, width * 8), dtype=cupy.uint8)  # cupy.packbits has no axis
+            padded[:, :n_bits] = bits
+            weights = cupy.asarray(BIT_WEIGHTS)
+            return (padded.reshape(n_rows, width, 8) * weights).sum(axis=2, dtype=cupy.uint8)
 
     def hamming_topk(self, codes: Any, database_codes: Any, k: int) -> TopK:
         """The ``k`` database codes nearest each code, nearest first; int32 distances, int64 rows."""

@@ -8,6 +8,8 @@ import numpy as np
 
 #: cudaDataType CUDA_R_32F.
 CUDA_R_32F = 0
+#: Whether a single query is scored by ``sgemv`` rather than ``gemmEx`` (both float32 throughout).
+GEMV_FOR_ONE_QUERY = False
 
 
 def scores_into(queries: Any, rows: Any, out: Any, ld: int, alpha: float = 1.0) -> None:
@@ -27,6 +29,12 @@ def scores_into(queries: Any, rows: Any, out: Any, ld: int, alpha: float = 1.0) 
     cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
     scale = np.array([alpha], dtype=np.float32)
     zero = np.zeros(1, dtype=np.float32)
+    if n_queries == 1 and GEMV_FOR_ONE_QUERY:  # y = rows · q: the matrix-vector product, a pure stream of rows
+        cublas.sgemv(
+            handle, cublas.CUBLAS_OP_T, dim, n_rows, scale.ctypes.data, rows.data.ptr, dim,
+            queries.data.ptr, 1, zero.ctypes.data, out.data.ptr, 1,
+        )  # fmt: skip
+        return
     cublas.gemmEx(
         handle,
         cublas.CUBLAS_OP_T,

@@ -26,6 +26,9 @@ BLOCK = 256
 KEYS_PER_BLOCK = 8192
 #: The candidate buffer holds this many times k (at least two tiles' winners) before it is selected down.
 CANDIDATE_FACTOR = 8
+#: Whether histogram passes aggregate a warp's keys per bin before the shared atomics (fewer atomics
+#: where keys crowd a few bins, at the cost of a warp match per key).
+AGGREGATE = True
 #: A null device pointer, for the optional arguments of the kernels.
 NULL = np.uint64(0)
 
@@ -79,7 +82,7 @@ def select_into(
     if not take_all:
         hist = cupy.zeros((n_queries, 2048), dtype=cupy.uint32)
         for shift, bits in PASSES:
-            kernel(f"radix_histogram<{kind}>")(
+            kernel(f"radix_histogram<{kind}, {'true' if AGGREGATE else 'false'}>")(
                 grid,
                 (BLOCK,),
                 (

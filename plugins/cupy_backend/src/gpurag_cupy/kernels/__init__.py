@@ -10,8 +10,10 @@ from typing import Any
 SOURCES = ("select.cu", "scores.cu")
 #: Every kernel the module exposes (template instances by their C++ names).
 NAMES = (
-    "radix_histogram<true>",
-    "radix_histogram<false>",
+    "radix_histogram<true, true>",
+    "radix_histogram<true, false>",
+    "radix_histogram<false, true>",
+    "radix_histogram<false, false>",
     "radix_pick",
     "radix_gather<true>",
     "radix_gather<false>",

@@ -30,8 +30,9 @@ __device__ __forceinline__ u32 load_key(const void* src, i64 ld, int q, i64 j, c
 }
 
 // Adds to hist[q] (RADIX_BINS bins) the digit (key >> shift) & (2^bits - 1) of every key of query q
-// whose bits above shift + bits equal those of prefix[q]. Grid: (blocks per query, queries).
-template <bool SCORES>
+// whose bits above shift + bits equal those of prefix[q]. Grid: (blocks per query, queries). AGGREGATE:
+// warp-aggregated shared atomics (one per distinct bin of a warp) rather than one per key.
+template <bool SCORES, bool AGGREGATE>
 __global__ void radix_histogram(const void* src, i64 ld, i64 n, const float* mul, const float* add,
                                 const u32* state, int shift, int bits, u32* hist) {
     __shared__ u32 local[RADIX_BINS];
@@ -48,8 +49,12 @@ __global__ void radix_histogram(const void* src, i64 ld, i64 n, const float* mul
         const u32 key = load_key<SCORES>(src, ld, q, j, mul, add);
         if ((key & high) == want) {
             const u32 bin = (key >> shift) & digit_mask;
-            const unsigned peers = __match_any_sync(__activemask(), bin);  // one atomic per distinct bin
-            if ((threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(&local[bin], static_cast<u32>(__popc(peers)));
+            if (AGGREGATE) {  // one atomic per distinct bin of the warp
+                const unsigned peers = __match_any_sync(__activemask(), bin);
+                if ((threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(&local[bin], static_cast<u32>(__popc(peers)));
+            } else {
+                atomicAdd(&local[bin], 1u);
+            }
         }
     }
     __syncthreads();
