@@ -18,10 +18,16 @@ import numpy as np
 from gpurag.arrays import as_matrix, to_host
 from gpurag.errors import InvalidInputError
 
+#: Host arrays up to this many entries have their largest magnitude measured on the way up.
+SMALL_HOST_ELEMENTS = 1 << 20
 #: DLPack's device type of CUDA memory (kDLCUDA).
 DLPACK_CUDA = 2
 
-_all_finite = cupy.ReductionKernel("T x", "bool y", "isfinite(x)", "a && b", "y = a", "true", "gpurag_all_finite")
+#: The largest |x| of a float32 array, infinite where any entry is NaN or infinite.
+_largest_magnitude = cupy.ReductionKernel(
+    "float32 x", "float32 y", "isfinite(x) ? fabsf(x) : __int_as_float(0x7f800000)", "fmaxf(a, b)", "y = a", "0",
+    "gpurag_largest_magnitude",
+)  # fmt: skip
 
 
 def is_torch_cuda(x: Any) -> bool:
@@ -67,8 +73,9 @@ def torch_stream(like: Any) -> Iterator[None]:
         yield
 
 
-def as_device_matrix(x: Any, name: str, *, dim: int | None = None) -> cupy.ndarray:
-    """``x`` as a C-contiguous float32 (rows, dim) CuPy array on the current device, checked like `as_matrix`.
+def as_device_matrix(x: Any, name: str, *, dim: int | None = None) -> tuple[cupy.ndarray, float | None]:
+    """``x`` as a C-contiguous float32 (rows, dim) CuPy array on the current device, checked like `as_matrix`,
+    and its largest magnitude where that came for free (device arrays; small host arrays), else None.
 
     A device array already float32 and C-contiguous on the current device is used as it is; other
     device arrays are converted there (non-contiguous, other dtypes, another card). Finiteness is
@@ -76,7 +83,9 @@ def as_device_matrix(x: Any, name: str, *, dim: int | None = None) -> cupy.ndarr
     """
     array = foreign_device_array(x)
     if array is None:
-        return cupy.asarray(as_matrix(x, name, dim=dim))
+        host = as_matrix(x, name, dim=dim)
+        largest = float(np.abs(host).max()) if host.size <= SMALL_HOST_ELEMENTS else None
+        return cupy.asarray(host), largest
     if array.dtype.kind not in "biuf":
         raise InvalidInputError(f"{name} must hold real numbers; got dtype {array.dtype}")
     if array.ndim != 2:
@@ -91,13 +100,14 @@ def as_device_matrix(x: Any, name: str, *, dim: int | None = None) -> cupy.ndarr
     if array.device.id != cupy.cuda.Device().id:
         array = cupy.asarray(array)  # a peer copy onto this card
     out = cupy.ascontiguousarray(array, dtype=cupy.float32)
-    if array.dtype.kind == "f" and not bool(_all_finite(out)):
+    largest = float(_largest_magnitude(out))
+    if array.dtype.kind == "f" and not np.isfinite(largest):
         bad = cupy.argwhere(~cupy.isfinite(out))[0].get().tolist()
         source = "NaN or inf" if not bool(cupy.isfinite(array[bad[0], bad[1]])) else "a value too large for float32"
         raise InvalidInputError(f"{name} must be finite; row {bad[0]}, column {bad[1]} holds {source}")
     if array.dtype.kind in "iu" and float(cupy.abs(array).max()) > float(np.finfo(np.float32).max):
         raise InvalidInputError(f"{name} holds an integer too large for float32")
-    return out
+    return out, largest
 
 
 def as_device_codes(x: Any, name: str) -> cupy.ndarray:

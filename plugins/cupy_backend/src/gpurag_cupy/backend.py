@@ -14,6 +14,7 @@ import functools
 import importlib.util
 import math
 import sys
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,6 +28,8 @@ from gpurag.settings import get_settings
 #: Largest |q| + |x| (l1: Σ|q| + Σ|x|, compared with its square) for which no float32 product,
 #: difference or partial sum of a search can overflow; past it the search runs in float64.
 FLOAT32_SAFE_REACH = float(np.sqrt(np.finfo(np.float32).max)) / 2
+#: Arrays of at most this many rows are remembered by `asarray` with their largest magnitude.
+CHECKED_ROWS = 65536
 #: Keys one block of a selection pass reads at least (see `gpurag_cupy.select.KEYS_PER_BLOCK`).
 SELECTION_BLOCK_KEYS = 8192
 #: The CUDA driver's library, whose presence makes the backend available before cupy is imported.
@@ -96,6 +99,8 @@ class CupyBackend(DistanceBackend):
             raise InvalidInputError(f"tile_scores must be an integer >= 1; got {tile_scores!r}")
         self._tile_scores = tile_scores
         self._device_ids: tuple[np.ndarray[Any, Any], Any] | None = None
+        #: Per thread, the last small array `asarray` returned and its largest magnitude.
+        self._checked = threading.local()
 
     @classmethod
     def availability(cls) -> Availability:
@@ -138,7 +143,15 @@ class CupyBackend(DistanceBackend):
         from gpurag_cupy.arrays import as_device_matrix
 
         with self._on_device(x):
-            return as_device_matrix(x, name, dim=dim)
+            array, largest = as_device_matrix(x, name, dim=dim)
+        if largest is not None and array.shape[0] <= CHECKED_ROWS:
+            self._checked.last = (array, largest)  # `topk` bounds these queries' norms without a wait
+        return array
+
+    def _largest_magnitude(self, queries: Any) -> float | None:
+        """The largest |q_ij| measured when ``queries`` (this very array) came through `asarray`, else None."""
+        last = getattr(self._checked, "last", None)
+        return last[1] if last is not None and last[0] is queries else None
 
     def to_numpy(self, x: Any) -> np.ndarray[Any, Any]:
         """A host NumPy copy of a CuPy array (other arrays pass through `gpurag.arrays.to_host`)."""
@@ -279,9 +292,15 @@ class CupyBackend(DistanceBackend):
             q = self._matrix(queries, "queries")
             if q.shape[1] != own.dim:
                 raise InvalidInputError(f"queries must be (Q, {own.dim}); got shape {tuple(q.shape)}")
+            largest = self._largest_magnitude(q)
+            if largest is not None:  # |q| <= sqrt(D) max|q_i|, Σ|q| <= D max|q_i|: decided before scoring
+                query_reach = largest * (q.shape[1] if own.metric is Metric.L1 else math.sqrt(q.shape[1]))
+                if self._overflows(query_reach, own):
+                    return TopK(*search.float64_topk(q, own.vectors, k, own.metric))
+                return TopK(*search.float32_topk(q, own, k, self.tile_scores))
             scores, rows = search.float32_topk(q, own, k, self.tile_scores)  # queued, not waited for
             reach = row_norms(q, own.metric).max()
-            if self._overflows(float(reach), own):  # the one wait of a search
+            if self._overflows(float(reach), own):  # the one wait of such a search
                 scores, rows = search.float64_topk(q, own.vectors, k, own.metric)
             return TopK(scores, rows)
 

@@ -1,0 +1,181 @@
+"""Where a CuPy-backend search spends its time on a CUDA card: each stage alone, and its variants.
+
+    python benchmarks/cupy_profile.py [--out DIR]
+
+For the GPU report's shapes (k = 10): the score pass (cuBLAS ``gemmEx``, ``sgemv`` for one query,
+torch's ``mm`` beside it, the l1 kernel), the radix selection of one tile with and without warp
+aggregation, the final re-scoring, the fixed costs (a synchronisation, a launch, reading a torch
+tensor), and a whole `topk` and `ExactRetriever.search` per variant, answers checked first. GPU
+times by CUDA events, wall times synchronised; medians. JSON lines to stdout and ``DIR/cupy_profile.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+OUT: Path | None = None
+
+
+def emit(record: dict[str, Any]) -> None:
+    line = json.dumps(record)
+    print(line, flush=True)
+    if OUT is not None:
+        with (OUT / "cupy_profile.jsonl").open("a") as f:
+            f.write(line + "\n")
+
+
+def gpu_ms(fn: Callable[[], Any], reps: int = 15, warmup: int = 2) -> float:
+    import cupy
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, end))
+    return round(statistics.median(times), 4)
+
+
+def wall_ms(fn: Callable[[], Any], reps: int = 15, warmup: int = 2) -> float:
+    import cupy
+
+    for _ in range(warmup):
+        fn()
+    cupy.cuda.Device().synchronize()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        cupy.cuda.Device().synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return round(statistics.median(times), 4)
+
+
+def tile_select(buffer: Any, n: int, k: int) -> Any:
+    import cupy
+
+    from gpurag_cupy.select import select_into
+
+    keys = cupy.empty((buffer.shape[0], k), dtype=cupy.uint32)
+    rows = cupy.empty((buffer.shape[0], k), dtype=cupy.int64)
+    return lambda: select_into(buffer, buffer.shape[1], n, k, keys, rows, 0, scores=True)
+
+
+def profile_small(n: int, dim: int) -> None:
+    import cupy
+    import torch
+
+    import gpurag
+    from gpurag.metrics import Metric
+    from gpurag_cupy import gemm, search, select
+    from gpurag_cupy.backend import CupyBackend
+
+    backend = gpurag.get_backend("cupy", device="cuda")
+    assert isinstance(backend, CupyBackend)
+    gen = torch.Generator(device="cuda").manual_seed(12345)
+    xt = torch.randn(n, dim, device="cuda", generator=gen)
+    qt = torch.randn(1, dim, device="cuda", generator=gen)
+    x, q = cupy.from_dlpack(xt), cupy.from_dlpack(qt)
+    buffer = cupy.empty((1, n), dtype=cupy.float32)
+    shape = f"N={n} D={dim} Q=1"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    emit({"shape": shape, "stage": "torch q @ x.T", "gpu_ms": gpu_ms(lambda: qt @ xt.T)})
+    scores_t = qt @ xt.T
+    emit({"shape": shape, "stage": "torch.topk(10) of the scores", "gpu_ms": gpu_ms(lambda: torch.topk(scores_t, 10))})
+    for flag in (False, True):
+        gemm.GEMV_FOR_ONE_QUERY = flag
+        emit(
+            {
+                "shape": shape,
+                "stage": "sgemv" if flag else "gemmEx",
+                "gpu_ms": gpu_ms(lambda: gemm.scores_into(q, x, buffer, n)),
+            }
+        )
+    emit({"shape": shape, "stage": "l1 kernel", "gpu_ms": gpu_ms(lambda: search.l1_tile(q, x, buffer, n))})
+    gemm.scores_into(q, x, buffer, n)
+    for flag in (True, False):
+        select.AGGREGATE = flag
+        emit({"shape": shape, "stage": f"select k=10 aggregate={flag}", "gpu_ms": gpu_ms(tile_select(buffer, n, 10)),
+              "wall_ms": wall_ms(tile_select(buffer, n, 10))})  # fmt: skip
+    rows = cupy.arange(10, dtype=cupy.int64)[None, :]
+    final = lambda: search.final_scores(q, x, rows, Metric.DOT)  # noqa: E731
+    emit({"shape": shape, "stage": "final_scores k=10", "gpu_ms": gpu_ms(final), "wall_ms": wall_ms(final)})
+    one = cupy.zeros(1, dtype=cupy.float32)
+    emit({"stage": "a synchronisation (float of a device scalar)", "wall_ms": wall_ms(lambda: float(one.sum()))})
+    emit({"stage": "ten fills (launch cost)", "wall_ms": wall_ms(lambda: [one.fill(0) for _ in range(10)])})
+    emit({"stage": "asarray(torch query)", "wall_ms": wall_ms(lambda: backend.asarray(qt, "queries"))})
+    for metric in ("dot", "l1"):
+        database = backend.prepare(xt, Metric(metric))
+        index = gpurag.ExactRetriever(metric=metric, backend=backend)
+        index.add(xt)
+        for gemv in (False, True) if metric == "dot" else (False,):
+            for aggregate in (True, False):
+                gemm.GEMV_FOR_ONE_QUERY, select.AGGREGATE = gemv, aggregate
+                top = backend.topk(qt, database, 10)
+                ref = torch.topk(
+                    (qt.double() @ xt.double().T) if metric == "dot" else -torch.cdist(qt.double(), xt.double(), p=1),
+                    10,
+                )
+                ok = set(backend.to_numpy(top.indices)[0].tolist()) == set(ref.indices[0].tolist())
+                emit({"shape": shape, "metric": metric, "gemv": gemv, "aggregate": aggregate, "ids_ok": ok,
+                      "topk_wall_ms": wall_ms(lambda d=database: backend.to_numpy(backend.topk(qt, d, 10).scores)),
+                      "search_wall_ms": wall_ms(lambda i=index: i.search(qt, 10))})  # fmt: skip
+        del database, index
+    gemm.GEMV_FOR_ONE_QUERY, select.AGGREGATE = False, True
+
+
+def profile_tile(n: int, dim: int, n_queries: int, tile: int) -> None:
+    import cupy
+    import torch
+
+    from gpurag_cupy import gemm, search, select
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    xt = torch.randn(tile, dim, device="cuda", generator=gen)
+    qt = torch.randn(n_queries, dim, device="cuda", generator=gen)
+    x, q = cupy.from_dlpack(xt), cupy.from_dlpack(qt)
+    buffer = cupy.empty((n_queries, tile), dtype=cupy.float32)
+    shape = f"tile {n_queries} x {tile} rows, D={dim} (of N={n})"
+    emit({"shape": shape, "stage": "gemmEx tile", "gpu_ms": gpu_ms(lambda: gemm.scores_into(q, x, buffer, tile), 5)})
+    emit({"shape": shape, "stage": "torch mm tile", "gpu_ms": gpu_ms(lambda: qt @ xt.T, 5)})
+    emit({"shape": shape, "stage": "l1 kernel tile", "gpu_ms": gpu_ms(lambda: search.l1_tile(q, x, buffer, tile), 3)})
+    gemm.scores_into(q, x, buffer, tile)
+    for flag in (True, False):
+        select.AGGREGATE = flag
+        emit(
+            {
+                "shape": shape,
+                "stage": f"select tile k=10 aggregate={flag}",
+                "gpu_ms": gpu_ms(tile_select(buffer, tile, 10), 5),
+            }
+        )
+    select.AGGREGATE = True
+    emit({"shape": shape, "tiles": -(-n // tile)})
+
+
+def main() -> None:
+    global OUT
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+    if args.out:
+        OUT = Path(args.out)
+        OUT.mkdir(parents=True, exist_ok=True)
+    profile_small(1_000_000, 768)
+    profile_tile(1_000_000, 768, 1024, 65536)
+    profile_tile(10_000_000, 128, 1024, 65536)
+    profile_tile(1_000_000, 128, 1024, 65536)
+
+
+if __name__ == "__main__":
+    main()
