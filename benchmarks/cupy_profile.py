@@ -163,6 +163,35 @@ def profile_tile(n: int, dim: int, n_queries: int, tile: int) -> None:
     emit({"shape": shape, "tiles": -(-n // tile)})
 
 
+def profile_full(n: int, dim: int, n_queries: int, metric: str, variants: list[tuple[bool, bool]]) -> None:
+    """A whole topk per (threshold filter, aggregation) variant, ids of 8 queries checked against float64."""
+    import torch
+
+    import gpurag
+    from gpurag.metrics import Metric
+    from gpurag_cupy import select
+
+    backend = gpurag.get_backend("cupy", device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(12345)
+    xt = torch.randn(n, dim, device="cuda", generator=gen)
+    qt = torch.randn(n_queries, dim, device="cuda", generator=gen)
+    database = backend.prepare(xt, Metric(metric))
+    sample = qt[:8].double()
+    if metric == "dot":
+        truth = torch.topk(sample @ xt.double().T, 10).indices
+    else:
+        truth = torch.topk(-torch.cdist(sample, xt.double()), 10).indices
+    for threshold, aggregate in variants:
+        select.THRESHOLD_FILTER, select.AGGREGATE = threshold, aggregate
+        top = backend.topk(qt, database, 10)
+        got = backend.to_numpy(top.indices)[:8]
+        ok = all(set(got[i].tolist()) == set(truth[i].tolist()) for i in range(8))
+        ms = wall_ms(lambda d=database: backend.to_numpy(backend.topk(qt, d, 10).scores), 3, 1)
+        emit({"shape": f"N={n} D={dim} Q={n_queries}", "metric": metric, "threshold": threshold,
+              "aggregate": aggregate, "ids_ok": ok, "topk_wall_ms": ms})  # fmt: skip
+    select.THRESHOLD_FILTER, select.AGGREGATE = True, True
+
+
 def main() -> None:
     global OUT
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -172,6 +201,8 @@ def main() -> None:
         OUT = Path(args.out)
         OUT.mkdir(parents=True, exist_ok=True)
     profile_small(1_000_000, 768)
+    profile_full(1_000_000, 768, 1024, "dot", [(True, True), (False, True), (True, False)])
+    profile_full(10_000_000, 128, 1024, "l2", [(True, True), (False, True)])
     profile_tile(1_000_000, 768, 1024, 65536)
     profile_tile(10_000_000, 128, 1024, 65536)
     profile_tile(1_000_000, 128, 1024, 65536)

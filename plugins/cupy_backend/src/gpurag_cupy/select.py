@@ -29,6 +29,8 @@ CANDIDATE_FACTOR = 8
 #: Whether histogram passes aggregate a warp's keys per bin before the shared atomics (fewer atomics
 #: where keys crowd a few bins, at the cost of a warp match per key).
 AGGREGATE = True
+#: Whether tiles after the first take only keys at or above a known k-th best key first (see `Candidates`).
+THRESHOLD_FILTER = True
 #: A null device pointer, for the optional arguments of the kernels.
 NULL = np.uint64(0)
 
@@ -66,12 +68,15 @@ def select_into(
     add: Any = None,
     source_rows: Any = None,
     row_offset: int = 0,
-) -> int:
+    filtered: Any = None,
+) -> Any:
     """Write each query's best ``min(k, n)`` of ``n`` entries of ``source`` into ``out_*[:, out_offset:]``.
 
     ``source`` is (Q, >= n) with row stride ``ld``: float32 scores (``scores``; key of
     ``score * mul[j] + add[j]``) or uint32 keys with their rows in ``source_rows``. Rows written are
-    ``source_rows[q, j]`` or ``row_offset + j``. Returns the number of entries written per query.
+    ``source_rows[q, j]`` or ``row_offset + j``. With ``filtered`` (per query, the keys
+    ``threshold_gather`` found), queries with at most k of them are skipped. Returns the (Q, 4)
+    uint32 state, whose first column is each query's k-th best key (when n > k).
     """
     n_queries = int(out_keys.shape[0])
     out_ld = int(out_keys.shape[1])
@@ -79,25 +84,20 @@ def select_into(
     grid = (row_blocks(n, n_queries), n_queries)
     state = cupy.zeros((n_queries, 4), dtype=cupy.uint32)
     take_all = n <= k
+    skip = pointer(filtered)
     if not take_all:
         hist = cupy.zeros((n_queries, 2048), dtype=cupy.uint32)
+        histogram = kernel(f"radix_histogram<{kind}, {'true' if AGGREGATE else 'false'}>")
         for shift, bits in PASSES:
-            kernel(f"radix_histogram<{kind}, {'true' if AGGREGATE else 'false'}>")(
+            histogram(
                 grid,
                 (BLOCK,),
-                (
-                    source,
-                    np.int64(ld),
-                    np.int64(n),
-                    pointer(mul),
-                    pointer(add),
-                    state,
-                    np.int32(shift),
-                    np.int32(bits),
-                    hist,
-                ),
+                (source, np.int64(ld), np.int64(n), pointer(mul), pointer(add), state, np.int32(shift),
+                 np.int32(bits), hist, skip, np.uint32(k)),
+            )  # fmt: skip
+            kernel("radix_pick")(
+                (n_queries,), (BLOCK,), (hist, state, np.uint32(k), np.int32(shift), np.int32(bits), skip)
             )
-            kernel("radix_pick")((n_queries,), (BLOCK,), (hist, state, np.uint32(k), np.int32(shift), np.int32(bits)))
     kernel(f"radix_gather<{kind}>")(
         grid,
         (BLOCK,),
@@ -116,20 +116,29 @@ def select_into(
             out_rows,
             np.int64(out_ld),
             np.int64(out_offset),
+            skip,
         ),
     )
-    return min(k, n)
+    return state
 
 
 @dataclasses.dataclass
 class Candidates:
-    """The best keys (and their rows) of each query found so far, across tiles; selected down when full."""
+    """The best keys (and their rows) of each query found so far, across tiles; selected down when full.
+
+    ``threshold`` holds, per query, a k-th best key among the rows seen (from a tile's or the
+    buffer's selection): no later key below it can be among the k best, so a later tile first takes
+    only its keys at or above it (one pass), and runs the radix passes only for queries where those
+    are more than k.
+    """
 
     k: int
     keys: list[Any]
     rows: list[Any]
+    threshold: Any
     filled: int = 0
     current: int = 0
+    has_threshold: bool = False
 
     @classmethod
     def for_tiles(cls, n_queries: int, k: int, total: int) -> Candidates:
@@ -137,7 +146,7 @@ class Candidates:
         capacity = min(total, CANDIDATE_FACTOR * k)
         keys = [cupy.empty((n_queries, capacity), dtype=cupy.uint32)]
         rows = [cupy.empty((n_queries, capacity), dtype=cupy.int64)]
-        return cls(k, keys, rows)
+        return cls(k, keys, rows, cupy.zeros(n_queries, dtype=cupy.uint32))
 
     @property
     def capacity(self) -> int:
@@ -146,21 +155,31 @@ class Candidates:
 
     def add_scores(self, scores: Any, ld: int, n: int, row_offset: int, mul: Any = None, add: Any = None) -> None:
         """Take each query's best k of a (Q, n) score tile (row stride ``ld``) whose first row is ``row_offset``."""
-        if self.filled + min(self.k, n) > self.capacity:
+        k = self.k
+        if self.filled + min(k, n) > self.capacity:
             self.compact()
-        self.filled += select_into(
-            scores,
-            ld,
-            n,
-            self.k,
-            self.keys[self.current],
-            self.rows[self.current],
-            self.filled,
-            scores=True,
-            mul=mul,
-            add=add,
-            row_offset=row_offset,
-        )
+        keys, rows = self.keys[self.current], self.rows[self.current]
+        filtered = None
+        if THRESHOLD_FILTER and self.has_threshold and n > k:
+            keys[:, self.filled : self.filled + k] = 0  # slots the threshold pass leaves empty stay below every key
+            filtered = cupy.zeros(keys.shape[0], dtype=cupy.uint32)
+            kernel("threshold_gather")(
+                (row_blocks(n, keys.shape[0]), keys.shape[0]),
+                (BLOCK,),
+                (scores, np.int64(ld), np.int64(n), pointer(mul), pointer(add), np.int64(row_offset),
+                 self.threshold, np.int32(k), filtered, keys, rows, np.int64(self.capacity), np.int64(self.filled)),
+            )  # fmt: skip
+        state = select_into(
+            scores, ld, n, k, keys, rows, self.filled,
+            scores=True, mul=mul, add=add, row_offset=row_offset, filtered=filtered,
+        )  # fmt: skip
+        if n > k:
+            self._raise_threshold(state)
+        self.filled += min(k, n)
+
+    def _raise_threshold(self, state: Any) -> None:
+        cupy.maximum(self.threshold, state[:, 0], out=self.threshold)  # skipped queries' state is 0
+        self.has_threshold = True
 
     def compact(self) -> None:
         """Select the buffer down to each query's best k, into the other buffer."""
@@ -168,7 +187,7 @@ class Candidates:
         if len(self.keys) == 1:  # the second buffer, made the first time it is needed
             self.keys.append(cupy.empty_like(self.keys[0]))
             self.rows.append(cupy.empty_like(self.rows[0]))
-        select_into(
+        state = select_into(
             self.keys[self.current],
             self.capacity,
             self.filled,
@@ -179,6 +198,8 @@ class Candidates:
             scores=False,
             source_rows=self.rows[self.current],
         )
+        if self.filled > self.k:
+            self._raise_threshold(state)
         self.current, self.filled = other, self.k
 
     def best(self) -> Any:

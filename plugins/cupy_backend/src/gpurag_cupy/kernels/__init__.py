@@ -15,6 +15,7 @@ NAMES = (
     "radix_histogram<false, true>",
     "radix_histogram<false, false>",
     "radix_pick",
+    "threshold_gather",
     "radix_gather<true>",
     "radix_gather<false>",
     "l1_scores<1>",
