@@ -272,3 +272,24 @@ def test_search_out_device_answers_in_cupy_arrays_padded_like_the_host_answer(cu
         assert isinstance(on_device.ids, cupy.ndarray)
         np.testing.assert_array_equal(on_device.ids.get(), on_host.ids)
         np.testing.assert_array_equal(on_device.scores.get(), on_host.scores)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("metric", list(Metric), ids=str)
+def test_tiles_after_the_first_filtered_by_the_running_threshold_match_reference(
+    cupy_gpu: DistanceBackend, metric: Metric
+) -> None:
+    """Tiles of 100 rows for 4 queries: later tiles mostly fall below the k-th best so far (one pass), and
+    rows ordered to keep beating it force the radix passes for some queries but not others."""
+    rng = np.random.default_rng(11)
+    backend = cupy_backend.CupyBackend(cupy_gpu.device, tile_scores=400)
+    vectors = rng.standard_normal((5000, 16)).astype(np.float32)
+    queries = rng.standard_normal((4, 16)).astype(np.float32)
+    growing = np.argsort(ref.pairwise_reference(queries[:1], vectors, metric)[0])  # ascending scores
+    if not metric.higher_is_better:
+        growing = growing[::-1]  # so that query 0 meets its rows worst first
+    ordered = np.ascontiguousarray(vectors[growing])
+    ordered[2000:2300] = ordered[4999]  # ties with the best row of query 0, across tiles
+    for k in (1, 10, 99):
+        _check(backend, queries, ordered, metric, k, f"{metric.value} k={k}, threshold-filtered tiles")
+        _check(backend, queries, vectors, metric, k, f"{metric.value} k={k}, random order")
