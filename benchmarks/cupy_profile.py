@@ -200,8 +200,8 @@ def main() -> None:
     if args.out:
         OUT = Path(args.out)
         OUT.mkdir(parents=True, exist_ok=True)
-    profile_small(1_000_000, 768)
     profile_full(1_000_000, 768, 1024, "dot", [(True, True), (False, True), (True, False)])
+    profile_small(1_000_000, 768)
     profile_full(10_000_000, 128, 1024, "l2", [(True, True), (False, True)])
     profile_tile(1_000_000, 768, 1024, 65536)
     profile_tile(10_000_000, 128, 1024, 65536)
