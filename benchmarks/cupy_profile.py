@@ -102,6 +102,10 @@ def profile_small(n: int, dim: int) -> None:
             }
         )
     emit({"shape": shape, "stage": "l1 kernel", "gpu_ms": gpu_ms(lambda: search.l1_tile(q, x, buffer, n))})
+    search.STREAM_DOT_MAX_QUERIES = 16
+    streamed = gpu_ms(lambda: search.dot_tile(q, x, buffer, n, 1.0))
+    emit({"shape": shape, "stage": "dot streaming kernel", "gpu_ms": streamed})
+    search.STREAM_DOT_MAX_QUERIES = 0
     gemm.scores_into(q, x, buffer, n)
     for flag in (True, False):
         select.AGGREGATE = flag
@@ -118,20 +122,21 @@ def profile_small(n: int, dim: int) -> None:
         database = backend.prepare(xt, Metric(metric))
         index = gpurag.ExactRetriever(metric=metric, backend=backend)
         index.add(xt)
-        for gemv in (False, True) if metric == "dot" else (False,):
-            for aggregate in (True, False):
-                gemm.GEMV_FOR_ONE_QUERY, select.AGGREGATE = gemv, aggregate
-                top = backend.topk(qt, database, 10)
-                ref = torch.topk(
-                    (qt.double() @ xt.double().T) if metric == "dot" else -torch.cdist(qt.double(), xt.double(), p=1),
-                    10,
-                )
-                ok = set(backend.to_numpy(top.indices)[0].tolist()) == set(ref.indices[0].tolist())
-                emit({"shape": shape, "metric": metric, "gemv": gemv, "aggregate": aggregate, "ids_ok": ok,
-                      "topk_wall_ms": wall_ms(lambda d=database: backend.to_numpy(backend.topk(qt, d, 10).scores)),
-                      "search_wall_ms": wall_ms(lambda i=index: i.search(qt, 10))})  # fmt: skip
+        wide = xt.double()
+        truth = torch.topk((qt.double() @ wide.T) if metric == "dot" else -torch.cdist(qt.double(), wide, p=1), 10)
+        del wide
+        variants = [("gemmEx", True), ("gemmEx", False), ("sgemv", True), ("stream", True)]
+        for score_pass, aggregate in variants if metric == "dot" else [("l1", True), ("l1", False)]:
+            gemm.GEMV_FOR_ONE_QUERY = score_pass == "sgemv"
+            search.STREAM_DOT_MAX_QUERIES = 16 if score_pass == "stream" else 0
+            select.AGGREGATE = aggregate
+            top = backend.topk(qt, database, 10)
+            ok = set(backend.to_numpy(top.indices)[0].tolist()) == set(truth.indices[0].tolist())
+            emit({"shape": shape, "metric": metric, "scores": score_pass, "aggregate": aggregate, "ids_ok": ok,
+                  "topk_wall_ms": wall_ms(lambda d=database: backend.to_numpy(backend.topk(qt, d, 10).scores)),
+                  "search_wall_ms": wall_ms(lambda i=index: i.search(qt, 10))})  # fmt: skip
         del database, index
-    gemm.GEMV_FOR_ONE_QUERY, select.AGGREGATE = False, True
+    gemm.GEMV_FOR_ONE_QUERY, select.AGGREGATE, search.STREAM_DOT_MAX_QUERIES = False, True, 0
 
 
 def profile_tile(n: int, dim: int, n_queries: int, tile: int) -> None:

@@ -21,8 +21,11 @@ from gpurag_cupy.select import BLOCK, Candidates, multiprocessors
 
 #: Metric codes of the kernels in ``scores.cu``.
 METRIC_CODES = {Metric.DOT: 0, Metric.L2: 1, Metric.COSINE: 2, Metric.L1: 3}
-#: Per query group of the l1 kernel, the register widths (elements per lane) it is compiled for.
-L1_REGISTER_WIDTHS = {1: (4, 8, 16, 24, 32), 8: (4, 8), 16: (4, 8)}
+#: Per query group of the streaming (warp per row) kernels, the register widths (elements per lane) they
+#: are compiled for.
+REGISTER_WIDTHS = {1: (4, 8, 16, 24, 32), 8: (4, 8), 16: (4, 8)}
+#: Most queries whose dot products the streaming kernel computes instead of cuBLAS (0: cuBLAS always).
+STREAM_DOT_MAX_QUERIES = 0
 #: Largest k whose final scores are ordered by one block per query (``rescore_sorted``).
 SORTED_MAX = 1024
 #: Most queries one kernel grid covers (CUDA's limit on gridDim.y).
@@ -41,22 +44,44 @@ def unit_rows(queries: cupy.ndarray) -> cupy.ndarray:
     return queries / cupy.where(norms > 0, norms, 1.0)[:, None]
 
 
-def l1_tile(queries: cupy.ndarray, rows: cupy.ndarray, out: cupy.ndarray, ld: int) -> None:
-    """``out[q, j] = -Σ|queries[q] - rows[j]|`` (row stride ``ld``)."""
-    n_queries, dim = queries.shape
+def _streaming_launch(n_queries: int, n_rows: int, dim: int) -> tuple[int, int, int, int | None]:
+    """(query group, groups, blocks, register width or None) of a one-warp-per-row kernel."""
     group = 1 if n_queries == 1 else 8 if n_queries <= 8 else 16
-    n_rows = rows.shape[0]
     sms = multiprocessors(cupy.cuda.Device().id)
     groups = -(-n_queries // group)
     blocks = max(1, min(-(-n_rows // (BLOCK // 32)), -(-8 * sms // groups)))
     lanes_share = -(-dim // 32)  # elements of a row each lane reads
-    held = [w for w in L1_REGISTER_WIDTHS[group] if w >= lanes_share]
-    name = f"l1_scores_registers<{group}, {held[0]}>" if held else f"l1_scores<{group}>"
+    held = [w for w in REGISTER_WIDTHS[group] if w >= lanes_share]
+    return group, groups, blocks, (held[0] if held else None)
+
+
+def l1_tile(queries: cupy.ndarray, rows: cupy.ndarray, out: cupy.ndarray, ld: int) -> None:
+    """``out[q, j] = -Σ|queries[q] - rows[j]|`` (row stride ``ld``)."""
+    n_queries, dim = queries.shape
+    group, groups, blocks, width = _streaming_launch(n_queries, rows.shape[0], dim)
+    name = f"l1_scores_registers<{group}, {width}>" if width else f"l1_scores<{group}>"
     kernel(name)(
         (blocks, groups),
         (BLOCK,),
-        (queries, np.int32(n_queries), rows, np.int64(n_rows), np.int32(dim), out, np.int64(ld)),
+        (queries, np.int32(n_queries), rows, np.int64(rows.shape[0]), np.int32(dim), out, np.int64(ld)),
     )
+
+
+def dot_tile(queries: cupy.ndarray, rows: cupy.ndarray, out: cupy.ndarray, ld: int, alpha: float) -> bool:
+    """``out[q, j] = alpha * queries[q] · rows[j]`` by the streaming kernel; False where it does not apply."""
+    n_queries, dim = queries.shape
+    if n_queries > STREAM_DOT_MAX_QUERIES:
+        return False
+    group, groups, blocks, width = _streaming_launch(n_queries, rows.shape[0], dim)
+    if width is None:
+        return False
+    kernel(f"dot_scores_registers<{group}, {width}>")(
+        (blocks, groups),
+        (BLOCK,),
+        (queries, np.int32(n_queries), rows, np.int64(rows.shape[0]), np.int32(dim), np.float32(alpha), out,
+         np.int64(ld)),
+    )  # fmt: skip
+    return True
 
 
 def oriented_tile(
@@ -71,7 +96,9 @@ def oriented_tile(
     if metric is Metric.L1:
         l1_tile(queries, rows, out, ld)
         return None, None
-    scores_into(queries, rows, out, ld, alpha=2.0 if metric is Metric.L2 else 1.0)
+    alpha = 2.0 if metric is Metric.L2 else 1.0
+    if not dot_tile(queries, rows, out, ld, alpha):
+        scores_into(queries, rows, out, ld, alpha=alpha)
     if metric is Metric.L2:
         return None, database.row_data[NEG_SQ_NORMS][start:stop]
     if metric is Metric.COSINE:

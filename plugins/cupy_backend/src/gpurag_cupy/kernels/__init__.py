@@ -23,6 +23,8 @@ NAMES = (
     "l1_scores<16>",
     *(f"l1_scores_registers<{group}, {width}>" for group, width in ((1, 4), (1, 8), (1, 16), (1, 24), (1, 32))),
     *(f"l1_scores_registers<{group}, {width}>" for group in (8, 16) for width in (4, 8)),
+    *(f"dot_scores_registers<{group}, {width}>" for group, width in ((1, 4), (1, 8), (1, 16), (1, 24), (1, 32))),
+    *(f"dot_scores_registers<{group}, {width}>" for group in (8, 16) for width in (4, 8)),
     "hamming_scores",
     "rescore",
     "rescore_sorted",

@@ -86,6 +86,52 @@ __global__ void l1_scores_registers(const float* __restrict__ queries, int n_que
     }
 }
 
+// out[q, j] = alpha * queries[q] · vectors[j] (float32 products summed in float32), for few queries:
+// one warp per row, each lane holding its share of the QB queries in registers, as
+// l1_scores_registers; the database streams once per query group.
+template <int QB, int DMAX>
+__global__ void dot_scores_registers(const float* __restrict__ queries, int n_queries,
+                                     const float* __restrict__ vectors, i64 n, int dim, float alpha, float* out,
+                                     i64 ld) {
+    const int q0 = blockIdx.y * QB;
+    const int nq = min(QB, n_queries - q0);
+    const int lane = threadIdx.x & 31;
+    float held[QB][DMAX];
+#pragma unroll
+    for (int i = 0; i < QB; ++i) {
+#pragma unroll
+        for (int t = 0; t < DMAX; ++t) {
+            const int d = lane + 32 * t;
+            held[i][t] = (i < nq && d < dim) ? queries[static_cast<i64>(q0 + i) * dim + d] : 0.f;
+        }
+    }
+    const i64 warps = static_cast<i64>(gridDim.x) * (blockDim.x >> 5);
+    for (i64 row = static_cast<i64>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5); row < n; row += warps) {
+        const float* x = vectors + row * dim;
+        float acc[QB];
+#pragma unroll
+        for (int i = 0; i < QB; ++i) acc[i] = 0.f;
+#pragma unroll
+        for (int t = 0; t < DMAX; ++t) {
+            const int d = lane + 32 * t;
+            if (d < dim) {
+                const float v = __ldg(x + d);
+#pragma unroll
+                for (int i = 0; i < QB; ++i) acc[i] = fmaf(v, held[i][t], acc[i]);
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < QB; ++i) {
+            if (i < nq) {
+                float s = acc[i];
+#pragma unroll
+                for (int offset = 16; offset > 0; offset >>= 1) s += __shfl_xor_sync(0xffffffffu, s, offset);
+                if (lane == 0) out[static_cast<i64>(q0 + i) * ld + row] = alpha * s;
+            }
+        }
+    }
+}
+
 // out[q, j] = -popcount(codes[q] ^ database[j]) over `width` bytes. Grid: (row blocks, queries).
 __global__ void hamming_scores(const unsigned char* codes, const unsigned char* database, int width, i64 n,
                                float* out, i64 ld) {
