@@ -293,3 +293,24 @@ def test_tiles_after_the_first_filtered_by_the_running_threshold_match_reference
     for k in (1, 10, 99):
         _check(backend, queries, ordered, metric, k, f"{metric.value} k={k}, threshold-filtered tiles")
         _check(backend, queries, vectors, metric, k, f"{metric.value} k={k}, random order")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["sgemv", "streaming dot kernel", "histogram without warp aggregation"])
+def test_every_scoring_and_histogram_variant_matches_reference(
+    cupy_gpu: DistanceBackend, monkeypatch: pytest.MonkeyPatch, variant: str
+) -> None:
+    from gpurag_cupy import gemm, search, select
+
+    if variant == "sgemv":
+        monkeypatch.setattr(gemm, "GEMV_FOR_ONE_QUERY", True)
+    elif variant == "streaming dot kernel":
+        monkeypatch.setattr(search, "STREAM_DOT_MAX_QUERIES", 16)
+    else:
+        monkeypatch.setattr(select, "AGGREGATE", False)
+    rng = np.random.default_rng(3)
+    for n_queries, dim in ((1, 768), (1, 7), (5, 128), (16, 200), (16, 300), (3, 781)):
+        vectors = rng.standard_normal((20_000, dim)).astype(np.float32)
+        queries = rng.standard_normal((n_queries, dim)).astype(np.float32)
+        for metric in Metric:
+            _check(cupy_gpu, queries, vectors, metric, 10, f"{variant}: {metric.value} Q={n_queries} D={dim}")
