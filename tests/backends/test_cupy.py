@@ -310,7 +310,7 @@ def test_every_scoring_and_histogram_variant_matches_reference(
         monkeypatch.setattr(select, "AGGREGATE", False)
     rng = np.random.default_rng(3)
     for n_queries, dim in ((1, 768), (1, 7), (5, 128), (16, 200), (16, 300), (3, 781)):
-        vectors = rng.standard_normal((20_000, dim)).astype(np.float32)
+        vectors = rng.standard_normal((6000, dim)).astype(np.float32)
         queries = rng.standard_normal((n_queries, dim)).astype(np.float32)
         for metric in Metric:
             _check(cupy_gpu, queries, vectors, metric, 10, f"{variant}: {metric.value} Q={n_queries} D={dim}")
