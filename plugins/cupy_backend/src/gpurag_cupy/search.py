@@ -158,7 +158,7 @@ def float32_topk(queries: cupy.ndarray, database: Any, k: int, tile_scores: int)
         n_queries = block.shape[0]
         tile_rows = min(n_rows, max(1, tile_scores // n_queries))
         total = sum(min(k, stop - start) for start, stop in tiles(n_rows, tile_rows))
-        candidates = Candidates.for_tiles(n_queries, k, total)
+        candidates = Candidates.for_tiles(n_queries, k, total, filtering=n_rows > tile_rows > k)
         ranked = prepared_queries(block, metric)
         buffer = cupy.empty((n_queries, tile_rows), dtype=cupy.float32)
         for start, stop in tiles(n_rows, tile_rows):

@@ -31,6 +31,8 @@ CANDIDATE_FACTOR = 8
 AGGREGATE = True
 #: Whether tiles after the first take only keys at or above a known k-th best key first (see `Candidates`).
 THRESHOLD_FILTER = True
+#: Slots (times k) the threshold pass may fill for one tile before the radix passes take over.
+FILTER_SLOTS = 4
 #: A null device pointer, for the optional arguments of the kernels.
 NULL = np.uint64(0)
 
@@ -69,13 +71,15 @@ def select_into(
     source_rows: Any = None,
     row_offset: int = 0,
     filtered: Any = None,
+    slots: int = 0,
 ) -> Any:
     """Write each query's best ``min(k, n)`` of ``n`` entries of ``source`` into ``out_*[:, out_offset:]``.
 
     ``source`` is (Q, >= n) with row stride ``ld``: float32 scores (``scores``; key of
     ``score * mul[j] + add[j]``) or uint32 keys with their rows in ``source_rows``. Rows written are
     ``source_rows[q, j]`` or ``row_offset + j``. With ``filtered`` (per query, the keys
-    ``threshold_gather`` found), queries with at most k of them are skipped. Returns the (Q, 4)
+    ``threshold_gather`` found, into ``slots`` slots), queries with at most ``slots`` of them are
+    skipped, and the others' slots past k emptied. Returns the (Q, 4)
     uint32 state, whose first column is each query's k-th best key (when n > k).
     """
     n_queries = int(out_keys.shape[0])
@@ -93,10 +97,12 @@ def select_into(
                 grid,
                 (BLOCK,),
                 (source, np.int64(ld), np.int64(n), pointer(mul), pointer(add), state, np.int32(shift),
-                 np.int32(bits), hist, skip, np.uint32(k)),
+                 np.int32(bits), hist, skip, np.uint32(slots)),
             )  # fmt: skip
             kernel("radix_pick")(
-                (n_queries,), (BLOCK,), (hist, state, np.uint32(k), np.int32(shift), np.int32(bits), skip)
+                (n_queries,),
+                (BLOCK,),
+                (hist, state, np.uint32(k), np.int32(shift), np.int32(bits), skip, np.uint32(slots)),
             )
     kernel(f"radix_gather<{kind}>")(
         grid,
@@ -117,6 +123,7 @@ def select_into(
             np.int64(out_ld),
             np.int64(out_offset),
             skip,
+            np.uint32(slots),
         ),
     )
     return state
@@ -141,9 +148,15 @@ class Candidates:
     has_threshold: bool = False
 
     @classmethod
-    def for_tiles(cls, n_queries: int, k: int, total: int) -> Candidates:
-        """A buffer for tiles whose winners add up to ``total`` per query (it compacts past `CANDIDATE_FACTOR` k)."""
+    def for_tiles(cls, n_queries: int, k: int, total: int, *, filtering: bool = False) -> Candidates:
+        """A buffer for tiles whose winners add up to ``total`` per query (it compacts past `CANDIDATE_FACTOR` k).
+
+        ``filtering``: tiles after the first may be taken by the threshold pass, which reserves
+        `FILTER_SLOTS` k slots, so the buffer holds at least k more than that.
+        """
         capacity = min(total, CANDIDATE_FACTOR * k)
+        if filtering and THRESHOLD_FILTER:
+            capacity = max(capacity, (FILTER_SLOTS + 1) * k)
         keys = [cupy.empty((n_queries, capacity), dtype=cupy.uint32)]
         rows = [cupy.empty((n_queries, capacity), dtype=cupy.int64)]
         return cls(k, keys, rows, cupy.zeros(n_queries, dtype=cupy.uint32))
@@ -156,26 +169,30 @@ class Candidates:
     def add_scores(self, scores: Any, ld: int, n: int, row_offset: int, mul: Any = None, add: Any = None) -> None:
         """Take each query's best k of a (Q, n) score tile (row stride ``ld``) whose first row is ``row_offset``."""
         k = self.k
-        if self.filled + min(k, n) > self.capacity:
+        slots = FILTER_SLOTS * k
+        filter_tile = THRESHOLD_FILTER and self.has_threshold and n > k and self.capacity >= k + slots
+        taken = slots if filter_tile else min(k, n)
+        if self.filled + taken > self.capacity:
             self.compact()
         keys, rows = self.keys[self.current], self.rows[self.current]
         filtered = None
-        if THRESHOLD_FILTER and self.has_threshold and n > k:
-            keys[:, self.filled : self.filled + k] = 0  # slots the threshold pass leaves empty stay below every key
+        if filter_tile:
+            keys[:, self.filled : self.filled + slots] = 0  # slots the threshold pass leaves stay below every key
             filtered = cupy.zeros(keys.shape[0], dtype=cupy.uint32)
             kernel("threshold_gather")(
                 (row_blocks(n, keys.shape[0]), keys.shape[0]),
                 (BLOCK,),
                 (scores, np.int64(ld), np.int64(n), pointer(mul), pointer(add), np.int64(row_offset),
-                 self.threshold, np.int32(k), filtered, keys, rows, np.int64(self.capacity), np.int64(self.filled)),
+                 self.threshold, np.int32(slots), filtered, keys, rows, np.int64(self.capacity),
+                 np.int64(self.filled)),
             )  # fmt: skip
         state = select_into(
             scores, ld, n, k, keys, rows, self.filled,
-            scores=True, mul=mul, add=add, row_offset=row_offset, filtered=filtered,
+            scores=True, mul=mul, add=add, row_offset=row_offset, filtered=filtered, slots=slots,
         )  # fmt: skip
         if n > k:
             self._raise_threshold(state)
-        self.filled += min(k, n)
+        self.filled += taken
 
     def _raise_threshold(self, state: Any) -> None:
         cupy.maximum(self.threshold, state[:, 0], out=self.threshold)  # skipped queries' state is 0

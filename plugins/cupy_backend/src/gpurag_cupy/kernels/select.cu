@@ -34,10 +34,10 @@ __device__ __forceinline__ u32 load_key(const void* src, i64 ld, int q, i64 j, c
 // warp-aggregated shared atomics (one per distinct bin of a warp) rather than one per key.
 template <bool SCORES, bool AGGREGATE>
 __global__ void radix_histogram(const void* src, i64 ld, i64 n, const float* mul, const float* add,
-                                const u32* state, int shift, int bits, u32* hist, const u32* filtered, u32 k) {
+                                const u32* state, int shift, int bits, u32* hist, const u32* filtered, u32 slots) {
     __shared__ u32 local[RADIX_BINS];
     const int q = blockIdx.y;
-    if (filtered != nullptr && filtered[q] <= k) return;  // threshold_gather took this query's keys
+    if (filtered != nullptr && filtered[q] <= slots) return;  // threshold_gather took this query's keys
     const int bins = 1 << bits;
     for (int b = threadIdx.x; b < bins; b += blockDim.x) local[b] = 0u;
     __syncthreads();
@@ -68,11 +68,11 @@ __global__ void radix_histogram(const void* src, i64 ld, i64 n, const float* mul
 // One block of 256 threads per query: finds the bin holding the (k - above)-th best key among those
 // matching the prefix, ORs its digit into the prefix, adds the keys of the bins above it to `above`,
 // and zeroes hist[q] for the next pass.
-__global__ void radix_pick(u32* hist, u32* state, u32 k_total, int shift, int bits, const u32* filtered) {
+__global__ void radix_pick(u32* hist, u32* state, u32 k_total, int shift, int bits, const u32* filtered, u32 slots) {
     __shared__ u32 sums[256];
     const int q = blockIdx.x;
     const int t = threadIdx.x;
-    if (filtered != nullptr && filtered[q] <= k_total) return;
+    if (filtered != nullptr && filtered[q] <= slots) return;
     const u32 k = k_total - state[4 * q + 1];  // read before any thread can write it
     const int bins = 1 << bits;
     const int per = bins / 256;
@@ -117,9 +117,18 @@ __global__ void radix_pick(u32* hist, u32* state, u32 k_total, int shift, int bi
 template <bool SCORES>
 __global__ void radix_gather(const void* src, i64 ld, i64 n, const float* mul, const float* add,
                              const i64* src_rows, i64 row_offset, u32* state, int k, int take_all,
-                             u32* out_keys, i64* out_rows, i64 out_ld, i64 out_offset, const u32* filtered) {
+                             u32* out_keys, i64* out_rows, i64 out_ld, i64 out_offset, const u32* filtered,
+                             u32 slots) {
     const int q = blockIdx.y;
-    if (filtered != nullptr && filtered[q] <= static_cast<u32>(k)) return;
+    if (filtered != nullptr) {
+        if (filtered[q] <= slots) return;
+        // threshold_gather filled slots k..slots-1 too: empty them (key 0 is below every real key)
+        if (blockIdx.x == 0) {
+            for (u32 s = static_cast<u32>(k) + threadIdx.x; s < slots; s += blockDim.x) {
+                out_keys[q * out_ld + out_offset + s] = 0u;
+            }
+        }
+    }
     const u32 kth = take_all ? 0u : state[4 * q];
     const u32 above = take_all ? 0u : state[4 * q + 1];
     const u32 ties = static_cast<u32>(k) - above;
@@ -145,11 +154,11 @@ __global__ void radix_gather(const void* src, i64 ld, i64 n, const float* mul, c
 
 // The cheap pass for a tile once a threshold is known (a k-th best key of rows already seen, so no
 // key below it can be among the k best): every key of query q at or above threshold[q] is written to
-// out_keys/out_rows[q, out_offset + slot] for slot < k, and counted in filtered[q]. Where the count is
-// at most k this is the tile's whole contribution (the slots it leaves hold key 0, below any real
-// key); where it exceeds k, the radix passes run for that query alone (they skip the others).
+// out_keys/out_rows[q, out_offset + slot] for slot < slots, and counted in filtered[q]. Where the count
+// is at most `slots` this is the tile's whole contribution (the slots it leaves hold key 0, below any
+// real key); where it exceeds them, the radix passes run for that query alone (they skip the others).
 __global__ void threshold_gather(const float* src, i64 ld, i64 n, const float* mul, const float* add,
-                                 i64 row_offset, const u32* threshold, int k, u32* filtered, u32* out_keys,
+                                 i64 row_offset, const u32* threshold, int slots, u32* filtered, u32* out_keys,
                                  i64* out_rows, i64 out_ld, i64 out_offset) {
     const int q = blockIdx.y;
     const u32 least = threshold[q];
@@ -158,7 +167,7 @@ __global__ void threshold_gather(const float* src, i64 ld, i64 n, const float* m
         const u32 key = load_key<true>(src, ld, q, j, mul, add);
         if (key < least) continue;
         const u32 slot = atomicAdd(&filtered[q], 1u);
-        if (slot < static_cast<u32>(k)) {
+        if (slot < static_cast<u32>(slots)) {
             const i64 at = q * out_ld + out_offset + slot;
             out_keys[at] = key;
             out_rows[at] = row_offset + j;
