@@ -133,7 +133,7 @@ def sweep() -> int:
     return failures
 
 
-def timing(reps: int) -> None:
+def timing(reps: int, rows: list[str]) -> None:
     """The GPU report's rows for cupy, the naive anchor beside, answers checked first (gpu_report.check)."""
     import torch
 
@@ -143,6 +143,8 @@ def timing(reps: int) -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     backend = gpurag.get_backend("cupy", device="cuda")
     order = sorted(report.scenarios(False), key=lambda s: (s.n_queries > 1, s.n_rows > 1_000_000, s.metric == "l1"))
+    if rows:
+        order = [sc for sc in order if any(want == f"{sc.label} {sc.metric}" for want in rows)]
     data: dict[tuple[int, int], Any] = {}
     for sc in order:
         row: dict[str, Any] = {"scenario": sc.label, "metric": sc.metric, "target_ms": sc.target_ms}
@@ -209,6 +211,7 @@ def main() -> None:
     parser.add_argument("--skip-sweep", action="store_true")
     parser.add_argument("--any-k", action="store_true")
     parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--rows", action="append", default=[], help="only this row, e.g. 'N=1M D=768 Q=1 dot'")
     args = parser.parse_args()
     if args.out:
         OUT = Path(args.out)
@@ -219,7 +222,7 @@ def main() -> None:
     if not args.skip_sweep:
         emit({"sweep_failures": sweep()})
     if not args.skip_timing:
-        timing(args.reps)
+        timing(args.reps, args.rows)
     if args.any_k:
         any_k_timing()
 
