@@ -197,14 +197,44 @@ def profile_full(n: int, dim: int, n_queries: int, metric: str, variants: list[t
     select.THRESHOLD_FILTER, select.AGGREGATE = True, True
 
 
+def one_query_variants(n: int, dim: int) -> None:
+    """One dot query over N x D: a whole topk per score pass (gemmEx, sgemv, streaming kernel), naive beside."""
+    import torch
+
+    import gpurag
+    from gpurag.metrics import Metric
+    from gpurag_cupy import gemm, search
+
+    backend = gpurag.get_backend("cupy", device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(12345)
+    xt = torch.randn(n, dim, device="cuda", generator=gen)
+    qt = torch.randn(1, dim, device="cuda", generator=gen)
+    database = backend.prepare(xt, Metric.DOT)
+    truth = set(torch.topk(qt.double() @ xt.double().T, 10).indices[0].tolist())
+    torch.backends.cuda.matmul.allow_tf32 = False
+    naive = wall_ms(lambda: [t.cpu() for t in torch.topk(qt @ xt.T, 10, dim=1)], 20)
+    for score_pass in ("gemmEx", "sgemv", "stream"):
+        gemm.GEMV_FOR_ONE_QUERY = score_pass == "sgemv"
+        search.STREAM_DOT_MAX_QUERIES = 16 if score_pass == "stream" else 0
+        ok = set(backend.to_numpy(backend.topk(qt, database, 10).indices)[0].tolist()) == truth
+        ms = wall_ms(lambda: backend.to_numpy(backend.topk(qt, database, 10).scores), 20)
+        emit({"shape": f"N={n} D={dim} Q=1", "metric": "dot", "scores": score_pass, "ids_ok": ok, "topk_wall_ms": ms,
+              "naive_wall_ms": naive})  # fmt: skip
+    gemm.GEMV_FOR_ONE_QUERY, search.STREAM_DOT_MAX_QUERIES = False, 0
+
+
 def main() -> None:
     global OUT
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="")
+    parser.add_argument("--one-query", action="store_true", help="only the one-query score-pass variants")
     args = parser.parse_args()
     if args.out:
         OUT = Path(args.out)
         OUT.mkdir(parents=True, exist_ok=True)
+    if args.one_query:
+        one_query_variants(1_000_000, 768)
+        return
     profile_full(1_000_000, 768, 1024, "dot", [(True, True), (False, True), (True, False)])
     profile_small(1_000_000, 768)
     profile_full(10_000_000, 128, 1024, "l2", [(True, True), (False, True)])
