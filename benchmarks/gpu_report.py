@@ -1,6 +1,7 @@
 """GPU report: exact top-k on each GPU backend against the naive and skilled PyTorch anchors, one CUDA card.
 
-    python benchmarks/gpu_report.py [--quick] [--sweep] [--out DIR]
+    python benchmarks/gpu_report.py [--quick] [--sweep] [--out DIR] [--write-table]
+    python benchmarks/gpu_report.py --table-from DIR/gpu_report.json   (no GPU: the table of a saved run)
 
 For every scenario of issue 13 (k = 10, float32 random normal data, queries already on the device)
 it times ``ExactRetriever.search`` and ``topk`` alone for each available GPU backend (torch,
@@ -227,7 +228,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 top = backend.topk(q, database, K)
                 check(f"{name} topk", sc, q, x, ref, top.scores, top.indices)
                 row[f"{name}_topk_ms"] = time_ms(
-                    lambda backend=backend, database=database, q=q: backend.topk(q, database, K).scores.cpu(), reps
+                    lambda b=backend, database=database, q=q: b.to_numpy(b.topk(q, database, K).scores), reps
                 )
                 del index, database
             except Exception as exc:  # reported in the table; the other rows still run
@@ -252,11 +253,11 @@ def profile(backends: list[Any], q: torch.Tensor, x: torch.Tensor, metric: str) 
         index.add(x)
         database = index._database
         for _ in range(3):
-            backend.topk(q, database, K).scores.cpu()
+            backend.to_numpy(backend.topk(q, database, K).scores)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                 torch.profiler.ProfilerActivity.CUDA]) as prof:  # fmt: skip
             for _ in range(20):
-                backend.topk(q, database, K).scores.cpu()
+                backend.to_numpy(backend.topk(q, database, K).scores)
         tables[backend.name] = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14)
         del index, database
     return tables
@@ -359,7 +360,7 @@ def roofline(results: list[dict[str, Any]], backends: list[str], path: Path, car
     intensity = [10 ** (i / 10) for i in range(-10, 41)]
     ax.plot(intensity, [min(BF16_FLOPS, READ_BYTES_PER_S * i) / 1e12 for i in intensity], "k-", label="bf16 roof")
     ax.plot(intensity, [min(FP32_FLOPS, READ_BYTES_PER_S * i) / 1e12 for i in intensity], "k--", label="fp32 roof")
-    markers = {"naive": "x", "torch": "o", "triton": "s"}
+    markers = {"naive": "x", "torch": "o", "triton": "s", "cupy": "^"}
     for r in results:
         n, d, qn = (int(v.split("=")[1].replace("M", "000000")) for v in r["scenario"].split())
         flops = 2.0 * n * d * qn * (1.5 if r["metric"] == "l1" else 1.0)
@@ -385,10 +386,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="shapes shrunk 10x")
     parser.add_argument("--sweep", action="store_true", help="also time Triton kernel variants")
     parser.add_argument("--profile", action="store_true", help="profile 20 small searches per backend")
-    parser.add_argument("--backends", default="torch,triton")
+    parser.add_argument("--backends", default="torch,triton,cupy")
     parser.add_argument("--only", default="", help="run only scenarios whose label contains this")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--write-table", action="store_true", help=f"write the table `auto` follows to {TABLE}")
+    parser.add_argument("--table-from", default="", help="write that table from a saved gpu_report.json, no GPU")
     args = parser.parse_args()
+    if args.table_from:
+        saved = json.loads(Path(args.table_from).read_text())
+        write_table(saved["results"], args.backends.split(","), saved["card"])
+        return
     if not torch.cuda.is_available():
         raise SystemExit("gpu_report.py needs a CUDA device")
     import triton
@@ -404,6 +411,21 @@ def main() -> None:
     (out / "gpu_report.md").write_text(table)
     (out / "gpu_report.json").write_text(json.dumps({"card": card, "results": results}, indent=1))
     roofline(results, backends, out / "gpu_roofline.png", card)
+    if args.write_table:
+        write_table(results, backends, card)
+
+
+#: The backend table `get_backend("auto")` follows (package data of gpurag).
+TABLE = Path(__file__).resolve().parent.parent / "core" / "src" / "gpurag" / "backend_table.json"
+
+
+def write_table(results: list[dict[str, Any]], backends: list[str], card: str) -> None:
+    """Rank the backends per metric and query bucket from the report's rows and write `TABLE`."""
+    from gpurag.auto import table_from_report
+
+    table = table_from_report(results, backends, source=f"benchmarks/gpu_report.py --write-table; {card}")
+    TABLE.write_text(json.dumps(table.to_json(), indent=1) + "\n")
+    print(f"wrote {TABLE} ({len(table.rankings)} rankings)")
 
 
 if __name__ == "__main__":

@@ -50,7 +50,29 @@ def plugin_report() -> dict[str, Any]:
         for name, avail in sorted(availability.items())
     ]
     failures = [{"name": f.name, "distribution": f.distribution, "error": f.error} for f in plugins.failed_plugins()]
-    return {"plugins": report, "backends": backends, "failed": failures}
+    return {"plugins": report, "backends": backends, "auto": auto_report(), "failed": failures}
+
+
+#: Query counts `gpurag plugins` asks `auto` about: one of each bucket of the measured table.
+AUTO_QUERIES = (1, 64, 1024)
+
+
+def auto_report(device: str | None = None) -> list[dict[str, Any]]:
+    """The backend ``get_backend("auto")`` picks on ``device`` per metric and query bucket, and why."""
+    from gpurag.auto import query_bucket
+    from gpurag.metrics import Metric
+
+    picks = []
+    for metric in Metric:
+        for queries in AUTO_QUERIES:
+            entry: dict[str, Any] = {"metric": metric.value, "queries": query_bucket(queries)}
+            try:
+                backend, reason = plugins.auto_choice(device, metric=metric, queries=queries)
+                entry.update(backend=backend.name, device=backend.device, reason=reason)
+            except GpuragError as exc:
+                entry.update(backend=None, device=None, reason=str(exc).splitlines()[0])
+            picks.append(entry)
+    return picks
 
 
 @cli.command("plugins")
@@ -65,6 +87,10 @@ def plugins_command(as_json: bool) -> None:
     for backend in report["backends"]:
         state = "available" if backend["available"] else f"unavailable: {backend['reason']}"
         click.echo(f"  {backend['name']:<10} {backend['distribution']:<16} {state}")
+    click.echo("auto picks (backend on the default device, per metric and query bucket, and why):")
+    for pick in report["auto"]:
+        chosen = f"{pick['backend']} ({pick['device']})" if pick["backend"] else "none"
+        click.echo(f"  {pick['metric']:<7} Q {pick['queries']:<5} {chosen:<16} {pick['reason']}")
     click.echo("Plugins:")
     for plugin in report["plugins"]:
         what = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in sorted(plugin["registers"].items()))

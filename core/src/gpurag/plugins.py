@@ -256,13 +256,29 @@ def _device_kind(device: str) -> str:
 
 
 def _first_available(
-    registry: dict[str, Any], device: str | None, wanted_metric: Metric | None, *, cpu_first: bool
-) -> DistanceBackend:
-    """The first preferred backend that opens ``device`` (with ``cpu_first``, `cpu_backend_preference` first)."""
+    registry: dict[str, Any],
+    device: str | None,
+    wanted_metric: Metric | None,
+    *,
+    cpu_first: bool,
+    queries: int | None = None,
+) -> tuple[DistanceBackend, str]:
+    """The first backend in `auto`'s order that opens ``device``, and why it was chosen.
+
+    With ``cpu_first``, `cpu_backend_preference` then `backend_preference`; otherwise the measured
+    table's ranking for the device kind (``cuda`` when no device is named), metric and query bucket,
+    then `backend_preference` (see `gpurag.auto`).
+    """
+    from gpurag import auto
+
     settings = get_settings()
-    preferred = (
-        (*settings.cpu_backend_preference, *settings.backend_preference) if cpu_first else settings.backend_preference
-    )
+    if cpu_first:
+        preferred = (*settings.cpu_backend_preference, *settings.backend_preference)
+        plan = None
+    else:
+        kind = _device_kind(device) if device is not None else "cuda"
+        plan = auto.ranking(kind, wanted_metric, queries, settings.backend_preference)
+        preferred = plan.order
     order = [n for n in dict.fromkeys(preferred) if n in registry]
     order += sorted(n for n in registry if n not in order)
     available = backend_availability()
@@ -275,21 +291,47 @@ def _first_available(
         if wanted_metric is not None and wanted_metric not in cls.metrics:
             continue
         try:
-            return get_backend(candidate, device)
+            chosen = get_backend(candidate, device)
         except (BackendUnavailableError, InvalidInputError):  # available, but it lacks this device ("cuda:0")
             continue
+        if plan is None:
+            reason = f"device kind cpu: cpu_backend_preference ({', '.join(settings.cpu_backend_preference)}) first"
+        else:
+            reason = plan.reason(candidate)
+        return chosen, reason
     where = f" for device {device!r}" if device else ""
     needs = f" with metric {wanted_metric.value!r}" if wanted_metric else ""
     raise BackendUnavailableError(f"no distance backend is available{where}{needs}. Installed:\n{_describe_backends()}")
 
 
-def get_backend(
-    name: str | DistanceBackend = "auto", device: str | None = None, *, metric: Metric | str | None = None
-) -> DistanceBackend:
-    """The backend ``name`` on ``device``, or for ``"auto"`` the first available one in the preference order.
+def auto_choice(
+    device: str | None = None, *, metric: Metric | str | None = None, queries: int | None = None
+) -> tuple[DistanceBackend, str]:
+    """The backend ``get_backend("auto", ...)`` returns for these arguments, and the reason it does."""
+    wanted_metric = None if metric is None else Metric.parse(metric)
+    registry = get_registry("backends")
+    kind = _device_kind(device) if device is not None else None
+    chosen, reason = _first_available(registry, device, wanted_metric, cpu_first=kind == "cpu", queries=queries)
+    if device is None and _device_kind(chosen.device) == "cpu" and get_settings().cpu_backend_preference:
+        chosen, reason = _first_available(registry, "cpu", wanted_metric, cpu_first=True)  # landed on the CPU
+        reason = f"no GPU backend runs here; {reason}"
+    return chosen, reason
 
-    ``"auto"`` skips backends that cannot run on ``device``'s kind or lack ``metric``; on device kind
-    ``cpu`` (named, or where the first choice would run) it tries ``cpu_backend_preference`` first,
+
+def get_backend(
+    name: str | DistanceBackend = "auto",
+    device: str | None = None,
+    *,
+    metric: Metric | str | None = None,
+    queries: int | None = None,
+) -> DistanceBackend:
+    """The backend ``name`` on ``device``, or for ``"auto"`` the fastest available one by the measured table.
+
+    ``"auto"`` skips backends that cannot run on ``device``'s kind or lack ``metric``. On a GPU (a
+    ``cuda`` device, or none named) it tries first the backends the last GPU report found fastest for
+    the metric and the bucket of ``queries`` (default: the ``auto_queries`` setting), then the
+    ``backend_preference`` order (`gpurag.auto`); on device kind ``cpu`` (named, or where the first
+    choice would run) it tries ``cpu_backend_preference`` first,
     so numpy, the tuned CPU backend, wins over torch there. Devices are
     normalised (``"CPU"`` and ``"cpu:0"`` are ``"cpu"``) and instances cached per (name, device). An
     unknown or unavailable name raises `BackendUnavailableError` listing every installed backend and
@@ -299,14 +341,11 @@ def get_backend(
         return name
     if not isinstance(name, str):
         raise InvalidInputError(f"backend must be a name or a DistanceBackend; got {type(name).__name__}")
-    wanted_metric = None if metric is None else Metric.parse(metric)
-    registry = get_registry("backends")
     if name == "auto":
-        kind = _device_kind(device) if device is not None else None
-        chosen = _first_available(registry, device, wanted_metric, cpu_first=kind == "cpu")
-        if device is None and _device_kind(chosen.device) == "cpu" and get_settings().cpu_backend_preference:
-            chosen = _first_available(registry, "cpu", wanted_metric, cpu_first=True)  # landed on the CPU
-        return chosen
+        return auto_choice(device, metric=metric, queries=queries)[0]
+    if metric is not None:
+        Metric.parse(metric)  # a bad metric name is an error whichever backend is named
+    registry = get_registry("backends")
     if name not in registry:
         raise BackendUnavailableError(f"unknown backend {name!r}. Installed:\n{_describe_backends()}")
     cls = registry[name].obj

@@ -49,6 +49,17 @@ class Settings(BaseSettings):
         default=("cuda", "triton", "cupy", "torch", "numpy"),
         description="Order in which `get_backend('auto')` tries the available backends.",
     )
+    backend_table: Path | None = Field(
+        default=None,
+        description="JSON table of measured backend speeds that `get_backend('auto')` follows on a GPU "
+        "(benchmarks/gpu_report.py --write-table writes it); None: the table shipped with gpurag.",
+    )
+    auto_queries: int = Field(
+        default=64,
+        gt=0,
+        description="Queries per search `get_backend('auto')` assumes when it is not told (a retriever picks "
+        "its backend before it sees a query): chooses the table's bucket (1, <=64, >64).",
+    )
     cpu_backend_preference: tuple[str, ...] = Field(
         default=("numpy",),
         description="Backends `get_backend('auto')` tries first on device kind cpu (named or defaulted to), "

@@ -1,0 +1,148 @@
+"""Turning what a caller hands in into checked float32 CuPy arrays on one device, sharing torch's stream.
+
+Device arrays (CuPy, torch CUDA tensors, any DLPack producer on a CUDA device) are taken without a
+copy where they already are float32 and C-contiguous on the device; host arrays are checked by
+`gpurag.arrays.as_matrix` and copied up once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import cupy
+import numpy as np
+
+from gpurag.arrays import as_matrix, to_host
+from gpurag.errors import InvalidInputError
+
+#: Host arrays up to this many entries have their largest magnitude measured on the way up.
+SMALL_HOST_ELEMENTS = 1 << 20
+#: DLPack's device type of CUDA memory (kDLCUDA).
+DLPACK_CUDA = 2
+
+#: Most entries whose magnitudes one step of `largest_magnitude` holds at once.
+MAGNITUDE_CHUNK = 1 << 26
+
+
+def largest_magnitude(array: cupy.ndarray) -> float:
+    """The largest |x| of a 2-D float32 array: NaN where an entry is NaN, inf where one is infinite.
+
+    CuPy's own ``abs`` and ``max`` (which propagates NaN), over row blocks of at most
+    `MAGNITUDE_CHUNK` entries so that the temporary stays small. (A `ReductionKernel` was tried
+    first: CuPy renames its input by plain text replacement, which broke a hex literal; W2, H200.)
+    """
+    step = max(1, MAGNITUDE_CHUNK // max(1, int(array.shape[1])))
+    largest = 0.0
+    for start in range(0, int(array.shape[0]), step):
+        part = float(cupy.abs(array[start : start + step]).max())
+        if not np.isfinite(part):
+            return part
+        largest = max(largest, part)
+    return largest
+
+
+def is_torch_cuda(x: Any) -> bool:
+    """Whether ``x`` is a torch tensor on a CUDA device (torch is not imported to find out)."""
+    return type(x).__module__.split(".")[0] == "torch" and bool(getattr(x, "is_cuda", False))
+
+
+def foreign_device_array(x: Any) -> cupy.ndarray | None:
+    """``x`` as a CuPy array without copying when it lives on a CUDA device; None for host data."""
+    if isinstance(x, cupy.ndarray):
+        return x
+    if isinstance(x, np.ndarray | list | tuple) or not hasattr(x, "__dlpack__"):
+        return None
+    if is_torch_cuda(x):
+        return cupy.from_dlpack(x.detach())
+    try:
+        device_type = int(x.__dlpack_device__()[0])
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return cupy.from_dlpack(x) if device_type == DLPACK_CUDA else None
+
+
+@contextlib.contextmanager
+def torch_stream(like: Any) -> Iterator[None]:
+    """Run the CuPy work inside on torch's current stream when ``like`` is a torch CUDA tensor.
+
+    Kernels and cuBLAS calls are then ordered with the caller's torch work on that stream, and the
+    results may be read by torch without a synchronisation.
+    """
+    if not is_torch_cuda(like):
+        yield
+        return
+    import torch
+
+    current = torch.cuda.current_stream(like.device)
+    if hasattr(cupy.cuda.Stream, "from_external") and hasattr(current, "__cuda_stream__"):
+        stream = cupy.cuda.Stream.from_external(current)
+    else:
+        with warnings.catch_warnings():  # ExternalStream is deprecated in CuPy 14, the only way in 13
+            warnings.simplefilter("ignore", DeprecationWarning)
+            stream = cupy.cuda.ExternalStream(current.cuda_stream, like.device.index)
+    with stream:
+        yield
+
+
+def as_device_matrix(x: Any, name: str, *, dim: int | None = None) -> tuple[cupy.ndarray, float | None]:
+    """``x`` as a C-contiguous float32 (rows, dim) CuPy array on the current device, checked like `as_matrix`,
+    and its largest magnitude where that came for free (device arrays; small host arrays), else None.
+
+    A device array already float32 and C-contiguous on the current device is used as it is; other
+    device arrays are converted there (non-contiguous, other dtypes, another card). Finiteness is
+    checked on the device.
+    """
+    array = foreign_device_array(x)
+    if array is None:
+        host = as_matrix(x, name, dim=dim)
+        largest = float(np.abs(host).max()) if host.size <= SMALL_HOST_ELEMENTS else None
+        return cupy.asarray(host), largest
+    if array.dtype.kind not in "biuf":
+        raise InvalidInputError(f"{name} must hold real numbers; got dtype {array.dtype}")
+    if array.ndim != 2:
+        hint = " (use x.reshape(1, -1) for a single vector)" if array.ndim == 1 else ""
+        raise InvalidInputError(f"{name} must be 2-D (rows, dim); got shape {tuple(array.shape)}{hint}")
+    if array.shape[1] == 0:
+        raise InvalidInputError(f"{name} must have dimension >= 1; got shape {tuple(array.shape)}")
+    if array.shape[0] == 0:
+        raise InvalidInputError(f"{name} must have at least one row; got shape {tuple(array.shape)}")
+    if dim is not None and array.shape[1] != dim:
+        raise InvalidInputError(f"{name} has dimension {array.shape[1]}, the index has {dim}")
+    if array.device.id != cupy.cuda.Device().id:
+        array = cupy.asarray(array)  # a peer copy onto this card
+    out = cupy.ascontiguousarray(array, dtype=cupy.float32)
+    largest = largest_magnitude(out)
+    if array.dtype.kind == "f" and not np.isfinite(largest):
+        bad = cupy.argwhere(~cupy.isfinite(out))[0].get().tolist()
+        source = "NaN or inf" if not bool(cupy.isfinite(array[bad[0], bad[1]])) else "a value too large for float32"
+        raise InvalidInputError(f"{name} must be finite; row {bad[0]}, column {bad[1]} holds {source}")
+    if array.dtype.kind in "iu" and float(cupy.abs(array).max()) > float(np.finfo(np.float32).max):
+        raise InvalidInputError(f"{name} holds an integer too large for float32")
+    return out, largest
+
+
+def as_device_codes(x: Any, name: str) -> cupy.ndarray:
+    """``x`` as a C-contiguous uint8 (rows, bytes) CuPy array of packed codes on the current device."""
+    array = foreign_device_array(x)
+    if array is None:
+        host = np.asarray(to_host(x))
+        if host.dtype != np.uint8:
+            raise InvalidInputError(f"{name} must be uint8 packed codes; got dtype {host.dtype}")
+        array = cupy.asarray(host)
+    if array.dtype != cupy.uint8:
+        raise InvalidInputError(f"{name} must be uint8 packed codes; got dtype {array.dtype}")
+    if array.ndim != 2:
+        raise InvalidInputError(f"{name} must be 2-D (rows, bytes); got shape {tuple(array.shape)}")
+    if array.device.id != cupy.cuda.Device().id:
+        array = cupy.asarray(array)
+    return cupy.ascontiguousarray(array)
+
+
+def to_numpy(x: Any) -> np.ndarray[Any, Any]:
+    """A host NumPy copy of a CuPy array; other arrays through `gpurag.arrays.to_host`."""
+    if isinstance(x, cupy.ndarray):
+        return np.asarray(x.get())
+    return to_host(x)

@@ -1,0 +1,248 @@
+"""Exact top-k with CuPy: float32 score tiles (cuBLAS, or the l1 and Hamming kernels), radix selection,
+then the selected rows scored again directly (float64 sums) and ordered best first.
+
+Tiles rank rows by an *oriented* score, larger is better: dot ``q·x``; cosine ``(q/|q|)·x / |x|``;
+l2 ``2 q·x - |x|²`` (the true l2 is ``|q|² - o``: screened with, never reported); l1 ``-Σ|q - x|``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import cupy
+import numpy as np
+
+from gpurag.metrics import Metric
+from gpurag_cupy.database import INV_NORMS, NEG_SQ_NORMS, sum_of_squares
+from gpurag_cupy.gemm import scores_into
+from gpurag_cupy.kernels import kernel
+from gpurag_cupy.select import BLOCK, Candidates, multiprocessors
+
+#: Metric codes of the kernels in ``scores.cu``.
+METRIC_CODES = {Metric.DOT: 0, Metric.L2: 1, Metric.COSINE: 2, Metric.L1: 3}
+#: Per query group of the streaming (warp per row) kernels, the register widths (elements per lane) they
+#: are compiled for.
+REGISTER_WIDTHS = {1: (4, 8, 16, 24, 32), 8: (4, 8), 16: (4, 8)}
+#: Most queries whose dot products the streaming kernel computes instead of cuBLAS (0: cuBLAS always).
+STREAM_DOT_MAX_QUERIES = 0
+#: Largest k whose final scores are ordered by one block per query (``rescore_sorted``).
+SORTED_MAX = 1024
+#: Most queries one kernel grid covers (CUDA's limit on gridDim.y).
+MAX_GRID_QUERIES = 65535
+
+
+def tiles(n_rows: int, tile_rows: int) -> Iterator[tuple[int, int]]:
+    """(start, stop) of each tile of rows."""
+    for start in range(0, n_rows, tile_rows):
+        yield start, min(n_rows, start + tile_rows)
+
+
+def unit_rows(queries: cupy.ndarray) -> cupy.ndarray:
+    """Each query divided by its norm (a zero query stays zero)."""
+    norms = cupy.sqrt(sum_of_squares(queries))
+    return queries / cupy.where(norms > 0, norms, 1.0)[:, None]
+
+
+def _streaming_launch(n_queries: int, n_rows: int, dim: int) -> tuple[int, int, int, int | None]:
+    """(query group, groups, blocks, register width or None) of a one-warp-per-row kernel."""
+    group = 1 if n_queries == 1 else 8 if n_queries <= 8 else 16
+    sms = multiprocessors(cupy.cuda.Device().id)
+    groups = -(-n_queries // group)
+    blocks = max(1, min(-(-n_rows // (BLOCK // 32)), -(-8 * sms // groups)))
+    lanes_share = -(-dim // 32)  # elements of a row each lane reads
+    held = [w for w in REGISTER_WIDTHS[group] if w >= lanes_share]
+    return group, groups, blocks, (held[0] if held else None)
+
+
+def l1_tile(queries: cupy.ndarray, rows: cupy.ndarray, out: cupy.ndarray, ld: int) -> None:
+    """``out[q, j] = -Σ|queries[q] - rows[j]|`` (row stride ``ld``)."""
+    n_queries, dim = queries.shape
+    group, groups, blocks, width = _streaming_launch(n_queries, rows.shape[0], dim)
+    name = f"l1_scores_registers<{group}, {width}>" if width else f"l1_scores<{group}>"
+    kernel(name)(
+        (blocks, groups),
+        (BLOCK,),
+        (queries, np.int32(n_queries), rows, np.int64(rows.shape[0]), np.int32(dim), out, np.int64(ld)),
+    )
+
+
+def dot_tile(queries: cupy.ndarray, rows: cupy.ndarray, out: cupy.ndarray, ld: int, alpha: float) -> bool:
+    """``out[q, j] = alpha * queries[q] · rows[j]`` by the streaming kernel; False where it does not apply."""
+    n_queries, dim = queries.shape
+    if n_queries > STREAM_DOT_MAX_QUERIES:
+        return False
+    group, groups, blocks, width = _streaming_launch(n_queries, rows.shape[0], dim)
+    if width is None:
+        return False
+    kernel(f"dot_scores_registers<{group}, {width}>")(
+        (blocks, groups),
+        (BLOCK,),
+        (queries, np.int32(n_queries), rows, np.int64(rows.shape[0]), np.int32(dim), np.float32(alpha), out,
+         np.int64(ld)),
+    )  # fmt: skip
+    return True
+
+
+def oriented_tile(
+    queries: cupy.ndarray, database: Any, start: int, stop: int, out: cupy.ndarray, ld: int
+) -> tuple[Any, Any]:
+    """Oriented scores of rows ``start:stop`` into ``out`` (row stride ``ld``); returns the (mul, add) epilogue.
+
+    ``queries`` are as `prepared_queries` made them (unit rows for cosine).
+    """
+    metric = database.metric
+    rows = database.vectors[start:stop]
+    if metric is Metric.L1:
+        l1_tile(queries, rows, out, ld)
+        return None, None
+    alpha = 2.0 if metric is Metric.L2 else 1.0
+    if not dot_tile(queries, rows, out, ld, alpha):
+        scores_into(queries, rows, out, ld, alpha=alpha)
+    if metric is Metric.L2:
+        return None, database.row_data[NEG_SQ_NORMS][start:stop]
+    if metric is Metric.COSINE:
+        return database.row_data[INV_NORMS][start:stop], None
+    return None, None
+
+
+def prepared_queries(queries: cupy.ndarray, metric: Metric) -> cupy.ndarray:
+    """The queries as the tiles read them: unit rows for cosine, as given otherwise."""
+    return unit_rows(queries) if metric is Metric.COSINE else queries
+
+
+def direct_scores(queries: cupy.ndarray, vectors: cupy.ndarray, rows: cupy.ndarray, metric: Metric) -> cupy.ndarray:
+    """(Q, M) float32 scores of each query against its rows (Q, M), each summed directly in float64."""
+    n_queries, width = rows.shape
+    out = cupy.empty((n_queries, width), dtype=cupy.float32)
+    warps = n_queries * width
+    kernel("rescore")(
+        (-(-warps * 32 // BLOCK),),
+        (BLOCK,),
+        (queries, vectors, np.int32(vectors.shape[1]), rows, np.int32(width), np.int32(n_queries),
+         np.int32(METRIC_CODES[metric]), out),
+    )  # fmt: skip
+    return out
+
+
+def final_scores(
+    queries: cupy.ndarray, vectors: cupy.ndarray, rows: cupy.ndarray, metric: Metric
+) -> tuple[cupy.ndarray, cupy.ndarray]:
+    """Each query's selected rows (Q, k) scored directly and ordered best first (ties by row)."""
+    n_queries, k = rows.shape
+    if k > SORTED_MAX:
+        return best_first(direct_scores(queries, vectors, rows, metric), rows, metric.higher_is_better)
+    scores = cupy.empty((n_queries, k), dtype=cupy.float32)
+    ordered = cupy.empty((n_queries, k), dtype=cupy.int64)
+    kernel("rescore_sorted")(
+        (n_queries,),
+        (BLOCK,),
+        (queries, vectors, np.int32(vectors.shape[1]), rows, np.int32(k), np.int32(METRIC_CODES[metric]),
+         np.int32(metric.higher_is_better), scores, ordered),
+    )  # fmt: skip
+    return scores, ordered
+
+
+def best_first(scores: cupy.ndarray, rows: cupy.ndarray, higher_is_better: bool) -> tuple[cupy.ndarray, cupy.ndarray]:
+    """(scores, rows) of each query ordered best first."""
+    order = cupy.argsort(-scores if higher_is_better else scores, axis=1)
+    return cupy.take_along_axis(scores, order, 1), cupy.take_along_axis(rows, order, 1)
+
+
+def float32_topk(queries: cupy.ndarray, database: Any, k: int, tile_scores: int) -> tuple[cupy.ndarray, cupy.ndarray]:
+    """The k best rows per query: (scores (Q, k) float32 computed directly, rows (Q, k) int64), best first."""
+    metric, n_rows = database.metric, database.count
+    out_scores, out_rows = [], []
+    for q0 in range(0, queries.shape[0], MAX_GRID_QUERIES):
+        block = queries[q0 : q0 + MAX_GRID_QUERIES]
+        n_queries = block.shape[0]
+        tile_rows = min(n_rows, max(1, tile_scores // n_queries))
+        total = sum(min(k, stop - start) for start, stop in tiles(n_rows, tile_rows))
+        candidates = Candidates.for_tiles(n_queries, k, total, filtering=n_rows > tile_rows > k)
+        ranked = prepared_queries(block, metric)
+        buffer = cupy.empty((n_queries, tile_rows), dtype=cupy.float32)
+        for start, stop in tiles(n_rows, tile_rows):
+            mul, add = oriented_tile(ranked, database, start, stop, buffer, tile_rows)
+            candidates.add_scores(buffer, tile_rows, stop - start, start, mul=mul, add=add)
+        scores, rows = final_scores(block, database.vectors, candidates.best(), metric)
+        out_scores.append(scores)
+        out_rows.append(rows)
+    if len(out_scores) == 1:
+        return out_scores[0], out_rows[0]
+    return cupy.concatenate(out_scores), cupy.concatenate(out_rows)
+
+
+def float64_topk(queries: cupy.ndarray, vectors: cupy.ndarray, k: int, metric: Metric) -> tuple[Any, Any]:
+    """The same answer computed in float64 (terms too large for float32): a full sort, for rare inputs only."""
+    q = queries.astype(cupy.float64)
+    x = vectors.astype(cupy.float64)
+    if metric is Metric.L1:
+        scores = cupy.stack([cupy.abs(x - row[None, :]).sum(axis=1) for row in q])
+    elif metric is Metric.L2:
+        scores = cupy.stack([((x - row[None, :]) ** 2).sum(axis=1) for row in q])
+    else:
+        if metric is Metric.COSINE:
+            scale = cupy.max(cupy.abs(x)) or 1.0
+            xn = x / scale
+            xn = xn / cupy.where((n := cupy.sqrt((xn * xn).sum(1))) > 0, n, 1.0)[:, None]
+            qs = q / (cupy.max(cupy.abs(q)) or 1.0)
+            qn = qs / cupy.where((m := cupy.sqrt((qs * qs).sum(1))) > 0, m, 1.0)[:, None]
+            scores = qn @ xn.T
+        else:
+            scores = q @ x.T
+    order = cupy.argsort(-scores if metric.higher_is_better else scores, axis=1)[:, :k]
+    return cupy.take_along_axis(scores, order, 1).astype(cupy.float32), order.astype(cupy.int64)
+
+
+def hamming_tile(
+    codes: cupy.ndarray, database_codes: cupy.ndarray, start: int, stop: int, out: cupy.ndarray, ld: int
+) -> None:
+    """``out[q, j] = -hamming(codes[q], database_codes[start + j])`` (row stride ``ld``)."""
+    n = stop - start
+    kernel("hamming_scores")(
+        (-(-n // BLOCK), codes.shape[0]),
+        (BLOCK,),
+        (codes, database_codes[start:stop], np.int32(codes.shape[1]), np.int64(n), out, np.int64(ld)),
+    )
+
+
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int32)
+
+
+def hamming_topk(codes: cupy.ndarray, database_codes: cupy.ndarray, k: int, tile_scores: int) -> tuple[Any, Any]:
+    """The k database codes nearest each code, nearest first: (int32 distances, int64 rows)."""
+    n_rows = database_codes.shape[0]
+    out_distances, out_rows = [], []
+    table = cupy.asarray(_POPCOUNT)
+    for q0 in range(0, codes.shape[0], MAX_GRID_QUERIES):
+        block = codes[q0 : q0 + MAX_GRID_QUERIES]
+        n_queries = block.shape[0]
+        tile_rows = min(n_rows, max(1, tile_scores // n_queries))
+        total = sum(min(k, stop - start) for start, stop in tiles(n_rows, tile_rows))
+        candidates = Candidates.for_tiles(n_queries, k, total)
+        buffer = cupy.empty((n_queries, tile_rows), dtype=cupy.float32)
+        for start, stop in tiles(n_rows, tile_rows):
+            hamming_tile(block, database_codes, start, stop, buffer, tile_rows)
+            candidates.add_scores(buffer, tile_rows, stop - start, start)
+        rows = candidates.best()
+        distances = table[block[:, None, :] ^ database_codes[rows]].sum(axis=2, dtype=cupy.int32)
+        distances, rows = best_first(distances, rows, higher_is_better=False)
+        out_distances.append(distances)
+        out_rows.append(rows)
+    if len(out_rows) == 1:
+        return out_distances[0], out_rows[0]
+    return cupy.concatenate(out_distances), cupy.concatenate(out_rows)
+
+
+def pairwise(queries: cupy.ndarray, vectors: cupy.ndarray, metric: Metric) -> cupy.ndarray:
+    """The (Q, N) float32 matrix of ``metric``, every entry summed directly in float64."""
+    n_queries, n = queries.shape[0], vectors.shape[0]
+    out = cupy.empty((n_queries, n), dtype=cupy.float32)
+    for q0 in range(0, n_queries, MAX_GRID_QUERIES):
+        block = queries[q0 : q0 + MAX_GRID_QUERIES]
+        kernel("pairwise_direct")(
+            (-(-n // BLOCK), block.shape[0]),
+            (BLOCK,),
+            (block, vectors, np.int32(vectors.shape[1]), np.int64(n), np.int32(METRIC_CODES[metric]), out[q0:]),
+        )
+    return out

@@ -1,0 +1,316 @@
+"""The CuPy backend: the conformance kit and any-k cases on CUDA; on CI, its unavailability and its kernels compiling.
+
+CI has no GPU and installs gpurag-cupy without cupy (the extras ``cuda12`` / ``cuda13`` bring it):
+there the backend must be listed as unavailable with the reason, and every kernel must compile
+with nvcc for sm_90. The ``gpu`` tests run where cupy sees a card.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import gpurag
+from gpurag.backend import DistanceBackend
+from gpurag.errors import BackendUnavailableError
+from gpurag.metrics import Metric
+from gpurag.testing import reference as ref
+from gpurag.testing.conformance import BackendConformance
+from gpurag_cupy import backend as cupy_backend
+from gpurag_cupy.kernels import NAMES, source
+
+
+class TestCupyBackend(BackendConformance):
+    backend_name = "cupy"
+    devices = ("cuda",)
+
+
+class TestCupyBackendInTinyTiles(BackendConformance):
+    """Tiles of a few rows: every search crosses tiles, and the candidate buffer compacts repeatedly."""
+
+    backend_name = "cupy"
+    devices = ("cuda",)
+
+    @classmethod
+    def make_backend(cls, device: str) -> DistanceBackend:
+        """The kit's backend on ``device`` (skipped with the reason where it cannot run), in tiles of 64 scores."""
+        resolved = super().make_backend(device)
+        return cupy_backend.CupyBackend(resolved.device, tile_scores=64)
+
+
+# --- on CI: unavailability with the reason, and the kernels compile ------------------------------
+@pytest.fixture
+def fresh_availability() -> Any:
+    cupy_backend.cupy_availability.cache_clear()
+    yield
+    cupy_backend.cupy_availability.cache_clear()
+
+
+def test_without_cupy_the_backend_is_unavailable_and_says_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch, fresh_availability: None
+) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "cupy" else real(name, *a))
+    availability = cupy_backend.CupyBackend.availability()
+    assert not availability
+    assert availability.reason.startswith("cupy is not installed")
+    assert "gpurag-cupy[cuda12]" in availability.reason
+    assert "gpurag-cupy[cuda13]" in availability.reason
+    with pytest.raises(BackendUnavailableError, match="cupy is not installed"):
+        cupy_backend.CupyBackend.normalize_device("cuda:0")
+
+
+def test_without_a_cuda_driver_the_backend_is_unavailable_and_says_so(
+    monkeypatch: pytest.MonkeyPatch, fresh_availability: None
+) -> None:
+    spec = importlib.util.spec_from_loader("cupy", loader=None)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: spec if name == "cupy" else real(name, *a))
+    monkeypatch.delitem(sys.modules, "cupy", raising=False)
+    monkeypatch.setattr(cupy_backend, "CUDA_DRIVER_LIBRARY", "libcuda-that-is-not-there.so.1")
+    availability = cupy_backend.CupyBackend.availability()
+    assert not availability
+    assert availability.reason.startswith("no CUDA driver (libcuda-that-is-not-there.so.1 cannot be loaded")
+
+
+def test_where_cupy_is_imported_its_device_count_decides(
+    monkeypatch: pytest.MonkeyPatch, fresh_availability: None
+) -> None:
+    def no_driver() -> int:
+        raise RuntimeError("cudaErrorInsufficientDriver: CUDA driver version is insufficient")
+
+    fake = types.ModuleType("cupy")
+    fake.__spec__ = importlib.util.spec_from_loader("cupy", loader=None)
+    fake.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=no_driver))  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    availability = cupy_backend.CupyBackend.availability()
+    assert not availability
+    assert "no CUDA driver or device for cupy" in availability.reason
+    assert "cudaErrorInsufficientDriver" in availability.reason
+    cupy_backend.cupy_availability.cache_clear()
+    fake.cuda.runtime.getDeviceCount = lambda: 0  # type: ignore[attr-defined]
+    assert cupy_backend.CupyBackend.availability().reason == "cupy sees no CUDA device"
+
+
+def test_gpurag_plugins_lists_the_cupy_backend_with_its_distribution_and_state() -> None:
+    from gpurag import plugins
+    from gpurag.cli import plugin_report
+
+    plugins.reset_plugins()
+
+    listed = {b["name"]: b for b in plugin_report()["backends"]}
+    assert listed["cupy"]["distribution"] == "gpurag-cupy"
+    expected = cupy_backend.CupyBackend.availability()
+    assert listed["cupy"]["available"] == expected.available
+    assert listed["cupy"]["reason"] == expected.reason
+    if not expected.available:
+        with pytest.raises(
+            BackendUnavailableError, match=re.escape(f"backend 'cupy' is unavailable: {expected.reason}")
+        ):
+            gpurag.get_backend("cupy", device="cuda")
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on this machine")
+def test_every_kernel_compiles_for_sm90_with_nvcc(tmp_path: Path) -> None:
+    """The module cupy compiles at first use, with every kernel instantiated, built by nvcc for sm_90."""
+    instances = []
+    for name in NAMES:
+        if "<" in name:  # a template: instantiate it as RawModule's name_expressions would
+            base, argument = name[:-1].split("<")
+            instances.append(f"template __global__ decltype({base}<{argument}>) {base}<{argument}>;")
+    (tmp_path / "kernels.cu").write_text(source() + "\n" + "\n".join(instances) + "\n")
+    result = subprocess.run(
+        ["nvcc", "-std=c++17", "-arch=sm_90", "-cubin", "-o", str(tmp_path / "kernels.cubin"), "kernels.cu"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    symbols = (tmp_path / "kernels.cubin").read_bytes()
+    for name in NAMES:
+        assert name.split("<")[0].encode() in symbols, f"kernel {name} missing from the cubin"
+
+
+# --- on the GPU: any k, odd D, N = 1, torch and DLPack inputs, torch's stream ---------------------
+@pytest.fixture(scope="module")
+def cupy_gpu() -> DistanceBackend:
+    try:
+        return gpurag.get_backend("cupy", device="cuda")
+    except BackendUnavailableError as exc:
+        pytest.skip(f"backend 'cupy' on cuda: {exc}")
+
+
+@pytest.fixture(scope="module")
+def tiny_tiles(cupy_gpu: DistanceBackend) -> DistanceBackend:
+    return cupy_backend.CupyBackend(cupy_gpu.device, tile_scores=4096)
+
+
+def _check(backend: DistanceBackend, queries: Any, vectors: Any, metric: Metric, k: int, label: str) -> None:
+    database = backend.prepare(backend.asarray(vectors, "vectors"), metric)
+    top = backend.topk(backend.asarray(queries, "queries"), database, k)
+    scores, ids = backend.to_numpy(top.scores), backend.to_numpy(top.indices)
+    assert scores.shape == ids.shape == (queries.shape[0], k)
+    ref.assert_topk_matches(queries, vectors, metric, scores, ids, k, label=label)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("metric", list(Metric), ids=str)
+@pytest.mark.parametrize("k", [2049, 4096, 9000], ids=lambda k: f"k{k}")
+def test_any_k_up_to_the_row_count_matches_reference(
+    cupy_gpu: DistanceBackend, tiny_tiles: DistanceBackend, metric: Metric, k: int
+) -> None:
+    rng = np.random.default_rng(k)
+    vectors = rng.standard_normal((9000, 24)).astype(np.float32)
+    vectors[1:300] = vectors[0]  # ties across the k-th
+    queries = rng.standard_normal((3, 24)).astype(np.float32)
+    queries[0] = vectors[0]
+    for backend in (cupy_gpu, tiny_tiles):
+        _check(backend, queries, vectors, metric, k, f"{metric.value} k={k} tile_scores={backend.tile_scores}")  # type: ignore[attr-defined]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("metric", list(Metric), ids=str)
+def test_odd_dimension_781_across_selection_blocks_matches_reference(cupy_gpu: DistanceBackend, metric: Metric) -> None:
+    rng = np.random.default_rng(781)
+    vectors = rng.standard_normal((20_000, 781)).astype(np.float32)
+    queries = rng.standard_normal((5, 781)).astype(np.float32)
+    queries[-1] = vectors[-1]
+    for k in (1, 10, 300):
+        _check(cupy_gpu, queries, vectors, metric, k, f"{metric.value} D=781 k={k}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("metric", list(Metric), ids=str)
+def test_a_single_row_database_answers_every_query(cupy_gpu: DistanceBackend, metric: Metric) -> None:
+    vectors = np.array([[0.5, -1.0, 2.0]], np.float32)
+    queries = np.random.default_rng(1).standard_normal((70, 3)).astype(np.float32)
+    _check(cupy_gpu, queries, vectors, metric, 1, f"{metric.value} N=1")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("metric", list(Metric), ids=str)
+def test_torch_tensors_non_contiguous_and_dlpack_inputs_match_reference(
+    cupy_gpu: DistanceBackend, metric: Metric
+) -> None:
+    torch = pytest.importorskip("torch")
+    import cupy
+
+    rng = np.random.default_rng(5)
+    vectors = rng.standard_normal((3000, 40)).astype(np.float32)
+    wide = rng.standard_normal((4, 80)).astype(np.float32)
+    queries = np.ascontiguousarray(wide[:, ::2])
+    device = torch.device(cupy_gpu.device)
+    inputs = {
+        "torch, strided": torch.from_numpy(wide).to(device)[:, ::2],
+        "torch, column-major": torch.from_numpy(queries).to(device).T.contiguous().T,
+        "torch float64": torch.from_numpy(queries.astype(np.float64)).to(device),
+        "a DLPack capsule producer": cupy.asfortranarray(cupy.asarray(queries)),
+    }
+    database = cupy_gpu.prepare(torch.from_numpy(vectors).to(device), metric)
+    for label, given in inputs.items():
+        top = cupy_gpu.topk(cupy_gpu.asarray(given, "queries"), database, 12)
+        ref.assert_topk_matches(
+            queries, vectors, metric, cupy_gpu.to_numpy(top.scores), cupy_gpu.to_numpy(top.indices), 12, label=label
+        )
+    index = gpurag.ExactRetriever(metric=metric.value, backend=cupy_gpu)
+    index.add(torch.from_numpy(vectors).to(device))
+    scores, ids = index.search(inputs["torch, strided"], 12)
+    ref.assert_topk_matches(queries, vectors, metric, scores, ids, 12, label="retriever, torch input")
+
+
+@pytest.mark.gpu
+def test_torch_inputs_run_on_torchs_current_stream(cupy_gpu: DistanceBackend) -> None:
+    torch = pytest.importorskip("torch")
+    import cupy
+
+    device = torch.device(cupy_gpu.device)
+    side = torch.cuda.Stream(device=device)
+    with torch.cuda.stream(side):
+        queries = torch.randn(3, 16, device=device)
+        with cupy_gpu._on_device(queries):  # type: ignore[attr-defined]
+            assert cupy.cuda.get_current_stream().ptr == side.cuda_stream
+        database = cupy_gpu.prepare(torch.randn(500, 16, device=device), Metric.DOT)
+        top = cupy_gpu.topk(queries, database, 5)
+        side.synchronize()
+    expected = (queries.double().cpu() @ torch.as_tensor(cupy_gpu.to_numpy(database.vectors)).double().T).topk(5)
+    np.testing.assert_array_equal(np.sort(cupy_gpu.to_numpy(top.indices), 1), np.sort(expected.indices.numpy(), 1))
+
+
+@pytest.mark.gpu
+def test_the_database_never_aliases_the_callers_device_array(cupy_gpu: DistanceBackend) -> None:
+    import cupy
+
+    vectors = cupy.asarray(np.random.default_rng(2).standard_normal((50, 8)).astype(np.float32))
+    database = cupy_gpu.prepare(vectors, Metric.L2)
+    vectors[:] = 0
+    assert float(cupy.abs(database.vectors).sum()) > 0
+
+
+@pytest.mark.gpu
+def test_search_out_device_answers_in_cupy_arrays_padded_like_the_host_answer(cupy_gpu: DistanceBackend) -> None:
+    import cupy
+
+    rng = np.random.default_rng(8)
+    vectors = rng.standard_normal((40, 6)).astype(np.float32)
+    queries = rng.standard_normal((3, 6)).astype(np.float32)
+    index = gpurag.ExactRetriever(metric="l2", backend=cupy_gpu, memory_budget_bytes=256)
+    index.add(vectors, ids=np.arange(1000, 1040))
+    for k in (5, 45):
+        on_host = index.search(queries, k)
+        on_device = index.search(queries, k, out="device")
+        assert isinstance(on_device.scores, cupy.ndarray)
+        assert isinstance(on_device.ids, cupy.ndarray)
+        np.testing.assert_array_equal(on_device.ids.get(), on_host.ids)
+        np.testing.assert_array_equal(on_device.scores.get(), on_host.scores)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("metric", list(Metric), ids=str)
+def test_tiles_after_the_first_filtered_by_the_running_threshold_match_reference(
+    cupy_gpu: DistanceBackend, metric: Metric
+) -> None:
+    """Tiles of 100 rows for 4 queries: later tiles mostly fall below the k-th best so far (one pass), and
+    rows ordered to keep beating it force the radix passes for some queries but not others."""
+    rng = np.random.default_rng(11)
+    backend = cupy_backend.CupyBackend(cupy_gpu.device, tile_scores=400)
+    vectors = rng.standard_normal((5000, 16)).astype(np.float32)
+    queries = rng.standard_normal((4, 16)).astype(np.float32)
+    growing = np.argsort(ref.pairwise_reference(queries[:1], vectors, metric)[0])  # ascending scores
+    if not metric.higher_is_better:
+        growing = growing[::-1]  # so that query 0 meets its rows worst first
+    ordered = np.ascontiguousarray(vectors[growing])
+    ordered[2000:2300] = ordered[4999]  # ties with the best row of query 0, across tiles
+    for k in (1, 10, 99):
+        _check(backend, queries, ordered, metric, k, f"{metric.value} k={k}, threshold-filtered tiles")
+        _check(backend, queries, vectors, metric, k, f"{metric.value} k={k}, random order")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["sgemv", "streaming dot kernel", "histogram without warp aggregation"])
+def test_every_scoring_and_histogram_variant_matches_reference(
+    cupy_gpu: DistanceBackend, monkeypatch: pytest.MonkeyPatch, variant: str
+) -> None:
+    from gpurag_cupy import gemm, search, select
+
+    if variant == "sgemv":
+        monkeypatch.setattr(gemm, "GEMV_FOR_ONE_QUERY", True)
+    elif variant == "streaming dot kernel":
+        monkeypatch.setattr(search, "STREAM_DOT_MAX_QUERIES", 16)
+    else:
+        monkeypatch.setattr(select, "AGGREGATE", False)
+    rng = np.random.default_rng(3)
+    for n_queries, dim in ((1, 768), (1, 7), (5, 128), (16, 200), (16, 300), (3, 781)):
+        vectors = rng.standard_normal((6000, dim)).astype(np.float32)
+        queries = rng.standard_normal((n_queries, dim)).astype(np.float32)
+        for metric in Metric:
+            _check(cupy_gpu, queries, vectors, metric, 10, f"{variant}: {metric.value} Q={n_queries} D={dim}")
