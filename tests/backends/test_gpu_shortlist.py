@@ -35,6 +35,7 @@ def _backends() -> list[object]:
         for device in ("cpu", "cuda"):
             marks = [pytest.mark.gpu] if device == "cuda" else []
             params.append(pytest.param(name, device, marks=marks, id=f"{name}-{device}"))
+    params.append(pytest.param("cuda", "cuda", marks=[pytest.mark.gpu], id="cuda-cuda"))
     return params
 
 
@@ -45,6 +46,12 @@ def _backend(name: str, device: str) -> DistanceBackend:
         if device == "cuda" and TorchBackend.default_device() != "cuda":
             pytest.skip("no CUDA device")
         return TorchBackend(device, low_precision=True, chunk_scores=4096)
+    if name == "cuda":
+        from gpurag_cuda.backend import CudaBackend
+
+        if not CudaBackend.availability():
+            pytest.skip(f"cuda backend: {CudaBackend.availability().reason}")
+        return CudaBackend(device, low_precision=True)
     from gpurag_triton.backend import TritonBackend
 
     availability = TritonBackend.availability()

@@ -1,0 +1,239 @@
+"""The hand-written CUDA backend: fused scan + selection kernels compiled by NVRTC for the device.
+
+It shares the torch backend's database, conversions and certificate (`gpurag_torch`); the scans are
+its own CUDA C++ (`kernels/*.cu`, see `gpurag_cuda.compiler`), launched on torch's stream through
+CuPy. l2 / dot / cosine shortlist from the bf16 rows (a streaming kernel for a few queries, a
+tensor-core tile kernel for more), are re-scored directly in float32, and each query is certified
+against the bound of the bf16 pass; an uncertified query is answered again in float32. l1 and
+Hamming are scanned exactly. k above `KERNEL_MAX_K` takes the torch backend's path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from gpurag.backend import Availability, Boundaries, Database
+from gpurag.errors import BackendUnavailableError, InvalidInputError
+from gpurag.metrics import Metric, TopK
+from gpurag_torch.backend import TorchBackend, cuda_present
+
+if TYPE_CHECKING:
+    import torch
+
+#: Largest k the fused kernels select (their per-split lists keep a power of two >= k, at most 64).
+KERNEL_MAX_K = 64
+#: Least kp a scan keeps per (query, split).
+MIN_KP = 16
+#: Rows re-scored per query at least: the certificate needs the best row left out more than twice the
+#: bf16 error bound below the k-th (the torch and Triton backends measured 256 on 1M x 768).
+SHORTLIST_MIN = 256
+
+
+def _kp(k: int) -> int:
+    from gpurag_cuda.launch import pow2_at_least
+
+    return pow2_at_least(max(k, MIN_KP))
+
+
+class CudaBackend(TorchBackend):
+    """Exact search with the package's CUDA kernels on ``cuda[:n]``: l2, dot, cosine, l1 and Hamming, any k."""
+
+    name = "cuda"
+    device_kinds = ("cuda",)
+    metrics = frozenset(Metric)
+    max_k = None
+
+    def __init__(
+        self, device: str | None = None, *, low_precision: bool | None = None, chunk_scores: int | None = None
+    ) -> None:
+        available = self.availability()
+        if not available:
+            raise BackendUnavailableError(f"backend {self.name!r}: {available.reason}")
+        super().__init__(device, low_precision=True if low_precision is None else low_precision,
+                         chunk_scores=chunk_scores)  # fmt: skip
+
+    @classmethod
+    def availability(cls) -> Availability:
+        """Available when torch and cupy are installed and a CUDA driver and device are present."""
+        if importlib.util.find_spec("torch") is None:
+            return Availability(False, "torch is not installed")
+        if importlib.util.find_spec("cupy") is None:
+            return Availability(False, "cupy is not installed (pip install 'gpurag-cuda[cuda13]' or '[cuda12]')")
+        if not cuda_present():
+            return Availability(False, "no CUDA driver or device on this machine")
+        return Availability(True)
+
+    @classmethod
+    def default_device(cls) -> str:
+        """``cuda`` (device 0)."""
+        return "cuda"
+
+    @classmethod
+    def devices(cls) -> tuple[str, ...]:
+        """Each CUDA device torch sees (``cuda:0``, ``cuda:1``...)."""
+        return tuple(name for name in super().devices() if name != "cpu")
+
+    # --- distances and selection ---------------------------------------------------------------
+    def boundaries(self, metric: Metric, queries: int, dim: int) -> Boundaries:
+        """Where the scans split a search of ``queries`` queries: row tiles and batches, the row count
+        from which the splits stop growing, and (bf16 shortlist) the first row count whose splits keep
+        more keys than `SHORTLIST_MIN`; queries: the streaming limit and the query tile."""
+        from gpurag_cuda import launch
+
+        sms = launch.multiprocessors(self.torch_device.index or 0)
+
+        def layout(n_rows: int) -> launch.Layout:
+            if launch.streams(queries, dim, MIN_KP):
+                return launch.stream_layout(n_rows, sms)
+            if metric is Metric.L1:
+                return launch.tile_layout(queries, n_rows, launch.SIMT_BLOCK_Q, launch.SIMT_BLOCK_N, sms)
+            return launch.tile_layout(queries, n_rows, launch.TC_BLOCK_Q, launch.TC_BLOCK_N, sms)
+
+        def first_rows(holds: Any) -> int:  # the smallest row count for which holds(rows), by bisection
+            low_n, high_n = 1, 1 << 24
+            if not holds(high_n):
+                return 0
+            while low_n < high_n:
+                mid = (low_n + high_n) // 2
+                low_n, high_n = (low_n, mid) if holds(mid) else (mid + 1, high_n)
+            return low_n
+
+        def kept(n_rows: int) -> int:
+            per_split = layout(n_rows).rows_per_split
+            full, rest = divmod(n_rows, per_split)
+            return full * min(MIN_KP, per_split) + min(MIN_KP, rest)
+
+        most = layout(1 << 24).splits
+        rows = {launch.STREAM_ROWS, launch.TC_BLOCK_N, launch.SIMT_BLOCK_N}
+        rows.add(first_rows(lambda n: layout(n).splits >= most) - 1)
+        if metric is not Metric.L1 and self.low_precision:
+            rows.add(first_rows(lambda n: kept(n) > SHORTLIST_MIN) - 1)
+        tile = launch.SIMT_BLOCK_Q if metric is Metric.L1 else launch.TC_BLOCK_Q
+        return Boundaries(
+            rows=tuple(sorted(r for r in rows if r > 0)),
+            queries=(launch.STREAM_MAX_QUERIES, launch.STREAM_MAX_QUERIES + tile),
+        )
+
+    def working_scores(self, queries: int, rows: int) -> int:
+        """The kernels keep no score matrix: a few tiles' worth, whatever the block."""
+        return min(queries * rows, 1 << 20)
+
+    def topk(self, queries: Any, database: Database, k: int) -> TopK:
+        """The ``k`` best rows of ``database`` for each query, best first (see `DistanceBackend.topk`).
+
+        The kernels rank; the rows returned are scored again directly in float32, and a bf16 ranking
+        is trusted only where its certificate holds.
+        """
+        import torch
+
+        from gpurag_torch import search
+
+        database = self._own(database)
+        n_rows = database.count
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= n_rows:
+            raise InvalidInputError(f"k must be an integer in 1..{n_rows} (the database's rows); got {k!r}")
+        k = int(k)
+        q = self._tensor(queries, "queries")
+        if q.shape[1] != database.dim:
+            raise InvalidInputError(f"queries must be (Q, {database.dim}); got shape {tuple(q.shape)}")
+        if k > KERNEL_MAX_K:
+            return super().topk(q, database, k)
+        if self.needs_float64(q, database):
+            return self.float64_topk(q, database, k)
+        if database.metric is Metric.L1:
+            return TopK(*self._l1(q, database, k))
+        if not self.low_precision:
+            return super().topk(q, database, k)
+        scores, rows, certified = self._shortlist(q, database, k)
+        self.queries_searched += q.shape[0]
+        if not bool(certified.all()):
+            redo = torch.nonzero(~certified)[:, 0]
+            self.queries_rescanned += int(redo.numel())
+            redo_scores, redo_rows = search.exact_topk(q[redo], database, k, self.chunk_scores)
+            scores[redo], rows[redo] = redo_scores, redo_rows
+        return TopK(scores, rows)
+
+    def _shortlist(self, q: torch.Tensor, database: Database, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        import torch
+
+        from gpurag_cuda import launch
+        from gpurag_torch import search
+        from gpurag_torch.database import LOW, SQ_NORMS, normalised
+
+        metric = database.metric
+        unit = normalised(q, torch.linalg.vector_norm(q, dim=1)) if metric is Metric.COSINE else q
+        low_q = unit.to(torch.bfloat16)
+        sq_norms = database.row_data[SQ_NORMS] if metric is Metric.L2 else None
+        kp = _kp(k)
+        if launch.streams(q.shape[0], database.dim, kp):
+            mode = launch.L2 if metric is Metric.L2 else launch.DOT
+            found = launch.stream_scan(low_q.float(), database.row_data[LOW], sq_norms, mode, kp)
+        else:
+            found = launch.scan_tc(low_q.contiguous(), database.row_data[LOW], sq_norms, kp)
+        n_queries = q.shape[0]
+        keys, rows = found.keys.reshape(n_queries, -1), found.rows.reshape(n_queries, -1)
+        cutoff = found.keys[:, :, kp - 1].max(dim=1).values  # the best key any split left out
+        keep = min(found.kept_per_query(database.count), max(2 * k, SHORTLIST_MIN))
+        if keys.shape[1] > keep:
+            top = torch.topk(keys, keep, dim=1)
+            cutoff = torch.maximum(cutoff, top.values[:, -1])
+            rows = torch.gather(rows, 1, top.indices)
+        return search.rescore_and_certify(
+            q, database, rows.long(), cutoff, k, rounded_output=False, scorer=direct_scores
+        )
+
+    def _l1(self, q: torch.Tensor, database: Database, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        from gpurag_cuda import launch
+        from gpurag_torch import exact
+
+        kp = _kp(k)
+        if launch.streams(q.shape[0], database.dim, kp):
+            found = launch.stream_scan(q, database.vectors, None, launch.L1, kp)
+        else:
+            found = launch.l1_tile(q, database.vectors, kp)
+        n_queries = q.shape[0]
+        top = torch.topk(found.keys.reshape(n_queries, -1), k, dim=1)
+        rows = torch.gather(found.rows.reshape(n_queries, -1), 1, top.indices).long()
+        scores = direct_scores(q, database.vectors, rows, Metric.L1, None)
+        return exact.best_first(scores, rows, k, Metric.L1)
+
+    # --- LSH primitives ------------------------------------------------------------------------
+    def hamming_topk(self, codes: Any, database_codes: Any, k: int) -> TopK:
+        """The ``k`` database codes nearest each code, nearest first, by the fused Hamming kernel."""
+        import torch
+
+        from gpurag_cuda import launch
+        from gpurag_torch import lsh
+
+        a = self._codes(codes, "codes").contiguous()
+        b = self._codes(database_codes, "database_codes").contiguous()
+        lsh.check_codes(a, b, k)
+        if k > KERNEL_MAX_K:
+            return super().hamming_topk(a, b, k)
+        found = launch.hamming_tile(a, b, _kp(k))
+        n_queries = a.shape[0]
+        top = torch.topk(found.keys.reshape(n_queries, -1), k, dim=1)
+        rows = torch.gather(found.rows.reshape(n_queries, -1), 1, top.indices).long()
+        return TopK((-top.values).to(torch.int32), rows)
+
+
+def direct_scores(
+    queries: torch.Tensor, vectors: torch.Tensor, rows: torch.Tensor, metric: Metric, row_norms: torch.Tensor | None
+) -> torch.Tensor:
+    """As `gpurag_torch.exact.direct_scores`, by the re-scoring kernel: rows read in place, no (Q, M, D) copy."""
+    import torch
+
+    from gpurag_cuda import launch
+
+    term = {Metric.L2: 0, Metric.L1: 1, Metric.DOT: 2, Metric.COSINE: 2}[metric]
+    sums = launch.rescore(queries.contiguous(), vectors.contiguous(), rows, term)
+    if metric is not Metric.COSINE:
+        return sums
+    assert row_norms is not None
+    denominator = row_norms[rows] * torch.linalg.vector_norm(queries, dim=1)[:, None]
+    return torch.where(denominator > 0, sums / torch.where(denominator > 0, denominator, 1.0), 0.0)

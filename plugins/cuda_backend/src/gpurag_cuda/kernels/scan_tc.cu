@@ -1,0 +1,146 @@
+// Fused tensor-core scan for dot / l2 / cosine: bf16 inputs, fp32 accumulation (mma.sync m16n8k16),
+// oriented scores (dot: q.x; l2: 2 q.x - |x|^2) selected in the GEMM epilogue against each query's
+// running threshold, so no Q x N score matrix reaches memory.
+//
+// Grid: x = query tiles of BQ queries, y = row splits of rows_per_split rows (a multiple of BN).
+// Output: (Q, splits, kp) keys and rows, the kp best of each (query, split), best first; fewer real
+// rows than kp are padded with -inf and row -1.
+#include "select.cuh"
+
+#define BQ 64
+#define BN 128
+#define BK 32
+#define LDA (BK + 8)
+#define LDC (BN + 4)
+#define THREADS 256
+
+__device__ __forceinline__ void mma_bf16(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
+                                         unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Copies a (tile_rows x BK) bf16 block starting at (row0, k0) of a (n, dim) matrix into smem, zero-filled.
+__device__ __forceinline__ void load_tile(unsigned short* dst, const unsigned short* __restrict__ src, int row0,
+                                          int row_end, int k0, int dim, int tile_rows, bool vec) {
+    if (vec) {
+        for (int idx = threadIdx.x; idx < tile_rows * (BK / 8); idx += THREADS) {
+            int r = idx / (BK / 8), c = (idx % (BK / 8)) * 8;
+            int gr = row0 + r, gk = k0 + c;
+            uint4 v = make_uint4(0, 0, 0, 0);
+            if (gr < row_end && gk < dim) v = *reinterpret_cast<const uint4*>(src + (long long)gr * dim + gk);
+            *reinterpret_cast<uint4*>(dst + r * LDA + c) = v;
+        }
+    } else {
+        for (int idx = threadIdx.x; idx < tile_rows * BK; idx += THREADS) {
+            int r = idx / BK, c = idx % BK;
+            int gr = row0 + r, gk = k0 + c;
+            dst[r * LDA + c] = (gr < row_end && gk < dim) ? src[(long long)gr * dim + gk] : (unsigned short)0;
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+scan_bf16_tc(const unsigned short* __restrict__ queries, const unsigned short* __restrict__ rows,
+             const float* __restrict__ sq_norms, int n_queries, int n_rows, int dim, int rows_per_split, int l2,
+             int kp, int cap, int vec, float* __restrict__ out_keys, int* __restrict__ out_rows) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    unsigned short* a_s = reinterpret_cast<unsigned short*>(smem);
+    unsigned short* b_s = a_s + BQ * LDA;
+    float* c_s = reinterpret_cast<float*>(b_s + BN * LDA);
+    float* list_keys = c_s + BQ * LDC;
+    int* list_rows = reinterpret_cast<int*>(list_keys + BQ * cap);
+    int* list_count = list_rows + BQ * cap;
+    float* list_threshold = reinterpret_cast<float*>(list_count + BQ);
+
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int wq = (warp >> 2) * 32, wn = (warp & 3) * 32;
+    const int q0 = blockIdx.x * BQ;
+    const int splits = gridDim.y, split = blockIdx.y;
+    const int r_begin = split * rows_per_split;
+    const int r_end = min(n_rows, r_begin + rows_per_split);
+
+    for (int i = 0; i < 8; ++i) {
+        int q = warp * 8 + i;
+        reset(CandidateList{list_keys + q * cap, list_rows + q * cap, list_count + q, list_threshold + q});
+    }
+
+    for (int tile = r_begin; tile < r_end; tile += BN) {
+        float acc[2][4][4];
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+            for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
+
+        for (int k0 = 0; k0 < dim; k0 += BK) {
+            load_tile(a_s, queries, q0, n_queries, k0, dim, BQ, vec);
+            load_tile(b_s, rows, tile, r_end, k0, dim, BN, vec);
+            __syncthreads();
+#pragma unroll
+            for (int kk = 0; kk < BK; kk += 16) {
+                unsigned a[2][4], b[4][2];
+#pragma unroll
+                for (int mi = 0; mi < 2; ++mi) {
+                    const unsigned short* base = a_s + (wq + mi * 16 + g) * LDA + kk + 2 * t;
+                    a[mi][0] = *reinterpret_cast<const unsigned*>(base);
+                    a[mi][1] = *reinterpret_cast<const unsigned*>(base + 8 * LDA);
+                    a[mi][2] = *reinterpret_cast<const unsigned*>(base + 8);
+                    a[mi][3] = *reinterpret_cast<const unsigned*>(base + 8 * LDA + 8);
+                }
+#pragma unroll
+                for (int ni = 0; ni < 4; ++ni) {
+                    const unsigned short* base = b_s + (wn + ni * 8 + g) * LDA + kk + 2 * t;
+                    b[ni][0] = *reinterpret_cast<const unsigned*>(base);
+                    b[ni][1] = *reinterpret_cast<const unsigned*>(base + 8);
+                }
+#pragma unroll
+                for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+                    for (int ni = 0; ni < 4; ++ni)
+                        mma_bf16(acc[mi][ni], a[mi][0], a[mi][1], a[mi][2], a[mi][3], b[ni][0], b[ni][1]);
+            }
+            __syncthreads();
+        }
+
+        // Epilogue: oriented scores into the tile, -inf past the split's rows.
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+            for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    int q = wq + mi * 16 + g + (e >> 1) * 8;
+                    int n = wn + ni * 8 + 2 * t + (e & 1);
+                    int r = tile + n;
+                    float v = acc[mi][ni][e];
+                    if (l2 && r < r_end) v = 2.f * v - sq_norms[r];
+                    c_s[q * LDC + n] = r < r_end ? v : GPURAG_NEG_INF;
+                }
+        __syncthreads();
+        for (int i = 0; i < 8; ++i) {
+            int q = warp * 8 + i;
+            if (q0 + q >= n_queries) break;
+            CandidateList list{list_keys + q * cap, list_rows + q * cap, list_count + q, list_threshold + q};
+#pragma unroll
+            for (int c = 0; c < BN; c += 32) {
+                int r = tile + c + lane;
+                offer(list, kp, cap, c_s[q * LDC + c + lane], r, r < r_end);
+            }
+        }
+        __syncthreads();
+    }
+
+    for (int i = 0; i < 8; ++i) {
+        int q = warp * 8 + i;
+        if (q0 + q >= n_queries) break;
+        CandidateList list{list_keys + q * cap, list_rows + q * cap, list_count + q, list_threshold + q};
+        long long at = ((long long)(q0 + q) * splits + split) * kp;
+        flush(list, kp, cap, out_keys + at, out_rows + at);
+    }
+}
