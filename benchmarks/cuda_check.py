@@ -54,7 +54,9 @@ def reference(q: torch.Tensor, x: torch.Tensor, metric: Metric) -> torch.Tensor:
     return torch.cat(out, dim=1)
 
 
-def check(backend: Any, q: torch.Tensor, x: torch.Tensor, metric: Metric, k: int, database: Any = None) -> dict[str, Any]:
+def check(
+    backend: Any, q: torch.Tensor, x: torch.Tensor, metric: Metric, k: int, database: Any = None
+) -> dict[str, Any]:
     """Run topk and compare with float64: the returned scores are the rows' own and the i-th equals the i-th best."""
     database = database if database is not None else backend.prepare(x, metric)
     result = backend.topk(q, database, k)
@@ -115,7 +117,7 @@ def sweep(backend: Any) -> int:
         for metric in Metric:
             try:
                 outcome = check(backend, q, x, metric, min(k, n_rows))
-            except Exception as exc:  # noqa: BLE001 - report and continue: the window is the only feedback
+            except Exception as exc:
                 outcome = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:400]}
             failures += not outcome["ok"]
             emit({"section": "sweep", "Q": n_q, "N": n_rows, "D": dim, "k": k, "metric": metric.value, **outcome})
@@ -174,49 +176,63 @@ TARGETS = {
 }  # fmt: skip
 
 
-def time_rows(backend: Any, names: list[str], repeats: int) -> None:
+def time_one(backend: Any, name: str, metric: Metric, x: torch.Tensor, q: torch.Tensor, k: int, repeats: int) -> None:
+    """Check one target row on a sample of its queries, then time `topk` and the scan kernel alone."""
     from gpurag_cuda import launch
     from gpurag_torch.database import LOW, SQ_NORMS
 
+    n_rows, dim = x.shape
+    n_q = q.shape[0]
+    database = backend.prepare(x, metric)
+    sample = q[: min(n_q, 8)]
+    ok = check(backend, sample, x, metric, k, database)["ok"] if n_rows * dim <= 2e9 else None
+    backend.queries_searched = backend.queries_rescanned = 0
+    ms = timed(lambda: backend.topk(q, database, k), repeats)
+    rescanned = f"{backend.queries_rescanned}/{backend.queries_searched}"
+    kernel_ms = None
+    kp = max(16, 1 << (k - 1).bit_length())
+    stream = launch.streams(n_q, dim, kp)
+    if k <= launch.MAX_KP and metric is not Metric.L1:
+        low_q = q.to(torch.bfloat16)
+        low_f = low_q.float()
+        sq = database.row_data[SQ_NORMS] if metric is Metric.L2 else None
+        low = database.row_data[LOW]
+        mode = launch.L2 if sq is not None else launch.DOT
+        if stream:
+            kernel_ms = timed(lambda: launch.stream_scan(low_f, low, sq, mode, kp), repeats)
+        else:
+            kernel_ms = timed(lambda: launch.scan_tc(low_q, low, sq, kp), repeats)
+    elif k <= launch.MAX_KP:
+        if stream:
+            kernel_ms = timed(lambda: launch.stream_scan(q, database.vectors, None, launch.L1, kp), repeats)
+        else:
+            kernel_ms = timed(lambda: launch.l1_tile(q, database.vectors, kp), repeats)
+    target = TARGETS.get((name, metric.value), TARGETS.get(name))
+    emit({"section": "time", "row": name, "metric": metric.value, "k": k, "checked": ok,
+          "topk_ms": round(ms, 3), "kernel_ms": None if kernel_ms is None else round(kernel_ms, 3),
+          "target_ms": target, "rescanned": rescanned})  # fmt: skip
+
+
+def time_rows(backend: Any, names: list[str], repeats: int) -> None:
+    """Time each named row of `ROWS` for each of its metrics."""
     gen = torch.Generator(device="cuda").manual_seed(1)
     for name in names:
         n_rows, dim, n_q, metrics, k = ROWS[name]
         x = torch.randn(n_rows, dim, device="cuda", generator=gen)
         q = torch.randn(n_q, dim, device="cuda", generator=gen)
         for metric_name in metrics:
-            metric = Metric.parse(metric_name)
-            database = backend.prepare(x, metric)
-            sample = q[: min(n_q, 8)]
             try:
-                ok = check(backend, sample, x, metric, k, database)["ok"] if n_rows * dim <= 2e9 else None
-                backend.queries_searched = backend.queries_rescanned = 0
-                ms = timed(lambda: backend.topk(q, database, k), repeats)
-                rescanned = f"{backend.queries_rescanned}/{backend.queries_searched}"
-                kernel_ms = None
-                kp = max(16, 1 << (k - 1).bit_length())
-                if k <= 64 and metric is not Metric.L1:
-                    low_q = q.to(torch.bfloat16)
-                    sq = database.row_data[SQ_NORMS] if metric is Metric.L2 else None
-                    if n_q <= launch.STREAM_MAX_QUERIES:
-                        low_f = low_q.float()
-                        kernel_ms = timed(lambda: launch.stream_scan(low_f, database.row_data[LOW], sq, 0, kp), repeats)
-                    else:
-                        kernel_ms = timed(lambda: launch.scan_tc(low_q, database.row_data[LOW], sq, kp), repeats)
-                elif k <= 64:
-                    if n_q <= launch.STREAM_MAX_QUERIES:
-                        kernel_ms = timed(lambda: launch.stream_scan(q, database.vectors, None, launch.L1, kp), repeats)
-                    else:
-                        kernel_ms = timed(lambda: launch.l1_tile(q, database.vectors, kp), repeats)
-                target = TARGETS.get((name, metric_name), TARGETS.get(name))
-                emit({"section": "time", "row": name, "metric": metric_name, "k": k, "checked": ok,
-                      "topk_ms": round(ms, 3), "kernel_ms": None if kernel_ms is None else round(kernel_ms, 3),
-                      "target_ms": target, "rescanned": rescanned})  # fmt: skip
-            except Exception as exc:  # noqa: BLE001
-                emit({"section": "time", "row": name, "metric": metric_name, "error": f"{type(exc).__name__}: {exc}"[:400]})
-            del database
+                time_one(backend, name, Metric.parse(metric_name), x, q, k, repeats if k <= 64 else 2)
+            except Exception as exc:  # report and go on: the window is the only feedback
+                emit(
+                    {
+                        "section": "time",
+                        "row": name,
+                        "metric": metric_name,
+                        "error": f"{type(exc).__name__}: {exc}"[:400],
+                    }
+                )
             torch.cuda.empty_cache()
-        del x, q
-        torch.cuda.empty_cache()
 
 
 def main() -> int:

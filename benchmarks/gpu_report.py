@@ -385,7 +385,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="shapes shrunk 10x")
     parser.add_argument("--sweep", action="store_true", help="also time Triton kernel variants")
     parser.add_argument("--profile", action="store_true", help="profile 20 small searches per backend")
-    parser.add_argument("--backends", default="torch,triton")
+    parser.add_argument("--backends", default="torch,triton,cuda")
     parser.add_argument("--only", default="", help="run only scenarios whose label contains this")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()

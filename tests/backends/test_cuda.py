@@ -27,7 +27,9 @@ class TestCudaBackend(BackendConformance):
 
 # --- on every machine ------------------------------------------------------------------------------
 def test_the_plugin_registers_the_backend_and_states_why_it_cannot_run() -> None:
-    assert gpurag.get_registry("backends")["cuda"] is CudaBackend
+    registration = gpurag.get_registry("backends")["cuda"]
+    assert registration.obj is CudaBackend
+    assert registration.distribution == "gpurag-cuda"
     availability = CudaBackend.availability()
     if availability:
         pytest.skip("the backend is available here")

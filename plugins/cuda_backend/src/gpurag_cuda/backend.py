@@ -42,7 +42,7 @@ class CudaBackend(TorchBackend):
     """Exact search with the package's CUDA kernels on ``cuda[:n]``: l2, dot, cosine, l1 and Hamming, any k."""
 
     name = "cuda"
-    device_kinds = ("cuda",)
+    device_kinds = ("cuda",)  # type: ignore[assignment]  # TorchBackend leaves its pair unannotated
     metrics = frozenset(Metric)
     max_k = None
 
@@ -156,7 +156,9 @@ class CudaBackend(TorchBackend):
             scores[redo], rows[redo] = redo_scores, redo_rows
         return TopK(scores, rows)
 
-    def _shortlist(self, q: torch.Tensor, database: Database, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _shortlist(
+        self, q: torch.Tensor, database: Database, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         import torch
 
         from gpurag_cuda import launch

@@ -70,7 +70,9 @@ def compile_cubin(source: str, name: str, arch: str) -> bytes:
             nvrtc.compileProgram(program, [f"-arch=sm_{arch}", *OPTIONS])
         except nvrtc.NVRTCError as exc:
             log = nvrtc.getProgramLog(program)
-            raise BackendUnavailableError(f"NVRTC could not compile kernels/{name}.cu for sm_{arch}: {exc}\n{log}") from exc
+            raise BackendUnavailableError(
+                f"NVRTC could not compile kernels/{name}.cu for sm_{arch}: {exc}\n{log}"
+            ) from exc
         return bytes(nvrtc.getCUBIN(program))
     finally:
         nvrtc.destroyProgram(program)
@@ -108,7 +110,7 @@ def module(name: str, device_index: int) -> Any:
 
 @functools.cache
 def function(module_name: str, kernel: str, device_index: int, shared_bytes: int = 0) -> Any:
-    """The kernel ``kernel`` of ``kernels/MODULE_NAME.cu`` on that device, allowed ``shared_bytes`` of dynamic shared memory."""
+    """Kernel ``kernel`` of ``kernels/MODULE_NAME.cu`` on that device, allowed ``shared_bytes`` of shared memory."""
     import cupy
 
     with cupy.cuda.Device(device_index):

@@ -114,19 +114,35 @@ def _check(x: torch.Tensor, name: str, dtype: torch.dtype, device: torch.device,
         )
 
 
+_STREAMS: dict[tuple[int, int], Any] = {}
+
+
 def _stream(device: torch.device) -> Any:
+    """The CuPy view of the stream torch is using on ``device`` (made once per stream)."""
     import cupy
 
-    return cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream, device.index or 0)
+    current = torch.cuda.current_stream(device)
+    key = (device.index or 0, int(current.cuda_stream))
+    stream = _STREAMS.get(key)
+    if stream is None:
+        from_external = getattr(cupy.cuda.Stream, "from_external", None)
+        if from_external is not None and hasattr(current, "__cuda_stream__"):
+            stream = from_external(current)
+        else:  # CuPy < 14, or a torch without the stream protocol
+            stream = cupy.cuda.ExternalStream(key[1], key[0])
+        _STREAMS[key] = stream
+    return stream
 
 
-def _launch(module: str, kernel: str, device: torch.device, grid: tuple[int, ...], shared: int, args: list[Any]) -> None:
+def _launch(
+    module: str, kernel: str, device: torch.device, grid: tuple[int, ...], shared: int, args: list[Any]
+) -> None:
     import cupy
 
     index = device.index or 0
     fn = compiler.function(module, kernel, index, shared)
-    with cupy.cuda.Device(index):
-        fn(grid, (THREADS,), tuple(args), shared_mem=shared, stream=_stream(device))
+    with cupy.cuda.Device(index), _stream(device):
+        fn(grid, (THREADS,), tuple(args), shared_mem=shared)
 
 
 def _i32(value: int) -> np.int32:
@@ -172,7 +188,9 @@ def scan_tc(queries: torch.Tensor, rows: torch.Tensor, sq_norms: torch.Tensor | 
     return Candidates(keys, out_rows, layout.rows_per_split)
 
 
-def stream_scan(queries: torch.Tensor, rows: torch.Tensor, sq_norms: torch.Tensor | None, mode: int, kp: int) -> Candidates:
+def stream_scan(
+    queries: torch.Tensor, rows: torch.Tensor, sq_norms: torch.Tensor | None, mode: int, kp: int
+) -> Candidates:
     """Streaming scan of float32 ``queries`` (Q <= 8, D) against bf16 or float32 ``rows`` (N, D) in ``mode``."""
     device = rows.device
     _check(queries, "queries", torch.float32, device)
@@ -192,7 +210,9 @@ def stream_scan(queries: torch.Tensor, rows: torch.Tensor, sq_norms: torch.Tenso
     warps = THREADS // 32
     shared = stream_shared_bytes(dim, kp)
     if shared > SHARED_LIMIT:
-        raise InvalidInputError(f"dim {dim} is too large for the streaming scan (at most {SHARED_LIMIT} bytes of lists)")
+        raise InvalidInputError(
+            f"dim {dim} is too large for the streaming scan (at most {SHARED_LIMIT} bytes of lists)"
+        )
     lanes = 8 if rows.dtype == torch.bfloat16 else 4
     vec = dim % lanes == 0 and _aligned(rows)
     norms = sq_norms if sq_norms is not None else keys
@@ -250,7 +270,7 @@ def as_words(codes: torch.Tensor) -> torch.Tensor:
 
 
 def rescore(queries: torch.Tensor, rows: torch.Tensor, candidates: torch.Tensor, term: int) -> torch.Tensor:
-    """(Q, M) float32 direct sums for int64 ``candidates`` (Q, M): term 0 squared differences, 1 absolute, 2 products."""
+    """(Q, M) float32 direct sums for int64 ``candidates`` (Q, M): term 0 squared differences, 1 absolute, 2 dot."""
     device = rows.device
     _check(queries, "queries", torch.float32, device)
     _check(rows, "rows", torch.float32, device)
