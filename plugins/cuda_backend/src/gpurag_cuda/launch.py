@@ -145,6 +145,10 @@ def _launch(
         fn(grid, (THREADS,), tuple(args), shared_mem=shared)
 
 
+def _ptr(tensor: torch.Tensor) -> np.uint64:
+    return np.uint64(tensor.data_ptr())
+
+
 def _i32(value: int) -> np.int32:
     return np.int32(value)
 
@@ -175,15 +179,15 @@ def scan_tc(queries: torch.Tensor, rows: torch.Tensor, sq_norms: torch.Tensor | 
     layout = tile_layout(n_queries, n_rows, TC_BLOCK_Q, TC_BLOCK_N, multiprocessors(device.index or 0))
     cap = capacity(kp)
     keys, out_rows = _outputs(n_queries, layout.splits, kp, device)
-    lda = TC_BLOCK_K + 8
-    shared = 2 * lda * (TC_BLOCK_Q + TC_BLOCK_N) + 4 * TC_BLOCK_Q * (TC_BLOCK_N + 4) + TC_BLOCK_Q * (8 * cap + 8)
+    operands = max(2 * 2 * (TC_BLOCK_K + 8) * (TC_BLOCK_Q + TC_BLOCK_N), 4 * TC_BLOCK_Q * (TC_BLOCK_N + 4))
+    shared = operands + TC_BLOCK_Q * (8 * cap + 8)  # two operand stages (or the score tile), then the lists
     vec = dim % 8 == 0 and _aligned(queries, rows)
     norms = sq_norms if sq_norms is not None else keys  # unread for dot
     grid = (_cdiv(n_queries, TC_BLOCK_Q), layout.splits)
     _launch("scan_tc", "scan_bf16_tc", device, grid, shared, [
-        queries.data_ptr(), rows.data_ptr(), norms.data_ptr(), _i32(n_queries), _i32(n_rows), _i32(dim),
+        _ptr(queries), _ptr(rows), _ptr(norms), _i32(n_queries), _i32(n_rows), _i32(dim),
         _i32(layout.rows_per_split), _i32(int(sq_norms is not None)), _i32(kp), _i32(cap), _i32(int(vec)),
-        keys.data_ptr(), out_rows.data_ptr(),
+        _ptr(keys), _ptr(out_rows),
     ])  # fmt: skip
     return Candidates(keys, out_rows, layout.rows_per_split)
 
@@ -218,9 +222,9 @@ def stream_scan(
     norms = sq_norms if sq_norms is not None else keys
     kernel = "stream_bf16" if rows.dtype == torch.bfloat16 else "stream_f32"
     _launch("stream", kernel, device, (layout.splits // warps,), shared, [
-        queries.data_ptr(), rows.data_ptr(), norms.data_ptr(), _i32(n_queries), _i32(n_rows), _i32(dim),
+        _ptr(queries), _ptr(rows), _ptr(norms), _i32(n_queries), _i32(n_rows), _i32(dim),
         _i32(layout.rows_per_split), _i32(mode), _i32(kp), _i32(cap), _i32(int(vec)),
-        keys.data_ptr(), out_rows.data_ptr(),
+        _ptr(keys), _ptr(out_rows),
     ])  # fmt: skip
     return Candidates(keys, out_rows, layout.rows_per_split)
 
@@ -237,8 +241,8 @@ def _simt_scan(kernel: str, queries: torch.Tensor, rows: torch.Tensor, kp: int) 
     shared += SIMT_BLOCK_Q * (8 * cap + 8)
     grid = (_cdiv(n_queries, SIMT_BLOCK_Q), layout.splits)
     _launch("simt_tile", kernel, device, grid, shared, [
-        queries.data_ptr(), rows.data_ptr(), _i32(n_queries), _i32(n_rows), _i32(width),
-        _i32(layout.rows_per_split), _i32(kp), _i32(cap), keys.data_ptr(), out_rows.data_ptr(),
+        _ptr(queries), _ptr(rows), _i32(n_queries), _i32(n_rows), _i32(width),
+        _i32(layout.rows_per_split), _i32(kp), _i32(cap), _ptr(keys), _ptr(out_rows),
     ])  # fmt: skip
     return Candidates(keys, out_rows, layout.rows_per_split)
 
@@ -281,7 +285,7 @@ def rescore(queries: torch.Tensor, rows: torch.Tensor, candidates: torch.Tensor,
     pairs = n_queries * per_query
     if pairs:
         _launch("rescore", "rescore", device, (_cdiv(pairs, THREADS // 32),), 0, [
-            queries.data_ptr(), rows.data_ptr(), candidates.data_ptr(), _i32(n_queries), _i32(per_query),
-            _i32(queries.shape[1]), _i32(term), out.data_ptr(),
+            _ptr(queries), _ptr(rows), _ptr(candidates), _i32(n_queries), _i32(per_query),
+            _i32(queries.shape[1]), _i32(term), _ptr(out),
         ])  # fmt: skip
     return out

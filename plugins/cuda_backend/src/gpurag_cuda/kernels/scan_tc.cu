@@ -13,6 +13,12 @@
 #define LDA (BK + 8)
 #define LDC (BN + 4)
 #define THREADS 256
+#define STAGE_ELEMENTS ((BQ + BN) * LDA)
+// Bytes before the candidate lists: two operand stages, or the score tile where larger.
+#define OPERAND_BYTES (2 * STAGE_ELEMENTS * 2 > BQ * LDC * 4 ? 2 * STAGE_ELEMENTS * 2 : BQ * LDC * 4)
+// 16-byte vectors of one stage each thread copies: A then B.
+#define A_VECTORS (BQ * BK / 8 / THREADS)
+#define B_VECTORS (BN * BK / 8 / THREADS)
 
 __device__ __forceinline__ void mma_bf16(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
                                          unsigned b1) {
@@ -43,15 +49,69 @@ __device__ __forceinline__ void load_tile(unsigned short* dst, const unsigned sh
     }
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS)
+// Reads this thread's 16-byte vectors of the (A, B) stage at k0 into registers, zero past the ends.
+__device__ __forceinline__ void fetch_stage(uint4* regs, const unsigned short* __restrict__ queries,
+                                           const unsigned short* __restrict__ rows, int q0, int n_queries,
+                                           int tile, int r_end, int k0, int dim) {
+#pragma unroll
+    for (int i = 0; i < A_VECTORS + B_VECTORS; ++i) {
+        bool is_a = i < A_VECTORS;
+        int idx = threadIdx.x + (is_a ? i : i - A_VECTORS) * THREADS;
+        int r = idx / (BK / 8), c = (idx % (BK / 8)) * 8;
+        int gr = (is_a ? q0 : tile) + r, gk = k0 + c;
+        bool inside = gr < (is_a ? n_queries : r_end) && gk < dim;
+        const unsigned short* src = (is_a ? queries : rows) + (long long)gr * dim + gk;
+        regs[i] = inside ? *reinterpret_cast<const uint4*>(src) : make_uint4(0, 0, 0, 0);
+    }
+}
+
+__device__ __forceinline__ void store_stage(unsigned short* stage, const uint4* regs) {
+#pragma unroll
+    for (int i = 0; i < A_VECTORS + B_VECTORS; ++i) {
+        bool is_a = i < A_VECTORS;
+        int idx = threadIdx.x + (is_a ? i : i - A_VECTORS) * THREADS;
+        int r = idx / (BK / 8), c = (idx % (BK / 8)) * 8;
+        *reinterpret_cast<uint4*>(stage + ((is_a ? 0 : BQ) + r) * LDA + c) = regs[i];
+    }
+}
+
+// Tensor-core products of one stage into the warp's 32 x 32 accumulators.
+__device__ __forceinline__ void mma_stage(float (*acc)[4][4], const unsigned short* a_s, const unsigned short* b_s,
+                                          int wq, int wn, int g, int t) {
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 16) {
+        unsigned a[2][4], b[4][2];
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) {
+            const unsigned short* base = a_s + (wq + mi * 16 + g) * LDA + kk + 2 * t;
+            a[mi][0] = *reinterpret_cast<const unsigned*>(base);
+            a[mi][1] = *reinterpret_cast<const unsigned*>(base + 8 * LDA);
+            a[mi][2] = *reinterpret_cast<const unsigned*>(base + 8);
+            a[mi][3] = *reinterpret_cast<const unsigned*>(base + 8 * LDA + 8);
+        }
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) {
+            const unsigned short* base = b_s + (wn + ni * 8 + g) * LDA + kk + 2 * t;
+            b[ni][0] = *reinterpret_cast<const unsigned*>(base);
+            b[ni][1] = *reinterpret_cast<const unsigned*>(base + 8);
+        }
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+            for (int ni = 0; ni < 4; ++ni)
+                mma_bf16(acc[mi][ni], a[mi][0], a[mi][1], a[mi][2], a[mi][3], b[ni][0], b[ni][1]);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS, 2)
 scan_bf16_tc(const unsigned short* __restrict__ queries, const unsigned short* __restrict__ rows,
              const float* __restrict__ sq_norms, int n_queries, int n_rows, int dim, int rows_per_split, int l2,
              int kp, int cap, int vec, float* __restrict__ out_keys, int* __restrict__ out_rows) {
     extern __shared__ __align__(16) unsigned char smem[];
-    unsigned short* a_s = reinterpret_cast<unsigned short*>(smem);
-    unsigned short* b_s = a_s + BQ * LDA;
-    float* c_s = reinterpret_cast<float*>(b_s + BN * LDA);
-    float* list_keys = c_s + BQ * LDC;
+    // Two stages of (A, B) operand tiles; the score tile reuses their space once a row tile is scored.
+    unsigned short* stages = reinterpret_cast<unsigned short*>(smem);
+    float* c_s = reinterpret_cast<float*>(smem);
+    float* list_keys = reinterpret_cast<float*>(smem + OPERAND_BYTES);
     int* list_rows = reinterpret_cast<int*>(list_keys + BQ * cap);
     int* list_count = list_rows + BQ * cap;
     float* list_threshold = reinterpret_cast<float*>(list_count + BQ);
@@ -78,34 +138,29 @@ scan_bf16_tc(const unsigned short* __restrict__ queries, const unsigned short* _
 #pragma unroll
                 for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
 
-        for (int k0 = 0; k0 < dim; k0 += BK) {
-            load_tile(a_s, queries, q0, n_queries, k0, dim, BQ, vec);
-            load_tile(b_s, rows, tile, r_end, k0, dim, BN, vec);
+        if (vec) {  // software pipeline: the next stage's loads are in flight during this stage's products
+            uint4 regs[A_VECTORS + B_VECTORS];
+            fetch_stage(regs, queries, rows, q0, n_queries, tile, r_end, 0, dim);
+            store_stage(stages, regs);
             __syncthreads();
-#pragma unroll
-            for (int kk = 0; kk < BK; kk += 16) {
-                unsigned a[2][4], b[4][2];
-#pragma unroll
-                for (int mi = 0; mi < 2; ++mi) {
-                    const unsigned short* base = a_s + (wq + mi * 16 + g) * LDA + kk + 2 * t;
-                    a[mi][0] = *reinterpret_cast<const unsigned*>(base);
-                    a[mi][1] = *reinterpret_cast<const unsigned*>(base + 8 * LDA);
-                    a[mi][2] = *reinterpret_cast<const unsigned*>(base + 8);
-                    a[mi][3] = *reinterpret_cast<const unsigned*>(base + 8 * LDA + 8);
-                }
-#pragma unroll
-                for (int ni = 0; ni < 4; ++ni) {
-                    const unsigned short* base = b_s + (wn + ni * 8 + g) * LDA + kk + 2 * t;
-                    b[ni][0] = *reinterpret_cast<const unsigned*>(base);
-                    b[ni][1] = *reinterpret_cast<const unsigned*>(base + 8);
-                }
-#pragma unroll
-                for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-                    for (int ni = 0; ni < 4; ++ni)
-                        mma_bf16(acc[mi][ni], a[mi][0], a[mi][1], a[mi][2], a[mi][3], b[ni][0], b[ni][1]);
+            int current = 0;
+            for (int k0 = 0; k0 < dim; k0 += BK) {
+                const bool more = k0 + BK < dim;
+                if (more) fetch_stage(regs, queries, rows, q0, n_queries, tile, r_end, k0 + BK, dim);
+                unsigned short* stage = stages + current * STAGE_ELEMENTS;
+                mma_stage(acc, stage, stage + BQ * LDA, wq, wn, g, t);
+                if (more) store_stage(stages + (current ^ 1) * STAGE_ELEMENTS, regs);
+                __syncthreads();
+                current ^= 1;
             }
-            __syncthreads();
+        } else {
+            for (int k0 = 0; k0 < dim; k0 += BK) {
+                load_tile(stages, queries, q0, n_queries, k0, dim, BQ, false);
+                load_tile(stages + BQ * LDA, rows, tile, r_end, k0, dim, BN, false);
+                __syncthreads();
+                mma_stage(acc, stages, stages + BQ * LDA, wq, wn, g, t);
+                __syncthreads();
+            }
         }
 
         // Epilogue: oriented scores into the tile, -inf past the split's rows.
