@@ -124,10 +124,14 @@ def sweep(backend: Any) -> int:
     # Any k past the fused kernels, non-contiguous and DLPack inputs.
     q = torch.randn(16, 64, device="cuda", generator=gen)
     x = torch.randn(6000, 64, device="cuda", generator=gen)
-    for k in (65, 2049, 4096, 6000):
-        outcome = check(backend, q, x, Metric.L2, k)
-        failures += not outcome["ok"]
-        emit({"section": "sweep", "case": f"any k={k}", **outcome})
+    big = torch.randn(40_000, 64, device="cuda", generator=gen)
+    for k, rows in ((65, x), (2049, big), (4096, big), (2049, x), (6000, x)):
+        for metric in (Metric.L2, Metric.COSINE):
+            backend.queries_rescanned = 0
+            outcome = check(backend, q, rows, metric, k)
+            failures += not outcome["ok"]
+            emit({"section": "sweep", "case": f"any k={k} N={rows.shape[0]} {metric.value}", **outcome,
+                  "rescanned": backend.queries_rescanned})  # fmt: skip
     wide = torch.randn(16, 128, device="cuda", generator=gen)[:, ::2]
     outcome = check(backend, wide, x, Metric.DOT, 10)
     failures += not outcome["ok"]

@@ -30,6 +30,15 @@ MIN_KP = 16
 #: Rows re-scored per query at least: the certificate needs the best row left out more than twice the
 #: bf16 error bound below the k-th (the torch and Triton backends measured 256 on 1M x 768).
 SHORTLIST_MIN = 256
+#: Past `KERNEL_MAX_K`, the threshold scan takes k up to this fraction of the rows (the torch path above).
+LARGE_K_MAX_FRACTION = 8
+#: The threshold scan samples every SAMPLE_STRIDE-th row (at most) to set each query's threshold, aiming
+#: for SAMPLE_MARGIN x k rows above it, and buffers up to BUFFER_FACTOR x k rows per query.
+SAMPLE_STRIDE = 16
+SAMPLE_MARGIN = 1.25
+BUFFER_FACTOR = 4
+#: Most buffered entries one threshold launch holds (queries are taken in chunks under it).
+BUFFER_ENTRIES = 1 << 26
 
 
 def _kp(k: int) -> int:
@@ -139,10 +148,14 @@ class CudaBackend(TorchBackend):
         q = self._tensor(queries, "queries")
         if q.shape[1] != database.dim:
             raise InvalidInputError(f"queries must be (Q, {database.dim}); got shape {tuple(q.shape)}")
-        if k > KERNEL_MAX_K:
+        if k > KERNEL_MAX_K and not self._threshold_scan_takes(database, k):
             return super().topk(q, database, k)
         if self.needs_float64(q, database):
             return self.float64_topk(q, database, k)
+        if k > KERNEL_MAX_K:
+            step = max(1, BUFFER_ENTRIES // (BUFFER_FACTOR * k))
+            parts = [self._large_k(q[i : i + step], database, k) for i in range(0, q.shape[0], step)]
+            return TopK(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
         if database.metric is Metric.L1:
             return TopK(*self._l1(q, database, k))
         if not self.low_precision:
@@ -156,6 +169,63 @@ class CudaBackend(TorchBackend):
             scores[redo], rows[redo] = redo_scores, redo_rows
         return TopK(scores, rows)
 
+    def _threshold_scan_takes(self, database: Database, k: int) -> bool:
+        return self.low_precision and database.metric is not Metric.L1 and k * LARGE_K_MAX_FRACTION <= database.count
+
+    def _large_k(self, q: torch.Tensor, database: Database, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Any k: a threshold per query from a sample of the rows, then one scan that buffers every row
+        reaching it; the buffer is re-scored and certified like the shortlist, and a query whose buffer
+        fell short, overflowed or failed its certificate is answered by the float32 pass."""
+        import torch
+
+        from gpurag_cuda import launch
+        from gpurag_torch import search
+        from gpurag_torch.database import LOW, SQ_NORMS
+
+        metric, n_rows, n_queries = database.metric, database.count, q.shape[0]
+        low_q = self._low_queries(q, metric)
+        low_rows = database.row_data[LOW]
+        sq_norms = database.row_data[SQ_NORMS] if metric is Metric.L2 else None
+        stride = max(1, min(SAMPLE_STRIDE, n_rows // (32 * k)))
+        sample = low_rows[::stride].contiguous()
+        sample_sq = sq_norms[::stride].contiguous() if sq_norms is not None else None
+        found = launch.scan_tc(low_q, sample, sample_sq, launch.MAX_KP)
+        rank = min(int(SAMPLE_MARGIN * k * sample.shape[0] / n_rows) + 8, found.kept_per_query(sample.shape[0]))
+        thresholds = torch.topk(found.keys.reshape(n_queries, -1), rank, dim=1).values[:, -1].contiguous()
+        capacity = BUFFER_FACTOR * k
+        keys, rows, counts = launch.collect_tc(low_q, low_rows, sq_norms, thresholds, capacity)
+        scores = torch.empty((n_queries, k), dtype=torch.float32, device=q.device)
+        positions = torch.empty((n_queries, k), dtype=torch.int64, device=q.device)
+        full = (counts >= k) & (counts <= capacity)
+        redo = ~full
+        if bool(full.any()):
+            held = counts[full].long()
+            width = min(2 * k, int(held.min()))
+            valid = torch.arange(capacity, device=q.device)[None, :] < held[:, None]
+            top = torch.topk(torch.where(valid, keys[full], float("-inf")), width, dim=1)
+            cutoff = torch.where(held > width, torch.maximum(thresholds[full], top.values[:, -1]), thresholds[full])
+            picked = torch.gather(rows[full], 1, top.indices).long()
+            got_scores, got_rows, certified = search.rescore_and_certify(
+                q[full], database, picked, cutoff, k, rounded_output=False, scorer=direct_scores
+            )
+            scores[full], positions[full] = got_scores, got_rows
+            redo[torch.nonzero(full)[:, 0][~certified]] = True
+        self.queries_searched += n_queries
+        if bool(redo.any()):
+            again = torch.nonzero(redo)[:, 0]
+            self.queries_rescanned += int(again.numel())
+            scores[again], positions[again] = search.exact_topk(q[again], database, k, self.chunk_scores)
+        return scores, positions
+
+    @staticmethod
+    def _low_queries(q: torch.Tensor, metric: Metric) -> torch.Tensor:
+        import torch
+
+        from gpurag_torch.database import normalised
+
+        unit = normalised(q, torch.linalg.vector_norm(q, dim=1)) if metric is Metric.COSINE else q
+        return unit.to(torch.bfloat16).contiguous()
+
     def _shortlist(
         self, q: torch.Tensor, database: Database, k: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -163,18 +233,17 @@ class CudaBackend(TorchBackend):
 
         from gpurag_cuda import launch
         from gpurag_torch import search
-        from gpurag_torch.database import LOW, SQ_NORMS, normalised
+        from gpurag_torch.database import LOW, SQ_NORMS
 
         metric = database.metric
-        unit = normalised(q, torch.linalg.vector_norm(q, dim=1)) if metric is Metric.COSINE else q
-        low_q = unit.to(torch.bfloat16)
+        low_q = self._low_queries(q, metric)
         sq_norms = database.row_data[SQ_NORMS] if metric is Metric.L2 else None
         kp = _kp(k)
         if launch.streams(q.shape[0], database.dim, kp):
             mode = launch.L2 if metric is Metric.L2 else launch.DOT
             found = launch.stream_scan(low_q.float(), database.row_data[LOW], sq_norms, mode, kp)
         else:
-            found = launch.scan_tc(low_q.contiguous(), database.row_data[LOW], sq_norms, kp)
+            found = launch.scan_tc(low_q, database.row_data[LOW], sq_norms, kp)
         n_queries = q.shape[0]
         keys, rows = found.keys.reshape(n_queries, -1), found.rows.reshape(n_queries, -1)
         cutoff = found.keys[:, :, kp - 1].max(dim=1).values  # the best key any split left out

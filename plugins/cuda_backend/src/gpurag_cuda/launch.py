@@ -192,6 +192,35 @@ def scan_tc(queries: torch.Tensor, rows: torch.Tensor, sq_norms: torch.Tensor | 
     return Candidates(keys, out_rows, layout.rows_per_split)
 
 
+def collect_tc(
+    queries: torch.Tensor, rows: torch.Tensor, sq_norms: torch.Tensor | None, thresholds: torch.Tensor, capacity: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every row whose bf16 key reaches its query's threshold: (keys (Q, capacity), int32 rows, int32 counts (Q,)).
+
+    Entries past a query's count are unset; a count above ``capacity`` means its buffer overflowed.
+    """
+    device = rows.device
+    _check(queries, "queries", torch.bfloat16, device)
+    _check(rows, "rows", torch.bfloat16, device)
+    _check(thresholds, "thresholds", torch.float32, device, ndim=1)
+    n_queries, dim = queries.shape
+    n_rows = rows.shape[0]
+    layout = tile_layout(n_queries, n_rows, TC_BLOCK_Q, TC_BLOCK_N, multiprocessors(device.index or 0))
+    keys = torch.empty((n_queries, capacity), dtype=torch.float32, device=device)
+    out_rows = torch.empty((n_queries, capacity), dtype=torch.int32, device=device)
+    counts = torch.zeros(n_queries, dtype=torch.int32, device=device)
+    shared = max(2 * 2 * (TC_BLOCK_K + 8) * (TC_BLOCK_Q + TC_BLOCK_N), 4 * TC_BLOCK_Q * (TC_BLOCK_N + 4))
+    vec = dim % 8 == 0 and _aligned(queries, rows)
+    norms = sq_norms if sq_norms is not None else keys
+    grid = (_cdiv(n_queries, TC_BLOCK_Q), layout.splits)
+    _launch("scan_tc", "collect_bf16_tc", device, grid, shared, [
+        _ptr(queries), _ptr(rows), _ptr(norms), _ptr(thresholds), _i32(n_queries), _i32(n_rows), _i32(dim),
+        _i32(layout.rows_per_split), _i32(int(sq_norms is not None)), _i32(int(vec)), _i32(capacity),
+        _ptr(keys), _ptr(out_rows), _ptr(counts),
+    ])  # fmt: skip
+    return keys, out_rows, counts
+
+
 def stream_scan(
     queries: torch.Tensor, rows: torch.Tensor, sq_norms: torch.Tensor | None, mode: int, kp: int
 ) -> Candidates:

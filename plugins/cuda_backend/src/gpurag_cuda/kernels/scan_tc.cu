@@ -103,6 +103,65 @@ __device__ __forceinline__ void mma_stage(float (*acc)[4][4], const unsigned sho
     }
 }
 
+// Scores the (BQ x BN) tile of queries q0.. against rows tile.. into c_s (oriented keys, -inf past
+// r_end); every thread of the block calls it, and c_s is complete when it returns.
+__device__ __forceinline__ void score_tile(float* c_s, unsigned short* stages, const unsigned short* __restrict__ queries,
+                                           const unsigned short* __restrict__ rows,
+                                           const float* __restrict__ sq_norms, int q0, int n_queries, int tile,
+                                           int r_end, int dim, int l2, int vec) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int wq = (warp >> 2) * 32, wn = (warp & 3) * 32;
+    float acc[2][4][4];
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
+
+    if (vec) {  // software pipeline: the next stage's loads are in flight during this stage's products
+        uint4 regs[A_VECTORS + B_VECTORS];
+        fetch_stage(regs, queries, rows, q0, n_queries, tile, r_end, 0, dim);
+        store_stage(stages, regs);
+        __syncthreads();
+        int current = 0;
+        for (int k0 = 0; k0 < dim; k0 += BK) {
+            const bool more = k0 + BK < dim;
+            if (more) fetch_stage(regs, queries, rows, q0, n_queries, tile, r_end, k0 + BK, dim);
+            unsigned short* stage = stages + current * STAGE_ELEMENTS;
+            mma_stage(acc, stage, stage + BQ * LDA, wq, wn, g, t);
+            if (more) store_stage(stages + (current ^ 1) * STAGE_ELEMENTS, regs);
+            __syncthreads();
+            current ^= 1;
+        }
+    } else {
+        for (int k0 = 0; k0 < dim; k0 += BK) {
+            load_tile(stages, queries, q0, n_queries, k0, dim, BQ, false);
+            load_tile(stages + BQ * LDA, rows, tile, r_end, k0, dim, BN, false);
+            __syncthreads();
+            mma_stage(acc, stages, stages + BQ * LDA, wq, wn, g, t);
+            __syncthreads();
+        }
+    }
+
+    // Epilogue: oriented scores into the tile, -inf past the split's rows.
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                int q = wq + mi * 16 + g + (e >> 1) * 8;
+                int n = wn + ni * 8 + 2 * t + (e & 1);
+                int r = tile + n;
+                float v = acc[mi][ni][e];
+                if (l2 && r < r_end) v = 2.f * v - sq_norms[r];
+                c_s[q * LDC + n] = r < r_end ? v : GPURAG_NEG_INF;
+            }
+    __syncthreads();
+}
+
 extern "C" __global__ void __launch_bounds__(THREADS, 2)
 scan_bf16_tc(const unsigned short* __restrict__ queries, const unsigned short* __restrict__ rows,
              const float* __restrict__ sq_norms, int n_queries, int n_rows, int dim, int rows_per_split, int l2,
@@ -117,8 +176,6 @@ scan_bf16_tc(const unsigned short* __restrict__ queries, const unsigned short* _
     float* list_threshold = reinterpret_cast<float*>(list_count + BQ);
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int g = lane >> 2, t = lane & 3;
-    const int wq = (warp >> 2) * 32, wn = (warp & 3) * 32;
     const int q0 = blockIdx.x * BQ;
     const int splits = gridDim.y, split = blockIdx.y;
     const int r_begin = split * rows_per_split;
@@ -128,56 +185,8 @@ scan_bf16_tc(const unsigned short* __restrict__ queries, const unsigned short* _
         int q = warp * 8 + i;
         reset(CandidateList{list_keys + q * cap, list_rows + q * cap, list_count + q, list_threshold + q});
     }
-
     for (int tile = r_begin; tile < r_end; tile += BN) {
-        float acc[2][4][4];
-#pragma unroll
-        for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-            for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
-
-        if (vec) {  // software pipeline: the next stage's loads are in flight during this stage's products
-            uint4 regs[A_VECTORS + B_VECTORS];
-            fetch_stage(regs, queries, rows, q0, n_queries, tile, r_end, 0, dim);
-            store_stage(stages, regs);
-            __syncthreads();
-            int current = 0;
-            for (int k0 = 0; k0 < dim; k0 += BK) {
-                const bool more = k0 + BK < dim;
-                if (more) fetch_stage(regs, queries, rows, q0, n_queries, tile, r_end, k0 + BK, dim);
-                unsigned short* stage = stages + current * STAGE_ELEMENTS;
-                mma_stage(acc, stage, stage + BQ * LDA, wq, wn, g, t);
-                if (more) store_stage(stages + (current ^ 1) * STAGE_ELEMENTS, regs);
-                __syncthreads();
-                current ^= 1;
-            }
-        } else {
-            for (int k0 = 0; k0 < dim; k0 += BK) {
-                load_tile(stages, queries, q0, n_queries, k0, dim, BQ, false);
-                load_tile(stages + BQ * LDA, rows, tile, r_end, k0, dim, BN, false);
-                __syncthreads();
-                mma_stage(acc, stages, stages + BQ * LDA, wq, wn, g, t);
-                __syncthreads();
-            }
-        }
-
-        // Epilogue: oriented scores into the tile, -inf past the split's rows.
-#pragma unroll
-        for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-            for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    int q = wq + mi * 16 + g + (e >> 1) * 8;
-                    int n = wn + ni * 8 + 2 * t + (e & 1);
-                    int r = tile + n;
-                    float v = acc[mi][ni][e];
-                    if (l2 && r < r_end) v = 2.f * v - sq_norms[r];
-                    c_s[q * LDC + n] = r < r_end ? v : GPURAG_NEG_INF;
-                }
-        __syncthreads();
+        score_tile(c_s, stages, queries, rows, sq_norms, q0, n_queries, tile, r_end, dim, l2, vec);
         for (int i = 0; i < 8; ++i) {
             int q = warp * 8 + i;
             if (q0 + q >= n_queries) break;
@@ -190,12 +199,53 @@ scan_bf16_tc(const unsigned short* __restrict__ queries, const unsigned short* _
         }
         __syncthreads();
     }
-
     for (int i = 0; i < 8; ++i) {
         int q = warp * 8 + i;
         if (q0 + q >= n_queries) break;
         CandidateList list{list_keys + q * cap, list_rows + q * cap, list_count + q, list_threshold + q};
         long long at = ((long long)(q0 + q) * splits + split) * kp;
         flush(list, kp, cap, out_keys + at, out_rows + at);
+    }
+}
+
+// The same scan for any k: every row whose key reaches its query's threshold is appended to that
+// query's buffer of `capacity` entries (keys, rows); counts[q] ends as the number of such rows, past
+// `capacity` when the buffer overflowed (the entries past it are dropped).
+extern "C" __global__ void __launch_bounds__(THREADS, 2)
+collect_bf16_tc(const unsigned short* __restrict__ queries, const unsigned short* __restrict__ rows,
+                const float* __restrict__ sq_norms, const float* __restrict__ thresholds, int n_queries, int n_rows,
+                int dim, int rows_per_split, int l2, int vec, int capacity, float* __restrict__ out_keys,
+                int* __restrict__ out_rows, int* __restrict__ counts) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    unsigned short* stages = reinterpret_cast<unsigned short*>(smem);
+    float* c_s = reinterpret_cast<float*>(smem);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int q0 = blockIdx.x * BQ;
+    const int r_begin = blockIdx.y * rows_per_split;
+    const int r_end = min(n_rows, r_begin + rows_per_split);
+    for (int tile = r_begin; tile < r_end; tile += BN) {
+        score_tile(c_s, stages, queries, rows, sq_norms, q0, n_queries, tile, r_end, dim, l2, vec);
+        for (int i = 0; i < 8; ++i) {
+            int q = warp * 8 + i;
+            if (q0 + q >= n_queries) break;
+            const float threshold = thresholds[q0 + q];
+#pragma unroll
+            for (int c = 0; c < BN; c += 32) {
+                int r = tile + c + lane;
+                float key = c_s[q * LDC + c + lane];
+                bool take = r < r_end && key >= threshold;
+                unsigned mask = __ballot_sync(GPURAG_FULL_MASK, take);
+                if (mask == 0) continue;
+                int base = 0;
+                if (lane == 0) base = atomicAdd(counts + q0 + q, __popc(mask));
+                base = __shfl_sync(GPURAG_FULL_MASK, base, 0);
+                int at = base + __popc(mask & ((1u << lane) - 1u));
+                if (take && at < capacity) {
+                    out_keys[(long long)(q0 + q) * capacity + at] = key;
+                    out_rows[(long long)(q0 + q) * capacity + at] = r;
+                }
+            }
+        }
+        __syncthreads();
     }
 }
