@@ -30,6 +30,9 @@ MIN_KP = 16
 #: Rows re-scored per query at least: the certificate needs the best row left out more than twice the
 #: bf16 error bound below the k-th (the torch and Triton backends measured 256 on 1M x 768).
 SHORTLIST_MIN = 256
+#: Most queries for which l1 shortlists from the bf16 rows (streamed, 8 queries a pass); above it l1 is
+#: compute-bound and scanned exactly in float32.
+L1_LOW_MAX_QUERIES = 16
 #: Past `KERNEL_MAX_K`, the threshold scan takes k up to this fraction of the rows (the torch path above).
 LARGE_K_MAX_FRACTION = 8
 #: The threshold scan samples every SAMPLE_STRIDE-th row (at most) to set each query's threshold, aiming
@@ -93,9 +96,10 @@ class CudaBackend(TorchBackend):
         from gpurag_cuda import launch
 
         sms = launch.multiprocessors(self.torch_device.index or 0)
+        l1 = metric is Metric.L1
 
         def layout(n_rows: int) -> launch.Layout:
-            if launch.streams(queries, dim, MIN_KP):
+            if launch.streams(queries, dim, MIN_KP) or (l1 and self._l1_shortlists(queries, dim, MIN_KP)):
                 return launch.stream_layout(n_rows, sms)
             if metric is Metric.L1:
                 return launch.tile_layout(queries, n_rows, launch.SIMT_BLOCK_Q, launch.SIMT_BLOCK_N, sms)
@@ -118,12 +122,12 @@ class CudaBackend(TorchBackend):
         most = layout(1 << 24).splits
         rows = {launch.STREAM_ROWS, launch.TC_BLOCK_N, launch.SIMT_BLOCK_N}
         rows.add(first_rows(lambda n: layout(n).splits >= most) - 1)
-        if metric is not Metric.L1 and self.low_precision:
+        if self.low_precision and (not l1 or self._l1_shortlists(queries, dim, MIN_KP)):
             rows.add(first_rows(lambda n: kept(n) > SHORTLIST_MIN) - 1)
         tile = launch.SIMT_BLOCK_Q if metric is Metric.L1 else launch.TC_BLOCK_Q
         return Boundaries(
             rows=tuple(sorted(r for r in rows if r > 0)),
-            queries=(launch.STREAM_MAX_QUERIES, launch.STREAM_MAX_QUERIES + tile),
+            queries=(launch.STREAM_MAX_QUERIES, L1_LOW_MAX_QUERIES, L1_LOW_MAX_QUERIES + tile),
         )
 
     def working_scores(self, queries: int, rows: int) -> int:
@@ -156,7 +160,7 @@ class CudaBackend(TorchBackend):
             step = max(1, BUFFER_ENTRIES // (BUFFER_FACTOR * k))
             parts = [self._large_k(q[i : i + step], database, k) for i in range(0, q.shape[0], step)]
             return TopK(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
-        if database.metric is Metric.L1:
+        if database.metric is Metric.L1 and not self._l1_shortlists(q.shape[0], database.dim, k):
             return TopK(*self._l1(q, database, k))
         if not self.low_precision:
             return super().topk(q, database, k)
@@ -165,9 +169,18 @@ class CudaBackend(TorchBackend):
         if not bool(certified.all()):
             redo = torch.nonzero(~certified)[:, 0]
             self.queries_rescanned += int(redo.numel())
-            redo_scores, redo_rows = search.exact_topk(q[redo], database, k, self.chunk_scores)
+            if database.metric is Metric.L1:
+                redo_scores, redo_rows = self._l1(q[redo], database, k)
+            else:
+                redo_scores, redo_rows = search.exact_topk(q[redo], database, k, self.chunk_scores)
             scores[redo], rows[redo] = redo_scores, redo_rows
         return TopK(scores, rows)
+
+    def _l1_shortlists(self, n_queries: int, dim: int, k: int) -> bool:
+        """Whether l1 takes the certified bf16 shortlist: few queries (bandwidth-bound), streamed in groups."""
+        from gpurag_cuda import launch
+
+        return self.low_precision and n_queries <= L1_LOW_MAX_QUERIES and launch.streams(1, dim, _kp(k))
 
     def _threshold_scan_takes(self, database: Database, k: int) -> bool:
         return self.low_precision and database.metric is not Metric.L1 and k * LARGE_K_MAX_FRACTION <= database.count
@@ -239,9 +252,16 @@ class CudaBackend(TorchBackend):
         low_q = self._low_queries(q, metric)
         sq_norms = database.row_data[SQ_NORMS] if metric is Metric.L2 else None
         kp = _kp(k)
-        if launch.streams(q.shape[0], database.dim, kp):
-            mode = launch.L2 if metric is Metric.L2 else launch.DOT
-            found = launch.stream_scan(low_q.float(), database.row_data[LOW], sq_norms, mode, kp)
+        if metric is Metric.L1 or launch.streams(q.shape[0], database.dim, kp):
+            mode = {Metric.L2: launch.L2, Metric.L1: launch.L1}.get(metric, launch.DOT)
+            step = launch.STREAM_MAX_QUERIES
+            parts = [
+                launch.stream_scan(low_q[i : i + step].float(), database.row_data[LOW], sq_norms, mode, kp)
+                for i in range(0, q.shape[0], step)
+            ]
+            found = launch.Candidates(
+                torch.cat([p.keys for p in parts]), torch.cat([p.rows for p in parts]), parts[0].rows_per_split
+            )
         else:
             found = launch.scan_tc(low_q, database.row_data[LOW], sq_norms, kp)
         n_queries = q.shape[0]
