@@ -246,6 +246,35 @@ def time_rows(backend: Any, names: list[str], repeats: int) -> None:
             torch.cuda.empty_cache()
 
 
+def variant_row(n_rows: int, dim: int, n_q: int, repeats: int) -> None:
+    """One shape's scan kernel timed under several blocks (tile) or warps (stream) per multiprocessor."""
+    from gpurag_cuda import launch
+
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    low = torch.randn(n_rows, dim, device="cuda", generator=gen).to(torch.bfloat16)
+    low_q = torch.randn(n_q, dim, device="cuda", generator=gen).to(torch.bfloat16)
+    low_f = low_q.float()
+    default = (launch.TILE_BLOCKS_PER_SM, launch.STREAM_WARPS_PER_SM)
+    for value in (1, 2, 3, 4, 8) if n_q > 8 else (8, 16, 24, 32, 48):
+        try:
+            if n_q > 8:
+                launch.TILE_BLOCKS_PER_SM = value
+                ms = timed(lambda: launch.scan_tc(low_q, low, None, 16), repeats)
+            else:
+                launch.STREAM_WARPS_PER_SM = value
+                ms = timed(lambda: launch.stream_scan(low_f, low, None, launch.DOT, 16), repeats)
+            emit({"section": "variant", "N": n_rows, "D": dim, "Q": n_q, "per_sm": value, "kernel_ms": round(ms, 3)})
+        finally:
+            launch.TILE_BLOCKS_PER_SM, launch.STREAM_WARPS_PER_SM = default
+
+
+def variants(repeats: int) -> None:
+    """The scan kernels alone under other launch shapes, for tuning."""
+    for n_rows, dim, n_q in ((1_000_000, 768, 1), (1_000_000, 768, 1024), (10_000_000, 128, 1024)):
+        variant_row(n_rows, dim, n_q, repeats)
+        torch.cuda.empty_cache()
+
+
 def main() -> int:
     global OUT
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -254,6 +283,7 @@ def main() -> int:
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--variants", action="store_true", help="also time the scans under other launch shapes")
     args = parser.parse_args()
     OUT = Path(args.out)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -265,6 +295,8 @@ def main() -> int:
     emit({"section": "sweep-summary", "failures": failures})
     if not args.skip_timing:
         time_rows(backend, args.rows.split(","), args.repeats)
+    if args.variants:
+        variants(args.repeats)
     return 0
 
 

@@ -154,17 +154,23 @@ class CudaBackend(TorchBackend):
             raise InvalidInputError(f"queries must be (Q, {database.dim}); got shape {tuple(q.shape)}")
         if k > KERNEL_MAX_K and not self._threshold_scan_takes(database, k):
             return super().topk(q, database, k)
+        shortlists = (
+            k <= KERNEL_MAX_K
+            and self.low_precision
+            and (database.metric is not Metric.L1 or self._l1_shortlists(q.shape[0], database.dim, k))
+        )
+        found = self._scan_low(q, database, k) if shortlists else None  # runs while the check below waits
         if self.needs_float64(q, database):
             return self.float64_topk(q, database, k)
         if k > KERNEL_MAX_K:
             step = max(1, BUFFER_ENTRIES // (BUFFER_FACTOR * k))
             parts = [self._large_k(q[i : i + step], database, k) for i in range(0, q.shape[0], step)]
             return TopK(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
-        if database.metric is Metric.L1 and not self._l1_shortlists(q.shape[0], database.dim, k):
+        if found is None and database.metric is Metric.L1:
             return TopK(*self._l1(q, database, k))
-        if not self.low_precision:
+        if found is None:
             return super().topk(q, database, k)
-        scores, rows, certified = self._shortlist(q, database, k)
+        scores, rows, certified = self._shortlist(q, database, k, found)
         self.queries_searched += q.shape[0]
         if not bool(certified.all()):
             redo = torch.nonzero(~certified)[:, 0]
@@ -239,32 +245,40 @@ class CudaBackend(TorchBackend):
         unit = normalised(q, torch.linalg.vector_norm(q, dim=1)) if metric is Metric.COSINE else q
         return unit.to(torch.bfloat16).contiguous()
 
-    def _shortlist(
-        self, q: torch.Tensor, database: Database, k: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _scan_low(self, q: torch.Tensor, database: Database, k: int) -> Any:
+        """Launch the bf16 scan of ``q`` (the stream for few queries and for l1, else the tensor-core tiles)."""
         import torch
 
         from gpurag_cuda import launch
-        from gpurag_torch import search
         from gpurag_torch.database import LOW, SQ_NORMS
 
         metric = database.metric
         low_q = self._low_queries(q, metric)
         sq_norms = database.row_data[SQ_NORMS] if metric is Metric.L2 else None
         kp = _kp(k)
-        if metric is Metric.L1 or launch.streams(q.shape[0], database.dim, kp):
-            mode = {Metric.L2: launch.L2, Metric.L1: launch.L1}.get(metric, launch.DOT)
-            step = launch.STREAM_MAX_QUERIES
-            parts = [
-                launch.stream_scan(low_q[i : i + step].float(), database.row_data[LOW], sq_norms, mode, kp)
-                for i in range(0, q.shape[0], step)
-            ]
-            found = launch.Candidates(
-                torch.cat([p.keys for p in parts]), torch.cat([p.rows for p in parts]), parts[0].rows_per_split
-            )
-        else:
-            found = launch.scan_tc(low_q, database.row_data[LOW], sq_norms, kp)
-        n_queries = q.shape[0]
+        if metric is not Metric.L1 and not launch.streams(q.shape[0], database.dim, kp):
+            return launch.scan_tc(low_q, database.row_data[LOW], sq_norms, kp)
+        mode = {Metric.L2: launch.L2, Metric.L1: launch.L1}.get(metric, launch.DOT)
+        step = launch.STREAM_MAX_QUERIES
+        parts = [
+            launch.stream_scan(low_q[i : i + step].float(), database.row_data[LOW], sq_norms, mode, kp)
+            for i in range(0, q.shape[0], step)
+        ]
+        if len(parts) == 1:
+            return parts[0]
+        return launch.Candidates(
+            torch.cat([p.keys for p in parts]), torch.cat([p.rows for p in parts]), parts[0].rows_per_split
+        )
+
+    def _shortlist(
+        self, q: torch.Tensor, database: Database, k: int, found: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The scan's candidates cut to the rows re-scored, re-scored in float32 and certified per query."""
+        import torch
+
+        from gpurag_torch import search
+
+        n_queries, kp = q.shape[0], int(found.keys.shape[2])
         keys, rows = found.keys.reshape(n_queries, -1), found.rows.reshape(n_queries, -1)
         cutoff = found.keys[:, :, kp - 1].max(dim=1).values  # the best key any split left out
         keep = min(found.kept_per_query(database.count), max(2 * k, SHORTLIST_MIN))
