@@ -208,8 +208,16 @@ class CudaBackend(TorchBackend):
         stride = max(1, min(SAMPLE_STRIDE, n_rows // (32 * k)))
         sample = low_rows[::stride].contiguous()
         sample_sq = sq_norms[::stride].contiguous() if sq_norms is not None else None
+        rank = int(SAMPLE_MARGIN * k * sample.shape[0] / n_rows) + 8
+        layout = launch.tile_layout(n_queries, sample.shape[0], launch.TC_BLOCK_Q, launch.TC_BLOCK_N,
+                                    launch.multiprocessors(q.device.index or 0))  # fmt: skip
+        if 2 * rank > layout.splits * min(launch.MAX_KP, layout.rows_per_split):
+            # The sample's splits would not hold its rank-th best row: the float32 pass answers.
+            self.queries_searched += n_queries
+            self.queries_rescanned += n_queries
+            return search.exact_topk(q, database, k, self.chunk_scores)
         found = launch.scan_tc(low_q, sample, sample_sq, launch.MAX_KP)
-        rank = min(int(SAMPLE_MARGIN * k * sample.shape[0] / n_rows) + 8, found.kept_per_query(sample.shape[0]))
+        rank = min(rank, found.kept_per_query(sample.shape[0]))
         thresholds = torch.topk(found.keys.reshape(n_queries, -1), rank, dim=1).values[:, -1].contiguous()
         capacity = BUFFER_FACTOR * k
         keys, rows, counts = launch.collect_tc(low_q, low_rows, sq_norms, thresholds, capacity)
@@ -281,10 +289,12 @@ class CudaBackend(TorchBackend):
         n_queries, kp = q.shape[0], int(found.keys.shape[2])
         keys, rows = found.keys.reshape(n_queries, -1), found.rows.reshape(n_queries, -1)
         cutoff = found.keys[:, :, kp - 1].max(dim=1).values  # the best key any split left out
-        keep = min(found.kept_per_query(database.count), max(2 * k, SHORTLIST_MIN))
-        if keys.shape[1] > keep:
+        kept = found.kept_per_query(database.count)
+        keep = min(kept, max(2 * k, SHORTLIST_MIN))
+        if keys.shape[1] > keep:  # the padding goes, and past `keep` real rows the cut raises the cutoff
             top = torch.topk(keys, keep, dim=1)
-            cutoff = torch.maximum(cutoff, top.values[:, -1])
+            if keep < kept:
+                cutoff = torch.maximum(cutoff, top.values[:, -1])
             rows = torch.gather(rows, 1, top.indices)
         return search.rescore_and_certify(
             q, database, rows.long(), cutoff, k, rounded_output=False, scorer=direct_scores
