@@ -109,16 +109,16 @@ def module(name: str, device_index: int) -> Any:
 
 
 @functools.cache
-def function(module_name: str, kernel: str, device_index: int, shared_bytes: int = 0) -> Any:
-    """Kernel ``kernel`` of ``kernels/MODULE_NAME.cu`` on that device, allowed ``shared_bytes`` of shared memory."""
+def function(module_name: str, kernel: str, device_index: int) -> Any:
+    """Kernel ``kernel`` of ``kernels/MODULE_NAME.cu`` on that device, allowed all the shared memory it may opt into."""
     import cupy
 
-    with cupy.cuda.Device(device_index):
+    with cupy.cuda.Device(device_index) as device:
         fn = module(module_name, device_index).get_function(kernel)
-        if shared_bytes > 48 * 1024:
-            try:
-                fn.max_dynamic_shared_size_bytes = shared_bytes
-            except AttributeError:  # a plain `cupy.cuda.function.Function`
-                driver = cupy.cuda.driver
-                driver.funcSetAttribute(fn.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared_bytes)
+        most = int(device.attributes["MaxSharedMemoryPerBlockOptin"])
+        try:
+            fn.max_dynamic_shared_size_bytes = most
+        except AttributeError:  # a plain `cupy.cuda.function.Function`
+            driver = cupy.cuda.driver
+            driver.funcSetAttribute(fn.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, most)
         return fn

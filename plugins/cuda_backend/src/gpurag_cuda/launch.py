@@ -140,7 +140,7 @@ def _launch(
     import cupy
 
     index = device.index or 0
-    fn = compiler.function(module, kernel, index, shared)
+    fn = compiler.function(module, kernel, index)
     with cupy.cuda.Device(index), _stream(device):
         fn(grid, (THREADS,), tuple(args), shared_mem=shared)
 
