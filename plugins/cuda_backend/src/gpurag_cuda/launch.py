@@ -125,10 +125,9 @@ def _stream(device: torch.device) -> Any:
     key = (device.index or 0, int(current.cuda_stream))
     stream = _STREAMS.get(key)
     if stream is None:
-        from_external = getattr(cupy.cuda.Stream, "from_external", None)
-        if from_external is not None and hasattr(current, "__cuda_stream__"):
-            stream = from_external(current)
-        else:  # CuPy < 14, or a torch without the stream protocol
+        try:
+            stream = cupy.cuda.Stream.from_external(current)
+        except (AttributeError, TypeError):  # CuPy < 14, or a torch without the CUDA stream protocol
             stream = cupy.cuda.ExternalStream(key[1], key[0])
         _STREAMS[key] = stream
     return stream
