@@ -179,7 +179,7 @@ def scan_tc(queries: torch.Tensor, rows: torch.Tensor, sq_norms: torch.Tensor | 
     cap = capacity(kp)
     keys, out_rows = _outputs(n_queries, layout.splits, kp, device)
     operands = max(2 * 2 * (TC_BLOCK_K + 8) * (TC_BLOCK_Q + TC_BLOCK_N), 4 * TC_BLOCK_Q * (TC_BLOCK_N + 4))
-    shared = operands + TC_BLOCK_Q * (8 * cap + 8)  # two operand stages (or the score tile), then the lists
+    shared = operands + TC_BLOCK_Q * (8 * cap + 12)  # two operand stages (or the score tile), lists, flags
     vec = dim % 8 == 0 and _aligned(queries, rows)
     norms = sq_norms if sq_norms is not None else keys  # unread for dot
     grid = (_cdiv(n_queries, TC_BLOCK_Q), layout.splits)
@@ -209,6 +209,7 @@ def collect_tc(
     out_rows = torch.empty((n_queries, capacity), dtype=torch.int32, device=device)
     counts = torch.zeros(n_queries, dtype=torch.int32, device=device)
     shared = max(2 * 2 * (TC_BLOCK_K + 8) * (TC_BLOCK_Q + TC_BLOCK_N), 4 * TC_BLOCK_Q * (TC_BLOCK_N + 4))
+    shared += TC_BLOCK_Q * 8  # thresholds and flags
     vec = dim % 8 == 0 and _aligned(queries, rows)
     norms = sq_norms if sq_norms is not None else keys
     grid = (_cdiv(n_queries, TC_BLOCK_Q), layout.splits)
@@ -266,7 +267,7 @@ def _simt_scan(kernel: str, queries: torch.Tensor, rows: torch.Tensor, kp: int) 
     cap = capacity(kp)
     keys, out_rows = _outputs(n_queries, layout.splits, kp, device)
     shared = 2 * 4 * SIMT_BLOCK_K * (SIMT_BLOCK_Q + 4) + 4 * SIMT_BLOCK_Q * (SIMT_BLOCK_N + 4)
-    shared += SIMT_BLOCK_Q * (8 * cap + 8)
+    shared += SIMT_BLOCK_Q * (8 * cap + 12)  # lists and flags
     grid = (_cdiv(n_queries, SIMT_BLOCK_Q), layout.splits)
     _launch("simt_tile", kernel, device, grid, shared, [
         _ptr(queries), _ptr(rows), _i32(n_queries), _i32(n_rows), _i32(width),

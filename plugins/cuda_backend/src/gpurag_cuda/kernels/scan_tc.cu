@@ -104,11 +104,14 @@ __device__ __forceinline__ void mma_stage(float (*acc)[4][4], const unsigned sho
 }
 
 // Scores the (BQ x BN) tile of queries q0.. against rows tile.. into c_s (oriented keys, -inf past
-// r_end); every thread of the block calls it, and c_s is complete when it returns.
+// r_end); every thread of the block calls it, and c_s is complete when it returns. A query's flag is
+// set when any of its keys passes its threshold (above it, or at least it with `inclusive`), so the
+// selection skips the queries (most, once the lists are full) that no key of the tile can enter.
 __device__ __forceinline__ void score_tile(float* c_s, unsigned short* stages, const unsigned short* __restrict__ queries,
                                            const unsigned short* __restrict__ rows,
                                            const float* __restrict__ sq_norms, int q0, int n_queries, int tile,
-                                           int r_end, int dim, int l2, int vec) {
+                                           int r_end, int dim, int l2, int vec, const float* thresholds,
+                                           int* flags, bool inclusive) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
     const int wq = (warp >> 2) * 32, wn = (warp & 3) * 32;
@@ -157,7 +160,10 @@ __device__ __forceinline__ void score_tile(float* c_s, unsigned short* stages, c
                 int r = tile + n;
                 float v = acc[mi][ni][e];
                 if (l2 && r < r_end) v = 2.f * v - sq_norms[r];
-                c_s[q * LDC + n] = r < r_end ? v : GPURAG_NEG_INF;
+                v = r < r_end ? v : GPURAG_NEG_INF;
+                c_s[q * LDC + n] = v;
+                const float threshold = thresholds[q];
+                if (v > threshold || (inclusive && v >= threshold)) flags[q] = 1;
             }
     __syncthreads();
 }
@@ -174,10 +180,12 @@ scan_bf16_tc(const unsigned short* __restrict__ queries, const unsigned short* _
     int* list_rows = reinterpret_cast<int*>(list_keys + BQ * cap);
     int* list_count = list_rows + BQ * cap;
     float* list_threshold = reinterpret_cast<float*>(list_count + BQ);
+    int* flags = reinterpret_cast<int*>(list_threshold + BQ);
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int q0 = blockIdx.x * BQ;
     const int splits = gridDim.y, split = blockIdx.y;
+    if (threadIdx.x < BQ) flags[threadIdx.x] = 0;
     const int r_begin = split * rows_per_split;
     const int r_end = min(n_rows, r_begin + rows_per_split);
 
@@ -186,10 +194,14 @@ scan_bf16_tc(const unsigned short* __restrict__ queries, const unsigned short* _
         reset(CandidateList{list_keys + q * cap, list_rows + q * cap, list_count + q, list_threshold + q});
     }
     for (int tile = r_begin; tile < r_end; tile += BN) {
-        score_tile(c_s, stages, queries, rows, sq_norms, q0, n_queries, tile, r_end, dim, l2, vec);
+        score_tile(c_s, stages, queries, rows, sq_norms, q0, n_queries, tile, r_end, dim, l2, vec, list_threshold,
+                   flags, false);
         for (int i = 0; i < 8; ++i) {
             int q = warp * 8 + i;
             if (q0 + q >= n_queries) break;
+            if (!flags[q]) continue;
+            __syncwarp();
+            if (lane == 0) flags[q] = 0;
             CandidateList list{list_keys + q * cap, list_rows + q * cap, list_count + q, list_threshold + q};
 #pragma unroll
             for (int c = 0; c < BN; c += 32) {
@@ -219,16 +231,26 @@ collect_bf16_tc(const unsigned short* __restrict__ queries, const unsigned short
     extern __shared__ __align__(16) unsigned char smem[];
     unsigned short* stages = reinterpret_cast<unsigned short*>(smem);
     float* c_s = reinterpret_cast<float*>(smem);
+    float* threshold_s = reinterpret_cast<float*>(smem + OPERAND_BYTES);
+    int* flags = reinterpret_cast<int*>(threshold_s + BQ);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int q0 = blockIdx.x * BQ;
     const int r_begin = blockIdx.y * rows_per_split;
     const int r_end = min(n_rows, r_begin + rows_per_split);
+    if (threadIdx.x < BQ) {
+        flags[threadIdx.x] = 0;
+        threshold_s[threadIdx.x] = q0 + threadIdx.x < n_queries ? thresholds[q0 + threadIdx.x] : GPURAG_NEG_INF;
+    }
     for (int tile = r_begin; tile < r_end; tile += BN) {
-        score_tile(c_s, stages, queries, rows, sq_norms, q0, n_queries, tile, r_end, dim, l2, vec);
+        score_tile(c_s, stages, queries, rows, sq_norms, q0, n_queries, tile, r_end, dim, l2, vec, threshold_s, flags,
+                   true);
         for (int i = 0; i < 8; ++i) {
             int q = warp * 8 + i;
             if (q0 + q >= n_queries) break;
-            const float threshold = thresholds[q0 + q];
+            if (!flags[q]) continue;
+            __syncwarp();
+            if (lane == 0) flags[q] = 0;
+            const float threshold = threshold_s[q];
 #pragma unroll
             for (int c = 0; c < BN; c += 32) {
                 int r = tile + c + lane;

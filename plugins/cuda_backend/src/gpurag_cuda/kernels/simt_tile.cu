@@ -50,6 +50,7 @@ __device__ void tile_body(const typename Op::T* __restrict__ queries, const type
     int* list_rows = reinterpret_cast<int*>(list_keys + BQ * cap);
     int* list_count = list_rows + BQ * cap;
     float* list_threshold = reinterpret_cast<float*>(list_count + BQ);
+    int* flags = reinterpret_cast<int*>(list_threshold + BQ);  // a key of the tile may enter the list
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
@@ -62,6 +63,7 @@ __device__ void tile_body(const typename Op::T* __restrict__ queries, const type
         int q = warp * 8 + i;
         reset(CandidateList{list_keys + q * cap, list_rows + q * cap, list_count + q, list_threshold + q});
     }
+    if (threadIdx.x < BQ) flags[threadIdx.x] = 0;
     for (int tile = r_begin; tile < r_end; tile += BN) {
         T acc[4][4];
 #pragma unroll
@@ -88,16 +90,25 @@ __device__ void tile_body(const typename Op::T* __restrict__ queries, const type
             __syncthreads();
         }
 #pragma unroll
-        for (int i = 0; i < 4; ++i)
+        for (int i = 0; i < 4; ++i) {
+            const float threshold = list_threshold[ty * 4 + i];
+            bool passes = false;
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
                 int n = tx * 4 + j;
-                c_s[(ty * 4 + i) * LDC + n] = tile + n < r_end ? Op::key(acc[i][j]) : GPURAG_NEG_INF;
+                float key = tile + n < r_end ? Op::key(acc[i][j]) : GPURAG_NEG_INF;
+                c_s[(ty * 4 + i) * LDC + n] = key;
+                passes |= key > threshold;
             }
+            if (passes) flags[ty * 4 + i] = 1;
+        }
         __syncthreads();
         for (int i = 0; i < 8; ++i) {
             int q = warp * 8 + i;
             if (q0 + q >= n_queries) break;
+            if (!flags[q]) continue;
+            __syncwarp();
+            if (lane == 0) flags[q] = 0;
             CandidateList list{list_keys + q * cap, list_rows + q * cap, list_count + q, list_threshold + q};
 #pragma unroll
             for (int c = 0; c < BN; c += 32) {
