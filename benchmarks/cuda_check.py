@@ -275,6 +275,23 @@ def variants(repeats: int) -> None:
         torch.cuda.empty_cache()
 
 
+def markdown(records: list[dict[str, Any]]) -> str:
+    """The timed rows of a run (its JSON lines) as a markdown table."""
+    card = next((r["name"] for r in records if r.get("section") == "card"), "unknown card")
+    lines = [f"Exact top-k with the cuda backend on one {card} (random normal float32, queries on the device)", "",
+             "| row | metric | k | topk ms (median) | scan kernel ms | target ms | checked | re-scanned |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in records:
+        if r.get("section") != "time":
+            continue
+        if "error" in r:
+            lines.append(f"| {r['row']} | {r['metric']} | | error: {r['error'][:80]} | | | | |")
+            continue
+        lines.append(f"| {r['row']} | {r['metric']} | {r['k']} | {r['topk_ms']} | {r['kernel_ms']} | "
+                     f"{r['target_ms']} | {r['checked']} | {r['rescanned']} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     global OUT
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -284,7 +301,11 @@ def main() -> int:
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--variants", action="store_true", help="also time the scans under other launch shapes")
+    parser.add_argument("--summarize", metavar="JSONL", help="print a run's timed rows as markdown and exit")
     args = parser.parse_args()
+    if args.summarize:
+        print(markdown([json.loads(line) for line in Path(args.summarize).read_text().splitlines() if line]))
+        return 0
     OUT = Path(args.out)
     OUT.mkdir(parents=True, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = False
