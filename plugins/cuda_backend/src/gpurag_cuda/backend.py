@@ -18,7 +18,7 @@ import numpy as np
 from gpurag.backend import Availability, Boundaries, Database
 from gpurag.errors import BackendUnavailableError, InvalidInputError
 from gpurag.metrics import Metric, TopK
-from gpurag_torch.backend import TorchBackend, cuda_present
+from gpurag_torch.backend import FLOAT32_SAFE_REACH, TorchBackend, cuda_present
 
 if TYPE_CHECKING:
     import torch
@@ -159,28 +159,42 @@ class CudaBackend(TorchBackend):
             and self.low_precision
             and (database.metric is not Metric.L1 or self._l1_shortlists(q.shape[0], database.dim, k))
         )
-        found = self._scan_low(q, database, k) if shortlists else None  # runs while the check below waits
+        if shortlists:
+            # One sync for both questions: were the float32 terms safe, and did every certificate hold.
+            scores, rows, certified = self._shortlist(q, database, k, self._scan_low(q, database, k))
+            safe, all_certified = torch.stack([self._float32_safe(q, database), certified.all()]).tolist()
+            if not safe:
+                return self.float64_topk(q, database, k)
+            self.queries_searched += q.shape[0]
+            if not all_certified:
+                redo = torch.nonzero(~certified)[:, 0]
+                self.queries_rescanned += int(redo.numel())
+                if database.metric is Metric.L1:
+                    redo_scores, redo_rows = self._l1(q[redo], database, k)
+                else:
+                    redo_scores, redo_rows = search.exact_topk(q[redo], database, k, self.chunk_scores)
+                scores[redo], rows[redo] = redo_scores, redo_rows
+            return TopK(scores, rows)
         if self.needs_float64(q, database):
             return self.float64_topk(q, database, k)
         if k > KERNEL_MAX_K:
             step = max(1, BUFFER_ENTRIES // (BUFFER_FACTOR * k))
             parts = [self._large_k(q[i : i + step], database, k) for i in range(0, q.shape[0], step)]
             return TopK(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
-        if found is None and database.metric is Metric.L1:
+        if database.metric is Metric.L1:
             return TopK(*self._l1(q, database, k))
-        if found is None:
-            return super().topk(q, database, k)
-        scores, rows, certified = self._shortlist(q, database, k, found)
-        self.queries_searched += q.shape[0]
-        if not bool(certified.all()):
-            redo = torch.nonzero(~certified)[:, 0]
-            self.queries_rescanned += int(redo.numel())
-            if database.metric is Metric.L1:
-                redo_scores, redo_rows = self._l1(q[redo], database, k)
-            else:
-                redo_scores, redo_rows = search.exact_topk(q[redo], database, k, self.chunk_scores)
-            scores[redo], rows[redo] = redo_scores, redo_rows
-        return TopK(scores, rows)
+        return super().topk(q, database, k)
+
+    def _float32_safe(self, q: torch.Tensor, database: Database) -> torch.Tensor:
+        """On the device, `needs_float64`'s negation: no float32 term of this search can overflow."""
+        import torch
+
+        from gpurag_torch.database import max_norm, query_norms
+
+        reach = query_norms(q, database.metric).max() + max_norm(database)
+        if database.metric is Metric.L1:
+            reach = torch.sqrt(reach)
+        return torch.isfinite(reach) & (reach <= FLOAT32_SAFE_REACH)
 
     def _l1_shortlists(self, n_queries: int, dim: int, k: int) -> bool:
         """Whether l1 takes the certified bf16 shortlist: few queries (bandwidth-bound), streamed in groups."""
