@@ -92,13 +92,18 @@ def compile_all() -> None:
 
     index = torch.cuda.current_device()
     for path in compiler.kernel_sources():
-        start = time.perf_counter()
-        compiler.module(path.stem, index)
-        first = time.perf_counter() - start
-        compiler.module.cache_clear()
-        start = time.perf_counter()
-        compiler.module(path.stem, index)
-        again = time.perf_counter() - start
+        try:
+            start = time.perf_counter()
+            compiler.module(path.stem, index)
+            first = time.perf_counter() - start
+            compiler.module.cache_clear()
+            compiler.function.cache_clear()
+            start = time.perf_counter()
+            compiler.module(path.stem, index)
+            again = time.perf_counter() - start
+        except Exception as exc:  # report and go on: the window is the only feedback
+            emit({"section": "compile", "kernel": path.name, "error": f"{type(exc).__name__}: {exc}"[:2000]})
+            continue
         emit({"section": "compile", "kernel": path.name, "first_s": round(first, 3), "from_cache_s": round(again, 4)})
 
 
@@ -128,7 +133,10 @@ def sweep(backend: Any) -> int:
     for k, rows in ((65, x), (2049, big), (4096, big), (2049, x), (6000, x)):
         for metric in (Metric.L2, Metric.COSINE):
             backend.queries_rescanned = 0
-            outcome = check(backend, q, rows, metric, k)
+            try:
+                outcome = check(backend, q, rows, metric, k)
+            except Exception as exc:  # report and go on
+                outcome = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:400]}
             failures += not outcome["ok"]
             emit({"section": "sweep", "case": f"any k={k} N={rows.shape[0]} {metric.value}", **outcome,
                   "rescanned": backend.queries_rescanned})  # fmt: skip
@@ -140,7 +148,12 @@ def sweep(backend: Any) -> int:
     for n_q, n_rows, width, k in ((1, 100, 3, 5), (9, 5000, 32, 10), (70, 70_001, 17, 64)):
         a = torch.randint(0, 256, (n_q, width), device="cuda", dtype=torch.uint8, generator=gen)
         b = torch.randint(0, 256, (n_rows, width), device="cuda", dtype=torch.uint8, generator=gen)
-        got = backend.hamming_topk(a, b, k)
+        try:
+            got = backend.hamming_topk(a, b, k)
+        except Exception as exc:  # report and go on
+            failures += 1
+            emit({"section": "sweep", "case": f"hamming W={width}", "ok": False, "error": f"{exc}"[:400]})
+            continue
         bits_a = torch.from_numpy(np.unpackbits(a.cpu().numpy(), axis=1)).cuda().float()
         bits_b = torch.from_numpy(np.unpackbits(b.cpu().numpy(), axis=1)).cuda().float()
         dist = torch.cdist(bits_a, bits_b, p=1).round().int()
@@ -312,7 +325,11 @@ def main() -> int:
     emit({"section": "card", "name": torch.cuda.get_device_name(0), "torch": torch.__version__})
     backend = gpurag.get_backend("cuda", device="cuda")
     compile_all()
-    failures = 0 if args.skip_sweep else sweep(backend)
+    try:
+        failures = 0 if args.skip_sweep else sweep(backend)
+    except Exception as exc:  # report and go on to the timings
+        emit({"section": "sweep", "error": f"{type(exc).__name__}: {exc}"[:2000]})
+        failures = -1
     emit({"section": "sweep-summary", "failures": failures})
     if not args.skip_timing:
         time_rows(backend, args.rows.split(","), args.repeats)
