@@ -111,7 +111,7 @@ __device__ __forceinline__ void score_tile(float* c_s, unsigned short* stages, c
                                            const unsigned short* __restrict__ rows,
                                            const float* __restrict__ sq_norms, int q0, int n_queries, int tile,
                                            int r_end, int dim, int l2, int vec, const float* thresholds,
-                                           int* flags, bool inclusive) {
+                                           int* flags, bool inclusive, uint4* regs, bool& prefetched) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
     const int wq = (warp >> 2) * 32, wn = (warp & 3) * 32;
@@ -123,15 +123,21 @@ __device__ __forceinline__ void score_tile(float* c_s, unsigned short* stages, c
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
 
-    if (vec) {  // software pipeline: the next stage's loads are in flight during this stage's products
-        uint4 regs[A_VECTORS + B_VECTORS];
-        fetch_stage(regs, queries, rows, q0, n_queries, tile, r_end, 0, dim);
+    if (vec) {  // software pipeline: the next stage's loads are in flight during this stage's products,
+                // and the next row tile's first stage during the last one's (and the selection after it)
+        if (!prefetched) fetch_stage(regs, queries, rows, q0, n_queries, tile, r_end, 0, dim);
         store_stage(stages, regs);
         __syncthreads();
         int current = 0;
+        const bool next_tile = tile + BN < r_end;
         for (int k0 = 0; k0 < dim; k0 += BK) {
             const bool more = k0 + BK < dim;
-            if (more) fetch_stage(regs, queries, rows, q0, n_queries, tile, r_end, k0 + BK, dim);
+            if (more) {
+                fetch_stage(regs, queries, rows, q0, n_queries, tile, r_end, k0 + BK, dim);
+            } else if (next_tile) {
+                fetch_stage(regs, queries, rows, q0, n_queries, tile + BN, r_end, 0, dim);
+            }
+            prefetched = !more && next_tile;
             unsigned short* stage = stages + current * STAGE_ELEMENTS;
             mma_stage(acc, stage, stage + BQ * LDA, wq, wn, g, t);
             if (more) store_stage(stages + (current ^ 1) * STAGE_ELEMENTS, regs);
@@ -193,9 +199,11 @@ scan_bf16_tc(const unsigned short* __restrict__ queries, const unsigned short* _
         int q = warp * 8 + i;
         reset(CandidateList{list_keys + q * cap, list_rows + q * cap, list_count + q, list_threshold + q});
     }
+    uint4 regs[A_VECTORS + B_VECTORS];
+    bool prefetched = false;
     for (int tile = r_begin; tile < r_end; tile += BN) {
         score_tile(c_s, stages, queries, rows, sq_norms, q0, n_queries, tile, r_end, dim, l2, vec, list_threshold,
-                   flags, false);
+                   flags, false, regs, prefetched);
         for (int i = 0; i < 8; ++i) {
             int q = warp * 8 + i;
             if (q0 + q >= n_queries) break;
@@ -241,9 +249,11 @@ collect_bf16_tc(const unsigned short* __restrict__ queries, const unsigned short
         flags[threadIdx.x] = 0;
         threshold_s[threadIdx.x] = q0 + threadIdx.x < n_queries ? thresholds[q0 + threadIdx.x] : GPURAG_NEG_INF;
     }
+    uint4 regs[A_VECTORS + B_VECTORS];
+    bool prefetched = false;
     for (int tile = r_begin; tile < r_end; tile += BN) {
         score_tile(c_s, stages, queries, rows, sq_norms, q0, n_queries, tile, r_end, dim, l2, vec, threshold_s, flags,
-                   true);
+                   true, regs, prefetched);
         for (int i = 0; i < 8; ++i) {
             int q = warp * 8 + i;
             if (q0 + q >= n_queries) break;
