@@ -29,7 +29,11 @@ STREAM_ROWS = 32
 #: Largest kp the kernels keep per (query, split).
 MAX_KP = 64
 #: Blocks per multiprocessor the tile scans aim at, and warps per multiprocessor for the stream.
+#: (Blocks of each tile kernel that fit on a multiprocessor at once: a launch fills the card in one wave,
+#: since a second, partial wave would double the time; measured on an H200, 272 blocks of the
+#: tensor-core scan on 264 slots took 20.4 ms where 528 took 12.9.)
 TILE_BLOCKS_PER_SM = 2
+SIMT_BLOCKS_PER_SM = 3
 STREAM_WARPS_PER_SM = 16
 #: Most dynamic shared memory a launch asks for (an H200 block may have 227 KiB).
 SHARED_LIMIT = 200 * 1024
@@ -80,10 +84,13 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def tile_layout(n_queries: int, n_rows: int, block_q: int, block_n: int, sms: int) -> Layout:
-    """Splits of a tile scan: enough (query tile, split) blocks to fill the card, whole row tiles each."""
+def tile_layout(
+    n_queries: int, n_rows: int, block_q: int, block_n: int, sms: int, blocks_per_sm: int | None = None
+) -> Layout:
+    """Splits of a tile scan: as many (query tile, split) blocks as fill the card in one wave, whole row tiles each."""
     query_tiles = _cdiv(n_queries, block_q)
-    splits = max(1, min(_cdiv(n_rows, block_n), _cdiv(TILE_BLOCKS_PER_SM * sms, query_tiles)))
+    resident = (TILE_BLOCKS_PER_SM if blocks_per_sm is None else blocks_per_sm) * sms
+    splits = max(1, min(_cdiv(n_rows, block_n), resident // query_tiles))
     per_split = _cdiv(_cdiv(n_rows, splits), block_n) * block_n
     return Layout(_cdiv(n_rows, per_split), per_split)
 
@@ -249,7 +256,9 @@ def stream_scan(
     lanes = 8 if rows.dtype == torch.bfloat16 else 4
     vec = dim % lanes == 0 and _aligned(rows)
     norms = sq_norms if sq_norms is not None else keys
-    kernel = "stream_bf16" if rows.dtype == torch.bfloat16 else "stream_f32"
+    # One query whose vectors fit a lane's registers (kernels/stream.cu, Lanes::REG) takes the register kernel.
+    one = n_queries == 1 and vec and dim // lanes <= 32 * (3 if lanes == 8 else 6)
+    kernel = ("stream_one_" if one else "stream_") + ("bf16" if rows.dtype == torch.bfloat16 else "f32")
     _launch("stream", kernel, device, (layout.splits // warps,), shared, [
         _ptr(queries), _ptr(rows), _ptr(norms), _i32(n_queries), _i32(n_rows), _i32(dim),
         _i32(layout.rows_per_split), _i32(mode), _i32(kp), _i32(cap), _i32(int(vec)),
@@ -263,7 +272,9 @@ def _simt_scan(kernel: str, queries: torch.Tensor, rows: torch.Tensor, kp: int) 
     _check_kp(kp)
     n_queries, width = queries.shape
     n_rows = rows.shape[0]
-    layout = tile_layout(n_queries, n_rows, SIMT_BLOCK_Q, SIMT_BLOCK_N, multiprocessors(device.index or 0))
+    layout = tile_layout(
+        n_queries, n_rows, SIMT_BLOCK_Q, SIMT_BLOCK_N, multiprocessors(device.index or 0), SIMT_BLOCKS_PER_SM
+    )
     cap = capacity(kp)
     keys, out_rows = _outputs(n_queries, layout.splits, kp, device)
     shared = 2 * 4 * SIMT_BLOCK_K * (SIMT_BLOCK_Q + 4) + 4 * SIMT_BLOCK_Q * (SIMT_BLOCK_N + 4)

@@ -27,10 +27,10 @@ __device__ __forceinline__ float element(const unsigned short* p, long long i) {
 __device__ __forceinline__ float element(const float* p, long long i) { return p[i]; }
 
 template <typename V> struct Lanes;
-// N: elements per 16-byte vector; REG: vectors per lane a single query keeps in registers
-// (bf16 rows up to D = 1024, float32 rows up to D = 768).
-template <> struct Lanes<uint4> { static constexpr int N = 8, REG = 4; };
-template <> struct Lanes<float4> { static constexpr int N = 4, REG = 6; };
+// N: elements per 16-byte vector; REG: vectors per lane a single query keeps in registers (D up to 768
+// either way); ROWS: rows whose loads a warp has in flight at once (within 128 registers).
+template <> struct Lanes<uint4> { static constexpr int N = 8, REG = 3, ROWS = 4; };
+template <> struct Lanes<float4> { static constexpr int N = 4, REG = 6, ROWS = 2; };
 
 __device__ __forceinline__ float term(float acc, float q, float x, int mode) {
     return mode == 2 ? acc + fabsf(q - x) : fmaf(q, x, acc);
@@ -42,12 +42,13 @@ __device__ __forceinline__ float warp_sum(float v) {
 }
 
 // T: element type of the rows; V: their 16-byte vector (uint4 of 8 bf16, float4 of 4 floats).
-template <typename T, typename V>
-__device__ void stream_body(const float* __restrict__ queries, const T* __restrict__ rows,
+// ONE: a single query with vector loads, its elements in registers; else up to MAX_QUERIES from shared memory.
+template <typename T, typename V, bool ONE>
+__device__ __forceinline__ void stream_body(const float* __restrict__ queries, const T* __restrict__ rows,
                             const float* __restrict__ sq_norms, int n_queries, int n_rows, int dim,
                             int rows_per_warp, int mode, int kp, int cap, int vec, float* __restrict__ out_keys,
                             int* __restrict__ out_rows) {
-    constexpr int L = Lanes<V>::N, REG_CHUNKS = Lanes<V>::REG;
+    constexpr int L = Lanes<V>::N, REG_CHUNKS = Lanes<V>::REG, ROWS_AT_ONCE = Lanes<V>::ROWS;
     extern __shared__ __align__(16) unsigned char smem[];
     float* q_s = reinterpret_cast<float*>(smem);
     const int dim_pad = (dim + 3) & ~3;
@@ -62,21 +63,19 @@ __device__ void stream_body(const float* __restrict__ queries, const T* __restri
     for (int i = threadIdx.x; i < n_queries * dim; i += THREADS) q_s[(i / dim) * dim_pad + i % dim] = queries[i];
     __syncthreads();
 
-    CandidateList lists[MAX_QUERIES];
-#pragma unroll
-    for (int qi = 0; qi < MAX_QUERIES; ++qi) {
+    // Query qi's candidate list of this warp.
+    auto list_of = [&](int qi) {
         int slot = warp * MAX_QUERIES + qi;
-        lists[qi] = CandidateList{list_keys + slot * cap, list_rows + slot * cap, list_count + slot,
-                                  list_threshold + slot};
-        reset(lists[qi]);
-    }
+        return CandidateList{list_keys + slot * cap, list_rows + slot * cap, list_count + slot, list_threshold + slot};
+    };
+#pragma unroll
+    for (int qi = 0; qi < MAX_QUERIES; ++qi) reset(list_of(qi));
     const int r_begin = split * rows_per_warp;
     const int r_end = min(n_rows, r_begin + rows_per_warp);
     const int chunks = dim / L;
     // One query with vector loads: its elements stay in registers.
-    const bool in_registers = vec && n_queries == 1 && chunks <= 32 * REG_CHUNKS;
     float q_reg[REG_CHUNKS][L];
-    if (in_registers) {
+    if constexpr (ONE) {
 #pragma unroll
         for (int c = 0; c < REG_CHUNKS; ++c)
 #pragma unroll
@@ -91,40 +90,41 @@ __device__ void stream_body(const float* __restrict__ queries, const T* __restri
 #pragma unroll
         for (int qi = 0; qi < MAX_QUERIES; ++qi) mine[qi] = GPURAG_NEG_INF;
         const int count = min(32, r_end - base);
-        if (in_registers) {  // two rows at a time: twice the loads in flight
-            for (int j = 0; j < count; j += 2) {
-                const bool second = j + 1 < count;
-                const V* row0 = reinterpret_cast<const V*>(rows + (long long)(base + j) * dim);
-                const V* row1 = second ? row0 + chunks : row0;
-                float acc0 = 0.f, acc1 = 0.f;
+        if constexpr (ONE) {  // ROWS_AT_ONCE rows at a time: all their loads in flight together
+            for (int j = 0; j < count; j += ROWS_AT_ONCE) {
+                V v[ROWS_AT_ONCE][REG_CHUNKS];
 #pragma unroll
-                for (int c = 0; c < REG_CHUNKS; ++c) {
-                    int chunk = c * 32 + lane;
-                    if (chunk < chunks) {
-                        V v0 = row0[chunk], v1 = row1[chunk];
-                        float x0[L], x1[L];
-                        unpack(v0, x0);
-                        unpack(v1, x1);
+                for (int u = 0; u < ROWS_AT_ONCE; ++u) {
+                    const int row = base + min(j + u, count - 1);  // past the batch: the last row again
+                    const V* src = reinterpret_cast<const V*>(rows + (long long)row * dim);
 #pragma unroll
-                        for (int e = 0; e < L; ++e) {
-                            acc0 = term(acc0, q_reg[c][e], x0[e], mode);
-                            acc1 = term(acc1, q_reg[c][e], x1[e], mode);
-                        }
+                    for (int c = 0; c < REG_CHUNKS; ++c) {
+                        int chunk = c * 32 + lane;
+                        if (chunk < chunks) v[u][c] = src[chunk];
                     }
                 }
-                float s0 = warp_sum(acc0), s1 = warp_sum(acc1);
-                if (mode == 1) {
-                    s0 = 2.f * s0 - sq_norms[base + j];
-                    s1 = 2.f * s1 - sq_norms[second ? base + j + 1 : base + j];
-                } else if (mode == 2) {
-                    s0 = -s0;
-                    s1 = -s1;
+#pragma unroll
+                for (int u = 0; u < ROWS_AT_ONCE; ++u) {
+                    float acc = 0.f;
+#pragma unroll
+                    for (int c = 0; c < REG_CHUNKS; ++c) {
+                        int chunk = c * 32 + lane;
+                        if (chunk < chunks) {
+                            float x[L];
+                            unpack(v[u][c], x);
+#pragma unroll
+                            for (int e = 0; e < L; ++e) acc = term(acc, q_reg[c][e], x[e], mode);
+                        }
+                    }
+                    float score = warp_sum(acc);
+                    const int row = base + min(j + u, count - 1);
+                    if (mode == 1) score = 2.f * score - sq_norms[row];
+                    else if (mode == 2) score = -score;
+                    if (j + u < count && lane == j + u) mine[0] = score;
                 }
-                if (lane == j) mine[0] = s0;
-                if (second && lane == j + 1) mine[0] = s1;
             }
         }
-        for (int j = 0; j < count && !in_registers; ++j) {
+        for (int j = 0; j < count && !ONE; ++j) {
             const long long r = base + j;
             float acc[MAX_QUERIES];
 #pragma unroll
@@ -161,31 +161,38 @@ __device__ void stream_body(const float* __restrict__ queries, const T* __restri
                 }
             }
         }
-#pragma unroll 1
+#pragma unroll
         for (int qi = 0; qi < MAX_QUERIES; ++qi)
-            if (qi < n_queries) offer(lists[qi], kp, cap, mine[qi], base + lane, lane < count);
+            if (qi < n_queries) offer(list_of(qi), kp, cap, mine[qi], base + lane, lane < count);
     }
-#pragma unroll 1
+#pragma unroll
     for (int qi = 0; qi < MAX_QUERIES; ++qi) {
         if (qi < n_queries) {
             long long at = ((long long)qi * splits + split) * kp;
-            flush(lists[qi], kp, cap, out_keys + at, out_rows + at);
+            flush(list_of(qi), kp, cap, out_keys + at, out_rows + at);
         }
     }
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS)
-stream_bf16(const float* __restrict__ queries, const unsigned short* __restrict__ rows,
-            const float* __restrict__ sq_norms, int n_queries, int n_rows, int dim, int rows_per_warp, int mode,
-            int kp, int cap, int vec, float* __restrict__ out_keys, int* __restrict__ out_rows) {
-    stream_body<unsigned short, uint4>(queries, rows, sq_norms, n_queries, n_rows, dim, rows_per_warp, mode, kp,
-                                       cap, vec, out_keys, out_rows);
-}
+#define STREAM_ARGS                                                                                              \
+    const float *__restrict__ queries, const T *__restrict__ rows, const float *__restrict__ sq_norms, int n_queries, \
+        int n_rows, int dim, int rows_per_warp, int mode, int kp, int cap, int vec, float *__restrict__ out_keys,     \
+        int *__restrict__ out_rows
+#define STREAM_PASS queries, rows, sq_norms, n_queries, n_rows, dim, rows_per_warp, mode, kp, cap, vec, out_keys, out_rows
 
-extern "C" __global__ void __launch_bounds__(THREADS)
-stream_f32(const float* __restrict__ queries, const float* __restrict__ rows, const float* __restrict__ sq_norms,
-           int n_queries, int n_rows, int dim, int rows_per_warp, int mode, int kp, int cap, int vec,
-           float* __restrict__ out_keys, int* __restrict__ out_rows) {
-    stream_body<float, float4>(queries, rows, sq_norms, n_queries, n_rows, dim, rows_per_warp, mode, kp, cap, vec,
-                               out_keys, out_rows);
+#define T unsigned short
+extern "C" __global__ void __launch_bounds__(THREADS, 2) stream_bf16(STREAM_ARGS) {
+    stream_body<T, uint4, false>(STREAM_PASS);
 }
+extern "C" __global__ void __launch_bounds__(THREADS, 2) stream_one_bf16(STREAM_ARGS) {
+    stream_body<T, uint4, true>(STREAM_PASS);
+}
+#undef T
+#define T float
+extern "C" __global__ void __launch_bounds__(THREADS, 2) stream_f32(STREAM_ARGS) {
+    stream_body<T, float4, false>(STREAM_PASS);
+}
+extern "C" __global__ void __launch_bounds__(THREADS, 2) stream_one_f32(STREAM_ARGS) {
+    stream_body<T, float4, true>(STREAM_PASS);
+}
+#undef T
