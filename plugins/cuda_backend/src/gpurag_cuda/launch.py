@@ -20,6 +20,8 @@ from gpurag_cuda import compiler
 THREADS = 256
 #: Query tile and row tile of the tensor-core scan (kernels/scan_tc.cu: BQ, BN, BK).
 TC_BLOCK_Q, TC_BLOCK_N, TC_BLOCK_K = 64, 128, 32
+#: Operand stages of its copy pipeline (kernels/scan_tc.cu: STAGES).
+TC_STAGES = 4
 #: Query tile and row tile of the SIMT scans (kernels/simt_tile.cu: BQ, BN, BK).
 SIMT_BLOCK_Q, SIMT_BLOCK_N, SIMT_BLOCK_K = 64, 64, 16
 #: Most queries one streaming launch scores (kernels/stream.cu: MAX_QUERIES).
@@ -174,6 +176,11 @@ def _aligned(*tensors: torch.Tensor) -> bool:
     return all(t.data_ptr() % 16 == 0 for t in tensors)
 
 
+def tc_operand_bytes() -> int:
+    """Shared memory of the tensor-core scans before their lists: the operand stages, or the score tile."""
+    return max(TC_STAGES * 2 * (TC_BLOCK_K + 8) * (TC_BLOCK_Q + TC_BLOCK_N), 4 * TC_BLOCK_Q * (TC_BLOCK_N + 4))
+
+
 def scan_tc(queries: torch.Tensor, rows: torch.Tensor, sq_norms: torch.Tensor | None, kp: int) -> Candidates:
     """Tensor-core scan of bf16 ``queries`` (Q, D) against bf16 ``rows`` (N, D): dot keys, or l2's with ``sq_norms``."""
     device = rows.device
@@ -185,7 +192,7 @@ def scan_tc(queries: torch.Tensor, rows: torch.Tensor, sq_norms: torch.Tensor | 
     layout = tile_layout(n_queries, n_rows, TC_BLOCK_Q, TC_BLOCK_N, multiprocessors(device.index or 0))
     cap = capacity(kp)
     keys, out_rows = _outputs(n_queries, layout.splits, kp, device)
-    operands = max(2 * 2 * (TC_BLOCK_K + 8) * (TC_BLOCK_Q + TC_BLOCK_N), 4 * TC_BLOCK_Q * (TC_BLOCK_N + 4))
+    operands = tc_operand_bytes()
     shared = operands + TC_BLOCK_Q * (8 * cap + 12)  # two operand stages (or the score tile), lists, flags
     vec = dim % 8 == 0 and _aligned(queries, rows)
     norms = sq_norms if sq_norms is not None else keys  # unread for dot
@@ -215,8 +222,7 @@ def collect_tc(
     keys = torch.empty((n_queries, capacity), dtype=torch.float32, device=device)
     out_rows = torch.empty((n_queries, capacity), dtype=torch.int32, device=device)
     counts = torch.zeros(n_queries, dtype=torch.int32, device=device)
-    shared = max(2 * 2 * (TC_BLOCK_K + 8) * (TC_BLOCK_Q + TC_BLOCK_N), 4 * TC_BLOCK_Q * (TC_BLOCK_N + 4))
-    shared += TC_BLOCK_Q * 8  # thresholds and flags
+    shared = tc_operand_bytes() + TC_BLOCK_Q * 8  # thresholds and flags
     vec = dim % 8 == 0 and _aligned(queries, rows)
     norms = sq_norms if sq_norms is not None else keys
     grid = (_cdiv(n_queries, TC_BLOCK_Q), layout.splits)

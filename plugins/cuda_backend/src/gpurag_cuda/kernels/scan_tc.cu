@@ -13,9 +13,10 @@
 #define LDA (BK + 8)
 #define LDC (BN + 4)
 #define THREADS 256
+#define STAGES 4
 #define STAGE_ELEMENTS ((BQ + BN) * LDA)
-// Bytes before the candidate lists: two operand stages, or the score tile where larger.
-#define OPERAND_BYTES (2 * STAGE_ELEMENTS * 2 > BQ * LDC * 4 ? 2 * STAGE_ELEMENTS * 2 : BQ * LDC * 4)
+// Bytes before the candidate lists: the operand stages, or the score tile where larger.
+#define OPERAND_BYTES (STAGES * STAGE_ELEMENTS * 2 > BQ * LDC * 4 ? STAGES * STAGE_ELEMENTS * 2 : BQ * LDC * 4)
 // 16-byte vectors of one stage each thread copies: A then B.
 #define A_VECTORS (BQ * BK / 8 / THREADS)
 #define B_VECTORS (BN * BK / 8 / THREADS)
@@ -49,10 +50,17 @@ __device__ __forceinline__ void load_tile(unsigned short* dst, const unsigned sh
     }
 }
 
-// Reads this thread's 16-byte vectors of the (A, B) stage at k0 into registers, zero past the ends.
-__device__ __forceinline__ void fetch_stage(uint4* regs, const unsigned short* __restrict__ queries,
-                                           const unsigned short* __restrict__ rows, int q0, int n_queries,
-                                           int tile, int r_end, int k0, int dim) {
+__device__ __forceinline__ unsigned shared_address(const void* pointer) {
+    unsigned address;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(address) : "l"(pointer));
+    return address;
+}
+
+// Starts the asynchronous copy of this thread's 16-byte vectors of the (A, B) stage at k0 into `stage`,
+// zero-filled past the ends (a zero-byte copy reads nothing).
+__device__ __forceinline__ void issue_stage(unsigned short* stage, const unsigned short* __restrict__ queries,
+                                            const unsigned short* __restrict__ rows, int q0, int n_queries,
+                                            int tile, int r_end, int k0, int dim) {
 #pragma unroll
     for (int i = 0; i < A_VECTORS + B_VECTORS; ++i) {
         bool is_a = i < A_VECTORS;
@@ -60,19 +68,19 @@ __device__ __forceinline__ void fetch_stage(uint4* regs, const unsigned short* _
         int r = idx / (BK / 8), c = (idx % (BK / 8)) * 8;
         int gr = (is_a ? q0 : tile) + r, gk = k0 + c;
         bool inside = gr < (is_a ? n_queries : r_end) && gk < dim;
-        const unsigned short* src = (is_a ? queries : rows) + (long long)gr * dim + gk;
-        regs[i] = inside ? *reinterpret_cast<const uint4*>(src) : make_uint4(0, 0, 0, 0);
+        const unsigned short* base = is_a ? queries : rows;
+        const unsigned short* src = inside ? base + (long long)gr * dim + gk : base;
+        unsigned short* dst = stage + ((is_a ? 0 : BQ) + r) * LDA + c;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(dst)), "l"(src),
+                     "r"(inside ? 16 : 0));
     }
 }
 
-__device__ __forceinline__ void store_stage(unsigned short* stage, const uint4* regs) {
-#pragma unroll
-    for (int i = 0; i < A_VECTORS + B_VECTORS; ++i) {
-        bool is_a = i < A_VECTORS;
-        int idx = threadIdx.x + (is_a ? i : i - A_VECTORS) * THREADS;
-        int r = idx / (BK / 8), c = (idx % (BK / 8)) * 8;
-        *reinterpret_cast<uint4*>(stage + ((is_a ? 0 : BQ) + r) * LDA + c) = regs[i];
-    }
+__device__ __forceinline__ void commit_stages() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int PENDING>
+__device__ __forceinline__ void wait_stages() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING));
 }
 
 // Tensor-core products of one stage into the warp's 32 x 32 accumulators.
@@ -111,7 +119,7 @@ __device__ __forceinline__ void score_tile(float* c_s, unsigned short* stages, c
                                            const unsigned short* __restrict__ rows,
                                            const float* __restrict__ sq_norms, int q0, int n_queries, int tile,
                                            int r_end, int dim, int l2, int vec, const float* thresholds,
-                                           int* flags, bool inclusive, uint4* regs, bool& prefetched) {
+                                           int* flags, bool inclusive) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
     const int wq = (warp >> 2) * 32, wn = (warp & 3) * 32;
@@ -123,27 +131,27 @@ __device__ __forceinline__ void score_tile(float* c_s, unsigned short* stages, c
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
 
-    if (vec) {  // software pipeline: the next stage's loads are in flight during this stage's products,
-                // and the next row tile's first stage during the last one's (and the selection after it)
-        if (!prefetched) fetch_stage(regs, queries, rows, q0, n_queries, tile, r_end, 0, dim);
-        store_stage(stages, regs);
-        __syncthreads();
-        int current = 0;
-        const bool next_tile = tile + BN < r_end;
-        for (int k0 = 0; k0 < dim; k0 += BK) {
-            const bool more = k0 + BK < dim;
-            if (more) {
-                fetch_stage(regs, queries, rows, q0, n_queries, tile, r_end, k0 + BK, dim);
-            } else if (next_tile) {
-                fetch_stage(regs, queries, rows, q0, n_queries, tile + BN, r_end, 0, dim);
-            }
-            prefetched = !more && next_tile;
-            unsigned short* stage = stages + current * STAGE_ELEMENTS;
-            mma_stage(acc, stage, stage + BQ * LDA, wq, wn, g, t);
-            if (more) store_stage(stages + (current ^ 1) * STAGE_ELEMENTS, regs);
-            __syncthreads();
-            current ^= 1;
+    if (vec) {  // STAGES-deep pipeline of asynchronous copies: stage kt + STAGES - 1 loads during kt's products
+        const int stages_in_tile = (dim + BK - 1) / BK;
+#pragma unroll
+        for (int kt = 0; kt < STAGES - 1; ++kt) {
+            if (kt < stages_in_tile)
+                issue_stage(stages + kt * STAGE_ELEMENTS, queries, rows, q0, n_queries, tile, r_end, kt * BK, dim);
+            commit_stages();
         }
+        for (int kt = 0; kt < stages_in_tile; ++kt) {
+            wait_stages<STAGES - 2>();  // this thread's copies of stage kt have landed
+            __syncthreads();            // everyone's have, and stage kt - 1 is no longer read
+            const int next = kt + STAGES - 1;
+            if (next < stages_in_tile)
+                issue_stage(stages + (next % STAGES) * STAGE_ELEMENTS, queries, rows, q0, n_queries, tile, r_end,
+                            next * BK, dim);
+            commit_stages();
+            unsigned short* stage = stages + (kt % STAGES) * STAGE_ELEMENTS;
+            mma_stage(acc, stage, stage + BQ * LDA, wq, wn, g, t);
+        }
+        wait_stages<0>();
+        __syncthreads();  // the score tile below reuses the stages
     } else {
         for (int k0 = 0; k0 < dim; k0 += BK) {
             load_tile(stages, queries, q0, n_queries, k0, dim, BQ, false);
@@ -199,11 +207,9 @@ scan_bf16_tc(const unsigned short* __restrict__ queries, const unsigned short* _
         int q = warp * 8 + i;
         reset(CandidateList{list_keys + q * cap, list_rows + q * cap, list_count + q, list_threshold + q});
     }
-    uint4 regs[A_VECTORS + B_VECTORS];
-    bool prefetched = false;
     for (int tile = r_begin; tile < r_end; tile += BN) {
         score_tile(c_s, stages, queries, rows, sq_norms, q0, n_queries, tile, r_end, dim, l2, vec, list_threshold,
-                   flags, false, regs, prefetched);
+                   flags, false);
         for (int i = 0; i < 8; ++i) {
             int q = warp * 8 + i;
             if (q0 + q >= n_queries) break;
@@ -249,11 +255,9 @@ collect_bf16_tc(const unsigned short* __restrict__ queries, const unsigned short
         flags[threadIdx.x] = 0;
         threshold_s[threadIdx.x] = q0 + threadIdx.x < n_queries ? thresholds[q0 + threadIdx.x] : GPURAG_NEG_INF;
     }
-    uint4 regs[A_VECTORS + B_VECTORS];
-    bool prefetched = false;
     for (int tile = r_begin; tile < r_end; tile += BN) {
         score_tile(c_s, stages, queries, rows, sq_norms, q0, n_queries, tile, r_end, dim, l2, vec, threshold_s, flags,
-                   true, regs, prefetched);
+                   true);
         for (int i = 0; i < 8; ++i) {
             int q = warp * 8 + i;
             if (q0 + q >= n_queries) break;
