@@ -156,6 +156,8 @@ class CudaBackend(TorchBackend):
         q = self._tensor(queries, "queries")
         if q.shape[1] != database.dim:
             raise InvalidInputError(f"queries must be (Q, {database.dim}); got shape {tuple(q.shape)}")
+        if k > KERNEL_MAX_K and database.metric is Metric.L1:
+            return TopK(*self._l1_any_k(q, database, k))
         if k > KERNEL_MAX_K and not self._threshold_scan_takes(database, k):
             return super().topk(q, database, k)
         shortlists = (
@@ -199,6 +201,52 @@ class CudaBackend(TorchBackend):
         if database.metric is Metric.L1:
             reach = torch.sqrt(reach)
         return torch.isfinite(reach) & (reach <= FLOAT32_SAFE_REACH)
+
+    def pairwise(self, queries: Any, vectors: Any, metric: Metric) -> Any:
+        """As `TorchBackend.pairwise`; l1 summed directly in row blocks under `chunk_scores` (no compile step)."""
+        if Metric.parse(metric) is not Metric.L1:
+            return super().pairwise(queries, vectors, metric)
+        q = self._tensor(queries, "queries")
+        x = self._tensor(vectors, "vectors")
+        if q.shape[1] != x.shape[1]:
+            raise InvalidInputError(f"queries and vectors must share a dimension; got {q.shape[1]} and {x.shape[1]}")
+        return self._l1_blocks(q, x)
+
+    def _l1_blocks(self, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """(Q, N) l1 distances, each summed directly, in blocks whose (q, x, D) differences fit `chunk_scores`."""
+        import torch
+
+        out = torch.empty((q.shape[0], x.shape[0]), dtype=torch.float32, device=q.device)
+        per_block = max(1, self.chunk_scores // max(1, q.shape[1]))
+        queries_per_block = max(1, min(q.shape[0], per_block))
+        rows_per_block = max(1, per_block // queries_per_block)
+        for q0 in range(0, q.shape[0], queries_per_block):
+            for r0 in range(0, x.shape[0], rows_per_block):
+                block_q, block_x = q[q0 : q0 + queries_per_block], x[r0 : r0 + rows_per_block]
+                out[q0 : q0 + block_q.shape[0], r0 : r0 + block_x.shape[0]] = (
+                    (block_x[None, :, :] - block_q[:, None, :]).abs().sum(dim=2)
+                )
+        return out
+
+    def _l1_any_k(self, q: torch.Tensor, database: Database, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """l1 past the fused lists: direct sums in blocks, each block's k best kept, the union's k best."""
+        import torch
+
+        from gpurag_torch import exact
+
+        x = database.vectors
+        step = max(k, self.chunk_scores // max(1, q.shape[0]))
+        values, rows = [], []
+        for start in range(0, x.shape[0], step):
+            block = -self._l1_blocks(q, x[start : start + step])
+            top = torch.topk(block, min(k, block.shape[1]), dim=1)
+            values.append(top.values)
+            rows.append(top.indices + start)
+        union_values, union_rows = torch.cat(values, dim=1), torch.cat(rows, dim=1)
+        if union_values.shape[1] > k:
+            union_rows = torch.gather(union_rows, 1, torch.topk(union_values, k, dim=1).indices)
+        scores = direct_scores(q, x, union_rows, Metric.L1, None)
+        return exact.best_first(scores, union_rows, k, Metric.L1)
 
     def _l1_shortlists(self, n_queries: int, dim: int, k: int) -> bool:
         """Whether l1 takes the certified bf16 shortlist: few queries (bandwidth-bound), streamed in groups."""
