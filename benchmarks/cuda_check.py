@@ -116,16 +116,25 @@ def sweep(backend: Any) -> int:
         (1, 1, 5, 1), (1, 33, 7, 5), (3, 1000, 64, 10), (8, 70_001, 96, 10), (1, 200_003, 128, 64),
         (9, 129, 781, 10), (70, 5000, 768, 10), (130, 40_000, 128, 32), (65, 300_001, 64, 10), (64, 257, 33, 50),
     ]  # fmt: skip
+    from gpurag_cuda import launch
+
     for n_q, n_rows, dim, k in cases:
         q = torch.randn(n_q, dim, device="cuda", generator=gen)
         x = torch.randn(n_rows, dim, device="cuda", generator=gen)
         for metric in Metric:
-            try:
-                outcome = check(backend, q, x, metric, min(k, n_rows))
-            except Exception as exc:
-                outcome = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:400]}
-            failures += not outcome["ok"]
-            emit({"section": "sweep", "Q": n_q, "N": n_rows, "D": dim, "k": k, "metric": metric.value, **outcome})
+            # The tensor-core scan both ways: its pipeline restarted per row tile, and flowing across them.
+            flows = (True, False) if n_q > 8 and metric is not Metric.L1 and dim % 8 == 0 else (launch.TC_FLOW,)
+            for flow in flows:
+                default, launch.TC_FLOW = launch.TC_FLOW, flow
+                try:
+                    outcome = check(backend, q, x, metric, min(k, n_rows))
+                except Exception as exc:  # report and continue: the window is the only feedback
+                    outcome = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:400]}
+                finally:
+                    launch.TC_FLOW = default
+                failures += not outcome["ok"]
+                emit({"section": "sweep", "Q": n_q, "N": n_rows, "D": dim, "k": k, "metric": metric.value,
+                      "flow": flow, **outcome})  # fmt: skip
     # Any k past the fused kernels, non-contiguous and DLPack inputs.
     q = torch.randn(16, 64, device="cuda", generator=gen)
     x = torch.randn(6000, 64, device="cuda", generator=gen)
@@ -268,6 +277,14 @@ def variant_row(n_rows: int, dim: int, n_q: int, repeats: int) -> None:
     low_q = torch.randn(n_q, dim, device="cuda", generator=gen).to(torch.bfloat16)
     low_f = low_q.float()
     default = (launch.TILE_BLOCKS_PER_SM, launch.STREAM_WARPS_PER_SM)
+    if n_q > 8:
+        for flow in (True, False):
+            default_flow, launch.TC_FLOW = launch.TC_FLOW, flow
+            try:
+                ms = timed(lambda: launch.scan_tc(low_q, low, None, 16), repeats)
+            finally:
+                launch.TC_FLOW = default_flow
+            emit({"section": "variant", "N": n_rows, "D": dim, "Q": n_q, "flow": flow, "kernel_ms": round(ms, 3)})
     for value in (1, 2, 3, 4, 8) if n_q > 8 else (8, 16, 24, 32, 48):
         try:
             if n_q > 8:

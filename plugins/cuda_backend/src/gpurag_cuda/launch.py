@@ -20,8 +20,12 @@ from gpurag_cuda import compiler
 THREADS = 256
 #: Query tile and row tile of the tensor-core scan (kernels/scan_tc.cu: BQ, BN, BK).
 TC_BLOCK_Q, TC_BLOCK_N, TC_BLOCK_K = 64, 128, 32
-#: Operand stages of its copy pipeline (kernels/scan_tc.cu: STAGES).
+#: Operand stages of its copy pipeline (kernels/scan_tc.cu: STAGES), restarted at each row tile.
 TC_STAGES = 4
+#: Whether vector-loadable scans take the kernel whose pipeline flows across row tiles
+#: (kernels/scan_tc.cu: scan_bf16_tc_flow, FLOW_STAGES stages).
+TC_FLOW = True
+TC_FLOW_STAGES = 3
 #: Query tile and row tile of the SIMT scans (kernels/simt_tile.cu: BQ, BN, BK).
 SIMT_BLOCK_Q, SIMT_BLOCK_N, SIMT_BLOCK_K = 64, 64, 16
 #: Most queries one streaming launch scores (kernels/stream.cu: MAX_QUERIES).
@@ -192,12 +196,16 @@ def scan_tc(queries: torch.Tensor, rows: torch.Tensor, sq_norms: torch.Tensor | 
     layout = tile_layout(n_queries, n_rows, TC_BLOCK_Q, TC_BLOCK_N, multiprocessors(device.index or 0))
     cap = capacity(kp)
     keys, out_rows = _outputs(n_queries, layout.splits, kp, device)
-    operands = tc_operand_bytes()
-    shared = operands + TC_BLOCK_Q * (8 * cap + 12)  # two operand stages (or the score tile), lists, flags
     vec = dim % 8 == 0 and _aligned(queries, rows)
+    flow = vec and TC_FLOW
+    if flow:  # its own operand stages and score tile, then the lists and flags
+        operands = TC_FLOW_STAGES * 2 * (TC_BLOCK_K + 8) * (TC_BLOCK_Q + TC_BLOCK_N) + 4 * TC_BLOCK_Q * (TC_BLOCK_N + 4)
+    else:  # the operand stages or the score tile over them, then the lists and flags
+        operands = tc_operand_bytes()
+    shared = operands + TC_BLOCK_Q * (8 * cap + 12)
     norms = sq_norms if sq_norms is not None else keys  # unread for dot
     grid = (_cdiv(n_queries, TC_BLOCK_Q), layout.splits)
-    _launch("scan_tc", "scan_bf16_tc", device, grid, shared, [
+    _launch("scan_tc", "scan_bf16_tc_flow" if flow else "scan_bf16_tc", device, grid, shared, [
         _ptr(queries), _ptr(rows), _ptr(norms), _i32(n_queries), _i32(n_rows), _i32(dim),
         _i32(layout.rows_per_split), _i32(int(sq_norms is not None)), _i32(kp), _i32(cap), _i32(int(vec)),
         _ptr(keys), _ptr(out_rows),

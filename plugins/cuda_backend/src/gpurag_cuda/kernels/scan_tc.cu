@@ -111,6 +111,29 @@ __device__ __forceinline__ void mma_stage(float (*acc)[4][4], const unsigned sho
     }
 }
 
+// Epilogue: the warp's accumulators as oriented scores into the tile c_s, -inf past the split's rows;
+// a query's flag is set when one of them passes its threshold (above it, or at least it with `inclusive`).
+__device__ __forceinline__ void write_scores(float (*acc)[4][4], float* c_s, const float* __restrict__ sq_norms,
+                                             int tile, int r_end, int l2, const float* thresholds, int* flags,
+                                             bool inclusive, int wq, int wn, int g, int t) {
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                int q = wq + mi * 16 + g + (e >> 1) * 8;
+                int n = wn + ni * 8 + 2 * t + (e & 1);
+                int r = tile + n;
+                float v = acc[mi][ni][e];
+                if (l2 && r < r_end) v = 2.f * v - sq_norms[r];
+                v = r < r_end ? v : GPURAG_NEG_INF;
+                c_s[q * LDC + n] = v;
+                const float threshold = thresholds[q];
+                if (v > threshold || (inclusive && v >= threshold)) flags[q] = 1;
+            }
+}
+
 // Scores the (BQ x BN) tile of queries q0.. against rows tile.. into c_s (oriented keys, -inf past
 // r_end); every thread of the block calls it, and c_s is complete when it returns. A query's flag is
 // set when any of its keys passes its threshold (above it, or at least it with `inclusive`), so the
@@ -162,23 +185,7 @@ __device__ __forceinline__ void score_tile(float* c_s, unsigned short* stages, c
         }
     }
 
-    // Epilogue: oriented scores into the tile, -inf past the split's rows.
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                int q = wq + mi * 16 + g + (e >> 1) * 8;
-                int n = wn + ni * 8 + 2 * t + (e & 1);
-                int r = tile + n;
-                float v = acc[mi][ni][e];
-                if (l2 && r < r_end) v = 2.f * v - sq_norms[r];
-                v = r < r_end ? v : GPURAG_NEG_INF;
-                c_s[q * LDC + n] = v;
-                const float threshold = thresholds[q];
-                if (v > threshold || (inclusive && v >= threshold)) flags[q] = 1;
-            }
+    write_scores(acc, c_s, sq_norms, tile, r_end, l2, thresholds, flags, inclusive, wq, wn, g, t);
     __syncthreads();
 }
 
@@ -283,5 +290,96 @@ collect_bf16_tc(const unsigned short* __restrict__ queries, const unsigned short
             }
         }
         __syncthreads();
+    }
+}
+
+#define FLOW_STAGES 3
+
+// The same scan with one copy pipeline across all of the split's row tiles (vector loads only): the next
+// tile's first stages load during this tile's last products, epilogue and selection, so a small D (few
+// stages per tile) does not wait out the copy latency at every tile. The score tile has its own space.
+extern "C" __global__ void __launch_bounds__(THREADS, 2)
+scan_bf16_tc_flow(const unsigned short* __restrict__ queries, const unsigned short* __restrict__ rows,
+                  const float* __restrict__ sq_norms, int n_queries, int n_rows, int dim, int rows_per_split, int l2,
+                  int kp, int cap, int vec, float* __restrict__ out_keys, int* __restrict__ out_rows) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    unsigned short* stages = reinterpret_cast<unsigned short*>(smem);
+    float* c_s = reinterpret_cast<float*>(stages + FLOW_STAGES * STAGE_ELEMENTS);
+    float* list_keys = c_s + BQ * LDC;
+    int* list_rows = reinterpret_cast<int*>(list_keys + BQ * cap);
+    int* list_count = list_rows + BQ * cap;
+    float* list_threshold = reinterpret_cast<float*>(list_count + BQ);
+    int* flags = reinterpret_cast<int*>(list_threshold + BQ);
+
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int wq = (warp >> 2) * 32, wn = (warp & 3) * 32;
+    const int q0 = blockIdx.x * BQ;
+    const int splits = gridDim.y, split = blockIdx.y;
+    if (threadIdx.x < BQ) flags[threadIdx.x] = 0;
+    const int r_begin = split * rows_per_split;
+    const int r_end = min(n_rows, r_begin + rows_per_split);
+    for (int i = 0; i < 8; ++i) {
+        int q = warp * 8 + i;
+        reset(CandidateList{list_keys + q * cap, list_rows + q * cap, list_count + q, list_threshold + q});
+    }
+    const int per_tile = (dim + BK - 1) / BK;
+    const int total = r_end > r_begin ? (r_end - r_begin + BN - 1) / BN * per_tile : 0;
+    // Stage i of the flow: row tile r_begin + (i / per_tile) * BN, columns (i % per_tile) * BK.
+#pragma unroll
+    for (int i = 0; i < FLOW_STAGES - 1; ++i) {
+        if (i < total)
+            issue_stage(stages + i * STAGE_ELEMENTS, queries, rows, q0, n_queries, r_begin + (i / per_tile) * BN,
+                        r_end, (i % per_tile) * BK, dim);
+        commit_stages();
+    }
+    float acc[2][4][4];
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
+    for (int i = 0; i < total; ++i) {
+        wait_stages<FLOW_STAGES - 2>();  // this thread's copies of stage i have landed
+        __syncthreads();                 // everyone's have; stage i - 1 and the last selection are done
+        const int next = i + FLOW_STAGES - 1;
+        if (next < total)
+            issue_stage(stages + (next % FLOW_STAGES) * STAGE_ELEMENTS, queries, rows, q0, n_queries,
+                        r_begin + (next / per_tile) * BN, r_end, (next % per_tile) * BK, dim);
+        commit_stages();
+        unsigned short* stage = stages + (i % FLOW_STAGES) * STAGE_ELEMENTS;
+        mma_stage(acc, stage, stage + BQ * LDA, wq, wn, g, t);
+        if (i % per_tile != per_tile - 1) continue;
+        const int tile = r_begin + (i / per_tile) * BN;
+        write_scores(acc, c_s, sq_norms, tile, r_end, l2, list_threshold, flags, false, wq, wn, g, t);
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+            for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
+        __syncthreads();
+        for (int j = 0; j < 8; ++j) {
+            int q = warp * 8 + j;
+            if (q0 + q >= n_queries) break;
+            if (!flags[q]) continue;
+            __syncwarp();
+            if (lane == 0) flags[q] = 0;
+            CandidateList list{list_keys + q * cap, list_rows + q * cap, list_count + q, list_threshold + q};
+#pragma unroll
+            for (int c = 0; c < BN; c += 32) {
+                int r = tile + c + lane;
+                offer(list, kp, cap, c_s[q * LDC + c + lane], r, r < r_end);
+            }
+        }
+    }
+    wait_stages<0>();
+    for (int j = 0; j < 8; ++j) {
+        int q = warp * 8 + j;
+        if (q0 + q >= n_queries) break;
+        CandidateList list{list_keys + q * cap, list_rows + q * cap, list_count + q, list_threshold + q};
+        long long at = ((long long)(q0 + q) * splits + split) * kp;
+        flush(list, kp, cap, out_keys + at, out_rows + at);
     }
 }
