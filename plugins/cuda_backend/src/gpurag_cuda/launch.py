@@ -23,8 +23,9 @@ TC_BLOCK_Q, TC_BLOCK_N, TC_BLOCK_K = 64, 128, 32
 #: Operand stages of its copy pipeline (kernels/scan_tc.cu: STAGES), restarted at each row tile.
 TC_STAGES = 4
 #: Whether vector-loadable scans take the kernel whose pipeline flows across row tiles
-#: (kernels/scan_tc.cu: scan_bf16_tc_flow, FLOW_STAGES stages).
-TC_FLOW = True
+#: (kernels/scan_tc.cu: scan_bf16_tc_flow, FLOW_STAGES stages). Off: on an H200 it was the slower,
+#: 12.7 against 11.5 ms at 1M x 768 x 1024 and 31.2 against 26.8 ms at 10M x 128 x 1024 (both correct).
+TC_FLOW = False
 TC_FLOW_STAGES = 3
 #: Query tile and row tile of the SIMT scans (kernels/simt_tile.cu: BQ, BN, BK).
 SIMT_BLOCK_Q, SIMT_BLOCK_N, SIMT_BLOCK_K = 64, 64, 16

@@ -11,6 +11,7 @@
 #define THREADS 256
 #define WARPS (THREADS / 32)
 #define MAX_QUERIES 8
+#define GROUP 4
 
 __device__ __forceinline__ void unpack(uint4 v, float* out) {  // 8 bf16
     unsigned w[4] = {v.x, v.y, v.z, v.w};
@@ -124,12 +125,39 @@ __device__ __forceinline__ void stream_body(const float* __restrict__ queries, c
                 }
             }
         }
-        for (int j = 0; j < count && !ONE; ++j) {
+        // Rows of at most 32 vectors: GROUP rows' loads are issued together before any is scored.
+        const bool short_rows = vec && chunks <= 32;
+        for (int j0 = 0; j0 < count && !ONE; j0 += GROUP) {
+            V ahead[GROUP];
+            if (short_rows) {
+#pragma unroll
+                for (int u = 0; u < GROUP; ++u) {
+                    const long long r = base + min(j0 + u, count - 1);
+                    if (lane < chunks) ahead[u] = reinterpret_cast<const V*>(rows + r * dim)[lane];
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < GROUP; ++u) {
+            const int j = j0 + u;
+            if (j >= count) break;
             const long long r = base + j;
             float acc[MAX_QUERIES];
 #pragma unroll
             for (int qi = 0; qi < MAX_QUERIES; ++qi) acc[qi] = 0.f;
-            if (vec) {
+            if (short_rows) {
+                if (lane < chunks) {
+                    float x[L];
+                    unpack(ahead[u], x);
+#pragma unroll
+                    for (int qi = 0; qi < MAX_QUERIES; ++qi) {
+                        if (qi < n_queries) {
+                            const float* q = q_s + qi * dim_pad + lane * L;
+#pragma unroll
+                            for (int e = 0; e < L; ++e) acc[qi] = term(acc[qi], q[e], x[e], mode);
+                        }
+                    }
+                }
+            } else if (vec) {
                 const V* row = reinterpret_cast<const V*>(rows + r * dim);
                 for (int chunk = lane; chunk < chunks; chunk += 32) {
                     float x[L];
@@ -160,6 +188,7 @@ __device__ __forceinline__ void stream_body(const float* __restrict__ queries, c
                     if (lane == j) mine[qi] = s;
                 }
             }
+        }
         }
 #pragma unroll
         for (int qi = 0; qi < MAX_QUERIES; ++qi)
