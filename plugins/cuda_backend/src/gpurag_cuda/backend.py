@@ -18,7 +18,7 @@ import numpy as np
 from gpurag.backend import Availability, Boundaries, Database
 from gpurag.errors import BackendUnavailableError, InvalidInputError
 from gpurag.metrics import Metric, TopK
-from gpurag_torch.backend import FLOAT32_SAFE_REACH, TorchBackend, cuda_present
+from gpurag_torch.backend import TorchBackend, cuda_present
 
 if TYPE_CHECKING:
     import torch
@@ -168,7 +168,7 @@ class CudaBackend(TorchBackend):
         if shortlists:
             # One sync for both questions: were the float32 terms safe, and did every certificate hold.
             scores, rows, certified = self._shortlist(q, database, k, self._scan_low(q, database, k))
-            safe, all_certified = torch.stack([self._float32_safe(q, database), certified.all()]).tolist()
+            safe, all_certified = torch.stack([~self.overflow_flag(q, database), certified.all()]).tolist()
             if not safe:
                 return self.float64_topk(q, database, k)
             self.queries_searched += q.shape[0]
@@ -190,17 +190,6 @@ class CudaBackend(TorchBackend):
         if database.metric is Metric.L1:
             return TopK(*self._l1(q, database, k))
         return super().topk(q, database, k)
-
-    def _float32_safe(self, q: torch.Tensor, database: Database) -> torch.Tensor:
-        """On the device, `needs_float64`'s negation: no float32 term of this search can overflow."""
-        import torch
-
-        from gpurag_torch.database import max_norm, query_norms
-
-        reach = query_norms(q, database.metric).max() + max_norm(database)
-        if database.metric is Metric.L1:
-            reach = torch.sqrt(reach)
-        return torch.isfinite(reach) & (reach <= FLOAT32_SAFE_REACH)
 
     def pairwise(self, queries: Any, vectors: Any, metric: Metric) -> Any:
         """As `TorchBackend.pairwise`; l1 summed directly in row blocks under `chunk_scores` (no compile step)."""
