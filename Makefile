@@ -5,12 +5,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
-DISTRIBUTIONS := -e ./core[test] -e ./plugins/numpy_backend[test] -e ./server[test,ray] -e ./plugins/torch_backend[test] -e ./plugins/triton_backend[test] -e ./plugins/cupy_backend[test]
+DISTRIBUTIONS := -e ./core[test] -e ./plugins/numpy_backend[test] -e ./server[test,ray] -e ./plugins/torch_backend[test] -e ./plugins/triton_backend[test] -e ./plugins/cupy_backend[test] -e ./plugins/cuda_backend[test]
 STAMP := $(VENV)/.installed
 
 .PHONY: install test test-gpu lint bench bench-report bench-core ann-report rag-eval rag-speed rag-tune gpu-wheels clean serve serve-report
 
-$(STAMP): core/pyproject.toml plugins/numpy_backend/pyproject.toml server/pyproject.toml plugins/torch_backend/pyproject.toml plugins/triton_backend/pyproject.toml plugins/cupy_backend/pyproject.toml Makefile
+$(STAMP): core/pyproject.toml plugins/numpy_backend/pyproject.toml server/pyproject.toml plugins/torch_backend/pyproject.toml plugins/triton_backend/pyproject.toml plugins/cupy_backend/pyproject.toml plugins/cuda_backend/pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	# torch is pinned to the CPU build that lies on these machines' disk (see README).

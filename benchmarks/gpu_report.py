@@ -386,7 +386,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="shapes shrunk 10x")
     parser.add_argument("--sweep", action="store_true", help="also time Triton kernel variants")
     parser.add_argument("--profile", action="store_true", help="profile 20 small searches per backend")
-    parser.add_argument("--backends", default="torch,triton,cupy")
+    parser.add_argument("--backends", default="torch,triton,cupy,cuda")
     parser.add_argument("--only", default="", help="run only scenarios whose label contains this")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--write-table", action="store_true", help=f"write the table `auto` follows to {TABLE}")

@@ -35,6 +35,7 @@ def _backends() -> list[object]:
         for device in ("cpu", "cuda"):
             marks = [pytest.mark.gpu] if device == "cuda" else []
             params.append(pytest.param(name, device, marks=marks, id=f"{name}-{device}"))
+    params.append(pytest.param("cuda", "cuda", marks=[pytest.mark.gpu], id="cuda-cuda"))
     return params
 
 
@@ -45,6 +46,12 @@ def _backend(name: str, device: str) -> DistanceBackend:
         if device == "cuda" and TorchBackend.default_device() != "cuda":
             pytest.skip("no CUDA device")
         return TorchBackend(device, low_precision=True, chunk_scores=4096)
+    if name == "cuda":
+        from gpurag_cuda.backend import CudaBackend
+
+        if not CudaBackend.availability():
+            pytest.skip(f"cuda backend: {CudaBackend.availability().reason}")
+        return CudaBackend(device, low_precision=True)
     from gpurag_triton.backend import TritonBackend
 
     availability = TritonBackend.availability()
@@ -70,7 +77,7 @@ def test_shortlist_certifies_every_query_on_gaussian_data(name: str, device: str
     queries = rng.standard_normal((6, 32)).astype(np.float32)
     scores, ids = _search(backend, queries, vectors, metric, 5)
     ref.assert_topk_matches(queries, vectors, metric, scores, ids, 5)
-    if metric is not Metric.L1 or name == "triton":  # torch's l1 has no shortlist
+    if metric is not Metric.L1 or name in ("triton", "cuda"):  # torch's l1 has no shortlist
         assert backend.queries_searched == 6, f"the shortlist answered {backend.queries_searched} of 6 queries"
         assert backend.queries_rescanned == 0, f"{backend.queries_rescanned} of 6 certificates failed on plain data"
 

@@ -85,6 +85,10 @@ class Settings(BaseSettings):
     numpy_threads: int = Field(
         default=0, ge=0, description="Threads the NumPy backend splits queries over; 0 means one per core."
     )
+    cuda_kernel_cache_dir: Path = Field(
+        default_factory=lambda: _default_cache_dir() / "cuda-kernels",
+        description="Where the cuda backend keeps its compiled kernels (cubins keyed by source hash and architecture).",
+    )
 
     # --- RAG -----------------------------------------------------------------------------------
     cache_dir: Path = Field(default_factory=_default_cache_dir, description="Where the default corpus is cached.")

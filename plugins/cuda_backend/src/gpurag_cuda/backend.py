@@ -1,0 +1,409 @@
+"""The hand-written CUDA backend: fused scan + selection kernels compiled by NVRTC for the device.
+
+It shares the torch backend's database, conversions and certificate (`gpurag_torch`); the scans are
+its own CUDA C++ (`kernels/*.cu`, see `gpurag_cuda.compiler`), launched on torch's stream through
+CuPy. l2 / dot / cosine shortlist from the bf16 rows (a streaming kernel for a few queries, a
+tensor-core tile kernel for more), are re-scored directly in float32, and each query is certified
+against the bound of the bf16 pass; an uncertified query is answered again in float32. l1 and
+Hamming are scanned exactly. k above `KERNEL_MAX_K` takes the torch backend's path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from gpurag.backend import Availability, Boundaries, Database
+from gpurag.errors import BackendUnavailableError, InvalidInputError
+from gpurag.metrics import Metric, TopK
+from gpurag_torch.backend import TorchBackend, cuda_present
+
+if TYPE_CHECKING:
+    import torch
+
+#: Largest k the fused kernels select (their per-split lists keep a power of two >= k, at most 64).
+KERNEL_MAX_K = 64
+#: Least kp a scan keeps per (query, split).
+MIN_KP = 16
+#: Rows re-scored per query at least: the certificate needs the best row left out more than twice the
+#: bf16 error bound below the k-th (the torch and Triton backends measured 256 on 1M x 768).
+SHORTLIST_MIN = 256
+#: Most queries for which l1 shortlists from the bf16 rows (streamed, 8 queries a pass); above it l1 is
+#: compute-bound and scanned exactly in float32.
+L1_LOW_MAX_QUERIES = 16
+#: Past `KERNEL_MAX_K`, the threshold scan takes k up to this fraction of the rows (the torch path above).
+LARGE_K_MAX_FRACTION = 8
+#: The threshold scan samples every SAMPLE_STRIDE-th row (at most) to set each query's threshold, aiming
+#: for SAMPLE_MARGIN x k rows above it, and buffers up to BUFFER_FACTOR x k rows per query. The margin
+#: is what certifies: on an H200 at 10M x 128, 1.25 x k left the k-th within the bf16 bound of the
+#: rows cut off, and every query was re-scanned.
+SAMPLE_STRIDE = 64
+SAMPLE_MARGIN = 4
+BUFFER_FACTOR = 8
+#: Most buffered entries one threshold launch holds (queries are taken in chunks under it).
+BUFFER_ENTRIES = 1 << 26
+
+
+def _kp(k: int) -> int:
+    from gpurag_cuda.launch import pow2_at_least
+
+    return pow2_at_least(max(k, MIN_KP))
+
+
+class CudaBackend(TorchBackend):
+    """Exact search with the package's CUDA kernels on ``cuda[:n]``: l2, dot, cosine, l1 and Hamming, any k."""
+
+    name = "cuda"
+    device_kinds = ("cuda",)  # type: ignore[assignment]  # TorchBackend leaves its pair unannotated
+    metrics = frozenset(Metric)
+    max_k = None
+
+    def __init__(
+        self, device: str | None = None, *, low_precision: bool | None = None, chunk_scores: int | None = None
+    ) -> None:
+        available = self.availability()
+        if not available:
+            raise BackendUnavailableError(f"backend {self.name!r}: {available.reason}")
+        super().__init__(device, low_precision=True if low_precision is None else low_precision,
+                         chunk_scores=chunk_scores)  # fmt: skip
+
+    @classmethod
+    def availability(cls) -> Availability:
+        """Available when torch and cupy are installed and a CUDA driver and device are present."""
+        if importlib.util.find_spec("torch") is None:
+            return Availability(False, "torch is not installed")
+        if importlib.util.find_spec("cupy") is None:
+            return Availability(False, "cupy is not installed (pip install 'gpurag-cuda[cuda13]' or '[cuda12]')")
+        if not cuda_present():
+            return Availability(False, "no CUDA driver or device on this machine")
+        return Availability(True)
+
+    @classmethod
+    def default_device(cls) -> str:
+        """``cuda`` (device 0)."""
+        return "cuda"
+
+    @classmethod
+    def devices(cls) -> tuple[str, ...]:
+        """Each CUDA device torch sees (``cuda:0``, ``cuda:1``...)."""
+        return tuple(name for name in super().devices() if name != "cpu")
+
+    # --- distances and selection ---------------------------------------------------------------
+    def boundaries(self, metric: Metric, queries: int, dim: int) -> Boundaries:
+        """Where the scans split a search of ``queries`` queries: row tiles and batches, the row count
+        from which the splits stop growing, and (bf16 shortlist) the first row count whose splits keep
+        more keys than `SHORTLIST_MIN`; queries: the streaming limit and the query tile."""
+        from gpurag_cuda import launch
+
+        sms = launch.multiprocessors(self.torch_device.index or 0)
+        l1 = metric is Metric.L1
+
+        def layout(n_rows: int) -> launch.Layout:
+            if launch.streams(queries, dim, MIN_KP) or (l1 and self._l1_shortlists(queries, dim, MIN_KP)):
+                return launch.stream_layout(n_rows, sms)
+            if metric is Metric.L1:
+                return launch.tile_layout(
+                    queries, n_rows, launch.SIMT_BLOCK_Q, launch.SIMT_BLOCK_N, sms, launch.SIMT_BLOCKS_PER_SM
+                )
+            return launch.tile_layout(queries, n_rows, launch.TC_BLOCK_Q, launch.TC_BLOCK_N, sms)
+
+        def first_rows(holds: Any) -> int:  # the smallest row count for which holds(rows), by bisection
+            low_n, high_n = 1, 1 << 24
+            if not holds(high_n):
+                return 0
+            while low_n < high_n:
+                mid = (low_n + high_n) // 2
+                low_n, high_n = (low_n, mid) if holds(mid) else (mid + 1, high_n)
+            return low_n
+
+        def kept(n_rows: int) -> int:
+            per_split = layout(n_rows).rows_per_split
+            full, rest = divmod(n_rows, per_split)
+            return full * min(MIN_KP, per_split) + min(MIN_KP, rest)
+
+        most = layout(1 << 24).splits
+        rows = {launch.STREAM_ROWS, launch.TC_BLOCK_N, launch.SIMT_BLOCK_N}
+        rows.add(first_rows(lambda n: layout(n).splits >= most) - 1)
+        if self.low_precision and (not l1 or self._l1_shortlists(queries, dim, MIN_KP)):
+            rows.add(first_rows(lambda n: kept(n) > SHORTLIST_MIN) - 1)
+        tile = launch.SIMT_BLOCK_Q if metric is Metric.L1 else launch.TC_BLOCK_Q
+        return Boundaries(
+            rows=tuple(sorted(r for r in rows if r > 0)),
+            queries=(launch.STREAM_MAX_QUERIES, L1_LOW_MAX_QUERIES, L1_LOW_MAX_QUERIES + tile),
+        )
+
+    def working_scores(self, queries: int, rows: int) -> int:
+        """The kernels keep no score matrix: a few tiles' worth, whatever the block."""
+        return min(queries * rows, 1 << 20)
+
+    def topk(self, queries: Any, database: Database, k: int) -> TopK:
+        """The ``k`` best rows of ``database`` for each query, best first (see `DistanceBackend.topk`).
+
+        The kernels rank; the rows returned are scored again directly in float32, and a bf16 ranking
+        is trusted only where its certificate holds.
+        """
+        import torch
+
+        from gpurag_torch import search
+
+        database = self._own(database)
+        n_rows = database.count
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= n_rows:
+            raise InvalidInputError(f"k must be an integer in 1..{n_rows} (the database's rows); got {k!r}")
+        k = int(k)
+        q = self._tensor(queries, "queries")
+        if q.shape[1] != database.dim:
+            raise InvalidInputError(f"queries must be (Q, {database.dim}); got shape {tuple(q.shape)}")
+        if k > KERNEL_MAX_K and database.metric is Metric.L1:
+            return TopK(*self._l1_any_k(q, database, k))
+        if k > KERNEL_MAX_K and not self._threshold_scan_takes(database, k):
+            return super().topk(q, database, k)
+        shortlists = (
+            k <= KERNEL_MAX_K
+            and self.low_precision
+            and (database.metric is not Metric.L1 or self._l1_shortlists(q.shape[0], database.dim, k))
+        )
+        if shortlists:
+            # One sync for both questions: were the float32 terms safe, and did every certificate hold.
+            scores, rows, certified = self._shortlist(q, database, k, self._scan_low(q, database, k))
+            safe, all_certified = torch.stack([~self.overflow_flag(q, database), certified.all()]).tolist()
+            if not safe:
+                return self.float64_topk(q, database, k)
+            self.queries_searched += q.shape[0]
+            if not all_certified:
+                redo = torch.nonzero(~certified)[:, 0]
+                self.queries_rescanned += int(redo.numel())
+                if database.metric is Metric.L1:
+                    redo_scores, redo_rows = self._l1(q[redo], database, k)
+                else:
+                    redo_scores, redo_rows = search.exact_topk(q[redo], database, k, self.chunk_scores)
+                scores[redo], rows[redo] = redo_scores, redo_rows
+            return TopK(scores, rows)
+        if self.needs_float64(q, database):
+            return self.float64_topk(q, database, k)
+        if k > KERNEL_MAX_K:
+            step = max(1, BUFFER_ENTRIES // (BUFFER_FACTOR * k))
+            parts = [self._large_k(q[i : i + step], database, k) for i in range(0, q.shape[0], step)]
+            return TopK(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+        if database.metric is Metric.L1:
+            return TopK(*self._l1(q, database, k))
+        return super().topk(q, database, k)
+
+    def pairwise(self, queries: Any, vectors: Any, metric: Metric) -> Any:
+        """As `TorchBackend.pairwise`; l1 summed directly in row blocks under `chunk_scores` (no compile step)."""
+        if Metric.parse(metric) is not Metric.L1:
+            return super().pairwise(queries, vectors, metric)
+        q = self._tensor(queries, "queries")
+        x = self._tensor(vectors, "vectors")
+        if q.shape[1] != x.shape[1]:
+            raise InvalidInputError(f"queries and vectors must share a dimension; got {q.shape[1]} and {x.shape[1]}")
+        return self._l1_blocks(q, x)
+
+    def _l1_blocks(self, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """(Q, N) l1 distances, each summed directly, in blocks whose (q, x, D) differences fit `chunk_scores`."""
+        import torch
+
+        out = torch.empty((q.shape[0], x.shape[0]), dtype=torch.float32, device=q.device)
+        per_block = max(1, self.chunk_scores // max(1, q.shape[1]))
+        queries_per_block = max(1, min(q.shape[0], per_block))
+        rows_per_block = max(1, per_block // queries_per_block)
+        for q0 in range(0, q.shape[0], queries_per_block):
+            for r0 in range(0, x.shape[0], rows_per_block):
+                block_q, block_x = q[q0 : q0 + queries_per_block], x[r0 : r0 + rows_per_block]
+                out[q0 : q0 + block_q.shape[0], r0 : r0 + block_x.shape[0]] = (
+                    (block_x[None, :, :] - block_q[:, None, :]).abs().sum(dim=2)
+                )
+        return out
+
+    def _l1_any_k(self, q: torch.Tensor, database: Database, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """l1 past the fused lists: direct sums in blocks, each block's k best kept, the union's k best."""
+        import torch
+
+        from gpurag_torch import exact
+
+        x = database.vectors
+        step = max(k, self.chunk_scores // max(1, q.shape[0]))
+        values, rows = [], []
+        for start in range(0, x.shape[0], step):
+            block = -self._l1_blocks(q, x[start : start + step])
+            top = torch.topk(block, min(k, block.shape[1]), dim=1)
+            values.append(top.values)
+            rows.append(top.indices + start)
+        union_values, union_rows = torch.cat(values, dim=1), torch.cat(rows, dim=1)
+        if union_values.shape[1] > k:
+            union_rows = torch.gather(union_rows, 1, torch.topk(union_values, k, dim=1).indices)
+        scores = direct_scores(q, x, union_rows, Metric.L1, None)
+        return exact.best_first(scores, union_rows, k, Metric.L1)
+
+    def _l1_shortlists(self, n_queries: int, dim: int, k: int) -> bool:
+        """Whether l1 takes the certified bf16 shortlist: few queries (bandwidth-bound), streamed in groups."""
+        from gpurag_cuda import launch
+
+        return self.low_precision and n_queries <= L1_LOW_MAX_QUERIES and launch.streams(1, dim, _kp(k))
+
+    def _threshold_scan_takes(self, database: Database, k: int) -> bool:
+        return self.low_precision and database.metric is not Metric.L1 and k * LARGE_K_MAX_FRACTION <= database.count
+
+    def _large_k(self, q: torch.Tensor, database: Database, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Any k: a threshold per query from a sample of the rows, then one scan that buffers every row
+        reaching it; the buffer is re-scored and certified like the shortlist, and a query whose buffer
+        fell short, overflowed or failed its certificate is answered by the float32 pass."""
+        import torch
+
+        from gpurag_cuda import launch
+        from gpurag_torch import search
+        from gpurag_torch.database import LOW, SQ_NORMS
+
+        metric, n_rows, n_queries = database.metric, database.count, q.shape[0]
+        low_q = self._low_queries(q, metric)
+        low_rows = database.row_data[LOW]
+        sq_norms = database.row_data[SQ_NORMS] if metric is Metric.L2 else None
+        stride = max(1, min(SAMPLE_STRIDE, n_rows // (32 * k)))
+        sample = low_rows[::stride].contiguous()
+        sample_sq = sq_norms[::stride].contiguous() if sq_norms is not None else None
+        rank = int(SAMPLE_MARGIN * k * sample.shape[0] / n_rows) + 8
+        layout = launch.tile_layout(n_queries, sample.shape[0], launch.TC_BLOCK_Q, launch.TC_BLOCK_N,
+                                    launch.multiprocessors(q.device.index or 0))  # fmt: skip
+        if 2 * rank > layout.splits * min(launch.MAX_KP, layout.rows_per_split):
+            # The sample's splits would not hold its rank-th best row: the float32 pass answers.
+            self.queries_searched += n_queries
+            self.queries_rescanned += n_queries
+            return search.exact_topk(q, database, k, self.chunk_scores)
+        found = launch.scan_tc(low_q, sample, sample_sq, launch.MAX_KP)
+        rank = min(rank, found.kept_per_query(sample.shape[0]))
+        thresholds = torch.topk(found.keys.reshape(n_queries, -1), rank, dim=1).values[:, -1].contiguous()
+        capacity = BUFFER_FACTOR * k
+        keys, rows, counts = launch.collect_tc(low_q, low_rows, sq_norms, thresholds, capacity)
+        scores = torch.empty((n_queries, k), dtype=torch.float32, device=q.device)
+        positions = torch.empty((n_queries, k), dtype=torch.int64, device=q.device)
+        full = (counts >= k) & (counts <= capacity)
+        redo = ~full
+        if bool(full.any()):
+            held = counts[full].long()
+            width = int(held.min())
+            valid = torch.arange(capacity, device=q.device)[None, :] < held[:, None]
+            top = torch.topk(torch.where(valid, keys[full], float("-inf")), width, dim=1)
+            cutoff = torch.where(held > width, torch.maximum(thresholds[full], top.values[:, -1]), thresholds[full])
+            picked = torch.gather(rows[full], 1, top.indices).long()
+            got_scores, got_rows, certified = search.rescore_and_certify(
+                q[full], database, picked, cutoff, k, rounded_output=False, scorer=direct_scores
+            )
+            scores[full], positions[full] = got_scores, got_rows
+            redo[torch.nonzero(full)[:, 0][~certified]] = True
+        self.queries_searched += n_queries
+        if bool(redo.any()):
+            again = torch.nonzero(redo)[:, 0]
+            self.queries_rescanned += int(again.numel())
+            scores[again], positions[again] = search.exact_topk(q[again], database, k, self.chunk_scores)
+        return scores, positions
+
+    @staticmethod
+    def _low_queries(q: torch.Tensor, metric: Metric) -> torch.Tensor:
+        import torch
+
+        from gpurag_torch.database import normalised
+
+        unit = normalised(q, torch.linalg.vector_norm(q, dim=1)) if metric is Metric.COSINE else q
+        return unit.to(torch.bfloat16).contiguous()
+
+    def _scan_low(self, q: torch.Tensor, database: Database, k: int) -> Any:
+        """Launch the bf16 scan of ``q`` (the stream for few queries and for l1, else the tensor-core tiles)."""
+        import torch
+
+        from gpurag_cuda import launch
+        from gpurag_torch.database import LOW, SQ_NORMS
+
+        metric = database.metric
+        low_q = self._low_queries(q, metric)
+        sq_norms = database.row_data[SQ_NORMS] if metric is Metric.L2 else None
+        kp = _kp(k)
+        if metric is not Metric.L1 and not launch.streams(q.shape[0], database.dim, kp):
+            return launch.scan_tc(low_q, database.row_data[LOW], sq_norms, kp)
+        mode = {Metric.L2: launch.L2, Metric.L1: launch.L1}.get(metric, launch.DOT)
+        step = launch.STREAM_MAX_QUERIES
+        parts = [
+            launch.stream_scan(low_q[i : i + step].float(), database.row_data[LOW], sq_norms, mode, kp)
+            for i in range(0, q.shape[0], step)
+        ]
+        if len(parts) == 1:
+            return parts[0]
+        return launch.Candidates(
+            torch.cat([p.keys for p in parts]), torch.cat([p.rows for p in parts]), parts[0].rows_per_split
+        )
+
+    def _shortlist(
+        self, q: torch.Tensor, database: Database, k: int, found: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The scan's candidates cut to the rows re-scored, re-scored in float32 and certified per query."""
+        import torch
+
+        from gpurag_torch import search
+
+        n_queries, kp = q.shape[0], int(found.keys.shape[2])
+        keys, rows = found.keys.reshape(n_queries, -1), found.rows.reshape(n_queries, -1)
+        cutoff = found.keys[:, :, kp - 1].max(dim=1).values  # the best key any split left out
+        kept = found.kept_per_query(database.count)
+        keep = min(kept, max(2 * k, SHORTLIST_MIN))
+        if keys.shape[1] > keep:  # the padding goes, and past `keep` real rows the cut raises the cutoff
+            top = torch.topk(keys, keep, dim=1)
+            if keep < kept:
+                cutoff = torch.maximum(cutoff, top.values[:, -1])
+            rows = torch.gather(rows, 1, top.indices)
+        return search.rescore_and_certify(
+            q, database, rows.long(), cutoff, k, rounded_output=False, scorer=direct_scores
+        )
+
+    def _l1(self, q: torch.Tensor, database: Database, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        from gpurag_cuda import launch
+        from gpurag_torch import exact
+
+        kp = _kp(k)
+        if launch.streams(q.shape[0], database.dim, kp):
+            found = launch.stream_scan(q, database.vectors, None, launch.L1, kp)
+        else:
+            found = launch.l1_tile(q, database.vectors, kp)
+        n_queries = q.shape[0]
+        top = torch.topk(found.keys.reshape(n_queries, -1), k, dim=1)
+        rows = torch.gather(found.rows.reshape(n_queries, -1), 1, top.indices).long()
+        scores = direct_scores(q, database.vectors, rows, Metric.L1, None)
+        return exact.best_first(scores, rows, k, Metric.L1)
+
+    # --- LSH primitives ------------------------------------------------------------------------
+    def hamming_topk(self, codes: Any, database_codes: Any, k: int) -> TopK:
+        """The ``k`` database codes nearest each code, nearest first, by the fused Hamming kernel."""
+        import torch
+
+        from gpurag_cuda import launch
+        from gpurag_torch import lsh
+
+        a = self._codes(codes, "codes").contiguous()
+        b = self._codes(database_codes, "database_codes").contiguous()
+        lsh.check_codes(a, b, k)
+        if k > KERNEL_MAX_K:
+            return super().hamming_topk(a, b, k)
+        found = launch.hamming_tile(a, b, _kp(k))
+        n_queries = a.shape[0]
+        top = torch.topk(found.keys.reshape(n_queries, -1), k, dim=1)
+        rows = torch.gather(found.rows.reshape(n_queries, -1), 1, top.indices).long()
+        return TopK((-top.values).to(torch.int32), rows)
+
+
+def direct_scores(
+    queries: torch.Tensor, vectors: torch.Tensor, rows: torch.Tensor, metric: Metric, row_norms: torch.Tensor | None
+) -> torch.Tensor:
+    """As `gpurag_torch.exact.direct_scores`, by the re-scoring kernel: rows read in place, no (Q, M, D) copy."""
+    import torch
+
+    from gpurag_cuda import launch
+
+    term = {Metric.L2: 0, Metric.L1: 1, Metric.DOT: 2, Metric.COSINE: 2}[metric]
+    sums = launch.rescore(queries.contiguous(), vectors.contiguous(), rows, term)
+    if metric is not Metric.COSINE:
+        return sums
+    assert row_norms is not None
+    denominator = row_norms[rows] * torch.linalg.vector_norm(queries, dim=1)[:, None]
+    return torch.where(denominator > 0, sums / torch.where(denominator > 0, denominator, 1.0), 0.0)

@@ -1,0 +1,24 @@
+// Direct float32 re-scoring of candidate rows: one warp per (query, candidate) pair sums the metric's
+// terms over the dimension (l2: squared differences; l1: absolute differences; dot: products) and
+// writes the sum. Candidates are int64 row positions, (Q, M).
+#define THREADS 256
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+rescore(const float* __restrict__ queries, const float* __restrict__ rows, const long long* __restrict__ candidates,
+        int n_queries, int per_query, int dim, int term, float* __restrict__ out) {
+    const long long pair = (long long)blockIdx.x * (THREADS / 32) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (pair >= (long long)n_queries * per_query) return;
+    const long long q = pair / per_query;
+    const float* qv = queries + q * dim;
+    const float* xv = rows + candidates[pair] * dim;
+    float acc = 0.f;
+    for (int d = lane; d < dim; d += 32) {
+        float a = qv[d], b = xv[d];
+        float diff = a - b;
+        acc += term == 0 ? diff * diff : (term == 1 ? fabsf(diff) : a * b);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (lane == 0) out[pair] = acc;
+}

@@ -1,0 +1,346 @@
+"""Host wrappers of the CUDA kernels: pick the launch shape, check what goes in, launch on torch's stream.
+
+Arrays are torch CUDA tensors; the kernels receive their raw pointers and run on the stream torch is
+using, so no copy or synchronisation is added. A scan returns `Candidates`: per (query, split) the
+kp best oriented keys (larger is better) and their int32 rows, best first, padded with -inf / -1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from gpurag.errors import InvalidInputError
+from gpurag_cuda import compiler
+
+THREADS = 256
+#: Query tile and row tile of the tensor-core scan (kernels/scan_tc.cu: BQ, BN, BK).
+TC_BLOCK_Q, TC_BLOCK_N, TC_BLOCK_K = 64, 128, 32
+#: Operand stages of its copy pipeline (kernels/scan_tc.cu: STAGES), restarted at each row tile.
+TC_STAGES = 4
+#: Whether vector-loadable scans take the kernel whose pipeline flows across row tiles
+#: (kernels/scan_tc.cu: scan_bf16_tc_flow, FLOW_STAGES stages). Off: on an H200 it was the slower,
+#: 12.7 against 11.5 ms at 1M x 768 x 1024 and 31.2 against 26.8 ms at 10M x 128 x 1024 (both correct).
+TC_FLOW = False
+TC_FLOW_STAGES = 3
+#: Query tile and row tile of the SIMT scans (kernels/simt_tile.cu: BQ, BN, BK).
+SIMT_BLOCK_Q, SIMT_BLOCK_N, SIMT_BLOCK_K = 64, 64, 16
+#: Most queries one streaming launch scores (kernels/stream.cu: MAX_QUERIES).
+STREAM_MAX_QUERIES = 8
+#: Rows a warp of the streaming scan reads in one batch.
+STREAM_ROWS = 32
+#: Largest kp the kernels keep per (query, split).
+MAX_KP = 64
+#: Blocks per multiprocessor the tile scans aim at, and warps per multiprocessor for the stream.
+#: (Blocks of each tile kernel that fit on a multiprocessor at once: a launch fills the card in one wave,
+#: since a second, partial wave would double the time; measured on an H200, 272 blocks of the
+#: tensor-core scan on 264 slots took 20.4 ms where 528 took 12.9.)
+TILE_BLOCKS_PER_SM = 2
+SIMT_BLOCKS_PER_SM = 3
+STREAM_WARPS_PER_SM = 16
+#: Most dynamic shared memory a launch asks for (an H200 block may have 227 KiB).
+SHARED_LIMIT = 200 * 1024
+
+#: Stream modes (kernels/stream.cu).
+DOT, L2, L1 = 0, 1, 2
+
+
+class Candidates(NamedTuple):
+    """(Q, splits, kp) oriented keys and int32 rows of one scan, and the rows each split covered."""
+
+    keys: torch.Tensor
+    rows: torch.Tensor
+    rows_per_split: int
+
+    def kept_per_query(self, n_rows: int) -> int:
+        """How many entries of each query hold a real row (the others are -inf padding)."""
+        kp = int(self.keys.shape[2])
+        full, rest = divmod(n_rows, self.rows_per_split)
+        return full * min(kp, self.rows_per_split) + min(kp, rest)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How one scan splits its rows: splits of ``rows_per_split`` rows each."""
+
+    splits: int
+    rows_per_split: int
+
+
+def pow2_at_least(value: int) -> int:
+    """The smallest power of two >= value."""
+    return 1 << max(0, (int(value) - 1).bit_length())
+
+
+def capacity(kp: int) -> int:
+    """Entries of a candidate list for ``kp`` kept keys: a power of two >= kp + 32."""
+    return pow2_at_least(kp + 32)
+
+
+@functools.cache
+def multiprocessors(device_index: int) -> int:
+    """Multiprocessors of the CUDA device (an H200 has 132)."""
+    return int(torch.cuda.get_device_properties(device_index).multi_processor_count)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def tile_layout(
+    n_queries: int, n_rows: int, block_q: int, block_n: int, sms: int, blocks_per_sm: int | None = None
+) -> Layout:
+    """Splits of a tile scan: as many (query tile, split) blocks as fill the card in one wave, whole row tiles each."""
+    query_tiles = _cdiv(n_queries, block_q)
+    resident = (TILE_BLOCKS_PER_SM if blocks_per_sm is None else blocks_per_sm) * sms
+    splits = max(1, min(_cdiv(n_rows, block_n), resident // query_tiles))
+    per_split = _cdiv(_cdiv(n_rows, splits), block_n) * block_n
+    return Layout(_cdiv(n_rows, per_split), per_split)
+
+
+def stream_layout(n_rows: int, sms: int) -> Layout:
+    """Splits of a streaming scan: one per warp, runs of whole 32-row batches, at most a full card of warps."""
+    warps = max(1, min(_cdiv(n_rows, STREAM_ROWS), STREAM_WARPS_PER_SM * sms))
+    per_warp = _cdiv(_cdiv(n_rows, warps), STREAM_ROWS) * STREAM_ROWS
+    splits = _cdiv(n_rows, per_warp)
+    return Layout(_cdiv(splits, THREADS // 32) * (THREADS // 32), per_warp)
+
+
+def stream_shared_bytes(dim: int, kp: int) -> int:
+    """Dynamic shared memory of a streaming launch: the queries, and each warp's lists for each query."""
+    return 4 * STREAM_MAX_QUERIES * ((dim + 3) // 4 * 4) + (THREADS // 32) * STREAM_MAX_QUERIES * (8 * capacity(kp) + 8)
+
+
+def streams(n_queries: int, dim: int, kp: int) -> bool:
+    """Whether the streaming scan takes a search of ``n_queries`` queries of dimension ``dim``."""
+    return n_queries <= STREAM_MAX_QUERIES and stream_shared_bytes(dim, kp) <= SHARED_LIMIT
+
+
+def _check(x: torch.Tensor, name: str, dtype: torch.dtype, device: torch.device, ndim: int = 2) -> None:
+    if x.dtype != dtype or x.device != device or x.dim() != ndim or not x.is_contiguous():
+        raise InvalidInputError(
+            f"{name} must be a contiguous {ndim}-d {dtype} tensor on {device}; "
+            f"got {x.dtype} {tuple(x.shape)} on {x.device} (contiguous: {x.is_contiguous()})"
+        )
+
+
+_STREAMS: dict[tuple[int, int], Any] = {}
+
+
+def _stream(device: torch.device) -> Any:
+    """The CuPy view of the stream torch is using on ``device`` (made once per stream)."""
+    import cupy
+
+    current = torch.cuda.current_stream(device)
+    key = (device.index or 0, int(current.cuda_stream))
+    stream = _STREAMS.get(key)
+    if stream is None:
+        try:
+            stream = cupy.cuda.Stream.from_external(current)
+        except (AttributeError, TypeError):  # CuPy < 14, or a torch without the CUDA stream protocol
+            stream = cupy.cuda.ExternalStream(key[1], key[0])
+        _STREAMS[key] = stream
+    return stream
+
+
+def _launch(
+    module: str, kernel: str, device: torch.device, grid: tuple[int, ...], shared: int, args: list[Any]
+) -> None:
+    import cupy
+
+    index = device.index or 0
+    fn = compiler.function(module, kernel, index)
+    with cupy.cuda.Device(index), _stream(device):
+        fn(grid, (THREADS,), tuple(args), shared_mem=shared)
+
+
+def _ptr(tensor: torch.Tensor) -> np.uint64:
+    return np.uint64(tensor.data_ptr())
+
+
+def _i32(value: int) -> np.int32:
+    return np.int32(value)
+
+
+def _outputs(n_queries: int, splits: int, kp: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    keys = torch.empty((n_queries, splits, kp), dtype=torch.float32, device=device)
+    rows = torch.empty((n_queries, splits, kp), dtype=torch.int32, device=device)
+    return keys, rows
+
+
+def _check_kp(kp: int) -> None:
+    if not (1 <= kp <= MAX_KP and kp & (kp - 1) == 0):
+        raise InvalidInputError(f"kp must be a power of two in 1..{MAX_KP}; got {kp}")
+
+
+def _aligned(*tensors: torch.Tensor) -> bool:
+    return all(t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def tc_operand_bytes() -> int:
+    """Shared memory of the tensor-core scans before their lists: the operand stages, or the score tile."""
+    return max(TC_STAGES * 2 * (TC_BLOCK_K + 8) * (TC_BLOCK_Q + TC_BLOCK_N), 4 * TC_BLOCK_Q * (TC_BLOCK_N + 4))
+
+
+def scan_tc(queries: torch.Tensor, rows: torch.Tensor, sq_norms: torch.Tensor | None, kp: int) -> Candidates:
+    """Tensor-core scan of bf16 ``queries`` (Q, D) against bf16 ``rows`` (N, D): dot keys, or l2's with ``sq_norms``."""
+    device = rows.device
+    _check(queries, "queries", torch.bfloat16, device)
+    _check(rows, "rows", torch.bfloat16, device)
+    _check_kp(kp)
+    n_queries, dim = queries.shape
+    n_rows = rows.shape[0]
+    layout = tile_layout(n_queries, n_rows, TC_BLOCK_Q, TC_BLOCK_N, multiprocessors(device.index or 0))
+    cap = capacity(kp)
+    keys, out_rows = _outputs(n_queries, layout.splits, kp, device)
+    vec = dim % 8 == 0 and _aligned(queries, rows)
+    flow = vec and TC_FLOW
+    if flow:  # its own operand stages and score tile, then the lists and flags
+        operands = TC_FLOW_STAGES * 2 * (TC_BLOCK_K + 8) * (TC_BLOCK_Q + TC_BLOCK_N) + 4 * TC_BLOCK_Q * (TC_BLOCK_N + 4)
+    else:  # the operand stages or the score tile over them, then the lists and flags
+        operands = tc_operand_bytes()
+    shared = operands + TC_BLOCK_Q * (8 * cap + 12)
+    norms = sq_norms if sq_norms is not None else keys  # unread for dot
+    grid = (_cdiv(n_queries, TC_BLOCK_Q), layout.splits)
+    _launch("scan_tc", "scan_bf16_tc_flow" if flow else "scan_bf16_tc", device, grid, shared, [
+        _ptr(queries), _ptr(rows), _ptr(norms), _i32(n_queries), _i32(n_rows), _i32(dim),
+        _i32(layout.rows_per_split), _i32(int(sq_norms is not None)), _i32(kp), _i32(cap), _i32(int(vec)),
+        _ptr(keys), _ptr(out_rows),
+    ])  # fmt: skip
+    return Candidates(keys, out_rows, layout.rows_per_split)
+
+
+def collect_tc(
+    queries: torch.Tensor, rows: torch.Tensor, sq_norms: torch.Tensor | None, thresholds: torch.Tensor, capacity: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every row whose bf16 key reaches its query's threshold: (keys (Q, capacity), int32 rows, int32 counts (Q,)).
+
+    Entries past a query's count are unset; a count above ``capacity`` means its buffer overflowed.
+    """
+    device = rows.device
+    _check(queries, "queries", torch.bfloat16, device)
+    _check(rows, "rows", torch.bfloat16, device)
+    _check(thresholds, "thresholds", torch.float32, device, ndim=1)
+    n_queries, dim = queries.shape
+    n_rows = rows.shape[0]
+    layout = tile_layout(n_queries, n_rows, TC_BLOCK_Q, TC_BLOCK_N, multiprocessors(device.index or 0))
+    keys = torch.empty((n_queries, capacity), dtype=torch.float32, device=device)
+    out_rows = torch.empty((n_queries, capacity), dtype=torch.int32, device=device)
+    counts = torch.zeros(n_queries, dtype=torch.int32, device=device)
+    shared = tc_operand_bytes() + TC_BLOCK_Q * 8  # thresholds and flags
+    vec = dim % 8 == 0 and _aligned(queries, rows)
+    norms = sq_norms if sq_norms is not None else keys
+    grid = (_cdiv(n_queries, TC_BLOCK_Q), layout.splits)
+    _launch("scan_tc", "collect_bf16_tc", device, grid, shared, [
+        _ptr(queries), _ptr(rows), _ptr(norms), _ptr(thresholds), _i32(n_queries), _i32(n_rows), _i32(dim),
+        _i32(layout.rows_per_split), _i32(int(sq_norms is not None)), _i32(int(vec)), _i32(capacity),
+        _ptr(keys), _ptr(out_rows), _ptr(counts),
+    ])  # fmt: skip
+    return keys, out_rows, counts
+
+
+def stream_scan(
+    queries: torch.Tensor, rows: torch.Tensor, sq_norms: torch.Tensor | None, mode: int, kp: int
+) -> Candidates:
+    """Streaming scan of float32 ``queries`` (Q <= 8, D) against bf16 or float32 ``rows`` (N, D) in ``mode``."""
+    device = rows.device
+    _check(queries, "queries", torch.float32, device)
+    if rows.dtype not in (torch.bfloat16, torch.float32):
+        raise InvalidInputError(f"rows must be bfloat16 or float32; got {rows.dtype}")
+    _check(rows, "rows", rows.dtype, device)
+    _check_kp(kp)
+    n_queries, dim = queries.shape
+    if not 1 <= n_queries <= STREAM_MAX_QUERIES:
+        raise InvalidInputError(f"queries must number 1..{STREAM_MAX_QUERIES} for the streaming scan; got {n_queries}")
+    if mode == L2 and sq_norms is None:
+        raise InvalidInputError("sq_norms are required for the l2 mode")
+    n_rows = rows.shape[0]
+    layout = stream_layout(n_rows, multiprocessors(device.index or 0))
+    cap = capacity(kp)
+    keys, out_rows = _outputs(n_queries, layout.splits, kp, device)
+    warps = THREADS // 32
+    shared = stream_shared_bytes(dim, kp)
+    if shared > SHARED_LIMIT:
+        raise InvalidInputError(
+            f"dim {dim} is too large for the streaming scan (at most {SHARED_LIMIT} bytes of lists)"
+        )
+    lanes = 8 if rows.dtype == torch.bfloat16 else 4
+    vec = dim % lanes == 0 and _aligned(rows)
+    norms = sq_norms if sq_norms is not None else keys
+    # One query whose vectors fit a lane's registers (kernels/stream.cu, Lanes::REG) takes the register kernel.
+    one = n_queries == 1 and vec and dim // lanes <= 32 * (3 if lanes == 8 else 6)
+    kernel = ("stream_one_" if one else "stream_") + ("bf16" if rows.dtype == torch.bfloat16 else "f32")
+    _launch("stream", kernel, device, (layout.splits // warps,), shared, [
+        _ptr(queries), _ptr(rows), _ptr(norms), _i32(n_queries), _i32(n_rows), _i32(dim),
+        _i32(layout.rows_per_split), _i32(mode), _i32(kp), _i32(cap), _i32(int(vec)),
+        _ptr(keys), _ptr(out_rows),
+    ])  # fmt: skip
+    return Candidates(keys, out_rows, layout.rows_per_split)
+
+
+def _simt_scan(kernel: str, queries: torch.Tensor, rows: torch.Tensor, kp: int) -> Candidates:
+    device = rows.device
+    _check_kp(kp)
+    n_queries, width = queries.shape
+    n_rows = rows.shape[0]
+    layout = tile_layout(
+        n_queries, n_rows, SIMT_BLOCK_Q, SIMT_BLOCK_N, multiprocessors(device.index or 0), SIMT_BLOCKS_PER_SM
+    )
+    cap = capacity(kp)
+    keys, out_rows = _outputs(n_queries, layout.splits, kp, device)
+    shared = 2 * 4 * SIMT_BLOCK_K * (SIMT_BLOCK_Q + 4) + 4 * SIMT_BLOCK_Q * (SIMT_BLOCK_N + 4)
+    shared += SIMT_BLOCK_Q * (8 * cap + 12)  # lists and flags
+    grid = (_cdiv(n_queries, SIMT_BLOCK_Q), layout.splits)
+    _launch("simt_tile", kernel, device, grid, shared, [
+        _ptr(queries), _ptr(rows), _i32(n_queries), _i32(n_rows), _i32(width),
+        _i32(layout.rows_per_split), _i32(kp), _i32(cap), _ptr(keys), _ptr(out_rows),
+    ])  # fmt: skip
+    return Candidates(keys, out_rows, layout.rows_per_split)
+
+
+def l1_tile(queries: torch.Tensor, rows: torch.Tensor, kp: int) -> Candidates:
+    """Tiled exact l1 scan of float32 ``queries`` (Q, D) against float32 ``rows`` (N, D); keys are -l1."""
+    _check(queries, "queries", torch.float32, rows.device)
+    _check(rows, "rows", torch.float32, rows.device)
+    return _simt_scan("l1_tile", queries, rows, kp)
+
+
+def hamming_tile(codes: torch.Tensor, database_codes: torch.Tensor, kp: int) -> Candidates:
+    """Tiled Hamming scan of uint8 packed codes (Q, W) against (N, W); keys are -distance."""
+    device = database_codes.device
+    _check(codes, "codes", torch.uint8, device)
+    _check(database_codes, "database_codes", torch.uint8, device)
+    return _simt_scan("hamming_tile", as_words(codes), as_words(database_codes), kp)
+
+
+def as_words(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes (R, W) as int32 words (R, ceil(W / 4)), zero bytes appended where W is not a multiple of 4."""
+    width = codes.shape[1]
+    words = _cdiv(width, 4)
+    if width != 4 * words or codes.data_ptr() % 4:
+        padded = torch.zeros((codes.shape[0], 4 * words), dtype=torch.uint8, device=codes.device)
+        padded[:, :width] = codes
+        codes = padded
+    return codes.view(torch.int32)
+
+
+def rescore(queries: torch.Tensor, rows: torch.Tensor, candidates: torch.Tensor, term: int) -> torch.Tensor:
+    """(Q, M) float32 direct sums for int64 ``candidates`` (Q, M): term 0 squared differences, 1 absolute, 2 dot."""
+    device = rows.device
+    _check(queries, "queries", torch.float32, device)
+    _check(rows, "rows", torch.float32, device)
+    candidates = candidates.contiguous()
+    _check(candidates, "candidates", torch.int64, device)
+    n_queries, per_query = candidates.shape
+    out = torch.empty((n_queries, per_query), dtype=torch.float32, device=device)
+    pairs = n_queries * per_query
+    if pairs:
+        _launch("rescore", "rescore", device, (_cdiv(pairs, THREADS // 32),), 0, [
+            _ptr(queries), _ptr(rows), _ptr(candidates), _i32(n_queries), _i32(per_query),
+            _i32(queries.shape[1]), _i32(term), _ptr(out),
+        ])  # fmt: skip
+    return out
