@@ -25,7 +25,7 @@ def data() -> dict[tuple[int, int], Any]:
     return {}
 
 
-@pytest.mark.parametrize("backend_name", ["torch", "triton", "cuda"])
+@pytest.mark.parametrize("backend_name", ["torch", "triton", "cupy", "cuda"])
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda s: f"{s.label} {s.metric}".replace(" ", "_"))
 def test_search(benchmark: Any, data: dict[tuple[int, int], Any], backend_name: str, scenario: Any) -> None:
     key = (scenario.n_rows, scenario.dim)
