@@ -1,0 +1,529 @@
+"""Scale-out rows on one host with several GPUs (`nvidia-h200-x2`); writes OUT/scaleout.json and .md as it goes.
+
+Parts, most important first; each writes its rows the moment it ends, and one that fails is
+reported without stopping the next:
+
+1. ``sharded``: `ShardedRetriever` with one shard per GPU against one `ExactRetriever` on GPU 0,
+   N = 20M, D = 128, Q = 1,024, k = 10, the same vectors (generated on GPU 0), host queries for
+   both. Results are checked equal to the single-device search before anything is timed; then
+   interleaved repeats, medians, ratio.
+2. ``process``: the default RAG pipeline served by the ``process`` provider, one node per GPU.
+   A short closed-loop probe of 2 nodes fixes one open-loop rate above their capacity; `gpurag
+   load` (Poisson) then drives 2 nodes and 1 node at that same rate; completed responses/s of each.
+3. ``budget``: in a fresh process, every GPU capped with
+   ``torch.cuda.set_per_process_memory_fraction`` below the index's own size: one GPU refuses the
+   index, the shards hold and search it, ids equal to the uncapped single-GPU search of part 1.
+
+Run: python3 benchmarks/scaleout_gpu.py --out DIR [--parts sharded,process,budget] [--deadline S]
+(``--smoke``: a small index as two shards on GPU 0, short loads; to check the setup on one GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+START = time.monotonic()
+DIM = 128
+CHUNK_ROWS = 1 << 20  # rows generated per call: the same vectors whatever process makes them
+
+
+def log(message: str) -> None:
+    print(f"[{time.monotonic() - START:6.1f} s] {message}", flush=True)
+
+
+class Results:
+    """Rows collected so far, rewritten to OUT/scaleout.json and OUT/scaleout.md after every change."""
+
+    def __init__(self, out: Path, machine: dict[str, Any]) -> None:
+        self.out = out
+        self.data: dict[str, Any] = {"machine": machine, "parts": {}}
+
+    def put(self, part: str, row: dict[str, Any]) -> None:
+        self.data["parts"][part] = row
+        (self.out / "scaleout.json").write_text(json.dumps(self.data, indent=2, default=str))
+        (self.out / "scaleout.md").write_text(markdown(self.data))
+
+
+def machine_info() -> dict[str, Any]:
+    import torch
+
+    cards = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    query = ["nvidia-smi", "--query-gpu=index,name,memory.total,driver_version", "--format=csv,noheader"]
+    smi = (
+        subprocess.run(query, capture_output=True, text=True, check=False).stdout.strip()
+        if shutil.which(query[0])
+        else ""
+    )
+    return {
+        "gpus": cards,
+        "nvidia_smi": smi.splitlines(),
+        "cpu_cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+def make_rows(n: int, device: str) -> Any:
+    """(n, 128) float32 standard normal rows on ``device``, generated in fixed chunks (reproducible anywhere)."""
+    import torch
+
+    out = torch.empty((n, DIM), dtype=torch.float32, device=device)
+    for j, start in enumerate(range(0, n, CHUNK_ROWS)):
+        rows = min(CHUNK_ROWS, n - start)
+        out[start : start + rows] = make_rows_chunk(j, rows, device)
+    return out
+
+
+def make_queries(q: int) -> np.ndarray:
+    return np.random.default_rng(7).standard_normal((q, DIM), dtype=np.float32)
+
+
+def compare(expected: Any, found: Any) -> dict[str, Any]:
+    """How two searches differ: ids equal except where neighbouring scores tie to float32 rounding."""
+    differ = found.ids != expected.ids
+    scores = expected.scores
+    tied = np.zeros_like(differ)
+    tied[:, 1:] |= np.isclose(scores[:, 1:], scores[:, :-1], rtol=1e-5, atol=1e-5)
+    tied[:, :-1] |= np.isclose(scores[:, :-1], scores[:, 1:], rtol=1e-5, atol=1e-5)
+    return {
+        "ids_equal": int((~differ).sum()),
+        "ids_total": int(differ.size),
+        "ids_differ_not_tied": int((differ & ~tied).sum()),
+        "max_score_diff": float(np.abs(found.scores - expected.scores).max()),
+        "equal": bool(not (differ & ~tied).any() and np.allclose(found.scores, expected.scores, 1e-5, 1e-5)),
+    }
+
+
+def timed(function: Callable[..., Any], *args: Any) -> float:
+    started = time.perf_counter()
+    function(*args)
+    return (time.perf_counter() - started) * 1000
+
+
+# --- part 1: sharded against one GPU ---------------------------------------------------------------
+def part_sharded(args: argparse.Namespace, results: Results, backend: str, metric: str) -> dict[str, Any]:
+    import torch
+
+    from gpurag.retriever import ExactRetriever
+    from gpurag.sharded import ShardedRetriever
+
+    count = torch.cuda.device_count()
+    devices = ["cuda:0", "cuda:0"] if args.smoke or count < 2 else [f"cuda:{i}" for i in range(count)]
+    n, k = args.n, 10
+    log(f"sharded: generating {n:,} x {DIM} on cuda:0")
+    data = make_rows(n, "cuda:0")
+    queries = make_queries(args.q)
+    torch.cuda.synchronize()
+
+    log(f"sharded: {backend} {metric}: one GPU")
+    started = time.perf_counter()
+    single = ExactRetriever(metric, backend, device="cuda:0")
+    single.add(data)
+    build_single = time.perf_counter() - started
+    started = time.perf_counter()
+    expected = single.search(queries, k)  # compiles the kernels
+    first_single = time.perf_counter() - started
+
+    log(f"sharded: {backend} {metric}: {len(devices)} shards on {devices}")
+    for i in range(count):
+        torch.cuda.reset_peak_memory_stats(i)
+    started = time.perf_counter()
+    sharded = ShardedRetriever(metric, backend, devices=devices)
+    sharded.add(data)
+    build_sharded = time.perf_counter() - started
+    del data
+    started = time.perf_counter()
+    found = sharded.search(queries, k)
+    first_sharded = time.perf_counter() - started
+    check = compare(expected, found)
+    log(f"sharded: check {check}")
+    if not check["equal"]:
+        raise AssertionError(f"the sharded search differs from the single-device search: {check}")
+    np.savez(args.ref, queries=queries, ids=expected.ids, scores=expected.scores)
+
+    single_ms: list[float] = []
+    sharded_ms: list[float] = []
+    for _ in range(args.repeats):  # interleaved
+        single_ms.append(timed(single.search, queries, k))
+        sharded_ms.append(timed(sharded.search, queries, k))
+    device_queries = torch.from_numpy(queries).to("cuda:0")
+    single_device_ms = [timed(single.search, device_queries, k) for _ in range(args.repeats)]
+    shard_peak = torch.cuda.max_memory_allocated(devices[-1]) if devices[-1] != devices[0] else None
+    row = {
+        "backend": backend,
+        "metric": metric,
+        "n": n,
+        "d": DIM,
+        "q": args.q,
+        "k": k,
+        "devices": devices,
+        "shard_sizes": [len(s) for s in sharded.shards],
+        "check": check,
+        "build_s": {"single": round(build_single, 2), "sharded": round(build_sharded, 2)},
+        "first_search_s": {"single": round(first_single, 2), "sharded": round(first_sharded, 2)},
+        "single_ms": single_ms,
+        "sharded_ms": sharded_ms,
+        "single_device_queries_ms": single_device_ms,
+        "single_median_ms": statistics.median(single_ms),
+        "sharded_median_ms": statistics.median(sharded_ms),
+        "speedup": statistics.median(single_ms) / statistics.median(sharded_ms),
+        "shard_peak_bytes_last_gpu": shard_peak,
+        "index_bytes": n * DIM * 4,
+    }
+    log(
+        f"sharded: {backend} {metric}: one GPU {row['single_median_ms']:.2f} ms, "
+        f"sharded {row['sharded_median_ms']:.2f} ms: {row['speedup']:.2f}x"
+    )
+    del single, sharded
+    torch.cuda.empty_cache()
+    return row
+
+
+# --- part 2: the process provider, one node per GPU -------------------------------------------------
+@contextlib.contextmanager
+def serving(nodes: int, env: dict[str, str], ready_s: float, log_path: Path) -> Iterator[str]:
+    """A gpurag server with ``nodes`` process nodes (one per GPU); yields its URL once every node is ready."""
+    command = [
+        sys.executable,
+        "-c",
+        "from gpurag.cli import main; main()",
+        "serve",
+        "--node-provider",
+        "process",
+        "--nodes",
+        str(nodes),
+        "--port",
+        "0",
+    ]
+    with log_path.open("w") as sink:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=sink, text=True, env=env)
+        try:
+            assert process.stdout is not None
+            url = None
+            for line in process.stdout:
+                if line.startswith("gpurag serving on "):
+                    url = line.split()[3].rstrip(";")
+                    break
+            if url is None:
+                raise RuntimeError(f"the server exited before serving: {log_path.read_text()[-2000:]}")
+            deadline = time.monotonic() + ready_s
+            while True:
+                status = json.loads(urllib.request.urlopen(f"{url}/v1/status", timeout=5).read())
+                ready = sum(1 for node in status["nodes"] if node["state"] == "ready")
+                if ready >= nodes:
+                    break
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{ready} of {nodes} nodes ready: {log_path.read_text()[-2000:]}")
+                time.sleep(0.2)
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def ask(url: str) -> dict[str, Any]:
+    body = json.dumps({"query": "What does the with statement do?", "k": 3}).encode()
+    request = urllib.request.Request(f"{url}/v1/rag", data=body, headers={"content-type": "application/json"})
+    return json.loads(urllib.request.urlopen(request, timeout=60).read())  # type: ignore[no-any-return]
+
+
+def part_process(args: argparse.Namespace, results: Results) -> dict[str, Any]:
+    from gpurag_server.load import LoadSpec, run_load
+    from gpurag_server.nodes.process import gpu_ids
+
+    gpus = gpu_ids()
+    env = dict(os.environ)
+    env.setdefault("GPURAG_CACHE_DIR", str(Path(tempfile.gettempdir()) / "gpurag-scaleout-cache"))
+    env["GPURAG_BACKEND"] = "torch"  # the corpus's search: no kernel compiled inside each node
+    env["GPURAG_NODE_THREADS"] = str(args.node_threads)
+    env["GPURAG_MAX_QUEUE_LENGTH"] = "4096"
+    row: dict[str, Any] = {
+        "gpus_seen": gpus,
+        "node_threads": args.node_threads,
+        "settings": "default pipeline (default corpus, all-MiniLM-L6-v2, hybrid retrieval, extractive), "
+        "max_batch_size 8, max_wait_s 0.1, round_robin",
+        "runs": {},
+    }
+    rate = args.rate
+    for nodes in (2, 1):
+        started = time.perf_counter()
+        with serving(nodes, env, 240, args.out / f"server_{nodes}.log") as url:
+            row["runs"][f"start_{nodes}_s"] = round(time.perf_counter() - started, 1)
+            answer = ask(url)
+            assert answer.get("sources"), answer
+            source = answer["sources"][0]["source"]
+            log(f"process: {nodes} node(s) ready in {row['runs'][f'start_{nodes}_s']} s; first source {source}")
+            if rate is None:
+                probe = run_load(LoadSpec(url=url, clients=args.probe_clients, duration_s=args.probe_s))
+                rate = round(probe.throughput * 1.15, 1)
+                row["probe_2_nodes"] = {"clients": args.probe_clients, "responses_per_s": probe.throughput}
+                log(f"process: 2-node probe {probe.throughput:.1f} responses/s; open-loop rate {rate}")
+            report = run_load(LoadSpec(url=url, rate=rate, duration_s=args.load_s, max_connections=1024))
+            ok = report.statuses.get("200", 0)
+            row["runs"][str(nodes)] = {
+                "rate": rate,
+                "sent": report.sent,
+                "statuses": report.statuses,
+                "errors": report.errors,
+                "elapsed_s": report.elapsed_s,
+                "responses_per_s": report.throughput,
+                "ok_per_s": ok / report.elapsed_s,
+                # completions in the steady part of the send window (the first second is ramp-up)
+                "ok_per_s_steady": steady_rate(report.completions, 1.0, args.load_s),
+                "latency_ms": {name: value * 1000 for name, value in report.latency_s.items()},
+                "late_sends": report.late_sends,
+            }
+            log(f"process: {nodes} node(s) at {rate} req/s: {report.describe()}")
+            results.put("process", row)
+    one, two = row["runs"]["1"]["ok_per_s_steady"], row["runs"]["2"]["ok_per_s_steady"]
+    row["speedup"] = two / one
+    log(f"process: 2 nodes {two:.1f} vs 1 node {one:.1f} responses/s: {row['speedup']:.2f}x")
+    return row
+
+
+def steady_rate(completions: list[tuple[float, float, int]], begin: float, end: float) -> float:
+    """200 responses per second completed between ``begin`` and ``end`` seconds after the start."""
+    done = sum(1 for t, _, status in completions if status == 200 and begin <= t < end)
+    return done / (end - begin)
+
+
+# --- part 3: an index larger than one GPU's memory budget ------------------------------------------
+def part_budget(args: argparse.Namespace, shard_peak: int | None) -> dict[str, Any]:
+    """Run `budget_child` in a fresh process (the cap must hold from its first allocation)."""
+    index_bytes = args.n * DIM * 4
+    budget = int(shard_peak * 1.15) if shard_peak else index_bytes * 3 // 4
+    budget = min(budget, index_bytes * 19 // 20)  # always below the index's own size
+    if args.smoke:  # two shards on one GPU: a cap cannot split them, so only the code path is checked
+        budget = index_bytes * 4
+    command = [sys.executable, __file__, "--child-budget", str(budget), "--n", str(args.n), "--ref", str(args.ref)]
+    command += [
+        "--backend",
+        args.backends.split(",")[0],
+        "--metric",
+        args.metrics.split(",")[0],
+        "--out",
+        str(args.out),
+    ]
+    if args.smoke:
+        command.append("--smoke")
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    sys.stdout.write(done.stdout)
+    sys.stdout.write(done.stderr[-3000:])
+    lines = [line for line in done.stdout.splitlines() if line.startswith("BUDGET ")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"budget child failed (status {done.returncode})")
+    return json.loads(lines[-1][len("BUDGET ") :])  # type: ignore[no-any-return]
+
+
+def budget_child(args: argparse.Namespace) -> None:
+    import torch
+
+    from gpurag.retriever import ExactRetriever
+    from gpurag.sharded import ShardedRetriever
+
+    count = torch.cuda.device_count()
+    devices = ["cuda:0", "cuda:0"] if args.smoke or count < 2 else [f"cuda:{i}" for i in range(count)]
+    budget = args.child_budget
+    for i in range(count):
+        total = torch.cuda.get_device_properties(i).total_memory
+        torch.cuda.set_per_process_memory_fraction(budget / total, i)
+    ref = np.load(args.ref)
+    row: dict[str, Any] = {"budget_bytes_per_gpu": budget, "index_bytes": args.n * DIM * 4, "devices": devices}
+    log(f"budget: every GPU capped at {budget / 2**30:.2f} GiB; index {args.n * DIM * 4 / 2**30:.2f} GiB")
+    host = np.empty((args.n, DIM), dtype=np.float32)
+    for start in range(0, args.n, CHUNK_ROWS):  # the same vectors as part 1, a chunk at a time
+        rows = min(CHUNK_ROWS, args.n - start)
+        chunk = make_rows_chunk(start // CHUNK_ROWS, rows, "cuda:0")
+        host[start : start + rows] = chunk.cpu().numpy()
+        del chunk
+    torch.cuda.empty_cache()
+    single = ExactRetriever(args.metric, args.backend, device="cuda:0")
+    try:
+        single.add(host)
+        single.search(ref["queries"], 10)
+        row["single_gpu"] = "held and searched the index (the cap did not bind)"
+    except torch.OutOfMemoryError as exc:
+        row["single_gpu"] = f"refused: torch.OutOfMemoryError ({str(exc).splitlines()[0][:160]})"
+    del single
+    torch.cuda.empty_cache()
+    log(f"budget: one GPU: {row['single_gpu']}")
+    sharded = ShardedRetriever(args.metric, args.backend, devices=devices)
+    sharded.add(host)
+    found = sharded.search(ref["queries"], 10)
+
+    class Expected:
+        ids = ref["ids"]
+        scores = ref["scores"]
+
+    row["check"] = compare(Expected, found)
+    row["shard_sizes"] = [len(s) for s in sharded.shards]
+    row["peak_bytes"] = [torch.cuda.max_memory_allocated(i) for i in range(count)]
+    log(f"budget: sharded check {row['check']}")
+    print("BUDGET " + json.dumps(row), flush=True)
+
+
+def make_rows_chunk(j: int, rows: int, device: str) -> Any:
+    import torch
+
+    generator = torch.Generator(device=device).manual_seed(j)
+    return torch.randn((rows, DIM), generator=generator, device=device)
+
+
+# --- the report --------------------------------------------------------------------------------------
+def markdown(data: dict[str, Any]) -> str:
+    machine = data["machine"]
+    lines = [
+        "# Scale-out rows on two GPUs",
+        "",
+        f"`python3 benchmarks/scaleout_gpu.py` on {', '.join(machine['gpus'])} "
+        f"({machine['cpu_cores']} CPU cores), torch {machine['torch']}, {machine['date']}.",
+        "",
+    ]
+    parts = data["parts"]
+    sharded = [v for key, v in parts.items() if key.startswith("sharded") and "error" not in v]
+    if sharded:
+        lines += [
+            "## ShardedRetriever, one shard per GPU, against one GPU (target ≥ 1.8×)",
+            "",
+            "| backend | metric | N × D, Q, k | one GPU ms | sharded ms | speed-up | equal to one GPU |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in sharded:
+            c = r["check"]
+            lines.append(
+                f"| {r['backend']} | {r['metric']} | {r['n']:,} × {r['d']}, {r['q']}, {r['k']} "
+                f"| {r['single_median_ms']:.2f} | {r['sharded_median_ms']:.2f} | {r['speedup']:.2f}× "
+                f"| {c['ids_equal']}/{c['ids_total']} ids, {c['ids_differ_not_tied']} differ untied |"
+            )
+        lines.append("")
+    if "process" in parts and "runs" in parts["process"]:
+        p = parts["process"]
+        lines += [
+            "## RAG pipeline, `process` provider, one node per GPU (target 2 nodes ≥ 1.8× 1 node)",
+            "",
+            "| nodes | open-loop rate | sent | 200 | responses/s (steady window) | responses/s (whole run) "
+            "| p50 ms | p99 ms |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for nodes in ("2", "1"):
+            r = p["runs"].get(nodes)
+            if r:
+                lines.append(
+                    f"| {nodes} | {r['rate']} | {r['sent']} | {r['statuses'].get('200', 0)} "
+                    f"| {r['ok_per_s_steady']:.1f} "
+                    f"| {r['ok_per_s']:.1f} "
+                    f"| {r['latency_ms']['p50']:.1f} | {r['latency_ms']['p99']:.1f} |"
+                )
+        if "speedup" in p:
+            lines.append(f"\n2 nodes / 1 node: **{p['speedup']:.2f}×**")
+        lines.append("")
+    if "budget" in parts and "check" in parts["budget"]:
+        b = parts["budget"]
+        lines += [
+            "## An index larger than one GPU's memory budget",
+            "",
+            f"Every GPU capped at {b['budget_bytes_per_gpu'] / 2**30:.2f} GiB "
+            f"(`torch.cuda.set_per_process_memory_fraction`); the index is {b['index_bytes'] / 2**30:.2f} GiB.",
+            f"One GPU: {b['single_gpu']}. Sharded over {b['devices']}: shards {b['shard_sizes']}, "
+            f"{b['check']['ids_equal']}/{b['check']['ids_total']} ids equal to the uncapped one-GPU search "
+            f"({b['check']['ids_differ_not_tied']} differ untied); peak bytes per GPU {b['peak_bytes']}.",
+            "",
+        ]
+    errors = {key: v["error"] for key, v in parts.items() if "error" in v}
+    if errors:
+        lines += ["## Failed or skipped", ""] + [f"- {key}: {message}" for key, message in errors.items()]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
+    parser.add_argument("--parts", default="sharded,process,budget,more")
+    parser.add_argument("--n", type=int, default=20_000_000)
+    parser.add_argument("--q", type=int, default=1024)
+    parser.add_argument("--backends", default="triton,torch")
+    parser.add_argument("--metrics", default="dot,l2")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--rate", type=float, default=None, help="open-loop rate; default: 1.15x the 2-node probe")
+    parser.add_argument("--probe-clients", type=int, default=64)
+    parser.add_argument("--probe-s", type=float, default=3.0)
+    parser.add_argument("--load-s", type=float, default=6.0)
+    parser.add_argument("--node-threads", type=int, default=4)
+    parser.add_argument("--deadline", type=float, default=1e9, help="seconds from the start; later parts are skipped")
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--ref", type=Path, default=Path(tempfile.gettempdir()) / "scaleout_ref.npz")
+    parser.add_argument("--child-budget", type=int, default=None)
+    parser.add_argument("--backend", default="triton")
+    parser.add_argument("--metric", default="dot")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.child_budget is not None:
+        budget_child(args)
+        return
+    results = Results(args.out, machine_info())
+    log(f"machine: {results.data['machine']}")
+    parts = args.parts.split(",")
+    backends, metrics = args.backends.split(","), args.metrics.split(",")
+    # (name, estimated seconds, action)
+    plan: list[tuple[str, float, Callable[[], dict[str, Any]]]] = []
+    if "sharded" in parts:
+        plan.append(
+            (f"sharded_{backends[0]}_{metrics[0]}", 30, lambda: part_sharded(args, results, backends[0], metrics[0]))
+        )
+    if "process" in parts:
+        plan.append(("process", 35, lambda: part_process(args, results)))
+    if "budget" in parts:
+        plan.append(("budget", 25, lambda: part_budget(args, shard_peak())))
+    if "more" in parts:
+        for backend in backends:
+            for metric in metrics:
+                if (backend, metric) != (backends[0], metrics[0]):
+                    name = f"sharded_{backend}_{metric}"
+                    plan.append((name, 25, lambda b=backend, m=metric: part_sharded(args, results, b, m)))
+
+    def shard_peak() -> int | None:
+        first = results.data["parts"].get(f"sharded_{backends[0]}_{metrics[0]}", {})
+        return first.get("shard_peak_bytes_last_gpu")
+
+    for name, estimate, action in plan:
+        left = args.deadline - (time.monotonic() - START)
+        if left < estimate * (0.3 if args.smoke else 1.0):
+            log(f"{name}: skipped ({left:.0f} s left, needs about {estimate:.0f})")
+            results.put(name, {"error": f"skipped: {left:.0f} s left of the slot"})
+            continue
+        log(f"{name}: start")
+        try:
+            results.put(name, action())
+        except Exception as exc:  # reported, and the next part runs
+            import traceback
+
+            traceback.print_exc()
+            results.put(name, {"error": f"{type(exc).__name__}: {exc}"[:500]})
+    log("done")
+
+
+if __name__ == "__main__":
+    main()
