@@ -93,6 +93,23 @@ def make_rows(n: int, device: str) -> Any:
     return out
 
 
+def shard_devices(args: argparse.Namespace) -> list[str]:
+    """``--devices``, else one shard per GPU, or two shards on GPU 0 for a smoke run or a single GPU."""
+    import torch
+
+    count = torch.cuda.device_count()
+    if args.devices:
+        return list(args.devices.split(","))
+    return ["cuda:0", "cuda:0"] if args.smoke or count < 2 else [f"cuda:{i}" for i in range(count)]
+
+
+def sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def make_queries(q: int) -> np.ndarray:
     return np.random.default_rng(7).standard_normal((q, DIM), dtype=np.float32)
 
@@ -127,16 +144,17 @@ def part_sharded(args: argparse.Namespace, results: Results, backend: str, metri
     from gpurag.sharded import ShardedRetriever
 
     count = torch.cuda.device_count()
-    devices = ["cuda:0", "cuda:0"] if args.smoke or count < 2 else [f"cuda:{i}" for i in range(count)]
+    devices = shard_devices(args)
+    home = devices[0]
     n, k = args.n, 10
-    log(f"sharded: generating {n:,} x {DIM} on cuda:0")
-    data = make_rows(n, "cuda:0")
+    log(f"sharded: generating {n:,} x {DIM} on {home}")
+    data = make_rows(n, home)
     queries = make_queries(args.q)
-    torch.cuda.synchronize()
+    sync()
 
     log(f"sharded: {backend} {metric}: one GPU")
     started = time.perf_counter()
-    single = ExactRetriever(metric, backend, device="cuda:0")
+    single = ExactRetriever(metric, backend, device=home)
     single.add(data)
     build_single = time.perf_counter() - started
     started = time.perf_counter()
@@ -165,9 +183,9 @@ def part_sharded(args: argparse.Namespace, results: Results, backend: str, metri
     for _ in range(args.repeats):  # interleaved
         single_ms.append(timed(single.search, queries, k))
         sharded_ms.append(timed(sharded.search, queries, k))
-    device_queries = torch.from_numpy(queries).to("cuda:0")
+    device_queries = torch.from_numpy(queries).to(home)
     single_device_ms = [timed(single.search, device_queries, k) for _ in range(args.repeats)]
-    shard_peak = torch.cuda.max_memory_allocated(devices[-1]) if devices[-1] != devices[0] else None
+    shard_peak = torch.cuda.max_memory_allocated(devices[-1]) if devices[-1] != home and count else None
     row = {
         "backend": backend,
         "metric": metric,
@@ -194,7 +212,8 @@ def part_sharded(args: argparse.Namespace, results: Results, backend: str, metri
         f"sharded {row['sharded_median_ms']:.2f} ms: {row['speedup']:.2f}x"
     )
     del single, sharded
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return row
 
 
@@ -329,6 +348,8 @@ def part_budget(args: argparse.Namespace, shard_peak: int | None) -> dict[str, A
     ]
     if args.smoke:
         command.append("--smoke")
+    if args.devices:
+        command += ["--devices", args.devices]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     sys.stdout.write(done.stdout)
     sys.stdout.write(done.stderr[-3000:])
@@ -345,7 +366,8 @@ def budget_child(args: argparse.Namespace) -> None:
     from gpurag.sharded import ShardedRetriever
 
     count = torch.cuda.device_count()
-    devices = ["cuda:0", "cuda:0"] if args.smoke or count < 2 else [f"cuda:{i}" for i in range(count)]
+    devices = shard_devices(args)
+    home = devices[0]
     budget = args.child_budget
     for i in range(count):
         total = torch.cuda.get_device_properties(i).total_memory
@@ -356,11 +378,12 @@ def budget_child(args: argparse.Namespace) -> None:
     host = np.empty((args.n, DIM), dtype=np.float32)
     for start in range(0, args.n, CHUNK_ROWS):  # the same vectors as part 1, a chunk at a time
         rows = min(CHUNK_ROWS, args.n - start)
-        chunk = make_rows_chunk(start // CHUNK_ROWS, rows, "cuda:0")
+        chunk = make_rows_chunk(start // CHUNK_ROWS, rows, home)
         host[start : start + rows] = chunk.cpu().numpy()
         del chunk
-    torch.cuda.empty_cache()
-    single = ExactRetriever(args.metric, args.backend, device="cuda:0")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    single = ExactRetriever(args.metric, args.backend, device=home)
     try:
         single.add(host)
         single.search(ref["queries"], 10)
@@ -368,7 +391,8 @@ def budget_child(args: argparse.Namespace) -> None:
     except torch.OutOfMemoryError as exc:
         row["single_gpu"] = f"refused: torch.OutOfMemoryError ({str(exc).splitlines()[0][:160]})"
     del single
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     log(f"budget: one GPU: {row['single_gpu']}")
     sharded = ShardedRetriever(args.metric, args.backend, devices=devices)
     sharded.add(host)
@@ -474,6 +498,7 @@ def main() -> None:
     parser.add_argument("--node-threads", type=int, default=4)
     parser.add_argument("--deadline", type=float, default=1e9, help="seconds from the start; later parts are skipped")
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--devices", default=None, help="shard devices, e.g. cpu,cpu for a dry run")
     parser.add_argument("--ref", type=Path, default=Path(tempfile.gettempdir()) / "scaleout_ref.npz")
     parser.add_argument("--child-budget", type=int, default=None)
     parser.add_argument("--backend", default="triton")
