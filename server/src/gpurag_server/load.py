@@ -50,6 +50,9 @@ class LoadSpec:
     max_connections: int = 256
     plot: Path | None = None
     sample_interval_s: float = 0.25
+    #: Route sampled every ``sample_interval_s`` for the plot (gpurag's status); None samples nothing,
+    #: for servers that have no such route.
+    status_route: str | None = "/v1/status"
     seed: int = 0
     #: Open loop in steps: (seconds, requests/s) one after another; overrides rate and duration_s.
     phases: list[tuple[float, float]] | None = None
@@ -290,7 +293,7 @@ class _Run:
         try:
             while True:
                 try:
-                    status, body = await client.send(client.get("/v1/status"))
+                    status, body = await client.send(client.get(self.spec.status_route or "/v1/status"))
                 except (OSError, asyncio.IncompleteReadError, ValueError):
                     status, body = 0, b""
                 if status == 200:
@@ -309,7 +312,7 @@ class _Run:
 
     async def run(self) -> LoadReport:
         self.start = time.perf_counter()
-        sampler = asyncio.create_task(self.sample_status())
+        sampler = asyncio.create_task(self.sample_status() if self.spec.status_route else asyncio.sleep(0))
         if self.spec.phases:
             await self.open_loop()
             steps = ", ".join(f"{rate:g} req/s for {seconds:g} s" for seconds, rate in self.spec.phases)
