@@ -125,11 +125,13 @@ class ShardedRetriever(Retriever):
             return work(shard)
 
     def _checked(self, vectors: Any) -> Any:
-        """``vectors`` checked once: on the host for host arrays, on the device for a GPU tensor holding them."""
-        if isinstance(vectors, np.ndarray | list | tuple) or not hasattr(vectors, "__dlpack__"):
+        """``vectors`` checked once: where they lie when a shard lives on that device, else on the host."""
+        where = None
+        if not isinstance(vectors, np.ndarray | list | tuple) and hasattr(vectors, "__dlpack__"):
+            where = str(getattr(vectors, "device", ""))
+        shard = next((s for s, d in zip(self.shards, self.devices, strict=True) if d is not None and d == where), None)
+        if shard is None:  # host arrays, and tensors on a device no shard uses: no whole copy to one shard's GPU
             return as_matrix(vectors, "vectors", dim=self.dim)
-        where = str(getattr(vectors, "device", ""))
-        shard = next((s for s, d in zip(self.shards, self.devices, strict=True) if d == where), self.shards[0])
         return self._on_shard(shard, lambda s: s.backend.asarray(vectors, "vectors", dim=self.dim))
 
     def add(self, vectors: Any, ids: Any = None) -> IdArray:
