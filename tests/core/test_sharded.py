@@ -137,6 +137,7 @@ def test_device_tensors_are_checked_where_they_are_never_on_the_host(monkeypatch
     assert len(sharded) == 333
     # a tensor on a device no shard uses is checked on the host, not copied whole to one shard's device
     on_default = ShardedRetriever("dot", "numpy", shards=2)
+    host_checked.clear()
     on_default.add(torch.from_numpy(vectors))
     assert host_checked == ["Tensor"]
     np.testing.assert_array_equal(on_default.search(queries, 9).ids, single.search(queries, 9).ids)
