@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -244,6 +245,8 @@ def serving(nodes: int, env: dict[str, str], ready_s: float, log_path: Path) -> 
                     break
             if url is None:
                 raise RuntimeError(f"the server exited before serving: {log_path.read_text()[-2000:]}")
+            rest = process.stdout  # drained, so that nothing the nodes print can fill the pipe and block them
+            threading.Thread(target=lambda: [None for _ in rest], daemon=True).start()
             deadline = time.monotonic() + ready_s
             while True:
                 status = json.loads(urllib.request.urlopen(f"{url}/v1/status", timeout=5).read())
