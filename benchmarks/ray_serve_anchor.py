@@ -420,13 +420,15 @@ def saturation_and_rates(
     return result
 
 
-def interleaved_open_loop(workload: str, fractions: list[float], repeats: int, duration_s: int) -> dict[str, Any]:
+def interleaved_open_loop(
+    workload: str, fractions: list[float], repeats: int, duration_s: int, provider: str = "local"
+) -> dict[str, Any]:
     """Both servers up at once: wrk saturation of each, then `gpurag load` (open loop, Poisson) at
     ``fractions`` of the lower saturation, the servers alternating at every rate and repeat; medians.
     """
     from gpurag_server.load import LoadSpec, run_load
 
-    servers = [Server("gpurag", workload, 1), Server("rayserve", workload, 1)]
+    servers = [Server("gpurag", workload, 1, provider=provider), Server("rayserve", workload, 1)]
     result: dict[str, Any] = {"workload": workload, "repeats": repeats, "servers": {}}
     with contextlib.ExitStack() as stack:
         for server in servers:
@@ -582,6 +584,8 @@ def main() -> None:
         help="Comma-separated: zero, rag, kill; p99: the open-loop rows again, both servers up, interleaved.",
     )
     parser.add_argument("--repeats", type=int, default=3, help="Open-loop runs per server and rate (p99).")
+    parser.add_argument("--workloads", default="zero,rag", help="Workloads of the p99 scenario.")
+    parser.add_argument("--provider", default="local", help="gpurag's node provider in the p99 scenario.")
     args = parser.parse_args()
     if args.ray_serve_app:
         workload, replicas, port = args.ray_serve_app
@@ -613,15 +617,18 @@ def main() -> None:
         print("default RAG pipeline", flush=True)
         results["rag"] = saturation_and_rates("rag", [32], [0.25, 0.5, 0.8], args.duration)
     if "p99" in scenarios:
-        for workload in ("zero", "rag"):
+        name = "ray_serve_anchor_p99" + ("" if args.provider == "local" else f"_{args.provider}")
+        for workload in args.workloads.split(","):
             print(f"{workload}: open-loop rows, interleaved", flush=True)
-            results[f"p99_{workload}"] = interleaved_open_loop(workload, [0.25, 0.5, 0.8], args.repeats, args.duration)
+            results[f"p99_{workload}"] = interleaved_open_loop(
+                workload, [0.25, 0.5, 0.8], args.repeats, args.duration, args.provider
+            )
             results["load_average_after"] = os.getloadavg()
             RESULTS.mkdir(exist_ok=True)
-            (RESULTS / "ray_serve_anchor_p99.json").write_text(json.dumps(results, indent=2) + "\n")
+            (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
             text = f"# gpurag vs Ray Serve {results['ray']}: open-loop rows, interleaved\n\n"
             text += f"{results['machine']}; Python {results['python']}; {results['when']}\n\n"
-            (RESULTS / "ray_serve_anchor_p99.md").write_text(text + p99_table(results) + "\n")
+            (RESULTS / f"{name}.md").write_text(text + p99_table(results) + "\n")
         print(p99_table(results))
         return
     if "kill" in scenarios:
