@@ -461,19 +461,19 @@ def interleaved_open_loop(
                         }
                     )
                     print(f"    {server.label} {rate}/s #{repeat}: {runs[server.kind][-1]}", flush=True)
-            for kind, measured in runs.items():
+            for kind, repeated in runs.items():
                 entry = result["servers"][kind]
-                entry["runs"][str(rate)] = measured
+                entry["runs"][str(rate)] = repeated
                 entry["open_loop"].append(
                     {
                         "rate": rate,
-                        "throughput": statistics.median(m["throughput"] for m in measured),
-                        "p50_ms": statistics.median(m["p50_ms"] for m in measured),
-                        "p99_ms": statistics.median(m["p99_ms"] for m in measured),
-                        "p99_ms_all": [round(m["p99_ms"], 1) for m in measured],
-                        "failed": sum(m["failed"] for m in measured),
-                        "late_sends": sum(m["late_sends"] for m in measured),
-                        "load_average": [round(m["load_average"], 1) for m in measured],
+                        "throughput": statistics.median(m["throughput"] for m in repeated),
+                        "p50_ms": statistics.median(m["p50_ms"] for m in repeated),
+                        "p99_ms": statistics.median(m["p99_ms"] for m in repeated),
+                        "p99_ms_all": [round(m["p99_ms"], 1) for m in repeated],
+                        "failed": sum(m["failed"] for m in repeated),
+                        "late_sends": sum(m["late_sends"] for m in repeated),
+                        "load_average": [round(m["load_average"], 1) for m in repeated],
                     }
                 )
     return result

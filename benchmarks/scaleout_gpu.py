@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -529,7 +530,7 @@ def main() -> None:
             for metric in metrics:
                 if (backend, metric) != (backends[0], metrics[0]):
                     name = f"sharded_{backend}_{metric}"
-                    plan.append((name, 25, lambda b=backend, m=metric: part_sharded(args, results, b, m)))
+                    plan.append((name, 25, functools.partial(part_sharded, args, results, backend, metric)))
 
     def measured_shard() -> tuple[int | None, str]:
         """The peak bytes of one GPU's shard and its backend, from the first sharded row that ran."""

@@ -167,7 +167,8 @@ def test_every_shard_works_with_its_own_gpu_current(monkeypatch: pytest.MonkeyPa
     _RecordingDevice.log = []
     vectors, queries = data(50)
     sharded = ShardedRetriever("l2", "numpy", shards=2)
-    sharded.devices = ["cuda:3", "cuda:5"]  # the numpy shards stand in for GPU ones
+    gpus: list[str | None] = ["cuda:3", "cuda:5"]
+    sharded.devices = gpus  # the numpy shards stand in for GPU ones
     sharded.add(vectors)
     assert sorted(entry[:2] for entry in _RecordingDevice.log) == [("cupy", 3), ("cupy", 5), ("torch", 3), ("torch", 5)]
     _RecordingDevice.log = []

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import os
 import sys
 import threading
@@ -151,7 +152,7 @@ class ShardedRetriever(Retriever):
             for shard, take in zip(self.shards, _even_out([len(s) for s in self.shards], matrix.shape[0]), strict=True):
                 if take:
                     part, part_ids = matrix[start : start + take], new_ids[start : start + take]
-                    self._on_shard(shard, lambda s, part=part, part_ids=part_ids: s.add(part, part_ids))
+                    self._on_shard(shard, functools.partial(ExactRetriever.add, vectors=part, ids=part_ids))
                     start += take
             return new_ids
 
