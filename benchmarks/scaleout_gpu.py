@@ -293,7 +293,7 @@ def part_process(args: argparse.Namespace, results: Results) -> dict[str, Any]:
     rate = args.rate
     for nodes in (2, 1):
         started = time.perf_counter()
-        with serving(nodes, env, 240, args.out / f"server_{nodes}.log") as url:
+        with serving(nodes, env, 90, args.out / f"server_{nodes}.log") as url:
             row["runs"][f"start_{nodes}_s"] = round(time.perf_counter() - started, 1)
             answer = ask(url)
             assert answer.get("sources"), answer
