@@ -10,8 +10,10 @@ count as gpurag's nodes, the replica's CPU work off its event loop. Three scenar
   replica's process is SIGKILLed mid-run; each side's failed requests are counted.
 
 Saturation throughput comes from ``wrk`` (closed loop); latency at common rates from
-an open loop (Poisson arrivals fixed in advance, latency from the intended send time) at fractions of
-the lower of the two saturation throughputs. Writes ``benchmarks/results/ray_serve_anchor.{json,md}``.
+`gpurag load`'s open loop (Poisson arrivals fixed in advance, latency from the intended send time)
+at fractions of the lower of the two saturation throughputs. Writes
+``benchmarks/results/ray_serve_anchor.{json,md}``. ``--scenarios p99`` measures the open-loop rows
+again with both servers up, alternating them per rate and repeat (``ray_serve_anchor_p99*.md``).
 
 Run: ``make ray-serve-anchor`` (installs ``gpurag-server[ray-serve]``).
 """
@@ -266,14 +268,30 @@ def _wrk_ms(out: str, name: str) -> float:
 
 
 def open_loop(server: Server, rate: float, duration_s: float) -> dict[str, Any]:
-    """Open loop at ``rate`` (Poisson arrivals, keep-alive connections): throughput, p50/p99, statuses."""
-    return asyncio.run(arrivals(server, rate, duration_s, poisson=True, keep_alive=True))
+    """`gpurag load` open loop at ``rate`` (Poisson, keep-alive connections): throughput, p50/p99, statuses."""
+    from gpurag_server.load import LoadSpec, run_load
+
+    spec = LoadSpec(url=server.url, route=server.route, rate=rate, duration_s=duration_s, max_connections=512)
+    spec.status_route = None  # neither server is polled while measured
+    report = run_load(spec)
+    ok = sum(v for k, v in report.statuses.items() if k.startswith("2"))
+    return {
+        "rate": rate,
+        "sent": report.sent,
+        "ok": ok,
+        "failed": report.sent - ok,
+        "statuses": report.statuses,
+        "throughput": ok / report.elapsed_s,
+        "p50_ms": report.latency_s["p50"] * 1e3,
+        "p99_ms": report.latency_s["p99"] * 1e3,
+        "late_sends": report.late_sends,
+    }
 
 
 class RawClient:
-    """Keep-alive HTTP/1.1 POSTs on raw asyncio streams: cheap enough not to be the bottleneck on two
-    cores (httpx is), and it reads both Content-Length and chunked bodies (Ray Serve's proxy sends
-    chunked ones, which ``gpurag load``'s client does not read)."""
+    """HTTP/1.1 POSTs on raw asyncio streams, for the kill scenario (a fresh connection a request, and
+    a SIGKILL at a set time); it reads Content-Length and chunked bodies (Ray Serve's proxy sends
+    chunked ones). The open-loop rows use `gpurag load`."""
 
     def __init__(self, url: str, route: str, keep_alive: bool) -> None:
         parsed = urllib.parse.urlsplit(url)
@@ -537,7 +555,7 @@ def table(results: dict[str, Any]) -> str:
             continue
         lines += [
             f"**{name}** (wrk closed loop, {results['duration_s']} s a point; "
-            "open loop: Poisson arrivals, one raw asyncio client for both)",
+            "open loop: Poisson arrivals, `gpurag load` for both)",
             "",
             "| server | load | req/s | p50 ms | p99 ms | failed |",
             "|---|---|---|---|---|---|",
