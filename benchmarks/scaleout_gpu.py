@@ -21,7 +21,6 @@ Run: python3 benchmarks/scaleout_gpu.py --out DIR [--parts sharded,process,budge
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import os
@@ -34,7 +33,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -155,12 +154,17 @@ def part_sharded(args: argparse.Namespace, results: Results, backend: str, metri
     sync()
 
     log(f"sharded: {backend} {metric}: one GPU")
+    base = 0
+    if count:
+        torch.cuda.reset_peak_memory_stats(0)
+        base = torch.cuda.memory_allocated(0)  # the generated vectors
     started = time.perf_counter()
     single = ExactRetriever(metric, backend, device=home)
     single.add(data)
     build_single = time.perf_counter() - started
     started = time.perf_counter()
     expected = single.search(queries, k)  # compiles the kernels
+    single_peak = torch.cuda.max_memory_allocated(0) - base if count else None
     first_single = time.perf_counter() - started
 
     log(f"sharded: {backend} {metric}: {len(devices)} shards on {devices}")
@@ -207,6 +211,7 @@ def part_sharded(args: argparse.Namespace, results: Results, backend: str, metri
         "sharded_median_ms": statistics.median(sharded_ms),
         "speedup": statistics.median(single_ms) / statistics.median(sharded_ms),
         "shard_peak_bytes_last_gpu": shard_peak,
+        "single_peak_bytes": single_peak,
         "index_bytes": n * DIM * 4,
     }
     log(
@@ -220,51 +225,60 @@ def part_sharded(args: argparse.Namespace, results: Results, backend: str, metri
 
 
 # --- part 2: the process provider, one node per GPU -------------------------------------------------
-@contextlib.contextmanager
-def serving(nodes: int, env: dict[str, str], ready_s: float, log_path: Path) -> Iterator[str]:
-    """A gpurag server with ``nodes`` process nodes (one per GPU); yields its URL once every node is ready."""
-    command = [
-        sys.executable,
-        "-c",
-        "from gpurag.cli import main; main()",
-        "serve",
-        "--node-provider",
-        "process",
-        "--nodes",
-        str(nodes),
-        "--port",
-        "0",
-    ]
-    with log_path.open("w") as sink:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=sink, text=True, env=env)
+def server_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("GPURAG_CACHE_DIR", str(Path(tempfile.gettempdir()) / "gpurag-scaleout-cache"))
+    env["GPURAG_BACKEND"] = "torch"  # the corpus's search: no kernel compiled inside each node
+    env["GPURAG_MAX_QUEUE_LENGTH"] = "4096"
+    return env
+
+
+class ServerProcess:
+    """A gpurag server with ``nodes`` process nodes (one per GPU), started at once, ready when every node is."""
+
+    def __init__(self, nodes: int, node_threads: int, log_path: Path) -> None:
+        self.nodes, self.log_path = nodes, log_path
+        command = [sys.executable, "-c", "from gpurag.cli import main; main()", "serve", "--node-provider", "process"]
+        command += ["--nodes", str(nodes), "--port", "0"]
+        env = server_env()
+        env["GPURAG_NODE_THREADS"] = str(node_threads)
+        self.started = time.monotonic()
+        self.sink = log_path.open("w")
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self.sink, text=True, env=env)
+        self.url: str | None = None
+        self.ready_s: float | None = None
+
+    def wait_ready(self, ready_s: float) -> str:
+        """The URL once every node is ready (the corpus is built first if it is not cached)."""
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            if line.startswith("gpurag serving on "):
+                self.url = line.split()[3].rstrip(";")
+                break
+        if self.url is None:
+            raise RuntimeError(f"the server exited before serving: {self.log_path.read_text()[-2000:]}")
+        rest = self.process.stdout  # drained, so that nothing the nodes print can fill the pipe and block them
+        threading.Thread(target=lambda: [None for _ in rest], daemon=True).start()
+        deadline = time.monotonic() + ready_s
+        while True:
+            status = json.loads(urllib.request.urlopen(f"{self.url}/v1/status", timeout=5).read())
+            ready = sum(1 for node in status["nodes"] if node["state"] == "ready")
+            if ready >= self.nodes:
+                break
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{ready} of {self.nodes} nodes ready: {self.log_path.read_text()[-2000:]}")
+            time.sleep(0.2)
+        self.ready_s = round(time.monotonic() - self.started, 1)
+        return self.url
+
+    def stop(self) -> None:
+        self.process.terminate()
         try:
-            assert process.stdout is not None
-            url = None
-            for line in process.stdout:
-                if line.startswith("gpurag serving on "):
-                    url = line.split()[3].rstrip(";")
-                    break
-            if url is None:
-                raise RuntimeError(f"the server exited before serving: {log_path.read_text()[-2000:]}")
-            rest = process.stdout  # drained, so that nothing the nodes print can fill the pipe and block them
-            threading.Thread(target=lambda: [None for _ in rest], daemon=True).start()
-            deadline = time.monotonic() + ready_s
-            while True:
-                status = json.loads(urllib.request.urlopen(f"{url}/v1/status", timeout=5).read())
-                ready = sum(1 for node in status["nodes"] if node["state"] == "ready")
-                if ready >= nodes:
-                    break
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"{ready} of {nodes} nodes ready: {log_path.read_text()[-2000:]}")
-                time.sleep(0.2)
-            yield url
-        finally:
-            process.terminate()
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.sink.close()
 
 
 def ask(url: str) -> dict[str, Any]:
@@ -273,57 +287,73 @@ def ask(url: str) -> dict[str, Any]:
     return json.loads(urllib.request.urlopen(request, timeout=60).read())  # type: ignore[no-any-return]
 
 
-def part_process(args: argparse.Namespace, results: Results) -> dict[str, Any]:
+def part_process(
+    args: argparse.Namespace, results: Results, started: dict[int, ServerProcess] | None = None
+) -> dict[str, Any]:
+    """2 nodes against 1 at one open-loop rate; servers ``started`` early are used, the others started here.
+
+    Servers started together run side by side: the one not measured is idle (its nodes hold their
+    GPU memory, nothing more). With time left, the pair is measured again in the other order.
+    """
     from gpurag_server.load import LoadSpec, run_load
     from gpurag_server.nodes.process import gpu_ids
 
-    gpus = gpu_ids()
-    env = dict(os.environ)
-    env.setdefault("GPURAG_CACHE_DIR", str(Path(tempfile.gettempdir()) / "gpurag-scaleout-cache"))
-    env["GPURAG_BACKEND"] = "torch"  # the corpus's search: no kernel compiled inside each node
-    env["GPURAG_NODE_THREADS"] = str(args.node_threads)
-    env["GPURAG_MAX_QUEUE_LENGTH"] = "4096"
     row: dict[str, Any] = {
-        "gpus_seen": gpus,
+        "gpus_seen": gpu_ids(),
         "node_threads": args.node_threads,
         "settings": "default pipeline (default corpus, all-MiniLM-L6-v2, hybrid retrieval, extractive), "
         "max_batch_size 8, max_wait_s 0.1, round_robin",
         "runs": {},
     }
-    rate = args.rate
-    for nodes in (2, 1):
-        started = time.perf_counter()
-        with serving(nodes, env, 90, args.out / f"server_{nodes}.log") as url:
-            row["runs"][f"start_{nodes}_s"] = round(time.perf_counter() - started, 1)
+    servers = started or {}
+    try:
+        for nodes in (2, 1):
+            if nodes not in servers:
+                servers[nodes] = ServerProcess(nodes, args.node_threads, args.out / f"server_{nodes}.log")
+        urls = {nodes: server.wait_ready(90) for nodes, server in servers.items()}
+        for nodes, url in urls.items():
             answer = ask(url)
             assert answer.get("sources"), answer
-            source = answer["sources"][0]["source"]
-            log(f"process: {nodes} node(s) ready in {row['runs'][f'start_{nodes}_s']} s; first source {source}")
-            if rate is None:
-                probe = run_load(LoadSpec(url=url, clients=args.probe_clients, duration_s=args.probe_s))
-                rate = round(probe.throughput * 1.15, 1)
-                row["probe_2_nodes"] = {"clients": args.probe_clients, "responses_per_s": probe.throughput}
-                log(f"process: 2-node probe {probe.throughput:.1f} responses/s; open-loop rate {rate}")
-            report = run_load(LoadSpec(url=url, rate=rate, duration_s=args.load_s, max_connections=1024))
+            row["runs"][f"start_{nodes}_s"] = servers[nodes].ready_s
+            log(f"process: {nodes} node(s) ready {servers[nodes].ready_s} s after start")
+        rate = args.rate
+        if rate is None:
+            probe = run_load(LoadSpec(url=urls[2], clients=args.probe_clients, duration_s=args.probe_s))
+            rate = round(probe.throughput * 1.15, 1)
+            row["probe_2_nodes"] = {"clients": args.probe_clients, "responses_per_s": probe.throughput}
+            log(f"process: 2-node probe {probe.throughput:.1f} responses/s; open-loop rate {rate}")
+        order = [2, 1, 1, 2]
+        for step, nodes in enumerate(order):
+            left = args.deadline - (time.monotonic() - START)
+            if step >= 2 and left < 2 * (args.load_s + 3):
+                break
+            report = run_load(LoadSpec(url=urls[nodes], rate=rate, duration_s=args.load_s, max_connections=1024))
             ok = report.statuses.get("200", 0)
-            row["runs"][str(nodes)] = {
-                "rate": rate,
-                "sent": report.sent,
-                "statuses": report.statuses,
-                "errors": report.errors,
-                "elapsed_s": report.elapsed_s,
-                "responses_per_s": report.throughput,
-                "ok_per_s": ok / report.elapsed_s,
-                # completions in the steady part of the send window (the first second is ramp-up)
-                "ok_per_s_steady": steady_rate(report.completions, 1.0, args.load_s),
-                "latency_ms": {name: value * 1000 for name, value in report.latency_s.items()},
-                "late_sends": report.late_sends,
-            }
+            row["runs"].setdefault(str(nodes), []).append(
+                {
+                    "rate": rate,
+                    "sent": report.sent,
+                    "statuses": report.statuses,
+                    "errors": report.errors,
+                    "elapsed_s": report.elapsed_s,
+                    "responses_per_s": report.throughput,
+                    "ok_per_s": ok / report.elapsed_s,
+                    # completions in the steady part of the send window (the first second is ramp-up)
+                    "ok_per_s_steady": steady_rate(report.completions, 1.0, args.load_s),
+                    "latency_ms": {name: value * 1000 for name, value in report.latency_s.items()},
+                    "late_sends": report.late_sends,
+                }
+            )
             log(f"process: {nodes} node(s) at {rate} req/s: {report.describe()}")
+            if "1" in row["runs"] and "2" in row["runs"]:
+                one = statistics.median(r["ok_per_s_steady"] for r in row["runs"]["1"])
+                two = statistics.median(r["ok_per_s_steady"] for r in row["runs"]["2"])
+                row["speedup"] = two / one
+                log(f"process: 2 nodes {two:.1f} vs 1 node {one:.1f} responses/s: {row['speedup']:.2f}x")
             results.put("process", row)
-    one, two = row["runs"]["1"]["ok_per_s_steady"], row["runs"]["2"]["ok_per_s_steady"]
-    row["speedup"] = two / one
-    log(f"process: 2 nodes {two:.1f} vs 1 node {one:.1f} responses/s: {row['speedup']:.2f}x")
+    finally:
+        for server in servers.values():
+            server.stop()
     return row
 
 
@@ -334,11 +364,13 @@ def steady_rate(completions: list[tuple[float, float, int]], begin: float, end: 
 
 
 # --- part 3: an index larger than one GPU's memory budget ------------------------------------------
-def part_budget(args: argparse.Namespace, shard_peak: int | None, backend: str) -> dict[str, Any]:
+def part_budget(
+    args: argparse.Namespace, shard_peak: int | None, backend: str, single_peak: int | None
+) -> dict[str, Any]:
     """Run `budget_child` in a fresh process (the cap must hold from its first allocation)."""
     index_bytes = args.n * DIM * 4
+    # room for one shard as it was measured on its GPU, well short of what the whole index took on one
     budget = int(shard_peak * 1.15) if shard_peak else index_bytes * 3 // 4
-    budget = min(budget, index_bytes * 19 // 20)  # always below the index's own size
     if args.smoke:  # two shards on one GPU: a cap cannot split them, so only the code path is checked
         budget = index_bytes * 4
     command = [sys.executable, __file__, "--child-budget", str(budget), "--n", str(args.n), "--ref", str(args.ref)]
@@ -360,7 +392,9 @@ def part_budget(args: argparse.Namespace, shard_peak: int | None, backend: str) 
     lines = [line for line in done.stdout.splitlines() if line.startswith("BUDGET ")]
     if done.returncode != 0 or not lines:
         raise RuntimeError(f"budget child failed (status {done.returncode})")
-    return json.loads(lines[-1][len("BUDGET ") :])  # type: ignore[no-any-return]
+    row: dict[str, Any] = json.loads(lines[-1][len("BUDGET ") :])
+    row["single_gpu_peak_bytes_uncapped"] = single_peak  # the whole index on one GPU, part 1
+    return row
 
 
 def budget_child(args: argparse.Namespace) -> None:
@@ -457,8 +491,7 @@ def markdown(data: dict[str, Any]) -> str:
             "|---|---|---|---|---|---|---|---|",
         ]
         for nodes in ("2", "1"):
-            r = p["runs"].get(nodes)
-            if r:
+            for r in p["runs"].get(nodes, []):
                 lines.append(
                     f"| {nodes} | {r['rate']} | {r['sent']} | {r['statuses'].get('200', 0)} "
                     f"| {r['ok_per_s_steady']:.1f} "
@@ -474,7 +507,10 @@ def markdown(data: dict[str, Any]) -> str:
             "## An index larger than one GPU's memory budget",
             "",
             f"Every GPU capped at {b['budget_bytes_per_gpu'] / 2**30:.2f} GiB "
-            f"(`torch.cuda.set_per_process_memory_fraction`); the index is {b['index_bytes'] / 2**30:.2f} GiB.",
+            f"(`torch.cuda.set_per_process_memory_fraction`); the index is {b['index_bytes'] / 2**30:.2f} GiB "
+            f"of float32 vectors, and one GPU held it in "
+            f"{(b.get('single_gpu_peak_bytes_uncapped') or 0) / 2**30:.2f} GiB at its peak without the cap "
+            "(the backend's bf16 and transposed copies, search scratch).",
             f"One GPU: {b['single_gpu']}. Sharded over {b['devices']}: shards {b['shard_sizes']}, "
             f"{b['check']['ids_equal']}/{b['check']['ids_total']} ids equal to the uncapped one-GPU search "
             f"({b['check']['ids_differ_not_tied']} differ untied); peak bytes per GPU {b['peak_bytes']}.",
@@ -503,6 +539,7 @@ def main() -> None:
     parser.add_argument("--deadline", type=float, default=1e9, help="seconds from the start; later parts are skipped")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--devices", default=None, help="shard devices, e.g. cpu,cpu for a dry run")
+    parser.add_argument("--early-servers", action="store_true", help="start both servers first, measure them last")
     parser.add_argument("--ref", type=Path, default=Path(tempfile.gettempdir()) / "scaleout_ref.npz")
     parser.add_argument("--child-budget", type=int, default=None)
     parser.add_argument("--backend", default="triton")
@@ -521,10 +558,15 @@ def main() -> None:
     first = f"sharded_{backends[0]}_{metrics[0]}"
     if "sharded" in parts:
         plan.append((first, 30, lambda: part_sharded(args, results, backends[0], metrics[0])))
-    if "process" in parts:
+    early: dict[int, ServerProcess] = {}
+    if "process" in parts and args.early_servers:  # they start while the GPU rows run
+        early = {n: ServerProcess(n, args.node_threads, args.out / f"server_{n}.log") for n in (2, 1)}
+    if "process" in parts and not args.early_servers:
         plan.append(("process", 35, lambda: part_process(args, results)))
     if "budget" in parts:
         plan.append(("budget", 30, lambda: part_budget(args, *measured_shard())))
+    if "process" in parts and args.early_servers:
+        plan.append(("process", 2 * args.load_s + 6, lambda: part_process(args, results, early)))
     if "more" in parts:
         for backend in backends:
             for metric in metrics:
@@ -532,12 +574,12 @@ def main() -> None:
                     name = f"sharded_{backend}_{metric}"
                     plan.append((name, 25, functools.partial(part_sharded, args, results, backend, metric)))
 
-    def measured_shard() -> tuple[int | None, str]:
-        """The peak bytes of one GPU's shard and its backend, from the first sharded row that ran."""
+    def measured_shard() -> tuple[int | None, str, int | None]:
+        """Peak bytes of one GPU's shard, the backend, and the whole index's peak on one GPU, as measured."""
         for key, row in results.data["parts"].items():
             if key.startswith("sharded_") and "error" not in row:
-                return row.get("shard_peak_bytes_last_gpu"), str(row["backend"])
-        return None, backends[0]
+                return row.get("shard_peak_bytes_last_gpu"), str(row["backend"]), row.get("single_peak_bytes")
+        return None, backends[0], None
 
     position = 0
     while position < len(plan):
