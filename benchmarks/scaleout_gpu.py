@@ -21,6 +21,7 @@ Run: python3 benchmarks/scaleout_gpu.py --out DIR [--parts sharded,process,budge
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -288,7 +289,10 @@ def ask(url: str) -> dict[str, Any]:
 
 
 def part_process(
-    args: argparse.Namespace, results: Results, started: dict[int, ServerProcess] | None = None
+    args: argparse.Namespace,
+    results: Results,
+    started: dict[int, ServerProcess] | None = None,
+    before_load: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """2 nodes against 1 at one open-loop rate; servers ``started`` early are used, the others started here.
 
@@ -316,6 +320,8 @@ def part_process(
             assert answer.get("sources"), answer
             row["runs"][f"start_{nodes}_s"] = servers[nodes].ready_s
             log(f"process: {nodes} node(s) ready {servers[nodes].ready_s} s after start")
+        if before_load is not None:
+            before_load()
         rate = args.rate
         if rate is None:
             probe = run_load(LoadSpec(url=urls[2], clients=args.probe_clients, duration_s=args.probe_s))
@@ -364,37 +370,42 @@ def steady_rate(completions: list[tuple[float, float, int]], begin: float, end: 
 
 
 # --- part 3: an index larger than one GPU's memory budget ------------------------------------------
+class BudgetRun:
+    """`budget_child` in a fresh process (the cap must hold from its first allocation), started now."""
+
+    def __init__(self, args: argparse.Namespace, shard_peak: int | None, backend: str, single_peak: int | None) -> None:
+        index_bytes = args.n * DIM * 4
+        # room for one shard as it was measured on its GPU, well short of what the whole index took on one
+        budget = int(shard_peak * 1.15) if shard_peak else index_bytes * 3 // 4
+        if args.smoke:  # two shards on one GPU: a cap cannot split them, so only the code path is checked
+            budget = index_bytes * 4
+        command = [sys.executable, __file__, "--child-budget", str(budget), "--n", str(args.n)]
+        command += ["--ref", str(args.ref), "--backend", backend, "--metric", args.metrics.split(",")[0]]
+        command += ["--out", str(args.out)] + (["--smoke"] if args.smoke else [])
+        command += ["--devices", args.devices] if args.devices else []
+        self.single_peak = single_peak
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def wait(self, timeout_s: float | None = None) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout_s)
+
+    def result(self) -> dict[str, Any]:
+        out, err = self.process.communicate()
+        sys.stdout.write(out)
+        sys.stdout.write(err[-3000:])
+        lines = [line for line in out.splitlines() if line.startswith("BUDGET ")]
+        if self.process.returncode != 0 or not lines:
+            raise RuntimeError(f"budget child failed (status {self.process.returncode})")
+        row: dict[str, Any] = json.loads(lines[-1][len("BUDGET ") :])
+        row["single_gpu_peak_bytes_uncapped"] = self.single_peak  # the whole index on one GPU, part 1
+        return row
+
+
 def part_budget(
     args: argparse.Namespace, shard_peak: int | None, backend: str, single_peak: int | None
 ) -> dict[str, Any]:
-    """Run `budget_child` in a fresh process (the cap must hold from its first allocation)."""
-    index_bytes = args.n * DIM * 4
-    # room for one shard as it was measured on its GPU, well short of what the whole index took on one
-    budget = int(shard_peak * 1.15) if shard_peak else index_bytes * 3 // 4
-    if args.smoke:  # two shards on one GPU: a cap cannot split them, so only the code path is checked
-        budget = index_bytes * 4
-    command = [sys.executable, __file__, "--child-budget", str(budget), "--n", str(args.n), "--ref", str(args.ref)]
-    command += [
-        "--backend",
-        backend,
-        "--metric",
-        args.metrics.split(",")[0],
-        "--out",
-        str(args.out),
-    ]
-    if args.smoke:
-        command.append("--smoke")
-    if args.devices:
-        command += ["--devices", args.devices]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    sys.stdout.write(done.stdout)
-    sys.stdout.write(done.stderr[-3000:])
-    lines = [line for line in done.stdout.splitlines() if line.startswith("BUDGET ")]
-    if done.returncode != 0 or not lines:
-        raise RuntimeError(f"budget child failed (status {done.returncode})")
-    row: dict[str, Any] = json.loads(lines[-1][len("BUDGET ") :])
-    row["single_gpu_peak_bytes_uncapped"] = single_peak  # the whole index on one GPU, part 1
-    return row
+    return BudgetRun(args, shard_peak, backend, single_peak).result()
 
 
 def budget_child(args: argparse.Namespace) -> None:
@@ -563,10 +574,24 @@ def main() -> None:
         early = {n: ServerProcess(n, args.node_threads, args.out / f"server_{n}.log") for n in (2, 1)}
     if "process" in parts and not args.early_servers:
         plan.append(("process", 35, lambda: part_process(args, results)))
-    if "budget" in parts:
+    background: list[BudgetRun] = []
+
+    def start_budget() -> dict[str, Any]:
+        background.append(BudgetRun(args, *measured_shard()))
+        return {"error": "started in the background; its row follows the process row"}
+
+    def wait_budget() -> None:  # the loads run alone on the GPUs, unless the budget run is late
+        if background:
+            background[0].wait(max(args.deadline - (time.monotonic() - START) - (2 * args.load_s + 10), 0))
+
+    if "budget" in parts and not ("process" in parts and args.early_servers):
         plan.append(("budget", 30, lambda: part_budget(args, *measured_shard())))
     if "process" in parts and args.early_servers:
-        plan.append(("process", 2 * args.load_s + 6, lambda: part_process(args, results, early)))
+        if "budget" in parts:
+            plan.append(("budget", 0, start_budget))
+        plan.append(("process", 2 * args.load_s + 6, lambda: part_process(args, results, early, wait_budget)))
+        if "budget" in parts:
+            plan.append(("budget", 0, lambda: background[0].result()))
     if "more" in parts:
         for backend in backends:
             for metric in metrics:
