@@ -243,6 +243,7 @@ class ServerProcess:
         command += ["--nodes", str(nodes), "--port", "0"]
         env = server_env()
         env["GPURAG_NODE_THREADS"] = str(node_threads)
+        env["GPURAG_CACHE_DIR"] += f"-{nodes}"  # servers started together never build one cache at once
         self.started = time.monotonic()
         self.sink = log_path.open("w")
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self.sink, text=True, env=env)
