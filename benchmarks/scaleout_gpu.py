@@ -239,6 +239,9 @@ def server_env() -> dict[str, str]:
     env.setdefault("GPURAG_CACHE_DIR", str(Path(tempfile.gettempdir()) / "gpurag-scaleout-cache"))
     env["GPURAG_BACKEND"] = "torch"  # the corpus's search: no kernel compiled inside each node
     env["GPURAG_MAX_QUEUE_LENGTH"] = "4096"
+    # something in the server imports JAX on the GPU machine; XLA would reserve most of every GPU
+    # (on the two-H200 machine the nodes then ran out of memory beside the sharded rows' index)
+    env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     return env
 
 
@@ -275,6 +278,8 @@ class ServerProcess:
             ready = sum(1 for node in status["nodes"] if node["state"] == "ready")
             if ready >= self.nodes:
                 break
+            if any(node["state"] == "dead" for node in status["nodes"]):  # no waiting for a node that failed
+                raise RuntimeError(f"a node failed to start: {self.log_path.read_text()[-2000:]}")
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{ready} of {self.nodes} nodes ready: {self.log_path.read_text()[-2000:]}")
             time.sleep(0.2)
