@@ -10,8 +10,10 @@ count as gpurag's nodes, the replica's CPU work off its event loop. Three scenar
   replica's process is SIGKILLed mid-run; each side's failed requests are counted.
 
 Saturation throughput comes from ``wrk`` (closed loop); latency at common rates from
-an open loop (Poisson arrivals fixed in advance, latency from the intended send time) at fractions of
-the lower of the two saturation throughputs. Writes ``benchmarks/results/ray_serve_anchor.{json,md}``.
+`gpurag load`'s open loop (Poisson arrivals fixed in advance, latency from the intended send time)
+at fractions of the lower of the two saturation throughputs. Writes
+``benchmarks/results/ray_serve_anchor.{json,md}``. ``--scenarios p99`` measures the open-loop rows
+again with both servers up, alternating them per rate and repeat (``ray_serve_anchor_p99*.md``).
 
 Run: ``make ray-serve-anchor`` (installs ``gpurag-server[ray-serve]``).
 """
@@ -28,6 +30,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -265,14 +268,30 @@ def _wrk_ms(out: str, name: str) -> float:
 
 
 def open_loop(server: Server, rate: float, duration_s: float) -> dict[str, Any]:
-    """Open loop at ``rate`` (Poisson arrivals, keep-alive connections): throughput, p50/p99, statuses."""
-    return asyncio.run(arrivals(server, rate, duration_s, poisson=True, keep_alive=True))
+    """`gpurag load` open loop at ``rate`` (Poisson, keep-alive connections): throughput, p50/p99, statuses."""
+    from gpurag_server.load import LoadSpec, run_load
+
+    spec = LoadSpec(url=server.url, route=server.route, rate=rate, duration_s=duration_s, max_connections=512)
+    spec.status_route = None  # neither server is polled while measured
+    report = run_load(spec)
+    ok = sum(v for k, v in report.statuses.items() if k.startswith("2"))
+    return {
+        "rate": rate,
+        "sent": report.sent,
+        "ok": ok,
+        "failed": report.sent - ok,
+        "statuses": report.statuses,
+        "throughput": ok / report.elapsed_s,
+        "p50_ms": report.latency_s["p50"] * 1e3,
+        "p99_ms": report.latency_s["p99"] * 1e3,
+        "late_sends": report.late_sends,
+    }
 
 
 class RawClient:
-    """Keep-alive HTTP/1.1 POSTs on raw asyncio streams: cheap enough not to be the bottleneck on two
-    cores (httpx is), and it reads both Content-Length and chunked bodies (Ray Serve's proxy sends
-    chunked ones, which ``gpurag load``'s client does not read)."""
+    """HTTP/1.1 POSTs on raw asyncio streams, for the kill scenario (a fresh connection a request, and
+    a SIGKILL at a set time); it reads Content-Length and chunked bodies (Ray Serve's proxy sends
+    chunked ones). The open-loop rows use `gpurag load`."""
 
     def __init__(self, url: str, route: str, keep_alive: bool) -> None:
         parsed = urllib.parse.urlsplit(url)
@@ -419,6 +438,95 @@ def saturation_and_rates(
     return result
 
 
+def interleaved_open_loop(
+    workload: str, fractions: list[float], repeats: int, duration_s: int, provider: str = "local"
+) -> dict[str, Any]:
+    """Both servers up at once: wrk saturation of each, then `gpurag load` (open loop, Poisson) at
+    ``fractions`` of the lower saturation, the servers alternating at every rate and repeat; medians.
+    """
+    from gpurag_server.load import LoadSpec, run_load
+
+    servers = [Server("gpurag", workload, 1, provider=provider), Server("rayserve", workload, 1)]
+    result: dict[str, Any] = {"workload": workload, "repeats": repeats, "servers": {}}
+    with contextlib.ExitStack() as stack:
+        for server in servers:
+            stack.enter_context(running(server))
+        for server in servers:
+            measured = wrk(server, 32, duration_s)
+            result["servers"][server.kind] = {"label": server.label, "wrk": [measured], "open_loop": [], "runs": {}}
+            print(f"    {server.label}: wrk 32 conns: {measured}", flush=True)
+        common = min(entry["wrk"][0]["rate"] for entry in result["servers"].values())
+        result["rates"] = [round(common * f, 1) for f in fractions]
+        for rate in result["rates"]:
+            runs: dict[str, list[dict[str, Any]]] = {server.kind: [] for server in servers}
+            for repeat in range(repeats):
+                for server in servers if repeat % 2 == 0 else servers[::-1]:
+                    load_average = os.getloadavg()[0]
+                    spec = LoadSpec(url=server.url, route=server.route, rate=rate, duration_s=duration_s, seed=repeat)
+                    spec.status_route = None  # neither server is polled while measured
+                    spec.max_connections = 512
+                    report = run_load(spec)
+                    ok = sum(v for k, v in report.statuses.items() if k.startswith("2"))
+                    runs[server.kind].append(
+                        {
+                            "sent": report.sent,
+                            "failed": report.sent - ok,
+                            "throughput": ok / report.elapsed_s,
+                            "p50_ms": report.latency_s["p50"] * 1e3,
+                            "p99_ms": report.latency_s["p99"] * 1e3,
+                            "late_sends": report.late_sends,
+                            "load_average": load_average,
+                        }
+                    )
+                    print(f"    {server.label} {rate}/s #{repeat}: {runs[server.kind][-1]}", flush=True)
+            for kind, repeated in runs.items():
+                entry = result["servers"][kind]
+                entry["runs"][str(rate)] = repeated
+                entry["open_loop"].append(
+                    {
+                        "rate": rate,
+                        "throughput": statistics.median(m["throughput"] for m in repeated),
+                        "p50_ms": statistics.median(m["p50_ms"] for m in repeated),
+                        "p99_ms": statistics.median(m["p99_ms"] for m in repeated),
+                        "p99_ms_all": [round(m["p99_ms"], 1) for m in repeated],
+                        "failed": sum(m["failed"] for m in repeated),
+                        "late_sends": sum(m["late_sends"] for m in repeated),
+                        "load_average": [round(m["load_average"], 1) for m in repeated],
+                    }
+                )
+    return result
+
+
+def p99_table(results: dict[str, Any]) -> str:
+    lines = []
+    for name in ("zero", "rag"):
+        block = results.get(f"p99_{name}")
+        if not block:
+            continue
+        lines += [
+            f"**{name}**: both servers up at once; wrk 32 connections {results['duration_s']} s for saturation; "
+            f"`gpurag load` open loop (Poisson, latency from the intended send time) {results['duration_s']} s a run, "
+            f"{block['repeats']} runs a rate alternating the servers; medians (every run's p99 in brackets)",
+            "",
+            "| server | load | req/s | p50 ms | p99 ms | failed | late sends | load average |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for entry in block["servers"].values():
+            w = entry["wrk"][0]
+            lines.append(
+                f"| {entry['label']} | wrk 32 conns | {w['rate']:.1f} | {w['p50_ms']:.1f} | {w['p99_ms']:.1f} "
+                f"| {w['failed']} | | |"
+            )
+            for o in entry["open_loop"]:
+                lines.append(
+                    f"| {entry['label']} | open loop {o['rate']:.1f}/s | {o['throughput']:.1f} | {o['p50_ms']:.1f} "
+                    f"| {o['p99_ms']:.1f} ({', '.join(map(str, o['p99_ms_all']))}) | {o['failed']} | {o['late_sends']} "
+                    f"| {', '.join(map(str, o['load_average']))} |"
+                )
+        lines.append("")
+    return "\n".join(lines)
+
+
 def kill_under_load(rate: float, duration_s: float, kill_at_s: float) -> dict[str, Any]:
     """Two replicas/nodes, 50 ms batches, constant ``rate``; SIGKILL one replica at ``kill_at_s``."""
     result: dict[str, Any] = {"rate": rate, "duration_s": duration_s, "kill_at_s": kill_at_s, "servers": {}}
@@ -447,7 +555,7 @@ def table(results: dict[str, Any]) -> str:
             continue
         lines += [
             f"**{name}** (wrk closed loop, {results['duration_s']} s a point; "
-            "open loop: Poisson arrivals, one raw asyncio client for both)",
+            "open loop: Poisson arrivals, `gpurag load` for both)",
             "",
             "| server | load | req/s | p50 ms | p99 ms | failed |",
             "|---|---|---|---|---|---|",
@@ -488,7 +596,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ray-serve-app", nargs=3, metavar=("WORKLOAD", "REPLICAS", "PORT"), help=argparse.SUPPRESS)
     parser.add_argument("--duration", type=int, default=10, help="Seconds of each load point.")
-    parser.add_argument("--scenarios", default="zero,rag,kill", help="Comma-separated: zero, rag, kill.")
+    parser.add_argument(
+        "--scenarios",
+        default="zero,rag,kill",
+        help="Comma-separated: zero, rag, kill; p99: the open-loop rows again, both servers up, interleaved.",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="Open-loop runs per server and rate (p99).")
+    parser.add_argument("--workloads", default="zero,rag", help="Workloads of the p99 scenario.")
+    parser.add_argument("--provider", default="local", help="gpurag's node provider in the p99 scenario.")
     args = parser.parse_args()
     if args.ray_serve_app:
         workload, replicas, port = args.ray_serve_app
@@ -508,7 +623,7 @@ def main() -> None:
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     scenarios = args.scenarios.split(",")
-    if "rag" in scenarios:
+    if "rag" in scenarios or "p99" in scenarios:
         from gpurag_server.serve import prepare_default_corpus
         from gpurag_server.settings import ServerSettings
 
@@ -519,6 +634,21 @@ def main() -> None:
     if "rag" in scenarios:
         print("default RAG pipeline", flush=True)
         results["rag"] = saturation_and_rates("rag", [32], [0.25, 0.5, 0.8], args.duration)
+    if "p99" in scenarios:
+        name = "ray_serve_anchor_p99" + ("" if args.provider == "local" else f"_{args.provider}")
+        for workload in args.workloads.split(","):
+            print(f"{workload}: open-loop rows, interleaved", flush=True)
+            results[f"p99_{workload}"] = interleaved_open_loop(
+                workload, [0.25, 0.5, 0.8], args.repeats, args.duration, args.provider
+            )
+            results["load_average_after"] = os.getloadavg()
+            RESULTS.mkdir(exist_ok=True)
+            (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+            text = f"# gpurag vs Ray Serve {results['ray']}: open-loop rows, interleaved\n\n"
+            text += f"{results['machine']}; Python {results['python']}; {results['when']}\n\n"
+            (RESULTS / f"{name}.md").write_text(text + p99_table(results) + "\n")
+        print(p99_table(results))
+        return
     if "kill" in scenarios:
         print("a replica killed under load", flush=True)
         results["kill"] = kill_under_load(100.0, 2 * args.duration, args.duration / 2)

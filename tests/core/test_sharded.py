@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import sys
+import threading
+import types
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
 
+from gpurag.arrays import as_matrix
 from gpurag.errors import IndexFormatError, InvalidInputError
 from gpurag.plugins import get_retriever
 from gpurag.retriever import ExactRetriever
@@ -105,3 +110,71 @@ def test_bad_input_names_the_argument() -> None:
         sharded.search(np.ones((1, 5), dtype=np.float32), 1)
     with pytest.raises(InvalidInputError, match="k"):
         sharded.search(np.ones((1, 4), dtype=np.float32), 0)
+
+
+def test_device_tensors_are_checked_where_they_are_never_on_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch = pytest.importorskip("torch")
+    import gpurag.sharded
+
+    vectors, queries = data(333)
+    host_checked = []
+
+    def host_check(x: object, *args: object, **kwargs: object) -> object:
+        host_checked.append(type(x).__name__)
+        return as_matrix(x, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(gpurag.sharded, "as_matrix", host_check)
+    sharded = ShardedRetriever("dot", "torch", devices=["cpu", "cpu"])
+    sharded.add(torch.from_numpy(vectors))
+    assert "Tensor" not in host_checked  # the tensor was checked by the backend of the shard on its device
+    single = ExactRetriever("dot", "numpy")
+    single.add(vectors)
+    np.testing.assert_array_equal(sharded.search(queries, 9).ids, single.search(queries, 9).ids)
+    bad = torch.from_numpy(vectors[:5].copy())
+    bad[3, 2] = float("nan")
+    with pytest.raises(InvalidInputError, match=r"vectors must be finite; row 3, column 2"):
+        sharded.add(bad)
+    assert len(sharded) == 333
+    # a tensor on a device no shard uses is checked on the host, not copied whole to one shard's device
+    on_default = ShardedRetriever("dot", "numpy", shards=2)
+    host_checked.clear()
+    on_default.add(torch.from_numpy(vectors))
+    assert host_checked == ["Tensor"]
+    np.testing.assert_array_equal(on_default.search(queries, 9).ids, single.search(queries, 9).ids)
+
+
+class _RecordingDevice:
+    """Stands in for ``torch.cuda.device`` / ``cupy.cuda.Device``: records which GPU each thread made current."""
+
+    log: ClassVar[list[tuple[str, int, str]]] = []
+
+    def __init__(self, library: str, index: int) -> None:
+        self.library, self.index = library, index
+
+    def __enter__(self) -> None:
+        self.log.append((self.library, self.index, threading.current_thread().name))
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def test_every_shard_works_with_its_own_gpu_current(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Triton and CuPy launch kernels on the thread's current GPU, whatever the tensors' device is
+    for library in ("torch", "cupy"):
+        fake = types.SimpleNamespace(cuda=types.SimpleNamespace())
+        fake.cuda.device = fake.cuda.Device = lambda index, library=library: _RecordingDevice(library, index)
+        monkeypatch.setitem(sys.modules, library, fake)
+    _RecordingDevice.log = []
+    vectors, queries = data(50)
+    sharded = ShardedRetriever("l2", "numpy", shards=2)
+    gpus: list[str | None] = ["cuda:3", "cuda:5"]
+    sharded.devices = gpus  # the numpy shards stand in for GPU ones
+    sharded.add(vectors)
+    assert sorted(entry[:2] for entry in _RecordingDevice.log) == [("cupy", 3), ("cupy", 5), ("torch", 3), ("torch", 5)]
+    _RecordingDevice.log = []
+    sharded.search(queries, 4)
+    assert sorted(entry[:2] for entry in _RecordingDevice.log) == [("cupy", 3), ("cupy", 5), ("torch", 3), ("torch", 5)]
+    assert all(thread.startswith("shard") for _, _, thread in _RecordingDevice.log)  # in the shard's own thread
+    _RecordingDevice.log = []
+    sharded.remove([1, 2, 3])
+    assert {entry[1] for entry in _RecordingDevice.log} == {3, 5}

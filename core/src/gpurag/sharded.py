@@ -3,17 +3,22 @@
 Vectors are spread over the shards so that their sizes stay even; a search runs on every shard at
 once (one thread a shard: the GPU backends release the GIL while their kernels run) and the
 shards' top-k lists, k rows each, are merged on the host. Results equal one `ExactRetriever`'s
-over the same vectors (up to the order of exactly tied scores).
+over the same vectors (up to the order of exactly tied scores). Vectors already on a GPU are
+checked there and go to each shard's device directly, never through the host; each shard's work
+runs with its own GPU as the thread's current device (kernels launched by Triton or CuPy land there).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import functools
 import os
+import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -24,6 +29,8 @@ from gpurag.errors import IndexFormatError, InvalidInputError
 from gpurag.metrics import Metric, SearchResult
 from gpurag.retriever import ExactRetriever, Retriever
 
+_T = TypeVar("_T")
+
 
 def _gpu_devices() -> list[str | None]:
     """``cuda:i`` for each GPU torch sees, else one default device."""
@@ -33,6 +40,31 @@ def _gpu_devices() -> list[str | None]:
         return [None]
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     return [f"cuda:{i}" for i in range(count)] or [None]
+
+
+@contextlib.contextmanager
+def _current_device(device: str | None) -> Iterator[None]:
+    """Make GPU ``device`` (``cuda:i``) the calling thread's current device for torch and CuPy, if loaded.
+
+    Kernels launched through Triton or CuPy go to the current device, not to their tensors' device;
+    a shard's thread starts on GPU 0 whatever its shard's device is.
+    """
+    index = _cuda_index(device)
+    with contextlib.ExitStack() as stack:
+        if index is not None:
+            if "torch" in sys.modules:
+                stack.enter_context(sys.modules["torch"].cuda.device(index))
+            if "cupy" in sys.modules:
+                stack.enter_context(sys.modules["cupy"].cuda.Device(index))
+        yield
+
+
+def _cuda_index(device: str | None) -> int | None:
+    """``i`` for ``cuda:i``; None for any other device."""
+    if device is None or not str(device).startswith("cuda:"):
+        return None
+    tail = str(device).split(":", 1)[1]
+    return int(tail) if tail.isdigit() else None
 
 
 class ShardedRetriever(Retriever):
@@ -88,10 +120,25 @@ class ShardedRetriever(Retriever):
         parts = [s.vectors() for s in self.shards if len(s)]
         return np.concatenate(parts) if parts else np.empty((0, self.dim or 0), dtype=np.float32)
 
+    def _on_shard(self, shard: ExactRetriever, work: Callable[[ExactRetriever], _T]) -> _T:
+        """``work(shard)`` with the shard's GPU as this thread's current device."""
+        with _current_device(self.devices[self.shards.index(shard)]):
+            return work(shard)
+
+    def _checked(self, vectors: Any) -> Any:
+        """``vectors`` checked once: where they lie when a shard lives on that device, else on the host."""
+        where = None
+        if not isinstance(vectors, np.ndarray | list | tuple) and hasattr(vectors, "__dlpack__"):
+            where = str(getattr(vectors, "device", ""))
+        shard = next((s for s, d in zip(self.shards, self.devices, strict=True) if d is not None and d == where), None)
+        if shard is None:  # host arrays, and tensors on a device no shard uses: no whole copy to one shard's GPU
+            return as_matrix(vectors, "vectors", dim=self.dim)
+        return self._on_shard(shard, lambda s: s.backend.asarray(vectors, "vectors", dim=self.dim))
+
     def add(self, vectors: Any, ids: Any = None) -> IdArray:
         """Add (N, D) ``vectors`` under ``ids`` (distinct, new; None: the next free ones), evening out the shards."""
         with self._lock:
-            matrix = as_matrix(vectors, "vectors", dim=self.dim)
+            matrix = self._checked(vectors)
             held = self.ids
             if ids is None:
                 start = int(held.max()) + 1 if held.size else 0
@@ -104,14 +151,15 @@ class ShardedRetriever(Retriever):
             start = 0
             for shard, take in zip(self.shards, _even_out([len(s) for s in self.shards], matrix.shape[0]), strict=True):
                 if take:
-                    shard.add(matrix[start : start + take], new_ids[start : start + take])
+                    part, part_ids = matrix[start : start + take], new_ids[start : start + take]
+                    self._on_shard(shard, functools.partial(ExactRetriever.add, vectors=part, ids=part_ids))
                     start += take
             return new_ids
 
     def remove(self, ids: Any) -> int:
         """Remove the vectors with these ids from whichever shard holds them; return how many were removed."""
         with self._lock:
-            return sum(s.remove(ids) for s in self.shards)
+            return sum(self._on_shard(s, lambda s: s.remove(ids)) for s in self.shards)
 
     def search(self, queries: Any, k: int) -> SearchResult:
         """The ``k`` nearest vectors to each query over every shard, best first (padded with id -1 past the size)."""
@@ -121,7 +169,7 @@ class ShardedRetriever(Retriever):
                 raise InvalidInputError("the index is empty; add vectors before searching")
             matrix = as_matrix(queries, "queries", dim=self.dim)
             busy = [s for s in self.shards if len(s)]
-            parts = list(self._pool.map(lambda shard: shard.search(matrix, k), busy))
+            parts = list(self._pool.map(lambda shard: self._on_shard(shard, lambda s: s.search(matrix, k)), busy))
         scores = np.concatenate([p.scores for p in parts], axis=1)
         found = np.concatenate([p.ids for p in parts], axis=1)
         key = -scores if self.metric.higher_is_better else scores  # padding (the worst score) sorts last

@@ -50,6 +50,9 @@ class LoadSpec:
     max_connections: int = 256
     plot: Path | None = None
     sample_interval_s: float = 0.25
+    #: Route sampled every ``sample_interval_s`` for the plot (gpurag's status); None samples nothing,
+    #: for servers that have no such route.
+    status_route: str | None = "/v1/status"
     seed: int = 0
     #: Open loop in steps: (seconds, requests/s) one after another; overrides rate and duration_s.
     phases: list[tuple[float, float]] | None = None
@@ -108,21 +111,59 @@ class LoadReport:
 
 
 class _Connection:
+    """One keep-alive HTTP/1.1 connection; a response body is read whole, however it is framed."""
+
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
         self.last_used = time.monotonic()
+        #: False once a response said ``Connection: close`` or ran to the end of the stream.
+        self.reusable = True
 
     async def request(self, raw: bytes) -> tuple[int, bytes]:
+        """Send ``raw``; return the status and the whole body (Content-Length, chunked or close-delimited)."""
         self.writer.write(raw)
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        status = int(head[9:12])
-        length = 0
+        while True:
+            head = await self.reader.readuntil(b"\r\n\r\n")
+            status = int(head[9:12])
+            if not 100 <= status < 200:
+                break  # an interim response (100 Continue) has no body: the real one follows
+        length: int | None = None
+        chunked = False
         for line in head.split(b"\r\n")[1:]:
-            if line[:15].lower() == b"content-length:":
-                length = int(line[15:])
-        body = await self.reader.readexactly(length) if length else b""
+            name, _, value = line.partition(b":")
+            name, value = name.strip().lower(), value.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"transfer-encoding":
+                chunked = value.split(b",")[-1].strip() == b"chunked"
+            elif name == b"connection" and b"close" in value:
+                self.reusable = False
+        if chunked:
+            body = await self._read_chunks()
+        elif length is not None:
+            body = await self.reader.readexactly(length) if length else b""
+        elif status in (204, 304):
+            body = b""
+        else:
+            body = await self.reader.read()  # no length given: the body ends when the server closes
+            self.reusable = False
         return status, body
+
+    async def _read_chunks(self) -> bytes:
+        """A ``Transfer-Encoding: chunked`` body: sized chunks up to the zero chunk, then the trailers."""
+        parts = []
+        while True:
+            size_line = await self.reader.readuntil(b"\r\n")
+            size = int(size_line.split(b";", 1)[0].strip(), 16)  # a chunk extension follows ';'
+            if size == 0:
+                break
+            parts.append(await self.reader.readexactly(size))
+            if await self.reader.readexactly(2) != b"\r\n":
+                raise ValueError("a chunk did not end with CRLF")
+        while await self.reader.readuntil(b"\r\n") != b"\r\n":
+            pass  # trailer fields, up to the empty line
+        return b"".join(parts)
 
     def close(self) -> None:
         self.writer.close()
@@ -177,7 +218,7 @@ class _Client:
         except (OSError, asyncio.IncompleteReadError, ValueError):
             self.release(connection, healthy=False)
             raise
-        self.release(connection, healthy=True)
+        self.release(connection, healthy=connection.reusable)
         return result
 
     def close(self) -> None:
@@ -252,7 +293,7 @@ class _Run:
         try:
             while True:
                 try:
-                    status, body = await client.send(client.get("/v1/status"))
+                    status, body = await client.send(client.get(self.spec.status_route or "/v1/status"))
                 except (OSError, asyncio.IncompleteReadError, ValueError):
                     status, body = 0, b""
                 if status == 200:
@@ -271,7 +312,7 @@ class _Run:
 
     async def run(self) -> LoadReport:
         self.start = time.perf_counter()
-        sampler = asyncio.create_task(self.sample_status())
+        sampler = asyncio.create_task(self.sample_status() if self.spec.status_route else asyncio.sleep(0))
         if self.spec.phases:
             await self.open_loop()
             steps = ", ".join(f"{rate:g} req/s for {seconds:g} s" for seconds, rate in self.spec.phases)
