@@ -384,6 +384,14 @@ class DistanceBackend(abc.ABC):
         ``1 <= k <= N``. Scores are int32 Hamming distances; indices int64 row positions.
         """
 
+    def hamming_candidates(self, codes: Any, database_codes: Any, count: int) -> Any:
+        """The ``count`` nearest database rows of each code, (Q, count) int64 positions, in any order.
+
+        What a re-ranking needs: the rows of `hamming_topk` without its order. The default takes
+        them from `hamming_topk`; a backend may skip the sort.
+        """
+        return self.hamming_topk(codes, database_codes, count).indices
+
     def rerank(self, queries: Any, database: Database, candidates: Any, k: int) -> TopK:
         """The ``k`` best of each query's candidate rows, scored exactly with the database's metric, best first.
 

@@ -242,7 +242,38 @@ class TritonBackend(TorchBackend):
 
     # --- LSH primitives ------------------------------------------------------------------------
     def hamming_topk(self, codes: Any, database_codes: Any, k: int) -> TopK:
-        """The ``k`` database codes nearest each code, nearest first, by the fused Hamming kernel."""
+        """The ``k`` database codes nearest each code, nearest first (ties by row), by counting kernels, any k."""
+        from gpurag_torch import lsh
+        from gpurag_triton.candidates import nearest_codes
+
+        a = self._codes(codes, "codes").contiguous()
+        b = self._codes(database_codes, "database_codes").contiguous()
+        lsh.check_codes(a, b, k)
+        return nearest_codes(a, b, int(k))
+
+    def hamming_candidates(self, codes: Any, database_codes: Any, count: int) -> Any:
+        """The ``count`` nearest rows of each code, (Q, count) int64, in no promised order (for re-ranking)."""
+        from gpurag_torch import lsh
+        from gpurag_triton.candidates import nearest_codes
+
+        a = self._codes(codes, "codes").contiguous()
+        b = self._codes(database_codes, "database_codes").contiguous()
+        lsh.check_codes(a, b, count)
+        return nearest_codes(a, b, int(count), ordered=False).indices
+
+    def rerank(self, queries: Any, database: Database, candidates: Any, k: int) -> TopK:
+        """The ``k`` best candidate rows of each query, scored in float32 by the re-scoring kernel (rows read in place)."""
+        from gpurag.rerank import best_k
+        from gpurag_torch.database import NORMS
+
+        database = self._own(database)
+        q = self._tensor(queries, "queries")
+        rows = self._as_result(candidates)
+        scores = direct_scores(q, database.vectors, rows, database.metric, database.row_data.get(NORMS))
+        return best_k(scores, rows, k, database.metric.higher_is_better)
+
+    def fused_hamming_topk(self, codes: Any, database_codes: Any, k: int) -> TopK:
+        """`hamming_topk` by the fused top-KP kernel (k <= 256; kept to compare against the counting kernels)."""
         import torch
 
         from gpurag_torch import lsh

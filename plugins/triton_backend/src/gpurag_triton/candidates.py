@@ -1,0 +1,86 @@
+"""The ``count`` nearest database codes of each query code by counting (see `kernels.hamming_select`), any count.
+
+Two kernel launches and a few tensor operations between them, all on the device: no host sync,
+no per-query loop, whatever Q, N and ``count`` are.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from gpurag.errors import InvalidInputError
+from gpurag.metrics import TopK
+from gpurag_triton import launch
+from gpurag_triton.kernels.hamming_select import hamming_collect_kernel, hamming_histogram_kernel, has_popc
+
+#: Most (query, row, word) elements one tile holds (registers per program).
+TILE_ELEMENTS = 8192
+
+
+def nearest_codes(codes: torch.Tensor, database_codes: torch.Tensor, count: int, *, ordered: bool = True) -> TopK:
+    """(int32 distances, int64 rows) (Q, count): each query's ``count`` nearest codes.
+
+    Ties at the cut go to the lower rows. With ``ordered`` the rows come nearest first (ties by
+    row), as `DistanceBackend.hamming_topk` promises; without, rows nearer than the cut come first
+    in row order, then the tied rows (the order a re-ranking does not need).
+    """
+    for name, x in (("codes", codes), ("database_codes", database_codes)):
+        launch._check_matrix(x, name, torch.uint8, codes.device)
+    if codes.shape[1] != database_codes.shape[1]:
+        raise InvalidInputError(f"codes have {codes.shape[1]} bytes, database codes {database_codes.shape[1]}")
+    n_queries, n_rows = codes.shape[0], database_codes.shape[0]
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= n_rows:
+        raise InvalidInputError(f"count must be an integer in 1..{n_rows} (the database codes); got {count!r}")
+    words = triton.cdiv(codes.shape[1], 4)
+    a, b = launch._as_words(codes, words), launch._as_words(database_codes, words)
+    bins = launch._pow2(codes.shape[1] * 8 + 2)  # distances 0..n_bits, and one bin for rows past the end
+    words_p2 = launch._pow2(words)
+    interpreting = launch.interpreting()
+    block_q = min(16, launch._pow2(n_queries))
+    block_n = max(16, min(1024, TILE_ELEMENTS // (block_q * words_p2)))
+    if interpreting:
+        block_n = 16
+    query_blocks = triton.cdiv(n_queries, block_q)
+    splits = max(1, min(triton.cdiv(launch._sms(codes.device) * 4, query_blocks), triton.cdiv(n_rows, block_n * 4)))
+    if interpreting:
+        splits = max(1, min(3, triton.cdiv(n_rows, block_n)))
+    rows_per_split = triton.cdiv(triton.cdiv(n_rows, splits), block_n) * block_n
+    splits = triton.cdiv(n_rows, rows_per_split)
+    use_popc = not interpreting and has_popc()
+    grid = (query_blocks, splits)
+    hist = torch.empty((n_queries, splits, bins), dtype=torch.int32, device=codes.device)
+    hamming_histogram_kernel[grid](
+        a, b, hist, n_queries, n_rows, words, rows_per_split, splits,
+        BLOCK_Q=block_q, BLOCK_N=block_n, WORDS_P2=words_p2, BINS=bins, USE_POPC=use_popc,
+    )  # fmt: skip
+    threshold, below_start, tie_start = cut_and_offsets(hist, count)
+    rows = torch.empty((n_queries, count), dtype=torch.int64, device=codes.device)
+    distances = torch.empty((n_queries, count), dtype=torch.int32, device=codes.device)
+    hamming_collect_kernel[grid](
+        a, b, threshold, below_start, tie_start, rows, distances,
+        n_queries, n_rows, words, rows_per_split, splits, count,
+        BLOCK_Q=block_q, BLOCK_N=block_n, WORDS_P2=words_p2, USE_POPC=use_popc,
+    )  # fmt: skip
+    if ordered:
+        order = torch.sort(distances, dim=1, stable=True).indices
+        return TopK(torch.gather(distances, 1, order), torch.gather(rows, 1, order))
+    return TopK(distances, rows)
+
+
+def cut_and_offsets(hist: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From per-split counts (Q, S, bins): the cut distance t (Q,) and where each split writes (Q, S) twice.
+
+    t is the smallest distance at which the running count reaches ``count``; a split's rows below
+    t start after the earlier splits' rows below t; its rows at t after every row below t and the
+    earlier splits' rows at t. All int32, on the device.
+    """
+    total = hist.sum(dim=1, dtype=torch.int64)  # (Q, bins)
+    threshold = (total.cumsum(dim=1) < count).sum(dim=1)  # (Q,)
+    per_split_below = hist.cumsum(dim=2, dtype=torch.int64) - hist  # rows strictly below each bin
+    index = threshold[:, None, None].expand(-1, hist.shape[1], 1)
+    below = torch.gather(per_split_below, 2, index)[:, :, 0]  # (Q, S)
+    tie = torch.gather(hist, 2, index)[:, :, 0].to(torch.int64)
+    below_start = below.cumsum(dim=1) - below
+    tie_start = below.sum(dim=1, keepdim=True) + tie.cumsum(dim=1) - tie
+    return threshold.to(torch.int32), below_start.to(torch.int32), tie_start.to(torch.int32)

@@ -1,0 +1,142 @@
+"""Hamming candidate selection by counting: a histogram pass, then a compaction pass, over packed codes.
+
+Hamming distances take only ``n_bits + 1`` values, so the C nearest rows of a query are found
+without sorting: the first pass counts, per query and per split of the rows, how many rows lie at
+each distance; the host step (`gpurag_triton.candidates`) finds the threshold distance t where the
+running count reaches C, and where each split starts writing; the second pass writes every row
+nearer than t and the first rows (in row order) at t. Each split writes its rows in row order at
+offsets fixed by the counts, so the output is deterministic: rows below t by row, then ties by row.
+Codes are int32 words; ``x_ptr`` rows are ``words`` long, loaded as (BLOCK_N, WORDS_P2) tiles.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+try:  # one POPC instruction on the GPU; the interpreter has no libdevice
+    from triton.language.extra import libdevice as _libdevice
+
+    _HAS_POPC = hasattr(_libdevice, "popc")
+except ImportError:  # pragma: no cover - depends on the Triton build
+    _libdevice = None
+    _HAS_POPC = False
+
+
+def has_popc() -> bool:
+    """Whether libdevice's popc can be used (never under the interpreter: the caller checks that)."""
+    return _HAS_POPC
+
+
+@triton.jit
+def _popcount(v, USE_POPC: tl.constexpr):
+    if USE_POPC:
+        return _libdevice.popc(v)
+    u = v.to(tl.uint32, bitcast=True)
+    u = u - ((u >> 1) & 0x55555555)
+    u = (u & 0x33333333) + ((u >> 2) & 0x33333333)
+    u = (u + (u >> 4)) & 0x0F0F0F0F
+    return ((u * 0x01010101) >> 24).to(tl.int32)
+
+
+@triton.jit
+def _distances(q_ptr, x_ptr, offs_q, q_mask, offs_n, n_mask, words, WORDS_P2: tl.constexpr, USE_POPC: tl.constexpr):
+    """(BLOCK_Q, BLOCK_N) int32 Hamming distances of the queries ``offs_q`` to the rows ``offs_n``."""
+    offs_w = tl.arange(0, WORDS_P2)
+    w_mask = offs_w < words
+    a = tl.load(q_ptr + offs_q[:, None] * words + offs_w[None, :], mask=q_mask[:, None] & w_mask[None, :], other=0)
+    b = tl.load(
+        x_ptr + offs_n.to(tl.int64)[:, None] * words + offs_w[None, :],
+        mask=n_mask[:, None] & w_mask[None, :],
+        other=0,
+    )
+    return tl.sum(_popcount(a[:, None, :] ^ b[None, :, :], USE_POPC), axis=2)
+
+
+@triton.jit
+def hamming_histogram_kernel(
+    q_ptr,
+    x_ptr,
+    hist_ptr,
+    n_queries,
+    n_rows,
+    words,
+    rows_per_split,
+    n_splits,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    WORDS_P2: tl.constexpr,
+    BINS: tl.constexpr,
+    USE_POPC: tl.constexpr,
+):
+    """hist[q, split, d] = rows of the split at Hamming distance d from query q (bin BINS - 1: none)."""
+    pid_q = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_mask = offs_q < n_queries
+    row_start = pid_s * rows_per_split
+    row_stop = tl.minimum(row_start + rows_per_split, n_rows)
+    lanes = tl.arange(0, BLOCK_Q)[:, None] * BINS
+    counts = tl.zeros((BLOCK_Q * BINS,), dtype=tl.int32)
+    for n0 in range(row_start, row_stop, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < row_stop
+        distance = _distances(q_ptr, x_ptr, offs_q, q_mask, offs_n, n_mask, words, WORDS_P2, USE_POPC)
+        bins = lanes + tl.where(n_mask[None, :], distance, BINS - 1)
+        counts += tl.histogram(tl.reshape(bins, (BLOCK_Q * BLOCK_N,)), BLOCK_Q * BINS)
+    slots = tl.arange(0, BLOCK_Q * BINS)
+    slot_q = pid_q * BLOCK_Q + slots // BINS
+    tl.store(hist_ptr + (slot_q * n_splits + pid_s) * BINS + slots % BINS, counts, mask=slot_q < n_queries)
+
+
+@triton.jit
+def hamming_collect_kernel(
+    q_ptr,
+    x_ptr,
+    threshold_ptr,
+    below_start_ptr,
+    tie_start_ptr,
+    rows_out_ptr,
+    distances_out_ptr,
+    n_queries,
+    n_rows,
+    words,
+    rows_per_split,
+    n_splits,
+    n_candidates,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    WORDS_P2: tl.constexpr,
+    USE_POPC: tl.constexpr,
+):
+    """Write each query's rows nearer than its threshold, and its first rows at the threshold, in row order.
+
+    ``below_start[q, split]`` / ``tie_start[q, split]`` are where the split's rows below / at the
+    threshold go in the query's (n_candidates,) output; rows at the threshold past it are dropped.
+    """
+    pid_q = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_mask = offs_q < n_queries
+    row_start = pid_s * rows_per_split
+    row_stop = tl.minimum(row_start + rows_per_split, n_rows)
+    threshold = tl.load(threshold_ptr + offs_q, mask=q_mask, other=-1)
+    below_at = tl.load(below_start_ptr + offs_q * n_splits + pid_s, mask=q_mask, other=0)
+    tie_at = tl.load(tie_start_ptr + offs_q * n_splits + pid_s, mask=q_mask, other=0)
+    out_base = offs_q.to(tl.int64)[:, None] * n_candidates
+    for n0 in range(row_start, row_stop, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < row_stop
+        distance = _distances(q_ptr, x_ptr, offs_q, q_mask, offs_n, n_mask, words, WORDS_P2, USE_POPC)
+        valid = n_mask[None, :] & q_mask[:, None]
+        below = (valid & (distance < threshold[:, None])).to(tl.int32)
+        tie = (valid & (distance == threshold[:, None])).to(tl.int32)
+        below_slot = below_at[:, None] + tl.cumsum(below, axis=1) - below
+        tie_slot = tie_at[:, None] + tl.cumsum(tie, axis=1) - tie
+        slot = tl.where(below != 0, below_slot, tie_slot)
+        write = (below != 0) | ((tie != 0) & (tie_slot < n_candidates))
+        rows = offs_n[None, :].to(tl.int64) + tl.zeros((BLOCK_Q, BLOCK_N), tl.int64)
+        tl.store(rows_out_ptr + out_base + slot, rows, mask=write)
+        tl.store(distances_out_ptr + out_base + slot, distance, mask=write)
+        below_at += tl.sum(below, axis=1)
+        tie_at += tl.sum(tie, axis=1)
