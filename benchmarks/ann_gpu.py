@@ -91,7 +91,6 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
 
 def stage_times(index: Any, host_queries: np.ndarray, batch: int, repeats: int = 20) -> dict[str, float]:
     """Median ms of each stage of one LSH search at ``batch`` queries (synchronised between stages)."""
-    import torch
 
     backend = index.backend
     database = index._database
@@ -125,7 +124,6 @@ def run(
     args: argparse.Namespace, name: str, base: Any, queries: Any, deadline: float, candidates: list[int]
 ) -> tuple[str, list[Method]]:
     """Build, check, time and tabulate one data set; stops adding work when the deadline nears."""
-    import torch
 
     import gpurag
     from gpurag.lsh import LSHRetriever
@@ -218,7 +216,8 @@ def run(
     if best is not None and time.perf_counter() < deadline:
         best.search(host_queries[:1])  # sets the bits and candidates
         lines = ["", f"Stages of one search, {best.params} (median ms, synchronised between stages):", ""]
-        lines += ["| stage | " + " | ".join(f"Q={b}" for b in args.batches) + " |", "|---|" + "---|" * len(args.batches)]
+        lines += ["| stage | " + " | ".join(f"Q={b}" for b in args.batches) + " |"]
+        lines += ["|---|" + "---|" * len(args.batches)]
         per_batch = {b: stage_times(index, host_queries, b) for b in args.batches}
         for stage in per_batch[args.batches[0]]:
             lines.append(f"| {stage} | " + " | ".join(f"{per_batch[b][stage]:.3f}" for b in args.batches) + " |")
@@ -232,11 +231,12 @@ def table(
 ) -> str:
     import torch
 
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU trial)"
     exact_best = {b: max(m.rate(b) for m in timed if m.family == "exact") for b in args.batches}
     lines = [
         f"## {name}: {n:,} x {dim}, cosine, {n_queries} queries, k={K}",
         "",
-        f"GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none (CPU trial)'}, torch {torch.__version__}. LSH on the {args.lsh_backend} backend; "
+        f"GPU: {gpu}, torch {torch.__version__}. LSH on the {args.lsh_backend} backend; "
         f"{len(timed[0].times.get(args.batches[0], [])) if timed else 0} interleaved repeats, medians; "
         f"queries/s with host queries in and host answers out.",
         "",
@@ -287,7 +287,6 @@ def check_hamming(device: str) -> None:
 
 def minilm_vocabulary(path: Path, limit: int | None, device: str) -> Any:
     """The vocabulary embedded on the GPU by the default embedder, as a float32 CUDA tensor."""
-    import torch
 
     from gpurag.rag.embedders import SentenceTransformerEmbedder
 

@@ -262,7 +262,7 @@ class TritonBackend(TorchBackend):
         return nearest_codes(a, b, int(count), ordered=False).indices
 
     def rerank(self, queries: Any, database: Database, candidates: Any, k: int) -> TopK:
-        """The ``k`` best candidate rows of each query, scored in float32 by the re-scoring kernel (rows read in place)."""
+        """The ``k`` best candidate rows of each query, scored in float32 by the rescore kernel (rows read in place)."""
         from gpurag.rerank import best_k
         from gpurag_torch.database import NORMS
 
