@@ -16,6 +16,8 @@ from gpurag_triton.kernels.hamming_select import hamming_collect_kernel, hamming
 
 #: Most (query, row, word) elements one tile holds (registers per program).
 TILE_ELEMENTS = 8192
+#: Set once libdevice's popc failed to compile here; the bit-counting fallback is used from then on.
+_POPC_FAILED: list[bool] = []
 
 
 def nearest_codes(codes: torch.Tensor, database_codes: torch.Tensor, count: int, *, ordered: bool = True) -> TopK:
@@ -47,13 +49,19 @@ def nearest_codes(codes: torch.Tensor, database_codes: torch.Tensor, count: int,
         splits = max(1, min(3, triton.cdiv(n_rows, block_n)))
     rows_per_split = triton.cdiv(triton.cdiv(n_rows, splits), block_n) * block_n
     splits = triton.cdiv(n_rows, rows_per_split)
-    use_popc = not interpreting and has_popc()
+    use_popc = not interpreting and has_popc() and not _POPC_FAILED
     grid = (query_blocks, splits)
     hist = torch.empty((n_queries, splits, bins), dtype=torch.int32, device=codes.device)
-    hamming_histogram_kernel[grid](
-        a, b, hist, n_queries, n_rows, words, rows_per_split, splits,
-        BLOCK_Q=block_q, BLOCK_N=block_n, WORDS_P2=words_p2, BINS=bins, USE_POPC=use_popc,
-    )  # fmt: skip
+    try:
+        hamming_histogram_kernel[grid](
+            a, b, hist, n_queries, n_rows, words, rows_per_split, splits,
+            BLOCK_Q=block_q, BLOCK_N=block_n, WORDS_P2=words_p2, BINS=bins, USE_POPC=use_popc,
+        )  # fmt: skip
+    except triton.CompilationError:
+        if not use_popc:
+            raise
+        _POPC_FAILED.append(True)  # this Triton cannot lower libdevice's popc: count bits in registers instead
+        return nearest_codes(codes, database_codes, count, ordered=ordered)
     threshold, below_start, tie_start = cut_and_offsets(hist, count)
     rows = torch.empty((n_queries, count), dtype=torch.int64, device=codes.device)
     distances = torch.empty((n_queries, count), dtype=torch.int32, device=codes.device)
