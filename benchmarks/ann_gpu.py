@@ -117,6 +117,10 @@ def stage_times(index: Any, host_queries: np.ndarray, batch: int, repeats: int =
         top = timed("rerank", lambda c=cands, q=dq: backend.rerank(q, database, c, K))
         timed("ids + to host", lambda t=top: index._result(t, K, "numpy"))
         timed("whole search", lambda: index.search(block, K))
+        if hasattr(backend, "use_graphs"):
+            backend.use_graphs = False
+            timed("whole search, no CUDA graph", lambda: index.search(block, K))
+            backend.use_graphs = True
     return {name: statistics.median(values) for name, values in stages.items()}
 
 
@@ -182,6 +186,11 @@ def run(
                     return index.search(q, K).ids
 
                 methods.append(Method("lsh", f"{n_bits} bits, {c} candidates", search))
+    try:  # the first small search captures a CUDA graph: if that fails here, say so and go on without
+        index.search(host_queries[:1], K)
+    except Exception as exc:
+        log(f"CUDA graph path failed ({type(exc).__name__}: {exc}); graphs off")
+        index.backend.use_graphs = False
     for m in methods:
         m.recall = recall(true_scores(queries, base, m.search(host_queries)), truth_scores)
         log(f"recall {m.family} {m.params}: {m.recall:.3f}")

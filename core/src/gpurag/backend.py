@@ -392,6 +392,19 @@ class DistanceBackend(abc.ABC):
         """
         return self.hamming_topk(codes, database_codes, count).indices
 
+    def lsh_topk(
+        self, hashed: Any, queries: Any, planes: Any, codes: Any, database: Database, n_candidates: int, k: int
+    ) -> TopK:
+        """An LSH search's two stages: `sign_codes` of ``hashed`` (the queries transformed for hashing),
+        `hamming_candidates` among ``codes`` (the database rows' codes), `rerank` of ``queries``.
+
+        One hook, so a backend can run the stages as one unit (a captured CUDA graph); the default
+        calls the three methods in turn. Returns the best ``k`` row positions with exact scores.
+        """
+        query_codes = self.sign_codes(self.asarray(hashed, "hashed queries"), planes)
+        candidates = self.hamming_candidates(query_codes, codes, n_candidates)
+        return self.rerank(self.asarray(queries, "queries"), database, candidates, k)
+
     def rerank(self, queries: Any, database: Database, candidates: Any, k: int) -> TopK:
         """The ``k`` best of each query's candidate rows, scored exactly with the database's metric, best first.
 

@@ -391,9 +391,8 @@ class LSHRetriever(ExactRetriever):
         indices: list[Any] = []
         for q0 in range(0, queries.shape[0], chunk):
             block = queries[q0 : q0 + chunk]
-            query_codes = self._codes_of(self._hashed_queries(block), planes)
-            candidates = self.backend.hamming_candidates(query_codes, codes, n_candidates)
-            top = self.backend.rerank(self.backend.asarray(block, "queries"), database, candidates, k)
+            hashed = self._hashed_queries(block)
+            top = self.backend.lsh_topk(hashed, block, planes, codes, database, n_candidates, k)
             scores.append(top.scores)
             indices.append(top.indices)
         if len(scores) == 1:

@@ -61,6 +61,9 @@ class TritonBackend(TorchBackend):
             raise BackendUnavailableError(
                 f"backend {self.name!r} runs on the CPU only under TRITON_INTERPRET=1 (set before triton is imported)"
             )
+        #: Whether small LSH searches run as captured CUDA graphs (`lsh_topk`); off only to compare.
+        self.use_graphs = True
+        self._lsh_graphs: Any = None
 
     @classmethod
     def availability(cls) -> Availability:
@@ -271,6 +274,31 @@ class TritonBackend(TorchBackend):
         rows = self._as_result(candidates)
         scores = direct_scores(q, database.vectors, rows, database.metric, database.row_data.get(NORMS))
         return best_k(scores, rows, k, database.metric.higher_is_better)
+
+    def lsh_topk(
+        self, hashed: Any, queries: Any, planes: Any, codes: Any, database: Database, n_candidates: int, k: int
+    ) -> TopK:
+        """The LSH stages as one captured CUDA graph for up to `graphs.GRAPH_MAX_QUERIES` host queries on CUDA."""
+
+        from gpurag_triton import graphs, launch
+
+        small = isinstance(hashed, np.ndarray) and isinstance(queries, np.ndarray)
+        small = small and 0 < hashed.shape[0] <= graphs.GRAPH_MAX_QUERIES and self.use_graphs
+        if not small or self.torch_device.type != "cuda" or launch.interpreting():
+            return super().lsh_topk(hashed, queries, planes, codes, database, n_candidates, k)
+        database = self._own(database)
+        planes, codes = self._tensor(planes, "planes"), self._codes(codes, "database_codes")
+        if self._lsh_graphs is None:
+            self._lsh_graphs = graphs.LSHGraphs(self.torch_device)
+        runner: graphs.LSHGraphs = self._lsh_graphs
+
+        def stages(hashed_in: torch.Tensor, queries_in: torch.Tensor) -> TopK:
+            # Device tensors checked on the host already: no `asarray` (its finiteness check syncs).
+            candidates = self.hamming_candidates(self.sign_codes(hashed_in, planes), codes, n_candidates)
+            return self.rerank(queries_in, database, candidates, k)
+
+        key = graphs.graph_key(hashed, queries, planes, codes, database, n_candidates, k)
+        return runner.run(stages, np.asarray(hashed, np.float32), np.asarray(queries, np.float32), key)
 
     def fused_hamming_topk(self, codes: Any, database_codes: Any, k: int) -> TopK:
         """`hamming_topk` by the fused top-KP kernel (k <= 256; kept to compare against the counting kernels)."""
