@@ -1,0 +1,84 @@
+"""The counting Hamming kernels (`gpurag_triton.candidates`): the nearest codes, nearest first, ties to the lower row.
+
+Shapes cross every boundary the launch has: one query and a 16-query tile and the next, rows in
+one program's block, several blocks and several splits (ties at the cut spread over splits), code
+widths that pad to whole words, and counts from one row to all of them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("triton")
+torch = pytest.importorskip("torch")
+
+from gpurag.errors import InvalidInputError  # noqa: E402
+from gpurag.testing import reference as ref  # noqa: E402
+
+
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def expected(codes: np.ndarray, database_codes: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """(distances, rows) of each query's ``count`` nearest codes, ordered by (distance, row)."""
+    distances = ref.hamming_reference(codes, database_codes)
+    rows = np.argsort(distances, axis=1, kind="stable")[:, :count]
+    return np.take_along_axis(distances, rows, 1), rows
+
+
+@pytest.mark.parametrize(
+    ("n_queries", "n_rows", "n_bytes", "count"),
+    [
+        (1, 1, 1, 1),
+        (1, 15, 3, 15),
+        (1, 16, 4, 7),
+        (2, 17, 1, 9),
+        (16, 48, 2, 20),
+        (17, 49, 5, 49),
+        (3, 300, 1, 150),
+        (5, 301, 32, 1),
+        (4, 333, 13, 200),
+    ],
+)
+@pytest.mark.parametrize("ordered", [True, False])
+def test_nearest_codes_match_the_reference_with_ties_to_the_lower_row(
+    n_queries: int, n_rows: int, n_bytes: int, count: int, ordered: bool
+) -> None:
+    from gpurag_triton.candidates import nearest_codes
+
+    rng = np.random.default_rng(n_rows * 31 + n_bytes)
+    codes = rng.integers(0, 256, (n_queries, n_bytes), dtype=np.uint8)
+    database_codes = rng.integers(0, 256, (n_rows, n_bytes), dtype=np.uint8)
+    if n_bytes == 1:  # one byte: few distinct distances, so the cut falls inside a tie
+        database_codes &= 0x0F
+    got = nearest_codes(torch.from_numpy(codes).to(device()), torch.from_numpy(database_codes).to(device()), count,
+                        ordered=ordered)  # fmt: skip
+    distances, rows = got.scores.cpu().numpy(), got.indices.cpu().numpy()
+    want_distances, want_rows = expected(codes, database_codes, count)
+    if not ordered:  # below the cut in row order, then the tied rows in row order: same rows, same distances
+        order = np.lexsort((rows, distances), axis=1) if rows.size else rows
+        rows, distances = np.take_along_axis(rows, order, 1), np.take_along_axis(distances, order, 1)
+    np.testing.assert_array_equal(rows, want_rows)
+    np.testing.assert_array_equal(distances, want_distances)
+    assert got.scores.dtype == torch.int32 and got.indices.dtype == torch.int64
+
+
+def test_unordered_candidates_put_rows_below_the_cut_first_in_row_order() -> None:
+    from gpurag_triton.candidates import nearest_codes
+
+    database_codes = np.array([[3], [0], [1], [0], [3], [1], [7]], dtype=np.uint8)  # distances 2 0 1 0 2 1 3
+    got = nearest_codes(torch.zeros((1, 1), dtype=torch.uint8, device=device()),
+                        torch.from_numpy(database_codes).to(device()), 5, ordered=False)  # fmt: skip
+    assert got.indices.cpu().tolist() == [[1, 2, 3, 5, 0]]
+    assert got.scores.cpu().tolist() == [[0, 1, 0, 1, 2]]
+
+
+@pytest.mark.parametrize("count", [0, 8, True])
+def test_a_count_outside_one_to_the_rows_is_refused_naming_it(count: int) -> None:
+    from gpurag_triton.candidates import nearest_codes
+
+    codes = torch.zeros((2, 4), dtype=torch.uint8, device=device())
+    with pytest.raises(InvalidInputError, match="count must be an integer in 1..7"):
+        nearest_codes(codes, torch.zeros((7, 4), dtype=torch.uint8, device=device()), count)
