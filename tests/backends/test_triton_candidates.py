@@ -62,7 +62,8 @@ def test_nearest_codes_match_the_reference_with_ties_to_the_lower_row(
         rows, distances = np.take_along_axis(rows, order, 1), np.take_along_axis(distances, order, 1)
     np.testing.assert_array_equal(rows, want_rows)
     np.testing.assert_array_equal(distances, want_distances)
-    assert got.scores.dtype == torch.int32 and got.indices.dtype == torch.int64
+    assert got.scores.dtype == torch.int32
+    assert got.indices.dtype == torch.int64
 
 
 def test_unordered_candidates_put_rows_below_the_cut_first_in_row_order() -> None:
@@ -80,5 +81,5 @@ def test_a_count_outside_one_to_the_rows_is_refused_naming_it(count: int) -> Non
     from gpurag_triton.candidates import nearest_codes
 
     codes = torch.zeros((2, 4), dtype=torch.uint8, device=device())
-    with pytest.raises(InvalidInputError, match="count must be an integer in 1..7"):
+    with pytest.raises(InvalidInputError, match=r"count must be an integer in 1\.\.7"):
         nearest_codes(codes, torch.zeros((7, 4), dtype=torch.uint8, device=device()), count)

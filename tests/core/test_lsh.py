@@ -364,7 +364,8 @@ def test_the_torch_mixture_is_seeded_unit_length_and_shares_centres_between_samp
     from gpurag.testing.clustered import gaussian_mixture_torch
 
     base = gaussian_mixture_torch(1000, 16, clusters=5, spread=0.05, seed=3)
-    assert base.shape == (1000, 16) and base.dtype == torch.float32
+    assert base.shape == (1000, 16)
+    assert base.dtype == torch.float32
     assert torch.equal(base, gaussian_mixture_torch(1000, 16, clusters=5, spread=0.05, seed=3))
     assert not torch.equal(base, gaussian_mixture_torch(1000, 16, clusters=5, spread=0.05, seed=4))
     torch.testing.assert_close(torch.linalg.vector_norm(base, dim=1), torch.ones(1000))
