@@ -671,7 +671,8 @@ class BackendConformance:
         codes = backend.sign_codes(backend.asarray(signs, "vectors"), planes)
         query_codes, database_codes = codes[:n_queries], codes[n_queries:]
         rows = np.asarray(backend.to_numpy(backend.hamming_candidates(query_codes, database_codes, count)))
-        assert rows.shape == (n_queries, count) and rows.dtype == np.int64, f"got {rows.dtype} {rows.shape}"
+        assert rows.shape == (n_queries, count), f"hamming_candidates shape: got {rows.shape}"
+        assert rows.dtype == np.int64, f"hamming_candidates must be int64 rows; got {rows.dtype}"
         distances = ref.hamming_reference(host[:n_queries], host[n_queries:])
         for q in range(n_queries):
             assert len(set(rows[q].tolist())) == count, f"query {q}: candidates repeat a row"
