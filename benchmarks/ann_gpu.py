@@ -124,6 +124,37 @@ def stage_times(index: Any, host_queries: np.ndarray, batch: int, repeats: int =
     return {name: statistics.median(values) for name, values in stages.items()}
 
 
+def candidate_variants(index: Any, host_queries: np.ndarray, batch: int, repeats: int = 20) -> dict[str, float]:
+    """Median ms of the Hamming candidate stage alone, by kernel layout (synchronised)."""
+    from gpurag_triton.candidates import nearest_codes
+
+    backend = index.backend
+    codes = index._code_rows.live
+    count = min(index.n_candidates, len(index))
+    query_codes = index._codes_of(index._hashed_queries(host_queries[:batch]), index._device_planes)
+    variants: dict[str, Callable[[], Any]] = {
+        "count, distances recomputed": lambda: nearest_codes(query_codes, codes, count, ordered=False,
+                                                             store_distances=False),
+        "count, distances stored": lambda: nearest_codes(query_codes, codes, count, ordered=False,
+                                                         store_distances=True),
+        "count, ordered (hamming_topk)": lambda: nearest_codes(query_codes, codes, count),
+    }  # fmt: skip
+    if count <= 256 and hasattr(backend, "fused_hamming_topk"):
+        variants["fused top-KP kernel"] = lambda: backend.fused_hamming_topk(query_codes, codes, count)
+    out = {}
+    for name, fn in variants.items():
+        fn()
+        times = []
+        for _ in range(repeats):
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times.append((time.perf_counter() - start) * 1e3)
+        out[name] = statistics.median(times)
+    return out
+
+
 def run(
     args: argparse.Namespace, name: str, base: Any, queries: Any, deadline: float, candidates: list[int]
 ) -> tuple[str, list[Method]]:
@@ -231,6 +262,15 @@ def run(
         for stage in per_batch[args.batches[0]]:
             lines.append(f"| {stage} | " + " | ".join(f"{per_batch[b][stage]:.3f}" for b in args.batches) + " |")
         text += "\n".join(lines) + "\n"
+        if args.lsh_backend == "triton" and time.perf_counter() < deadline:
+            lines = ["", f"Hamming candidate stage alone, {best.params}, by kernel layout (median ms):", ""]
+            lines += ["| layout | " + " | ".join(f"Q={b}" for b in args.batches) + " |"]
+            lines += ["|---|" + "---|" * len(args.batches)]
+            per_batch = {b: candidate_variants(index, host_queries, b) for b in args.batches}
+            for name in per_batch[args.batches[0]]:
+                cells = [f"{per_batch[b][name]:.3f}" if name in per_batch[b] else "—" for b in args.batches]
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            text += "\n".join(lines) + "\n"
     print(text, flush=True)
     return text, methods
 

@@ -42,10 +42,11 @@ def expected(codes: np.ndarray, database_codes: np.ndarray, count: int) -> tuple
         (4, 333, 13, 200),
     ],
 )
-@pytest.mark.parametrize("ordered", [True, False])
+@pytest.mark.parametrize(("ordered", "store"), [(True, False), (False, False), (True, True)])
 def test_nearest_codes_match_the_reference_with_ties_to_the_lower_row(
-    n_queries: int, n_rows: int, n_bytes: int, count: int, ordered: bool
+    n_queries: int, n_rows: int, n_bytes: int, count: int, ordered: bool, store: bool
 ) -> None:
+    """Either pass layout: the second pass recomputing distances from the codes, or reading the stored ones."""
     from gpurag_triton.candidates import nearest_codes
 
     rng = np.random.default_rng(n_rows * 31 + n_bytes)
@@ -54,7 +55,7 @@ def test_nearest_codes_match_the_reference_with_ties_to_the_lower_row(
     if n_bytes == 1:  # one byte: few distinct distances, so the cut falls inside a tie
         database_codes &= 0x0F
     got = nearest_codes(torch.from_numpy(codes).to(device()), torch.from_numpy(database_codes).to(device()), count,
-                        ordered=ordered)  # fmt: skip
+                        ordered=ordered, store_distances=store)  # fmt: skip
     distances, rows = got.scores.cpu().numpy(), got.indices.cpu().numpy()
     want_distances, want_rows = expected(codes, database_codes, count)
     if not ordered:  # below the cut in row order, then the tied rows in row order: same rows, same distances

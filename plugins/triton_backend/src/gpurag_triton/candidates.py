@@ -16,12 +16,25 @@ from gpurag_triton.kernels.hamming_select import hamming_collect_kernel, hamming
 
 #: Most (query, row, word) elements one tile holds (registers per program).
 TILE_ELEMENTS = 8192
+#: Bytes of one stored distance, and how many fewer bytes than the codes storing must read to be chosen.
+STORED_BYTES_PER_DISTANCE = 2
+STORE_RATIO = 2
 #: Set once libdevice's popc failed to compile here; the bit-counting fallback is used from then on.
 _POPC_FAILED: list[bool] = []
 
 
-def nearest_codes(codes: torch.Tensor, database_codes: torch.Tensor, count: int, *, ordered: bool = True) -> TopK:
+def nearest_codes(
+    codes: torch.Tensor,
+    database_codes: torch.Tensor,
+    count: int,
+    *,
+    ordered: bool = True,
+    store_distances: bool | None = None,
+) -> TopK:
     """(int32 distances, int64 rows) (Q, count): each query's ``count`` nearest codes.
+
+    ``store_distances``: the first pass writes the (Q, N) distances as int16 and the second reads
+    them instead of the codes; None chooses it where that reads fewer bytes (few queries, long codes).
 
     Ties at the cut go to the lower rows. With ``ordered`` the rows come nearest first (ties by
     row), as `DistanceBackend.hamming_topk` promises; without, rows nearer than the cut come first
@@ -52,23 +65,29 @@ def nearest_codes(codes: torch.Tensor, database_codes: torch.Tensor, count: int,
     use_popc = not interpreting and has_popc() and not _POPC_FAILED
     grid = (query_blocks, splits)
     hist = torch.empty((n_queries, splits, bins), dtype=torch.int32, device=codes.device)
+    store = (
+        n_queries * STORED_BYTES_PER_DISTANCE * STORE_RATIO <= codes.shape[1]
+        if store_distances is None
+        else store_distances
+    )
+    stored = torch.empty((n_queries, n_rows) if store else (1, 1), dtype=torch.int16, device=codes.device)
     try:
         hamming_histogram_kernel[grid](
-            a, b, hist, n_queries, n_rows, words, rows_per_split, splits,
-            BLOCK_Q=block_q, BLOCK_N=block_n, WORDS_P2=words_p2, BINS=bins, USE_POPC=use_popc,
+            a, b, hist, stored, n_queries, n_rows, words, rows_per_split, splits,
+            BLOCK_Q=block_q, BLOCK_N=block_n, WORDS_P2=words_p2, BINS=bins, USE_POPC=use_popc, STORE_DIST=store,
         )  # fmt: skip
     except triton.CompilationError:
         if not use_popc:
             raise
         _POPC_FAILED.append(True)  # this Triton cannot lower libdevice's popc: count bits in registers instead
-        return nearest_codes(codes, database_codes, count, ordered=ordered)
+        return nearest_codes(codes, database_codes, count, ordered=ordered, store_distances=store_distances)
     threshold, below_start, tie_start = cut_and_offsets(hist, count)
     rows = torch.empty((n_queries, count), dtype=torch.int64, device=codes.device)
     distances = torch.empty((n_queries, count), dtype=torch.int32, device=codes.device)
     hamming_collect_kernel[grid](
-        a, b, threshold, below_start, tie_start, rows, distances,
+        a, b, stored, threshold, below_start, tie_start, rows, distances,
         n_queries, n_rows, words, rows_per_split, splits, count,
-        BLOCK_Q=block_q, BLOCK_N=block_n, WORDS_P2=words_p2, USE_POPC=use_popc,
+        BLOCK_Q=block_q, BLOCK_N=block_n, WORDS_P2=words_p2, USE_POPC=use_popc, LOAD_DIST=store,
     )  # fmt: skip
     if ordered:
         order = torch.sort(distances, dim=1, stable=True).indices

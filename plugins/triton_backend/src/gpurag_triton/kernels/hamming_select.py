@@ -58,6 +58,7 @@ def hamming_histogram_kernel(
     q_ptr,
     x_ptr,
     hist_ptr,
+    dist_ptr,
     n_queries,
     n_rows,
     words,
@@ -68,8 +69,13 @@ def hamming_histogram_kernel(
     WORDS_P2: tl.constexpr,
     BINS: tl.constexpr,
     USE_POPC: tl.constexpr,
+    STORE_DIST: tl.constexpr,
 ):
-    """hist[q, split, d] = rows of the split at Hamming distance d from query q (bin BINS - 1: none)."""
+    """hist[q, split, d] = rows of the split at Hamming distance d from query q (bin BINS - 1: none).
+
+    With ``STORE_DIST`` the distances are also written to ``dist_ptr`` (Q, N) int16, for the
+    collecting pass to read instead of the codes (fewer bytes where queries are few).
+    """
     pid_q = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -82,6 +88,9 @@ def hamming_histogram_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < row_stop
         distance = _distances(q_ptr, x_ptr, offs_q, q_mask, offs_n, n_mask, words, WORDS_P2, USE_POPC)
+        if STORE_DIST:
+            at = dist_ptr + offs_q.to(tl.int64)[:, None] * n_rows + offs_n[None, :]
+            tl.store(at, distance.to(tl.int16), mask=q_mask[:, None] & n_mask[None, :])
         bins = lanes + tl.where(n_mask[None, :], distance, BINS - 1)
         counts += tl.histogram(tl.reshape(bins, (BLOCK_Q * BLOCK_N,)), BLOCK_Q * BINS)
     slots = tl.arange(0, BLOCK_Q * BINS)
@@ -93,6 +102,7 @@ def hamming_histogram_kernel(
 def hamming_collect_kernel(
     q_ptr,
     x_ptr,
+    dist_ptr,
     threshold_ptr,
     below_start_ptr,
     tie_start_ptr,
@@ -108,11 +118,13 @@ def hamming_collect_kernel(
     BLOCK_N: tl.constexpr,
     WORDS_P2: tl.constexpr,
     USE_POPC: tl.constexpr,
+    LOAD_DIST: tl.constexpr,
 ):
     """Write each query's rows nearer than its threshold, and its first rows at the threshold, in row order.
 
     ``below_start[q, split]`` / ``tie_start[q, split]`` are where the split's rows below / at the
     threshold go in the query's (n_candidates,) output; rows at the threshold past it are dropped.
+    With ``LOAD_DIST`` distances are read from ``dist_ptr`` (as the histogram pass stored them).
     """
     pid_q = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -127,8 +139,12 @@ def hamming_collect_kernel(
     for n0 in range(row_start, row_stop, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < row_stop
-        distance = _distances(q_ptr, x_ptr, offs_q, q_mask, offs_n, n_mask, words, WORDS_P2, USE_POPC)
         valid = n_mask[None, :] & q_mask[:, None]
+        if LOAD_DIST:
+            at = dist_ptr + offs_q.to(tl.int64)[:, None] * n_rows + offs_n[None, :]
+            distance = tl.load(at, mask=valid, other=0).to(tl.int32)
+        else:
+            distance = _distances(q_ptr, x_ptr, offs_q, q_mask, offs_n, n_mask, words, WORDS_P2, USE_POPC)
         below = (valid & (distance < threshold[:, None])).to(tl.int32)
         tie = (valid & (distance == threshold[:, None])).to(tl.int32)
         below_slot = below_at[:, None] + tl.cumsum(below, axis=1) - below
