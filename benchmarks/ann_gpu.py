@@ -331,7 +331,7 @@ def check_hamming(device: str) -> None:
         want = torch.topk(key, count, dim=1, largest=False, sorted=True).indices
         same_rows = torch.equal(got.indices, want)
         same_distances = torch.equal(got.scores.long(), torch.gather(distances, 1, want))
-        verdict = "same" if same_rows and same_distances else "DIFFERENT (rows {same_rows}, distances {same_distances})"
+        verdict = "same" if same_rows and same_distances else f"DIFFERENT (rows {same_rows}, dist. {same_distances})"
         log(f"hamming kernels vs torch at Q={n_queries} N={n_rows} W={width} count={count}: {verdict}")
 
 
