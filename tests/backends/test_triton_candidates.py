@@ -40,6 +40,7 @@ def expected(codes: np.ndarray, database_codes: np.ndarray, count: int) -> tuple
         (3, 300, 1, 150),
         (5, 301, 32, 1),
         (4, 333, 13, 200),
+        (3, 1300, 4, 20),  # unordered, few candidates: distances counted up to half the bits
     ],
 )
 @pytest.mark.parametrize(("ordered", "store"), [(True, False), (False, False), (True, True)])
@@ -84,3 +85,21 @@ def test_a_count_outside_one_to_the_rows_is_refused_naming_it(count: int) -> Non
     codes = torch.zeros((2, 4), dtype=torch.uint8, device=device())
     with pytest.raises(InvalidInputError, match=r"count must be an integer in 1\.\.7"):
         nearest_codes(codes, torch.zeros((7, 4), dtype=torch.uint8, device=device()), count)
+
+
+def test_unordered_candidates_past_half_the_bits_are_the_first_rows_beyond_the_nearer_ones() -> None:
+    from gpurag_triton.candidates import FAR_CUT_SHARE, nearest_codes
+
+    n_rows = 40 * FAR_CUT_SHARE
+    database_codes = np.full((n_rows, 2), 0xFF, dtype=np.uint8)  # 16 bits, all set: distance 16 from zeros
+    database_codes[n_rows - 1] = 0  # distance 0
+    database_codes[n_rows - 2, 0] = 0  # distance 8: the clip, half the bits
+    database_codes[5, 1] = 0x0F  # distance 12
+    got = nearest_codes(torch.zeros((1, 2), dtype=torch.uint8, device=device()),
+                        torch.from_numpy(database_codes).to(device()), 4, ordered=False)  # fmt: skip
+    # Nearer than half the bits: the last row; from the clip on, the first rows in row order.
+    assert got.indices.cpu().tolist() == [[n_rows - 1, 0, 1, 2]]
+    assert got.scores.cpu().tolist() == [[0, 16, 16, 16]]
+    exact = nearest_codes(torch.zeros((1, 2), dtype=torch.uint8, device=device()),
+                          torch.from_numpy(database_codes).to(device()), 4)  # fmt: skip
+    assert exact.indices.cpu().tolist() == [[n_rows - 1, n_rows - 2, 5, 0]]

@@ -19,6 +19,10 @@ TILE_ELEMENTS = 8192
 #: Bytes of one stored distance, and how many fewer bytes than the codes storing must read to be chosen.
 STORED_BYTES_PER_DISTANCE = 2
 STORE_RATIO = 2
+#: Most bins one histogram pass program counts at once (queries x distances).
+HISTOGRAM_BINS = 1024
+#: Candidates are counted up to half the bits only while they are fewer than 1 / FAR_CUT_SHARE of the rows.
+FAR_CUT_SHARE = 64
 #: Set once libdevice's popc failed to compile here; the bit-counting fallback is used from then on.
 _POPC_FAILED: list[bool] = []
 
@@ -33,6 +37,8 @@ def nearest_codes(
 ) -> TopK:
     """(int32 distances, int64 rows) (Q, count): each query's ``count`` nearest codes.
 
+    Unordered, where the cut lies at half the bits or farther (codes as far as random ones), the
+    rows kept from there on are the first in row order rather than the nearest.
     ``store_distances``: the first pass writes the (Q, N) distances as int16 and the second reads
     them instead of the codes; None chooses it where that reads fewer bytes (few queries, long codes).
 
@@ -49,13 +55,19 @@ def nearest_codes(
         raise InvalidInputError(f"count must be an integer in 1..{n_rows} (the database codes); got {count!r}")
     words = triton.cdiv(codes.shape[1], 4)
     a, b = launch._as_words(codes, words), launch._as_words(database_codes, words)
-    bins = launch._pow2(codes.shape[1] * 8 + 2)  # distances 0..n_bits, and one bin for rows past the end
+    n_bits = codes.shape[1] * 8
+    # Counted distances: all of them where the order must be exact or the cut may lie far out; else
+    # up to half the bits (any farther share one bin, their order among themselves then being by row).
+    clip = n_bits if ordered or count * FAR_CUT_SHARE > n_rows else n_bits // 2
+    bins = launch._pow2(clip + 2)  # distances 0..clip, and one bin for rows past the end
     words_p2 = launch._pow2(words)
     interpreting = launch.interpreting()
     block_q = min(16, launch._pow2(n_queries))
     block_n = max(16, min(1024, TILE_ELEMENTS // (block_q * words_p2)))
+    hist_block_q = max(1, min(block_q, HISTOGRAM_BINS // bins))  # tl.histogram's cost grows with its bins
+    hist_block_n = max(16, min(1024, TILE_ELEMENTS // (hist_block_q * words_p2)))
     if interpreting:
-        block_n = 16
+        block_n = hist_block_n = 16
     query_blocks = triton.cdiv(n_queries, block_q)
     splits = max(1, min(triton.cdiv(launch._sms(codes.device) * 4, query_blocks), triton.cdiv(n_rows, block_n * 4)))
     if interpreting:
@@ -64,6 +76,7 @@ def nearest_codes(
     splits = triton.cdiv(n_rows, rows_per_split)
     use_popc = not interpreting and has_popc() and not _POPC_FAILED
     grid = (query_blocks, splits)
+    hist_grid = (triton.cdiv(n_queries, hist_block_q), splits)
     hist = torch.empty((n_queries, splits, bins), dtype=torch.int32, device=codes.device)
     store = (
         n_queries * STORED_BYTES_PER_DISTANCE * STORE_RATIO <= codes.shape[1]
@@ -72,9 +85,10 @@ def nearest_codes(
     )
     stored = torch.empty((n_queries, n_rows) if store else (1, 1), dtype=torch.int16, device=codes.device)
     try:
-        hamming_histogram_kernel[grid](
-            a, b, hist, stored, n_queries, n_rows, words, rows_per_split, splits,
-            BLOCK_Q=block_q, BLOCK_N=block_n, WORDS_P2=words_p2, BINS=bins, USE_POPC=use_popc, STORE_DIST=store,
+        hamming_histogram_kernel[hist_grid](
+            a, b, hist, stored, n_queries, n_rows, words, rows_per_split, splits, clip,
+            BLOCK_Q=hist_block_q, BLOCK_N=hist_block_n, WORDS_P2=words_p2, BINS=bins, USE_POPC=use_popc,
+            STORE_DIST=store,
         )  # fmt: skip
     except triton.CompilationError:
         if not use_popc:
@@ -86,7 +100,7 @@ def nearest_codes(
     distances = torch.empty((n_queries, count), dtype=torch.int32, device=codes.device)
     hamming_collect_kernel[grid](
         a, b, stored, threshold, below_start, tie_start, rows, distances,
-        n_queries, n_rows, words, rows_per_split, splits, count,
+        n_queries, n_rows, words, rows_per_split, splits, count, clip,
         BLOCK_Q=block_q, BLOCK_N=block_n, WORDS_P2=words_p2, USE_POPC=use_popc, LOAD_DIST=store,
     )  # fmt: skip
     if ordered:

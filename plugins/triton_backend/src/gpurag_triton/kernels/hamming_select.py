@@ -64,6 +64,7 @@ def hamming_histogram_kernel(
     words,
     rows_per_split,
     n_splits,
+    clip,
     BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
     WORDS_P2: tl.constexpr,
@@ -71,7 +72,8 @@ def hamming_histogram_kernel(
     USE_POPC: tl.constexpr,
     STORE_DIST: tl.constexpr,
 ):
-    """hist[q, split, d] = rows of the split at Hamming distance d from query q (bin BINS - 1: none).
+    """hist[q, split, d] = rows of the split at Hamming distance d from query q, for d < ``clip``;
+    bin ``clip`` counts the rows at ``clip`` or farther (bin BINS - 1: none; BINS >= clip + 2).
 
     With ``STORE_DIST`` the distances are also written to ``dist_ptr`` (Q, N) int16, for the
     collecting pass to read instead of the codes (fewer bytes where queries are few).
@@ -91,7 +93,7 @@ def hamming_histogram_kernel(
         if STORE_DIST:
             at = dist_ptr + offs_q.to(tl.int64)[:, None] * n_rows + offs_n[None, :]
             tl.store(at, distance.to(tl.int16), mask=q_mask[:, None] & n_mask[None, :])
-        bins = lanes + tl.where(n_mask[None, :], distance, BINS - 1)
+        bins = lanes + tl.where(n_mask[None, :], tl.minimum(distance, clip), BINS - 1)
         counts += tl.histogram(tl.reshape(bins, (BLOCK_Q * BLOCK_N,)), BLOCK_Q * BINS)
     slots = tl.arange(0, BLOCK_Q * BINS)
     slot_q = pid_q * BLOCK_Q + slots // BINS
@@ -114,6 +116,7 @@ def hamming_collect_kernel(
     rows_per_split,
     n_splits,
     n_candidates,
+    clip,
     BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
     WORDS_P2: tl.constexpr,
@@ -125,6 +128,7 @@ def hamming_collect_kernel(
     ``below_start[q, split]`` / ``tie_start[q, split]`` are where the split's rows below / at the
     threshold go in the query's (n_candidates,) output; rows at the threshold past it are dropped.
     With ``LOAD_DIST`` distances are read from ``dist_ptr`` (as the histogram pass stored them).
+    Distances are compared clipped at ``clip``, as the histogram counted them.
     """
     pid_q = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -145,8 +149,9 @@ def hamming_collect_kernel(
             distance = tl.load(at, mask=valid, other=0).to(tl.int32)
         else:
             distance = _distances(q_ptr, x_ptr, offs_q, q_mask, offs_n, n_mask, words, WORDS_P2, USE_POPC)
-        below = (valid & (distance < threshold[:, None])).to(tl.int32)
-        tie = (valid & (distance == threshold[:, None])).to(tl.int32)
+        clipped = tl.minimum(distance, clip)
+        below = (valid & (clipped < threshold[:, None])).to(tl.int32)
+        tie = (valid & (clipped == threshold[:, None])).to(tl.int32)
         below_slot = below_at[:, None] + tl.cumsum(below, axis=1) - below
         tie_slot = tie_at[:, None] + tl.cumsum(tie, axis=1) - tie
         slot = tl.where(below != 0, below_slot, tie_slot)
