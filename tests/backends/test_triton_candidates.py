@@ -103,3 +103,14 @@ def test_unordered_candidates_past_half_the_bits_are_the_first_rows_beyond_the_n
     exact = nearest_codes(torch.zeros((1, 2), dtype=torch.uint8, device=device()),
                           torch.from_numpy(database_codes).to(device()), 4)  # fmt: skip
     assert exact.indices.cpu().tolist() == [[n_rows - 1, n_rows - 2, 5, 0]]
+
+
+@pytest.mark.parametrize(("n_queries", "n_splits", "bins", "count"), [(1, 1, 4, 1), (3, 7, 16, 50), (2, 300, 64, 900)])
+def test_the_cut_kernel_matches_the_tensor_steps(n_queries: int, n_splits: int, bins: int, count: int) -> None:
+    """One program per query, splits read in blocks (300 splits cross several), against the torch steps."""
+    from gpurag_triton.candidates import cut_and_offsets, cut_and_offsets_fused
+
+    hist = torch.randint(0, 5, (n_queries, n_splits, bins), generator=torch.Generator().manual_seed(bins),
+                         dtype=torch.int32).to(device())  # fmt: skip
+    for got, want in zip(cut_and_offsets_fused(hist, count), cut_and_offsets(hist, count), strict=True):
+        assert torch.equal(got, want)

@@ -12,13 +12,20 @@ import triton
 from gpurag.errors import InvalidInputError
 from gpurag.metrics import TopK
 from gpurag_triton import launch
-from gpurag_triton.kernels.hamming_select import hamming_collect_kernel, hamming_histogram_kernel, has_popc
+from gpurag_triton.kernels.hamming_select import (
+    cut_offsets_kernel,
+    hamming_collect_kernel,
+    hamming_histogram_kernel,
+    has_popc,
+)
 
 #: Most (query, row, word) elements one tile holds (registers per program).
 TILE_ELEMENTS = 8192
 #: Bytes of one stored distance, and how many fewer bytes than the codes storing must read to be chosen.
 STORED_BYTES_PER_DISTANCE = 2
 STORE_RATIO = 2
+#: Most (split, bin) counts the cut kernel reads at once.
+CUT_ELEMENTS = 4096
 #: Most bins one histogram pass program counts at once (queries x distances).
 HISTOGRAM_BINS = 1024
 #: Candidates are counted up to half the bits only while they are fewer than 1 / FAR_CUT_SHARE of the rows.
@@ -95,7 +102,7 @@ def nearest_codes(
             raise
         _POPC_FAILED.append(True)  # this Triton cannot lower libdevice's popc: count bits in registers instead
         return nearest_codes(codes, database_codes, count, ordered=ordered, store_distances=store_distances)
-    threshold, below_start, tie_start = cut_and_offsets(hist, count)
+    threshold, below_start, tie_start = cut_and_offsets_fused(hist, count)
     rows = torch.empty((n_queries, count), dtype=torch.int64, device=codes.device)
     distances = torch.empty((n_queries, count), dtype=torch.int32, device=codes.device)
     hamming_collect_kernel[grid](
@@ -107,6 +114,19 @@ def nearest_codes(
         order = torch.sort(distances, dim=1, stable=True).indices
         return TopK(torch.gather(distances, 1, order), torch.gather(rows, 1, order))
     return TopK(distances, rows)
+
+
+def cut_and_offsets_fused(hist: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`cut_and_offsets` in one kernel launch (a program per query)."""
+    n_queries, n_splits, bins = hist.shape
+    threshold = torch.empty(n_queries, dtype=torch.int32, device=hist.device)
+    below_start = torch.empty((n_queries, n_splits), dtype=torch.int32, device=hist.device)
+    tie_start = torch.empty((n_queries, n_splits), dtype=torch.int32, device=hist.device)
+    block_s = max(1, min(launch._pow2(n_splits), CUT_ELEMENTS // bins))
+    cut_offsets_kernel[(n_queries,)](
+        hist, threshold, below_start, tie_start, n_splits, count, BINS=bins, BLOCK_S=block_s
+    )
+    return threshold, below_start, tie_start
 
 
 def cut_and_offsets(hist: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

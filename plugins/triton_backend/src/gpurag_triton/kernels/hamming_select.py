@@ -161,3 +161,45 @@ def hamming_collect_kernel(
         tl.store(distances_out_ptr + out_base + slot, distance, mask=write)
         below_at += tl.sum(below, axis=1)
         tie_at += tl.sum(tie, axis=1)
+
+
+@triton.jit
+def cut_offsets_kernel(
+    hist_ptr,
+    threshold_ptr,
+    below_start_ptr,
+    tie_start_ptr,
+    n_splits,
+    count,
+    BINS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """Per query (one program each), from hist (Q, S, BINS): the cut t, where the running count reaches
+    ``count``, and where each split's rows below t and at t start (see `candidates.cut_and_offsets`)."""
+    q = tl.program_id(0).to(tl.int64)
+    bins = tl.arange(0, BINS)
+    total = tl.zeros((BINS,), dtype=tl.int64)
+    for s0 in range(0, n_splits, BLOCK_S):
+        splits = s0 + tl.arange(0, BLOCK_S)
+        block = tl.load(hist_ptr + (q * n_splits + splits[:, None]) * BINS + bins[None, :],
+                        mask=splits[:, None] < n_splits, other=0)  # fmt: skip
+        total += tl.sum(block.to(tl.int64), axis=0)
+    running = tl.cumsum(total, axis=0)
+    threshold = tl.sum((running < count).to(tl.int32), axis=0)
+    below_all = tl.sum(tl.where(bins < threshold, total, 0), axis=0)
+    tl.store(threshold_ptr + q, threshold)
+    below_carry = below_all * 0
+    tie_carry = below_all
+    for s0 in range(0, n_splits, BLOCK_S):
+        splits = s0 + tl.arange(0, BLOCK_S)
+        s_mask = splits < n_splits
+        block = tl.load(hist_ptr + (q * n_splits + splits[:, None]) * BINS + bins[None, :],
+                        mask=s_mask[:, None], other=0).to(tl.int64)  # fmt: skip
+        below = tl.sum(tl.where(bins[None, :] < threshold, block, 0), axis=1)
+        tie = tl.sum(tl.where(bins[None, :] == threshold, block, 0), axis=1)
+        tl.store(below_start_ptr + q * n_splits + splits, (below_carry + tl.cumsum(below, axis=0) - below).to(tl.int32),
+                 mask=s_mask)  # fmt: skip
+        tl.store(tie_start_ptr + q * n_splits + splits, (tie_carry + tl.cumsum(tie, axis=0) - tie).to(tl.int32),
+                 mask=s_mask)  # fmt: skip
+        below_carry += tl.sum(below, axis=0)
+        tie_carry += tl.sum(tie, axis=0)
