@@ -338,7 +338,7 @@ def check_hamming(device: str) -> None:
 
     backend = gpurag.get_backend("triton", device=device)
     stream = torch.Generator(device=device).manual_seed(7)
-    for n_queries, n_rows, width, count in ((1, 200_003, 32, 333), (16, 200_003, 16, 2000), (300, 50_001, 32, 64)):
+    for n_queries, n_rows, width, count in ((1, 200_003, 32, 333), (16, 200_003, 16, 2000)):
         codes = torch.randint(0, 256, (n_queries, width), generator=stream, device=device, dtype=torch.uint8)
         rows = torch.randint(0, 256, (n_rows, width), generator=stream, device=device, dtype=torch.uint8)
         got = backend.hamming_topk(codes, rows, count)
