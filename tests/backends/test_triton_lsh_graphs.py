@@ -7,18 +7,19 @@ import numpy as np
 import pytest
 
 import gpurag
+from gpurag.lsh import LSHRetriever
 from gpurag.testing.clustered import gaussian_mixture
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.gpu
 
 
-def cuda_index(n_candidates: int) -> gpurag.LSHRetriever:
+def cuda_index(n_candidates: int) -> LSHRetriever:
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     index = gpurag.get_retriever("lsh", metric="cosine", backend="triton", device="cuda", n_bits=128,
                                  n_candidates=n_candidates)  # fmt: skip
-    assert isinstance(index, gpurag.LSHRetriever)
+    assert isinstance(index, LSHRetriever)
     return index
 
 
