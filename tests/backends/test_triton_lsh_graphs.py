@@ -29,6 +29,9 @@ def test_graph_answers_equal_the_stages_run_one_by_one(n_queries: int) -> None:
     index.add(gaussian_mixture(20_000, 48, clusters=50, seed=1))
     queries = gaussian_mixture(n_queries, 48, clusters=50, seed=1, sample=1)
     graphed = [index.search(queries, 10) for _ in range(3)]  # captured once, replayed twice
+    from gpurag_triton.backend import TritonBackend
+
+    assert isinstance(index.backend, TritonBackend)
     index.backend.use_graphs = False
     plain = index.search(queries, 10)
     for result in graphed:
