@@ -93,11 +93,11 @@ def test_unordered_candidates_past_half_the_bits_are_the_first_rows_beyond_the_n
     n_rows = 40 * FAR_CUT_SHARE
     database_codes = np.full((n_rows, 2), 0xFF, dtype=np.uint8)  # 16 bits, all set: distance 16 from zeros
     database_codes[n_rows - 1] = 0  # distance 0
-    database_codes[n_rows - 2, 0] = 0  # distance 8: the clip, half the bits
+    database_codes[n_rows - 2, 0] = 0  # distance 8: half the bits, past the last counted distance
     database_codes[5, 1] = 0x0F  # distance 12
     got = nearest_codes(torch.zeros((1, 2), dtype=torch.uint8, device=device()),
                         torch.from_numpy(database_codes).to(device()), 4, ordered=False)  # fmt: skip
-    # Nearer than half the bits: the last row; from the clip on, the first rows in row order.
+    # Nearer than the clip: the last row; from the clip on, the first rows in row order.
     assert got.indices.cpu().tolist() == [[n_rows - 1, 0, 1, 2]]
     assert got.scores.cpu().tolist() == [[0, 16, 16, 16]]
     exact = nearest_codes(torch.zeros((1, 2), dtype=torch.uint8, device=device()),

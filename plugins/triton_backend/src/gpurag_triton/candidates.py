@@ -44,7 +44,7 @@ def nearest_codes(
 ) -> TopK:
     """(int32 distances, int64 rows) (Q, count): each query's ``count`` nearest codes.
 
-    Unordered, where the cut lies at half the bits or farther (codes as far as random ones), the
+    Unordered, where the cut lies at about half the bits or farther (codes as far as random ones), the
     rows kept from there on are the first in row order rather than the nearest.
     ``store_distances``: the first pass writes the (Q, N) distances as int16 and the second reads
     them instead of the codes; None chooses it where that reads fewer bytes (few queries, long codes).
@@ -64,9 +64,14 @@ def nearest_codes(
     a, b = launch._as_words(codes, words), launch._as_words(database_codes, words)
     n_bits = codes.shape[1] * 8
     # Counted distances: all of them where the order must be exact or the cut may lie far out; else
-    # up to half the bits (any farther share one bin, their order among themselves then being by row).
-    clip = n_bits if ordered or count * FAR_CUT_SHARE > n_rows else n_bits // 2
-    bins = launch._pow2(clip + 2)  # distances 0..clip, and one bin for rows past the end
+    # those under about half the bits, in a power-of-two of bins (any farther share the last counted
+    # bin, their order among themselves then being by row).
+    if ordered or count * FAR_CUT_SHARE > n_rows or n_bits < 8:
+        clip = n_bits
+        bins = launch._pow2(clip + 2)  # distances 0..clip, and one bin for rows past the end
+    else:
+        bins = launch._pow2(n_bits // 2)
+        clip = bins - 2
     words_p2 = launch._pow2(words)
     interpreting = launch.interpreting()
     block_q = min(16, launch._pow2(n_queries))
