@@ -114,3 +114,22 @@ def test_the_cut_kernel_matches_the_tensor_steps(n_queries: int, n_splits: int, 
                          dtype=torch.int32).to(device())  # fmt: skip
     for got, want in zip(cut_and_offsets_fused(hist, count), cut_and_offsets(hist, count), strict=True):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("n_bits", [1, 8, 13, 32, 70, 256])
+def test_host_query_codes_are_the_backends_sign_codes_and_ride_float_words_unchanged(n_bits: int) -> None:
+    """The graph path codes its few queries on the host: same bits as `sign_codes`, padded to words."""
+    import gpurag
+    from gpurag_triton.graphs import as_float_words, host_sign_codes
+
+    rng = np.random.default_rng(n_bits)
+    hashed = rng.standard_normal((5, 12)).astype(np.float32)
+    planes = rng.standard_normal((n_bits, 12)).astype(np.float32)
+    want = gpurag.get_backend("numpy").sign_codes(hashed, planes)
+    got = host_sign_codes(hashed.astype(np.float64), planes.astype(np.float64))
+    np.testing.assert_array_equal(got, want)
+    words = as_float_words(got)
+    assert words.dtype == np.float32
+    assert words.shape == (5, -(-got.shape[1] // 4))
+    back = np.ascontiguousarray(words).view(np.uint8)[:, : got.shape[1]]
+    np.testing.assert_array_equal(back, got)

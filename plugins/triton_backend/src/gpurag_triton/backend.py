@@ -64,6 +64,7 @@ class TritonBackend(TorchBackend):
         #: Whether small LSH searches run as captured CUDA graphs (`lsh_topk`); off only to compare.
         self.use_graphs = True
         self._lsh_graphs: Any = None
+        self._host_planes: tuple[Any, np.ndarray[Any, Any]] | None = None  # (device planes, float64 host copy)
 
     @classmethod
     def availability(cls) -> Availability:
@@ -278,7 +279,12 @@ class TritonBackend(TorchBackend):
     def lsh_topk(
         self, hashed: Any, queries: Any, planes: Any, codes: Any, database: Database, n_candidates: int, k: int
     ) -> TopK:
-        """The LSH stages as one captured CUDA graph for up to `graphs.GRAPH_MAX_QUERIES` host queries on CUDA."""
+        """The LSH stages as one captured CUDA graph for up to `graphs.GRAPH_MAX_QUERIES` host queries on CUDA.
+
+        The queries' codes come from the host (see `graphs.host_sign_codes`), so a code bit whose
+        float64 projection rounds to the other side of zero there may differ from `sign_codes`'.
+        """
+        import torch
 
         from gpurag_triton import graphs, launch
 
@@ -291,14 +297,21 @@ class TritonBackend(TorchBackend):
         if self._lsh_graphs is None:
             self._lsh_graphs = graphs.LSHGraphs(self.torch_device)
         runner: graphs.LSHGraphs = self._lsh_graphs
+        if self._host_planes is None or self._host_planes[0] is not planes:
+            self._host_planes = (planes, planes.double().cpu().numpy())
+        # The few queries' codes are made on the host (a small float64 product): a dozen kernels fewer.
+        query_codes = graphs.host_sign_codes(np.asarray(hashed, np.float64), self._host_planes[1])
+        width = query_codes.shape[1]
 
-        def stages(hashed_in: torch.Tensor, queries_in: torch.Tensor) -> TopK:
+        def stages(words_in: torch.Tensor, queries_in: torch.Tensor) -> TopK:
             # Device tensors checked on the host already: no `asarray` (its finiteness check syncs).
-            candidates = self.hamming_candidates(self.sign_codes(hashed_in, planes), codes, n_candidates)
+            query_codes_in = words_in.view(torch.uint8)[:, :width].contiguous()
+            candidates = self.hamming_candidates(query_codes_in, codes, n_candidates)
             return self.rerank(queries_in, database, candidates, k)
 
-        key = graphs.graph_key(hashed, queries, planes, codes, database, n_candidates, k)
-        return runner.run(stages, np.asarray(hashed, np.float32), np.asarray(queries, np.float32), key)
+        words = graphs.as_float_words(query_codes)
+        key = graphs.graph_key(words, queries, planes, codes, database, n_candidates, k)
+        return runner.run(stages, words, np.ascontiguousarray(queries, np.float32), key)
 
     def fused_hamming_topk(self, codes: Any, database_codes: Any, k: int) -> TopK:
         """`hamming_topk` by the fused top-KP kernel (k <= 256; kept to compare against the counting kernels)."""

@@ -36,6 +36,20 @@ class _Graph:
     rows: torch.Tensor
 
 
+def host_sign_codes(hashed: np.ndarray[Any, Any], planes: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """Packed sign codes (Q, ceil(B / 8)) uint8 of float64 ``hashed`` (Q, D) against float64 ``planes`` (B, D),
+    packed as `DistanceBackend.sign_codes` packs them (bit j: bit j % 8 of byte j // 8)."""
+    return np.packbits((hashed @ planes.T) > 0, axis=1, bitorder="little")
+
+
+def as_float_words(codes: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """``codes`` (Q, W) uint8 zero-padded to whole 4-byte words and viewed as float32 (Q, ceil(W / 4)): bits
+    travel unchanged through the float32 staging buffer (a copy never interprets them)."""
+    pad = -codes.shape[1] % 4
+    padded = np.ascontiguousarray(np.pad(codes, ((0, 0), (0, pad))) if pad else codes)
+    return padded.view(np.float32)
+
+
 def graph_key(
     hashed: Any, queries: Any, planes: torch.Tensor, codes: torch.Tensor, database: Database, n_candidates: int, k: int
 ) -> tuple[Any, ...]:
@@ -67,7 +81,10 @@ class LSHGraphs:
         queries: np.ndarray[Any, Any],
         key: tuple[Any, ...],
     ) -> TopK:
-        """``stages(hashed, queries)`` (device tensors in, TopK out) through the graph of ``key``."""
+        """``stages(hashed, queries)`` (device tensors in, TopK out) through the graph of ``key``.
+
+        ``hashed`` and ``queries`` are C-contiguous float32 (their bits are copied, never read as numbers).
+        """
         width = hashed.shape[1]
         with self._lock:
             entry = self._graphs.get(key)
@@ -79,9 +96,9 @@ class LSHGraphs:
             else:
                 self._graphs.move_to_end(key)
             entry.copied.synchronize()  # the previous copy out of the staging buffer has finished
-            staging = entry.staging.numpy()
-            staging[:, :width] = hashed
-            staging[:, width:] = queries
+            staging = entry.staging.numpy().view(np.uint32)  # bits copied as they are (codes ride as words)
+            staging[:, :width] = hashed.view(np.uint32)
+            staging[:, width:] = queries.view(np.uint32)
             entry.inputs.copy_(entry.staging, non_blocking=True)
             entry.copied.record()
             entry.graph.replay()
