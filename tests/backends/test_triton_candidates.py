@@ -90,7 +90,7 @@ def test_a_count_outside_one_to_the_rows_is_refused_naming_it(count: int) -> Non
 def test_unordered_candidates_past_half_the_bits_are_the_first_rows_beyond_the_nearer_ones() -> None:
     from gpurag_triton.candidates import FAR_CUT_SHARE, nearest_codes
 
-    n_rows = 40 * FAR_CUT_SHARE
+    n_rows = 20 * FAR_CUT_SHARE
     database_codes = np.full((n_rows, 2), 0xFF, dtype=np.uint8)  # 16 bits, all set: distance 16 from zeros
     database_codes[n_rows - 1] = 0  # distance 0
     database_codes[n_rows - 2, 0] = 0  # distance 8: half the bits, past the last counted distance
