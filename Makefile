@@ -8,7 +8,7 @@ PIP := $(BIN)/python -m pip
 DISTRIBUTIONS := -e ./core[test] -e ./plugins/numpy_backend[test] -e ./server[test,ray] -e ./plugins/torch_backend[test] -e ./plugins/triton_backend[test]
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-gpu lint bench bench-report bench-core ann-report rag-eval rag-speed gpu-wheels clean serve serve-report
+.PHONY: install test test-gpu lint bench bench-report bench-core ann-report rag-eval rag-speed rag-tune gpu-wheels clean serve serve-report
 
 $(STAMP): core/pyproject.toml plugins/numpy_backend/pyproject.toml server/pyproject.toml plugins/torch_backend/pyproject.toml plugins/triton_backend/pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -67,6 +67,10 @@ rag-eval: $(STAMP)
 
 rag-speed: $(STAMP)
 	$(BIN)/python benchmarks/rag_speed.py
+
+# How the hybrid weights were chosen: a grid on half of the pydoc questions, scored on the other half.
+rag-tune: $(STAMP)
+	$(BIN)/python benchmarks/rag_tune.py
 
 # gpurag's server against Ray Serve (same work and load), and a Ray node actor's index load time.
 .PHONY: ray-serve-anchor ray-index-load

@@ -89,7 +89,7 @@ def test_build_errors(embedder: HashingEmbedder) -> None:
 def test_save_load_round_trip(corpus: CorpusIndex, embedder: HashingEmbedder, tmp_path: Path) -> None:
     path = tmp_path / "corpus"
     corpus.save(path)
-    assert sorted(p.name for p in path.iterdir()) == ["chunks.jsonl", "index", "lexical", "manifest.json"]
+    assert sorted(p.name for p in path.iterdir()) == ["chunks.jsonl", "documents", "index", "lexical", "manifest.json"]
     loaded = CorpusIndex.load(path, embedder)
     assert loaded.chunks == corpus.chunks
     assert loaded.chunks[3].metadata == {"n": 3, "tags": ["a", "b"]}

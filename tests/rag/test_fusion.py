@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gpurag.errors import InvalidInputError
-from gpurag.rag.fusion import fuse
+from gpurag.rag.fusion import add_document_scores, fuse
 
 
 def ranking(ids: list[int], scores: list[float]) -> tuple[np.ndarray, np.ndarray]:
@@ -87,3 +87,45 @@ def test_k_keeps_the_best() -> None:
 def test_bad_arguments_are_named(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(InvalidInputError, match=message.replace("(", r"\(")):
         fuse([DENSE, LEXICAL], 3, **kwargs)  # type: ignore[arg-type]
+
+
+# --- document scores added to chunks ---------------------------------------------------------------
+
+OWNERS = np.asarray([0, 0, 1, 2], dtype=np.int64)  # chunks 0 and 1 are document 0's
+
+
+def test_a_chunk_gains_its_documents_normalised_score() -> None:
+    chunks = ranking([0, 2, 3, 1], [1.0, 0.9, 0.8, 0.1])
+    documents = [ranking([2, 1, 0], [5.0, 3.0, 1.0])]  # document 2 best, then 1, then 0
+    ids, scores = add_document_scores(chunks, OWNERS, documents, [0.5], fusion="weighted")
+    # 3: 0.8 + 0.5 * 1; 2: 0.9 + 0.5 * 0.5; 0: 1.0 + 0; 1: 0.1 + 0
+    assert ids.tolist() == [3, 2, 0, 1]
+    np.testing.assert_allclose(scores, [1.3, 1.15, 1.0, 0.1], rtol=1e-6)
+
+
+def test_a_document_missing_from_a_ranking_adds_nothing_and_weights_add_up() -> None:
+    chunks = ranking([0, 2, 3], [0.3, 0.2, 0.1])
+    documents = [ranking([2], [1.0]), ranking([1, 2], [2.0, 1.0])]
+    ids, scores = add_document_scores(chunks, OWNERS, documents, [0.25, 1.0], fusion="weighted")
+    # 2 (document 1): 0.2 + 0 + 1; 3 (document 2): 0.1 + 0.25 * 1 + 0; 0: 0.3
+    assert ids.tolist() == [2, 3, 0]
+    np.testing.assert_allclose(scores, [1.2, 0.35, 0.3], rtol=1e-6)
+
+
+def test_rrf_document_scores_count_reciprocal_ranks() -> None:
+    ids, scores = add_document_scores(
+        ranking([0, 3], [0.0, 0.0]), OWNERS, [ranking([2, 0], [9.0, 1.0])], [2.0], fusion="rrf", rrf_k=1.0
+    )
+    assert ids.tolist() == [3, 0]
+    np.testing.assert_allclose(scores, [2.0 / 2, 2.0 / 3], rtol=1e-6)
+
+
+def test_zero_weights_keep_the_order() -> None:
+    chunks = ranking([1, 0, 3, 2], [0.4, 0.4, 0.4, 0.1])
+    ids, _ = add_document_scores(chunks, OWNERS, [ranking([2, 1], [1.0, 0.5])], [0.0])
+    assert ids.tolist() == [1, 0, 3, 2]
+
+
+def test_document_weights_must_match_the_rankings() -> None:
+    with pytest.raises(InvalidInputError, match="weights has 1 entries for 2 document rankings"):
+        add_document_scores(ranking([0], [1.0]), OWNERS, [ranking([0], [1.0])] * 2, [1.0])

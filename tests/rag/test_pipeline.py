@@ -247,9 +247,18 @@ def test_each_stage_runs_once_per_batch(corpus: CorpusIndex, monkeypatch: pytest
         "search",
         lambda q, k: dense.append(len(q)) or retriever_search(q, k),  # type: ignore[func-returns-value]
     )
+    documents: list[int] = []
+    document_index = corpus.document_index(embedder)
+    document_search = document_index.lexical.search
+    monkeypatch.setattr(
+        document_index.lexical,
+        "search",
+        lambda queries, k: documents.append(len(queries)) or document_search(queries, k),  # type: ignore[func-returns-value]
+    )
     answers = pipeline.answer_batch(QUESTIONS, k=2)
     assert searches == [3]
     assert dense == [3]
+    assert documents == [3]
     assert generator.calls == [3]
     assert embedder.calls[0] == 3
     assert len(embedder.calls) == 2
@@ -277,3 +286,79 @@ def test_an_unknown_mode_is_named(corpus: CorpusIndex) -> None:
         RAGPipeline(corpus, HashingEmbedder(dim=128), CountingGenerator(), retrieval="sparse")
     with pytest.raises(InvalidInputError, match="fusion must be one of rrf, weighted; got 'sum'"):
         RAGPipeline(corpus, HashingEmbedder(dim=128), CountingGenerator(), fusion="sum")
+
+
+# --- document scores and passages per source -------------------------------------------------------
+
+LONG_DOCUMENTS = [
+    # A long page about something else whose last chunk names both words of the question once...
+    Document(
+        " ".join(f"Paragraph {i} is about string formatting and its many options." for i in range(10))
+        + " A walrus in an expression, an expression.",
+        "notes/strings.md",
+    ),
+    # ...and a page about the walrus operator throughout, whose chunks each name one of them.
+    Document(
+        "The walrus operator names a value. The walrus operator is new. The walrus operator is short. "
+        "It works in any expression: a comprehension's expression, a condition expression, an argument expression.",
+        "notes/walrus.md",
+    ),
+]
+
+
+def long_pipeline(**options: Any) -> RAGPipeline:
+    chunks = chunk_documents(LONG_DOCUMENTS, size=100, overlap=0, unit="chars")
+    embedder = BlindEmbedder()
+    return RAGPipeline(CorpusIndex.build(chunks, embedder), embedder, CountingGenerator(), **options)
+
+
+def with_settings(monkeypatch: pytest.MonkeyPatch, **values: str) -> None:
+    from gpurag.settings import get_settings
+
+    for name, value in values.items():
+        monkeypatch.setenv(f"GPURAG_{name.upper()}", value)
+    get_settings.cache_clear()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_settings() -> Any:
+    from gpurag.settings import get_settings
+
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+def test_document_scores_lift_the_page_about_the_question(monkeypatch: pytest.MonkeyPatch) -> None:
+    question = ["walrus expression"]
+    with_settings(monkeypatch, fusion_weight="0.5", document_dense_weight="0", document_lexical_weight="0")
+    chunk_scores_only = long_pipeline(retrieval="hybrid").answer_batch(question, k=1)[0]
+    assert chunk_scores_only.sources[0].source == "notes/strings.md"  # the chunk with both words wins alone
+    with_settings(monkeypatch, document_lexical_weight="1")
+    with_documents = long_pipeline(retrieval="hybrid").answer_batch(question, k=1)[0]
+    assert with_documents.sources[0].source == "notes/walrus.md"
+    assert with_documents.timings["fuse_s"] > 0.0
+
+
+def test_at_most_passages_per_source_in_every_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    question = ["string formatting options of the walrus operator in an expression"]  # words of both pages
+    for mode in ("dense", "lexical", "hybrid"):
+        (answer,) = long_pipeline(retrieval=mode).answer_batch(question, k=3)
+        assert sorted(p.source for p in answer.sources) == ["notes/strings.md", "notes/walrus.md"], mode
+    with_settings(monkeypatch, passages_per_source="2")
+    for mode in ("dense", "lexical", "hybrid"):
+        (answer,) = long_pipeline(retrieval=mode).answer_batch(question, k=4)
+        sources = [p.source for p in answer.sources]
+        assert sorted(sources) == ["notes/strings.md"] * 2 + ["notes/walrus.md"] * 2, mode
+    with_settings(monkeypatch, passages_per_source="0")
+    for mode in ("dense", "lexical", "hybrid"):
+        (answer,) = long_pipeline(retrieval=mode).answer_batch(question, k=4)
+        sources = [p.source for p in answer.sources]
+        assert max(sources.count(source) for source in sources) >= 3, mode  # no limit: one page may fill it
+
+
+def test_passages_per_source_is_an_option_checked_by_name() -> None:
+    (answer,) = long_pipeline(retrieval="dense", passages_per_source=0).answer_batch(["walrus"], k=3)
+    assert [p.source for p in answer.sources].count("notes/strings.md") >= 2
+    with pytest.raises(InvalidInputError, match="passages_per_source must be >= 0; got -1"):
+        long_pipeline(passages_per_source=-1)

@@ -88,8 +88,17 @@ class Settings(BaseSettings):
     retrieval: str = Field(default="hybrid", description="'dense', 'lexical' (BM25) or 'hybrid' (both, fused).")
     fusion: str = Field(default="weighted", description="How hybrid retrieval fuses: 'rrf' or 'weighted'.")
     rrf_k: float = Field(default=60.0, gt=0, description="The constant of reciprocal-rank fusion.")
-    fusion_weight: float = Field(default=0.8, ge=0, le=1, description="Dense share of a 'weighted' fusion.")
+    fusion_weight: float = Field(default=1.0, ge=0, le=1, description="Dense share of a 'weighted' fusion.")
     retrieval_depth: int = Field(default=50, gt=0, description="Candidates each retriever gives a fusion.")
+    document_dense_weight: float = Field(
+        default=0.4, ge=0, description="Hybrid: weight of a chunk's document's first-chunk similarity."
+    )
+    document_lexical_weight: float = Field(
+        default=0.4, ge=0, description="Hybrid: weight of a chunk's whole document's BM25 score."
+    )
+    passages_per_source: int = Field(
+        default=1, ge=0, description="Most passages of one source among a question's results (0: no limit)."
+    )
     reranker: str = Field(default="none", description="Re-ranker of the first candidates: 'none' or 'sentence'.")
     rerank_depth: int = Field(default=10, gt=0, description="Candidates a re-ranker looks at per question.")
     prompt_template: str = Field(default=DEFAULT_PROMPT_TEMPLATE, description="Prompt given to LM generators.")

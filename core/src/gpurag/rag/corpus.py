@@ -7,6 +7,7 @@ On disk it is a directory written atomically and checked on load (see `gpurag.st
                      (line i has id i)
     index/           the retriever's own index directory, with its own manifest
     lexical/         the BM25 index of the same chunks (`gpurag.rag.lexical`), with its own manifest
+    documents/       whole-document scores of the chunks' documents (`gpurag.rag.documents`), with its own manifest
 
 What is embedded and lexically indexed is each chunk's `Chunk.indexed_text` (its title and
 headings, then its text) when the corpus is built with ``titles=True`` (the default), else its
@@ -27,6 +28,7 @@ import numpy.typing as npt
 
 from gpurag import storage
 from gpurag.errors import IndexFormatError, InvalidInputError
+from gpurag.rag.documents import DocumentIndex, document_owners
 from gpurag.rag.fusion import Ranking
 from gpurag.rag.lexical import LexicalIndex
 from gpurag.rag.types import Chunk, Embedder, Passage
@@ -38,6 +40,7 @@ KIND = "corpus"
 CHUNKS_FILE = "chunks.jsonl"
 INDEX_DIR = "index"
 LEXICAL_DIR = "lexical"
+DOCUMENTS_DIR = "documents"
 
 #: Called after each embedded batch with the number of chunks it held.
 Progress = Callable[[int], None]
@@ -67,6 +70,7 @@ class CorpusIndex:
         embedder_dim: int,
         metadata: dict[str, Any] | None = None,
         lexical: LexicalIndex | None = None,
+        documents: DocumentIndex | None = None,
     ) -> None:
         if len(retriever) != len(chunks):
             raise InvalidInputError(f"the retriever holds {len(retriever)} vectors but {len(chunks)} chunks were given")
@@ -85,6 +89,12 @@ class CorpusIndex:
                 f"the lexical index holds {len(lexical)} documents but {len(chunks)} chunks were given"
             )
         self._lexical = lexical
+        self._owners = document_owners(self.chunks)[1]
+        if documents is not None and len(documents.owners) != len(self.chunks):
+            raise InvalidInputError(
+                f"the document index covers {len(documents.owners)} chunks but {len(chunks)} chunks were given"
+            )
+        self._documents = documents
 
     @property
     def titles(self) -> bool:
@@ -103,6 +113,30 @@ class CorpusIndex:
         if self._lexical is None:
             self._lexical = LexicalIndex.build(self.indexed_texts())
         return self._lexical
+
+    @property
+    def owners(self) -> npt.NDArray[np.int64]:
+        """The document number of each chunk: its source's place in `sources`."""
+        return self._owners
+
+    @property
+    def documents(self) -> DocumentIndex | None:
+        """The whole-document index (None for a corpus saved before it; see `document_index`)."""
+        return self._documents
+
+    def document_index(self, embedder: Embedder) -> DocumentIndex:
+        """The whole-document index; a corpus saved without one gets it built here, once, with ``embedder``.
+
+        Building it embeds each document's first chunk (one call) and indexes the documents' text.
+        """
+        if self._documents is None:
+            check_embedder(embedder, self.embedder_name, self.embedder_dim, "whose documents are indexed")
+            texts = self.indexed_texts()
+            rows = np.unique(self._owners, return_index=True)[1]  # each document's first chunk
+            vectors = np.zeros((len(self.chunks), self.embedder_dim), dtype=np.float32)
+            vectors[rows] = np.asarray(embedder.embed_batch([texts[i] for i in rows.tolist()]), dtype=np.float32)
+            self._documents = DocumentIndex.build(self.chunks, vectors, titles=self.titles)
+        return self._documents
 
     def __len__(self) -> int:
         return len(self.chunks)
@@ -166,10 +200,12 @@ class CorpusIndex:
             if progress is not None:
                 progress(len(batch))
         # One add: appending batch by batch would copy the growing index each time.
-        index.add(np.concatenate(batches), ids=np.arange(len(chunk_list), dtype=np.int64))
+        vectors = np.concatenate(batches)
+        index.add(vectors, ids=np.arange(len(chunk_list), dtype=np.int64))
         lexical = LexicalIndex.build(texts)
+        documents = DocumentIndex.build(chunk_list, vectors, titles=titles)
         facts = {"build_s": round(time.perf_counter() - started, 3), "titles": bool(titles), **(metadata or {})}
-        return cls(index, chunk_list, embedder.name, embedder.dim, facts, lexical)
+        return cls(index, chunk_list, embedder.name, embedder.dim, facts, lexical, documents)
 
     def search(self, query_vectors: Any, k: int) -> list[list[Passage]]:
         """The ``k`` best passages for each query vector by the dense retriever alone, best first."""
@@ -187,6 +223,15 @@ class CorpusIndex:
     def lexical_rankings(self, queries: Sequence[str], k: int) -> list[Ranking]:
         """Each query text's ``k`` best chunks by BM25 (ids, scores), best first; only chunks sharing a term."""
         return self.lexical.search(queries, k)
+
+    def document_rankings(
+        self, embedder: Embedder, query_vectors: Any, queries: Sequence[str], depth: int
+    ) -> tuple[list[Ranking], list[Ranking]]:
+        """Each query's ``depth`` best documents by first-chunk similarity and by whole-document BM25.
+
+        Rankings hold document numbers (see `owners`); `DocumentIndex.rankings` says more.
+        """
+        return self.document_index(embedder).rankings(query_vectors, queries, depth)
 
     def passages(self, rankings: Sequence[Ranking]) -> list[list[Passage]]:
         """The passages of each ranking's chunk ids, in order, scored with the ranking's scores."""
@@ -210,6 +255,7 @@ class CorpusIndex:
             },
             "chunks": {"file": CHUNKS_FILE, "count": len(self.chunks), "sources": len(self.sources)},
             "lexical": {"path": LEXICAL_DIR, "kind": "bm25"},
+            **({"documents": {"path": DOCUMENTS_DIR}} if self._documents is not None else {}),
             "metadata": self.metadata,
         }
 
@@ -223,6 +269,9 @@ class CorpusIndex:
             self.retriever.save(tmp / INDEX_DIR)
             self.lexical.save(tmp / LEXICAL_DIR)
             files = [CHUNKS_FILE, f"{INDEX_DIR}/{storage.MANIFEST}", f"{LEXICAL_DIR}/{storage.MANIFEST}"]
+            if self._documents is not None:
+                self._documents.save(tmp / DOCUMENTS_DIR)
+                files.append(f"{DOCUMENTS_DIR}/{storage.MANIFEST}")
             storage.write_manifest(tmp, self.manifest(), files=files)
 
     @classmethod
@@ -266,7 +315,12 @@ class CorpusIndex:
             lexical = LexicalIndex.load(where / LEXICAL_DIR)
             if len(lexical) != count:
                 raise IndexFormatError(f"{where} is inconsistent: {count} chunks, the lexical index {len(lexical)}")
-        return cls(retriever, chunks, name, dim, manifest.get("metadata") or {}, lexical)
+        documents = None
+        if manifest.get("documents"):  # corpora saved before document scores have none; built on use
+            documents = DocumentIndex.load(where / DOCUMENTS_DIR, chunks)
+            if documents.vectors.shape[1] != dim:
+                raise IndexFormatError(f"{where} is inconsistent: document vectors of dim {documents.vectors.shape[1]}")
+        return cls(retriever, chunks, name, dim, manifest.get("metadata") or {}, lexical, documents)
 
 
 def read_corpus_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:

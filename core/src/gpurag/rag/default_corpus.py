@@ -25,7 +25,7 @@ from gpurag.rag.types import Chunk, Document, Embedder
 from gpurag.settings import get_settings
 
 #: Bump when the way the default corpus is made changes, so old caches are not reused.
-CACHE_VERSION = 2  # 2: titled chunks and a lexical index
+CACHE_VERSION = 3  # 2: titled chunks and a lexical index; 3: a document index
 SOURCE_PREFIX = "pydoc:"
 
 

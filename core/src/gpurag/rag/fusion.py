@@ -79,3 +79,46 @@ def _min_max(scores: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     if high == low:
         return np.ones_like(scores)
     return (scores - low) / (high - low)
+
+
+def add_document_scores(
+    ranking: Ranking,
+    owners: npt.NDArray[np.int64],
+    documents: Sequence[Ranking],
+    weights: Sequence[float],
+    *,
+    fusion: str = "weighted",
+    rrf_k: float = 60.0,
+) -> Ranking:
+    """``ranking``'s chunks re-scored with their documents' scores, best first.
+
+    Each chunk gains, per document ranking, ``weight`` times its document's contribution under
+    the same rule as `fuse` (min-max-normalised score, or ``1 / (rrf_k + rank)``); a document not
+    in a ranking contributes 0. Ties keep ``ranking``'s order.
+
+    :param owners: the document number of every chunk id (``owners[chunk_id]``).
+    :param documents: one (document numbers, scores) ranking per document-level scorer, best first.
+    :param weights: one weight per document ranking.
+    """
+    check_fusion(fusion)
+    if len(weights) != len(documents):
+        raise InvalidInputError(f"weights has {len(weights)} entries for {len(documents)} document rankings")
+    ids, scores = ranking
+    if len(ids) == 0 or not documents:
+        return ranking
+    boost = np.zeros(len(ids), dtype=np.float64)
+    owner_of = np.asarray(owners, dtype=np.int64)[np.asarray(ids, dtype=np.int64)]
+    for (doc_ids, doc_scores), weight in zip(documents, weights, strict=True):
+        if len(doc_ids) != len(doc_scores):
+            raise InvalidInputError(f"a document ranking has {len(doc_ids)} ids but {len(doc_scores)} scores")
+        if weight == 0 or len(doc_ids) == 0:
+            continue
+        if fusion == "rrf":
+            contributions = 1.0 / (rrf_k + np.arange(1, len(doc_ids) + 1, dtype=np.float64))
+        else:
+            contributions = _min_max(np.asarray(doc_scores, dtype=np.float64))
+        by_document = dict(zip(np.asarray(doc_ids).tolist(), (weight * contributions).tolist(), strict=True))
+        boost += np.asarray([by_document.get(owner, 0.0) for owner in owner_of.tolist()], dtype=np.float64)
+    total = np.asarray(scores, dtype=np.float64) + boost
+    order = np.argsort(-total, kind="stable")
+    return np.asarray(ids, dtype=np.int64)[order], total[order].astype(np.float32)

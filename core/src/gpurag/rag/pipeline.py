@@ -1,8 +1,10 @@
 """`RAGPipeline`: questions in, answers with their sources and per-stage timings out.
 
 Retrieval is ``dense`` (the embedder and the corpus's retriever), ``lexical`` (BM25) or
-``hybrid`` (both, each giving ``retrieval_depth`` candidates, fused by `gpurag.rag.fusion`);
-an optional re-ranker then reorders the first ``rerank_depth`` candidates.
+``hybrid`` (both, each giving ``retrieval_depth`` candidates, fused by `gpurag.rag.fusion`, then
+each candidate given its document's scores, `gpurag.rag.documents`); at most
+``passages_per_source`` passages of one source are kept; an optional re-ranker then reorders the
+first ``rerank_depth`` candidates.
 """
 
 from __future__ import annotations
@@ -14,16 +16,18 @@ from typing import Any
 
 import numpy as np
 
-from gpurag.arrays import check_k
+from gpurag.arrays import check_int, check_k
 from gpurag.errors import GpuragError, InvalidInputError
 from gpurag.rag.corpus import CorpusIndex, Progress, check_embedder, read_corpus_manifest
-from gpurag.rag.fusion import Ranking, check_fusion, fuse
+from gpurag.rag.documents import at_most_per_document
+from gpurag.rag.fusion import Ranking, add_document_scores, check_fusion, fuse
 from gpurag.rag.rerankers import Reranker, get_reranker
 from gpurag.rag.types import Answer, Embedder, Generator, Passage
 from gpurag.settings import get_settings
 
 #: The keys of `Answer.timings`, in seconds, each the whole batch's time for that stage (0 when skipped):
-#: question embedding, dense search, lexical search, fusion, re-ranking, generation, and all of it.
+#: question embedding, dense search, lexical search, fusion (document scores included), re-ranking,
+#: generation, and all of it.
 TIMING_KEYS = ("embed_s", "search_s", "lexical_s", "fuse_s", "rerank_s", "generate_s", "total_s")
 #: The retrieval modes.
 RETRIEVALS = ("dense", "lexical", "hybrid")
@@ -44,6 +48,8 @@ class RAGPipeline:
     :param retrieval: ``dense``, ``lexical`` or ``hybrid``; None takes the ``retrieval`` setting.
     :param reranker: ``none``, ``sentence`` or a `Reranker`; None takes the ``reranker`` setting.
     :param fusion: ``rrf`` or ``weighted``; None takes the ``fusion`` setting.
+    :param passages_per_source: most passages of one source per question (0: no limit); None takes
+        the ``passages_per_source`` setting.
     """
 
     def __init__(
@@ -55,6 +61,7 @@ class RAGPipeline:
         retrieval: str | None = None,
         reranker: str | Reranker | None = None,
         fusion: str | None = None,
+        passages_per_source: int | None = None,
     ) -> None:
         check_embedder(embedder, corpus.embedder_name, corpus.embedder_dim, "given to the pipeline")
         settings = get_settings()
@@ -64,6 +71,13 @@ class RAGPipeline:
         self.retrieval = check_retrieval(retrieval or settings.retrieval)
         self.fusion = check_fusion(fusion or settings.fusion)
         self.reranker = get_reranker(settings.reranker if reranker is None else reranker, embedder)
+        self.passages_per_source = check_int(
+            settings.passages_per_source if passages_per_source is None else passages_per_source,
+            "passages_per_source",
+            minimum=0,
+        )
+        if self.retrieval == "hybrid" and (settings.document_dense_weight or settings.document_lexical_weight):
+            corpus.document_index(embedder)  # a corpus saved without one gets it now, not at the first question
 
     def __repr__(self) -> str:
         reranker = self.reranker.name if self.reranker is not None else "none"
@@ -86,7 +100,7 @@ class RAGPipeline:
         :param embedder: an embedder or its name; None takes the ``embedder`` setting.
         :param generator: a generator or its name; None takes the ``generator`` setting (``extractive``).
         :param progress: passed to `load_default_corpus` for a first build.
-        :param options: ``retrieval``, ``reranker``, ``fusion`` (see the class).
+        :param options: ``retrieval``, ``reranker``, ``fusion``, ``passages_per_source`` (see the class).
         """
         from gpurag.rag.default_corpus import load_default_corpus
 
@@ -106,7 +120,7 @@ class RAGPipeline:
     ) -> RAGPipeline:
         """A pipeline over the corpus saved at ``path``; with no embedder, the one its manifest names.
 
-        :param options: ``retrieval``, ``reranker``, ``fusion`` (see the class).
+        :param options: ``retrieval``, ``reranker``, ``fusion``, ``passages_per_source`` (see the class).
         """
         if embedder is None:
             embedder = read_corpus_manifest(path)["embedder"]["name"]
@@ -119,16 +133,18 @@ class RAGPipeline:
     ) -> tuple[list[list[Passage]], dict[str, float]]:
         """Each query's ``k`` best passages, and the batch's seconds per retrieval stage.
 
-        One embedding call, one dense search, one lexical search, one fusion pass and one
-        re-ranking call for the whole batch, each only where the mode needs it.
+        One embedding call, one dense search, one lexical search, one fusion pass (with one
+        document scoring) and one re-ranking call for the whole batch, each only where the mode needs it.
         """
         clock = time.perf_counter()
         questions = _check_queries(queries)
         k = _check_k(k)
         settings = get_settings()
+        limit = self.passages_per_source
         # How many candidates retrieval hands on: k, or what the re-ranker and the fusion look at.
         wanted = max(k, settings.rerank_depth) if self.reranker is not None else k
-        depth = max(wanted, settings.retrieval_depth) if self.retrieval == "hybrid" else wanted
+        # Fusion, and keeping few passages per source, look deeper than what they hand on.
+        depth = max(wanted, settings.retrieval_depth) if self.retrieval == "hybrid" or limit else wanted
         timings = dict.fromkeys(TIMING_KEYS, 0.0)
         vectors: Any = None
         if self.retrieval != "lexical" or self.reranker is not None:
@@ -139,26 +155,45 @@ class RAGPipeline:
         if self.retrieval != "lexical":
             dense = self.corpus.dense_rankings(vectors, depth)
             if self.retrieval == "dense":
-                dense = [(ids[:wanted], scores[:wanted]) for ids, scores in dense]
-                passages = self.corpus.passages(dense)
+                passages = self.corpus.passages([self._select(ranking, limit, wanted) for ranking in dense])
             clock = _lap(timings, "search_s", clock)
         if self.retrieval != "dense":
             lexical = self.corpus.lexical_rankings(questions, depth)
             if self.retrieval == "lexical":
-                passages = self.corpus.passages([(ids[:wanted], scores[:wanted]) for ids, scores in lexical])
+                passages = self.corpus.passages([self._select(ranking, limit, wanted) for ranking in lexical])
             clock = _lap(timings, "lexical_s", clock)
         if self.retrieval == "hybrid":
             weight = settings.fusion_weight
-            fused = [
-                fuse([d, lex], wanted, fusion=self.fusion, rrf_k=settings.rrf_k, weights=[weight, 1 - weight])
-                for d, lex in zip(dense, lexical, strict=True)
-            ]
+            document_weights = [settings.document_dense_weight, settings.document_lexical_weight]
+            documents: tuple[list[Ranking], list[Ranking]] = ([], [])
+            if any(document_weights):
+                documents = self.corpus.document_rankings(self.embedder, vectors, questions, depth)
+            fused = []
+            for q, (d, lex) in enumerate(zip(dense, lexical, strict=True)):
+                candidates = len(d[0]) + len(lex[0])  # all of them: document scores may reorder any
+                ranking = fuse(
+                    [d, lex], candidates, fusion=self.fusion, rrf_k=settings.rrf_k, weights=[weight, 1 - weight]
+                )
+                if any(document_weights):
+                    ranking = add_document_scores(
+                        ranking,
+                        self.corpus.owners,
+                        [documents[0][q], documents[1][q]],
+                        document_weights,
+                        fusion=self.fusion,
+                        rrf_k=settings.rrf_k,
+                    )
+                fused.append(self._select(ranking, limit, wanted))
             passages = self.corpus.passages(fused)
             clock = _lap(timings, "fuse_s", clock)
         if self.reranker is not None:
             passages = self.reranker.rerank(questions, np.asarray(vectors), passages, k)
             clock = _lap(timings, "rerank_s", clock)
         return passages, timings
+
+    def _select(self, ranking: Ranking, limit: int, k: int) -> Ranking:
+        """The ``k`` best of ``ranking`` with at most ``limit`` chunks per source (0: no limit)."""
+        return at_most_per_document(ranking, self.corpus.owners, limit, k)
 
     def answer_batch(self, queries: Sequence[str], k: int | None = None) -> list[Answer]:
         """Answer every query: each retrieval stage once for the batch (`retrieve_batch`), one generation call.
