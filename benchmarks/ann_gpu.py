@@ -139,6 +139,17 @@ def candidate_variants(index: Any, host_queries: np.ndarray, batch: int, repeats
                                                          store_distances=True),
         "count, ordered (hamming_topk)": lambda: nearest_codes(query_codes, codes, count),
     }  # fmt: skip
+
+    def one_histogram() -> Any:  # the layout measured in W2: one histogram of (queries x bins) per tile
+        from gpurag_triton import candidates
+
+        candidates.HISTOGRAM_PER_QUERY = False
+        try:
+            return nearest_codes(query_codes, codes, count, ordered=False)
+        finally:
+            candidates.HISTOGRAM_PER_QUERY = True
+
+    variants["count, one histogram per query tile"] = one_histogram
     if count <= 256 and hasattr(backend, "fused_hamming_topk"):
         variants["fused top-KP kernel"] = lambda: backend.fused_hamming_topk(query_codes, codes, count)
     out = {}

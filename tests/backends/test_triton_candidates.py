@@ -133,3 +133,22 @@ def test_host_query_codes_are_the_backends_sign_codes_and_ride_float_words_uncha
     assert words.shape == (5, -(-got.shape[1] // 4))
     back = np.ascontiguousarray(words).view(np.uint8)[:, : got.shape[1]]
     np.testing.assert_array_equal(back, got)
+
+
+@pytest.mark.parametrize(("n_queries", "n_rows", "n_bytes", "count"), [(17, 49, 5, 49), (4, 333, 13, 200)])
+def test_the_one_histogram_layout_gives_the_same_candidates(
+    monkeypatch: pytest.MonkeyPatch, n_queries: int, n_rows: int, n_bytes: int, count: int
+) -> None:
+    """The layout that counts a query tile in one histogram (kept to compare) answers as the per-query one."""
+    from gpurag_triton import candidates
+
+    rng = np.random.default_rng(n_rows)
+    codes = torch.from_numpy(rng.integers(0, 256, (n_queries, n_bytes), dtype=np.uint8)).to(device())
+    database_codes = torch.from_numpy(rng.integers(0, 256, (n_rows, n_bytes), dtype=np.uint8)).to(device())
+    per_query = candidates.nearest_codes(codes, database_codes, count)
+    monkeypatch.setattr(candidates, "HISTOGRAM_PER_QUERY", False)
+    one_histogram = candidates.nearest_codes(codes, database_codes, count)
+    assert torch.equal(per_query.indices, one_histogram.indices)
+    assert torch.equal(per_query.scores, one_histogram.scores)
+    _, want_rows = expected(codes.cpu().numpy(), database_codes.cpu().numpy(), count)
+    np.testing.assert_array_equal(per_query.indices.cpu().numpy(), want_rows)

@@ -26,10 +26,17 @@ STORED_BYTES_PER_DISTANCE = 2
 STORE_RATIO = 2
 #: Most (split, bin) counts the cut kernel reads at once.
 CUT_ELEMENTS = 4096
-#: Most bins one histogram pass program counts at once (queries x distances).
+#: Most bins one histogram pass program counts at once (queries x distances), where one histogram counts a tile.
 HISTOGRAM_BINS = 1024
+#: Whether a query tile's distances are counted by one histogram per query (the code tile shared); off: by one
+#: histogram of queries x bins (slower where queries are many: the layout measured on the H200 in W2).
+HISTOGRAM_PER_QUERY = True
+#: Rows per tile in the per-query layout.
+PER_QUERY_BLOCK_N = 256
 #: Candidates are counted up to half the bits only while they are fewer than 1 / FAR_CUT_SHARE of the rows.
 FAR_CUT_SHARE = 64
+#: Set once the per-query histogram layout failed to compile; the one-histogram layout is used from then on.
+_PER_QUERY_FAILED: list[bool] = []
 #: Set once libdevice's popc failed to compile here; the bit-counting fallback is used from then on.
 _POPC_FAILED: list[bool] = []
 
@@ -76,8 +83,13 @@ def nearest_codes(
     interpreting = launch.interpreting()
     block_q = min(16, launch._pow2(n_queries))
     block_n = max(16, min(1024, TILE_ELEMENTS // (block_q * words_p2)))
-    hist_block_q = max(1, min(block_q, HISTOGRAM_BINS // bins))  # tl.histogram's cost grows with its bins
-    hist_block_n = max(16, min(1024, TILE_ELEMENTS // (hist_block_q * words_p2)))
+    per_query = HISTOGRAM_PER_QUERY and block_q > 1 and not _PER_QUERY_FAILED
+    if per_query:  # one code tile for the query tile, one histogram of `bins` per query row
+        hist_block_q = block_q
+        hist_block_n = max(16, min(PER_QUERY_BLOCK_N, TILE_ELEMENTS // words_p2))
+    else:
+        hist_block_q = max(1, min(block_q, HISTOGRAM_BINS // bins))  # tl.histogram's cost grows with its bins
+        hist_block_n = max(16, min(1024, TILE_ELEMENTS // (hist_block_q * words_p2)))
     if interpreting:
         block_n = hist_block_n = 16
     query_blocks = triton.cdiv(n_queries, block_q)
@@ -100,12 +112,15 @@ def nearest_codes(
         hamming_histogram_kernel[hist_grid](
             a, b, hist, stored, n_queries, n_rows, words, rows_per_split, splits, clip,
             BLOCK_Q=hist_block_q, BLOCK_N=hist_block_n, WORDS_P2=words_p2, BINS=bins, USE_POPC=use_popc,
-            STORE_DIST=store,
+            STORE_DIST=store, PER_QUERY=per_query,
         )  # fmt: skip
     except triton.CompilationError:
-        if not use_popc:
+        if per_query:  # this Triton cannot build the per-query layout: count a tile in one histogram instead
+            _PER_QUERY_FAILED.append(True)
+        elif use_popc:  # this Triton cannot lower libdevice's popc: count bits in registers instead
+            _POPC_FAILED.append(True)
+        else:
             raise
-        _POPC_FAILED.append(True)  # this Triton cannot lower libdevice's popc: count bits in registers instead
         return nearest_codes(codes, database_codes, count, ordered=ordered, store_distances=store_distances)
     threshold, below_start, tie_start = cut_and_offsets_fused(hist, count)
     rows = torch.empty((n_queries, count), dtype=torch.int64, device=codes.device)

@@ -71,12 +71,16 @@ def hamming_histogram_kernel(
     BINS: tl.constexpr,
     USE_POPC: tl.constexpr,
     STORE_DIST: tl.constexpr,
+    PER_QUERY: tl.constexpr,
 ):
     """hist[q, split, d] = rows of the split at Hamming distance d from query q, for d < ``clip``;
     bin ``clip`` counts the rows at ``clip`` or farther (bin BINS - 1: none; BINS >= clip + 2).
 
     With ``STORE_DIST`` the distances are also written to ``dist_ptr`` (Q, N) int16, for the
     collecting pass to read instead of the codes (fewer bytes where queries are few).
+    With ``PER_QUERY`` each query's row of a tile is counted by its own ``tl.histogram`` of BINS bins
+    (the code tile loaded once for all BLOCK_Q queries); without, one histogram of BLOCK_Q x BINS
+    bins counts the whole tile (its cost grows with the bins it holds).
     """
     pid_q = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -84,6 +88,33 @@ def hamming_histogram_kernel(
     q_mask = offs_q < n_queries
     row_start = pid_s * rows_per_split
     row_stop = tl.minimum(row_start + rows_per_split, n_rows)
+    if PER_QUERY:
+        rows_of_q = tl.arange(0, BLOCK_Q)
+        offs_w = tl.arange(0, WORDS_P2)
+        w_mask = offs_w < words
+        per_query = tl.zeros((BLOCK_Q, BINS), dtype=tl.int32)
+        for n0 in range(row_start, row_stop, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < row_stop
+            b = tl.load(
+                x_ptr + offs_n.to(tl.int64)[:, None] * words + offs_w[None, :],
+                mask=n_mask[:, None] & w_mask[None, :],
+                other=0,
+            )
+            for qi in tl.static_range(BLOCK_Q):
+                query = pid_q * BLOCK_Q + qi
+                a = tl.load(q_ptr + query * words + offs_w, mask=w_mask & (query + offs_w * 0 < n_queries), other=0)
+                distance = tl.sum(_popcount(a[None, :] ^ b, USE_POPC), axis=1)
+                if STORE_DIST:
+                    at = dist_ptr + query.to(tl.int64) * n_rows + offs_n
+                    tl.store(at, distance.to(tl.int16), mask=n_mask & (query + offs_n * 0 < n_queries))
+                counted = tl.histogram(tl.where(n_mask, tl.minimum(distance, clip), BINS - 1), BINS)
+                per_query += tl.where(rows_of_q[:, None] == qi, counted[None, :], 0)
+        slot_q = pid_q * BLOCK_Q + rows_of_q
+        bin_ids = tl.arange(0, BINS)
+        tl.store(hist_ptr + (slot_q[:, None] * n_splits + pid_s) * BINS + bin_ids[None, :], per_query,
+                 mask=(slot_q < n_queries)[:, None])  # fmt: skip
+        return
     lanes = tl.arange(0, BLOCK_Q)[:, None] * BINS
     counts = tl.zeros((BLOCK_Q * BINS,), dtype=tl.int32)
     for n0 in range(row_start, row_stop, BLOCK_N):
