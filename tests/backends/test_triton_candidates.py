@@ -120,7 +120,7 @@ def test_the_cut_kernel_matches_the_tensor_steps(n_queries: int, n_splits: int, 
 def test_host_query_codes_are_the_backends_sign_codes_and_ride_float_words_unchanged(n_bits: int) -> None:
     """The graph path codes its few queries on the host: same bits as `sign_codes`, padded to words."""
     import gpurag
-    from gpurag_triton.graphs import as_float_words, host_sign_codes
+    from gpurag_triton.lsh_graphs import as_float_words, host_sign_codes
 
     rng = np.random.default_rng(n_bits)
     hashed = rng.standard_normal((5, 12)).astype(np.float32)

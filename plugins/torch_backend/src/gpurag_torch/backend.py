@@ -281,12 +281,18 @@ class TorchBackend(DistanceBackend):
 
     def needs_float64(self, queries: torch.Tensor, database: Database) -> bool:
         """Whether float32 terms of this search may overflow (norms past `FLOAT32_SAFE_REACH`, or infinite)."""
+        return bool(self.overflow_flag(queries, database))
+
+    def overflow_flag(self, queries: torch.Tensor, database: Database) -> torch.Tensor:
+        """`needs_float64` as a 0-d bool tensor on the device, without synchronising."""
+        import torch
+
         from gpurag_torch.database import max_norm, query_norms
 
-        reach = float(query_norms(queries, database.metric).max()) + float(max_norm(database))
+        reach = query_norms(queries, database.metric).max() + max_norm(database)
         if database.metric is Metric.L1:
-            reach = float(np.sqrt(reach)) if reach >= 0 else reach
-        return not np.isfinite(reach) or reach > FLOAT32_SAFE_REACH
+            reach = torch.sqrt(reach)
+        return ~torch.isfinite(reach) | (reach > FLOAT32_SAFE_REACH)
 
     def float64_topk(self, queries: torch.Tensor, database: Database, k: int) -> TopK:
         """The float32 pass run on float64 copies of the rows and queries (terms too large for float32)."""

@@ -4,6 +4,11 @@ It shares the torch backend's database, conversions, re-scoring and certificate 
 what differs is the scan: `kernels.scan` scores and selects on chip, so no Q x N tile reaches memory.
 l2 / dot / cosine (and l1 for small Q, where it is bandwidth-bound) shortlist from bf16 rows; the
 shortlist is certified per query and uncertified queries are scanned again in float32.
+
+A search costs one synchronisation when nothing needs answering again: the shortlist is re-scored,
+ordered and certified by one kernel (`kernels.finish`), which also flags float32 overflow on the
+device; small searches replay a CUDA graph of the whole pipeline (`graphs`); many-query scans start
+from a floor sampled from the rows, so their running top-k is rarely touched.
 """
 
 from __future__ import annotations
@@ -31,11 +36,31 @@ SHORTLIST_MIN = 256
 #: Column-major (D, N) float32 rows, and their bf16 rounding, that the l1 kernel reads.
 ROWS_T = "rows_t"
 LOW_T = "low_t"
+#: Whether l1's bf16 shortlist reads row-major bf16 rows through the SIMT scan (`kernels.scan`, a
+#: D-tile of abs-difference sums per row) rather than column-major ones through `kernels.l1`. Off: on
+#: the H200 the row-major scan took 1.24 ms for 1M x 768 at Q = 1, the column-major kernel 0.90.
+L1_ROW_MAJOR = False
 #: Largest Q for which l1 also shortlists in bf16 (above it l1 is compute-bound and stays float32).
 L1_LOW_MAX_QUERIES = 16
 #: Keys each (query, split) keeps for the k the conformance kit asks (k <= 16): the shortlist
 #: boundary is declared where the splits' kept keys first outnumber `SHORTLIST_MIN`.
 BOUNDARY_KP = 16
+#: Searches of at most this many queries over at least `GRAPH_MIN_ROWS` rows replay a CUDA graph of
+#: the whole search (captured on the first search of each shape): a one-query search costs tens of
+#: kernel launches, more host time than the scan itself.
+GRAPH_MAX_QUERIES = 16
+GRAPH_MIN_ROWS = 1 << 16
+#: Searches of at least this many queries over at least `SEED_MIN_ROWS` rows first find, per query, a
+#: floor from a sample of the rows (the `SEED_SAMPLE_RANK`-th best approximate score over every
+#: `SEED_SAMPLE_STRIDE`-th row, so about rank x stride = 256 rows score above it): the scan then
+#: keeps only rows above the floor, and its running top-k is updated far less often.
+SEED_MIN_QUERIES = 64
+SEED_MIN_ROWS = 1 << 16
+SEED_SAMPLE_RANK = 8
+SEED_SAMPLE_STRIDE = 32
+#: Below this many queries (an H200's multiprocessors) the finish kernel's one program per query would
+#: leave most of the GPU idle while it gathers the candidates: `kernels.rescore` sums them first.
+FINISH_SPLIT_BELOW = 132
 #: Query counts probed for a change of kernel or tile (`launch.choose_scan_config` switches at 16 and 512).
 BOUNDARY_QUERY_PROBE = 1024
 
@@ -57,12 +82,21 @@ class TritonBackend(TorchBackend):
     ) -> None:
         super().__init__(device, low_precision=True if low_precision is None else low_precision,
                          chunk_scores=chunk_scores)  # fmt: skip
+        #: Replay CUDA graphs for small searches (`GRAPH_MAX_QUERIES`); seed large ones with a sampled floor.
+        self.use_graphs = True
+        self.use_seed = True
+        #: Re-score, order and certify a scan's shortlist in one kernel (`kernels.finish`); below this
+        #: many queries the re-scoring runs first on its own, wider grid.
+        self.use_finish = True
+        self.finish_split_below = FINISH_SPLIT_BELOW
+        from gpurag_triton.graphs import GraphCache
+
+        self._graphs = GraphCache()
         if self.torch_device.type == "cpu" and not _interpreting():
             raise BackendUnavailableError(
                 f"backend {self.name!r} runs on the CPU only under TRITON_INTERPRET=1 (set before triton is imported)"
             )
-        #: Whether small LSH searches run as captured CUDA graphs (`lsh_topk`); off only to compare.
-        self.use_graphs = True
+        #: Small LSH searches' graphs (`lsh_topk`, also switched by `use_graphs`).
         self._lsh_graphs: Any = None
         self._host_planes: tuple[Any, np.ndarray[Any, Any]] | None = None  # (device planes, float64 host copy)
 
@@ -91,7 +125,7 @@ class TritonBackend(TorchBackend):
             from gpurag_torch.database import LOW
 
             database.row_data[ROWS_T] = database.vectors.T.contiguous()
-            if LOW in database.row_data:
+            if LOW in database.row_data and not L1_ROW_MAJOR:
                 database.row_data[LOW_T] = database.row_data.pop(LOW).T.contiguous()
         return database
 
@@ -102,7 +136,7 @@ class TritonBackend(TorchBackend):
             from gpurag_torch.database import LOW
 
             keys.add(ROWS_T)
-            if LOW in keys:
+            if LOW in keys and not L1_ROW_MAJOR:
                 keys.discard(LOW)
                 keys.add(LOW_T)
         return keys
@@ -125,10 +159,10 @@ class TritonBackend(TorchBackend):
         def layout(n_queries: int, n_rows: int) -> tuple[int, int, int, bool, bool]:
             """(BLOCK_Q, BLOCK_N, splits, tensor-core tiles, bf16 shortlist) of one launch."""
             low = self.low_precision and (not l1 or n_queries <= L1_LOW_MAX_QUERIES)
-            if l1:
+            if l1 and not (low and L1_ROW_MAJOR):
                 c1 = launch.choose_l1_config(n_queries, n_rows, device=self.torch_device)
                 return c1.block_q, c1.block_n, c1.splits, False, low
-            c = launch.choose_scan_config(n_queries, n_rows, dim, l1=False, low=low, device=self.torch_device)
+            c = launch.choose_scan_config(n_queries, n_rows, dim, l1=l1, low=low, device=self.torch_device)
             return c.block_q, c.block_n, c.splits, c.use_dot, low
 
         def first_rows(holds: Any) -> int:  # the smallest row count for which holds(rows), by bisection
@@ -184,27 +218,109 @@ class TritonBackend(TorchBackend):
             raise InvalidInputError(f"queries must be (Q, {database.dim}); got shape {tuple(q.shape)}")
         if k > KERNEL_MAX_K:
             return super().topk(q, database, k)
-        if self.needs_float64(q, database):
-            return self.float64_topk(q, database, k)
         metric = database.metric
         low = self.low_precision and (metric is not Metric.L1 or q.shape[0] <= L1_LOW_MAX_QUERIES)
-        scores, rows, certified = self._scan(q, database, k, low=low)
         self.queries_searched += q.shape[0]
-        if certified is not None and not bool(certified.all()):
-            redo = torch.nonzero(~certified)[:, 0]
-            self.queries_rescanned += int(redo.numel())
-            redo_scores, redo_rows, _ = self._scan(q[redo], database, k, low=False)
-            scores[redo], rows[redo] = redo_scores, redo_rows
+        if self._graphable(q, database):
+            scores, rows, certified, overflow, good = self._graphs.run(self, q, database, k, low)
+        else:
+            scores, rows, certified, overflow, good = self.device_topk(q, database, k, low)
+        if bool(good):  # the one synchronisation of a search that needed nothing else
+            return TopK(scores, rows)
+        if bool(overflow):
+            return self.float64_topk(q, database, k)
+        assert certified is not None
+        redo = torch.nonzero(~certified)[:, 0]
+        self.queries_rescanned += int(redo.numel())
+        redo_scores, redo_rows, _ = self._scan(q[redo], database, k, low=False)
+        scores[redo], rows[redo] = redo_scores, redo_rows
         return TopK(scores, rows)
 
-    def _scan(
-        self, q: torch.Tensor, database: Database, k: int, *, low: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def _graphable(self, q: torch.Tensor, database: Database) -> bool:
+        """Whether this search replays a captured CUDA graph (few queries, many rows, on CUDA)."""
+        return self.use_graphs and q.is_cuda and q.shape[0] <= GRAPH_MAX_QUERIES and database.count >= GRAPH_MIN_ROWS
+
+    def device_topk(
+        self, q: torch.Tensor, database: Database, k: int, low: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """One search without any synchronisation: (scores, rows, certified (Q,) or None, overflow, good).
+
+        ``overflow`` (0-d bool) says float32 terms may overflow (the answer must come from
+        `float64_topk`); ``good`` (0-d bool) that neither that nor any failed certificate happened,
+        so (scores, rows) is the answer. Captured whole in a CUDA graph for small searches.
+        """
+        if low and self.use_finish:
+            done = self._scan_finished(q, database, k)
+            return done.scores, done.rows, done.certified, done.flags[1] > 0, done.flags[0] == 0
+        overflow = self.overflow_flag(q, database)
+        scores, rows, certified = self._scan(q, database, k, low=low)
+        good = ~overflow if certified is None else certified.all() & ~overflow
+        return scores, rows, certified, overflow, good
+
+    @staticmethod
+    def _l1_scan(query_in: torch.Tensor, database: Database, kp: int, *, low: bool) -> Any:
+        from gpurag_torch.database import LOW
+        from gpurag_triton import launch
+        from gpurag_triton.kernels.scan import L1
+
+        if low and L1_ROW_MAJOR:
+            return launch.scan_topk(query_in, database.row_data[LOW], None, int(L1), kp)
+        return launch.l1_scan(query_in.T.contiguous(), database.row_data[LOW_T if low else ROWS_T], kp)
+
+    def _seeded(self, q: torch.Tensor, database: Database) -> bool:
+        return (
+            self.use_seed
+            and database.metric is not Metric.L1
+            and q.shape[0] >= SEED_MIN_QUERIES
+            and database.count >= SEED_MIN_ROWS
+        )
+
+    def _scan_finished(self, q: torch.Tensor, database: Database, k: int) -> Any:
+        """The bf16 scan's shortlist re-scored, ordered and certified by one kernel (`kernels.finish`)."""
         import torch
 
-        from gpurag_torch import exact, search
-        from gpurag_torch.database import LOW, NORMS, SQ_NORMS, normalised
+        from gpurag_torch.database import L1_NORMS, NORMS
         from gpurag_triton import launch
+
+        metric = database.metric
+        code, query_in, rows_in, extra = self._scan_inputs(q, database, low=True)
+        kp = launch._pow2(max(k, 16 if not launch.interpreting() else k))
+        floor = None
+        if metric is Metric.L1:
+            scan = self._l1_scan(query_in, database, kp, low=True)
+        elif self._seeded(q, database):
+            stride = SEED_SAMPLE_STRIDE
+            sample_extra = None if extra is None else extra[::stride].contiguous()
+            sample = launch.scan_topk(query_in, rows_in[::stride], sample_extra, code, SEED_SAMPLE_RANK)
+            floor = torch.topk(sample.keys.reshape(q.shape[0], -1), SEED_SAMPLE_RANK, dim=1).values[:, -1]
+            scan = launch.scan_topk(query_in, rows_in, extra, code, kp, tau=launch.decode(floor)[0])
+        else:
+            scan = launch.scan_topk(query_in, rows_in, extra, code, kp)
+        n_queries, splits, _ = scan.keys.shape
+        keys = scan.keys.reshape(n_queries, splits * kp)
+        # Keys order as their scores do: the worst kept key of each split bounds every row it left out
+        # (and the floor every row scoring at most it).
+        cutoff = scan.keys.min(dim=2).values.max(dim=1).values
+        if floor is not None:
+            cutoff = torch.maximum(cutoff, floor)
+        keep = min(scan.kept_per_query(database.count), max(2 * k, SHORTLIST_MIN))
+        if keys.shape[1] > keep:
+            keys = torch.topk(keys, keep, dim=1).values
+            cutoff = torch.maximum(cutoff, keys[:, -1])
+        norms = database.row_data[L1_NORMS if metric is Metric.L1 else NORMS]
+        metric_code = {Metric.DOT: 0, Metric.L2: 1, Metric.L1: 2, Metric.COSINE: 3}[metric]
+        return launch.finish(
+            q, database.vectors, keys, cutoff, norms.max(), norms if metric is Metric.COSINE else None, k,
+            metric_code, finish_bounds(metric, database.dim), self.finish_split_below,
+        )  # fmt: skip
+
+    def _scan_inputs(
+        self, q: torch.Tensor, database: Database, *, low: bool
+    ) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(metric code, queries, rows, extra) as the scan kernels read them."""
+        import torch
+
+        from gpurag_torch.database import LOW, NORMS, SQ_NORMS, normalised
         from gpurag_triton.kernels.scan import DOT, L1, L2, SCALED_DOT
 
         metric = database.metric
@@ -212,23 +328,33 @@ class TritonBackend(TorchBackend):
         if metric is Metric.COSINE:
             unit = normalised(q, torch.linalg.vector_norm(q, dim=1))
             if low:
-                code, query_in, rows_in = DOT, unit.to(torch.bfloat16), database.row_data[LOW]
-            else:
-                norms = database.row_data[NORMS]
-                code, query_in, rows_in = SCALED_DOT, unit, database.vectors
-                extra = torch.where(norms > 0, 1.0 / torch.where(norms > 0, norms, 1.0), 0.0)
-        else:
-            code = {Metric.DOT: DOT, Metric.L2: L2, Metric.L1: L1}[metric]
-            query_in = q.to(torch.bfloat16) if low else q
-            rows_in = database.row_data[LOW] if low and metric is not Metric.L1 else database.vectors
-            if metric is Metric.L2:
-                extra = database.row_data[SQ_NORMS]
+                return int(DOT), unit.to(torch.bfloat16), database.row_data[LOW], None
+            norms = database.row_data[NORMS]
+            extra = torch.where(norms > 0, 1.0 / torch.where(norms > 0, norms, 1.0), 0.0)
+            return int(SCALED_DOT), unit, database.vectors, extra
+        code = {Metric.DOT: DOT, Metric.L2: L2, Metric.L1: L1}[metric]
+        query_in = q.to(torch.bfloat16) if low else q
+        rows_in = database.row_data[LOW] if low and metric is not Metric.L1 else database.vectors
+        if metric is Metric.L2:
+            extra = database.row_data[SQ_NORMS]
+        return int(code), query_in, rows_in, extra
+
+    def _scan(
+        self, q: torch.Tensor, database: Database, k: int, *, low: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        import torch
+
+        from gpurag_torch import exact, search
+        from gpurag_torch.database import NORMS
+        from gpurag_triton import launch
+
+        metric = database.metric
+        code, query_in, rows_in, extra = self._scan_inputs(q, database, low=low)
         kp = launch._pow2(max(k, 16 if not launch.interpreting() else k))
         if metric is Metric.L1:
-            queries_t = query_in.T.contiguous()
-            scan = launch.l1_scan(queries_t, database.row_data[LOW_T if low else ROWS_T], kp)
+            scan = self._l1_scan(query_in, database, kp, low=low)
         else:
-            scan = launch.scan_topk(query_in, rows_in, extra, int(code), kp)
+            scan = launch.scan_topk(query_in, rows_in, extra, code, kp)
         n_queries, splits, _ = scan.keys.shape
         approx, rows = launch.decode(scan.keys.reshape(n_queries, splits * kp))
         # The worst kept key of each split bounds every row that split left out.
@@ -238,6 +364,9 @@ class TritonBackend(TorchBackend):
             top = torch.topk(approx, keep, dim=1)
             cutoff = torch.maximum(cutoff, top.values[:, -1])
             rows = torch.gather(rows, 1, top.indices)
+        # Padding keys (row -1 - slot) are kept only where scores are NaN (float32 overflow, answered
+        # in float64 by the caller): keep the re-scoring's reads in bounds.
+        rows = rows.clamp(0, database.count - 1)
         if low:
             return search.rescore_and_certify(q, database, rows, cutoff, k, rounded_output=False, scorer=direct_scores)
         scores = direct_scores(q, database.vectors, rows, metric, database.row_data.get(NORMS))
@@ -279,28 +408,28 @@ class TritonBackend(TorchBackend):
     def lsh_topk(
         self, hashed: Any, queries: Any, planes: Any, codes: Any, database: Database, n_candidates: int, k: int
     ) -> TopK:
-        """The LSH stages as one captured CUDA graph for up to `graphs.GRAPH_MAX_QUERIES` host queries on CUDA.
+        """The LSH stages as one captured CUDA graph for up to `lsh_graphs.GRAPH_MAX_QUERIES` host queries on CUDA.
 
-        The queries' codes come from the host (see `graphs.host_sign_codes`), so a code bit whose
+        The queries' codes come from the host (see `lsh_graphs.host_sign_codes`), so a code bit whose
         float64 projection rounds to the other side of zero there may differ from `sign_codes`'.
         """
         import torch
 
-        from gpurag_triton import graphs, launch
+        from gpurag_triton import launch, lsh_graphs
 
         small = isinstance(hashed, np.ndarray) and isinstance(queries, np.ndarray)
-        small = small and 0 < hashed.shape[0] <= graphs.GRAPH_MAX_QUERIES and self.use_graphs
+        small = small and 0 < hashed.shape[0] <= lsh_graphs.GRAPH_MAX_QUERIES and self.use_graphs
         if not small or self.torch_device.type != "cuda" or launch.interpreting():
             return super().lsh_topk(hashed, queries, planes, codes, database, n_candidates, k)
         database = self._own(database)
         planes, codes = self._tensor(planes, "planes"), self._codes(codes, "database_codes")
         if self._lsh_graphs is None:
-            self._lsh_graphs = graphs.LSHGraphs(self.torch_device)
-        runner: graphs.LSHGraphs = self._lsh_graphs
+            self._lsh_graphs = lsh_graphs.LSHGraphs(self.torch_device)
+        runner: lsh_graphs.LSHGraphs = self._lsh_graphs
         if self._host_planes is None or self._host_planes[0] is not planes:
             self._host_planes = (planes, planes.double().cpu().numpy())
         # The few queries' codes are made on the host (a small float64 product): a dozen kernels fewer.
-        query_codes = graphs.host_sign_codes(np.asarray(hashed, np.float64), self._host_planes[1])
+        query_codes = lsh_graphs.host_sign_codes(np.asarray(hashed, np.float64), self._host_planes[1])
         width = query_codes.shape[1]
 
         def stages(words_in: torch.Tensor, queries_in: torch.Tensor) -> TopK:
@@ -309,8 +438,8 @@ class TritonBackend(TorchBackend):
             candidates = self.hamming_candidates(query_codes_in, codes, n_candidates)
             return self.rerank(queries_in, database, candidates, k)
 
-        words = graphs.as_float_words(query_codes)
-        key = graphs.graph_key(words, queries, planes, codes, database, n_candidates, k)
+        words = lsh_graphs.as_float_words(query_codes)
+        key = lsh_graphs.graph_key(words, queries, planes, codes, database, n_candidates, k)
         return runner.run(stages, words, np.ascontiguousarray(queries, np.float32), key)
 
     def fused_hamming_topk(self, codes: Any, database_codes: Any, k: int) -> TopK:
@@ -332,6 +461,22 @@ class TritonBackend(TorchBackend):
         top = torch.topk(scores, k, dim=1)  # valid entries (distance >= 0) outrank the -inf padding
         distances = (-top.values).to(torch.int32)
         return TopK(distances, torch.gather(rows, 1, top.indices))
+
+
+def finish_bounds(metric: Metric, dim: int) -> Any:
+    """`launch.Bounds` of ``metric`` at ``dim``: the factors of `gpurag_torch.exact`'s bounds that depend on D only."""
+    from gpurag_torch import exact
+    from gpurag_torch.backend import FLOAT32_SAFE_REACH
+    from gpurag_triton import launch
+
+    if metric is Metric.L1:
+        rel = exact.bf16_l1_relative_error(dim, rounded_output=False)
+    else:
+        rel = exact.bf16_relative_error(dim, rounded_output=False)
+    floor = dim * exact.UNDERFLOW
+    unit = 1.0 + 8 * (dim + 4) * exact.U32
+    cosine_error = rel * unit * unit + 8 * (dim + 4) * exact.U32 + floor
+    return launch.Bounds(rel, floor, cosine_error, 4 * (dim + 4) * exact.U32, FLOAT32_SAFE_REACH)
 
 
 def direct_scores(

@@ -14,6 +14,7 @@ import torch
 import triton
 
 from gpurag.errors import InvalidInputError
+from gpurag_triton.kernels.finish import finish_kernel
 from gpurag_triton.kernels.hamming import hamming_topk_kernel
 from gpurag_triton.kernels.l1 import l1_scan_kernel
 from gpurag_triton.kernels.rescore import rescore_kernel
@@ -85,6 +86,10 @@ def choose_scan_config(
         block_q, block_n, block_d, warps, stages, per_sm = 64, 128, 64, 4, 3, 4
     elif use_dot:  # small Q: a 16-query tile keeps the loads wide; all SMs split the rows
         block_q, block_n, block_d, warps, stages, per_sm = 16, 64, 128, 4, 3, 4
+    elif l1 and low and n_queries == 1:  # bf16 rows, abs-difference sums over D tiles: bandwidth-bound
+        block_q, block_n, block_d, warps, stages, per_sm = 1, 64, 128, 4, 3, 4
+    elif l1 and low and n_queries <= 16:
+        block_q, block_n, block_d, warps, stages, per_sm = _pow2(n_queries), 16, 64, 4, 3, 2
     else:
         block_q, block_n, warps, stages, per_sm = min(_pow2(n_queries), 32), 64, 4, 2, 4
         block_d = max(4, min(_pow2(dim), 8192 // (block_q * block_n)))
@@ -112,11 +117,13 @@ def scan_topk(
     metric_code: int,
     kp: int,
     config: ScanConfig | None = None,
+    tau: torch.Tensor | None = None,
 ) -> Scan:
     """Packed keys (Q, splits, kp) of each query's kp best rows per split (see `kernels.scan`).
 
     ``queries`` and ``rows`` are both bf16 (the reduced-precision pass) or both float32; ``extra``
-    is the float32 per-row term of l2 (|x|²) and of the scaled dot (1/|x|).
+    is the float32 per-row term of l2 (|x|²) and of the scaled dot (1/|x|). ``tau`` (Q,) float32, if
+    given, is a floor per query: rows scoring at most it are left out (their slots hold -inf keys).
     """
     low = queries.dtype == torch.bfloat16
     dtype = torch.bfloat16 if low else torch.float32
@@ -133,6 +140,10 @@ def scan_topk(
     elif extra.dtype != torch.float32 or extra.shape != (n_rows,) or not extra.is_contiguous():
         raise InvalidInputError(f"extra must be contiguous float32 ({n_rows},); got {extra.dtype} {tuple(extra.shape)}")
     l1 = metric_code == 2
+    if tau is not None and (tau.dtype != torch.float32 or tau.shape != (n_queries,) or tau.device != rows.device):
+        raise InvalidInputError(
+            f"tau must be float32 ({n_queries},) on {rows.device}; got {tau.dtype} {tuple(tau.shape)}"
+        )
     if config is None:
         config = choose_scan_config(n_queries, n_rows, dim, l1=l1, low=low, device=rows.device)
     rows_per_split = triton.cdiv(triton.cdiv(n_rows, config.splits), config.block_n) * config.block_n
@@ -140,12 +151,12 @@ def scan_topk(
     out = torch.empty((n_queries, splits, kp), dtype=torch.float64, device=rows.device)
     grid = (triton.cdiv(n_queries, config.block_q), splits)
     scan_topk_kernel[grid](
-        queries, rows, extra, out,
+        queries, rows, extra, extra if tau is None else tau.contiguous(), out,
         n_queries, n_rows, dim, rows_per_split, splits,
         queries.stride(0), rows.stride(0),
         METRIC=metric_code, USE_DOT=config.use_dot, LOW=low,
         BLOCK_Q=config.block_q, BLOCK_N=config.block_n, BLOCK_D=config.block_d, KP=kp, SELECT=config.select,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        HAS_TAU=tau is not None, num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return Scan(out, rows_per_split)
 
@@ -259,6 +270,72 @@ def rescore(queries: torch.Tensor, rows: torch.Tensor, candidates: torch.Tensor,
         TERM=term, BLOCK_M=block_m, BLOCK_D=block_d,
     )  # fmt: skip
     return out
+
+
+class Finished(NamedTuple):
+    """`finish`'s answer: the k best (scores, int64 rows) per query, the certificate per query, and
+    flags (2,) int32: queries not answered (certificate failed or overflow), queries that may overflow."""
+
+    scores: torch.Tensor
+    rows: torch.Tensor
+    certified: torch.Tensor
+    flags: torch.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """The dimension-only factors of the shortlist's certificate (see `gpurag_torch.exact`)."""
+
+    rel: float
+    floor: float
+    cosine_error: float
+    slack_scale: float
+    safe_reach: float
+
+
+def finish(
+    queries: torch.Tensor,
+    vectors: torch.Tensor,
+    keys: torch.Tensor,
+    cutoff_keys: torch.Tensor,
+    max_norm: torch.Tensor,
+    row_norms: torch.Tensor | None,
+    k: int,
+    metric_code: int,
+    bounds: Bounds,
+    split_below: int = 0,
+) -> Finished:
+    """Re-score the candidate ``keys`` (Q, M) in float32, keep the k best, certify them (`kernels.finish`).
+
+    ``metric_code``: 0 dot, 1 l2, 2 l1, 3 cosine (``row_norms`` then the rows' norms). Below
+    ``split_below`` queries the candidates are summed by `rescore` first (its grid is wider).
+    """
+    _check_matrix(queries, "queries", torch.float32, vectors.device)
+    _check_matrix(vectors, "vectors", torch.float32, queries.device)
+    n_queries, n_candidates = keys.shape
+    if keys.dtype != torch.float64 or n_queries != queries.shape[0] or not 1 <= k <= n_candidates:
+        raise InvalidInputError(f"keys must be float64 (Q, >= k); got {keys.dtype} {tuple(keys.shape)} for k={k}")
+    device = vectors.device
+    keys = keys.contiguous()
+    m = _pow2(n_candidates)
+    block_d = max(4, min(_pow2(queries.shape[1]), 8192 // m))
+    scores = torch.empty((n_queries, k), dtype=torch.float32, device=device)
+    rows = torch.empty((n_queries, k), dtype=torch.int64, device=device)
+    certified = torch.empty(n_queries, dtype=torch.int8, device=device)
+    flags = torch.zeros(2, dtype=torch.int32, device=device)
+    norms = row_norms if row_norms is not None else max_norm
+    sums = None
+    if n_queries < split_below:  # few queries: gather and sum the candidates over many programs first
+        term = {0: 2, 1: 0, 2: 1, 3: 2}[metric_code]
+        sums = rescore(queries, vectors, (keys.view(torch.int64) & 0xFFFFFFFF).clamp_(max=vectors.shape[0] - 1), term)
+    finish_kernel[(n_queries,)](
+        queries, vectors, keys, keys if sums is None else sums, cutoff_keys.contiguous(), max_norm, norms,
+        scores, rows, certified, flags,
+        n_candidates, vectors.shape[0], queries.shape[1], queries.stride(0), vectors.stride(0), k,
+        bounds.rel, bounds.floor, bounds.cosine_error, bounds.slack_scale, bounds.safe_reach,
+        METRIC=metric_code, M=m, BLOCK_D=block_d, HAS_SUMS=sums is not None, num_warps=4 if m <= 256 else 8,
+    )  # fmt: skip
+    return Finished(scores, rows, certified.view(torch.bool), flags)
 
 
 def decode(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -102,6 +102,7 @@ def scan_topk_kernel(
     q_ptr,
     x_ptr,
     extra_ptr,
+    tau_ptr,
     out_ptr,
     n_queries,
     n_rows,
@@ -118,8 +119,12 @@ def scan_topk_kernel(
     BLOCK_D: tl.constexpr,
     KP: tl.constexpr,
     SELECT: tl.constexpr,
+    HAS_TAU: tl.constexpr,
 ):
-    """out[q, split, :] = the KP best packed keys of query q over rows of its split (see module doc)."""
+    """out[q, split, :] = the KP best packed keys of query q over rows of its split (see module doc).
+
+    With ``HAS_TAU`` only rows scoring above ``tau[q]`` are kept; slots left empty hold -inf keys.
+    """
     pid_q = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -127,10 +132,16 @@ def scan_topk_kernel(
     row_start = pid_s * rows_per_split
     row_stop = tl.minimum(row_start + rows_per_split, n_rows)
     best = empty_best(BLOCK_Q, KP)
-    threshold = tl.full((BLOCK_Q,), float("-inf"), tl.float32)
+    floor = tl.full((BLOCK_Q,), float("-inf"), tl.float32)
+    if HAS_TAU:  # a floor known beforehand: rows scoring at most tau[q] are never kept
+        floor = tl.load(tau_ptr + offs_q, mask=q_mask, other=float("-inf"))
+    threshold = floor
     for n0 in range(row_start, row_stop, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < row_stop
+        # The per-row term is loaded before the products, so its latency hides behind them.
+        if METRIC == L2 or METRIC == SCALED_DOT:  # noqa: SIM109 (constexpr comparisons)
+            extra = tl.load(extra_ptr + offs_n, mask=n_mask, other=0.0)
         if USE_DOT:
             raw = _tile_scores_dot(
                 q_ptr, x_ptr, offs_q, offs_n, q_mask, n_mask, stride_q, stride_x, dim, LOW, BLOCK_Q, BLOCK_N, BLOCK_D
@@ -153,12 +164,10 @@ def scan_topk_kernel(
                 BLOCK_D,
             )
         if METRIC == L2:
-            extra = tl.load(extra_ptr + offs_n, mask=n_mask, other=0.0)
             scores = 2.0 * raw - extra[None, :]
         elif METRIC == L1:
             scores = -raw
         elif METRIC == SCALED_DOT:
-            extra = tl.load(extra_ptr + offs_n, mask=n_mask, other=0.0)
             scores = raw * extra[None, :]
         else:
             scores = raw
@@ -166,6 +175,8 @@ def scan_topk_kernel(
         if SELECT:
             rows = offs_n[None, :] + tl.zeros((BLOCK_Q, BLOCK_N), tl.int32)
             best, threshold = offer_tile(best, threshold, scores, rows, KP)
+            if HAS_TAU:  # until the running best is full its worst slot is empty (-inf): keep the floor
+                threshold = tl.maximum(threshold, floor)
         else:  # diagnostics only: the scan without selection (its answer is not a top-k)
             threshold = tl.maximum(threshold, tl.max(scores, axis=1))
     slots = tl.arange(0, KP)

@@ -1,0 +1,204 @@
+"""The Triton backend's fast paths: the scan seeded with a sampled floor (many queries) and CUDA graph replay (few).
+
+Both only change how the bf16 shortlist is found or launched; answers must stay exact, certificates
+must hold on plain data, and whatever the seeded scan cannot certify (too few rows above the floor,
+decoys above it) must be answered again rather than wrongly. The size thresholds that pick the
+paths are lowered here so small inputs take them (the interpreter runs them on the CPU).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from gpurag.backend import DistanceBackend
+from gpurag.metrics import Metric
+from gpurag.testing import reference as ref
+
+pytest.importorskip("triton")
+
+
+def _triton(device: str) -> Any:
+    from gpurag_triton.backend import TritonBackend
+
+    availability = TritonBackend.availability()
+    if not availability or (device == "cuda" and TritonBackend.default_device() != "cuda"):
+        pytest.skip(f"triton on {device}: {availability.reason or 'no CUDA device'}")
+    if device == "cpu" and TritonBackend.default_device() == "cuda":
+        pytest.skip("triton runs on the CPU only under the interpreter")
+    return TritonBackend(device, low_precision=True)
+
+
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu])]
+
+
+@pytest.fixture
+def seeded(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Small searches take the seeded path; returns a list that grows by one per seeded scan."""
+    from gpurag_triton import backend, launch
+
+    monkeypatch.setattr(backend, "SEED_MIN_QUERIES", 4)
+    monkeypatch.setattr(backend, "SEED_MIN_ROWS", 500)
+    monkeypatch.setattr(backend, "SEED_SAMPLE_STRIDE", 8)
+    calls: list[int] = []
+    original = launch.scan_topk
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("tau") is not None:
+            calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(launch, "scan_topk", counting)
+    return calls
+
+
+def _search(backend: DistanceBackend, queries: Any, vectors: Any, metric: Metric, k: int) -> tuple[Any, Any]:
+    database = backend.prepare(backend.asarray(vectors, "vectors"), metric)
+    top = backend.topk(backend.asarray(queries, "queries"), database, k)
+    return backend.to_numpy(top.scores), backend.to_numpy(top.indices)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("metric", [Metric.DOT, Metric.L2, Metric.COSINE], ids=str)
+def test_seeded_shortlist_is_exact_and_certifies_plain_data(device: str, metric: Metric, seeded: list[int]) -> None:
+    backend = _triton(device)
+    rng = np.random.default_rng(11)
+    vectors = rng.standard_normal((530, 19)).astype(np.float32)  # 19: no block divides it
+    queries = rng.standard_normal((5, 19)).astype(np.float32)
+    scores, ids = _search(backend, queries, vectors, metric, 6)
+    ref.assert_topk_matches(queries, vectors, metric, scores, ids, 6)
+    assert seeded, "the search did not take the seeded path"
+    assert backend.queries_rescanned == 0, f"{backend.queries_rescanned} of 5 seeded certificates failed"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_seeded_scan_keeping_fewer_than_k_rows_is_answered_again_exactly(
+    device: str, seeded: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gpurag_triton import backend as module
+
+    # The floor is the sample's best row: about 8 rows score above it, fewer than k = 40.
+    monkeypatch.setattr(module, "SEED_SAMPLE_RANK", 1)
+    backend = _triton(device)
+    rng = np.random.default_rng(13)
+    vectors = rng.standard_normal((600, 16)).astype(np.float32)
+    queries = rng.standard_normal((4, 16)).astype(np.float32)
+    scores, ids = _search(backend, queries, vectors, Metric.L2, 40)
+    ref.assert_topk_matches(queries, vectors, Metric.L2, scores, ids, 40)
+    assert seeded
+    assert backend.queries_rescanned == 4, "a list shorter than k must not be certified"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_seeded_floor_bounds_the_rows_it_leaves_out(
+    device: str, seeded: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gpurag_triton import backend as module
+
+    # bf16 rounding ranks "decoy" rows above the 3 true best ones: a decoy's first coordinate (just
+    # past the midpoint 1 + 2^-9) rounds up to 1 + 2^-7, a true row's (just below) down to 1. The
+    # floor is the sample's best row (every 8th row), decoy 0: the scan keeps only the decoys above
+    # it, so only the floor itself (a bound on the rows left out) can show the true rows may beat them.
+    monkeypatch.setattr(module, "SEED_SAMPLE_RANK", 1)
+    backend = _triton(device)
+    rng = np.random.default_rng(16)
+    vectors = (rng.random((600, 2)) * 0.01).astype(np.float32)
+    decoys = [0, *range(1, 7)]  # 6 above the floor: fewer than a split has slots for, at least k
+    vectors[decoys, 0] = 1.00395 + np.arange(len(decoys)) * 1e-7
+    vectors[decoys, 1] = -0.001
+    vectors[0, 1] = -0.002  # the sampled decoy scores lowest of them
+    vectors[301:304] = [1.0039, 0.0]
+    queries = np.ones((4, 2), dtype=np.float32)
+    scores, ids = _search(backend, queries, vectors, Metric.DOT, 5)
+    ref.assert_topk_matches(queries, vectors, Metric.DOT, scores, ids, 5)
+    assert set(ids[0, :3].tolist()) == {301, 302, 303}
+    assert seeded
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("metric", [Metric.DOT, Metric.L2, Metric.COSINE, Metric.L1], ids=str)
+def test_graph_replay_is_exact_and_follows_database_changes(metric: Metric, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gpurag
+    from gpurag_triton import backend as module
+
+    backend = _triton("cuda")
+    monkeypatch.setattr(module, "GRAPH_MIN_ROWS", 1000)
+    rng = np.random.default_rng(14)
+    vectors = rng.standard_normal((3000, 37)).astype(np.float32)
+    index = gpurag.ExactRetriever(metric=metric, backend=backend)
+    index.add(vectors)
+    for _ in range(3):  # the first search captures, the others replay with new queries
+        queries = rng.standard_normal((2, 37)).astype(np.float32)
+        result = index.search(queries, 7)
+        ref.assert_topk_matches(queries, vectors, metric, result.scores, result.ids, 7)
+    assert len(backend._graphs) == 1
+    # Rows changed in place (same storage, same count) are read by the replay.
+    current = vectors.copy()
+    current[:2] = rng.standard_normal((2, 37)).astype(np.float32)
+    index.remove([0, 1])
+    index.add(current[:2], ids=[0, 1])
+    queries = current[:2] + np.float32(0.01)  # their nearest rows are the new ones
+    result = index.search(queries, 7)
+    ref.assert_topk_matches(queries, current, metric, result.scores, result.ids, 7)
+    # A changed row count is a new graph, and still exact.
+    current = np.concatenate([current, rng.standard_normal((100, 37)).astype(np.float32)])
+    index.add(current[3000:], ids=np.arange(3000, 3100))
+    queries = current[-2:] + np.float32(0.01)
+    result = index.search(queries, 7)
+    ref.assert_topk_matches(queries, current, metric, result.scores, result.ids, 7)
+    assert len(backend._graphs) >= 2
+
+
+@pytest.mark.gpu
+def test_graph_replay_falls_back_where_the_certificate_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gpurag_triton import backend as module
+
+    backend = _triton("cuda")
+    monkeypatch.setattr(module, "GRAPH_MIN_ROWS", 1000)
+    rng = np.random.default_rng(15)
+    base = rng.standard_normal(64).astype(np.float32)
+    # Rows that differ only far below bf16's resolution: the bf16 pass cannot rank them.
+    vectors = np.repeat(base[None, :], 2000, axis=0)
+    vectors += rng.standard_normal(vectors.shape).astype(np.float32) * 1e-5
+    queries = (base + rng.standard_normal(64).astype(np.float32) * 1e-3)[None, :].astype(np.float32)
+    scores, ids = _search(backend, queries, vectors, Metric.L2, 5)
+    ref.assert_topk_matches(queries, vectors, Metric.L2, scores, ids, 5)
+    assert backend.queries_rescanned == 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_seeded_scan_keeps_only_rows_above_the_floor(device: str) -> None:
+    import torch
+
+    from gpurag_triton import launch
+
+    backend = _triton(device)
+    rng = np.random.default_rng(17)
+    rows = torch.from_numpy(rng.standard_normal((300, 16)).astype(np.float32)).to(backend.torch_device)
+    queries = torch.from_numpy(rng.standard_normal((3, 16)).astype(np.float32)).to(backend.torch_device)
+    scores = queries @ rows.T
+    tau = torch.sort(scores, dim=1, descending=True).values[:, 5].contiguous()  # 5 rows above it
+    kept, found = launch.decode(launch.scan_topk(queries, rows, None, 0, 8, tau=tau).keys.reshape(3, -1))
+    real = kept > float("-inf")
+    assert bool((kept[real] > tau[:, None].expand_as(kept)[real]).all()), "a row at or below the floor was kept"
+    assert real.sum(dim=1).tolist() == [5, 5, 5]
+    assert torch.equal(torch.sort(found.where(real, -1), dim=1).values[:, -5:].cpu(),
+                       torch.sort(torch.topk(scores, 5, dim=1).indices, dim=1).values.cpu())  # fmt: skip
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("metric", [Metric.DOT, Metric.L2, Metric.COSINE, Metric.L1], ids=str)
+@pytest.mark.parametrize("split_below", [0, 1000], ids=["fused", "split"])
+def test_finish_kernel_is_exact_whether_it_sums_the_candidates_itself_or_not(
+    device: str, metric: Metric, split_below: int
+) -> None:
+    backend = _triton(device)
+    backend.finish_split_below = split_below  # 0: one program per query gathers and sums its candidates
+    rng = np.random.default_rng(18)
+    vectors = rng.standard_normal((700, 21)).astype(np.float32)
+    queries = rng.standard_normal((3, 21)).astype(np.float32)
+    scores, ids = _search(backend, queries, vectors, metric, 7)
+    ref.assert_topk_matches(queries, vectors, metric, scores, ids, 7)
+    assert backend.queries_rescanned == 0
