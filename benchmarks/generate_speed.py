@@ -135,13 +135,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split-gguf", type=Path, default=None, help="only write the model's GGUF here in chunks")
     parser.add_argument("--chunk-mb", type=int, default=30, help="chunk size for --split-gguf (MiB)")
     parser.add_argument("--skip-start", action="store_true", help="do not measure the start-up times")
-    parser.add_argument("--out", type=Path, default=None, help="also write the markdown report here")
+    parser.add_argument("--out", type=Path, default=None, help="also write the markdown report here (after each run)")
+    parser.add_argument("--keep-model", type=Path, default=None, help="with --gguf: keep the de-quantised model here")
+    parser.add_argument("--only-dequantise", action="store_true", help="with --gguf and --keep-model: stop there")
+    parser.add_argument("--dtype", default=None, help="float16 or bfloat16: cast the model (default: the generator's)")
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
 
     from gpurag.rag.generators import LocalGenerator
     from gpurag.settings import get_settings
-    from rag_speed import machine_description
 
     if args.split_gguf:
         for part in split_gguf(args.model or get_settings().local_model, args.split_gguf, args.chunk_mb << 20):
@@ -161,6 +163,15 @@ def main(argv: list[str] | None = None) -> int:
             started = time.perf_counter()
             model_path = model_dir_from_gguf(args.gguf, scratch)
             starts["de-quantise the given GGUF and save"] = time.perf_counter() - started
+            print(f"de-quantised in {starts['de-quantise the given GGUF and save']:.1f} s", file=sys.stderr, flush=True)
+            if args.keep_model:  # whole or not at all: another process may be waiting for it
+                partial = args.keep_model.with_name(args.keep_model.name + ".partial")
+                shutil.rmtree(partial, ignore_errors=True)
+                shutil.copytree(model_path, partial)
+                shutil.rmtree(args.keep_model, ignore_errors=True)
+                partial.rename(args.keep_model)
+            if args.only_dequantise:
+                return 0
             model = f"{args.gguf[0].name} (given)"
         elif model_path is None and not args.skip_start:
             starts = start_times(model, args.device)
@@ -173,8 +184,13 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=max(batches),
         )
         starts["start used for the runs"] = time.perf_counter() - started
+        if args.dtype:
+            import torch
+
+            generator.model.to(getattr(torch, args.dtype))
         generator.model.generation_config.min_new_tokens = args.new_tokens
         device = generator.device
+        print(f"loaded on {device} in {starts['start used for the runs']:.1f} s", file=sys.stderr, flush=True)
 
         # Check before timing: a prompt's answer is the same alone and within a batch of 8.
         alone = generator.generate(questions[:1], passages[:1])[0]
@@ -189,10 +205,33 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 runs[b].append(measure(generator, questions[:b], passages[:b], device))
                 print(f"batch {b}: {runs[b][-1]}", file=sys.stderr, flush=True)
+                if args.out:  # a run cut short (a GPU slot) still leaves what it measured
+                    args.out.write_text(report(args, model, generator, device, starts, same, runs))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    text = report(args, model, generator, device, starts, same, runs)
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+    return 0
+
+
+def report(
+    args: argparse.Namespace,
+    model: str,
+    generator: Any,
+    device: str,
+    starts: dict[str, float],
+    same: bool,
+    runs: dict[int, list[dict[str, float]]],
+) -> str:
+    """The markdown report of the runs so far (batch sizes not yet run are left out)."""
+    import transformers
+
+    from rag_speed import machine_description
 
     info = machine_description(device)
+    info["transformers"] = transformers.__version__
     lines = [
         f"### `local` generator speed: {model}, {device}, {generator.model.dtype}",
         "",
@@ -202,21 +241,19 @@ def main(argv: list[str] | None = None) -> int:
         *(f"- {key}: {value}" for key, value in info.items()),
         *(f"- {label}: {seconds:.1f} s" for label, seconds in starts.items()),
         "",
-        "| batch | tokens/s | vs batch 1 | answer latency s | first token s |",
-        "|---:|---:|---:|---:|---:|",
+        "| batch | tokens/s | vs batch 1 | answer latency s | first token s | runs |",
+        "|---:|---:|---:|---:|---:|---:|",
     ]
     base = None
-    for b in batches:
-        total = statistics.median(run["total_s"] for run in runs[b])
-        first = statistics.median(run["first_token_s"] for run in runs[b])
+    for b, measured in runs.items():
+        if not measured:
+            continue
+        total = statistics.median(run["total_s"] for run in measured)
+        first = statistics.median(run["first_token_s"] for run in measured)
         rate = b * args.new_tokens / total
         base = base or rate
-        lines.append(f"| {b} | {rate:.1f} | {rate / base:.2f}x | {total:.2f} | {first:.2f} |")
-    report = "\n".join([*lines, ""])
-    print(report)
-    if args.out:
-        args.out.write_text(report)
-    return 0
+        lines.append(f"| {b} | {rate:.1f} | {rate / base:.2f}x | {total:.2f} | {first:.2f} | {len(measured)} |")
+    return "\n".join([*lines, ""])
 
 
 if __name__ == "__main__":

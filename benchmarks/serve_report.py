@@ -38,6 +38,13 @@ RESULTS = ROOT / "benchmarks" / "results"
 BIN = Path(sys.executable).parent
 BODY = '{"query": "What does the with statement do?", "k": 3}'
 REPEATS = int(os.environ.get("SERVE_REPORT_REPEATS", "3"))
+# The batching row with another generator (the GPU machine: SERVE_REPORT_GENERATOR=local), fewer
+# clients or shorter runs, and the report written elsewhere (SERVE_REPORT_OUT).
+GENERATOR = os.environ.get("SERVE_REPORT_GENERATOR")
+CLIENTS = int(os.environ.get("SERVE_REPORT_CLIENTS", "32"))
+SECONDS = float(os.environ.get("SERVE_REPORT_SECONDS", "15"))
+WARMUP_S = float(os.environ.get("SERVE_REPORT_WARMUP_S", "3"))  # 0: the answer checks are the only warm-up
+REPORT = Path(os.environ.get("SERVE_REPORT_OUT", str(RESULTS / "serve_report.md")))
 
 
 def free_port() -> int:
@@ -47,11 +54,22 @@ def free_port() -> int:
         return port
 
 
-@contextlib.contextmanager
-def server(command: list[str], port: int, cpu: int | None = None, ready_s: float = 900) -> Iterator[str]:
-    """Start ``command`` (pinned to ``cpu``), wait until it answers, yield its URL, stop it."""
+def launch(command: list[str], cpu: int | None = None) -> subprocess.Popen[str]:
+    """Start ``command`` (pinned to ``cpu``)."""
     full = (["taskset", "-c", str(cpu)] if cpu is not None else []) + command
-    process = subprocess.Popen(full, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(full, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+@contextlib.contextmanager
+def server(
+    command: list[str],
+    port: int,
+    cpu: int | None = None,
+    ready_s: float = 900,
+    process: subprocess.Popen[str] | None = None,
+) -> Iterator[str]:
+    """Start ``command`` (unless ``process`` runs it already), wait until it answers, yield its URL, stop it."""
+    process = process or launch(command, cpu)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + ready_s
     try:
@@ -59,7 +77,9 @@ def server(command: list[str], port: int, cpu: int | None = None, ready_s: float
             if process.poll() is not None:
                 raise RuntimeError(f"{command} exited: {process.stderr.read() if process.stderr else ''}")
             with contextlib.suppress(httpx.HTTPError):
-                response = httpx.post(f"{url}/v1/rag", content=BODY, headers={"content-type": "application/json"})
+                response = httpx.post(
+                    f"{url}/v1/rag", content=BODY, headers={"content-type": "application/json"}, timeout=120
+                )
                 if response.status_code == 200:
                     break
             if time.monotonic() > deadline:
@@ -120,6 +140,31 @@ def mean_batch_size(url: str) -> float:
     total = float(re.search(r"^gpurag_batch_size_sum ([\d.e+]+)$", text, re.M).group(1))  # type: ignore[union-attr]
     count = float(re.search(r"^gpurag_batch_size_count ([\d.e+]+)$", text, re.M).group(1))  # type: ignore[union-attr]
     return total / count if count else 0.0
+
+
+def gpurag_command() -> list[str]:
+    """The ``gpurag`` command: its script beside this Python, else the CLI run by this Python (no scripts installed)."""
+    script = BIN / "gpurag"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-c", "import sys; from gpurag.cli import main; sys.exit(main())"]
+
+
+def gpu_description() -> str:
+    """The GPU the servers' models use (``CUDA_VISIBLE_DEVICES`` applies), or nothing without one."""
+    out = (
+        subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"], capture_output=True, text=True
+        )
+        if shutil.which("nvidia-smi")
+        else None
+    )
+    if out is None or out.returncode != 0:
+        return ""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    cards = out.stdout.strip().splitlines()
+    card = cards[int(visible.split(",")[0])] if visible and visible.split(",")[0].isdigit() else cards[0]
+    return f"GPU: {card} (driver). "
 
 
 def runs_text(runs: list[dict[str, float]]) -> str:
@@ -231,26 +276,40 @@ def open_loop_text(report: LoadReport) -> str:
 
 def row_batching(lines: list[str]) -> None:
     batched_port, single_port = free_port(), free_port()
-    batched_cmd = [str(BIN / "gpurag"), "serve", "--port", str(batched_port), "--request-timeout-s", "600"]
-    single_cmd = [*batched_cmd[:2], "--port", str(single_port), "--request-timeout-s", "600", "--max-batch-size", "1"]
+    options = ["--request-timeout-s", "600", *(["--generator", GENERATOR] if GENERATOR else [])]
+    batched_cmd = [*gpurag_command(), "serve", "--port", str(batched_port), *options]
+    single_cmd = [*gpurag_command(), "serve", "--port", str(single_port), *options, "--max-batch-size", "1"]
     runs: dict[str, list[LoadReport]] = {"batched": [], "single": []}
-    with server(batched_cmd, batched_port) as batched, server(single_cmd, single_port) as single:
+    with contextlib.ExitStack() as stack:
+        # Both servers load their models at once; stopped whatever happens.
+        processes = [launch(command) for command in (batched_cmd, single_cmd)]
+        for process in processes:
+            stack.callback(process.kill)
+        batched = stack.enter_context(server(batched_cmd, batched_port, process=processes[0]))
+        single = stack.enter_context(server(single_cmd, single_port, process=processes[1]))
         check_answer(batched, expect_sources=True)
         check_answer(single, expect_sources=True)
-        for url in (batched, single):
-            run_load(LoadSpec(url=url, clients=32, duration_s=3))  # warm-up
+        print(f"  both servers answer ({time.strftime('%H:%M:%S')})", flush=True)
+        for url in (batched, single) if WARMUP_S > 0 else ():
+            run_load(LoadSpec(url=url, clients=CLIENTS, duration_s=WARMUP_S))
         for _ in range(max(REPEATS - 1, 2)):
             for name, url in (("batched", batched), ("single", single)):
-                report = run_load(LoadSpec(url=url, clients=32, duration_s=15))
+                report = run_load(LoadSpec(url=url, clients=CLIENTS, duration_s=SECONDS))
                 assert set(report.statuses) == {"200"}, report.statuses
                 assert report.errors == 0
                 runs[name].append(report)
                 print(f"  {name}", report.describe().replace("\n", " | "), flush=True)
+                with contextlib.suppress(OSError):  # a run cut short (a GPU slot) keeps what it measured
+                    REPORT.with_suffix(".partial.txt").open("a").write(
+                        f"{name} {report.throughput:.2f} responses/s, p50 {report.latency_s['p50']:.3f} s\n"
+                    )
         sizes = {"batched": mean_batch_size(batched), "single": mean_batch_size(single)}
     med = {name: statistics.median(r.throughput for r in reports) for name, reports in runs.items()}
     ratio = med["batched"] / med["single"]
     lines += [
-        "## 2. Batching pays (default pipeline: default corpus, all-MiniLM-L6-v2, extractive; 32 closed-loop clients)",
+        f"## 2. Batching pays (default pipeline: default corpus, all-MiniLM-L6-v2, {GENERATOR or 'extractive'}"
+        + (f" (at most {os.environ.get('GPURAG_LOCAL_MAX_NEW_TOKENS', 160)} new tokens)" * (GENERATOR == "local"))
+        + f"; {CLIENTS} closed-loop clients, {SECONDS:g} s runs, warm-up {WARMUP_S:g} s)",
         "",
         "| configuration | responses/s, median (runs) | p50 / p99 ms (median run) | mean batch size |",
         "|---|---|---|---|",
@@ -324,28 +383,31 @@ def row_autoscaling(lines: list[str]) -> None:
 
 
 def main() -> None:
-    if shutil.which("wrk") is None:
-        raise SystemExit("wrk is not installed: apt-get install wrk")
+    rows = {"head": row_head_node, "batching": row_batching, "autoscaling": row_autoscaling}
+    chosen = sys.argv[1:] or list(rows)
+    wrk_version = "none"
+    if "head" in chosen:
+        if shutil.which("wrk") is None:
+            raise SystemExit("wrk is not installed: apt-get install wrk")
+        wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split()[1]
     avx512 = "avx512f" in Path("/proc/cpuinfo").read_text()
     lines = [
         "# Serving report",
         "",
         f"Machine: {cpu_model()}, {os.cpu_count()} cores, avx512f {'yes' if avx512 else 'no'}; shared with other jobs. "
         f"Python {platform.python_version()}, starlette {version('starlette')}, uvicorn {version('uvicorn')}, "
-        f"wrk {subprocess.run(['wrk', '-v'], capture_output=True, text=True).stdout.split()[1]}. "
+        f"wrk {wrk_version}. {gpu_description()}"
         f"Date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average at the start "
         f"{os.getloadavg()[0]:.1f}. Produced by `make serve-report`.",
         "",
     ]
-    rows = {"head": row_head_node, "batching": row_batching, "autoscaling": row_autoscaling}
-    chosen = sys.argv[1:] or list(rows)
     for name in chosen:
         print(name, flush=True)
         before = len(lines)
         rows[name](lines)
         lines.insert(before + 1, f"\nMeasured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    report = RESULTS / "serve_report.md"
+    REPORT.parent.mkdir(parents=True, exist_ok=True)
+    report = REPORT
     if chosen != list(rows) and report.exists():  # rerun rows replace their sections, the rest stays
         old = report.read_text().split("\n## ")
         new = "\n".join(lines).split("\n## ")

@@ -40,6 +40,7 @@ from safetensors.numpy import load_file, save_file
 # each distribution's src/ on the path, and a dist-info announces its entry points.
 purelib = Path(sysconfig.get_paths()["purelib"])
 roots = [Path("core"), *sorted(p for p in Path("plugins").iterdir() if (p / "pyproject.toml").is_file())]
+roots.append(Path("server"))  # gpurag serve (its wheels: starlette, uvicorn... carried separately)
 (purelib / "gpurag-carried.pth").write_text("".join(f"{(root / 'src').resolve()}\n" for root in roots))
 for root in roots:
     project = tomllib.loads((root / "pyproject.toml").read_text())["project"]

@@ -192,6 +192,10 @@ def test_transformers_runs_on_cuda_and_batches_the_same(tiny_causal_lm: Path) ->
     assert generator.device == "cuda"
     batched = generator.generate(QUESTIONS, PASSAGE_LISTS)
     assert batched == [generator.generate([q], [p])[0] for q, p in zip(QUESTIONS, PASSAGE_LISTS, strict=True)]
+    streamed = [""] * len(QUESTIONS)  # streaming on CUDA: its stopping criterion lives on the device too
+    for piece in generator.stream(QUESTIONS, PASSAGE_LISTS):
+        streamed[piece.index] += piece.text
+    assert [text.strip() for text in streamed] == batched
 
 
 def test_transformers_needs_a_model_directory(tmp_path: Path) -> None:

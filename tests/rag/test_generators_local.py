@@ -175,6 +175,36 @@ def test_first_load_caches_safetensors_and_the_second_reads_them(
     assert second.generate(QUESTIONS, PASSAGE_LISTS) == first.generate(QUESTIONS, PASSAGE_LISTS)
 
 
+def test_the_first_load_parses_the_gguf_file_once_and_saves_what_three_parses_would(
+    tiny_packaged: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import contextlib
+
+    import gguf
+    from safetensors.numpy import load_file
+
+    reader_class = gguf.GGUFReader
+    parsed: list[str] = []
+
+    class CountingReader(reader_class):  # type: ignore[misc, valid-type]
+        def __init__(self, path: Any, mode: str = "r") -> None:
+            parsed.append(str(path))
+            super().__init__(path, mode)
+
+    monkeypatch.setattr(gguf, "GGUFReader", CountingReader)
+    once = local(tmp_path / "once")
+    assert len(parsed) == 1  # tokenizer, configuration and weights share one reader
+    assert gguf.GGUFReader is CountingReader  # put back after the load
+    monkeypatch.setattr(packaged, "_gguf_parsed_once", contextlib.nullcontext)
+    thrice = local(tmp_path / "thrice")
+    assert len(parsed) == 4
+    saved_once = load_file(str(once.model_path / "model.safetensors"))
+    saved_thrice = load_file(str(thrice.model_path / "model.safetensors"))
+    assert saved_once.keys() == saved_thrice.keys()
+    assert all((saved_once[k] == saved_thrice[k]).all() for k in saved_once)
+    assert once.generate(QUESTIONS, PASSAGE_LISTS) == thrice.generate(QUESTIONS, PASSAGE_LISTS)
+
+
 def test_a_new_package_version_rebuilds_the_cache_and_removes_the_old(
     tiny_packaged: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -112,6 +112,11 @@ class Settings(BaseSettings):
         default="smollm2-135m", description="Packaged model of the `local` generator: smollm2-135m or gemma3-270m."
     )
     local_max_new_tokens: int = Field(default=160, gt=0, description="Tokens the `local` generator may produce.")
+    local_model_path: Path | None = Field(
+        default=None,
+        description="A de-quantised model directory (a `local` cache copied from another machine) that the `local` "
+        "generator loads instead of the packaged model; None: the packaged model.",
+    )
     local_prompt_template: str = Field(
         default=LOCAL_PROMPT_TEMPLATE, description="Prompt of the `local` generator (inside the chat template)."
     )

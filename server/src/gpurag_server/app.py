@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -11,7 +12,7 @@ from typing import Any
 import orjson
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
@@ -19,7 +20,7 @@ from gpurag.errors import GpuragError
 from gpurag_server.console import console_routes, is_console_path
 from gpurag_server.head import HeadNode
 from gpurag_server.nodes.base import NodeState
-from gpurag_server.queueing import Reply
+from gpurag_server.queueing import PendingItem, Reply
 from gpurag_server.schemas import (
     EmbeddingsRequest,
     FieldProblem,
@@ -39,6 +40,11 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
 def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> Response:
     return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
+
+
+def sse_event(event: str, data: Any) -> bytes:
+    """One server-sent event: its name and its JSON data."""
+    return b"event: " + event.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
 
 
 def error_response(status: int, kind: str, message: str, problems: list[FieldProblem] | None = None) -> Response:
@@ -154,31 +160,90 @@ def create_app(settings: ServerSettings | None = None) -> Starlette:
         assert reply.outcome.value is not None
         return reply, reply.outcome.value
 
-    async def run_rag(request: Request) -> tuple[RagRequest, Reply, dict[str, Any], float]:
-        started = time.monotonic()
+    async def parse_rag(request: Request) -> RagRequest:
         body = parse(RagRequest, await read_body(request))
         _raise_if(limits.query(body.query, "query"), limits.k(body.k))
-        reply, value = await run(request, "rag", {"query": body.query, "k": body.k})
-        return body, reply, value, time.monotonic() - started
+        return body
 
-    async def rag_v1(request: Request) -> Response:
-        body, reply, value, total = await run_rag(request)
+    def rag_body(body: RagRequest, reply: Reply, value: dict[str, Any], total: float) -> dict[str, Any]:
         timings = {"queue_wait_s": reply.queue_wait_s, "compute_s": value["compute_s"], "total_s": total}
         timings.update(value["timings"])
-        return _json(
-            200,
-            {
-                "query": body.query,
-                "answer": value["answer"],
-                "sources": value["sources"],
-                "timings": timings,
-                "node": reply.node,
-                "batch_size": reply.batch_size,
-            },
+        return {
+            "query": body.query,
+            "answer": value["answer"],
+            "sources": value["sources"],
+            "timings": timings,
+            "node": reply.node,
+            "batch_size": reply.batch_size,
+        }
+
+    async def rag_v1(request: Request) -> Response:
+        started = time.monotonic()
+        body = await parse_rag(request)
+        if body.stream:
+            return rag_stream(body, started)
+        reply, value = await run(request, "rag", {"query": body.query, "k": body.k})
+        return _json(200, rag_body(body, reply, value, time.monotonic() - started))
+
+    def rag_stream(body: RagRequest, started: float) -> Response:
+        """Queue the request with a text sink and answer with its server-sent events (`sse_answer`)."""
+        texts: asyncio.Queue[tuple[str, bool]] = asyncio.Queue()
+        item = WorkItem("rag", {"query": body.query, "k": body.k, "stream": True})
+        queued = head().enqueue(item, on_text=lambda text, reset: texts.put_nowait((text, reset)))
+        if isinstance(queued, Reply):  # refused before anything was streamed: a plain error response
+            failed = reply_error(queued)
+            assert failed is not None
+            return failed
+        return StreamingResponse(
+            sse_answer(body, queued, texts, started),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
+    async def sse_answer(
+        body: RagRequest, pending: PendingItem, texts: asyncio.Queue[tuple[str, bool]], started: float
+    ) -> AsyncIterator[bytes]:
+        """``token`` (and ``reset``) events as the node generates, then ``done`` or ``error``.
+
+        A client that goes away cancels this generator: its request is abandoned (dropped if
+        still queued, its answer ignored if running); the batch it is in goes on for the others.
+        """
+        reply_task = asyncio.ensure_future(head().wait(pending))
+        streamed = False
+        try:
+            while not reply_task.done() or not texts.empty():
+                if texts.empty():
+                    next_text = asyncio.ensure_future(texts.get())
+                    await asyncio.wait({next_text, reply_task}, return_when=asyncio.FIRST_COMPLETED)
+                    if not next_text.done():
+                        next_text.cancel()
+                        continue
+                    text, reset = next_text.result()
+                else:
+                    text, reset = texts.get_nowait()
+                streamed = True
+                yield sse_event("reset" if reset else "token", {"text": text})
+            reply = reply_task.result()
+            if reply is None or reply.status != 200:
+                failed = reply_error(reply)
+                status = failed.status_code if failed is not None else 500
+                error = orjson.loads(failed.body) if failed is not None else {"error": {"type": "internal"}}
+                yield sse_event("error", {**error, "status": status})
+                return
+            assert reply.outcome is not None
+            assert reply.outcome.value is not None
+            value = reply.outcome.value
+            if not streamed and value["answer"]:  # a node that cannot stream (ray): the answer in one piece
+                yield sse_event("token", {"text": value["answer"]})
+            yield sse_event("done", rag_body(body, reply, value, time.monotonic() - started))
+        finally:
+            reply_task.cancel()
+
     async def rag_seed(request: Request) -> Response:
-        body, _, value, _ = await run_rag(request)
+        body = await parse_rag(request)
+        if body.stream:
+            raise RequestInvalidError([FieldProblem(field="stream", problem="is supported on /v1/rag only")])
+        _, value = await run(request, "rag", {"query": body.query, "k": body.k})
         return _json(200, {"query": body.query, "result": value["answer"]})
 
     async def search(request: Request) -> Response:

@@ -17,7 +17,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 
 import numpy as np
 
@@ -144,7 +144,7 @@ class Batcher:
     async def _run_on(self, node: Node, batch: list[PendingItem], *, split: bool) -> None:
         started = time.perf_counter()
         try:
-            outcomes = await node.run([p.item for p in batch])
+            outcomes = await self._call(node, batch)
         except NodeDiedError as exc:
             self._node_died(node, batch, str(exc))
             return
@@ -164,6 +164,24 @@ class Batcher:
             message = f"node {node.name} returned {len(outcomes)} outcomes for a batch of {len(batch)}"
             outcomes = [Outcome(ok=False, error=message)] * len(batch)
         self._answer(node, batch, outcomes, len(batch))
+
+    def _call(self, node: Node, batch: list[PendingItem]) -> Awaitable[list[Outcome]]:
+        """``node.run`` of the batch; streaming requests among it get their text as the node produces it."""
+        items = [p.item for p in batch]
+        if all(p.on_text is None for p in batch):
+            return node.run(items)
+        attempts = [p.attempt for p in batch]
+        for pending in batch:
+            pending.restart_text()
+
+        def on_text(index: int, text: str) -> None:
+            if not 0 <= index < len(batch):
+                return
+            pending = batch[index]
+            if self.ledger.holds(pending, node.name, attempts[index]):  # not a node given up for dead
+                pending.add_text(text)
+
+        return node.run(items, on_text=on_text)
 
     def _answer(self, node: Node, batch: Sequence[PendingItem], outcomes: Sequence[Outcome], size: int) -> None:
         for pending, outcome in zip(batch, outcomes, strict=True):

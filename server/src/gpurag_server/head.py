@@ -76,17 +76,29 @@ class HeadNode:
 
     async def submit(self, item: WorkItem, receive: Receive | None = None) -> Reply | None:
         """Queue ``item`` and wait for its reply; None when the client went away first."""
-        loop = asyncio.get_running_loop()
+        queued = self.enqueue(item)
+        if isinstance(queued, Reply):
+            return queued
+        return await self.wait(queued, receive)
+
+    def enqueue(self, item: WorkItem, on_text: Callable[[str, bool], None] | None = None) -> PendingItem | Reply:
+        """Queue ``item`` (a streaming one with its text sink, see `PendingItem.on_text`); a 503 reply if full."""
         now = time.monotonic()
-        future: asyncio.Future[Reply] = loop.create_future()
-        pending = PendingItem(item, future, now, now + self.settings.request_timeout_s)
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        pending = PendingItem(item, future, now, now + self.settings.request_timeout_s, on_text=on_text)
         try:
             self.queue.put(pending)
         except QueueFullError as exc:
             self.metrics.rejects.labels("queue_full").inc()
             return Reply(503, error_type="overloaded", message=str(exc))
         self.batcher.arrived += 1
-        timer = loop.call_later(self.settings.request_timeout_s, self._expire, pending)
+        return pending
+
+    async def wait(self, pending: PendingItem, receive: Receive | None = None) -> Reply | None:
+        """The reply of a queued item; None when the client went away first (cancelling this abandons it)."""
+        loop = asyncio.get_running_loop()
+        future = pending.future
+        timer = loop.call_at(loop.time() + max(pending.deadline - time.monotonic(), 0.0), self._expire, pending)
         watcher = loop.create_task(_watch_disconnect(receive, future)) if receive is not None else None
         try:
             return await future

@@ -11,7 +11,7 @@ import collections
 import dataclasses
 import itertools
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from gpurag.errors import GpuragError
 from gpurag_server.workload import Outcome, WorkItem
@@ -43,11 +43,39 @@ class PendingItem:
     id: int = dataclasses.field(default_factory=lambda: next(_ids))
     attempt: int = 0
     dispatched_at: float = 0.0
+    #: A streaming request's sink: ``on_text(text, reset)`` gets the answer's new text as the node
+    #: generates it; ``reset`` means ``text`` replaces everything given before (see `add_text`).
+    on_text: Callable[[str, bool], None] | None = None
+    #: The text given to ``on_text`` so far, and the text of the run now under way.
+    streamed: str = ""
+    run_text: str = ""
 
     @property
     def abandoned(self) -> bool:
         """Answered already, or its client went away (the future was cancelled)."""
         return self.future.done()
+
+    def restart_text(self) -> None:
+        """A new run of this request begins (a retry after a split or a dead node): its text starts over."""
+        self.run_text = ""
+
+    def add_text(self, text: str) -> None:
+        """Pass on the new text of the current run, once: a retry that repeats what was sent adds nothing.
+
+        Generation is greedy, so a retry usually repeats the first run's text; only what goes
+        beyond the text already sent is passed on. A retry whose text departs from it (another
+        batch, other rounding) is passed on whole with ``reset``: the client replaces what it has.
+        """
+        if self.on_text is None or self.abandoned:
+            return
+        self.run_text += text
+        if self.run_text.startswith(self.streamed):
+            new, self.streamed = self.run_text[len(self.streamed) :], self.run_text
+            if new:
+                self.on_text(new, False)
+        elif not self.streamed.startswith(self.run_text):
+            self.streamed = self.run_text
+            self.on_text(self.run_text, True)
 
     def answer(self, reply: Reply) -> bool:
         """Resolve the future once; False if it was already resolved or cancelled."""
@@ -133,6 +161,11 @@ class Ledger:
             return False
         del self._entries[pending.id]
         return True
+
+    def holds(self, pending: PendingItem, node: str, attempt: int) -> bool:
+        """Whether ``pending`` is in flight on ``node`` in ``attempt`` (what `settle` would accept)."""
+        entry = self._entries.get(pending.id)
+        return entry is not None and entry.node == node and entry.attempt == attempt
 
     def on_node(self, node: str) -> list[int]:
         return [request for request, entry in self._entries.items() if entry.node == node]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
 from gpurag.errors import InvalidInputError
 
@@ -98,6 +98,12 @@ class RagRequest(_Strict):
 
     query: StrictStr
     k: StrictInt | None = Field(default=None, description="Passages to retrieve; default: the top_k setting.")
+    stream: StrictBool = Field(
+        default=False,
+        description="``/v1/rag`` only: answer with server-sent events, `token` events with the answer's text as it "
+        "is generated (a `reset` event replaces the text so far), then one `done` event holding the RagResponse, "
+        "or one `error` event holding the ErrorBody and its HTTP status.",
+    )
 
 
 class Source(BaseModel):

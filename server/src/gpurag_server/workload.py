@@ -11,7 +11,7 @@ import base64
 import dataclasses
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -95,8 +95,12 @@ class Workload:
         corpus = self.pipeline.corpus
         return WorkloadInfo(embedder=corpus.embedder_name, dim=corpus.embedder_dim, chunks=len(corpus))
 
-    def run(self, items: Sequence[WorkItem]) -> list[Outcome]:
-        """One outcome per item, in order; raises if the batch as a whole failed (the head splits it)."""
+    def run(self, items: Sequence[WorkItem], on_text: Callable[[int, str], None] | None = None) -> list[Outcome]:
+        """One outcome per item, in order; raises if the batch as a whole failed (the head splits it).
+
+        With ``on_text``, each ``rag`` item whose payload asks to ``stream`` has its answer's text
+        passed to ``on_text(position in items, text)`` as it is generated (from this thread).
+        """
         started = time.perf_counter()
         if self.pipeline is None:
             if self.kind == "sleep" and self.settings.sleep_per_batch_s > 0:
@@ -105,7 +109,11 @@ class Workload:
         else:
             outcomes = [Outcome(ok=False, error="not run")] * len(items)
             for kind, positions in _group(items).items():
-                results = getattr(self, f"_{kind}")([items[i].payload for i in positions])
+                payloads = [items[i].payload for i in positions]
+                if kind == "rag":
+                    results = self._rag(payloads, _positions_sink(on_text, positions, payloads))
+                else:
+                    results = getattr(self, f"_{kind}")(payloads)
                 for position, result in zip(positions, results, strict=True):
                     outcomes[position] = result
         compute_s = time.perf_counter() - started
@@ -114,13 +122,14 @@ class Workload:
                 outcome.value["compute_s"] = compute_s
         return outcomes
 
-    def _rag(self, payloads: list[dict[str, Any]]) -> list[Outcome]:
+    def _rag(self, payloads: list[dict[str, Any]], on_text: Callable[[int, str], None] | None = None) -> list[Outcome]:
         outcomes: list[Outcome] = [Outcome(ok=False)] * len(payloads)
         by_k: dict[int | None, list[int]] = {}
         for i, payload in enumerate(payloads):
             by_k.setdefault(payload.get("k"), []).append(i)
         for k, positions in by_k.items():
-            answers = self.pipeline.answer_batch([payloads[i]["query"] for i in positions], k)
+            sink = _positions_sink(on_text, positions, [payloads[i] for i in positions])
+            answers = self.pipeline.answer_batch([payloads[i]["query"] for i in positions], k, on_text=sink)
             for i, answer in zip(positions, answers, strict=True):
                 outcomes[i] = Outcome(
                     ok=True,
@@ -185,6 +194,21 @@ def _zero(item: WorkItem) -> Outcome:
         count = len(item.payload.get("texts") or item.payload.get("vectors") or [])
         return Outcome(ok=True, value={"results": [{"ids": [], "scores": [], "texts": [], "sources": []}] * count})
     return Outcome(ok=True, value={"embeddings": [[] for _ in item.payload["input"]], "model": "none"})
+
+
+def _positions_sink(
+    on_text: Callable[[int, str], None] | None, positions: list[int], payloads: list[dict[str, Any]]
+) -> Callable[[int, str], None] | None:
+    """``on_text`` for a sub-batch: its index ``i`` is ``positions[i]`` outside; only payloads that ``stream``."""
+    if on_text is None or not any(payload.get("stream") for payload in payloads):
+        return None
+    streaming = [bool(payload.get("stream")) for payload in payloads]
+
+    def sink(i: int, text: str) -> None:
+        if streaming[i]:
+            on_text(positions[i], text)
+
+    return sink
 
 
 def _group(items: Sequence[WorkItem]) -> dict[str, list[int]]:

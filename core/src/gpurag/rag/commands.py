@@ -173,6 +173,13 @@ def info_command(directory: Path, as_json: bool) -> None:
     show_default=True,
     help="Print the answer's tokens as they come, with a generator that streams (local, transformers).",
 )
+@click.option(
+    "--server",
+    default=None,
+    metavar="URL",
+    help="Ask a running `gpurag serve` at URL (e.g. http://127.0.0.1:8000) instead of a local pipeline.",
+)
+@click.option("--api-key", envvar="GPURAG_API_KEY", default=None, help="Bearer key for --server [env GPURAG_API_KEY].")
 def ask_command(
     question: str,
     index: Path | None,
@@ -183,6 +190,8 @@ def ask_command(
     reranker: str | None,
     as_json: bool,
     stream: bool,
+    server: str | None,
+    api_key: str | None,
 ) -> None:
     """Answer QUESTION from a corpus index, or from Python's language reference when no --index is given."""
     from gpurag.arrays import check_k
@@ -190,6 +199,14 @@ def ask_command(
     from gpurag.settings import get_settings
 
     options = {"retrieval": retrieval, "reranker": reranker}
+    if server is not None:
+        local = {"--index": index, "--generator": generator, "--embedder": embedder, **options}
+        given = [f"--{name}" if not name.startswith("-") else name for name, value in local.items() if value]
+        if given:
+            raise click.UsageError(f"--server asks the server's pipeline; {', '.join(given)} cannot be given with it")
+        with _errors_as_click():
+            _ask_server(server, question, k, stream=stream and not as_json, api_key=api_key, as_json=as_json)
+        return
     with _errors_as_click():
         if k is not None:
             check_k(k, get_settings().max_k)  # before any model is loaded
@@ -235,6 +252,26 @@ def _stream_answer(pipeline: Any, question: str, k: int | None) -> None:
         sys.stdout.flush()
     click.echo("")
     _echo_passages(list(passages))
+
+
+def _ask_server(url: str, question: str, k: int | None, *, stream: bool, api_key: str | None, as_json: bool) -> None:
+    """Ask the server at ``url``; print its answer (as it streams) and passages, or its JSON response."""
+    from types import SimpleNamespace
+
+    from gpurag.rag.remote import ask_server
+
+    def show(text: str, reset: bool) -> None:
+        if reset:  # the server retried the batch and its text changed: start the answer again
+            click.echo("\n[the answer restarts]")
+        click.echo(text, nl=False)
+        sys.stdout.flush()
+
+    response = ask_server(url, question, k, stream=stream, api_key=api_key, on_text=show if stream else None)
+    if as_json:
+        click.echo(json.dumps(response, indent=2))
+        return
+    click.echo("" if stream else response["answer"])
+    _echo_passages([SimpleNamespace(**source) for source in response["sources"]])
 
 
 def _default_pipeline(embedder_name: str | None, generator: str | None, **options: Any) -> Any:

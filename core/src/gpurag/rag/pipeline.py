@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -195,18 +195,26 @@ class RAGPipeline:
         """The ``k`` best of ``ranking`` with at most ``limit`` chunks per source (0: no limit)."""
         return at_most_per_document(ranking, self.corpus.owners, limit, k)
 
-    def answer_batch(self, queries: Sequence[str], k: int | None = None) -> list[Answer]:
+    def answer_batch(
+        self, queries: Sequence[str], k: int | None = None, on_text: Callable[[int, str], None] | None = None
+    ) -> list[Answer]:
         """Answer every query: each retrieval stage once for the batch (`retrieve_batch`), one generation call.
 
         Each answer holds its ``k`` best passages (default: the ``top_k`` setting) and the batch's
-        seconds per stage under `TIMING_KEYS`.
+        seconds per stage under `TIMING_KEYS`. With ``on_text``, answer ``i``'s text is also passed
+        to ``on_text(i, text)`` as the generator produces it (`generate_streaming`).
         An empty list, a query that is not a non-empty string, or ``k < 1`` is an `InvalidInputError`.
         """
         questions = _check_queries(queries)
         started = time.perf_counter()
         passages, timings = self.retrieve_batch(questions, k)
         retrieved = time.perf_counter()
-        texts = self.generator.generate(questions, passages)
+        if on_text is None:
+            texts = self.generator.generate(questions, passages)
+        else:
+            from gpurag.rag.generators.streaming import generate_streaming
+
+            texts = generate_streaming(self.generator, questions, passages, on_text)
         generated = time.perf_counter()
         if len(texts) != len(questions):
             raise GpuragError(

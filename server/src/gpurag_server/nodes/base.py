@@ -17,6 +17,9 @@ from gpurag.errors import GpuragError
 from gpurag_server.settings import ServerSettings
 from gpurag_server.workload import Outcome, WorkItem, WorkloadInfo
 
+#: Where a node sends a streaming batch's text: ``(item index in the batch, new text)``, on the event loop.
+TextSink = Callable[[int, str], None]
+
 
 class NodeState(enum.StrEnum):
     """Where a node is in its life: starting -> ready -> draining -> stopped, or dead at any point."""
@@ -62,8 +65,13 @@ class Node(abc.ABC):
         return self.state is NodeState.READY and self.in_flight < self.capacity
 
     @abc.abstractmethod
-    async def run(self, items: Sequence[WorkItem]) -> list[Outcome]:
-        """One outcome per item; raise `NodeDiedError` if the node died, `BatchFailedError` if the batch raised."""
+    async def run(self, items: Sequence[WorkItem], on_text: TextSink | None = None) -> list[Outcome]:
+        """One outcome per item; raise `NodeDiedError` if the node died, `BatchFailedError` if the batch raised.
+
+        With ``on_text``, a node that can stream calls ``on_text(i, text)`` on the event loop with
+        item ``i``'s new answer text as it is generated, before `run` returns; the batcher passes
+        it only for batches holding a streaming request.
+        """
 
 
 class NodeProvider(abc.ABC):

@@ -6,7 +6,7 @@ import asyncio
 import concurrent.futures
 from collections.abc import Sequence
 
-from gpurag_server.nodes.base import BatchFailedError, Node, NodeDiedError, NodeProvider
+from gpurag_server.nodes.base import BatchFailedError, Node, NodeDiedError, NodeProvider, TextSink
 from gpurag_server.workload import Outcome, WorkItem, Workload, WorkloadInfo
 
 
@@ -18,13 +18,20 @@ class LocalNode(Node):
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self.workload: Workload | None = None
 
-    async def run(self, items: Sequence[WorkItem]) -> list[Outcome]:
+    async def run(self, items: Sequence[WorkItem], on_text: TextSink | None = None) -> list[Outcome]:
         workload = self.workload
         if workload is None:
             raise NodeDiedError(f"node {self.name} has no workload (stopped)")
         loop = asyncio.get_running_loop()
+        from_thread = None
+        if on_text is not None:
+            sink = on_text
+
+            def from_thread(i: int, text: str) -> None:  # handed to the loop: it runs before the batch's result
+                loop.call_soon_threadsafe(sink, i, text)
+
         try:
-            return await loop.run_in_executor(self.executor, workload.run, list(items))
+            return await loop.run_in_executor(self.executor, workload.run, list(items), from_thread)
         except RuntimeError as exc:
             if self.executor._shutdown:
                 raise NodeDiedError(f"node {self.name} was shut down") from exc

@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from gpurag_server.nodes.base import BatchFailedError, Node, NodeDiedError, NodeProvider, NodeState
+from gpurag_server.nodes.base import BatchFailedError, Node, NodeDiedError, NodeProvider, NodeState, TextSink
 from gpurag_server.nodes.transport import encode, read_frame
 from gpurag_server.nodes.worker_process import PORT_ENV, SETTINGS_ENV, TOKEN_ENV
 from gpurag_server.settings import ServerSettings
@@ -53,6 +53,8 @@ class ProcessNode(Node):
         self.connected: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] | None = None
         self.ready: asyncio.Future[WorkloadInfo] | None = None
         self.pending: dict[int, asyncio.Future[list[Outcome]]] = {}
+        #: Where each streaming batch's ``text`` frames go, by batch id.
+        self.streams: dict[int, TextSink] = {}
         self.last_seen = time.monotonic()
         self.death: str | None = None
         self._ids = itertools.count()
@@ -62,14 +64,16 @@ class ProcessNode(Node):
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None else None
 
-    async def run(self, items: Sequence[WorkItem]) -> list[Outcome]:
+    async def run(self, items: Sequence[WorkItem], on_text: TextSink | None = None) -> list[Outcome]:
         if self.death is not None or self.writer is None:
             raise NodeDiedError(self.death or f"node {self.name} is not connected")
         batch_id = next(self._ids)
         future: asyncio.Future[list[Outcome]] = asyncio.get_running_loop().create_future()
         self.pending[batch_id] = future
+        if on_text is not None:
+            self.streams[batch_id] = on_text
         try:
-            self.writer.write(encode(("run", batch_id, list(items))))
+            self.writer.write(encode(("run", batch_id, list(items), on_text is not None)))
             await self.writer.drain()
         except (ConnectionError, OSError) as exc:
             self.die(f"sending a batch failed: {exc}")
@@ -77,6 +81,7 @@ class ProcessNode(Node):
             return await future
         finally:
             self.pending.pop(batch_id, None)
+            self.streams.pop(batch_id, None)
 
     def die(self, reason: str) -> None:
         """Fail every pending batch with `NodeDiedError` and kill the process."""
@@ -102,7 +107,11 @@ class ProcessNode(Node):
                 message = await read_frame(reader)
                 self.last_seen = time.monotonic()
                 kind = message[0]
-                if kind == "result":
+                if kind == "text":
+                    sink = self.streams.get(message[1])
+                    if sink is not None:
+                        sink(message[2], message[3])
+                elif kind == "result":
                     future = self.pending.get(message[1])
                     if future is not None and not future.done():
                         future.set_result(message[2])

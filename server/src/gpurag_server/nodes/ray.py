@@ -29,7 +29,7 @@ from typing import Any, Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from gpurag_server.nodes.base import BatchFailedError, Node, NodeDiedError, NodeProvider, NodeState
+from gpurag_server.nodes.base import BatchFailedError, Node, NodeDiedError, NodeProvider, NodeState, TextSink
 from gpurag_server.settings import ServerSettings
 from gpurag_server.workload import Outcome, WorkItem, WorkloadInfo
 
@@ -83,7 +83,10 @@ class RayNode(Node):
         self.pending: set[asyncio.Future[list[Outcome]]] = set()
         self.watcher: asyncio.Task[None] | None = None
 
-    async def run(self, items: Sequence[WorkItem]) -> list[Outcome]:
+    async def run(self, items: Sequence[WorkItem], on_text: TextSink | None = None) -> list[Outcome]:
+        """The actor's outcomes; ``on_text`` is not called (an actor call returns once): a streaming
+        request gets its whole answer at the end."""
+        del on_text
         if self.death is not None or self.actor is None:
             raise NodeDiedError(self.death or f"node {self.name} has no actor")
         loop = asyncio.get_running_loop()

@@ -1,8 +1,9 @@
 """The batch transport between the head node and a process node: length-prefixed pickle frames over
 one loopback TCP connection (one frame a batch, protocol 5, TCP_NODELAY).
 
-Frames, as tuples: head -> node ``("run", batch_id, items)``, ``("stop",)``; node -> head
+Frames, as tuples: head -> node ``("run", batch_id, items, stream)``, ``("stop",)``; node -> head
 ``("hello", token)``, ``("ready", info)``, ``("start_failed", message)``, ``("hb",)``,
+``("text", batch_id, index, text)`` (a streaming batch's new answer text, before its result),
 ``("result", batch_id, outcomes)``, ``("failed", batch_id, message)``.
 Only a peer that presents the node's random token in its first frame is talked to.
 """

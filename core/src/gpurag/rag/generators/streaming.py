@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 
@@ -117,3 +117,28 @@ def stream_in_thread(streamer: BatchStreamer, run: Callable[[], Any]) -> Iterato
     finally:
         streamer.stop()
         thread.join()
+
+
+def generate_streaming(
+    generator: Any, questions: Sequence[str], passages: Sequence[Sequence[Any]], on_text: Callable[[int, str], None]
+) -> list[str]:
+    """``generator``'s answers, calling ``on_text(i, text)`` with answer ``i``'s new text as it is generated.
+
+    A generator with a ``stream`` method (`TextPiece` objects) passes its text on piece by piece,
+    and each answer is its pieces joined and stripped, as its ``generate`` gives it; any other
+    generator's answers are passed on whole once the batch is generated. Either way the texts
+    given to ``on_text`` for an answer, joined and stripped, are that answer.
+    """
+    stream = getattr(generator, "stream", None)
+    if stream is None:
+        answers: list[str] = list(generator.generate(questions, passages))
+        for i, answer in enumerate(answers):
+            if answer:
+                on_text(i, answer)
+        return answers
+    parts: list[list[str]] = [[] for _ in questions]
+    for piece in stream(questions, passages):
+        if piece.text:
+            parts[piece.index].append(piece.text)
+            on_text(piece.index, piece.text)
+    return ["".join(texts).strip() for texts in parts]

@@ -148,7 +148,8 @@ class TransformersGenerator(Generator):
 
         class Stopped(StoppingCriteria):
             def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-                return torch.full((input_ids.shape[0],), streamer.should_stop(), dtype=torch.bool)
+                stop = streamer.should_stop()
+                return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
         def run() -> None:
             with torch.inference_mode():
