@@ -13,13 +13,10 @@ CPU (``make ann-report`` installs the data set, faiss-cpu and matplotlib)::
     .venv/bin/python benchmarks/ann_report.py --data glove
     .venv/bin/python benchmarks/ann_report.py --data clustered --dim 384 --rows 1000000 --queries 500
 
-GPU (one command; torch backend on cuda; 10M x 128 clustered and the 400k x 384 MiniLM set)::
-
-    python3 benchmarks/ann_report.py --gpu --vocab .whl/glove_vocab.txt
-
-``--vocab`` is the GloVe vocabulary as text (``--export-vocab PATH`` writes it here, where the
-data-set package is installed); its MiniLM embeddings are computed once and cached under
-``--cache``. ``--small`` shrinks everything to seconds, to try the command on a CPU first.
+The GPU rows (10M x 128 clustered and the 400k x 384 MiniLM set, drawn and embedded on the
+device) are `benchmarks/ann_gpu.py`'s. ``--export-vocab PATH`` writes the GloVe vocabulary (one
+word a line) from the data-set package installed here, for that script to embed there.
+``--small`` shrinks everything to seconds, to try the command quickly.
 """
 
 from __future__ import annotations
@@ -304,8 +301,6 @@ def main() -> None:
     parser.add_argument("--backend", default="numpy")
     parser.add_argument("--device", default=None, help="the backend's device (default: its own)")
     parser.add_argument("--exact-backends", nargs="+", default=[], help="more backends timed as exact baselines")
-    parser.add_argument("--gpu", action="store_true", help="the GPU rows: torch on cuda, both GPU data sets")
-    parser.add_argument("--gpu-data", nargs="+", choices=["clustered", "minilm"], default=["clustered", "minilm"])
     parser.add_argument("--small", action="store_true", help="tiny sizes, to try the command quickly")
     parser.add_argument("--bits", type=int, nargs="+", default=DEFAULT_BITS)
     parser.add_argument("--candidates", type=int, nargs="+", default=DEFAULT_CANDIDATES)
@@ -328,57 +323,26 @@ def main() -> None:
         return
 
     runs: list[tuple[str, np.ndarray, np.ndarray]] = []
-    if args.gpu:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        if args.backend == "numpy" and not args.small:
-            args.backend = "torch"
-        args.device = args.device or (device if args.backend != "numpy" else None)
-        args.machine = torch.cuda.get_device_name() if device == "cuda" else cpu_model() + " (no GPU found)"
-        args.no_faiss = True
-        args.batches = args.batches or [1, 16, 1024]
-        args.min_timed = args.min_timed or 256
-        args.budget = args.budget or 8 << 30
-        if args.bits == DEFAULT_BITS:
-            args.bits = [128, 256, 512]
-        if args.candidates == DEFAULT_CANDIDATES:
-            args.candidates = [20, 50, 100, 200, 500, 1000]
-        rows = 20_000 if args.small else 10_000_000
-        if "clustered" in args.gpu_data:
-            base = gaussian_mixture(rows, 128, seed=0)
-            queries = gaussian_mixture(2048 if not args.small else 200, 128, seed=0, sample=1)
-            runs.append((f"clustered D=128 N={rows:,}", base, queries))
-        if "minilm" not in args.gpu_data:
-            pass
-        elif args.vocab.is_file():
-            base, queries = split(
-                minilm_vectors(args.vocab, args.cache, device, args.small), 2048 if not args.small else 200
-            )
-            runs.append(("GloVe vocabulary embedded by all-MiniLM-L6-v2", base, queries))
-        else:
-            print(f"no vocabulary at {args.vocab}: the MiniLM rows are skipped (see --export-vocab)")
+    args.machine = f"{cpu_model()}, {os.cpu_count()} cores, avx512f " + (
+        "yes" if "avx512f" in Path("/proc/cpuinfo").read_text() else "no"
+    )
+    if args.data == "glove":
+        base, queries = find_glove().load(n_queries=args.queries)
+        if args.small:
+            base = base[:20_000]
+        runs.append(("GloVe 6B 50-d", base, queries))
+    elif args.data == "clustered":
+        rows = 20_000 if args.small else args.rows
+        base = gaussian_mixture(rows, args.dim, seed=0)
+        queries = gaussian_mixture(args.queries, args.dim, seed=0, sample=1)
+        runs.append((f"clustered D={args.dim} N={rows:,}", base, queries))
     else:
-        args.machine = f"{cpu_model()}, {os.cpu_count()} cores, avx512f " + (
-            "yes" if "avx512f" in Path("/proc/cpuinfo").read_text() else "no"
-        )
-        if args.data == "glove":
-            base, queries = find_glove().load(n_queries=args.queries)
-            if args.small:
-                base = base[:20_000]
-            runs.append(("GloVe 6B 50-d", base, queries))
-        elif args.data == "clustered":
-            rows = 20_000 if args.small else args.rows
-            base = gaussian_mixture(rows, args.dim, seed=0)
-            queries = gaussian_mixture(args.queries, args.dim, seed=0, sample=1)
-            runs.append((f"clustered D={args.dim} N={rows:,}", base, queries))
-        else:
-            base, queries = split(minilm_vectors(args.vocab, args.cache, "cpu", args.small), args.queries)
-            runs.append(("GloVe vocabulary embedded by all-MiniLM-L6-v2", base, queries))
+        base, queries = split(minilm_vectors(args.vocab, args.cache, "cpu", args.small), args.queries)
+        runs.append(("GloVe vocabulary embedded by all-MiniLM-L6-v2", base, queries))
     if args.small:
         args.repeats = min(args.repeats, 2)
         args.candidates = [c for c in args.candidates if c <= 500]
-    tag = args.tag or ("gpu" if args.gpu else args.data + (f"{args.dim}" if args.data == "clustered" else ""))
+    tag = args.tag or (args.data + (f"{args.dim}" if args.data == "clustered" else ""))
     texts = []
     for i, (name, base, queries) in enumerate(runs):
         args.tag = f"{tag}{'_' + str(i) if len(runs) > 1 else ''}{'_small' if args.small else ''}"

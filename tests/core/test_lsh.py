@@ -357,3 +357,21 @@ def test_recall_holds_on_rows_that_share_one_direction(metric: Metric) -> None:
     exact_scores = truth.search(queries, 10).scores
     recall = recall_at_k(index.search(queries, 10).scores, exact_scores, metric.higher_is_better)
     assert recall >= 0.9, f"{metric.value}: recall@10 {recall:.3f} on rows in one cone"
+
+
+def test_the_torch_mixture_is_seeded_unit_length_and_shares_centres_between_samples() -> None:
+    torch = pytest.importorskip("torch")
+    from gpurag.testing.clustered import gaussian_mixture_torch
+
+    base = gaussian_mixture_torch(1000, 16, clusters=5, spread=0.05, seed=3)
+    assert base.shape == (1000, 16)
+    assert base.dtype == torch.float32
+    assert torch.equal(base, gaussian_mixture_torch(1000, 16, clusters=5, spread=0.05, seed=3))
+    assert not torch.equal(base, gaussian_mixture_torch(1000, 16, clusters=5, spread=0.05, seed=4))
+    torch.testing.assert_close(torch.linalg.vector_norm(base, dim=1), torch.ones(1000))
+    held_out = gaussian_mixture_torch(50, 16, clusters=5, spread=0.05, seed=3, sample=1)
+    assert not torch.equal(held_out, base[:50])
+    # Tight clusters around shared centres: every held-out point lies close to some base point.
+    assert float((held_out @ base.T).max(dim=1).values.min()) > 0.95
+    with pytest.raises(ValueError, match="clusters >= 1"):
+        gaussian_mixture_torch(10, 4, clusters=0)

@@ -384,6 +384,27 @@ class DistanceBackend(abc.ABC):
         ``1 <= k <= N``. Scores are int32 Hamming distances; indices int64 row positions.
         """
 
+    def hamming_candidates(self, codes: Any, database_codes: Any, count: int) -> Any:
+        """The ``count`` nearest database rows of each code, (Q, count) int64 positions, in any order.
+
+        What a re-ranking needs: the rows of `hamming_topk` without its order. The default takes
+        them from `hamming_topk`; a backend may skip the sort.
+        """
+        return self.hamming_topk(codes, database_codes, count).indices
+
+    def lsh_topk(
+        self, hashed: Any, queries: Any, planes: Any, codes: Any, database: Database, n_candidates: int, k: int
+    ) -> TopK:
+        """An LSH search's two stages: `sign_codes` of ``hashed`` (the queries transformed for hashing),
+        `hamming_candidates` among ``codes`` (the database rows' codes), `rerank` of ``queries``.
+
+        One hook, so a backend can run the stages as one unit (a captured CUDA graph); the default
+        calls the three methods in turn. Returns the best ``k`` row positions with exact scores.
+        """
+        query_codes = self.sign_codes(self.asarray(hashed, "hashed queries"), planes)
+        candidates = self.hamming_candidates(query_codes, codes, n_candidates)
+        return self.rerank(self.asarray(queries, "queries"), database, candidates, k)
+
     def rerank(self, queries: Any, database: Database, candidates: Any, k: int) -> TopK:
         """The ``k`` best of each query's candidate rows, scored exactly with the database's metric, best first.
 

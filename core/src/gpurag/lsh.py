@@ -16,7 +16,7 @@ from gpurag.arrays import as_matrix, check_int, check_k
 from gpurag.backend import MIN_CAPACITY, DistanceBackend, RowMoves
 from gpurag.errors import IndexFormatError, InvalidInputError
 from gpurag.metrics import Metric, SearchResult, TopK
-from gpurag.rerank import concat_rows, like
+from gpurag.rerank import array_module, concat_rows, like
 from gpurag.retriever import ExactRetriever
 from gpurag.settings import get_settings
 
@@ -33,6 +33,11 @@ HASH_ROWS = 1 << 18
 TUNE_BITS = (64, 128, 256, 512)
 #: The recall tolerance of ann-benchmarks: a neighbour counts when its score is this close to the k-th best.
 RECALL_EPSILON = 1e-3
+
+
+def torch_sqrt_max_squared(x: Any) -> Any:
+    """The largest row norm of a float64 torch tensor (a 0-d tensor)."""
+    return (x * x).sum(dim=1).max().sqrt()
 
 
 def _unit_rows(x: F64) -> F64:
@@ -208,9 +213,15 @@ class LSHRetriever(ExactRetriever):
             blocks.append(rotation.T[: min(width, n_bits - start)])
         return np.concatenate(blocks).astype(np.float32)
 
-    def _hashed_rows(self, vectors: Any) -> F32:
-        """Rows transformed for hashing (see the class docstring), float32 on the host."""
-        x = np.asarray(vectors, dtype=np.float64)
+    def _hashed_rows(self, vectors: Any) -> Any:
+        """Rows transformed for hashing (see the class docstring): float32, in ``vectors``' array library and device.
+
+        Computed in float64 wherever the rows are (host NumPy, or the backend's device), so a
+        database's rows are never copied to the host to be coded.
+        """
+        if not isinstance(vectors, np.ndarray) and array_module(vectors).__name__ == "torch":
+            return self._hashed_tensor(vectors, query=False)
+        x = np.asarray(self.backend.to_numpy(vectors) if not isinstance(vectors, np.ndarray) else vectors, np.float64)
         if self.metric is Metric.COSINE:
             assert self._centre is not None
             return (_unit_rows(x) - self._centre).astype(np.float32)
@@ -221,7 +232,28 @@ class LSHRetriever(ExactRetriever):
         extra = np.sqrt(np.maximum(self._augment_norm**2 - squared, 0.0))
         return np.concatenate([x, extra[:, None]], axis=1).astype(np.float32)
 
-    def _hashed_queries(self, queries: Any) -> F32:
+    def _hashed_tensor(self, vectors: Any, *, query: bool) -> Any:
+        """`_hashed_rows` (or `_hashed_queries`) of a torch tensor, computed on its device."""
+        import torch
+
+        x = vectors.double()
+        if self.metric is not Metric.DOT:
+            assert self._centre is not None
+            centre = torch.from_numpy(self._centre).to(x.device)
+            if self.metric is Metric.COSINE:
+                norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+                x = x / torch.where(norms == 0, 1.0, norms)
+            return (x - centre).float()
+        if query:
+            extra = torch.zeros((x.shape[0], 1), dtype=x.dtype, device=x.device)
+        else:
+            squared = (x * x).sum(dim=1, keepdim=True)
+            extra = torch.sqrt(torch.clamp(self._augment_norm**2 - squared, min=0.0))
+        return torch.cat([x, extra], dim=1).float()
+
+    def _hashed_queries(self, queries: Any) -> Any:
+        if not isinstance(queries, np.ndarray) and array_module(queries).__name__ == "torch":
+            return self._hashed_tensor(queries, query=True)
         q = np.asarray(queries, dtype=np.float64)
         if self.metric is Metric.COSINE:
             assert self._centre is not None
@@ -232,10 +264,28 @@ class LSHRetriever(ExactRetriever):
         return np.concatenate([q, np.zeros((q.shape[0], 1))], axis=1).astype(np.float32)
 
     def _augmented_norm_of(self, vectors: Any) -> float:
-        x = np.asarray(vectors, dtype=np.float64)
-        return float(np.sqrt(np.max(np.einsum("ij,ij->i", x, x), initial=0.0)))
+        if isinstance(vectors, np.ndarray) or array_module(vectors).__name__ != "torch":
+            x = np.asarray(self.backend.to_numpy(vectors), dtype=np.float64)
+            return float(np.sqrt(np.max(np.einsum("ij,ij->i", x, x), initial=0.0)))
+        if vectors.shape[0] == 0:
+            return 0.0
+        x = vectors.double()
+        return float(torch_sqrt_max_squared(x))
 
-    def _codes_of(self, hashed: F32, planes: Any) -> Any:
+    def _centre_of(self, rows: Any) -> F64:
+        """The transform's centre (cosine: of the unit rows), float64 on the host, computed where ``rows`` are."""
+        if isinstance(rows, np.ndarray) or array_module(rows).__name__ != "torch":
+            x = np.asarray(self.backend.to_numpy(rows), dtype=np.float64)
+            return np.asarray((_unit_rows(x) if self.metric is Metric.COSINE else x).mean(axis=0), dtype=np.float64)
+        import torch
+
+        x = rows.double()
+        if self.metric is Metric.COSINE:
+            norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+            x = x / torch.where(norms == 0, 1.0, norms)
+        return np.asarray(x.mean(dim=0).cpu().numpy(), dtype=np.float64)
+
+    def _codes_of(self, hashed: Any, planes: Any) -> Any:
         return self.backend.sign_codes(self.backend.asarray(hashed, "vectors"), planes)
 
     def _row_codes(self, rows: Any, planes: Any) -> Any:
@@ -263,13 +313,12 @@ class LSHRetriever(ExactRetriever):
         """Code the rows appended from ``start`` on (every row when a longer one raises the dot norm)."""
         assert self._database is not None
         vectors = self._database.vectors
-        added = self.backend.to_numpy(vectors[start:])
+        added = vectors[start:]
         if self._planes is None:
             width = added.shape[1] + EXTRA_COORDINATES[self.metric]
             self._set_planes(self.make_planes(self.n_bits, width, self.seed))
         if self.metric is not Metric.DOT and self._centre is None:
-            rows = added.astype(np.float64)
-            self._centre = (_unit_rows(rows) if self.metric is Metric.COSINE else rows).mean(axis=0)
+            self._centre = self._centre_of(added)
         recode = start == 0
         if self.metric is Metric.DOT:
             norm = self._augmented_norm_of(added)
@@ -280,7 +329,7 @@ class LSHRetriever(ExactRetriever):
             self._code_rows.replace(self._loaded_codes)
             self._loaded_codes = None
         elif recode:
-            self._code_rows.replace(self._row_codes(self.backend.to_numpy(vectors), self._device_planes))
+            self._code_rows.replace(self._row_codes(vectors, self._device_planes))
         else:
             self._code_rows.append(self._row_codes(added, self._device_planes))
 
@@ -298,7 +347,7 @@ class LSHRetriever(ExactRetriever):
                 self._code_rows = CodeRows(self.backend)
                 return
             self._set_planes(self.make_planes(n_bits, self._dim + EXTRA_COORDINATES[self.metric], self.seed))
-            self._code_rows.replace(self._row_codes(self.backend.to_numpy(self._database.vectors), self._device_planes))
+            self._code_rows.replace(self._row_codes(self._database.vectors, self._device_planes))
 
     def _set_codes(self, planes: Any, codes: Any) -> None:
         """Search with ``planes`` (the backend's array) and ``codes`` of the current rows (benchmarks swap them)."""
@@ -336,15 +385,14 @@ class LSHRetriever(ExactRetriever):
         database = self._database
         dim = database.dim
         budget = (self.memory_budget_bytes or get_settings().memory_budget_bytes) // 4
-        per_query = max(database.count, 2 * n_candidates * dim)
+        per_query = 2 * n_candidates * dim  # the gathered candidate rows; backends chunk Hamming work themselves
         chunk = max(1, min(queries.shape[0], get_settings().max_query_chunk, budget // per_query))
         scores: list[Any] = []
         indices: list[Any] = []
         for q0 in range(0, queries.shape[0], chunk):
             block = queries[q0 : q0 + chunk]
-            query_codes = self._codes_of(self._hashed_queries(block), planes)
-            candidates = self.backend.hamming_topk(query_codes, codes, n_candidates).indices
-            top = self.backend.rerank(self.backend.asarray(block, "queries"), database, candidates, k)
+            hashed = self._hashed_queries(block)
+            top = self.backend.lsh_topk(hashed, block, planes, codes, database, n_candidates, k)
             scores.append(top.scores)
             indices.append(top.indices)
         if len(scores) == 1:
@@ -381,8 +429,8 @@ class LSHRetriever(ExactRetriever):
             count = len(self)
             k = min(k, count)
             truth = ExactRetriever.search(self, host, k).scores
-            rows = self.backend.to_numpy(self._database.vectors)
-            width = rows.shape[1] + EXTRA_COORDINATES[self.metric]
+            rows = self._database.vectors
+            width = int(rows.shape[1]) + EXTRA_COORDINATES[self.metric]
             trials: list[tuple[int, int, float, float]] = []
             chosen: dict[int, tuple[Any, Any]] = {}
             for n_bits in sorted(set(bits)):

@@ -656,6 +656,30 @@ class BackendConformance:
         host = np.asarray(backend.to_numpy(codes))
         ref.assert_hamming_topk_matches(host, host, scores, backend.to_numpy(result.indices), 1)
 
+    @pytest.mark.parametrize(
+        ("n_queries", "n_rows", "n_bytes", "count"),
+        [(1, 1, 1, 1), (5, 100, 1, 37), (17, 333, 2, 333), (3, 1000, 4, 250), (2, 2049, 32, 100)],
+    )
+    def test_hamming_candidates_are_the_rows_hamming_topk_keeps(
+        self, backend: DistanceBackend, n_queries: int, n_rows: int, n_bytes: int, count: int
+    ) -> None:
+        """Any order, but the same distances as `hamming_topk`'s and every row at most the count-th distance."""
+        rng = np.random.default_rng(n_rows)
+        host = rng.integers(0, 256, (n_queries + n_rows, n_bytes), dtype=np.uint8)  # few bits: many ties
+        planes = backend.asarray(np.eye(8 * n_bytes, dtype=np.float32), "planes")
+        signs = np.where(np.unpackbits(host, axis=1, bitorder="little"), 1.0, -1.0).astype(np.float32)
+        codes = backend.sign_codes(backend.asarray(signs, "vectors"), planes)
+        query_codes, database_codes = codes[:n_queries], codes[n_queries:]
+        rows = np.asarray(backend.to_numpy(backend.hamming_candidates(query_codes, database_codes, count)))
+        assert rows.shape == (n_queries, count), f"hamming_candidates shape: got {rows.shape}"
+        assert rows.dtype == np.int64, f"hamming_candidates must be int64 rows; got {rows.dtype}"
+        distances = ref.hamming_reference(host[:n_queries], host[n_queries:])
+        for q in range(n_queries):
+            assert len(set(rows[q].tolist())) == count, f"query {q}: candidates repeat a row"
+            np.testing.assert_array_equal(
+                np.sort(distances[q, rows[q]]), np.sort(distances[q])[:count], err_msg=f"query {q}: candidates"
+            )
+
     # --- approximate search: exact re-ranking and the LSH retriever ----------------------------
     @SOME
     @given(data=st.data())

@@ -22,8 +22,8 @@ def sign_codes(vectors: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
     bits = (vectors.double() @ planes.double().T) > 0
     padded = torch.zeros((n_rows, width * 8), dtype=torch.uint8, device=vectors.device)
     padded[:, :n_bits] = bits
-    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=vectors.device)
-    return (padded.view(n_rows, width, 8) * weights).sum(dim=2, dtype=torch.int32).to(torch.uint8)
+    shifts = torch.arange(8, dtype=torch.uint8, device=vectors.device)  # made on the device: no host copy
+    return (padded.view(n_rows, width, 8) << shifts).sum(dim=2, dtype=torch.int32).to(torch.uint8)
 
 
 def check_codes(codes: torch.Tensor, database_codes: torch.Tensor, k: int) -> None:

@@ -96,6 +96,9 @@ class TritonBackend(TorchBackend):
             raise BackendUnavailableError(
                 f"backend {self.name!r} runs on the CPU only under TRITON_INTERPRET=1 (set before triton is imported)"
             )
+        #: Small LSH searches' graphs (`lsh_topk`, also switched by `use_graphs`).
+        self._lsh_graphs: Any = None
+        self._host_planes: tuple[Any, np.ndarray[Any, Any]] | None = None  # (device planes, float64 host copy)
 
     @classmethod
     def availability(cls) -> Availability:
@@ -372,7 +375,75 @@ class TritonBackend(TorchBackend):
 
     # --- LSH primitives ------------------------------------------------------------------------
     def hamming_topk(self, codes: Any, database_codes: Any, k: int) -> TopK:
-        """The ``k`` database codes nearest each code, nearest first, by the fused Hamming kernel."""
+        """The ``k`` database codes nearest each code, nearest first (ties by row), by counting kernels, any k."""
+        from gpurag_torch import lsh
+        from gpurag_triton.candidates import nearest_codes
+
+        a = self._codes(codes, "codes").contiguous()
+        b = self._codes(database_codes, "database_codes").contiguous()
+        lsh.check_codes(a, b, k)
+        return nearest_codes(a, b, int(k))
+
+    def hamming_candidates(self, codes: Any, database_codes: Any, count: int) -> Any:
+        """The ``count`` nearest rows of each code, (Q, count) int64, in no promised order (for re-ranking)."""
+        from gpurag_torch import lsh
+        from gpurag_triton.candidates import nearest_codes
+
+        a = self._codes(codes, "codes").contiguous()
+        b = self._codes(database_codes, "database_codes").contiguous()
+        lsh.check_codes(a, b, count)
+        return nearest_codes(a, b, int(count), ordered=False).indices
+
+    def rerank(self, queries: Any, database: Database, candidates: Any, k: int) -> TopK:
+        """The ``k`` best candidate rows of each query, scored in float32 by the rescore kernel (rows read in place)."""
+        from gpurag.rerank import best_k
+        from gpurag_torch.database import NORMS
+
+        database = self._own(database)
+        q = self._tensor(queries, "queries")
+        rows = self._as_result(candidates)
+        scores = direct_scores(q, database.vectors, rows, database.metric, database.row_data.get(NORMS))
+        return best_k(scores, rows, k, database.metric.higher_is_better)
+
+    def lsh_topk(
+        self, hashed: Any, queries: Any, planes: Any, codes: Any, database: Database, n_candidates: int, k: int
+    ) -> TopK:
+        """The LSH stages as one captured CUDA graph for up to `lsh_graphs.GRAPH_MAX_QUERIES` host queries on CUDA.
+
+        The queries' codes come from the host (see `lsh_graphs.host_sign_codes`), so a code bit whose
+        float64 projection rounds to the other side of zero there may differ from `sign_codes`'.
+        """
+        import torch
+
+        from gpurag_triton import launch, lsh_graphs
+
+        small = isinstance(hashed, np.ndarray) and isinstance(queries, np.ndarray)
+        small = small and 0 < hashed.shape[0] <= lsh_graphs.GRAPH_MAX_QUERIES and self.use_graphs
+        if not small or self.torch_device.type != "cuda" or launch.interpreting():
+            return super().lsh_topk(hashed, queries, planes, codes, database, n_candidates, k)
+        database = self._own(database)
+        planes, codes = self._tensor(planes, "planes"), self._codes(codes, "database_codes")
+        if self._lsh_graphs is None:
+            self._lsh_graphs = lsh_graphs.LSHGraphs(self.torch_device)
+        runner: lsh_graphs.LSHGraphs = self._lsh_graphs
+        if self._host_planes is None or self._host_planes[0] is not planes:
+            self._host_planes = (planes, planes.double().cpu().numpy())
+        # The few queries' codes are made on the host (a small float64 product): a dozen kernels fewer.
+        query_codes = lsh_graphs.host_sign_codes(np.asarray(hashed, np.float64), self._host_planes[1])
+        width = query_codes.shape[1]
+
+        def stages(words_in: torch.Tensor, queries_in: torch.Tensor) -> TopK:
+            # Device tensors checked on the host already: no `asarray` (its finiteness check syncs).
+            query_codes_in = words_in.view(torch.uint8)[:, :width].contiguous()
+            candidates = self.hamming_candidates(query_codes_in, codes, n_candidates)
+            return self.rerank(queries_in, database, candidates, k)
+
+        words = lsh_graphs.as_float_words(query_codes)
+        key = lsh_graphs.graph_key(words, queries, planes, codes, database, n_candidates, k)
+        return runner.run(stages, words, np.ascontiguousarray(queries, np.float32), key)
+
+    def fused_hamming_topk(self, codes: Any, database_codes: Any, k: int) -> TopK:
+        """`hamming_topk` by the fused top-KP kernel (k <= 256; kept to compare against the counting kernels)."""
         import torch
 
         from gpurag_torch import lsh

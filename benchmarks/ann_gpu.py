@@ -1,0 +1,463 @@
+"""The LSH retriever's GPU rows: recall@10 and queries/s at Q = 1, 16, 1024 against the exact GPU backends.
+
+Everything stays on the device: the clustered set (N = 10M, D = 128) is drawn by torch on the GPU,
+the GloVe vocabulary is embedded by the default embedder (all-MiniLM-L6-v2) on the GPU, rows go
+to the retrievers as CUDA tensors, and the truth and recall are computed there in float64.
+Queries reach every retriever as host NumPy arrays and answers come back as NumPy (the user's
+path), so each timed search includes its copies and the sync. Methods are interleaved in each
+repeat; medians are quoted. A wall-clock budget (``--budget-s``) keeps the run inside a slot:
+the most important rows are measured first, and the tables are written after each data set.
+
+    python3 benchmarks/ann_gpu.py --out $OUT --vocab glove_vocab.txt.xz --budget-s 75
+"""
+
+from __future__ import annotations
+
+import argparse
+import lzma
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+K = 10
+T0 = time.perf_counter()
+
+
+def sync() -> None:
+    """Wait for the GPU (nothing on the CPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def log(message: str) -> None:
+    print(f"[{time.perf_counter() - T0:6.1f} s] {message}", flush=True)
+
+
+@dataclass
+class Method:
+    family: str
+    params: str
+    search: Callable[[np.ndarray], np.ndarray]  # host queries -> host ids (Q, K)
+    recall: float = float("nan")
+    times: dict[int, list[float]] = field(default_factory=dict)  # batch -> seconds per query, per repeat
+
+    def rate(self, batch: int) -> float:
+        return 1 / statistics.median(self.times[batch]) if self.times.get(batch) else float("nan")
+
+
+def float64_top(queries: Any, base: Any, k: int) -> tuple[Any, Any]:
+    """Exact float64 cosine (rows are unit length: dot) top-k of a few queries, on the device."""
+    import torch
+
+    best_scores, best_rows = None, None
+    q = queries.double()
+    step = 1 << 20
+    for r0 in range(0, base.shape[0], step):
+        scores = q @ base[r0 : r0 + step].double().T
+        top = torch.topk(scores, min(k, scores.shape[1]), dim=1)
+        rows = top.indices + r0
+        if best_scores is None:
+            best_scores, best_rows = top.values, rows
+        else:
+            merged = torch.cat([best_scores, top.values], 1)
+            order = torch.topk(merged, k, dim=1).indices
+            best_rows = torch.gather(torch.cat([best_rows, rows], 1), 1, order)
+            best_scores = torch.gather(merged, 1, order)
+    return best_scores, best_rows
+
+
+def true_scores(queries: Any, base: Any, ids: np.ndarray) -> np.ndarray:
+    """float64 scores of each query with the rows ``ids`` (host), computed on the device."""
+    import torch
+
+    rows = torch.from_numpy(np.ascontiguousarray(ids)).to(base.device).clamp(min=0)
+    out = torch.einsum("qkd,qd->qk", base[rows].double(), queries.double())
+    return out.cpu().numpy()
+
+
+def recall(found: np.ndarray, truth: np.ndarray) -> float:
+    from gpurag.lsh import recall_at_k
+
+    return recall_at_k(found, truth, True)
+
+
+def stage_times(index: Any, host_queries: np.ndarray, batch: int, repeats: int = 20) -> dict[str, float]:
+    """Median ms of each stage of one LSH search at ``batch`` queries (synchronised between stages)."""
+
+    backend = index.backend
+    database = index._database
+    block = host_queries[:batch]
+    codes = index._code_rows.live
+    stages: dict[str, list[float]] = {}
+
+    def timed(name: str, fn: Callable[[], Any]) -> Any:
+        sync()
+        start = time.perf_counter()
+        out = fn()
+        sync()
+        stages.setdefault(name, []).append((time.perf_counter() - start) * 1e3)
+        return out
+
+    for _ in range(repeats):
+        hashed = timed("hash queries (host)", lambda: index._hashed_queries(block))
+        qcodes = timed("sign codes (copy + device)", lambda h=hashed: index._codes_of(h, index._device_planes))
+        cands = timed(
+            "hamming candidates",
+            lambda c=qcodes: backend.hamming_candidates(c, codes, min(index.n_candidates, len(index))),
+        )
+        dq = timed("queries to device", lambda: backend.asarray(block, "queries"))
+        top = timed("rerank", lambda c=cands, q=dq: backend.rerank(q, database, c, K))
+        timed("ids + to host", lambda t=top: index._result(t, K, "numpy"))
+        timed("whole search", lambda: index.search(block, K))
+        if hasattr(backend, "use_graphs"):
+            backend.use_graphs = False
+            timed("whole search, no CUDA graph", lambda: index.search(block, K))
+            backend.use_graphs = True
+    return {name: statistics.median(values) for name, values in stages.items()}
+
+
+def candidate_variants(index: Any, host_queries: np.ndarray, batch: int, repeats: int = 20) -> dict[str, float]:
+    """Median ms of the Hamming candidate stage alone, by kernel layout (synchronised)."""
+    from gpurag_triton.candidates import nearest_codes
+
+    backend = index.backend
+    codes = index._code_rows.live
+    count = min(index.n_candidates, len(index))
+    query_codes = index._codes_of(index._hashed_queries(host_queries[:batch]), index._device_planes)
+    variants: dict[str, Callable[[], Any]] = {
+        "count, distances recomputed": lambda: nearest_codes(query_codes, codes, count, ordered=False,
+                                                             store_distances=False),
+        "count, distances stored": lambda: nearest_codes(query_codes, codes, count, ordered=False,
+                                                         store_distances=True),
+        "count, ordered (hamming_topk)": lambda: nearest_codes(query_codes, codes, count),
+    }  # fmt: skip
+
+    def one_histogram() -> Any:  # the layout measured in W2: one histogram of (queries x bins) per tile
+        from gpurag_triton import candidates
+
+        candidates.HISTOGRAM_PER_QUERY = False
+        try:
+            return nearest_codes(query_codes, codes, count, ordered=False)
+        finally:
+            candidates.HISTOGRAM_PER_QUERY = True
+
+    variants["count, one histogram per query tile"] = one_histogram
+    if count <= 256 and hasattr(backend, "fused_hamming_topk"):
+        variants["fused top-KP kernel"] = lambda: backend.fused_hamming_topk(query_codes, codes, count)
+    out = {}
+    for name, fn in variants.items():
+        fn()
+        times = []
+        for _ in range(repeats):
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times.append((time.perf_counter() - start) * 1e3)
+        out[name] = statistics.median(times)
+    return out
+
+
+def run(
+    args: argparse.Namespace,
+    name: str,
+    base: Any,
+    queries: Any,
+    deadline: float,
+    candidates: list[int],
+    publish: Callable[[str], None],
+) -> tuple[str, list[Method]]:
+    """Build, check, time and tabulate one data set; stops adding work when the deadline nears.
+
+    ``publish`` gets the data set's text each time it grows (the table first), so a run cut short
+    still leaves its most important rows.
+    """
+
+    import gpurag
+    from gpurag.lsh import LSHRetriever
+
+    n, dim = base.shape
+    host_queries = queries.cpu().numpy()
+    log(f"== {name}: {n:,} x {dim}, {len(host_queries)} queries")
+    # The LSH index (its rows are the exact baseline of its own backend: ExactRetriever.search on it).
+    start = time.perf_counter()
+    index = LSHRetriever(
+        "cosine", args.lsh_backend, device=args.device, n_bits=args.bits[0], n_candidates=K,
+        memory_budget_bytes=args.budget_bytes,
+    )  # fmt: skip
+    index.add(base)
+    sync()
+    log(f"lsh {args.lsh_backend} {args.bits[0]} bits: built (rows + codes) in {time.perf_counter() - start:.1f} s")
+    codes = {args.bits[0]: (index._device_planes, index.codes)}
+    for n_bits in args.bits[1:]:
+        start = time.perf_counter()
+        index.rehash(n_bits)
+        codes[n_bits] = (index._device_planes, index.codes)
+        sync()
+        log(f"lsh {n_bits} bits: codes in {time.perf_counter() - start:.1f} s")
+    exact: dict[str, Callable[[np.ndarray], Any]] = {
+        args.lsh_backend: lambda q: gpurag.ExactRetriever.search(index, q, K)
+    }
+    for backend in args.exact_backends:
+        if backend == args.lsh_backend:
+            continue
+        start = time.perf_counter()
+        other = gpurag.ExactRetriever("cosine", backend, device=args.device, memory_budget_bytes=args.budget_bytes)
+        other.add(base)
+        sync()
+        exact[backend] = lambda q, r=other: r.search(q, K)
+        log(f"exact {backend}: added in {time.perf_counter() - start:.1f} s")
+    # The truth: the LSH backend's exact search, checked against float64 on a few queries.
+    truth = exact[args.lsh_backend](host_queries)
+    check = min(16, len(host_queries))
+    ref_scores, _ = float64_top(queries[:check], base, K)
+    got = true_scores(queries[:check], base, truth.ids[:check])
+    worst = float(np.abs(got - ref_scores.cpu().numpy()).max())
+    log(f"exact check vs float64 on {check} queries: max |score difference| {worst:.2e}")
+    assert worst < 1e-5, f"exact {args.lsh_backend} answers differ from float64 by {worst}"
+    truth_scores = true_scores(queries, base, truth.ids)
+
+    methods = [Method("exact", b, lambda q, f=f: f(q).ids) for b, f in exact.items()]
+    for n_bits in args.bits:
+        for c in candidates:
+            if c < n:
+
+                def search(q: np.ndarray, b: int = n_bits, c: int = c) -> np.ndarray:
+                    if index.n_bits != b:
+                        index._set_codes(*codes[b])
+                        index.n_bits = b
+                    index.n_candidates = c
+                    return index.search(q, K).ids
+
+                methods.append(Method("lsh", f"{n_bits} bits, {c} candidates", search))
+    try:  # the first small search captures a CUDA graph: if that fails here, say so and go on without
+        index.search(host_queries[:1], K)
+    except Exception as exc:
+        log(f"CUDA graph path failed ({type(exc).__name__}: {exc}); graphs off")
+        index.backend.use_graphs = False
+    recall_deadline = time.perf_counter() + (deadline - time.perf_counter()) * 0.5
+    for m in methods:
+        if m.family == "lsh" and time.perf_counter() > recall_deadline:
+            log(f"deadline: recall of {m.params} not measured")
+            continue
+        m.recall = recall(true_scores(queries, base, m.search(host_queries)), truth_scores)
+        log(f"recall {m.family} {m.params}: {m.recall:.3f}")
+    # Keep the settings worth timing: exact, and for each bit count the candidates from the first
+    # reaching 0.85 up to the first reaching 0.95.
+    timed: list[Method] = [m for m in methods if m.family == "exact"]
+    for n_bits in args.bits:
+        mine = [m for m in methods if m.family == "lsh" and m.params.startswith(f"{n_bits} bits")]
+        reaching = [i for i, m in enumerate(mine) if m.recall >= 0.85]
+        lo = max(0, reaching[0] - 1) if reaching else len(mine) - 1
+        top = next((i for i, m in enumerate(mine) if m.recall >= 0.95), len(mine) - 1)
+        timed += mine[lo : top + 1]
+    publish(table(args, name, n, dim, len(host_queries), methods, timed))  # recall first, rates to come
+    hard_stop = T0 + args.budget_s - 3  # past it, nothing new starts: the tables must be written
+    for m in timed:  # warm-up: every kernel compiled (and graph captured) before the clock runs
+        for b in args.batches:
+            if time.perf_counter() < hard_stop:
+                m.search(host_queries[:b])
+    log(f"timing {len(timed)} settings at Q = {args.batches}")
+    for repeat in range(args.repeats):
+        if time.perf_counter() > deadline and repeat:
+            log("deadline: fewer repeats")
+            break
+        for m in timed:
+            for b in args.batches:
+                if time.perf_counter() > hard_stop:
+                    log(f"hard stop: {m.family} {m.params} Q={b} not timed in repeat {repeat + 1}")
+                    continue
+                count = max(b, min(len(host_queries), args.min_timed // b * b))
+                sync()
+                start = time.perf_counter()
+                for q0 in range(0, count, b):
+                    m.search(host_queries[q0 : q0 + b])
+                m.times.setdefault(b, []).append((time.perf_counter() - start) / count)
+        log(f"repeat {repeat + 1} done")
+    text = table(args, name, n, dim, len(host_queries), methods, timed)
+    publish(text)
+    best = max((m for m in timed if m.family == "lsh" and m.recall >= 0.9), key=lambda m: m.rate(1), default=None)
+    if best is not None and time.perf_counter() < deadline:
+        best.search(host_queries[:1])  # sets the bits and candidates
+        lines = ["", f"Stages of one search, {best.params} (median ms, synchronised between stages):", ""]
+        lines += ["| stage | " + " | ".join(f"Q={b}" for b in args.batches) + " |"]
+        lines += ["|---|" + "---|" * len(args.batches)]
+        per_batch = {b: stage_times(index, host_queries, b) for b in args.batches}
+        for stage in per_batch[args.batches[0]]:
+            lines.append(f"| {stage} | " + " | ".join(f"{per_batch[b][stage]:.3f}" for b in args.batches) + " |")
+        text += "\n".join(lines) + "\n"
+        publish(text)
+        if args.lsh_backend == "triton" and time.perf_counter() < deadline:
+            lines = ["", f"Hamming candidate stage alone, {best.params}, by kernel layout (median ms):", ""]
+            lines += ["| layout | " + " | ".join(f"Q={b}" for b in args.batches) + " |"]
+            lines += ["|---|" + "---|" * len(args.batches)]
+            per_batch = {b: candidate_variants(index, host_queries, b) for b in args.batches}
+            for name in per_batch[args.batches[0]]:
+                cells = [f"{per_batch[b][name]:.3f}" if name in per_batch[b] else "—" for b in args.batches]
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            text += "\n".join(lines) + "\n"
+            publish(text)
+    return text, methods
+
+
+def table(
+    args: argparse.Namespace, name: str, n: int, dim: int, n_queries: int, methods: list[Method], timed: list[Method]
+) -> str:
+    import torch
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU trial)"
+    exact_best = {
+        b: max((m.rate(b) for m in timed if m.family == "exact" and m.times.get(b)), default=float("nan"))
+        for b in args.batches
+    }
+    lines = [
+        f"## {name}: {n:,} x {dim}, cosine, {n_queries} queries, k={K}",
+        "",
+        f"GPU: {gpu}, torch {torch.__version__}. LSH on the {args.lsh_backend} backend; "
+        f"{len(timed[0].times.get(args.batches[0], [])) if timed else 0} interleaved repeats, medians; "
+        f"queries/s with host queries in and host answers out.",
+        "",
+        "| method | setting | recall@10 | " + " | ".join(f"q/s Q={b} (× exact)" for b in args.batches) + " |",
+        "|---|---|---|" + "---|" * len(args.batches),
+    ]
+    for m in methods:
+        cells = []
+        for b in args.batches:
+            rate = m.rate(b)
+            cells.append("—" if rate != rate else f"{rate:,.0f} ({rate / exact_best[b]:.2f}×)")
+        lines.append(f"| {m.family} | {m.params} | {m.recall:.3f} | " + " | ".join(cells) + " |")
+    lines += ["", "Best LSH setting reaching recall@10 ≥ 0.90, per batch size, against the best exact backend:", ""]
+    for b in args.batches:
+        good = [m for m in timed if m.family == "lsh" and m.recall >= 0.90 and m.times.get(b)]
+        exacts = [m for m in timed if m.family == "exact" and m.times.get(b)]
+        if not good or not exacts:
+            lines.append(f"- Q={b}: no timed LSH setting reached 0.90 (or no exact rate)")
+            continue
+        best = max(good, key=lambda m: m.rate(b))
+        best_exact = max(exacts, key=lambda m: m.rate(b))
+        lines.append(
+            f"- Q={b}: {best.params}, recall {best.recall:.3f}, {best.rate(b):,.0f} q/s = "
+            f"**{best.rate(b) / exact_best[b]:.2f}×** exact {best_exact.params} ({exact_best[b]:,.0f} q/s)"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def check_hamming(device: str) -> None:
+    """The counting kernels against torch on random codes: same rows, nearest first, ties to the lower row."""
+    import torch
+
+    import gpurag
+    from gpurag_torch import lsh
+
+    backend = gpurag.get_backend("triton", device=device)
+    stream = torch.Generator(device=device).manual_seed(7)
+    for n_queries, n_rows, width, count in ((1, 200_003, 32, 333), (16, 200_003, 16, 2000)):
+        codes = torch.randint(0, 256, (n_queries, width), generator=stream, device=device, dtype=torch.uint8)
+        rows = torch.randint(0, 256, (n_rows, width), generator=stream, device=device, dtype=torch.uint8)
+        got = backend.hamming_topk(codes, rows, count)
+        distances = lsh.hamming_distances(codes, rows).long()
+        key = distances * n_rows + torch.arange(n_rows, device=device)
+        want = torch.topk(key, count, dim=1, largest=False, sorted=True).indices
+        same_rows = torch.equal(got.indices, want)
+        same_distances = torch.equal(got.scores.long(), torch.gather(distances, 1, want))
+        verdict = "same" if same_rows and same_distances else f"DIFFERENT (rows {same_rows}, dist. {same_distances})"
+        log(f"hamming kernels vs torch at Q={n_queries} N={n_rows} W={width} count={count}: {verdict}")
+
+
+def minilm_vocabulary(path: Path, limit: int | None, device: str) -> Any:
+    """The vocabulary embedded on the GPU by the default embedder, as a float32 CUDA tensor."""
+
+    from gpurag.rag.embedders import SentenceTransformerEmbedder
+
+    opener = lzma.open if path.suffix == ".xz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        words = f.read().splitlines()
+    if limit:
+        words = words[:limit]
+    start = time.perf_counter()
+    embedder = SentenceTransformerEmbedder(device=device, batch_size=4096)
+    log(f"embedder loaded in {time.perf_counter() - start:.1f} s")
+    start = time.perf_counter()
+    vectors = embedder.model.encode(
+        words, batch_size=4096, convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=False
+    )
+    sync()
+    log(f"embedded {len(words):,} words in {time.perf_counter() - start:.1f} s")
+    return vectors.float().contiguous()
+
+
+def main() -> None:
+    import torch
+
+    from gpurag.testing.clustered import gaussian_mixture_torch
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", nargs="+", choices=["clustered", "minilm"], default=["clustered", "minilm"])
+    parser.add_argument("--rows", type=int, default=10_000_000)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--queries", type=int, default=1024)
+    parser.add_argument("--bits", type=int, nargs="+", default=[128, 256])
+    parser.add_argument("--candidates", type=int, nargs="+", default=[500, 1000, 2000, 4000, 8000, 16000])
+    parser.add_argument("--minilm-candidates", type=int, nargs="+", default=[50, 100, 200, 500, 1000, 2000, 4000])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 1024])
+    parser.add_argument("--min-timed", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--lsh-backend", default="triton")
+    parser.add_argument("--exact-backends", nargs="+", default=["triton", "torch"])
+    parser.add_argument("--budget-bytes", type=int, default=8 << 30, help="memory_budget_bytes of every retriever")
+    parser.add_argument("--vocab", type=Path, default=Path("glove_vocab.txt.xz"))
+    parser.add_argument("--vocab-limit", type=int, default=None)
+    parser.add_argument("--budget-s", type=float, default=1e9, help="wall-clock seconds for the whole run")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-check", action="store_true", help="skip checking the Hamming kernels against torch")
+    parser.add_argument("--report", default="ann_gpu_h200.md", help="file name of the tables, under --out")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results")))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = args.out / args.report
+    texts = ["# Approximate search on the GPU: the LSH retriever against exact search\n"]
+    end = T0 + args.budget_s
+    if args.device != "cpu" and not args.no_check:
+        check_hamming(args.device)
+    for data in args.data:
+        if data == "clustered":
+            base = gaussian_mixture_torch(args.rows, args.dim, seed=0, device=args.device)
+            queries = gaussian_mixture_torch(args.queries, args.dim, seed=0, sample=1, device=args.device)
+            sync()
+            log(f"clustered data drawn on the GPU: {tuple(base.shape)}")
+            name, candidates = f"clustered D={args.dim} N={args.rows:,}", args.candidates
+            share = 0.6 if "minilm" in args.data else 0.9
+        else:
+            if not args.vocab.is_file():
+                log(f"no vocabulary at {args.vocab}: MiniLM rows skipped")
+                continue
+            vectors = minilm_vocabulary(args.vocab, args.vocab_limit, args.device)
+            pick = torch.randperm(vectors.shape[0], generator=torch.Generator().manual_seed(0))[: args.queries]
+            keep = torch.ones(vectors.shape[0], dtype=torch.bool)
+            keep[pick] = False
+            base, queries = vectors[keep.to(vectors.device)].contiguous(), vectors[pick.to(vectors.device)].contiguous()
+            name, candidates = "GloVe vocabulary embedded by all-MiniLM-L6-v2", args.minilm_candidates
+            share = 0.9
+        deadline = time.perf_counter() + (end - time.perf_counter()) * share
+
+        def publish(text: str) -> None:
+            report.write_text("\n".join([*texts, text]), encoding="utf-8")
+            print(text, flush=True)
+            log(f"wrote {report}")
+
+        text, _ = run(args, name, base, queries, deadline, candidates, publish)
+        texts.append(text)
+        del base, queries
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""CUDA graphs of an LSH search's device stages: a small search costs one graph launch, not dozens of kernels.
+
+A graph is captured per key (query count, candidates, k, and the address and shape of every
+tensor the stages read), so a graph only ever replays over the tensors it was captured on; a
+database or code array that grows, shrinks or moves gets a new key and a new graph. The few
+most recent graphs are kept. Queries go in through one pinned host buffer and one copy.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from gpurag.backend import Database
+from gpurag.metrics import TopK
+
+#: Largest query count searched through a graph (above it launches are a small share of the time).
+GRAPH_MAX_QUERIES = 64
+#: Graphs kept (least recently used dropped first).
+GRAPHS_KEPT = 32
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    staging: torch.Tensor  # pinned host (Q, D' + D)
+    inputs: torch.Tensor  # device (Q, D' + D)
+    copied: torch.cuda.Event  # the last copy out of ``staging`` is done once this completes
+    scores: torch.Tensor
+    rows: torch.Tensor
+
+
+def host_sign_codes(hashed: np.ndarray[Any, Any], planes: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """Packed sign codes (Q, ceil(B / 8)) uint8 of float64 ``hashed`` (Q, D) against float64 ``planes`` (B, D),
+    packed as `DistanceBackend.sign_codes` packs them (bit j: bit j % 8 of byte j // 8)."""
+    return np.packbits((hashed @ planes.T) > 0, axis=1, bitorder="little")
+
+
+def as_float_words(codes: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """``codes`` (Q, W) uint8 zero-padded to whole 4-byte words and viewed as float32 (Q, ceil(W / 4)): bits
+    travel unchanged through the float32 staging buffer (a copy never interprets them)."""
+    pad = -codes.shape[1] % 4
+    padded = np.ascontiguousarray(np.pad(codes, ((0, 0), (0, pad))) if pad else codes)
+    return padded.view(np.float32)
+
+
+def graph_key(
+    hashed: Any, queries: Any, planes: torch.Tensor, codes: torch.Tensor, database: Database, n_candidates: int, k: int
+) -> tuple[Any, ...]:
+    """What a captured graph depends on: shapes, counts and the address of every tensor it reads."""
+    tensors = [planes, codes, database.vectors, *database.row_data.values()]
+    return (
+        tuple(hashed.shape),
+        tuple(queries.shape),
+        n_candidates,
+        k,
+        database.metric,
+        database.count,
+        *[(t.data_ptr(), tuple(t.shape), t.dtype) for t in tensors if isinstance(t, torch.Tensor)],
+    )
+
+
+class LSHGraphs:
+    """Captured `lsh_topk` graphs of one backend, replayed under a lock (their buffers are shared)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._graphs: OrderedDict[tuple[Any, ...], _Graph] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def run(
+        self,
+        stages: Callable[[torch.Tensor, torch.Tensor], TopK],
+        hashed: np.ndarray[Any, Any],
+        queries: np.ndarray[Any, Any],
+        key: tuple[Any, ...],
+    ) -> TopK:
+        """``stages(hashed, queries)`` (device tensors in, TopK out) through the graph of ``key``.
+
+        ``hashed`` and ``queries`` are C-contiguous float32 (their bits are copied, never read as numbers).
+        """
+        width = hashed.shape[1]
+        with self._lock:
+            entry = self._graphs.get(key)
+            if entry is None:
+                entry = self._capture(stages, hashed.shape[0], width, queries.shape[1])
+                self._graphs[key] = entry
+                while len(self._graphs) > GRAPHS_KEPT:
+                    self._graphs.popitem(last=False)
+            else:
+                self._graphs.move_to_end(key)
+            entry.copied.synchronize()  # the previous copy out of the staging buffer has finished
+            staging = entry.staging.numpy().view(np.uint32)  # bits copied as they are (codes ride as words)
+            staging[:, :width] = hashed.view(np.uint32)
+            staging[:, width:] = queries.view(np.uint32)
+            entry.inputs.copy_(entry.staging, non_blocking=True)
+            entry.copied.record()
+            entry.graph.replay()
+            return TopK(entry.scores.clone(), entry.rows.clone())
+
+    def _capture(
+        self, stages: Callable[[torch.Tensor, torch.Tensor], TopK], n_queries: int, width: int, dim: int
+    ) -> _Graph:
+        staging = torch.zeros((n_queries, width + dim), dtype=torch.float32, pin_memory=True)
+        inputs = torch.zeros((n_queries, width + dim), dtype=torch.float32, device=self.device)
+
+        def call() -> TopK:
+            return stages(inputs[:, :width].contiguous(), inputs[:, width:].contiguous())
+
+        side = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            call()  # compiles every kernel before capture
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = call()
+        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        return _Graph(graph, staging, inputs, event, out.scores, out.indices)

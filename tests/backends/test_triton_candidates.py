@@ -1,0 +1,154 @@
+"""The counting Hamming kernels (`gpurag_triton.candidates`): the nearest codes, nearest first, ties to the lower row.
+
+Shapes cross every boundary the launch has: one query and a 16-query tile and the next, rows in
+one program's block, several blocks and several splits (ties at the cut spread over splits), code
+widths that pad to whole words, and counts from one row to all of them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("triton")
+torch = pytest.importorskip("torch")
+
+from gpurag.errors import InvalidInputError  # noqa: E402
+from gpurag.testing import reference as ref  # noqa: E402
+
+
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def expected(codes: np.ndarray, database_codes: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """(distances, rows) of each query's ``count`` nearest codes, ordered by (distance, row)."""
+    distances = ref.hamming_reference(codes, database_codes)
+    rows = np.argsort(distances, axis=1, kind="stable")[:, :count]
+    return np.take_along_axis(distances, rows, 1), rows
+
+
+@pytest.mark.parametrize(
+    ("n_queries", "n_rows", "n_bytes", "count"),
+    [
+        (1, 1, 1, 1),
+        (1, 15, 3, 15),
+        (1, 16, 4, 7),
+        (2, 17, 1, 9),
+        (16, 48, 2, 20),
+        (17, 49, 5, 49),
+        (3, 300, 1, 150),
+        (5, 301, 32, 1),
+        (4, 333, 13, 200),
+        (3, 1300, 4, 20),  # unordered, few candidates: distances counted up to half the bits
+    ],
+)
+@pytest.mark.parametrize(("ordered", "store"), [(True, False), (False, False), (True, True)])
+def test_nearest_codes_match_the_reference_with_ties_to_the_lower_row(
+    n_queries: int, n_rows: int, n_bytes: int, count: int, ordered: bool, store: bool
+) -> None:
+    """Either pass layout: the second pass recomputing distances from the codes, or reading the stored ones."""
+    from gpurag_triton.candidates import nearest_codes
+
+    rng = np.random.default_rng(n_rows * 31 + n_bytes)
+    codes = rng.integers(0, 256, (n_queries, n_bytes), dtype=np.uint8)
+    database_codes = rng.integers(0, 256, (n_rows, n_bytes), dtype=np.uint8)
+    if n_bytes == 1:  # one byte: few distinct distances, so the cut falls inside a tie
+        database_codes &= 0x0F
+    got = nearest_codes(torch.from_numpy(codes).to(device()), torch.from_numpy(database_codes).to(device()), count,
+                        ordered=ordered, store_distances=store)  # fmt: skip
+    distances, rows = got.scores.cpu().numpy(), got.indices.cpu().numpy()
+    want_distances, want_rows = expected(codes, database_codes, count)
+    if not ordered:  # below the cut in row order, then the tied rows in row order: same rows, same distances
+        order = np.lexsort((rows, distances), axis=1) if rows.size else rows
+        rows, distances = np.take_along_axis(rows, order, 1), np.take_along_axis(distances, order, 1)
+    np.testing.assert_array_equal(rows, want_rows)
+    np.testing.assert_array_equal(distances, want_distances)
+    assert got.scores.dtype == torch.int32
+    assert got.indices.dtype == torch.int64
+
+
+def test_unordered_candidates_put_rows_below_the_cut_first_in_row_order() -> None:
+    from gpurag_triton.candidates import nearest_codes
+
+    database_codes = np.array([[3], [0], [1], [0], [3], [1], [7]], dtype=np.uint8)  # distances 2 0 1 0 2 1 3
+    got = nearest_codes(torch.zeros((1, 1), dtype=torch.uint8, device=device()),
+                        torch.from_numpy(database_codes).to(device()), 5, ordered=False)  # fmt: skip
+    assert got.indices.cpu().tolist() == [[1, 2, 3, 5, 0]]
+    assert got.scores.cpu().tolist() == [[0, 1, 0, 1, 2]]
+
+
+@pytest.mark.parametrize("count", [0, 8, True])
+def test_a_count_outside_one_to_the_rows_is_refused_naming_it(count: int) -> None:
+    from gpurag_triton.candidates import nearest_codes
+
+    codes = torch.zeros((2, 4), dtype=torch.uint8, device=device())
+    with pytest.raises(InvalidInputError, match=r"count must be an integer in 1\.\.7"):
+        nearest_codes(codes, torch.zeros((7, 4), dtype=torch.uint8, device=device()), count)
+
+
+def test_unordered_candidates_past_half_the_bits_are_the_first_rows_beyond_the_nearer_ones() -> None:
+    from gpurag_triton.candidates import FAR_CUT_SHARE, nearest_codes
+
+    n_rows = 20 * FAR_CUT_SHARE
+    database_codes = np.full((n_rows, 2), 0xFF, dtype=np.uint8)  # 16 bits, all set: distance 16 from zeros
+    database_codes[n_rows - 1] = 0  # distance 0
+    database_codes[n_rows - 2, 0] = 0  # distance 8: half the bits, past the last counted distance
+    database_codes[5, 1] = 0x0F  # distance 12
+    got = nearest_codes(torch.zeros((1, 2), dtype=torch.uint8, device=device()),
+                        torch.from_numpy(database_codes).to(device()), 4, ordered=False)  # fmt: skip
+    # Nearer than the clip: the last row; from the clip on, the first rows in row order.
+    assert got.indices.cpu().tolist() == [[n_rows - 1, 0, 1, 2]]
+    assert got.scores.cpu().tolist() == [[0, 16, 16, 16]]
+    exact = nearest_codes(torch.zeros((1, 2), dtype=torch.uint8, device=device()),
+                          torch.from_numpy(database_codes).to(device()), 4)  # fmt: skip
+    assert exact.indices.cpu().tolist() == [[n_rows - 1, n_rows - 2, 5, 0]]
+
+
+@pytest.mark.parametrize(("n_queries", "n_splits", "bins", "count"), [(1, 1, 4, 1), (3, 7, 16, 50), (2, 300, 64, 900)])
+def test_the_cut_kernel_matches_the_tensor_steps(n_queries: int, n_splits: int, bins: int, count: int) -> None:
+    """One program per query, splits read in blocks (300 splits cross several), against the torch steps."""
+    from gpurag_triton.candidates import cut_and_offsets, cut_and_offsets_fused
+
+    hist = torch.randint(0, 5, (n_queries, n_splits, bins), generator=torch.Generator().manual_seed(bins),
+                         dtype=torch.int32).to(device())  # fmt: skip
+    for got, want in zip(cut_and_offsets_fused(hist, count), cut_and_offsets(hist, count), strict=True):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("n_bits", [1, 8, 13, 32, 70, 256])
+def test_host_query_codes_are_the_backends_sign_codes_and_ride_float_words_unchanged(n_bits: int) -> None:
+    """The graph path codes its few queries on the host: same bits as `sign_codes`, padded to words."""
+    import gpurag
+    from gpurag_triton.lsh_graphs import as_float_words, host_sign_codes
+
+    rng = np.random.default_rng(n_bits)
+    hashed = rng.standard_normal((5, 12)).astype(np.float32)
+    planes = rng.standard_normal((n_bits, 12)).astype(np.float32)
+    want = gpurag.get_backend("numpy").sign_codes(hashed, planes)
+    got = host_sign_codes(hashed.astype(np.float64), planes.astype(np.float64))
+    np.testing.assert_array_equal(got, want)
+    words = as_float_words(got)
+    assert words.dtype == np.float32
+    assert words.shape == (5, -(-got.shape[1] // 4))
+    back = np.ascontiguousarray(words).view(np.uint8)[:, : got.shape[1]]
+    np.testing.assert_array_equal(back, got)
+
+
+@pytest.mark.parametrize(("n_queries", "n_rows", "n_bytes", "count"), [(17, 49, 5, 49), (4, 333, 13, 200)])
+def test_the_one_histogram_layout_gives_the_same_candidates(
+    monkeypatch: pytest.MonkeyPatch, n_queries: int, n_rows: int, n_bytes: int, count: int
+) -> None:
+    """The layout that counts a query tile in one histogram (kept to compare) answers as the per-query one."""
+    from gpurag_triton import candidates
+
+    rng = np.random.default_rng(n_rows)
+    codes = torch.from_numpy(rng.integers(0, 256, (n_queries, n_bytes), dtype=np.uint8)).to(device())
+    database_codes = torch.from_numpy(rng.integers(0, 256, (n_rows, n_bytes), dtype=np.uint8)).to(device())
+    per_query = candidates.nearest_codes(codes, database_codes, count)
+    monkeypatch.setattr(candidates, "HISTOGRAM_PER_QUERY", False)
+    one_histogram = candidates.nearest_codes(codes, database_codes, count)
+    assert torch.equal(per_query.indices, one_histogram.indices)
+    assert torch.equal(per_query.scores, one_histogram.scores)
+    _, want_rows = expected(codes.cpu().numpy(), database_codes.cpu().numpy(), count)
+    np.testing.assert_array_equal(per_query.indices.cpu().numpy(), want_rows)
