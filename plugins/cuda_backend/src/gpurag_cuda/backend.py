@@ -13,8 +13,6 @@ from __future__ import annotations
 import importlib.util
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from gpurag.backend import Availability, Boundaries, Database
 from gpurag.errors import BackendUnavailableError, InvalidInputError
 from gpurag.metrics import Metric, TopK
@@ -148,14 +146,7 @@ class CudaBackend(TorchBackend):
 
         from gpurag_torch import search
 
-        database = self._own(database)
-        n_rows = database.count
-        if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= n_rows:
-            raise InvalidInputError(f"k must be an integer in 1..{n_rows} (the database's rows); got {k!r}")
-        k = int(k)
-        q = self._tensor(queries, "queries")
-        if q.shape[1] != database.dim:
-            raise InvalidInputError(f"queries must be (Q, {database.dim}); got shape {tuple(q.shape)}")
+        database, q, k = self._topk_inputs(queries, database, k)
         if k > KERNEL_MAX_K and database.metric is Metric.L1:
             return TopK(*self._l1_any_k(q, database, k))
         if k > KERNEL_MAX_K and not self._threshold_scan_takes(database, k):

@@ -214,6 +214,17 @@ class TorchBackend(DistanceBackend):
 
         return required_keys(metric, low_precision=self.low_precision)
 
+    def _topk_inputs(self, queries: Any, database: Database, k: Any) -> tuple[Database, torch.Tensor, int]:
+        """``topk``'s arguments checked: this backend's database, the queries as a tensor, ``k`` as an int."""
+        database = self._own(database)
+        n_rows = database.count
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= n_rows:
+            raise InvalidInputError(f"k must be an integer in 1..{n_rows} (the database's rows); got {k!r}")
+        q = self._tensor(queries, "queries")
+        if q.shape[1] != database.dim:
+            raise InvalidInputError(f"queries must be (Q, {database.dim}); got shape {tuple(q.shape)}")
+        return database, q, int(k)
+
     def _own(self, database: Database) -> Database:
         wanted = self.required_keys(database.metric)
         import torch
@@ -256,14 +267,7 @@ class TorchBackend(DistanceBackend):
 
         from gpurag_torch import search
 
-        database = self._own(database)
-        n_rows = database.count
-        if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= n_rows:
-            raise InvalidInputError(f"k must be an integer in 1..{n_rows} (the database's rows); got {k!r}")
-        k = int(k)
-        q = self._tensor(queries, "queries")
-        if q.shape[1] != database.dim:
-            raise InvalidInputError(f"queries must be (Q, {database.dim}); got shape {tuple(q.shape)}")
+        database, q, k = self._topk_inputs(queries, database, k)
         budget = self.chunk_scores
         if self.needs_float64(q, database):
             return self.float64_topk(q, database, k)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gpurag.backend import Availability, Boundaries, Database
-from gpurag.errors import BackendUnavailableError, InvalidInputError
+from gpurag.errors import BackendUnavailableError
 from gpurag.metrics import Metric, TopK
 from gpurag_torch.backend import TorchBackend, cuda_present
 
@@ -208,14 +208,7 @@ class TritonBackend(TorchBackend):
         """
         import torch
 
-        database = self._own(database)
-        n_rows = database.count
-        if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= n_rows:
-            raise InvalidInputError(f"k must be an integer in 1..{n_rows} (the database's rows); got {k!r}")
-        k = int(k)
-        q = self._tensor(queries, "queries")
-        if q.shape[1] != database.dim:
-            raise InvalidInputError(f"queries must be (Q, {database.dim}); got shape {tuple(q.shape)}")
+        database, q, k = self._topk_inputs(queries, database, k)
         if k > KERNEL_MAX_K:
             return super().topk(q, database, k)
         metric = database.metric
