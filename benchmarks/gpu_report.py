@@ -394,7 +394,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.table_from:
         saved = json.loads(Path(args.table_from).read_text())
-        write_table(saved["results"], args.backends.split(","), saved["card"])
+        write_table(saved["results"], args.backends.split(","), saved["card"], f"--table-from {args.table_from}")
         return
     if not torch.cuda.is_available():
         raise SystemExit("gpu_report.py needs a CUDA device")
@@ -412,18 +412,18 @@ def main() -> None:
     (out / "gpu_report.json").write_text(json.dumps({"card": card, "results": results}, indent=1))
     roofline(results, backends, out / "gpu_roofline.png", card)
     if args.write_table:
-        write_table(results, backends, card)
+        write_table(results, backends, card, "--write-table")
 
 
 #: The backend table `get_backend("auto")` follows (package data of gpurag).
 TABLE = Path(__file__).resolve().parent.parent / "core" / "src" / "gpurag" / "backend_table.json"
 
 
-def write_table(results: list[dict[str, Any]], backends: list[str], card: str) -> None:
+def write_table(results: list[dict[str, Any]], backends: list[str], card: str, how: str) -> None:
     """Rank the backends per metric and query bucket from the report's rows and write `TABLE`."""
     from gpurag.auto import table_from_report
 
-    table = table_from_report(results, backends, source=f"benchmarks/gpu_report.py --write-table; {card}")
+    table = table_from_report(results, backends, source=f"benchmarks/gpu_report.py {how}; {card}")
     TABLE.write_text(json.dumps(table.to_json(), indent=1) + "\n")
     print(f"wrote {TABLE} ({len(table.rankings)} rankings)")
 
