@@ -169,29 +169,38 @@ class L1Config:
     block_n: int
     splits: int
     num_warps: int = 4
-    num_stages: int = 3
+    num_stages: int = 2
+    #: Dimensions summed per loaded chunk (the (BLOCK_D, BLOCK_Q, BLOCK_N) differences live in registers).
+    block_d: int = 4
 
 
 def choose_l1_config(n_queries: int, n_rows: int, *, device: torch.device) -> L1Config:
-    """A (BLOCK_Q, BLOCK_N) accumulator of 16-64 values a thread; all SMs split the rows."""
-    if interpreting():
-        return L1Config(min(4, _pow2(n_queries)), 16, max(1, min(3, triton.cdiv(n_rows, 16))))
-    # Picked by the sweep in benchmarks/gpu_report.py on an H200 (see benchmarks/results).
-    if n_queries == 1:
-        block_q, block_n, warps, per_sm = 1, 256, 8, 8
+    """A (BLOCK_Q, BLOCK_N) accumulator tile of about 32 values a thread; all SMs split the rows."""
+    if interpreting():  # small blocks, several splits and chunks: every boundary is crossed on tiny inputs
+        return L1Config(min(4, _pow2(n_queries)), 16, max(1, min(3, triton.cdiv(n_rows, 16))), block_d=4)
+    # Picked by the sweep in benchmarks/l1_probe.py on an H200 (see benchmarks/results).
+    if n_queries == 1:  # bandwidth-bound: wide (BLOCK_D, BLOCK_N) row tiles in flight
+        block_q, block_n, block_d, warps, per_sm = 1, 512, 16, 4, 4
     elif n_queries <= 16:
-        block_q, block_n, warps, per_sm = _pow2(n_queries), 512, 8, 2
+        block_q, block_n, block_d, warps, per_sm = _pow2(n_queries), 256, 4, 4, 2
     else:
-        block_q, block_n, warps, per_sm = 32, 128, 4, 8
+        block_q, block_n, block_d, warps, per_sm = 32, 128, 4, 4, 4
     query_blocks = triton.cdiv(n_queries, block_q)
     splits = max(1, min(triton.cdiv(_sms(device) * per_sm, query_blocks), triton.cdiv(n_rows, block_n * 4)))
-    return L1Config(block_q, block_n, splits, warps)
+    return L1Config(block_q, block_n, splits, warps, block_d=block_d)
 
 
-def l1_scan(queries_t: torch.Tensor, rows_t: torch.Tensor, kp: int, config: L1Config | None = None) -> Scan:
+def l1_scan(
+    queries_t: torch.Tensor,
+    rows_t: torch.Tensor,
+    kp: int,
+    config: L1Config | None = None,
+    tau: torch.Tensor | None = None,
+) -> Scan:
     """Packed keys (Q, splits, kp) of each query's kp nearest rows in l1 per split (score: -l1).
 
-    ``queries_t`` (D, Q) and ``rows_t`` (D, N) are column-major, both float32 or both bf16.
+    ``queries_t`` (D, Q) and ``rows_t`` (D, N) are column-major, both float32 or both bf16. ``tau``
+    (Q,) float32, if given, is a floor per query on the score: rows scoring at most it are left out.
     """
     dtype = queries_t.dtype
     if dtype not in (torch.float32, torch.bfloat16):
@@ -204,15 +213,20 @@ def l1_scan(queries_t: torch.Tensor, rows_t: torch.Tensor, kp: int, config: L1Co
         raise InvalidInputError(f"kp must be a power of two in 1..{MAX_KP}; got {kp}")
     dim, n_queries = queries_t.shape
     n_rows = rows_t.shape[1]
+    if tau is not None and (tau.dtype != torch.float32 or tau.shape != (n_queries,) or tau.device != rows_t.device):
+        raise InvalidInputError(
+            f"tau must be float32 ({n_queries},) on {rows_t.device}; got {tau.dtype} {tuple(tau.shape)}"
+        )
     if config is None:
         config = choose_l1_config(n_queries, n_rows, device=rows_t.device)
     rows_per_split = triton.cdiv(triton.cdiv(n_rows, config.splits), config.block_n) * config.block_n
     splits = triton.cdiv(n_rows, rows_per_split)
     out = torch.empty((n_queries, splits, kp), dtype=torch.float64, device=rows_t.device)
     l1_scan_kernel[(triton.cdiv(n_queries, config.block_q), splits)](
-        queries_t, rows_t, out, n_queries, n_rows, dim, rows_per_split, splits,
+        queries_t, rows_t, out if tau is None else tau.contiguous(), out,
+        n_queries, n_rows, dim, rows_per_split, splits,
         queries_t.stride(0), rows_t.stride(0),
-        BLOCK_Q=config.block_q, BLOCK_N=config.block_n, KP=kp,
+        BLOCK_Q=config.block_q, BLOCK_N=config.block_n, BLOCK_D=config.block_d, KP=kp, HAS_TAU=tau is not None,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return Scan(out, rows_per_split)

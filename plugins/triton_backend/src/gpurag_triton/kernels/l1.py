@@ -1,10 +1,12 @@
-"""l1 distance and selection fused, SIMT, over column-major (D, N) rows.
+"""l1 distance and selection fused, SIMT and register-blocked, over column-major (D, N) rows.
 
-Dimension by dimension, a program loads one contiguous run of queries and one of rows and adds
-``|q_d - x_d|`` into a (BLOCK_Q, BLOCK_N) accumulator held in registers: an outer "product" with
-coalesced loads, two float32 instructions per pair, no reduction across threads. Scores are exact
-float32 sums (summed directly, one dimension at a time); the tile then goes through the same running
-top-KP selection as the dot-product scan.
+A program holds a (BLOCK_Q, BLOCK_N) tile of accumulators in registers. For each chunk of BLOCK_D
+dimensions it loads a (BLOCK_D, BLOCK_Q) tile of queries and a (BLOCK_D, BLOCK_N) tile of rows (both
+coalesced, the columns of the (D, Q) and (D, N) copies) and adds ``Σ_d |q_d - x_d|`` over the chunk
+to every accumulator: each loaded value serves a whole row or column of the tile, and a pair costs two
+float32 instructions (a subtraction and an add of its absolute value). Scores are float32 sums of
+the float32 (or bf16-rounded) inputs; the tile then goes through the same running top-KP selection
+as the dot-product scan.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from gpurag_triton.kernels.select import empty_best, offer_tile
 def l1_scan_kernel(
     qt_ptr,
     xt_ptr,
+    tau_ptr,
     out_ptr,
     n_queries,
     n_rows,
@@ -29,9 +32,14 @@ def l1_scan_kernel(
     stride_xt,
     BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     KP: tl.constexpr,
+    HAS_TAU: tl.constexpr,
 ):
-    """out[q, split, :] = the KP best packed keys (score -l1) of query q over the rows of its split."""
+    """out[q, split, :] = the KP best packed keys (score -l1) of query q over the rows of its split.
+
+    With ``HAS_TAU`` only rows scoring above ``tau[q]`` are kept; slots left empty hold -inf keys.
+    """
     pid_q = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -39,21 +47,37 @@ def l1_scan_kernel(
     row_start = pid_s * rows_per_split
     row_stop = tl.minimum(row_start + rows_per_split, n_rows)
     best = empty_best(BLOCK_Q, KP)
-    threshold = tl.full((BLOCK_Q,), float("-inf"), tl.float32)
+    floor = tl.full((BLOCK_Q,), float("-inf"), tl.float32)
+    if HAS_TAU:  # a floor known beforehand: rows scoring at most tau[q] are never kept
+        floor = tl.load(tau_ptr + offs_q, mask=q_mask, other=float("-inf"))
+    threshold = floor
     for n0 in range(row_start, row_stop, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < row_stop
         acc = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
-        q_col = qt_ptr + offs_q
-        x_col = xt_ptr + offs_n
-        for _ in range(0, dim):
-            qv = tl.load(q_col, mask=q_mask, other=0.0).to(tl.float32)
-            xv = tl.load(x_col, mask=n_mask, other=0.0).to(tl.float32)
-            acc += tl.abs(qv[:, None] - xv[None, :])
-            q_col += stride_qt
-            x_col += stride_xt
+        q_base = qt_ptr
+        x_base = xt_ptr
+        for d0 in range(0, dim, BLOCK_D):
+            offs_d = tl.arange(0, BLOCK_D)
+            d_mask = offs_d < dim - d0
+            q = tl.load(
+                q_base + offs_d[:, None] * stride_qt + offs_q[None, :],
+                mask=d_mask[:, None] & q_mask[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            x = tl.load(
+                x_base + offs_d[:, None] * stride_xt + offs_n[None, :],
+                mask=d_mask[:, None] & n_mask[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            acc += tl.sum(tl.abs(q[:, :, None] - x[:, None, :]), axis=0)
+            # The chunk's first dimension moves by a scalar pointer step: in-tile offsets stay int32.
+            q_base += BLOCK_D * stride_qt
+            x_base += BLOCK_D * stride_xt.to(tl.int64)
         scores = tl.where(n_mask[None, :], -acc, float("-inf"))
         rows = offs_n[None, :] + tl.zeros((BLOCK_Q, BLOCK_N), tl.int32)
         best, threshold = offer_tile(best, threshold, scores, rows, KP)
+        if HAS_TAU:  # until the running best is full its worst slot is empty (-inf): keep the floor
+            threshold = tl.maximum(threshold, floor)
     slots = tl.arange(0, KP)
     tl.store(out_ptr + (offs_q[:, None] * n_splits + pid_s) * KP + slots[None, :], best, mask=q_mask[:, None])
