@@ -155,22 +155,26 @@ def run_row(out_dir: Path, label: str, n: int, d: int, nq: int, low: bool, varia
     xt = database.row_data["low_t" if low else "rows_t"]
     runs: dict[str, Callable[[], Any]] = {}
     want_ids = top_ids(main_scan(qt, xt, *main_cfg))[1]
+    qh = q.to(torch.float16).T.contiguous()
+    xh = x.to(torch.float16).T.contiguous() if any(len(v) > 5 and v[5] == "f16" for v in variants) else None
     for v in variants:
         bq, bn, bd, w, per_sm = v[:5]
-        stages = v[5] if len(v) > 5 else 2
+        half = len(v) > 5 and v[5] == "f16"
+        stages = 2
         cfg = launch.L1Config(bq, bn, splits_for(nq, n, bq, bn, per_sm), w, stages, block_d=bd)
-        name = f"tile {bq}x{bn}x{bd} w{w} s{stages} x{per_sm}"
+        name = f"{'float16 chunks' if half else 'tile'} {bq}x{bn}x{bd} w{w} x{per_sm}"
+        qi, xi = (qh, xh) if half else (qt, xt)
         try:
-            keys = launch.l1_scan(qt, xt, 16, cfg).keys
+            keys = launch.l1_scan(qi, xi, 16, cfg).keys
             scores, ids = top_ids(keys)
-            if low:  # bf16 ranking: compare with main's kernel at the same precision
+            if low or half:  # reduced-precision ranking: compare with main's kernel
                 agree = float((ids[:, :, None] == want_ids[:, None, :]).any(2).float().mean())
                 row[f"{name} agree"] = round(agree, 4)
                 if agree < 0.8:
                     raise AssertionError(f"agrees with main's kernel on {agree:.3f} of the ids")
             else:
                 gpu_report.check(name, sc, q, x, ref, scores[:CHECK], ids[:CHECK])
-            runs[name] = lambda qt=qt, xt=xt, cfg=cfg: launch.l1_scan(qt, xt, 16, cfg)
+            runs[name] = lambda qi=qi, xi=xi, cfg=cfg: launch.l1_scan(qi, xi, 16, cfg)
         except Exception as exc:  # listed with its error; the others still run
             row[f"{name} error"] = f"{type(exc).__name__}: {exc}"[:200]
     if seed_variant:  # the default tile from a floor: the K-th best float32 score over every 32nd row
@@ -230,11 +234,13 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     specs = {
         "many": ("N=1M D=128 Q=1024", 1_000_000, 128, 1024, False,
-                 [(32, 128, 4, 4, 4), (32, 128, 4, 4, 8), (32, 128, 8, 4, 4), (64, 128, 4, 4, 4), (32, 256, 4, 8, 4),
-                  (16, 256, 4, 4, 4)],
+                 [(32, 128, 4, 4, 4), (32, 256, 8, 8, 4, "f16"), (32, 128, 8, 4, 4, "f16"), (32, 128, 4, 4, 8),
+                  (32, 128, 8, 4, 4), (64, 128, 4, 4, 4), (32, 256, 4, 8, 4), (64, 128, 8, 4, 4, "f16"),
+                  (32, 128, 16, 4, 4, "f16")],
                  (32, 128, 4, 8), True),
         "q16": ("N=10M D=128 Q=16", 10_000_000, 128, 16, True,
-                [(16, 256, 4, 4, 2), (16, 256, 4, 4, 4), (16, 512, 2, 8, 2), (16, 128, 8, 4, 4)],
+                [(16, 256, 4, 4, 2), (16, 256, 8, 4, 2, "f16"), (16, 256, 4, 4, 4), (16, 512, 2, 8, 2),
+                 (16, 512, 8, 8, 2, "f16"), (16, 128, 8, 4, 4)],
                 (16, 512, 8, 2), False),
         "q1": ("N=1M D=768 Q=1", 1_000_000, 768, 1, True,
                [(1, 512, 16, 4, 4), (1, 1024, 8, 8, 4), (1, 256, 32, 4, 4), (1, 2048, 4, 8, 2)],

@@ -199,12 +199,13 @@ def l1_scan(
 ) -> Scan:
     """Packed keys (Q, splits, kp) of each query's kp nearest rows in l1 per split (score: -l1).
 
-    ``queries_t`` (D, Q) and ``rows_t`` (D, N) are column-major, both float32 or both bf16. ``tau``
+    ``queries_t`` (D, Q) and ``rows_t`` (D, N) are column-major, both float32, both bf16 or both float16
+    (float16: each chunk of ``block_d`` dimensions is summed in float16, see `kernels.l1`). ``tau``
     (Q,) float32, if given, is a floor per query on the score: rows scoring at most it are left out.
     """
     dtype = queries_t.dtype
-    if dtype not in (torch.float32, torch.bfloat16):
-        raise InvalidInputError(f"queries must be float32 or bfloat16; got {dtype}")
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise InvalidInputError(f"queries must be float32, bfloat16 or float16; got {dtype}")
     _check_matrix(queries_t, "queries_t", dtype, rows_t.device)
     _check_matrix(rows_t, "rows_t", dtype, queries_t.device)
     if queries_t.shape[0] != rows_t.shape[0]:
@@ -227,6 +228,7 @@ def l1_scan(
         n_queries, n_rows, dim, rows_per_split, splits,
         queries_t.stride(0), rows_t.stride(0),
         BLOCK_Q=config.block_q, BLOCK_N=config.block_n, BLOCK_D=config.block_d, KP=kp, HAS_TAU=tau is not None,
+        HALF=dtype == torch.float16, PACKED=not interpreting(), EVEN_D=dim % config.block_d == 0,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return Scan(out, rows_per_split)

@@ -18,6 +18,92 @@ from gpurag_triton.kernels.select import empty_best, offer_tile
 
 
 @triton.jit
+def _float_tile(
+    qt_ptr, xt_ptr, offs_q, offs_n, q_mask, n_mask, dim, stride_qt, stride_xt,
+    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """(BLOCK_Q, BLOCK_N) float32 l1 sums: (BLOCK_D, BLOCK_Q) and (BLOCK_D, BLOCK_N) tiles a chunk."""
+    acc = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
+    q_base = qt_ptr
+    x_base = xt_ptr
+    for d0 in range(0, dim, BLOCK_D):
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < dim - d0
+        q = tl.load(
+            q_base + offs_d[:, None] * stride_qt + offs_q[None, :], mask=d_mask[:, None] & q_mask[None, :], other=0.0
+        ).to(tl.float32)
+        x = tl.load(
+            x_base + offs_d[:, None] * stride_xt + offs_n[None, :], mask=d_mask[:, None] & n_mask[None, :], other=0.0
+        ).to(tl.float32)
+        acc += tl.sum(tl.abs(q[:, :, None] - x[:, None, :]), axis=0)
+        # The chunk's first dimension moves by a scalar pointer step: in-tile offsets stay int32.
+        q_base += BLOCK_D * stride_qt
+        x_base += BLOCK_D * stride_xt.to(tl.int64)
+    return acc
+
+
+@triton.jit
+def _abs_diff_f16(acc, q, x, FIRST: tl.constexpr, PACKED: tl.constexpr):
+    """``acc + |q - x|`` (``FIRST``: ``|q - x|``) in float16, each operation rounded to nearest: on the GPU
+    f16x2 instructions, two elements each; in the interpreter the same float16 arithmetic."""
+    if PACKED:
+        if FIRST:
+            return tl.inline_asm_elementwise(
+                "{ .reg .b32 t; sub.f16x2 t, $1, $2; abs.f16x2 $0, t; }",
+                "=r,r,r",
+                [q, x],
+                dtype=tl.float16,
+                is_pure=True,
+                pack=2,
+            )
+        else:
+            return tl.inline_asm_elementwise(
+                "{ .reg .b32 t; sub.f16x2 t, $2, $3; abs.f16x2 t, t; add.f16x2 $0, $1, t; }",
+                "=r,r,r,r",
+                [acc, q, x],
+                dtype=tl.float16,
+                is_pure=True,
+                pack=2,
+            )
+    elif FIRST:
+        return tl.abs(q - x)
+    else:
+        return acc + tl.abs(q - x)
+
+
+@triton.jit
+def _half_tile(
+    qt_ptr, xt_ptr, offs_q, offs_n, q_mask, n_mask, dim, stride_qt, stride_xt,
+    PACKED: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """(BLOCK_Q, BLOCK_N) l1 sums of float16 inputs: each chunk of BLOCK_D dimensions summed in float16, one
+    dimension a step, then added to a float32 accumulator (`kernels.l1` module doc bounds the error).
+    ``EVEN_D``: BLOCK_D divides ``dim`` (no dimension mask)."""
+    acc = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
+    chunk = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float16)
+    q_base = qt_ptr
+    x_base = xt_ptr
+    for d0 in range(0, dim, BLOCK_D):
+        for dd in tl.static_range(BLOCK_D):
+            if EVEN_D:
+                q = tl.load(q_base + dd * stride_qt + offs_q, mask=q_mask, other=0.0)
+                x = tl.load(x_base + dd * stride_xt + offs_n, mask=n_mask, other=0.0)
+            else:
+                q_in = q_mask & (tl.zeros_like(offs_q) + d0 + dd < dim)
+                n_in = n_mask & (tl.zeros_like(offs_n) + d0 + dd < dim)
+                q = tl.load(q_base + dd * stride_qt + offs_q, mask=q_in, other=0.0)
+                x = tl.load(x_base + dd * stride_xt + offs_n, mask=n_in, other=0.0)
+            chunk = _abs_diff_f16(
+                chunk, tl.broadcast_to(q[:, None], (BLOCK_Q, BLOCK_N)), tl.broadcast_to(x[None, :], (BLOCK_Q, BLOCK_N)),
+                dd == 0, PACKED,
+            )  # fmt: skip
+        acc += chunk.to(tl.float32)
+        q_base += BLOCK_D * stride_qt
+        x_base += BLOCK_D * stride_xt.to(tl.int64)
+    return acc
+
+
+@triton.jit
 def l1_scan_kernel(
     qt_ptr,
     xt_ptr,
@@ -35,6 +121,9 @@ def l1_scan_kernel(
     BLOCK_D: tl.constexpr,
     KP: tl.constexpr,
     HAS_TAU: tl.constexpr,
+    HALF: tl.constexpr,
+    PACKED: tl.constexpr,
+    EVEN_D: tl.constexpr,
 ):
     """out[q, split, :] = the KP best packed keys (score -l1) of query q over the rows of its split.
 
@@ -54,26 +143,15 @@ def l1_scan_kernel(
     for n0 in range(row_start, row_stop, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < row_stop
-        acc = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
-        q_base = qt_ptr
-        x_base = xt_ptr
-        for d0 in range(0, dim, BLOCK_D):
-            offs_d = tl.arange(0, BLOCK_D)
-            d_mask = offs_d < dim - d0
-            q = tl.load(
-                q_base + offs_d[:, None] * stride_qt + offs_q[None, :],
-                mask=d_mask[:, None] & q_mask[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            x = tl.load(
-                x_base + offs_d[:, None] * stride_xt + offs_n[None, :],
-                mask=d_mask[:, None] & n_mask[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            acc += tl.sum(tl.abs(q[:, :, None] - x[:, None, :]), axis=0)
-            # The chunk's first dimension moves by a scalar pointer step: in-tile offsets stay int32.
-            q_base += BLOCK_D * stride_qt
-            x_base += BLOCK_D * stride_xt.to(tl.int64)
+        if HALF:
+            acc = _half_tile(
+                qt_ptr, xt_ptr, offs_q, offs_n, q_mask, n_mask, dim, stride_qt, stride_xt,
+                PACKED, EVEN_D, BLOCK_Q, BLOCK_N, BLOCK_D,
+            )  # fmt: skip
+        else:
+            acc = _float_tile(
+                qt_ptr, xt_ptr, offs_q, offs_n, q_mask, n_mask, dim, stride_qt, stride_xt, BLOCK_Q, BLOCK_N, BLOCK_D
+            )
         scores = tl.where(n_mask[None, :], -acc, float("-inf"))
         rows = offs_n[None, :] + tl.zeros((BLOCK_Q, BLOCK_N), tl.int32)
         best, threshold = offer_tile(best, threshold, scores, rows, KP)
