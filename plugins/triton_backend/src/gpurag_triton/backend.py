@@ -73,6 +73,13 @@ FINISH_SPLIT_BELOW = 132
 BOUNDARY_QUERY_PROBE = 1024
 
 
+def _infinite_key() -> Any:
+    """A packed key (`kernels.select`) of score +inf: as a cutoff, no certificate holds against it."""
+    import torch
+
+    return torch.tensor(0x7F800000 << 32, dtype=torch.int64).view(torch.float64)
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -249,15 +256,11 @@ class TritonBackend(TorchBackend):
         return TopK(scores, rows)
 
     def _half_fits(self, q: torch.Tensor, database: Database) -> bool:
-        """Whether an l1 search of many queries may shortlist in float16: every element within `L1_HALF_REACH`.
+        """Whether an l1 search of many queries shortlists in float16 (the finish kernel holds its bound).
 
-        One synchronisation (a search of this many queries scans for milliseconds)."""
-        import torch
-
-        if not (L1_HALF and self.use_finish and HALF_T in database.row_data):  # the finish kernel holds its bound
-            return False
-        reach = torch.maximum(q.abs().amax(), database.row_data[MAX_ABS].amax())
-        return bool(reach <= L1_HALF_REACH)
+        Whether every element lies within `L1_HALF_REACH` is checked on the device: where one does not,
+        no query is certified and all are scanned again in float32 (`_scan_finished`)."""
+        return L1_HALF and self.use_finish and HALF_T in database.row_data
 
     def _graphable(self, q: torch.Tensor, database: Database) -> bool:
         """Whether this search replays a captured CUDA graph (few queries, many rows, on CUDA)."""
@@ -335,6 +338,9 @@ class TritonBackend(TorchBackend):
         if keys.shape[1] > keep:
             keys = torch.topk(keys, keep, dim=1).values
             cutoff = torch.maximum(cutoff, keys[:, -1])
+        if query_in.dtype == torch.float16:  # an element beyond the float16 reach voids every certificate
+            reach = torch.maximum(q.abs().amax(), database.row_data[MAX_ABS].amax())
+            cutoff = torch.where(reach <= L1_HALF_REACH, cutoff, _infinite_key().to(cutoff.device))
         norms = database.row_data[L1_NORMS if metric is Metric.L1 else NORMS]
         metric_code = {Metric.DOT: 0, Metric.L2: 1, Metric.L1: 2, Metric.COSINE: 3}[metric]
         return launch.finish(
