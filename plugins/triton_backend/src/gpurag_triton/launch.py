@@ -185,15 +185,15 @@ def choose_l1_config(n_queries: int, n_rows: int, *, device: torch.device, half:
     if interpreting():  # small blocks, several splits and chunks: every boundary is crossed on tiny inputs
         block_d = L1_HALF_CHUNK if half else 4
         return L1Config(min(4, _pow2(n_queries)), 16, max(1, min(3, triton.cdiv(n_rows, 16))), block_d=block_d)
-    # Picked by the sweep in benchmarks/l1_probe.py on an H200 (see benchmarks/results).
+    # Picked by the sweep in benchmarks/l1_probe.py on an H200 (benchmarks/results/gpu_h200_l1.md).
     if half:
-        block_q, block_n, block_d, warps, per_sm = 32, 256, L1_HALF_CHUNK, 8, 4
+        block_q, block_n, block_d, warps, per_sm = 32, 128, L1_HALF_CHUNK, 4, 8
     elif n_queries == 1:  # bandwidth-bound: wide (BLOCK_D, BLOCK_N) row tiles in flight
         block_q, block_n, block_d, warps, per_sm = 1, 512, 16, 4, 4
     elif n_queries <= 16:
         block_q, block_n, block_d, warps, per_sm = _pow2(n_queries), 256, 8, 4, 2
     else:
-        block_q, block_n, block_d, warps, per_sm = 32, 128, 4, 4, 4
+        block_q, block_n, block_d, warps, per_sm = 32, 128, 4, 4, 8
     query_blocks = triton.cdiv(n_queries, block_q)
     splits = max(1, min(triton.cdiv(_sms(device) * per_sm, query_blocks), triton.cdiv(n_rows, block_n * 4)))
     return L1Config(block_q, block_n, splits, warps, block_d=block_d)
