@@ -226,8 +226,10 @@ def l1_scan(
         raise InvalidInputError(f"kp must be a power of two in 1..{MAX_KP}; got {kp}")
     dim, n_queries = queries_t.shape
     n_rows = rows_t.shape[1]
-    if config is not None and dtype == torch.float16 and config.block_d > L1_HALF_CHUNK:
-        raise InvalidInputError(f"float16 chunks are at most {L1_HALF_CHUNK} dimensions; got block_d={config.block_d}")
+    if config is not None and dtype == torch.float16 and config.block_d % L1_HALF_CHUNK:
+        raise InvalidInputError(
+            f"float16 steps cover a multiple of {L1_HALF_CHUNK} dimensions (its chunks); got block_d={config.block_d}"
+        )
     if tau is not None and (tau.dtype != torch.float32 or tau.shape != (n_queries,) or tau.device != rows_t.device):
         raise InvalidInputError(
             f"tau must be float32 ({n_queries},) on {rows_t.device}; got {tau.dtype} {tuple(tau.shape)}"
@@ -243,6 +245,7 @@ def l1_scan(
         queries_t.stride(0), rows_t.stride(0),
         BLOCK_Q=config.block_q, BLOCK_N=config.block_n, BLOCK_D=config.block_d, KP=kp, HAS_TAU=tau is not None,
         HALF=dtype == torch.float16, PACKED=not interpreting(), EVEN_D=dim % config.block_d == 0,
+        CHUNK=L1_HALF_CHUNK,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return Scan(out, rows_per_split)

@@ -82,9 +82,11 @@ def _abs_diff_f16(acc, q, x, FIRST: tl.constexpr, PACKED: tl.constexpr):
 def _half_tile(
     qt_ptr, xt_ptr, offs_q, offs_n, q_mask, n_mask, dim, stride_qt, stride_xt,
     PACKED: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):  # fmt: skip
-    """(BLOCK_Q, BLOCK_N) l1 sums of float16 inputs: each chunk of BLOCK_D dimensions summed in float16, one
-    dimension a step, then added to a float32 accumulator (`kernels.l1` module doc bounds the error).
+    """(BLOCK_Q, BLOCK_N) l1 sums of float16 inputs: each chunk of CHUNK dimensions summed in float16, one
+    dimension a step, then added to a float32 accumulator (`gpurag_triton.backend.half_l1_bounds` bounds the
+    error). A loop step covers BLOCK_D dimensions (a multiple of CHUNK: more loads in flight at once).
     ``EVEN_D``: BLOCK_D divides ``dim`` (no dimension mask)."""
     acc = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
     chunk = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float16)
@@ -102,9 +104,10 @@ def _half_tile(
                 x = tl.load(x_base + dd * stride_xt + offs_n, mask=n_in, other=0.0)
             chunk = _abs_diff_f16(
                 chunk, tl.broadcast_to(q[:, None], (BLOCK_Q, BLOCK_N)), tl.broadcast_to(x[None, :], (BLOCK_Q, BLOCK_N)),
-                dd == 0, PACKED,
+                dd % CHUNK == 0, PACKED,
             )  # fmt: skip
-        acc += chunk.to(tl.float32)
+            if dd % CHUNK == CHUNK - 1:
+                acc += chunk.to(tl.float32)
         q_base += BLOCK_D * stride_qt
         x_base += BLOCK_D * stride_xt.to(tl.int64)
     return acc
@@ -131,6 +134,7 @@ def l1_scan_kernel(
     HALF: tl.constexpr,
     PACKED: tl.constexpr,
     EVEN_D: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
     """out[q, split, :] = the KP best packed keys (score -l1) of query q over the rows of its split.
 
@@ -153,7 +157,7 @@ def l1_scan_kernel(
         if HALF:
             acc = _half_tile(
                 qt_ptr, xt_ptr, offs_q, offs_n, q_mask, n_mask, dim, stride_qt, stride_xt,
-                PACKED, EVEN_D, BLOCK_Q, BLOCK_N, BLOCK_D,
+                PACKED, EVEN_D, BLOCK_Q, BLOCK_N, BLOCK_D, CHUNK,
             )  # fmt: skip
         else:
             acc = _float_tile(
