@@ -24,28 +24,39 @@ def _float_tile(
 ):  # fmt: skip
     """(BLOCK_Q, BLOCK_N) float32 l1 sums: (BLOCK_D, BLOCK_Q) and (BLOCK_D, BLOCK_N) tiles a chunk.
 
-    The next chunk's tiles are loaded before the current one is summed, so their latency hides behind it.
+    With several queries the next chunk's tiles are loaded before the current one is summed, so their
+    latency hides behind it (on the H200 23.0 against 25.0 ms at 1M x 128 x 1024); one query streams
+    rows and keeps its registers for wider tiles in flight (there prefetching cost 0.42 -> 0.53 ms).
     """
     acc = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
     offs_d = tl.arange(0, BLOCK_D)
     q_tile = offs_d[:, None] * stride_qt + offs_q[None, :]
     x_tile = offs_d[:, None] * stride_xt + offs_n[None, :]
-    q = tl.load(qt_ptr + q_tile, mask=(offs_d < dim)[:, None] & q_mask[None, :], other=0.0)
-    x = tl.load(xt_ptr + x_tile, mask=(offs_d < dim)[:, None] & n_mask[None, :], other=0.0)
     q_base = qt_ptr
     x_base = xt_ptr
-    for d0 in range(0, dim, BLOCK_D):
-        # The chunk's first dimension moves by a scalar pointer step: in-tile offsets stay int32.
-        q_base += BLOCK_D * stride_qt
-        x_base += BLOCK_D * stride_xt.to(tl.int64)
-        d_next = offs_d < dim - d0 - BLOCK_D
-        q_next = tl.load(q_base + q_tile, mask=d_next[:, None] & q_mask[None, :], other=0.0)
-        x_next = tl.load(x_base + x_tile, mask=d_next[:, None] & n_mask[None, :], other=0.0)
-        qf = q.to(tl.float32)
-        xf = x.to(tl.float32)
-        acc += tl.sum(tl.abs(qf[:, :, None] - xf[:, None, :]), axis=0)
-        q = q_next
-        x = x_next
+    if BLOCK_Q == 1:
+        for d0 in range(0, dim, BLOCK_D):
+            d_mask = offs_d < dim - d0
+            q = tl.load(q_base + q_tile, mask=d_mask[:, None] & q_mask[None, :], other=0.0).to(tl.float32)
+            x = tl.load(x_base + x_tile, mask=d_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(tl.abs(q[:, :, None] - x[:, None, :]), axis=0)
+            # The chunk's first dimension moves by a scalar pointer step: in-tile offsets stay int32.
+            q_base += BLOCK_D * stride_qt
+            x_base += BLOCK_D * stride_xt.to(tl.int64)
+    else:
+        q = tl.load(qt_ptr + q_tile, mask=(offs_d < dim)[:, None] & q_mask[None, :], other=0.0)
+        x = tl.load(xt_ptr + x_tile, mask=(offs_d < dim)[:, None] & n_mask[None, :], other=0.0)
+        for d0 in range(0, dim, BLOCK_D):
+            q_base += BLOCK_D * stride_qt
+            x_base += BLOCK_D * stride_xt.to(tl.int64)
+            d_next = offs_d < dim - d0 - BLOCK_D
+            q_next = tl.load(q_base + q_tile, mask=d_next[:, None] & q_mask[None, :], other=0.0)
+            x_next = tl.load(x_base + x_tile, mask=d_next[:, None] & n_mask[None, :], other=0.0)
+            qf = q.to(tl.float32)
+            xf = x.to(tl.float32)
+            acc += tl.sum(tl.abs(qf[:, :, None] - xf[:, None, :]), axis=0)
+            q = q_next
+            x = x_next
     return acc
 
 
