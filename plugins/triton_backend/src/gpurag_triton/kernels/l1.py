@@ -7,6 +7,11 @@ to every accumulator: each loaded value serves a whole row or column of the tile
 float32 instructions (a subtraction and an add of its absolute value). Scores are float32 sums of
 the float32 (or bf16-rounded) inputs; the tile then goes through the same running top-KP selection
 as the dot-product scan.
+
+With ``HALF`` (float16 queries and rows, the many-query shortlist) a program loads one dimension's
+queries and rows a step and sums ``|q - x|`` in float16, two pairs per f16x2 instruction, over a chunk
+of CHUNK dimensions; each chunk sum is then added to the float32 accumulator. Every float16 operation
+rounds to nearest, which `gpurag_triton.backend.half_l1_bounds` bounds.
 """
 
 from __future__ import annotations
