@@ -1,7 +1,8 @@
 """The ``count`` nearest database codes of each query code by counting (see `kernels.hamming_select`), any count.
 
 Two kernel launches and a few tensor operations between them, all on the device: no host sync,
-no per-query loop, whatever Q, N and ``count`` are.
+no per-query loop, whatever Q, N and ``count`` are. Where the candidates are few against the rows,
+`sampled_nearest` finds the same rows in one pass over the codes after a pass over a sample.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from gpurag_triton.kernels.hamming_select import (
     cut_offsets_kernel,
     hamming_collect_kernel,
     hamming_histogram_kernel,
+    hamming_near_kernel,
     has_popc,
 )
 
@@ -35,6 +37,18 @@ HISTOGRAM_PER_QUERY = True
 PER_QUERY_BLOCK_N = 256
 #: Candidates are counted up to half the bits only while they are fewer than 1 / FAR_CUT_SHARE of the rows.
 FAR_CUT_SHARE = 64
+#: The sampled path (`sampled_nearest`): taken where the rows are at least this many times the candidates,
+SAMPLED_ROWS_PER_CANDIDATE = 64
+#: with a sample of every step-th row, the step a power of two chosen so that about this many sampled rows lie
+#: within the cut, and at least SAMPLED_MIN_STEP (fewer candidates: the counting passes).
+SAMPLED_UNDER_CUT = 64
+SAMPLED_MIN_STEP = 4
+SAMPLED_MAX_STEP = 1024
+#: The limit keeps about this many times the candidates by the sample's estimate; room for CAPACITY_FACTOR times.
+LIMIT_MARGIN = 2
+CAPACITY_FACTOR = 8
+#: Whether `nearest_codes` may take the sampled path (off: always the counting passes).
+SAMPLED = True
 #: Set once the per-query histogram layout failed to compile; the one-histogram layout is used from then on.
 _PER_QUERY_FAILED: list[bool] = []
 #: Set once libdevice's popc failed to compile here; the bit-counting fallback is used from then on.
@@ -48,8 +62,12 @@ def nearest_codes(
     *,
     ordered: bool = True,
     store_distances: bool | None = None,
+    sampled: bool | None = None,
 ) -> TopK:
     """(int32 distances, int64 rows) (Q, count): each query's ``count`` nearest codes.
+
+    Where `sample_step` allows (and ``sampled`` is not False) `sampled_nearest` answers, nearest
+    first, unless its limit missed for some query (checked with one sync): then the counting passes.
 
     Unordered, where the cut lies at about half the bits or farther (codes as far as random ones), the
     rows kept from there on are the first in row order rather than the nearest.
@@ -67,6 +85,10 @@ def nearest_codes(
     n_queries, n_rows = codes.shape[0], database_codes.shape[0]
     if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= n_rows:
         raise InvalidInputError(f"count must be an integer in 1..{n_rows} (the database codes); got {count!r}")
+    if sampled is not False and SAMPLED and sample_step(n_rows, count):
+        top, failed = sampled_nearest(codes, database_codes, count)
+        if not bool(failed.item()):  # one sync: the sample's limit held every query's candidates
+            return top
     words = triton.cdiv(codes.shape[1], 4)
     a, b = launch._as_words(codes, words), launch._as_words(database_codes, words)
     n_bits = codes.shape[1] * 8
@@ -110,7 +132,7 @@ def nearest_codes(
     stored = torch.empty((n_queries, n_rows) if store else (1, 1), dtype=torch.int16, device=codes.device)
     try:
         hamming_histogram_kernel[hist_grid](
-            a, b, hist, stored, n_queries, n_rows, words, rows_per_split, splits, clip,
+            a, b, hist, stored, n_queries, n_rows, words, rows_per_split, splits, clip, 1,
             BLOCK_Q=hist_block_q, BLOCK_N=hist_block_n, WORDS_P2=words_p2, BINS=bins, USE_POPC=use_popc,
             STORE_DIST=store, PER_QUERY=per_query,
         )  # fmt: skip
@@ -134,6 +156,93 @@ def nearest_codes(
         order = torch.sort(distances, dim=1, stable=True).indices
         return TopK(torch.gather(distances, 1, order), torch.gather(rows, 1, order))
     return TopK(distances, rows)
+
+
+def sample_step(n_rows: int, count: int) -> int:
+    """The sampled path's row step for ``count`` candidates among ``n_rows`` rows, or 0 where it is not taken."""
+    if count * SAMPLED_ROWS_PER_CANDIDATE > n_rows:
+        return 0
+    step = min(SAMPLED_MAX_STEP, 1 << max(0, (count // SAMPLED_UNDER_CUT).bit_length() - 1))
+    return step if step >= SAMPLED_MIN_STEP else 0
+
+
+def sampled_nearest(codes: torch.Tensor, database_codes: torch.Tensor, count: int) -> tuple[TopK, torch.Tensor]:
+    """(each query's ``count`` nearest codes, nearest first with ties to the lower row, as `nearest_codes`;
+    ``failed``, a 0-d bool tensor) by a sample, a limit and one pass; no host sync (a CUDA graph may hold it).
+
+    A histogram of every `sample_step`-th row sets each query's limit, the distance within which the
+    sample puts about LIMIT_MARGIN x ``count`` rows; one pass appends every row within the limit
+    (up to CAPACITY_FACTOR x ``count``); the ``count`` smallest (distance, row) keys are the answer.
+    ``failed`` is True where a query's rows within its limit were fewer than ``count`` or more than
+    the room: that answer is then not the nearest rows (its rows are still in range) and the caller
+    must ask the counting passes (`nearest_codes` with ``sampled=False``).
+    """
+    n_queries, n_rows = codes.shape[0], database_codes.shape[0]
+    step = sample_step(n_rows, count) or 1
+    words = triton.cdiv(codes.shape[1], 4)
+    a, b = launch._as_words(codes, words), launch._as_words(database_codes, words)
+    n_bits = codes.shape[1] * 8
+    words_p2 = launch._pow2(words)
+    interpreting = launch.interpreting()
+    use_popc = not interpreting and has_popc() and not _POPC_FAILED
+    block_q = min(16, launch._pow2(n_queries))
+    query_blocks = triton.cdiv(n_queries, block_q)
+    device = codes.device
+    # The sample's histogram: distances 0..n_bits, counted per query over every step-th row.
+    n_sample = triton.cdiv(n_rows, step)
+    bins = launch._pow2(n_bits + 2)
+    per_query = HISTOGRAM_PER_QUERY and block_q > 1 and not _PER_QUERY_FAILED
+    hist_block_q = block_q if per_query else max(1, min(block_q, HISTOGRAM_BINS // bins))
+    hist_block_n = max(16, min(PER_QUERY_BLOCK_N if per_query else 1024, TILE_ELEMENTS // (
+        words_p2 if per_query else hist_block_q * words_p2)))  # fmt: skip
+    if interpreting:
+        hist_block_n = 16
+    sample_splits = _splits(device, triton.cdiv(n_queries, hist_block_q), n_sample, hist_block_n, interpreting)
+    sample_rows_per_split = triton.cdiv(triton.cdiv(n_sample, sample_splits), hist_block_n) * hist_block_n
+    sample_splits = triton.cdiv(n_sample, sample_rows_per_split)
+    hist = torch.empty((n_queries, sample_splits, bins), dtype=torch.int32, device=device)
+    stored = torch.empty((1, 1), dtype=torch.int16, device=device)
+    try:
+        hamming_histogram_kernel[(triton.cdiv(n_queries, hist_block_q), sample_splits)](
+            a, b, hist, stored, n_queries, n_sample, words, sample_rows_per_split, sample_splits, n_bits, step,
+            BLOCK_Q=hist_block_q, BLOCK_N=hist_block_n, WORDS_P2=words_p2, BINS=bins, USE_POPC=use_popc,
+            STORE_DIST=False, PER_QUERY=per_query,
+        )  # fmt: skip
+    except triton.CompilationError:  # as in `nearest_codes`: fall back to the layout / bit count that builds
+        if per_query:
+            _PER_QUERY_FAILED.append(True)
+        elif use_popc:
+            _POPC_FAILED.append(True)
+        else:
+            raise
+        return sampled_nearest(codes, database_codes, count)
+    # The limit: the smallest distance at which the sample's running count reaches its share of the margin.
+    limit, _, _ = cut_and_offsets_fused(hist, -(-LIMIT_MARGIN * count // step))
+    # One pass: every row within the limit appended as its key.
+    capacity = CAPACITY_FACTOR * count
+    block_n = max(16, min(1024, TILE_ELEMENTS // (block_q * words_p2)))
+    if interpreting:
+        block_n = 16
+    splits = _splits(device, query_blocks, n_rows, block_n, interpreting)
+    rows_per_split = triton.cdiv(triton.cdiv(n_rows, splits), block_n) * block_n
+    splits = triton.cdiv(n_rows, rows_per_split)
+    empty = (n_bits + 1) << 32  # past every key; its row (0) stays in range
+    keys = torch.full((n_queries, capacity), empty, dtype=torch.int64, device=device)
+    counter = torch.zeros(n_queries, dtype=torch.int32, device=device)
+    hamming_near_kernel[(query_blocks, splits)](
+        a, b, limit, counter, keys, n_queries, n_rows, words, rows_per_split, capacity,
+        BLOCK_Q=block_q, BLOCK_N=block_n, WORDS_P2=words_p2, USE_POPC=use_popc,
+    )  # fmt: skip
+    nearest = torch.topk(keys, count, dim=1, largest=False, sorted=True).values
+    failed = ((counter < count) | (counter > capacity)).any()
+    return TopK((nearest >> 32).to(torch.int32), nearest & 0xFFFFFFFF), failed
+
+
+def _splits(device: torch.device, query_blocks: int, n_rows: int, block_n: int, interpreting: bool) -> int:
+    """How many programs share a query block's rows: about four per SM over all query blocks."""
+    if interpreting:
+        return max(1, min(3, triton.cdiv(n_rows, block_n)))
+    return max(1, min(triton.cdiv(launch._sms(device) * 4, query_blocks), triton.cdiv(n_rows, block_n * 4)))
 
 
 def cut_and_offsets_fused(hist: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -34,6 +34,7 @@ class _Graph:
     copied: torch.cuda.Event  # the last copy out of ``staging`` is done once this completes
     scores: torch.Tensor
     rows: torch.Tensor
+    failed: torch.Tensor | None  # a 0-d bool the stages set where their answer must not be used
 
 
 def host_sign_codes(hashed: np.ndarray[Any, Any], planes: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
@@ -76,12 +77,13 @@ class LSHGraphs:
 
     def run(
         self,
-        stages: Callable[[torch.Tensor, torch.Tensor], TopK],
+        stages: Callable[[torch.Tensor, torch.Tensor], tuple[TopK, torch.Tensor | None]],
         hashed: np.ndarray[Any, Any],
         queries: np.ndarray[Any, Any],
         key: tuple[Any, ...],
-    ) -> TopK:
-        """``stages(hashed, queries)`` (device tensors in, TopK out) through the graph of ``key``.
+    ) -> tuple[TopK, bool]:
+        """``stages(hashed, queries)`` (device tensors in; TopK and a failure flag or None out) through the graph
+        of ``key``: the answer, and whether the stages flagged it as failed (read with a sync where flagged).
 
         ``hashed`` and ``queries`` are C-contiguous float32 (their bits are copied, never read as numbers).
         """
@@ -102,15 +104,20 @@ class LSHGraphs:
             entry.inputs.copy_(entry.staging, non_blocking=True)
             entry.copied.record()
             entry.graph.replay()
-            return TopK(entry.scores.clone(), entry.rows.clone())
+            top = TopK(entry.scores.clone(), entry.rows.clone())
+            return top, entry.failed is not None and bool(entry.failed.item())
 
     def _capture(
-        self, stages: Callable[[torch.Tensor, torch.Tensor], TopK], n_queries: int, width: int, dim: int
+        self,
+        stages: Callable[[torch.Tensor, torch.Tensor], tuple[TopK, torch.Tensor | None]],
+        n_queries: int,
+        width: int,
+        dim: int,
     ) -> _Graph:
         staging = torch.zeros((n_queries, width + dim), dtype=torch.float32, pin_memory=True)
         inputs = torch.zeros((n_queries, width + dim), dtype=torch.float32, device=self.device)
 
-        def call() -> TopK:
+        def call() -> tuple[TopK, torch.Tensor | None]:
             return stages(inputs[:, :width].contiguous(), inputs[:, width:].contiguous())
 
         side = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
@@ -120,6 +127,6 @@ class LSHGraphs:
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = call()
+            out, failed = call()
         event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-        return _Graph(graph, staging, inputs, event, out.scores, out.indices)
+        return _Graph(graph, staging, inputs, event, out.scores, out.indices, failed)
