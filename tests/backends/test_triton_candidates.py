@@ -227,7 +227,7 @@ def test_fewer_rows_within_the_limit_than_the_candidates_fail_and_the_counting_p
 def test_the_sampled_path_is_taken_only_where_the_rows_far_outnumber_the_candidates() -> None:
     from gpurag_triton.candidates import SAMPLED_ROWS_PER_CANDIDATE, sample_step
 
-    assert sample_step(10_000_000, 4000) == 32
-    assert sample_step(400_000, 500) == 4
+    assert sample_step(10_000_000, 4000) == 64
+    assert sample_step(400_000, 500) == 8
     assert sample_step(10_000_000, 100) == 0  # a step under 4: the counting passes
     assert sample_step(4000 * SAMPLED_ROWS_PER_CANDIDATE - 1, 4000) == 0

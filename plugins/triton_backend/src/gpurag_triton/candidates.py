@@ -18,6 +18,7 @@ from gpurag_triton.kernels.hamming_select import (
     hamming_collect_kernel,
     hamming_histogram_kernel,
     hamming_near_kernel,
+    hamming_sample_kernel,
     has_popc,
 )
 
@@ -41,7 +42,7 @@ FAR_CUT_SHARE = 64
 SAMPLED_ROWS_PER_CANDIDATE = 64
 #: with a sample of every step-th row, the step a power of two chosen so that about this many sampled rows lie
 #: within the cut, and at least SAMPLED_MIN_STEP (fewer candidates: the counting passes).
-SAMPLED_UNDER_CUT = 64
+SAMPLED_UNDER_CUT = 32
 SAMPLED_MIN_STEP = 4
 SAMPLED_MAX_STEP = 1024
 #: The limit keeps about this many times the candidates by the sample's estimate; room for CAPACITY_FACTOR times.
@@ -132,7 +133,7 @@ def nearest_codes(
     stored = torch.empty((n_queries, n_rows) if store else (1, 1), dtype=torch.int16, device=codes.device)
     try:
         hamming_histogram_kernel[hist_grid](
-            a, b, hist, stored, n_queries, n_rows, words, rows_per_split, splits, clip, 1,
+            a, b, hist, stored, n_queries, n_rows, words, rows_per_split, splits, clip,
             BLOCK_Q=hist_block_q, BLOCK_N=hist_block_n, WORDS_P2=words_p2, BINS=bins, USE_POPC=use_popc,
             STORE_DIST=store, PER_QUERY=per_query,
         )  # fmt: skip
@@ -170,7 +171,7 @@ def sampled_nearest(codes: torch.Tensor, database_codes: torch.Tensor, count: in
     """(each query's ``count`` nearest codes, nearest first with ties to the lower row, as `nearest_codes`;
     ``failed``, a 0-d bool tensor) by a sample, a limit and one pass; no host sync (a CUDA graph may hold it).
 
-    A histogram of every `sample_step`-th row sets each query's limit, the distance within which the
+    The distances to every `sample_step`-th row set each query's limit, the distance within which the
     sample puts about LIMIT_MARGIN x ``count`` rows; one pass appends every row within the limit
     (up to CAPACITY_FACTOR x ``count``); the ``count`` smallest (distance, row) keys are the answer.
     ``failed`` is True where a query's rows within its limit were fewer than ``count`` or more than
@@ -188,36 +189,22 @@ def sampled_nearest(codes: torch.Tensor, database_codes: torch.Tensor, count: in
     block_q = min(16, launch._pow2(n_queries))
     query_blocks = triton.cdiv(n_queries, block_q)
     device = codes.device
-    # The sample's histogram: distances 0..n_bits, counted per query over every step-th row.
+    # The limit: the distance of the sample's (LIMIT_MARGIN x count / step)-th nearest row.
     n_sample = triton.cdiv(n_rows, step)
-    bins = launch._pow2(n_bits + 2)
-    per_query = HISTOGRAM_PER_QUERY and block_q > 1 and not _PER_QUERY_FAILED
-    hist_block_q = block_q if per_query else max(1, min(block_q, HISTOGRAM_BINS // bins))
-    hist_block_n = max(16, min(PER_QUERY_BLOCK_N if per_query else 1024, TILE_ELEMENTS // (
-        words_p2 if per_query else hist_block_q * words_p2)))  # fmt: skip
-    if interpreting:
-        hist_block_n = 16
-    sample_splits = _splits(device, triton.cdiv(n_queries, hist_block_q), n_sample, hist_block_n, interpreting)
-    sample_rows_per_split = triton.cdiv(triton.cdiv(n_sample, sample_splits), hist_block_n) * hist_block_n
-    sample_splits = triton.cdiv(n_sample, sample_rows_per_split)
-    hist = torch.empty((n_queries, sample_splits, bins), dtype=torch.int32, device=device)
-    stored = torch.empty((1, 1), dtype=torch.int16, device=device)
+    sample_block_n = 16 if interpreting else max(16, min(1024, TILE_ELEMENTS // (block_q * words_p2)))
+    sampled = torch.empty((n_queries, n_sample), dtype=torch.int16, device=device)
     try:
-        hamming_histogram_kernel[(triton.cdiv(n_queries, hist_block_q), sample_splits)](
-            a, b, hist, stored, n_queries, n_sample, words, sample_rows_per_split, sample_splits, n_bits, step,
-            BLOCK_Q=hist_block_q, BLOCK_N=hist_block_n, WORDS_P2=words_p2, BINS=bins, USE_POPC=use_popc,
-            STORE_DIST=False, PER_QUERY=per_query,
+        hamming_sample_kernel[(query_blocks, triton.cdiv(n_sample, sample_block_n))](
+            a, b, sampled, n_queries, n_sample, words, step,
+            BLOCK_Q=block_q, BLOCK_N=sample_block_n, WORDS_P2=words_p2, USE_POPC=use_popc,
         )  # fmt: skip
-    except triton.CompilationError:  # as in `nearest_codes`: fall back to the layout / bit count that builds
-        if per_query:
-            _PER_QUERY_FAILED.append(True)
-        elif use_popc:
-            _POPC_FAILED.append(True)
-        else:
+    except triton.CompilationError:
+        if not use_popc:
             raise
+        _POPC_FAILED.append(True)  # this Triton cannot lower libdevice's popc: count bits in registers instead
         return sampled_nearest(codes, database_codes, count)
-    # The limit: the smallest distance at which the sample's running count reaches its share of the margin.
-    limit, _, _ = cut_and_offsets_fused(hist, -(-LIMIT_MARGIN * count // step))
+    rank = min(n_sample, -(-LIMIT_MARGIN * count // step))
+    limit = torch.kthvalue(sampled, rank, dim=1).values.to(torch.int32)
     # One pass: every row within the limit appended as its key.
     capacity = CAPACITY_FACTOR * count
     block_n = max(16, min(1024, TILE_ELEMENTS // (block_q * words_p2)))
@@ -241,8 +228,8 @@ def sampled_nearest(codes: torch.Tensor, database_codes: torch.Tensor, count: in
 def _splits(device: torch.device, query_blocks: int, n_rows: int, block_n: int, interpreting: bool) -> int:
     """How many programs share a query block's rows: about four per SM over all query blocks."""
     if interpreting:
-        return max(1, min(3, triton.cdiv(n_rows, block_n)))
-    return max(1, min(triton.cdiv(launch._sms(device) * 4, query_blocks), triton.cdiv(n_rows, block_n * 4)))
+        return max(1, min(3, -(-n_rows // block_n)))
+    return max(1, min(-(-launch._sms(device) * 4 // query_blocks), -(-n_rows // (block_n * 4))))
 
 
 def cut_and_offsets_fused(hist: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -9,9 +9,9 @@ offsets fixed by the counts, so the output is deterministic: rows below t by row
 Codes are int32 words; ``x_ptr`` rows are ``words`` long, loaded as (BLOCK_N, WORDS_P2) tiles.
 
 Where the candidates are few against the rows, `hamming_near_kernel` replaces both passes: a limit
-per query, read off a histogram of a row sample (the histogram pass over every ``row_step``-th
-row), keeps the rows within the limit in one pass over the codes, appended through an atomic
-counter per query as (distance, row) keys; the nearest of those are then picked by key.
+per query, read off the distances to a sample of the rows (`hamming_sample_kernel`), keeps the rows
+within the limit in one pass over the codes, appended through an atomic counter per query as
+(distance, row) keys; the nearest of those are then picked by key.
 """
 
 from __future__ import annotations
@@ -70,7 +70,6 @@ def hamming_histogram_kernel(
     rows_per_split,
     n_splits,
     clip,
-    row_step,
     BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
     WORDS_P2: tl.constexpr,
@@ -81,7 +80,6 @@ def hamming_histogram_kernel(
 ):
     """hist[q, split, d] = rows of the split at Hamming distance d from query q, for d < ``clip``;
     bin ``clip`` counts the rows at ``clip`` or farther (bin BINS - 1: none; BINS >= clip + 2).
-    Row j of the ``n_rows`` counted is code row ``j * row_step`` (1: every row; more: a sample).
 
     With ``STORE_DIST`` the distances are also written to ``dist_ptr`` (Q, N) int16, for the
     collecting pass to read instead of the codes (fewer bytes where queries are few).
@@ -104,7 +102,7 @@ def hamming_histogram_kernel(
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_mask = offs_n < row_stop
             b = tl.load(
-                x_ptr + (offs_n.to(tl.int64) * row_step)[:, None] * words + offs_w[None, :],
+                x_ptr + offs_n.to(tl.int64)[:, None] * words + offs_w[None, :],
                 mask=n_mask[:, None] & w_mask[None, :],
                 other=0,
             )
@@ -127,8 +125,7 @@ def hamming_histogram_kernel(
     for n0 in range(row_start, row_stop, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < row_stop
-        rows = offs_n.to(tl.int64) * row_step
-        distance = _distances(q_ptr, x_ptr, offs_q, q_mask, rows, n_mask, words, WORDS_P2, USE_POPC)
+        distance = _distances(q_ptr, x_ptr, offs_q, q_mask, offs_n.to(tl.int64), n_mask, words, WORDS_P2, USE_POPC)
         if STORE_DIST:
             at = dist_ptr + offs_q.to(tl.int64)[:, None] * n_rows + offs_n[None, :]
             tl.store(at, distance.to(tl.int16), mask=q_mask[:, None] & n_mask[None, :])
@@ -200,6 +197,31 @@ def hamming_collect_kernel(
         tl.store(distances_out_ptr + out_base + slot, distance, mask=write)
         below_at += tl.sum(below, axis=1)
         tie_at += tl.sum(tie, axis=1)
+
+
+@triton.jit
+def hamming_sample_kernel(
+    q_ptr,
+    x_ptr,
+    dist_ptr,
+    n_queries,
+    n_sample,
+    words,
+    row_step,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    WORDS_P2: tl.constexpr,
+    USE_POPC: tl.constexpr,
+):
+    """dist[q, j] = the Hamming distance (int16) of query q to code row ``j * row_step``, j < ``n_sample``."""
+    offs_q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_mask = offs_q < n_queries
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < n_sample
+    rows = offs_n.to(tl.int64) * row_step
+    distance = _distances(q_ptr, x_ptr, offs_q, q_mask, rows, n_mask, words, WORDS_P2, USE_POPC)
+    at = dist_ptr + offs_q.to(tl.int64)[:, None] * n_sample + offs_n[None, :]
+    tl.store(at, distance.to(tl.int16), mask=q_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit
