@@ -263,9 +263,19 @@ def run(
                 methods.append(Method("lsh", f"{n_bits} bits, {c} candidates", search))
     try:  # the first small search captures a CUDA graph: if that fails here, say so and go on without
         index.search(host_queries[:1], K)
+        index.search(host_queries[:16], K)
     except Exception as exc:
-        log(f"CUDA graph path failed ({type(exc).__name__}: {exc}); graphs off")
-        index.backend.use_graphs = False
+        log(f"CUDA graph path failed ({type(exc).__name__}: {exc}); trying without host output")
+        from gpurag_triton import lsh_graphs
+
+        lsh_graphs.HOST_OUTPUT = False
+        index.backend._lsh_graphs = None
+        try:
+            index.search(host_queries[:1], K)
+            index.search(host_queries[:16], K)
+        except Exception as again:
+            log(f"CUDA graph path failed again ({type(again).__name__}: {again}); graphs off")
+            index.backend.use_graphs = False
     recall_deadline = time.perf_counter() + (deadline - time.perf_counter()) * 0.5
     for m in methods:
         if m.family == "lsh" and time.perf_counter() > recall_deadline:
@@ -293,6 +303,15 @@ def run(
         for b in args.batches:
             if time.perf_counter() < hard_stop:
                 m.search(host_queries[:b])
+    if hasattr(index.backend, "use_graphs") and index.backend.use_graphs:  # small searches: graph = plain stages
+        for m in timed:
+            if m.family == "lsh" and time.perf_counter() < hard_stop:
+                graphed = [m.search(host_queries[i : i + b]) for b in (1, 16) for i in (0, 16)]
+                index.backend.use_graphs = False
+                plain = [m.search(host_queries[i : i + b]) for b in (1, 16) for i in (0, 16)]
+                index.backend.use_graphs = True
+                same = all(np.array_equal(g, p) for g, p in zip(graphed, plain, strict=True))
+                log(f"graph answers of {m.params} at Q=1, 16: {'same as' if same else 'DIFFERENT from'} the stages")
     log(f"timing {len(timed)} settings at Q = {args.batches}")
     for repeat in range(args.repeats):
         if time.perf_counter() > deadline and repeat:

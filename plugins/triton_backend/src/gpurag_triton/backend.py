@@ -404,7 +404,8 @@ class TritonBackend(TorchBackend):
         """The LSH stages as one captured CUDA graph for up to `lsh_graphs.GRAPH_MAX_QUERIES` host queries on CUDA.
 
         The queries' codes come from the host (see `lsh_graphs.host_sign_codes`), so a code bit whose
-        float64 projection rounds to the other side of zero there may differ from `sign_codes`'.
+        float64 projection rounds to the other side of zero there may differ from `sign_codes`'. With
+        `lsh_graphs.HOST_OUTPUT` the graph's answer comes back as host (CPU) tensors.
         """
         import torch
 

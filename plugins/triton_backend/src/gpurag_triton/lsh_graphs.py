@@ -3,7 +3,9 @@
 A graph is captured per key (query count, candidates, k, and the address and shape of every
 tensor the stages read), so a graph only ever replays over the tensors it was captured on; a
 database or code array that grows, shrinks or moves gets a new key and a new graph. The few
-most recent graphs are kept. Queries go in through one pinned host buffer and one copy.
+most recent graphs are kept. Queries go in through one pinned host buffer and one copy; with
+`HOST_OUTPUT` the answer (and the stages' failure flag) comes back by copies the graph itself
+makes into pinned host buffers, read after one wait: no copy kernels, one sync.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from gpurag.metrics import TopK
 GRAPH_MAX_QUERIES = 64
 #: Graphs kept (least recently used dropped first).
 GRAPHS_KEPT = 32
+#: Whether answers come back as host tensors copied out by the graph (off: device tensors, cloned).
+HOST_OUTPUT = True
 
 
 @dataclass
@@ -35,6 +39,8 @@ class _Graph:
     scores: torch.Tensor
     rows: torch.Tensor
     failed: torch.Tensor | None  # a 0-d bool the stages set where their answer must not be used
+    host: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # pinned scores, rows, failed (HOST_OUTPUT)
+    done: torch.cuda.Event  # recorded after a replay: the host buffers are filled once it completes
 
 
 def host_sign_codes(hashed: np.ndarray[Any, Any], planes: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
@@ -104,6 +110,11 @@ class LSHGraphs:
             entry.inputs.copy_(entry.staging, non_blocking=True)
             entry.copied.record()
             entry.graph.replay()
+            if entry.host is not None:
+                entry.done.record()
+                entry.done.synchronize()
+                scores, rows, failed = entry.host
+                return TopK(scores.clone(), rows.clone()), bool(failed[0])
             top = TopK(entry.scores.clone(), entry.rows.clone())
             return top, entry.failed is not None and bool(entry.failed.item())
 
@@ -123,10 +134,23 @@ class LSHGraphs:
         side = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            call()  # compiles every kernel before capture
+            warm, _ = call()  # compiles every kernel before capture
         torch.cuda.current_stream(self.device).wait_stream(side)
+        host = None
+        if HOST_OUTPUT:
+            host = (
+                torch.empty(tuple(warm.scores.shape), dtype=warm.scores.dtype, pin_memory=True),
+                torch.empty(tuple(warm.indices.shape), dtype=warm.indices.dtype, pin_memory=True),
+                torch.zeros(1, dtype=torch.bool, pin_memory=True),
+            )
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out, failed = call()
+            if host is not None:
+                host[0].copy_(out.scores, non_blocking=True)
+                host[1].copy_(out.indices, non_blocking=True)
+                if failed is not None:
+                    host[2].copy_(failed.reshape(1), non_blocking=True)
         event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-        return _Graph(graph, staging, inputs, event, out.scores, out.indices, failed)
+        done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        return _Graph(graph, staging, inputs, event, out.scores, out.indices, failed, host, done)
