@@ -151,6 +151,18 @@ def candidate_variants(index: Any, host_queries: np.ndarray, batch: int, repeats
             candidates.HISTOGRAM_PER_QUERY = True
 
     variants["count, one histogram per query tile"] = one_histogram
+
+    def tighter_limit() -> Any:  # the sampled path with less room: fewer keys to pick from
+        from gpurag_triton import candidates
+
+        saved = candidates.LIMIT_MARGIN, candidates.CAPACITY_FACTOR
+        candidates.LIMIT_MARGIN, candidates.CAPACITY_FACTOR = 1.5, 4
+        try:
+            return nearest_codes(query_codes, codes, count, ordered=False)
+        finally:
+            candidates.LIMIT_MARGIN, candidates.CAPACITY_FACTOR = saved
+
+    variants["sampled, limit margin 1.5, room 4x"] = tighter_limit
     if count <= 256 and hasattr(backend, "fused_hamming_topk"):
         variants["fused top-KP kernel"] = lambda: backend.fused_hamming_topk(query_codes, codes, count)
     out = {}

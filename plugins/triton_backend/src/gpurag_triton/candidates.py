@@ -7,6 +7,8 @@ no per-query loop, whatever Q, N and ``count`` are. Where the candidates are few
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 
@@ -46,8 +48,8 @@ SAMPLED_UNDER_CUT = 32
 SAMPLED_MIN_STEP = 4
 SAMPLED_MAX_STEP = 1024
 #: The limit keeps about this many times the candidates by the sample's estimate; room for CAPACITY_FACTOR times.
-LIMIT_MARGIN = 2
-CAPACITY_FACTOR = 8
+LIMIT_MARGIN: float = 2
+CAPACITY_FACTOR: float = 8
 #: Whether `nearest_codes` may take the sampled path (off: always the counting passes).
 SAMPLED = True
 #: Set once the per-query histogram layout failed to compile; the one-histogram layout is used from then on.
@@ -203,10 +205,10 @@ def sampled_nearest(codes: torch.Tensor, database_codes: torch.Tensor, count: in
             raise
         _POPC_FAILED.append(True)  # this Triton cannot lower libdevice's popc: count bits in registers instead
         return sampled_nearest(codes, database_codes, count)
-    rank = min(n_sample, -(-LIMIT_MARGIN * count // step))
+    rank = max(1, min(n_sample, math.ceil(LIMIT_MARGIN * count / step)))
     limit = torch.kthvalue(sampled, rank, dim=1).values.to(torch.int32)
     # One pass: every row within the limit appended as its key.
-    capacity = CAPACITY_FACTOR * count
+    capacity = max(count, int(CAPACITY_FACTOR * count))
     block_n = max(16, min(1024, TILE_ELEMENTS // (block_q * words_p2)))
     if interpreting:
         block_n = 16
