@@ -165,8 +165,9 @@ def sampled_setup(monkeypatch: pytest.MonkeyPatch) -> None:
     ("n_queries", "n_rows", "n_bytes", "count"),
     [(1, 1400, 4, 20), (3, 1999, 13, 31), (17, 1100, 5, 16), (2, 2600, 3, 30)],
 )
+@pytest.mark.parametrize("ordered", [True, False])
 def test_the_sampled_path_finds_the_nearest_codes_nearest_first(
-    monkeypatch: pytest.MonkeyPatch, n_queries: int, n_rows: int, n_bytes: int, count: int
+    monkeypatch: pytest.MonkeyPatch, n_queries: int, n_rows: int, n_bytes: int, count: int, ordered: bool
 ) -> None:
     """A sample's limit, one pass, the nearest keys: the rows the counting passes find, in their order.
 
@@ -180,11 +181,16 @@ def test_the_sampled_path_finds_the_nearest_codes_nearest_first(
     codes = rng.integers(0, 256, (n_queries, n_bytes), dtype=np.uint8)
     database_codes = rng.integers(0, 256, (n_rows, n_bytes), dtype=np.uint8)
     top, failed = candidates.sampled_nearest(torch.from_numpy(codes).to(device()),
-                                             torch.from_numpy(database_codes).to(device()), count)  # fmt: skip
+                                             torch.from_numpy(database_codes).to(device()), count,
+                                             ordered=ordered)  # fmt: skip
     assert not bool(failed)
     want_distances, want_rows = expected(codes, database_codes, count)
-    np.testing.assert_array_equal(top.indices.cpu().numpy(), want_rows)
-    np.testing.assert_array_equal(top.scores.cpu().numpy(), want_distances)
+    rows, distances = top.indices.cpu().numpy(), top.scores.cpu().numpy()
+    if not ordered:  # the same rows in some order: put them in (distance, row) order to compare
+        order = np.lexsort((rows, distances), axis=1)
+        rows, distances = np.take_along_axis(rows, order, 1), np.take_along_axis(distances, order, 1)
+    np.testing.assert_array_equal(rows, want_rows)
+    np.testing.assert_array_equal(distances, want_distances)
     assert top.scores.dtype == torch.int32
     assert top.indices.dtype == torch.int64
 

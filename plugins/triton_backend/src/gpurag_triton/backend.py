@@ -432,7 +432,7 @@ class TritonBackend(TorchBackend):
             # Device tensors checked on the host already: no `asarray` (its finiteness check syncs).
             query_codes_in = words_in.view(torch.uint8)[:, :width].contiguous()
             if sampled:  # no sync inside the graph: whether the sample's limit held is read after the replay
-                near, failed = candidates.sampled_nearest(query_codes_in, codes, n_candidates)
+                near, failed = candidates.sampled_nearest(query_codes_in, codes, n_candidates, ordered=False)
                 return self.rerank(queries_in, database, near.indices, k), failed
             rows = candidates.nearest_codes(query_codes_in, codes, n_candidates, ordered=False, sampled=False)
             return self.rerank(queries_in, database, rows.indices, k), None

@@ -89,7 +89,7 @@ def nearest_codes(
     if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= n_rows:
         raise InvalidInputError(f"count must be an integer in 1..{n_rows} (the database codes); got {count!r}")
     if sampled is not False and SAMPLED and sample_step(n_rows, count):
-        top, failed = sampled_nearest(codes, database_codes, count)
+        top, failed = sampled_nearest(codes, database_codes, count, ordered=ordered)
         if not bool(failed.item()):  # one sync: the sample's limit held every query's candidates
             return top
     words = triton.cdiv(codes.shape[1], 4)
@@ -169,9 +169,12 @@ def sample_step(n_rows: int, count: int) -> int:
     return step if step >= SAMPLED_MIN_STEP else 0
 
 
-def sampled_nearest(codes: torch.Tensor, database_codes: torch.Tensor, count: int) -> tuple[TopK, torch.Tensor]:
-    """(each query's ``count`` nearest codes, nearest first with ties to the lower row, as `nearest_codes`;
+def sampled_nearest(
+    codes: torch.Tensor, database_codes: torch.Tensor, count: int, *, ordered: bool = True
+) -> tuple[TopK, torch.Tensor]:
+    """(each query's ``count`` nearest codes, ties at the cut to the lower rows, as `nearest_codes`;
     ``failed``, a 0-d bool tensor) by a sample, a limit and one pass; no host sync (a CUDA graph may hold it).
+    With ``ordered`` nearest first (ties by row); without, in no promised order (the same rows).
 
     The distances to every `sample_step`-th row set each query's limit, the distance within which the
     sample puts about LIMIT_MARGIN x ``count`` rows; one pass appends every row within the limit
@@ -204,7 +207,7 @@ def sampled_nearest(codes: torch.Tensor, database_codes: torch.Tensor, count: in
         if not use_popc:
             raise
         _POPC_FAILED.append(True)  # this Triton cannot lower libdevice's popc: count bits in registers instead
-        return sampled_nearest(codes, database_codes, count)
+        return sampled_nearest(codes, database_codes, count, ordered=ordered)
     rank = max(1, min(n_sample, math.ceil(LIMIT_MARGIN * count / step)))
     limit = torch.kthvalue(sampled, rank, dim=1).values.to(torch.int32)
     # One pass: every row within the limit appended as its key.
@@ -222,7 +225,7 @@ def sampled_nearest(codes: torch.Tensor, database_codes: torch.Tensor, count: in
         a, b, limit, counter, keys, n_queries, n_rows, words, rows_per_split, capacity,
         BLOCK_Q=block_q, BLOCK_N=block_n, WORDS_P2=words_p2, USE_POPC=use_popc,
     )  # fmt: skip
-    nearest = torch.topk(keys, count, dim=1, largest=False, sorted=True).values
+    nearest = torch.topk(keys, count, dim=1, largest=False, sorted=ordered).values
     failed = ((counter < count) | (counter > capacity)).any()
     return TopK((nearest >> 32).to(torch.int32), nearest & 0xFFFFFFFF), failed
 
