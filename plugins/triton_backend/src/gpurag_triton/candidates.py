@@ -188,7 +188,6 @@ def sampled_nearest(
     words = triton.cdiv(codes.shape[1], 4)
     a, b = launch._as_words(codes, words), launch._as_words(database_codes, words)
     n_bits = codes.shape[1] * 8
-    words_p2 = launch._pow2(words)
     interpreting = launch.interpreting()
     use_popc = not interpreting and has_popc() and not _POPC_FAILED
     block_q = min(16, launch._pow2(n_queries))
@@ -196,12 +195,11 @@ def sampled_nearest(
     device = codes.device
     # The limit: the distance of the sample's (LIMIT_MARGIN x count / step)-th nearest row.
     n_sample = triton.cdiv(n_rows, step)
-    sample_block_n = 16 if interpreting else max(16, min(1024, TILE_ELEMENTS // (block_q * words_p2)))
+    block_n = 16 if interpreting else max(16, min(1024, TILE_ELEMENTS // (2 * block_q)))  # 2-D tiles, any width
     sampled = torch.empty((n_queries, n_sample), dtype=torch.int16, device=device)
     try:
-        hamming_sample_kernel[(query_blocks, triton.cdiv(n_sample, sample_block_n))](
-            a, b, sampled, n_queries, n_sample, words, step,
-            BLOCK_Q=block_q, BLOCK_N=sample_block_n, WORDS_P2=words_p2, USE_POPC=use_popc,
+        hamming_sample_kernel[(query_blocks, triton.cdiv(n_sample, block_n))](
+            a, b, sampled, n_queries, n_sample, words, step, BLOCK_Q=block_q, BLOCK_N=block_n, USE_POPC=use_popc,
         )  # fmt: skip
     except triton.CompilationError:
         if not use_popc:
@@ -209,12 +207,10 @@ def sampled_nearest(
         _POPC_FAILED.append(True)  # this Triton cannot lower libdevice's popc: count bits in registers instead
         return sampled_nearest(codes, database_codes, count, ordered=ordered)
     rank = max(1, min(n_sample, math.ceil(LIMIT_MARGIN * count / step)))
-    limit = torch.kthvalue(sampled, rank, dim=1).values.to(torch.int32)
+    # torch.kthvalue's one block per query took 0.33 ms at 156k sampled rows on the H200; topk's radix select is quick
+    limit = torch.topk(sampled, rank, dim=1, largest=False, sorted=False).values.amax(dim=1).to(torch.int32)
     # One pass: every row within the limit appended as its key.
     capacity = max(count, int(CAPACITY_FACTOR * count))
-    block_n = max(16, min(1024, TILE_ELEMENTS // (block_q * words_p2)))
-    if interpreting:
-        block_n = 16
     splits = _splits(device, query_blocks, n_rows, block_n, interpreting)
     rows_per_split = triton.cdiv(triton.cdiv(n_rows, splits), block_n) * block_n
     splits = triton.cdiv(n_rows, rows_per_split)
@@ -223,7 +219,7 @@ def sampled_nearest(
     counter = torch.zeros(n_queries, dtype=torch.int32, device=device)
     hamming_near_kernel[(query_blocks, splits)](
         a, b, limit, counter, keys, n_queries, n_rows, words, rows_per_split, capacity,
-        BLOCK_Q=block_q, BLOCK_N=block_n, WORDS_P2=words_p2, USE_POPC=use_popc,
+        BLOCK_Q=block_q, BLOCK_N=block_n, USE_POPC=use_popc,
     )  # fmt: skip
     nearest = torch.topk(keys, count, dim=1, largest=False, sorted=ordered).values
     failed = ((counter < count) | (counter > capacity)).any()

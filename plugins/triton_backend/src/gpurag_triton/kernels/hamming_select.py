@@ -200,6 +200,17 @@ def hamming_collect_kernel(
 
 
 @triton.jit
+def _word_distances(q_ptr, x_ptr, offs_q, q_mask, rows, n_mask, words, USE_POPC: tl.constexpr):
+    """(BLOCK_Q, BLOCK_N) int32 Hamming distances, summed word by word over 2-D tiles (no 3-D broadcast)."""
+    distance = tl.zeros((offs_q.shape[0], rows.shape[0]), dtype=tl.int32)
+    for w in range(0, words):
+        a = tl.load(q_ptr + offs_q * words + w, mask=q_mask, other=0)
+        b = tl.load(x_ptr + rows * words + w, mask=n_mask, other=0)
+        distance += _popcount(a[:, None] ^ b[None, :], USE_POPC)
+    return distance
+
+
+@triton.jit
 def hamming_sample_kernel(
     q_ptr,
     x_ptr,
@@ -210,7 +221,6 @@ def hamming_sample_kernel(
     row_step,
     BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    WORDS_P2: tl.constexpr,
     USE_POPC: tl.constexpr,
 ):
     """dist[q, j] = the Hamming distance (int16) of query q to code row ``j * row_step``, j < ``n_sample``."""
@@ -219,7 +229,7 @@ def hamming_sample_kernel(
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < n_sample
     rows = offs_n.to(tl.int64) * row_step
-    distance = _distances(q_ptr, x_ptr, offs_q, q_mask, rows, n_mask, words, WORDS_P2, USE_POPC)
+    distance = _word_distances(q_ptr, x_ptr, offs_q, q_mask, rows, n_mask, words, USE_POPC)
     at = dist_ptr + offs_q.to(tl.int64)[:, None] * n_sample + offs_n[None, :]
     tl.store(at, distance.to(tl.int16), mask=q_mask[:, None] & n_mask[None, :])
 
@@ -238,7 +248,6 @@ def hamming_near_kernel(
     capacity,
     BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    WORDS_P2: tl.constexpr,
     USE_POPC: tl.constexpr,
 ):
     """Append each row within its query's limit (distance <= ``limit[q]``) as the key (distance << 32 | row).
@@ -258,7 +267,7 @@ def hamming_near_kernel(
     for n0 in range(row_start, row_stop, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < row_stop
-        distance = _distances(q_ptr, x_ptr, offs_q, q_mask, offs_n.to(tl.int64), n_mask, words, WORDS_P2, USE_POPC)
+        distance = _word_distances(q_ptr, x_ptr, offs_q, q_mask, offs_n.to(tl.int64), n_mask, words, USE_POPC)
         near = (distance <= limit[:, None]) & n_mask[None, :] & q_mask[:, None]
         if tl.max(near.to(tl.int32)) > 0:
             slot = tl.atomic_add(counters, near.to(tl.int32), mask=near, sem="relaxed")
