@@ -237,3 +237,41 @@ def test_the_sampled_path_is_taken_only_where_the_rows_far_outnumber_the_candida
     assert sample_step(400_000, 500) == 8
     assert sample_step(10_000_000, 100) == 0  # a step under 4: the counting passes
     assert sample_step(4000 * SAMPLED_ROWS_PER_CANDIDATE - 1, 4000) == 0
+
+
+def test_wide_keys_past_the_narrow_row_limit_find_the_same_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """int64 (distance << 32 | row) keys, as taken from 2^24 rows on, answer as the int32 ones."""
+    from gpurag_triton import candidates
+
+    sampled_setup(monkeypatch)
+    rng = np.random.default_rng(5)
+    codes = torch.from_numpy(rng.integers(0, 256, (3, 9), dtype=np.uint8)).to(device())
+    database_codes = torch.from_numpy(rng.integers(0, 256, (1700, 9), dtype=np.uint8)).to(device())
+    narrow, narrow_failed = candidates.sampled_nearest(codes, database_codes, 25)
+    monkeypatch.setattr(candidates, "NARROW_KEY_ROWS", 1)
+    wide, wide_failed = candidates.sampled_nearest(codes, database_codes, 25)
+    assert not bool(narrow_failed)
+    assert not bool(wide_failed)
+    assert torch.equal(narrow.indices, wide.indices)
+    assert torch.equal(narrow.scores, wide.scores)
+    _, want_rows = expected(codes.cpu().numpy(), database_codes.cpu().numpy(), 25)
+    np.testing.assert_array_equal(wide.indices.cpu().numpy(), want_rows)
+
+
+def test_a_limit_past_127_bits_fails_int32_keys_and_the_counting_passes_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """160-bit codes all at distance 128 or more: int32 keys hold distances to 127, so the limit is cut to 127,
+    which keeps too few rows: the answer is refused (never keys whose distance overflowed)."""
+    from gpurag_triton import candidates
+
+    sampled_setup(monkeypatch)
+    database_codes = np.full((2000, 20), 0xFF, np.uint8)  # distance 160 from the zero query
+    database_codes[::9, :4] = 0  # every 9th row at distance 128 (202 rows: within the room for 30 x 8)
+    database_codes[::11, :3] = 0x01  # every 11th at 139 (131 where both apply)
+    a, b = torch.zeros((1, 20), dtype=torch.uint8, device=device()), torch.from_numpy(database_codes).to(device())
+    assert candidates.sample_step(2000, 30) == 4
+    _, failed = candidates.sampled_nearest(a, b, 30)
+    assert bool(failed)
+    got = candidates.nearest_codes(a, b, 30)
+    want_distances, want_rows = expected(a.cpu().numpy(), database_codes, 30)
+    np.testing.assert_array_equal(got.indices.cpu().numpy(), want_rows)
+    np.testing.assert_array_equal(got.scores.cpu().numpy(), want_distances)

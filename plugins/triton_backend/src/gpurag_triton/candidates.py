@@ -50,6 +50,8 @@ SAMPLED_MAX_STEP = 1024
 #: The limit keeps about this many times the candidates by the sample's estimate; room for CAPACITY_FACTOR times.
 LIMIT_MARGIN: float = 2
 CAPACITY_FACTOR: float = 8
+#: Keys are int32 (distance << 24 | row: fewer radix passes to pick from) below this many rows, else int64.
+NARROW_KEY_ROWS = 1 << 24
 #: Whether `nearest_codes` may take the sampled path (off: always the counting passes).
 SAMPLED = True
 #: Set once the per-query histogram layout failed to compile; the one-histogram layout is used from then on.
@@ -214,16 +216,21 @@ def sampled_nearest(
     splits = _splits(device, query_blocks, n_rows, block_n, interpreting)
     rows_per_split = triton.cdiv(triton.cdiv(n_rows, splits), block_n) * block_n
     splits = triton.cdiv(n_rows, rows_per_split)
-    empty = (n_bits + 1) << 32  # past every key; its row (0) stays in range
-    keys = torch.full((n_queries, capacity), empty, dtype=torch.int64, device=device)
+    wide = n_rows >= NARROW_KEY_ROWS
+    if wide:  # (distance << 32 | row); the empty key lies past every key, its row (0) in range
+        shift, keys = 32, torch.full((n_queries, capacity), (n_bits + 1) << 32, dtype=torch.int64, device=device)
+    else:  # (distance << 24 | row) in int32, the limit at most 127: fewer rows than count within it fail the answer
+        shift, keys = 24, torch.full((n_queries, capacity), 2**31 - 1, dtype=torch.int32, device=device)
+        limit = limit.clamp(max=127)
     counter = torch.zeros(n_queries, dtype=torch.int32, device=device)
     hamming_near_kernel[(query_blocks, splits)](
         a, b, limit, counter, keys, n_queries, n_rows, words, rows_per_split, capacity,
-        BLOCK_Q=block_q, BLOCK_N=block_n, USE_POPC=use_popc,
+        BLOCK_Q=block_q, BLOCK_N=block_n, USE_POPC=use_popc, WIDE=wide,
     )  # fmt: skip
     nearest = torch.topk(keys, count, dim=1, largest=False, sorted=ordered).values
-    failed = ((counter < count) | (counter > capacity)).any()
-    return TopK((nearest >> 32).to(torch.int32), nearest & 0xFFFFFFFF), failed
+    failed = (counter < count) | (counter > capacity)
+    rows = (nearest & ((1 << shift) - 1)).long().clamp_(max=n_rows - 1)  # empty keys' rows kept in range
+    return TopK((nearest >> shift).to(torch.int32), rows), failed.any()
 
 
 def _splits(device: torch.device, query_blocks: int, n_rows: int, block_n: int, interpreting: bool) -> int:

@@ -249,8 +249,10 @@ def hamming_near_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
     USE_POPC: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
-    """Append each row within its query's limit (distance <= ``limit[q]``) as the key (distance << 32 | row).
+    """Append each row within its query's limit (distance <= ``limit[q]``) as the key (distance << 32 | row)
+    in int64 where ``WIDE``, else (distance << 24 | row) in int32 (distances < 128, rows < 2^24).
 
     ``counter[q]`` counts every such row (atomically); ``keys[q, :capacity]`` holds the first
     ``capacity`` appended, in no order (a count past ``capacity`` means some were not kept).
@@ -271,7 +273,10 @@ def hamming_near_kernel(
         near = (distance <= limit[:, None]) & n_mask[None, :] & q_mask[:, None]
         if tl.max(near.to(tl.int32)) > 0:
             slot = tl.atomic_add(counters, near.to(tl.int32), mask=near, sem="relaxed")
-            key = (distance.to(tl.int64) << 32) | offs_n[None, :].to(tl.int64)
+            if WIDE:
+                key = (distance.to(tl.int64) << 32) | offs_n[None, :].to(tl.int64)
+            else:
+                key = (distance << 24) | offs_n[None, :]
             tl.store(keys_ptr + out_base + slot, key, mask=near & (slot < capacity))
 
 
