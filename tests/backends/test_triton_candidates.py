@@ -275,3 +275,13 @@ def test_a_limit_past_127_bits_fails_int32_keys_and_the_counting_passes_answer(m
     want_distances, want_rows = expected(a.cpu().numpy(), database_codes, 30)
     np.testing.assert_array_equal(got.indices.cpu().numpy(), want_rows)
     np.testing.assert_array_equal(got.scores.cpu().numpy(), want_distances)
+
+
+def test_one_query_takes_the_counting_passes_and_more_the_sampled_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gpurag_triton import candidates
+
+    assert not candidates.takes_sampled(1, 10_000_000, 4000)
+    assert candidates.takes_sampled(2, 10_000_000, 4000)
+    assert not candidates.takes_sampled(16, 10_000_000, 100)
+    monkeypatch.setattr(candidates, "SAMPLED", False)
+    assert not candidates.takes_sampled(16, 10_000_000, 4000)

@@ -426,7 +426,7 @@ class TritonBackend(TorchBackend):
         query_codes = lsh_graphs.host_sign_codes(np.asarray(hashed, np.float64), self._host_planes[1])
         width = query_codes.shape[1]
 
-        sampled = candidates.SAMPLED and candidates.sample_step(int(codes.shape[0]), n_candidates) > 0
+        sampled = candidates.takes_sampled(int(hashed.shape[0]), int(codes.shape[0]), n_candidates)
 
         def stages(words_in: torch.Tensor, queries_in: torch.Tensor) -> tuple[TopK, torch.Tensor | None]:
             # Device tensors checked on the host already: no `asarray` (its finiteness check syncs).
