@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 from gpurag.backend import Availability, Boundaries, Database
 from gpurag.errors import BackendUnavailableError, InvalidInputError
 from gpurag.metrics import Metric, TopK
+from gpurag.settings import get_settings
+from gpurag_cuda import graphs
 from gpurag_torch.backend import TorchBackend, cuda_present
 
 if TYPE_CHECKING:
@@ -31,6 +33,11 @@ SHORTLIST_MIN = 256
 #: Most queries for which l1 shortlists from the bf16 rows (streamed, 8 queries a pass); above it l1 is
 #: compute-bound and scanned exactly in float32.
 L1_LOW_MAX_QUERIES = 16
+#: Query counts for which dot, l2 and cosine take the few-query stream (fast kernels on) rather than the
+#: earlier stream (up to 8 queries) or the tensor-core tile.
+FEW_PRODUCT_QUERIES: frozenset[int] = frozenset()
+#: Most queries whose shortlisted search replays a captured CUDA graph (`use_graphs`).
+GRAPH_MAX_QUERIES = 16
 #: Past `KERNEL_MAX_K`, the threshold scan takes k up to this fraction of the rows (the torch path above).
 LARGE_K_MAX_FRACTION = 8
 #: The threshold scan samples every SAMPLE_STRIDE-th row (at most) to set each query's threshold, aiming
@@ -59,13 +66,24 @@ class CudaBackend(TorchBackend):
     max_k = None
 
     def __init__(
-        self, device: str | None = None, *, low_precision: bool | None = None, chunk_scores: int | None = None
+        self,
+        device: str | None = None,
+        *,
+        low_precision: bool | None = None,
+        chunk_scores: int | None = None,
+        fast_kernels: bool | None = None,
     ) -> None:
+        """``fast_kernels`` (default: the ``cuda_fast_kernels`` setting) scans with the wide tensor-core tile
+        and the few-query stream where they apply; off, with the earlier kernels."""
         available = self.availability()
         if not available:
             raise BackendUnavailableError(f"backend {self.name!r}: {available.reason}")
         super().__init__(device, low_precision=True if low_precision is None else low_precision,
                          chunk_scores=chunk_scores)  # fmt: skip
+        self.fast_kernels = get_settings().cuda_fast_kernels if fast_kernels is None else bool(fast_kernels)
+        #: Whether searches of up to `GRAPH_MAX_QUERIES` queries replay captured CUDA graphs (with the fast kernels).
+        self.use_graphs = self.fast_kernels
+        self._graphs = graphs.GraphCache()
 
     @classmethod
     def availability(cls) -> Availability:
@@ -99,13 +117,17 @@ class CudaBackend(TorchBackend):
         l1 = metric is Metric.L1
 
         def layout(n_rows: int) -> launch.Layout:
+            if self._few_takes(metric, queries, dim, MIN_KP):
+                return launch.stream_layout(n_rows, sms, launch.few_warps_per_sm(queries))
             if launch.streams(queries, dim, MIN_KP) or (l1 and self._l1_shortlists(queries, dim, MIN_KP)):
                 return launch.stream_layout(n_rows, sms)
+            if metric is Metric.L1 and self.fast_kernels and launch.l1_wide_takes(dim, MIN_KP):
+                return launch.tile_layout(queries, n_rows, launch.L1_WIDE_BLOCK_Q, launch.L1_WIDE_BLOCK_N, sms, 1)
             if metric is Metric.L1:
                 return launch.tile_layout(
                     queries, n_rows, launch.SIMT_BLOCK_Q, launch.SIMT_BLOCK_N, sms, launch.SIMT_BLOCKS_PER_SM
                 )
-            return launch.tile_layout(queries, n_rows, launch.TC_BLOCK_Q, launch.TC_BLOCK_N, sms)
+            return launch.tc_layout(queries, n_rows, dim, MIN_KP, sms, self.fast_kernels)
 
         def first_rows(holds: Any) -> int:  # the smallest row count for which holds(rows), by bisection
             low_n, high_n = 1, 1 << 24
@@ -127,9 +149,10 @@ class CudaBackend(TorchBackend):
         if self.low_precision and (not l1 or self._l1_shortlists(queries, dim, MIN_KP)):
             rows.add(first_rows(lambda n: kept(n) > SHORTLIST_MIN) - 1)
         tile = launch.SIMT_BLOCK_Q if metric is Metric.L1 else launch.TC_BLOCK_Q
+        wide = launch.WIDE_BLOCK_Q if self.fast_kernels else tile
         return Boundaries(
             rows=tuple(sorted(r for r in rows if r > 0)),
-            queries=(launch.STREAM_MAX_QUERIES, L1_LOW_MAX_QUERIES, L1_LOW_MAX_QUERIES + tile),
+            queries=(launch.STREAM_MAX_QUERIES, L1_LOW_MAX_QUERIES, L1_LOW_MAX_QUERIES + tile, wide + 1),
         )
 
     def working_scores(self, queries: int, rows: int) -> int:
@@ -158,8 +181,14 @@ class CudaBackend(TorchBackend):
         )
         if shortlists:
             # One sync for both questions: were the float32 terms safe, and did every certificate hold.
-            scores, rows, certified = self._shortlist(q, database, k, self._scan_low(q, database, k))
-            safe, all_certified = torch.stack([~self.overflow_flag(q, database), certified.all()]).tolist()
+            if self.use_graphs and q.shape[0] <= GRAPH_MAX_QUERIES:
+                key = graphs.search_key(q, database, k, self.fast_kernels)
+                scores, rows, certified, flags = self._graphs.run(
+                    lambda static_q: self._device_shortlist(static_q, database, k), q, key
+                )
+            else:
+                scores, rows, certified, flags = self._device_shortlist(q, database, k)
+            safe, all_certified = flags.tolist()
             if not safe:
                 return self.float64_topk(q, database, k)
             self.queries_searched += q.shape[0]
@@ -232,7 +261,39 @@ class CudaBackend(TorchBackend):
         """Whether l1 takes the certified bf16 shortlist: few queries (bandwidth-bound), streamed in groups."""
         from gpurag_cuda import launch
 
-        return self.low_precision and n_queries <= L1_LOW_MAX_QUERIES and launch.streams(1, dim, _kp(k))
+        return (
+            self.low_precision
+            and n_queries <= L1_LOW_MAX_QUERIES
+            and (launch.streams(1, dim, _kp(k)) or self._few_takes(Metric.L1, n_queries, dim, _kp(k)))
+        )
+
+    def _device_shortlist(
+        self, q: torch.Tensor, database: Database, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The bf16 scan, shortlist, float32 re-score and certificate of ``q``, with no host synchronisation:
+        (scores, rows, certified per query, flags [float32 terms safe, every query certified])."""
+        import torch
+
+        scores, rows, certified = self._shortlist(q, database, k, self._scan_low(q, database, k))
+        flags = torch.stack([~self.overflow_flag(q, database), certified.all()])
+        return scores, rows, certified, flags
+
+    def _l1_wide_takes(self, q: torch.Tensor, x: torch.Tensor, kp: int) -> bool:
+        from gpurag_cuda import launch
+
+        aligned = q.data_ptr() % 16 == 0 and x.data_ptr() % 16 == 0
+        return self.fast_kernels and aligned and launch.l1_wide_takes(q.shape[1], kp)
+
+    def _few_takes(self, metric: Metric, n_queries: int, dim: int, kp: int) -> bool:
+        """Whether the bf16 scan of ``n_queries`` queries is the few-query stream's (fast kernels on): l1 up to
+        `L1_LOW_MAX_QUERIES` queries; dot, l2 and cosine where `FEW_PRODUCT_QUERIES` says."""
+        from gpurag_cuda import launch
+
+        if not (self.fast_kernels and self.low_precision and launch.few_takes(n_queries, dim, kp)):
+            return False
+        if metric is Metric.L1:
+            return n_queries <= L1_LOW_MAX_QUERIES
+        return n_queries in FEW_PRODUCT_QUERIES
 
     def _threshold_scan_takes(self, database: Database, k: int) -> bool:
         return self.low_precision and database.metric is not Metric.L1 and k * LARGE_K_MAX_FRACTION <= database.count
@@ -310,9 +371,12 @@ class CudaBackend(TorchBackend):
         low_q = self._low_queries(q, metric)
         sq_norms = database.row_data[SQ_NORMS] if metric is Metric.L2 else None
         kp = _kp(k)
-        if metric is not Metric.L1 and not launch.streams(q.shape[0], database.dim, kp):
-            return launch.scan_tc(low_q, database.row_data[LOW], sq_norms, kp)
         mode = {Metric.L2: launch.L2, Metric.L1: launch.L1}.get(metric, launch.DOT)
+        low_rows = database.row_data[LOW]
+        if self._few_takes(metric, q.shape[0], database.dim, kp) and low_rows.data_ptr() % 16 == 0:
+            return launch.stream_few(low_q.float(), low_rows, sq_norms, mode, kp)
+        if metric is not Metric.L1 and not launch.streams(q.shape[0], database.dim, kp):
+            return launch.scan_tc(low_q, low_rows, sq_norms, kp, wide=self.fast_kernels)
         step = launch.STREAM_MAX_QUERIES
         parts = [
             launch.stream_scan(low_q[i : i + step].float(), database.row_data[LOW], sq_norms, mode, kp)
@@ -353,10 +417,13 @@ class CudaBackend(TorchBackend):
         from gpurag_torch import exact
 
         kp = _kp(k)
+        x = database.vectors
         if launch.streams(q.shape[0], database.dim, kp):
-            found = launch.stream_scan(q, database.vectors, None, launch.L1, kp)
+            found = launch.stream_scan(q, x, None, launch.L1, kp)
+        elif self._l1_wide_takes(q, x, kp):
+            found = launch.l1_tile_wide(q, x, kp)
         else:
-            found = launch.l1_tile(q, database.vectors, kp)
+            found = launch.l1_tile(q, x, kp)
         n_queries = q.shape[0]
         top = torch.topk(found.keys.reshape(n_queries, -1), k, dim=1)
         rows = torch.gather(found.rows.reshape(n_queries, -1), 1, top.indices).long()
