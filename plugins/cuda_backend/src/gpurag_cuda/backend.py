@@ -36,6 +36,13 @@ L1_LOW_MAX_QUERIES = 16
 #: Query counts for which dot, l2 and cosine take the few-query stream (fast kernels on) rather than the
 #: earlier stream (up to 8 queries) or the tensor-core tile.
 FEW_PRODUCT_QUERIES: frozenset[int] = frozenset()
+#: Which of the fast kernels (``fast_kernels``) a backend uses: the wide tensor-core tile, the few-query
+#: stream (l1 up to `L1_LOW_MAX_QUERIES` queries, products for `FEW_PRODUCT_QUERIES`), the wide l1 tile,
+#: and graph replay of searches of up to `GRAPH_MAX_QUERIES` queries.
+FAST_WIDE_TILE = True
+FAST_FEW_STREAM = True
+FAST_L1_TILE = True
+FAST_GRAPHS = True
 #: Most queries whose shortlisted search replays a captured CUDA graph (`use_graphs`).
 GRAPH_MAX_QUERIES = 16
 #: Past `KERNEL_MAX_K`, the threshold scan takes k up to this fraction of the rows (the torch path above).
@@ -82,7 +89,7 @@ class CudaBackend(TorchBackend):
                          chunk_scores=chunk_scores)  # fmt: skip
         self.fast_kernels = get_settings().cuda_fast_kernels if fast_kernels is None else bool(fast_kernels)
         #: Whether searches of up to `GRAPH_MAX_QUERIES` queries replay captured CUDA graphs (with the fast kernels).
-        self.use_graphs = self.fast_kernels
+        self.use_graphs = self.fast_kernels and FAST_GRAPHS
         self._graphs = graphs.GraphCache()
 
     @classmethod
@@ -121,13 +128,13 @@ class CudaBackend(TorchBackend):
                 return launch.stream_layout(n_rows, sms, launch.few_warps_per_sm(queries))
             if launch.streams(queries, dim, MIN_KP) or (l1 and self._l1_shortlists(queries, dim, MIN_KP)):
                 return launch.stream_layout(n_rows, sms)
-            if metric is Metric.L1 and self.fast_kernels and launch.l1_wide_takes(dim, MIN_KP):
+            if metric is Metric.L1 and self.fast_kernels and FAST_L1_TILE and launch.l1_wide_takes(dim, MIN_KP):
                 return launch.tile_layout(queries, n_rows, launch.L1_WIDE_BLOCK_Q, launch.L1_WIDE_BLOCK_N, sms, 1)
             if metric is Metric.L1:
                 return launch.tile_layout(
                     queries, n_rows, launch.SIMT_BLOCK_Q, launch.SIMT_BLOCK_N, sms, launch.SIMT_BLOCKS_PER_SM
                 )
-            return launch.tc_layout(queries, n_rows, dim, MIN_KP, sms, self.fast_kernels)
+            return launch.tc_layout(queries, n_rows, dim, MIN_KP, sms, self._wide_tile)
 
         def first_rows(holds: Any) -> int:  # the smallest row count for which holds(rows), by bisection
             low_n, high_n = 1, 1 << 24
@@ -149,7 +156,7 @@ class CudaBackend(TorchBackend):
         if self.low_precision and (not l1 or self._l1_shortlists(queries, dim, MIN_KP)):
             rows.add(first_rows(lambda n: kept(n) > SHORTLIST_MIN) - 1)
         tile = launch.SIMT_BLOCK_Q if metric is Metric.L1 else launch.TC_BLOCK_Q
-        wide = launch.WIDE_BLOCK_Q if self.fast_kernels else tile
+        wide = launch.WIDE_BLOCK_Q if self._wide_tile else tile
         return Boundaries(
             rows=tuple(sorted(r for r in rows if r > 0)),
             queries=(launch.STREAM_MAX_QUERIES, L1_LOW_MAX_QUERIES, L1_LOW_MAX_QUERIES + tile, wide + 1),
@@ -267,6 +274,10 @@ class CudaBackend(TorchBackend):
             and (launch.streams(1, dim, _kp(k)) or self._few_takes(Metric.L1, n_queries, dim, _kp(k)))
         )
 
+    @property
+    def _wide_tile(self) -> bool:
+        return self.fast_kernels and FAST_WIDE_TILE
+
     def _device_shortlist(
         self, q: torch.Tensor, database: Database, k: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -282,14 +293,14 @@ class CudaBackend(TorchBackend):
         from gpurag_cuda import launch
 
         aligned = q.data_ptr() % 16 == 0 and x.data_ptr() % 16 == 0
-        return self.fast_kernels and aligned and launch.l1_wide_takes(q.shape[1], kp)
+        return self.fast_kernels and FAST_L1_TILE and aligned and launch.l1_wide_takes(q.shape[1], kp)
 
     def _few_takes(self, metric: Metric, n_queries: int, dim: int, kp: int) -> bool:
         """Whether the bf16 scan of ``n_queries`` queries is the few-query stream's (fast kernels on): l1 up to
         `L1_LOW_MAX_QUERIES` queries; dot, l2 and cosine where `FEW_PRODUCT_QUERIES` says."""
         from gpurag_cuda import launch
 
-        if not (self.fast_kernels and self.low_precision and launch.few_takes(n_queries, dim, kp)):
+        if not (self.fast_kernels and FAST_FEW_STREAM and self.low_precision and launch.few_takes(n_queries, dim, kp)):
             return False
         if metric is Metric.L1:
             return n_queries <= L1_LOW_MAX_QUERIES
@@ -376,7 +387,7 @@ class CudaBackend(TorchBackend):
         if self._few_takes(metric, q.shape[0], database.dim, kp) and low_rows.data_ptr() % 16 == 0:
             return launch.stream_few(low_q.float(), low_rows, sq_norms, mode, kp)
         if metric is not Metric.L1 and not launch.streams(q.shape[0], database.dim, kp):
-            return launch.scan_tc(low_q, low_rows, sq_norms, kp, wide=self.fast_kernels)
+            return launch.scan_tc(low_q, low_rows, sq_norms, kp, wide=self._wide_tile)
         step = launch.STREAM_MAX_QUERIES
         parts = [
             launch.stream_scan(low_q[i : i + step].float(), database.row_data[LOW], sq_norms, mode, kp)
