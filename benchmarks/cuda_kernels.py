@@ -173,6 +173,8 @@ def check_kernels() -> int:
 
 def check_topk(fast: Any, slow: Any) -> int:
     """``topk`` with fast kernels on and off against float64, k = 1, 10, 2049; returns the failures."""
+    from gpurag_cuda import backend as cuda_backend
+
     gen = torch.Generator(device="cuda").manual_seed(4)
     failures = 0
     cases = [(1, 5000, 768), (16, 70_001, 128), (13, 3001, 136), (129, 20_000, 64), (300, 9000, 128)]
@@ -181,13 +183,18 @@ def check_topk(fast: Any, slow: Any) -> int:
         x = torch.randn(n_rows, dim, device="cuda", generator=gen)
         for metric in Metric:
             for k in (1, 10, 2049):
-                for name, backend in (("fast", fast), ("earlier", slow)):
-                    if name == "earlier" and k == 2049:
+                for name, backend in (("fast", fast), ("fast, products on the few stream", fast), ("earlier", slow)):
+                    if (name == "earlier" and k == 2049) or (name != "fast" and n_q > 16):
                         continue
+                    default = cuda_backend.FEW_PRODUCT_QUERIES
+                    if name.startswith("fast,"):
+                        cuda_backend.FEW_PRODUCT_QUERIES = frozenset(range(1, 17))
                     try:
                         outcome = CHECK.check(backend, q, x, metric, k)
                     except Exception as exc:  # report and go on
                         outcome = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:400]}
+                    finally:
+                        cuda_backend.FEW_PRODUCT_QUERIES = default
                     failures += not outcome["ok"]
                     emit({"section": "check-topk", "kernels": name, "metric": metric.value, "Q": n_q, "N": n_rows,
                           "D": dim, "k": k, **outcome})  # fmt: skip
@@ -296,6 +303,21 @@ def graph_calls(fast: Any, q: torch.Tensor, database: Any) -> tuple[Any, Any]:
     return lambda: call(True), lambda: call(False)
 
 
+def few_product_calls(fast: Any, q: torch.Tensor, database: Any) -> tuple[Any, Any]:
+    """``topk(q, database, 10)`` by the fast backend as configured, and with products on the few-query stream."""
+    from gpurag_cuda import backend as cuda_backend
+
+    def call(few: bool) -> None:
+        default = cuda_backend.FEW_PRODUCT_QUERIES
+        cuda_backend.FEW_PRODUCT_QUERIES = frozenset(range(1, 17)) if few else default
+        try:
+            fast.topk(q, database, 10)
+        finally:
+            cuda_backend.FEW_PRODUCT_QUERIES = default
+
+    return lambda: call(False), lambda: call(True)
+
+
 def time_rows(fast: Any, slow: Any, repeats: int) -> None:
     """The target rows through ``topk``: fast kernels on and off, interleaved, after a checked call."""
     gen = torch.Generator(device="cuda").manual_seed(6)
@@ -310,15 +332,19 @@ def time_rows(fast: Any, slow: Any, repeats: int) -> None:
             q = torch.randn(n_q, dim, device="cuda", generator=gen)
             metric = Metric.parse(metric_name)
             database = fast.prepare(x, metric)
-            sample = q[: min(n_q, 16)] if n_q <= 16 else q[:129]
+            # A sample on the same kernels: past 16 queries the tiles (crossing a query tile where N is small).
+            sample = q[: min(n_q, 16)] if n_q <= 16 else q[: 129 if n_rows <= 1_000_000 else 17]
             ok = CHECK.check(fast, sample, x, metric, 10, database)["ok"] if n_rows * dim <= 2e9 else None
             fast.queries_searched = fast.queries_rescanned = 0
             fast_ms, slow_ms = timed_pair(*topk_calls(fast, slow, q, database), repeats)
-            no_graph = None
+            no_graph = few = None
             if n_q <= 16:  # the fast kernels launched one by one, beside the graph replay
                 no_graph = round(timed_pair(*graph_calls(fast, q, database), repeats)[1], 3)
+            if n_q <= 16 and metric is not Metric.L1:  # products through the few-query stream too
+                few = round(timed_pair(*few_product_calls(fast, q, database), repeats)[1], 3)
             emit({"section": "row", "row": label, "metric": metric_name, "fast_ms": round(fast_ms, 3),
-                  "earlier_ms": round(slow_ms, 3), "fast_no_graph_ms": no_graph, "target_ms": target, "checked": ok,
+                  "earlier_ms": round(slow_ms, 3), "fast_no_graph_ms": no_graph, "fast_few_ms": few,
+                  "target_ms": target, "checked": ok,
                   "rescanned": f"{fast.queries_rescanned}/{fast.queries_searched}"})  # fmt: skip
         except Exception as exc:  # report and go on
             emit({"section": "row", "row": label, "metric": metric_name, "error": f"{type(exc).__name__}: {exc}"[:400]})
@@ -331,14 +357,15 @@ def markdown(records: list[dict[str, Any]]) -> str:
     lines = [f"CUDA backend, fast kernels against the earlier ones, one {card}; CUDA-event medians, k = 10", ""]
     rows = [r for r in records if r.get("section") == "row"]
     if rows:
-        lines += ["| row | metric | topk ms, fast | topk ms, earlier | fast without graph | target ms | checked "
-                  "| re-scanned |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += ["| row | metric | topk ms, fast | topk ms, earlier | fast without graph | fast, products on the "
+                  "few stream | target ms | checked | re-scanned |",
+                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in rows:
             if "error" in r:
-                lines.append(f"| {r['row']} | {r['metric']} | error: {r['error'][:100]} | | | | | |")
+                lines.append(f"| {r['row']} | {r['metric']} | error: {r['error'][:100]} | | | | | | |")
             else:
                 lines.append(f"| {r['row']} | {r['metric']} | {r['fast_ms']} | {r['earlier_ms']} | "
-                             f"{r['fast_no_graph_ms']} | {r['target_ms']} | {r['checked']} | "
+                             f"{r['fast_no_graph_ms']} | {r.get('fast_few_ms')} | {r['target_ms']} | {r['checked']} | "
                              f"{r['rescanned']} |")  # fmt: skip
         lines.append("")
     kernels = [r for r in records if r.get("section") == "kernel"]
@@ -375,7 +402,7 @@ def main() -> int:
     from gpurag_cuda import compiler
 
     start = time.perf_counter()
-    for name in ("scan_wide", "stream_few", "scan_tc", "stream", "rescore"):
+    for name in ("scan_wide", "stream_few", "l1_wide", "scan_tc", "stream", "rescore", "simt_tile"):
         try:
             compiler.module(name, torch.cuda.current_device())
         except Exception as exc:  # report and go on
