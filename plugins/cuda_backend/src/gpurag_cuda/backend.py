@@ -338,7 +338,7 @@ class CudaBackend(TorchBackend):
         rank = min(rank, found.kept_per_query(sample.shape[0]))
         thresholds = torch.topk(found.keys.reshape(n_queries, -1), rank, dim=1).values[:, -1].contiguous()
         capacity = BUFFER_FACTOR * k
-        keys, rows, counts = launch.collect_tc(low_q, low_rows, sq_norms, thresholds, capacity)
+        keys, rows, counts = launch.collect_tc(low_q, low_rows, sq_norms, thresholds, capacity, wide=self._wide_tile)
         scores = torch.empty((n_queries, k), dtype=torch.float32, device=q.device)
         positions = torch.empty((n_queries, k), dtype=torch.int64, device=q.device)
         full = (counts >= k) & (counts <= capacity)

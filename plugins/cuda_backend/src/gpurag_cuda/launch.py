@@ -269,11 +269,17 @@ def _scan_wide(queries: torch.Tensor, rows: torch.Tensor, sq_norms: torch.Tensor
 
 
 def collect_tc(
-    queries: torch.Tensor, rows: torch.Tensor, sq_norms: torch.Tensor | None, thresholds: torch.Tensor, capacity: int
+    queries: torch.Tensor,
+    rows: torch.Tensor,
+    sq_norms: torch.Tensor | None,
+    thresholds: torch.Tensor,
+    capacity: int,
+    wide: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every row whose bf16 key reaches its query's threshold: (keys (Q, capacity), int32 rows, int32 counts (Q,)).
 
-    Entries past a query's count are unset; a count above ``capacity`` means its buffer overflowed.
+    Entries past a query's count are unset; a count above ``capacity`` means its buffer overflowed. ``wide``
+    takes the 128 x 128 tile kernel where it can (D a multiple of 8, aligned operands).
     """
     device = rows.device
     _check(queries, "queries", torch.bfloat16, device)
@@ -281,10 +287,21 @@ def collect_tc(
     _check(thresholds, "thresholds", torch.float32, device, ndim=1)
     n_queries, dim = queries.shape
     n_rows = rows.shape[0]
-    layout = tile_layout(n_queries, n_rows, TC_BLOCK_Q, TC_BLOCK_N, multiprocessors(device.index or 0))
     keys = torch.empty((n_queries, capacity), dtype=torch.float32, device=device)
     out_rows = torch.empty((n_queries, capacity), dtype=torch.int32, device=device)
     counts = torch.zeros(n_queries, dtype=torch.int32, device=device)
+    sms = multiprocessors(device.index or 0)
+    if wide and dim % 8 == 0 and _aligned(queries, rows):
+        layout = tile_layout(n_queries, n_rows, WIDE_BLOCK_Q, WIDE_BLOCK_N, sms, 2)
+        shared = WIDE_STAGES * 2 * (WIDE_BLOCK_K + 8) * (WIDE_BLOCK_Q + WIDE_BLOCK_N) + 4 * WIDE_BLOCK_Q
+        norms = sq_norms if sq_norms is not None else keys
+        _launch("scan_wide", "collect_bf16_wide", device, (_cdiv(n_queries, WIDE_BLOCK_Q), layout.splits), shared, [
+            _ptr(queries), _ptr(rows), _ptr(norms), _ptr(thresholds), _i32(n_queries), _i32(n_rows), _i32(dim),
+            _i32(layout.rows_per_split), _i32(int(sq_norms is not None)), _i32(capacity),
+            _ptr(keys), _ptr(out_rows), _ptr(counts),
+        ])  # fmt: skip
+        return keys, out_rows, counts
+    layout = tile_layout(n_queries, n_rows, TC_BLOCK_Q, TC_BLOCK_N, sms)
     shared = tc_operand_bytes() + TC_BLOCK_Q * 8  # thresholds and flags
     vec = dim % 8 == 0 and _aligned(queries, rows)
     norms = sq_norms if sq_norms is not None else keys

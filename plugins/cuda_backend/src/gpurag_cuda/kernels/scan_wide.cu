@@ -96,17 +96,24 @@ __device__ __forceinline__ void wide_products(float (*acc)[4][4], const unsigned
     }
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS, 1)
-scan_bf16_wide(const unsigned short* __restrict__ queries, const unsigned short* __restrict__ rows,
-               const float* __restrict__ sq_norms, int n_queries, int n_rows, int dim, int rows_per_split, int l2,
-               int kp, int cap, float* __restrict__ out_keys, int* __restrict__ out_rows) {
+// The scan of one (query tile, split). SELECT: each query keeps its kp best keys (lists in shared memory,
+// written to out_keys / out_rows as (Q, splits, kp)). COLLECT: every key reaching the query's threshold
+// is appended to its buffer of `capacity` entries (out_keys / out_rows as (Q, capacity)); counts[q] ends
+// as the number of such keys, past `capacity` when the buffer overflowed (the entries past it are dropped).
+template <bool COLLECT>
+__device__ __forceinline__ void wide_body(const unsigned short* __restrict__ queries,
+                                          const unsigned short* __restrict__ rows, const float* __restrict__ sq_norms,
+                                          const float* __restrict__ thresholds, int n_queries, int n_rows, int dim,
+                                          int rows_per_split, int l2, int kp, int cap, float* __restrict__ out_keys,
+                                          int* __restrict__ out_rows, int* __restrict__ counts) {
     extern __shared__ __align__(16) unsigned char smem[];
     unsigned short* stages = reinterpret_cast<unsigned short*>(smem);
     float* c_s = reinterpret_cast<float*>(stages + STAGES * STAGE_ELEMENTS);
+    // SELECT: the score tile, then the lists; COLLECT: the thresholds only.
     float* list_keys = c_s + BQ * LDC;
     int* list_rows = reinterpret_cast<int*>(list_keys + BQ * cap);
     int* list_count = list_rows + BQ * cap;
-    float* list_threshold = reinterpret_cast<float*>(list_count + BQ);
+    float* list_threshold = COLLECT ? c_s : reinterpret_cast<float*>(list_count + BQ);
     int* flags = reinterpret_cast<int*>(list_threshold + BQ);
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -114,12 +121,17 @@ scan_bf16_wide(const unsigned short* __restrict__ queries, const unsigned short*
     const int wq = (warp >> 2) * 64, wn = (warp & 3) * 32;
     const int q0 = blockIdx.x * BQ;
     const int splits = gridDim.y, split = blockIdx.y;
-    if (threadIdx.x < BQ) flags[threadIdx.x] = 0;
     const int r_begin = split * rows_per_split;
     const int r_end = min(n_rows, r_begin + rows_per_split);
-    for (int i = 0; i < QUERIES_PER_WARP; ++i) {
-        const int q = warp * QUERIES_PER_WARP + i;
-        reset(CandidateList{list_keys + q * cap, list_rows + q * cap, list_count + q, list_threshold + q});
+    if constexpr (COLLECT) {
+        if (threadIdx.x < BQ)
+            list_threshold[threadIdx.x] = q0 + threadIdx.x < n_queries ? thresholds[q0 + threadIdx.x] : GPURAG_NEG_INF;
+    } else {
+        if (threadIdx.x < BQ) flags[threadIdx.x] = 0;
+        for (int i = 0; i < QUERIES_PER_WARP; ++i) {
+            const int q = warp * QUERIES_PER_WARP + i;
+            reset(CandidateList{list_keys + q * cap, list_rows + q * cap, list_count + q, list_threshold + q});
+        }
     }
     const int per_tile = (dim + BK - 1) / BK;
     const int total = r_end > r_begin ? (r_end - r_begin + BN - 1) / BN * per_tile : 0;
@@ -166,6 +178,35 @@ scan_bf16_wide(const unsigned short* __restrict__ queries, const unsigned short*
                         v = r < r_end ? (l2 ? 2.f * v - norm : v) : GPURAG_NEG_INF;
                     }
             }
+        if constexpr (COLLECT) {
+            // Keys reaching the threshold are rare: each is appended by its own thread.
+#pragma unroll
+            for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int q = wq + mi * 16 + g + 8 * h;
+                    const float threshold = list_threshold[q];
+#pragma unroll
+                    for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+                        for (int j = 0; j < 2; ++j) {
+                            const float v = acc[mi][ni][2 * h + j];
+                            if (q0 + q < n_queries && v >= threshold && v != GPURAG_NEG_INF) {
+                                const int at = atomicAdd(counts + q0 + q, 1);
+                                if (at < cap) {
+                                    out_keys[(long long)(q0 + q) * cap + at] = v;
+                                    out_rows[(long long)(q0 + q) * cap + at] = tile + wn + ni * 8 + 2 * t + j;
+                                }
+                            }
+                        }
+                }
+#pragma unroll
+            for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+                for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
+        } else {
         // A query is flagged when one of its keys here beats its threshold.
 #pragma unroll
         for (int mi = 0; mi < 4; ++mi)
@@ -175,7 +216,8 @@ scan_bf16_wide(const unsigned short* __restrict__ queries, const unsigned short*
                 const float threshold = list_threshold[q];
                 bool passes = false;
 #pragma unroll
-                for (int ni = 0; ni < 4; ++ni) passes |= acc[mi][ni][2 * h] > threshold || acc[mi][ni][2 * h + 1] > threshold;
+                for (int ni = 0; ni < 4; ++ni)
+                    passes |= acc[mi][ni][2 * h] > threshold || acc[mi][ni][2 * h + 1] > threshold;
                 if (passes) flags[q] = 1;
             }
         __syncthreads();
@@ -213,13 +255,35 @@ scan_bf16_wide(const unsigned short* __restrict__ queries, const unsigned short*
             }
         }
         // Past the tile's queries (q0 + q >= n_queries) flags may stay set; they are never read for output.
+        }
     }
     wide_wait<0>();
-    for (int j = 0; j < QUERIES_PER_WARP; ++j) {
-        const int q = warp * QUERIES_PER_WARP + j;
-        if (q0 + q >= n_queries) break;
-        CandidateList list{list_keys + q * cap, list_rows + q * cap, list_count + q, list_threshold + q};
-        const long long at = ((long long)(q0 + q) * splits + split) * kp;
-        flush(list, kp, cap, out_keys + at, out_rows + at);
+    if constexpr (!COLLECT) {
+        for (int j = 0; j < QUERIES_PER_WARP; ++j) {
+            const int q = warp * QUERIES_PER_WARP + j;
+            if (q0 + q >= n_queries) break;
+            CandidateList list{list_keys + q * cap, list_rows + q * cap, list_count + q, list_threshold + q};
+            const long long at = ((long long)(q0 + q) * splits + split) * kp;
+            flush(list, kp, cap, out_keys + at, out_rows + at);
+        }
     }
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS, 1)
+scan_bf16_wide(const unsigned short* __restrict__ queries, const unsigned short* __restrict__ rows,
+               const float* __restrict__ sq_norms, int n_queries, int n_rows, int dim, int rows_per_split, int l2,
+               int kp, int cap, float* __restrict__ out_keys, int* __restrict__ out_rows) {
+    wide_body<false>(queries, rows, sq_norms, nullptr, n_queries, n_rows, dim, rows_per_split, l2, kp, cap, out_keys,
+                     out_rows, nullptr);
+}
+
+// Any k: every row whose key reaches its query's threshold, appended to that query's buffer of `capacity`.
+// Its shared memory is the operand stages and the thresholds: two blocks share a multiprocessor.
+extern "C" __global__ void __launch_bounds__(THREADS, 2)
+collect_bf16_wide(const unsigned short* __restrict__ queries, const unsigned short* __restrict__ rows,
+                  const float* __restrict__ sq_norms, const float* __restrict__ thresholds, int n_queries, int n_rows,
+                  int dim, int rows_per_split, int l2, int capacity, float* __restrict__ out_keys,
+                  int* __restrict__ out_rows, int* __restrict__ counts) {
+    wide_body<true>(queries, rows, sq_norms, thresholds, n_queries, n_rows, dim, rows_per_split, l2, 0, capacity,
+                    out_keys, out_rows, counts);
 }
