@@ -6,6 +6,12 @@ CuPy. l2 / dot / cosine shortlist from the bf16 rows (a streaming kernel for a f
 tensor-core tile kernel for more), are re-scored directly in float32, and each query is certified
 against the bound of the bf16 pass; an uncertified query is answered again in float32. l1 and
 Hamming are scanned exactly. k above `KERNEL_MAX_K` takes the torch backend's path.
+
+The fast kernels (the ``cuda_fast_kernels`` setting, the ``fast_kernels`` argument; each also behind a
+``FAST_*`` switch below) are a 128 x 128 tensor-core tile (`launch.scan_tc` with ``wide``), a few-query
+stream for l1's shortlist (`launch.stream_few`), a register-blocked l1 tile (`launch.l1_tile_wide`) and
+CUDA-graph replay of searches of up to `GRAPH_MAX_QUERIES` queries (`gpurag_cuda.graphs`); off, the
+earlier kernels answer.
 """
 
 from __future__ import annotations
