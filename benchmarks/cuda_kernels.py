@@ -330,11 +330,11 @@ def graph_calls(fast: Any, q: torch.Tensor, database: Any) -> tuple[Any, Any]:
     """``topk(q, database, 10)`` by the fast backend with graph replay, and without."""
 
     def call(graphs: bool) -> None:
-        fast.use_graphs = graphs
+        default, fast.use_graphs = fast.use_graphs, graphs and fast.use_graphs
         try:
             fast.topk(q, database, 10)
         finally:
-            fast.use_graphs = True
+            fast.use_graphs = default and fast.use_graphs if graphs else default
 
     return lambda: call(True), lambda: call(False)
 

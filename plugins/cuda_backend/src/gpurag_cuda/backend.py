@@ -17,6 +17,7 @@ earlier kernels answer.
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from gpurag.backend import Availability, Boundaries, Database
@@ -194,13 +195,9 @@ class CudaBackend(TorchBackend):
         )
         if shortlists:
             # One sync for both questions: were the float32 terms safe, and did every certificate hold.
-            if self.use_graphs and q.shape[0] <= GRAPH_MAX_QUERIES:
-                key = graphs.search_key(q, database, k, self.fast_kernels)
-                scores, rows, certified, flags = self._graphs.run(
-                    lambda static_q: self._device_shortlist(static_q, database, k), q, key
-                )
-            else:
-                scores, rows, certified, flags = self._device_shortlist(q, database, k)
+            scores, rows, certified, flags = self._small_search(q, database, k) or self._device_shortlist(
+                q, database, k
+            )
             safe, all_certified = flags.tolist()
             if not safe:
                 return self.float64_topk(q, database, k)
@@ -279,6 +276,26 @@ class CudaBackend(TorchBackend):
             and n_queries <= L1_LOW_MAX_QUERIES
             and (launch.streams(1, dim, _kp(k)) or self._few_takes(Metric.L1, n_queries, dim, _kp(k)))
         )
+
+    def _small_search(
+        self, q: torch.Tensor, database: Database, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """`_device_shortlist` by graph replay for a few queries (`use_graphs`); None where it does not apply.
+
+        A capture that fails turns graph replay off for this backend (with a warning) instead of failing the search.
+        """
+        if not (self.use_graphs and q.shape[0] <= GRAPH_MAX_QUERIES):
+            return None
+        key = graphs.search_key(q, database, k, self.fast_kernels)
+        try:
+            scores, rows, certified, flags = self._graphs.run(
+                lambda static_q: self._device_shortlist(static_q, database, k), q, key
+            )
+        except RuntimeError as exc:
+            warnings.warn(f"cuda backend: graph capture failed, searches launch kernel by kernel ({exc})", stacklevel=3)
+            self.use_graphs = False
+            return None
+        return scores, rows, certified, flags
 
     @property
     def _wide_tile(self) -> bool:
