@@ -83,14 +83,29 @@ __device__ __forceinline__ void few_body(const float* __restrict__ queries, cons
         float acc_a[NQ], acc_b[NQ];
 #pragma unroll
         for (int qi = 0; qi < NQ; ++qi) acc_a[qi] = acc_b[qi] = 0.f;
-        uint4 va = few_load(p_a, 8 * half < dim), vb = few_load(p_b, 8 * half < dim);
+        // The loads of chunks c .. c + AHEAD are in flight while chunk c is scored (deeper for few queries,
+        // whose scoring is short).
+        constexpr int AHEAD = NQ <= 4 ? 3 : 1;
+        uint4 ring_a[AHEAD + 1], ring_b[AHEAD + 1];
+#pragma unroll
+        for (int j = 0; j <= AHEAD; ++j) {
+            const bool inside = j < chunks && 16 * j + 8 * half < dim;
+            ring_a[j] = few_load(p_a + 16 * j, inside);
+            ring_b[j] = few_load(p_b + 16 * j, inside);
+        }
         for (int c = 0; c < chunks; ++c) {
-            const bool next_inside = c + 1 < chunks && 16 * (c + 1) + 8 * half < dim;
-            const uint4 na = few_load(p_a + 16 * (c + 1), next_inside);
-            const uint4 nb = few_load(p_b + 16 * (c + 1), next_inside);
             float xa[8], xb[8];
-            few_unpack(va, xa);
-            few_unpack(vb, xb);
+            few_unpack(ring_a[0], xa);
+            few_unpack(ring_b[0], xb);
+#pragma unroll
+            for (int j = 0; j < AHEAD; ++j) {
+                ring_a[j] = ring_a[j + 1];
+                ring_b[j] = ring_b[j + 1];
+            }
+            const int later = c + AHEAD + 1;
+            const bool later_inside = later < chunks && 16 * later + 8 * half < dim;
+            ring_a[AHEAD] = few_load(p_a + 16 * later, later_inside);
+            ring_b[AHEAD] = few_load(p_b + 16 * later, later_inside);
             const float* qc = q_half + c * 8 * NQ;
 #pragma unroll
             for (int e = 0; e < 8; ++e) {
@@ -114,8 +129,6 @@ __device__ __forceinline__ void few_body(const float* __restrict__ queries, cons
                     }
                 }
             }
-            va = na;
-            vb = nb;
         }
         const float norm_a = MODE == 1 && valid_a ? sq_norms[row_a] : 0.f;
         const float norm_b = MODE == 1 && valid_b ? sq_norms[row_b] : 0.f;
