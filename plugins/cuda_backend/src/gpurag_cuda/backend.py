@@ -286,7 +286,8 @@ class CudaBackend(TorchBackend):
         """
         if not (self.use_graphs and q.shape[0] <= GRAPH_MAX_QUERIES):
             return None
-        key = graphs.search_key(q, database, k, self.fast_kernels)
+        switches = (self.fast_kernels, FAST_WIDE_TILE, FAST_FEW_STREAM, q.shape[0] in FEW_PRODUCT_QUERIES)
+        key = graphs.search_key(q, database, k, switches)
         try:
             scores, rows, certified, flags = self._graphs.run(
                 lambda static_q: self._device_shortlist(static_q, database, k), q, key
