@@ -144,6 +144,7 @@ __device__ __forceinline__ void wide_body(const unsigned short* __restrict__ que
         wide_commit();
     }
     float acc[4][4][4];
+    float norms[4][2] = {};
 #pragma unroll
     for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
@@ -158,18 +159,27 @@ __device__ __forceinline__ void wide_body(const unsigned short* __restrict__ que
             wide_issue(stages + (next % STAGES) * STAGE_ELEMENTS, queries, rows, q0, n_queries,
                        r_begin + (next / per_tile) * BN, r_end, (next % per_tile) * BK, dim);
         wide_commit();
+        const int tile = r_begin + (i / per_tile) * BN;
+        if (l2 && i % per_tile == 0) {  // the tile's squared norms load while its products run
+#pragma unroll
+            for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+                for (int j = 0; j < 2; ++j) {
+                    const int r = tile + wn + ni * 8 + 2 * t + j;
+                    norms[ni][j] = r < r_end ? sq_norms[r] : 0.f;
+                }
+        }
         const unsigned short* stage = stages + (i % STAGES) * STAGE_ELEMENTS;
         wide_products(acc, stage, stage + BQ * LDA, wq, wn, lane);
         if (i % per_tile != per_tile - 1) continue;
 
         // Epilogue of row tile `tile`: oriented keys in registers, -inf past the split's rows.
-        const int tile = r_begin + (i / per_tile) * BN;
 #pragma unroll
         for (int ni = 0; ni < 4; ++ni)
 #pragma unroll
             for (int j = 0; j < 2; ++j) {
                 const int r = tile + wn + ni * 8 + 2 * t + j;
-                const float norm = (l2 && r < r_end) ? sq_norms[r] : 0.f;
+                const float norm = norms[ni][j];
 #pragma unroll
                 for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
