@@ -83,6 +83,8 @@ __device__ __forceinline__ void few_body(const float* __restrict__ queries, cons
         float acc_a[NQ], acc_b[NQ];
 #pragma unroll
         for (int qi = 0; qi < NQ; ++qi) acc_a[qi] = acc_b[qi] = 0.f;
+        const float norm_a = MODE == 1 && valid_a ? sq_norms[row_a] : 0.f;  // in flight during the products
+        const float norm_b = MODE == 1 && valid_b ? sq_norms[row_b] : 0.f;
         // The loads of chunks c .. c + AHEAD are in flight while chunk c is scored (deeper for few queries,
         // whose scoring is short).
         constexpr int AHEAD = NQ <= 4 ? 3 : 1;
@@ -130,8 +132,6 @@ __device__ __forceinline__ void few_body(const float* __restrict__ queries, cons
                 }
             }
         }
-        const float norm_a = MODE == 1 && valid_a ? sq_norms[row_a] : 0.f;
-        const float norm_b = MODE == 1 && valid_b ? sq_norms[row_b] : 0.f;
         unsigned want = 0;
 #pragma unroll
         for (int qi = 0; qi < NQ; ++qi) {
