@@ -145,14 +145,19 @@ def check_kernels() -> int:
         sq = (x.float() ** 2).sum(1)
         for mode, norms in ((launch.DOT, None), (launch.L2, sq)):
             ref = kernel_reference(q.float(), x.float(), norms, mode)
-            for wide in (True, False):
+            for kernel in ("wide", "tc", "wide resident"):
+                if kernel == "wide resident" and launch.wide_resident_shared_bytes(dim, kp) > launch.WIDE_SHARED_LIMIT:
+                    continue
+                default, launch.WIDE_RESIDENT = launch.WIDE_RESIDENT, kernel == "wide resident"
                 try:
-                    found = launch.scan_tc(q, x, norms, kp, wide=wide)
+                    found = launch.scan_tc(q, x, norms, kp, wide=kernel != "tc")
                     outcome = candidates_ok(found, ref, kp, q.float(), x.float(), mode)
                 except Exception as exc:  # report and go on: the window is the only feedback
                     outcome = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:400]}
+                finally:
+                    launch.WIDE_RESIDENT = default
                 failures += not outcome["ok"]
-                emit({"section": "check-kernel", "kernel": "wide" if wide else "tc", "mode": mode, "Q": n_q,
+                emit({"section": "check-kernel", "kernel": kernel, "mode": mode, "Q": n_q,
                       "N": n_rows, "D": dim, "kp": kp, **outcome})  # fmt: skip
     few_cases = [  # (Q, N, D, kp): widths 1..16, chunks of 16 dims (D % 16 == 8 too), runs of 32 rows, splits
         (1, 1, 8, 16), (2, 33, 24, 16), (3, 5000, 136, 16), (5, 70_001, 128, 32), (8, 40_000, 768, 16),
@@ -277,6 +282,20 @@ def scan_pair(q: torch.Tensor, x: torch.Tensor, sq: torch.Tensor | None, mode: i
     )
 
 
+def resident_call(q: torch.Tensor, x: torch.Tensor, sq: torch.Tensor | None) -> Any:
+    """The wide scan of ``q`` against ``x`` with its query tile resident (kp = 16)."""
+    from gpurag_cuda import launch
+
+    def call() -> None:
+        default, launch.WIDE_RESIDENT = launch.WIDE_RESIDENT, True
+        try:
+            launch.scan_tc(q, x, sq, 16, wide=True)
+        finally:
+            launch.WIDE_RESIDENT = default
+
+    return call
+
+
 def time_kernels(repeats: int) -> None:
     """Each shape's scan alone: the fast kernel and the earlier one, interleaved."""
     from gpurag_cuda import launch
@@ -297,6 +316,11 @@ def time_kernels(repeats: int) -> None:
             new_ms, old_ms = timed_pair(new, old, repeats)
             emit({"section": "kernel", "shape": label, "new": names[0], "new_ms": round(new_ms, 3),
                   "old": names[1], "old_ms": round(old_ms, 3), "speedup": round(old_ms / new_ms, 2)})  # fmt: skip
+            if names[0] == "wide tile" and launch.wide_resident_shared_bytes(dim, 16) <= launch.WIDE_SHARED_LIMIT:
+                resident_ms, wide_ms = timed_pair(resident_call(q, x, sq), new, repeats)
+                emit({"section": "kernel", "shape": label, "new": "wide, queries resident",
+                      "new_ms": round(resident_ms, 3), "old": "wide tile", "old_ms": round(wide_ms, 3),
+                      "speedup": round(wide_ms / resident_ms, 2)})  # fmt: skip
         except Exception as exc:  # report and go on
             emit({"section": "kernel", "shape": label, "error": f"{type(exc).__name__}: {exc}"[:400]})
     data.clear()

@@ -126,6 +126,8 @@ def test_the_fast_kernels_take_what_their_shared_memory_holds() -> None:
     assert not launch.wide_takes(768, 64)  # its lists would not fit: the earlier tile takes kp = 64
     assert not launch.wide_takes(781, 16)  # 16-byte rows only
     assert launch.wide_shared_bytes(32) <= launch.WIDE_SHARED_LIMIT < launch.wide_shared_bytes(64)
+    assert launch.wide_resident_shared_bytes(192, 16) <= launch.WIDE_SHARED_LIMIT  # the query tile resident to D 192
+    assert launch.wide_resident_shared_bytes(224, 16) > launch.WIDE_SHARED_LIMIT
     for n_queries in (1, 2, 3, 5, 9, 16):
         assert launch.few_width(n_queries) >= n_queries
         assert launch.few_takes(n_queries, 768, 64)

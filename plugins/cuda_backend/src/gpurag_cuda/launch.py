@@ -30,6 +30,9 @@ TC_FLOW_STAGES = 3
 #: The wide tensor-core scan (kernels/scan_wide.cu: BQ, BN, BK, STAGES): a 128 x 128 block tile per CTA,
 #: one CTA per multiprocessor (it takes most of the shared memory), vector-loadable operands only.
 WIDE_BLOCK_Q, WIDE_BLOCK_N, WIDE_BLOCK_K, WIDE_STAGES = 128, 128, 32, 4
+#: Whether the wide scan keeps its query tile in shared memory for the whole split where it fits
+#: (kernels/scan_wide.cu: scan_bf16_wide_resident; D up to 192 at kp 16): the stages then carry rows only.
+WIDE_RESIDENT = False
 #: The wide exact l1 tile (kernels/l1_wide.cu: BQ, BN, BK): 128 x 128 per CTA, 8 x 8 per thread, one CTA per
 #: multiprocessor.
 L1_WIDE_BLOCK_Q, L1_WIDE_BLOCK_N, L1_WIDE_BLOCK_K = 128, 128, 8
@@ -205,6 +208,13 @@ def wide_shared_bytes(kp: int) -> int:
     return operands + 4 * WIDE_BLOCK_Q * (WIDE_BLOCK_N + 4) + WIDE_BLOCK_Q * (8 * capacity(kp) + 12)
 
 
+def wide_resident_shared_bytes(dim: int, kp: int) -> int:
+    """Dynamic shared memory of the wide scan with its query tile resident: the tile, row-only stages, the rest."""
+    queries = 2 * WIDE_BLOCK_Q * (_cdiv(dim, 32) * 32 + 8)
+    stages = WIDE_STAGES * 2 * (WIDE_BLOCK_K + 8) * WIDE_BLOCK_N
+    return queries + stages + 4 * WIDE_BLOCK_Q * (WIDE_BLOCK_N + 4) + WIDE_BLOCK_Q * (8 * capacity(kp) + 12)
+
+
 def wide_takes(dim: int, kp: int) -> bool:
     """Whether the wide tensor-core scan can scan dimension ``dim`` keeping ``kp`` (aligned operands aside)."""
     return dim % 8 == 0 and wide_shared_bytes(kp) <= WIDE_SHARED_LIMIT
@@ -260,7 +270,9 @@ def _scan_wide(queries: torch.Tensor, rows: torch.Tensor, sq_norms: torch.Tensor
     keys, out_rows = _outputs(n_queries, layout.splits, kp, device)
     norms = sq_norms if sq_norms is not None else keys  # unread for dot
     grid = (_cdiv(n_queries, WIDE_BLOCK_Q), layout.splits)
-    _launch("scan_wide", "scan_bf16_wide", device, grid, wide_shared_bytes(kp), [
+    resident = WIDE_RESIDENT and wide_resident_shared_bytes(dim, kp) <= WIDE_SHARED_LIMIT
+    shared = wide_resident_shared_bytes(dim, kp) if resident else wide_shared_bytes(kp)
+    _launch("scan_wide", "scan_bf16_wide_resident" if resident else "scan_bf16_wide", device, grid, shared, [
         _ptr(queries), _ptr(rows), _ptr(norms), _i32(n_queries), _i32(n_rows), _i32(dim),
         _i32(layout.rows_per_split), _i32(int(sq_norms is not None)), _i32(kp), _i32(capacity(kp)),
         _ptr(keys), _ptr(out_rows),

@@ -63,6 +63,33 @@ __device__ __forceinline__ void wide_issue(unsigned short* stage, const unsigned
     }
 }
 
+// RESIDENT: the rows-only stage (BN x BK) of row tile `tile`, and the whole query tile (BQ x ldr, once).
+__device__ __forceinline__ void wide_issue_rows(unsigned short* stage, const unsigned short* __restrict__ rows,
+                                                int tile, int r_end, int k0, int dim) {
+#pragma unroll
+    for (int i = 0; i < BN * BK / 8 / THREADS; ++i) {
+        const int idx = threadIdx.x + i * THREADS;
+        const int r = idx >> 2, c = (idx & 3) * 8;
+        const int gr = tile + r, gk = k0 + c;
+        const bool inside = gr < r_end && gk < dim;
+        const unsigned short* src = inside ? rows + (long long)gr * dim + gk : rows;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(wide_shared_address(stage + r * LDA + c)),
+                     "l"(src), "r"(inside ? 16 : 0));
+    }
+}
+
+__device__ __forceinline__ void wide_issue_queries(unsigned short* a_res, const unsigned short* __restrict__ queries,
+                                                   int q0, int n_queries, int dim, int ldr) {
+    const int per_row = (ldr - 8) / 8;
+    for (int idx = threadIdx.x; idx < BQ * per_row; idx += THREADS) {
+        const int r = idx / per_row, c = (idx % per_row) * 8;
+        const bool inside = q0 + r < n_queries && c < dim;
+        const unsigned short* src = inside ? queries + (long long)(q0 + r) * dim + c : queries;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(wide_shared_address(a_res + r * ldr + c)),
+                     "l"(src), "r"(inside ? 16 : 0));
+    }
+}
+
 __device__ __forceinline__ void wide_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 
 template <int PENDING>
@@ -71,14 +98,14 @@ __device__ __forceinline__ void wide_wait() {
 }
 
 // The warp's 64 x 32 products of one stage: per 16-wide k step, four ldmatrix.x4 for A, two for B.
-__device__ __forceinline__ void wide_products(float (*acc)[4][4], const unsigned short* a_s, const unsigned short* b_s,
-                                              int wq, int wn, int lane) {
+__device__ __forceinline__ void wide_products(float (*acc)[4][4], const unsigned short* a_s, int lda,
+                                              const unsigned short* b_s, int wq, int wn, int lane) {
 #pragma unroll
     for (int kk = 0; kk < BK; kk += 16) {
         unsigned a[4][4], b[4][2];
 #pragma unroll
         for (int mi = 0; mi < 4; ++mi)
-            ldmatrix_x4(a[mi], a_s + (wq + mi * 16 + (lane & 15)) * LDA + kk + (lane >> 4) * 8);
+            ldmatrix_x4(a[mi], a_s + (wq + mi * 16 + (lane & 15)) * lda + kk + (lane >> 4) * 8);
 #pragma unroll
         for (int nj = 0; nj < 2; ++nj) {
             unsigned d[4];
@@ -100,15 +127,20 @@ __device__ __forceinline__ void wide_products(float (*acc)[4][4], const unsigned
 // written to out_keys / out_rows as (Q, splits, kp)). COLLECT: every key reaching the query's threshold
 // is appended to its buffer of `capacity` entries (out_keys / out_rows as (Q, capacity)); counts[q] ends
 // as the number of such keys, past `capacity` when the buffer overflowed (the entries past it are dropped).
-template <bool COLLECT>
+// RESIDENT (select only): the query tile stays in shared memory for the whole split, read once, and the
+// stages carry rows only (rows of ldr = D rounded up to 32, plus 8, bf16).
+template <bool COLLECT, bool RESIDENT = false>
 __device__ __forceinline__ void wide_body(const unsigned short* __restrict__ queries,
                                           const unsigned short* __restrict__ rows, const float* __restrict__ sq_norms,
                                           const float* __restrict__ thresholds, int n_queries, int n_rows, int dim,
                                           int rows_per_split, int l2, int kp, int cap, float* __restrict__ out_keys,
                                           int* __restrict__ out_rows, int* __restrict__ counts) {
     extern __shared__ __align__(16) unsigned char smem[];
-    unsigned short* stages = reinterpret_cast<unsigned short*>(smem);
-    float* c_s = reinterpret_cast<float*>(stages + STAGES * STAGE_ELEMENTS);
+    const int ldr = (dim + 31) / 32 * 32 + 8;
+    unsigned short* a_res = reinterpret_cast<unsigned short*>(smem);
+    unsigned short* stages = RESIDENT ? a_res + BQ * ldr : a_res;
+    constexpr int stage_elements = RESIDENT ? BN * LDA : STAGE_ELEMENTS;
+    float* c_s = reinterpret_cast<float*>(stages + STAGES * stage_elements);
     // SELECT: the score tile, then the lists; COLLECT: the thresholds only.
     float* list_keys = c_s + BQ * LDC;
     int* list_rows = reinterpret_cast<int*>(list_keys + BQ * cap);
@@ -136,11 +168,17 @@ __device__ __forceinline__ void wide_body(const unsigned short* __restrict__ que
     const int per_tile = (dim + BK - 1) / BK;
     const int total = r_end > r_begin ? (r_end - r_begin + BN - 1) / BN * per_tile : 0;
     // Stage i of the flow: row tile r_begin + (i / per_tile) * BN, columns (i % per_tile) * BK.
+    if constexpr (RESIDENT) wide_issue_queries(a_res, queries, q0, n_queries, dim, ldr);  // with stage 0's group
 #pragma unroll
     for (int i = 0; i < STAGES - 1; ++i) {
-        if (i < total)
-            wide_issue(stages + i * STAGE_ELEMENTS, queries, rows, q0, n_queries, r_begin + (i / per_tile) * BN, r_end,
-                       (i % per_tile) * BK, dim);
+        if (i < total) {
+            if constexpr (RESIDENT)
+                wide_issue_rows(stages + i * stage_elements, rows, r_begin + (i / per_tile) * BN, r_end,
+                                (i % per_tile) * BK, dim);
+            else
+                wide_issue(stages + i * STAGE_ELEMENTS, queries, rows, q0, n_queries, r_begin + (i / per_tile) * BN,
+                           r_end, (i % per_tile) * BK, dim);
+        }
         wide_commit();
     }
     float acc[4][4][4];
@@ -155,9 +193,14 @@ __device__ __forceinline__ void wide_body(const unsigned short* __restrict__ que
         wide_wait<STAGES - 2>();  // this thread's copies of stage i have landed
         __syncthreads();          // everyone's have; stage i - 1 and the last selection are done
         const int next = i + STAGES - 1;
-        if (next < total)
-            wide_issue(stages + (next % STAGES) * STAGE_ELEMENTS, queries, rows, q0, n_queries,
-                       r_begin + (next / per_tile) * BN, r_end, (next % per_tile) * BK, dim);
+        if (next < total) {
+            if constexpr (RESIDENT)
+                wide_issue_rows(stages + (next % STAGES) * stage_elements, rows, r_begin + (next / per_tile) * BN, r_end,
+                                (next % per_tile) * BK, dim);
+            else
+                wide_issue(stages + (next % STAGES) * STAGE_ELEMENTS, queries, rows, q0, n_queries,
+                           r_begin + (next / per_tile) * BN, r_end, (next % per_tile) * BK, dim);
+        }
         wide_commit();
         const int tile = r_begin + (i / per_tile) * BN;
         if (l2 && i % per_tile == 0) {  // the tile's squared norms load while its products run
@@ -169,8 +212,11 @@ __device__ __forceinline__ void wide_body(const unsigned short* __restrict__ que
                     norms[ni][j] = r < r_end ? sq_norms[r] : 0.f;
                 }
         }
-        const unsigned short* stage = stages + (i % STAGES) * STAGE_ELEMENTS;
-        wide_products(acc, stage, stage + BQ * LDA, wq, wn, lane);
+        const unsigned short* stage = stages + (i % STAGES) * stage_elements;
+        if constexpr (RESIDENT)
+            wide_products(acc, a_res + (i % per_tile) * BK, ldr, stage, wq, wn, lane);
+        else
+            wide_products(acc, stage, LDA, stage + BQ * LDA, wq, wn, lane);
         if (i % per_tile != per_tile - 1) continue;
 
         // Epilogue of row tile `tile`: oriented keys in registers, -inf past the split's rows.
@@ -296,4 +342,13 @@ collect_bf16_wide(const unsigned short* __restrict__ queries, const unsigned sho
                   int* __restrict__ out_rows, int* __restrict__ counts) {
     wide_body<true>(queries, rows, sq_norms, thresholds, n_queries, n_rows, dim, rows_per_split, l2, 0, capacity,
                     out_keys, out_rows, counts);
+}
+
+// The select scan with the query tile resident (D up to what shared memory holds, rows 16-byte aligned).
+extern "C" __global__ void __launch_bounds__(THREADS, 1)
+scan_bf16_wide_resident(const unsigned short* __restrict__ queries, const unsigned short* __restrict__ rows,
+                        const float* __restrict__ sq_norms, int n_queries, int n_rows, int dim, int rows_per_split,
+                        int l2, int kp, int cap, float* __restrict__ out_keys, int* __restrict__ out_rows) {
+    wide_body<false, true>(queries, rows, sq_norms, nullptr, n_queries, n_rows, dim, rows_per_split, l2, kp, cap,
+                           out_keys, out_rows, nullptr);
 }
