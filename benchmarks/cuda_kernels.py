@@ -339,6 +339,9 @@ ROW_TARGETS = [  # (label, N, D, Q, metric, target ms[, k: default 10])
     ("1M768 Q=1", 1_000_000, 768, 1, "l2", 0.5),
     ("1M768 Q=1", 1_000_000, 768, 1, "cosine", 0.5),
     ("1M768 Q=1", 1_000_000, 768, 1, "l1", 0.9),
+    ("1M768 Q=4", 1_000_000, 768, 4, "dot", None),
+    ("1M768 Q=4", 1_000_000, 768, 4, "l1", None),
+    ("1M768 Q=8", 1_000_000, 768, 8, "dot", None),
     ("l1 1M128 Q=1024", 1_000_000, 128, 1024, "l1", 8.0),
     ("10M128 Q=1024 k=1024", 10_000_000, 128, 1024, "l2", None, 1024),
     ("10M128 Q=1024 k=4096", 10_000_000, 128, 1024, "l2", None, 4096),
@@ -378,11 +381,15 @@ def few_product_calls(fast: Any, q: torch.Tensor, database: Any) -> tuple[Any, A
     return lambda: call(False), lambda: call(True)
 
 
-def time_rows(fast: Any, slow: Any, repeats: int) -> None:
-    """The target rows through ``topk``: fast kernels on and off, interleaved, after a checked call."""
+def time_rows(fast: Any, slow: Any, repeats: int, only: str = "") -> None:
+    """The target rows through ``topk``: fast kernels on and off, interleaved, after a checked call (``only``:
+    the rows whose "label metric" contains one of its comma-separated parts)."""
     gen = torch.Generator(device="cuda").manual_seed(6)
     current: dict[tuple[int, int], torch.Tensor] = {}
+    wanted = [part for part in only.split(",") if part]
     for label, n_rows, dim, n_q, metric_name, target, *rest in ROW_TARGETS:
+        if wanted and not any(part in f"{label} {metric_name}" for part in wanted):
+            continue
         k = rest[0] if rest else 10
         try:
             if (n_rows, dim) not in current:
@@ -450,6 +457,7 @@ def main() -> int:
     parser.add_argument("--out", default=".")
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--parts", default="check,kernels,rows")
+    parser.add_argument("--rows", default="", help='only the rows whose "label metric" holds one of these parts')
     parser.add_argument("--summarize", metavar="JSONL", help="print a run's timed lines as markdown and exit")
     args = parser.parse_args()
     if args.summarize:
@@ -478,7 +486,7 @@ def main() -> int:
     if "kernels" in parts:
         time_kernels(args.repeats)
     if "rows" in parts:
-        time_rows(fast, slow, args.repeats)
+        time_rows(fast, slow, args.repeats, args.rows)
     if "topk" in parts:
         emit({"section": "check-summary", "topk_failures": check_topk(fast, slow)})
     return 0

@@ -41,12 +41,22 @@ SHORTLIST_MIN = 256
 #: compute-bound and scanned exactly in float32.
 L1_LOW_MAX_QUERIES = 16
 #: Query counts for which dot, l2 and cosine take the few-query stream (fast kernels on) rather than the
-#: earlier stream (up to 8 queries) or the tensor-core tile.
-FEW_PRODUCT_QUERIES: frozenset[int] = frozenset()
-#: Which of the fast kernels (``fast_kernels``) a backend uses: the wide tensor-core tile, the few-query
-#: stream (l1 up to `L1_LOW_MAX_QUERIES` queries, products for `FEW_PRODUCT_QUERIES`), the wide l1 tile,
-#: and graph replay of searches of up to `GRAPH_MAX_QUERIES` queries.
-FAST_WIDE_TILE = True
+#: earlier stream (up to 8 queries) or the tensor-core tile. On an H200 at 1M x 768 the earlier stream's one
+#: query read 0.456 ms against the few stream's 0.774 (its two lanes per row read half sectors per request),
+#: and its 8 queries 2.34 ms against 0.83.
+FEW_PRODUCT_QUERIES: frozenset[int] = frozenset(range(3, 9))
+#: Fewest queries for which l1's shortlist takes the few-query stream (below: the earlier stream, 0.414
+#: against 0.706 ms for one query at 1M x 768; at 16 queries on 10M x 128 the few stream took 3.7 ms
+#: against 17.6).
+FEW_L1_MIN_QUERIES = 3
+#: Which of the fast kernels (``fast_kernels``) a backend uses: the wide tensor-core tile for the select scan
+#: and for the any-k collect scan, the few-query stream (l1 from `FEW_L1_MIN_QUERIES` to `L1_LOW_MAX_QUERIES`
+#: queries, products for `FEW_PRODUCT_QUERIES`), the wide l1 tile, and graph replay of searches of up to
+#: `GRAPH_MAX_QUERIES` queries. The wide select tile is off: on an H200 it was the slower, 12.9 against
+#: 11.5 ms at 1M x 768 x 1024 and 34.0 against 26.6 at 10M x 128 x 1024 (its collect twin was the faster:
+#: k = 1024 took 25.3 against 39.4 ms end to end).
+FAST_WIDE_TILE = False
+FAST_WIDE_COLLECT = True
 FAST_FEW_STREAM = True
 FAST_L1_TILE = True
 FAST_GRAPHS = True
@@ -166,7 +176,13 @@ class CudaBackend(TorchBackend):
         wide = launch.WIDE_BLOCK_Q if self._wide_tile else tile
         return Boundaries(
             rows=tuple(sorted(r for r in rows if r > 0)),
-            queries=(launch.STREAM_MAX_QUERIES, L1_LOW_MAX_QUERIES, L1_LOW_MAX_QUERIES + tile, wide + 1),
+            queries=(
+                FEW_L1_MIN_QUERIES,
+                launch.STREAM_MAX_QUERIES,
+                L1_LOW_MAX_QUERIES,
+                L1_LOW_MAX_QUERIES + tile,
+                wide + 1,
+            ),
         )
 
     def working_scores(self, queries: int, rows: int) -> int:
@@ -286,7 +302,8 @@ class CudaBackend(TorchBackend):
         """
         if not (self.use_graphs and q.shape[0] <= GRAPH_MAX_QUERIES):
             return None
-        switches = (self.fast_kernels, FAST_WIDE_TILE, FAST_FEW_STREAM, q.shape[0] in FEW_PRODUCT_QUERIES)
+        switches = (self.fast_kernels, FAST_WIDE_TILE, FAST_FEW_STREAM, self._few_takes(database.metric, q.shape[0],
+                    database.dim, _kp(k)))  # fmt: skip
         key = graphs.search_key(q, database, k, switches)
         try:
             scores, rows, certified, flags = self._graphs.run(
@@ -320,14 +337,14 @@ class CudaBackend(TorchBackend):
         return self.fast_kernels and FAST_L1_TILE and aligned and launch.l1_wide_takes(q.shape[1], kp)
 
     def _few_takes(self, metric: Metric, n_queries: int, dim: int, kp: int) -> bool:
-        """Whether the bf16 scan of ``n_queries`` queries is the few-query stream's (fast kernels on): l1 up to
-        `L1_LOW_MAX_QUERIES` queries; dot, l2 and cosine where `FEW_PRODUCT_QUERIES` says."""
+        """Whether the bf16 scan of ``n_queries`` queries is the few-query stream's (fast kernels on): l1 from
+        `FEW_L1_MIN_QUERIES` to `L1_LOW_MAX_QUERIES` queries; dot, l2 and cosine where `FEW_PRODUCT_QUERIES` says."""
         from gpurag_cuda import launch
 
         if not (self.fast_kernels and FAST_FEW_STREAM and self.low_precision and launch.few_takes(n_queries, dim, kp)):
             return False
         if metric is Metric.L1:
-            return n_queries <= L1_LOW_MAX_QUERIES
+            return FEW_L1_MIN_QUERIES <= n_queries <= L1_LOW_MAX_QUERIES
         return n_queries in FEW_PRODUCT_QUERIES
 
     def _threshold_scan_takes(self, database: Database, k: int) -> bool:
@@ -362,7 +379,8 @@ class CudaBackend(TorchBackend):
         rank = min(rank, found.kept_per_query(sample.shape[0]))
         thresholds = torch.topk(found.keys.reshape(n_queries, -1), rank, dim=1).values[:, -1].contiguous()
         capacity = BUFFER_FACTOR * k
-        keys, rows, counts = launch.collect_tc(low_q, low_rows, sq_norms, thresholds, capacity, wide=self._wide_tile)
+        wide = self.fast_kernels and FAST_WIDE_COLLECT
+        keys, rows, counts = launch.collect_tc(low_q, low_rows, sq_norms, thresholds, capacity, wide=wide)
         scores = torch.empty((n_queries, k), dtype=torch.float32, device=q.device)
         positions = torch.empty((n_queries, k), dtype=torch.int64, device=q.device)
         full = (counts >= k) & (counts <= capacity)
