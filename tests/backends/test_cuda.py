@@ -226,7 +226,7 @@ def test_hamming_across_word_and_tile_boundaries(gpu_backend: Any, n_queries: in
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fast", [True, False], ids=["fast", "earlier"])
+@pytest.mark.parametrize("fast", [True, False], ids=["new", "old"])
 @pytest.mark.parametrize(
     ("n_queries", "n_rows", "dim"),
     [(1, 3001, 136), (3, 70_001, 136), (16, 5000, 8), (9, 257, 40), (127, 4097, 136), (129, 20_000, 64)],
