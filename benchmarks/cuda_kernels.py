@@ -17,6 +17,7 @@ Sections print as they finish (a GPU window kills the run at a fixed time) and a
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import statistics
@@ -296,6 +297,45 @@ def resident_call(q: torch.Tensor, x: torch.Tensor, sq: torch.Tensor | None) -> 
     return call
 
 
+def ldm_part(repeats: int) -> int:
+    """The tensor-core tile with ldmatrix-fed fragments: checked on boundary shapes, then timed beside the default."""
+    from gpurag_cuda import launch
+
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    failures = 0
+
+    def scan(q: torch.Tensor, x: torch.Tensor, sq: torch.Tensor | None, ldm: bool) -> Any:
+        default, launch.TC_LDM = launch.TC_LDM, ldm
+        try:
+            return launch.scan_tc(q, x, sq, 16)
+        finally:
+            launch.TC_LDM = default
+
+    for n_q, n_rows, dim in ((65, 70_001, 128), (9, 129, 40), (130, 20_000, 768)):
+        q = torch.randn(n_q, dim, device="cuda", generator=gen).to(torch.bfloat16)
+        x = torch.randn(n_rows, dim, device="cuda", generator=gen).to(torch.bfloat16)
+        sq = (x.float() ** 2).sum(1)
+        for mode, norms in ((launch.DOT, None), (launch.L2, sq)):
+            ref = kernel_reference(q.float(), x.float(), norms, mode)
+            try:
+                outcome = candidates_ok(scan(q, x, norms, True), ref, 16, q.float(), x.float(), mode)
+            except Exception as exc:  # report and go on
+                outcome = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:400]}
+            failures += not outcome["ok"]
+            emit({"section": "check-kernel", "kernel": "tc ldm", "mode": mode, "Q": n_q, "N": n_rows, "D": dim,
+                  "kp": 16, **outcome})  # fmt: skip
+    for n_rows, dim in ((1_000_000, 768), (10_000_000, 128)):
+        x = torch.randn(n_rows, dim, device="cuda", generator=gen).to(torch.bfloat16)
+        q = torch.randn(1024, dim, device="cuda", generator=gen).to(torch.bfloat16)
+        with_ldm, without = functools.partial(scan, q, x, None, True), functools.partial(scan, q, x, None, False)
+        ldm_ms, tc_ms = timed_pair(with_ldm, without, repeats)
+        emit({"section": "kernel", "shape": f"{n_rows // 1_000_000}M{dim} Q=1024 dot", "new": "tc tile, ldmatrix",
+              "new_ms": round(ldm_ms, 3), "old": "tc tile 64x128", "old_ms": round(tc_ms, 3),
+              "speedup": round(tc_ms / ldm_ms, 2)})  # fmt: skip
+        torch.cuda.empty_cache()
+    return failures
+
+
 def time_kernels(repeats: int) -> None:
     """Each shape's scan alone: the fast kernel and the earlier one, interleaved."""
     from gpurag_cuda import launch
@@ -483,6 +523,8 @@ def main() -> int:
     parts = args.parts.split(",")
     if "check" in parts:
         emit({"section": "check-summary", "kernel_failures": check_kernels()})
+    if "ldm" in parts:
+        emit({"section": "check-summary", "ldm_failures": ldm_part(args.repeats)})
     if "kernels" in parts:
         time_kernels(args.repeats)
     if "rows" in parts:
