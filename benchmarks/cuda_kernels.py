@@ -305,11 +305,7 @@ def ldm_part(repeats: int) -> int:
     failures = 0
 
     def scan(q: torch.Tensor, x: torch.Tensor, sq: torch.Tensor | None, ldm: bool) -> Any:
-        default, launch.TC_LDM = launch.TC_LDM, ldm
-        try:
-            return launch.scan_tc(q, x, sq, 16)
-        finally:
-            launch.TC_LDM = default
+        return launch.scan_tc(q, x, sq, 16, ldm=ldm)
 
     for n_q, n_rows, dim in ((65, 70_001, 128), (9, 129, 40), (130, 20_000, 768)):
         q = torch.randn(n_q, dim, device="cuda", generator=gen).to(torch.bfloat16)

@@ -27,9 +27,6 @@ TC_STAGES = 4
 #: 12.7 against 11.5 ms at 1M x 768 x 1024 and 31.2 against 26.8 ms at 10M x 128 x 1024 (both correct).
 TC_FLOW = False
 TC_FLOW_STAGES = 3
-#: Whether the tensor-core scan (restarted per row tile) feeds its fragments by ldmatrix
-#: (kernels/scan_tc.cu: scan_bf16_tc_ldm) rather than by 32-bit shared loads.
-TC_LDM = False
 #: The wide tensor-core scan (kernels/scan_wide.cu: BQ, BN, BK, STAGES): a 128 x 128 block tile per CTA,
 #: one CTA per multiprocessor (it takes most of the shared memory), vector-loadable operands only.
 WIDE_BLOCK_Q, WIDE_BLOCK_N, WIDE_BLOCK_K, WIDE_STAGES = 128, 128, 32, 4
@@ -231,11 +228,17 @@ def tc_layout(n_queries: int, n_rows: int, dim: int, kp: int, sms: int, wide: bo
 
 
 def scan_tc(
-    queries: torch.Tensor, rows: torch.Tensor, sq_norms: torch.Tensor | None, kp: int, wide: bool = False
+    queries: torch.Tensor,
+    rows: torch.Tensor,
+    sq_norms: torch.Tensor | None,
+    kp: int,
+    wide: bool = False,
+    ldm: bool = False,
 ) -> Candidates:
     """Tensor-core scan of bf16 ``queries`` (Q, D) against bf16 ``rows`` (N, D): dot keys, or l2's with ``sq_norms``.
 
-    ``wide`` takes the 128 x 128 tile kernel where it can (D a multiple of 8, aligned operands, kp's lists fit).
+    ``wide`` takes the 128 x 128 tile kernel where it can (D a multiple of 8, aligned operands, kp's lists fit);
+    ``ldm`` feeds the 64 x 128 tile's fragments by ldmatrix (kernels/scan_tc.cu: scan_bf16_tc_ldm).
     """
     device = rows.device
     _check(queries, "queries", torch.bfloat16, device)
@@ -257,7 +260,7 @@ def scan_tc(
     shared = operands + TC_BLOCK_Q * (8 * cap + 12)
     norms = sq_norms if sq_norms is not None else keys  # unread for dot
     grid = (_cdiv(n_queries, TC_BLOCK_Q), layout.splits)
-    kernel = "scan_bf16_tc_flow" if flow else ("scan_bf16_tc_ldm" if vec and TC_LDM else "scan_bf16_tc")
+    kernel = "scan_bf16_tc_flow" if flow else ("scan_bf16_tc_ldm" if vec and ldm else "scan_bf16_tc")
     _launch("scan_tc", kernel, device, grid, shared, [
         _ptr(queries), _ptr(rows), _ptr(norms), _i32(n_queries), _i32(n_rows), _i32(dim),
         _i32(layout.rows_per_split), _i32(int(sq_norms is not None)), _i32(kp), _i32(cap), _i32(int(vec)),
