@@ -1,11 +1,13 @@
-"""A node's models get one core fewer than the machine has, so the head node's event loop keeps one."""
+"""A node's models and BLAS get one core fewer than the machine has, so the head node's event loop keeps one."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from threadpoolctl import ThreadpoolController, threadpool_info
 
 torch = pytest.importorskip("torch")
 
@@ -18,6 +20,16 @@ def test_zero_means_one_fewer_than_the_cores() -> None:
     assert model_threads(3) == 3
 
 
+@pytest.fixture(autouse=True)
+def _restore_blas_threads() -> Iterator[None]:
+    controller = ThreadpoolController()
+    before = controller.info()
+    yield
+    for pool in before:
+        if pool["user_api"] == "blas":
+            controller.select(filepath=pool["filepath"]).limit(limits=pool["num_threads"])
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 def test_a_rag_workload_caps_torch_threads(small_corpus: Path, threads: int) -> None:
     before = torch.get_num_threads()
@@ -27,3 +39,12 @@ def test_a_rag_workload_caps_torch_threads(small_corpus: Path, threads: int) -> 
         assert torch.get_num_threads() == threads
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_a_rag_workload_caps_every_blas_library(small_corpus: Path, threads: int) -> None:
+    with ThreadpoolController().limit(limits=5, user_api="blas"):
+        Workload(ServerSettings(workload="rag", corpus=small_corpus, node_threads=threads))
+        blas = [pool for pool in threadpool_info() if pool["user_api"] == "blas"]
+        assert blas, "no BLAS library loaded"
+        assert {pool["num_threads"] for pool in blas} == {threads}, blas
