@@ -58,7 +58,7 @@ def limit_model_threads(setting: int) -> None:
 
     torch's OpenMP pool defaults to one thread a core; beside a busy event loop on the same cores its
     spinning threads slowed the default pipeline about 17x on a 2-core machine (4.8 against 83.9
-    requests/s, `benchmarks/results/ray_serve_anchor.md`). `limit_blas_threads` does the same for BLAS.
+    requests/s, wrk 32 connections, 2026-11-30). `limit_blas_threads` does the same for BLAS.
     """
     try:
         import torch
@@ -71,9 +71,9 @@ def limit_blas_threads(setting: int) -> None:
     """Cap the threads of every BLAS library loaded in this process (NumPy's and SciPy's OpenBLAS).
 
     OpenBLAS starts a thread a core and spins them after each call; beside the node's model thread
-    they halved the default pipeline's throughput from batches of 4 questions up (126.7 against 58.1
-    requests/s for a process node, `benchmarks/results/ray_serve_anchor.md`). Call it once the
-    pipeline is built: only libraries loaded by then are capped.
+    they halved the default pipeline's throughput from batches of 4 questions up (58.1 against 126.7
+    requests/s for a process node, `benchmarks/results/ray_serve_anchor_blas_threads.md`). Call it
+    once the pipeline is built: only libraries loaded by then are capped.
     """
     from threadpoolctl import threadpool_limits
 
