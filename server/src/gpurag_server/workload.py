@@ -75,7 +75,7 @@ def limit_blas_threads(setting: int) -> None:
     requests/s for a process node, `benchmarks/results/ray_serve_anchor_blas_threads.md`). Call it
     once the pipeline is built: only libraries loaded by then are capped.
     """
-    from threadpoolctl import threadpool_limits
+    from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
 
     threadpool_limits(limits=model_threads(setting), user_api="blas")
 
