@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import types
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -247,6 +248,32 @@ def test_torch_inputs_run_on_torchs_current_stream(cupy_gpu: DistanceBackend) ->
 
 
 @pytest.mark.gpu
+def test_topk_of_torch_queries_is_ordered_on_torchs_stream_and_not_on_cupys(cupy_gpu: DistanceBackend) -> None:
+    """cupy's own (null) stream is held up by a sleep; a search of torch queries made on a side stream
+    must still be done when that side stream alone is synchronised (it would not be, run on cupy's)."""
+    torch = pytest.importorskip("torch")
+    import cupy
+
+    device = torch.device(cupy_gpu.device)
+    vectors = torch.randn(20_000, 64, device=device)
+    database = cupy_gpu.prepare(vectors, Metric.DOT)
+    queries = torch.randn(4, 64, device=device)
+    expected = (queries.double() @ vectors.double().T).topk(7).indices.cpu().numpy()
+    torch.cuda.synchronize(device)
+    side = torch.cuda.Stream(device=device)
+    torch.cuda._sleep(1 << 28)  # on the default stream, which is cupy's current one: a few hundred ms
+    with torch.cuda.stream(side):
+        top = cupy_gpu.topk(queries, database, 7)
+        with warnings.catch_warnings():  # ExternalStream is deprecated in CuPy 14, kept: independent of the code
+            warnings.simplefilter("ignore", DeprecationWarning)
+            reader = cupy.cuda.ExternalStream(side.cuda_stream, device.index or 0)
+        with reader:
+            ids = top.indices.get()  # copied on the side stream, which waits for nothing else
+    torch.cuda.synchronize(device)
+    np.testing.assert_array_equal(np.sort(ids, 1), np.sort(expected, 1))
+
+
+@pytest.mark.gpu
 def test_the_database_never_aliases_the_callers_device_array(cupy_gpu: DistanceBackend) -> None:
     import cupy
 
@@ -314,3 +341,59 @@ def test_every_scoring_and_histogram_variant_matches_reference(
         queries = rng.standard_normal((n_queries, dim)).astype(np.float32)
         for metric in Metric:
             _check(cupy_gpu, queries, vectors, metric, 10, f"{variant}: {metric.value} Q={n_queries} D={dim}")
+
+
+# --- the few-query path: chunks of 4096 rows, whole-chunk tiles, one merge -----------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("metric", list(Metric), ids=str)
+def test_the_few_query_path_matches_reference_across_chunks_and_tiles(
+    cupy_gpu: DistanceBackend, monkeypatch: pytest.MonkeyPatch, metric: Metric
+) -> None:
+    """Row counts one short of, at and past whole chunks, tiles of two chunks, k from 1 to SORTED_MAX
+    (more than a partial chunk's rows), ties across chunks; every case must take the few-query path."""
+    from gpurag_cupy import search
+
+    taken: list[int] = []
+    original = search.few_query_topk
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        taken.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(search, "few_query_topk", counted)
+    chunk = search.CHUNK_KEYS
+    two_chunk_tiles = cupy_backend.CupyBackend(cupy_gpu.device, tile_scores=2 * chunk * 3)
+    rng = np.random.default_rng(4096)
+    cases = [
+        (cupy_gpu, 1, 5, 1, 1),
+        (cupy_gpu, chunk - 1, 16, 1, 10),
+        (cupy_gpu, chunk, 16, 16, 10),
+        (cupy_gpu, 3 * chunk + 7, 33, 3, 1),
+        (cupy_gpu, chunk + 100, 8, 2, search.SORTED_MAX),
+        (two_chunk_tiles, 5 * chunk + 3, 24, 3, 10),
+    ]
+    for backend, n, dim, n_queries, k in cases:
+        vectors = rng.standard_normal((n, dim)).astype(np.float32)
+        if n > 300:
+            vectors[100:300] = vectors[50]  # ties across a chunk's k-th
+        queries = rng.standard_normal((n_queries, dim)).astype(np.float32)
+        queries[-1] = vectors[n // 2]
+        before = len(taken)
+        _check(backend, queries, vectors, metric, k, f"{metric.value} N={n} Q={n_queries} k={k}")
+        assert len(taken) == before + 1, f"N={n} Q={n_queries} k={k} did not take the few-query path"
+
+
+@pytest.mark.gpu
+def test_the_largest_magnitude_is_nan_or_inf_where_an_entry_is(cupy_gpu: DistanceBackend) -> None:
+    import cupy
+
+    from gpurag_cupy.arrays import largest_magnitude
+
+    values = np.random.default_rng(6).standard_normal((37, 781)).astype(np.float32)
+    values[3, 5] = -9.5
+    assert largest_magnitude(cupy.asarray(values)) == 9.5
+    for poke in (np.inf, -np.inf, np.nan):
+        poked = values.copy()
+        poked[36, 780] = poke
+        got = largest_magnitude(cupy.asarray(poked))
+        assert np.isnan(got) if np.isnan(poke) else got == np.inf, (poke, got)

@@ -260,13 +260,17 @@ class CupyBackend(DistanceBackend):
 
     # --- distances and selection ---------------------------------------------------------------
     def boundaries(self, metric: Metric, queries: int, dim: int) -> Boundaries:
-        """Rows: a tile (`tile_scores` / Q rows), the candidate buffer's compaction (eight tiles), and
-        a selection block's share of keys; queries: CUDA's grid limit."""
-        from gpurag_cupy.search import MAX_GRID_QUERIES
+        """Rows: a tile (`tile_scores` / Q rows), the candidate buffer's compaction (eight tiles), a
+        selection block's share of keys, and the few-query path's chunk and tile; queries: CUDA's grid
+        limit."""
+        from gpurag_cupy.search import CHUNK_KEYS, MAX_GRID_QUERIES, few_query_tile
         from gpurag_cupy.select import CANDIDATE_FACTOR
 
         tile = max(1, self.tile_scores // max(1, queries))
-        rows = {tile, tile * (CANDIDATE_FACTOR + 1), SELECTION_BLOCK_KEYS}
+        rows = {tile, tile * (CANDIDATE_FACTOR + 1), SELECTION_BLOCK_KEYS, CHUNK_KEYS}
+        few_tile = few_query_tile(max(1, queries), self.tile_scores)
+        if few_tile >= CHUNK_KEYS:
+            rows.add(few_tile)
         return Boundaries(rows=tuple(sorted(rows)), queries=(MAX_GRID_QUERIES,))
 
     def working_scores(self, queries: int, rows: int) -> int:

@@ -17,7 +17,7 @@ from gpurag.metrics import Metric
 from gpurag_cupy.database import INV_NORMS, NEG_SQ_NORMS, sum_of_squares
 from gpurag_cupy.gemm import scores_into
 from gpurag_cupy.kernels import kernel
-from gpurag_cupy.select import BLOCK, Candidates, multiprocessors
+from gpurag_cupy.select import BLOCK, Candidates, multiprocessors, pointer
 
 #: Metric codes of the kernels in ``scores.cu``.
 METRIC_CODES = {Metric.DOT: 0, Metric.L2: 1, Metric.COSINE: 2, Metric.L1: 3}
@@ -30,6 +30,12 @@ STREAM_DOT_MAX_QUERIES = 0
 SORTED_MAX = 1024
 #: Most queries one kernel grid covers (CUDA's limit on gridDim.y).
 MAX_GRID_QUERIES = 65535
+#: Most queries the few-query path serves (0: never); see `few_query_topk`.
+FEW_MAX_QUERIES = 16
+#: Rows of one chunk of the few-query path (``CHUNK_KEYS`` in ``kernels/small.cu``).
+CHUNK_KEYS = 4096
+#: Most candidates (chunks times k) per query the few-query path's merge block selects from.
+FEW_MAX_CANDIDATES = 65536
 
 
 def tiles(n_rows: int, tile_rows: int) -> Iterator[tuple[int, int]]:
@@ -149,9 +155,70 @@ def best_first(scores: cupy.ndarray, rows: cupy.ndarray, higher_is_better: bool)
     return cupy.take_along_axis(scores, order, 1), cupy.take_along_axis(rows, order, 1)
 
 
+def few_query_tile(n_queries: int, tile_scores: int) -> int:
+    """Rows per tile of the few-query path where the rows need several: whole chunks within `tile_scores`."""
+    return tile_scores // n_queries // CHUNK_KEYS * CHUNK_KEYS
+
+
+def few_query_tile_rows(n_queries: int, n_rows: int, k: int, tile_scores: int) -> int | None:
+    """Rows per tile of the few-query path (whole chunks), or None where the path does not apply: more
+    than `FEW_MAX_QUERIES` queries, k above `SORTED_MAX`, tiles of less than a chunk, or more than
+    `FEW_MAX_CANDIDATES` candidates per query."""
+    if n_queries > FEW_MAX_QUERIES or k > SORTED_MAX:
+        return None
+    if n_queries * n_rows <= tile_scores:
+        tile_rows = n_rows
+    else:
+        tile_rows = few_query_tile(n_queries, tile_scores)
+        if tile_rows < CHUNK_KEYS:
+            return None
+    if -(-n_rows // CHUNK_KEYS) * k > FEW_MAX_CANDIDATES:
+        return None
+    return tile_rows
+
+
+def few_query_topk(queries: cupy.ndarray, database: Any, k: int, tile_rows: int) -> tuple[cupy.ndarray, cupy.ndarray]:
+    """`float32_topk` for a few queries, as a fixed short sequence of launches and no host round trip.
+
+    Per tile of ``tile_rows`` rows (a multiple of `CHUNK_KEYS`, or all rows): the score pass (cuBLAS,
+    or the l1 kernel), then ``chunk_select`` narrows each chunk of `CHUNK_KEYS` rows to its best k in
+    shared memory. Once: ``merge_rescore`` selects each query's k best of the chunks' winners, scores
+    them again directly and orders them. Cosine ranks by ``q·x / |x|``: per query the same order as
+    the cosine (|q| is one positive factor), so the queries are not normalised first.
+    """
+    metric, n_rows = database.metric, database.count
+    n_queries, dim = queries.shape
+    chunks = -(-n_rows // CHUNK_KEYS)
+    width = chunks * k
+    keys = cupy.empty((n_queries, width), dtype=cupy.uint32)
+    rows = cupy.empty((n_queries, width), dtype=cupy.int64)
+    buffer = cupy.empty((n_queries, tile_rows), dtype=cupy.float32)
+    select = kernel("chunk_select")
+    for start, stop in tiles(n_rows, tile_rows):
+        mul, add = oriented_tile(queries, database, start, stop, buffer, tile_rows)
+        select(
+            (-(-(stop - start) // CHUNK_KEYS), n_queries),
+            (BLOCK,),
+            (buffer, np.int64(tile_rows), np.int64(stop - start), pointer(mul), pointer(add), np.int64(start),
+             np.int32(k), keys, rows, np.int64(width), np.int64(start // CHUNK_KEYS)),
+        )  # fmt: skip
+    scores = cupy.empty((n_queries, k), dtype=cupy.float32)
+    ordered = cupy.empty((n_queries, k), dtype=cupy.int64)
+    kernel("merge_rescore")(
+        (n_queries,),
+        (BLOCK,),
+        (keys, rows, np.int32(width), np.int32(k), queries, database.vectors, np.int32(dim),
+         np.int32(METRIC_CODES[metric]), np.int32(metric.higher_is_better), scores, ordered),
+    )  # fmt: skip
+    return scores, ordered
+
+
 def float32_topk(queries: cupy.ndarray, database: Any, k: int, tile_scores: int) -> tuple[cupy.ndarray, cupy.ndarray]:
     """The k best rows per query: (scores (Q, k) float32 computed directly, rows (Q, k) int64), best first."""
     metric, n_rows = database.metric, database.count
+    few_tile_rows = few_query_tile_rows(queries.shape[0], n_rows, k, tile_scores)
+    if few_tile_rows is not None:
+        return few_query_topk(queries, database, k, few_tile_rows)
     out_scores, out_rows = [], []
     for q0 in range(0, queries.shape[0], MAX_GRID_QUERIES):
         block = queries[q0 : q0 + MAX_GRID_QUERIES]

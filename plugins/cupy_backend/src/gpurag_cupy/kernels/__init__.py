@@ -7,7 +7,7 @@ from importlib import resources
 from typing import Any
 
 #: The kernel sources, in the order they are concatenated into one module.
-SOURCES = ("select.cu", "scores.cu")
+SOURCES = ("select.cu", "scores.cu", "small.cu")
 #: Every kernel the module exposes (template instances by their C++ names).
 NAMES = (
     "radix_histogram<true, true>",
@@ -29,6 +29,9 @@ NAMES = (
     "rescore",
     "rescore_sorted",
     "pairwise_direct",
+    "chunk_select",
+    "merge_rescore",
+    "largest_magnitude_bits",
 )
 
 

@@ -214,20 +214,17 @@ __global__ void pairwise_direct(const float* queries, const float* vectors, int 
 
 #define SORTED_MAX 1024
 
-// One block per query: scores its k candidate rows directly (float64 sums, as `rescore`), then writes
-// them best first (ties by row) to out_scores/out_rows[q, :k]. k <= SORTED_MAX; `higher` says whether a
-// larger score is better; the rows of a query are distinct, so every rank is taken once.
-__global__ void rescore_sorted(const float* __restrict__ queries, const float* __restrict__ vectors, int dim,
-                               const i64* rows, int k, int metric, int higher, float* out_scores, i64* out_rows) {
-    __shared__ float score[SORTED_MAX];
-    __shared__ i64 row_of[SORTED_MAX];
-    const int q = blockIdx.x;
+// Block-wide: scores query `a` against the k rows row_of[0..k) (shared memory) directly, float64 sums
+// as `rescore`, into score[0..k) (shared), then writes them best first (ties by row) to
+// out_scores/out_rows[0..k). k <= SORTED_MAX; `higher` says whether a larger score is better; the rows
+// are distinct, so every rank is taken once. Every thread of the block calls it.
+__device__ void score_and_order(const float* __restrict__ a, const float* __restrict__ vectors, int dim,
+                                const i64* row_of, float* score, int k, int metric, int higher, float* out_scores,
+                                i64* out_rows) {
     const int lane = threadIdx.x & 31;
     const int warps = blockDim.x >> 5;
-    const float* a = queries + static_cast<i64>(q) * dim;
     for (int c = threadIdx.x >> 5; c < k; c += warps) {
-        const i64 row = rows[static_cast<i64>(q) * k + c];
-        const float* b = vectors + row * dim;
+        const float* b = vectors + row_of[c] * dim;
         double acc = 0.0, aa = 0.0, bb = 0.0;
         for (int d = lane; d < dim; d += 32) {
             const double x = b[d], y = a[d];
@@ -253,7 +250,6 @@ __global__ void rescore_sorted(const float* __restrict__ queries, const float* _
                 acc = den > 0.0 ? acc / den : 0.0;
             }
             score[c] = static_cast<float>(acc);
-            row_of[c] = row;
         }
     }
     __syncthreads();
@@ -265,7 +261,20 @@ __global__ void rescore_sorted(const float* __restrict__ queries, const float* _
             const float t = score[o];
             rank += (higher ? t > s : t < s) || (t == s && row_of[o] < r);
         }
-        out_scores[static_cast<i64>(q) * k + rank] = s;
-        out_rows[static_cast<i64>(q) * k + rank] = r;
+        out_scores[rank] = s;
+        out_rows[rank] = r;
     }
+}
+
+// One block per query: scores its k candidate rows directly (float64 sums, as `rescore`), then writes
+// them best first (ties by row) to out_scores/out_rows[q, :k]. k <= SORTED_MAX.
+__global__ void rescore_sorted(const float* __restrict__ queries, const float* __restrict__ vectors, int dim,
+                               const i64* rows, int k, int metric, int higher, float* out_scores, i64* out_rows) {
+    __shared__ float score[SORTED_MAX];
+    __shared__ i64 row_of[SORTED_MAX];
+    const int q = blockIdx.x;
+    for (int c = threadIdx.x; c < k; c += blockDim.x) row_of[c] = rows[static_cast<i64>(q) * k + c];
+    __syncthreads();
+    score_and_order(queries + static_cast<i64>(q) * dim, vectors, dim, row_of, score, k, metric, higher,
+                    out_scores + static_cast<i64>(q) * k, out_rows + static_cast<i64>(q) * k);
 }
