@@ -335,6 +335,7 @@ def test_every_scoring_and_histogram_variant_matches_reference(
         monkeypatch.setattr(search, "STREAM_DOT_MAX_QUERIES", 16)
     else:
         monkeypatch.setattr(select, "AGGREGATE", False)
+        monkeypatch.setattr(search, "FEW_MAX_QUERIES", 0)  # the histogram passes serve many queries only
     rng = np.random.default_rng(3)
     for n_queries, dim in ((1, 768), (1, 7), (5, 128), (16, 200), (16, 300), (3, 781)):
         vectors = rng.standard_normal((6000, dim)).astype(np.float32)
