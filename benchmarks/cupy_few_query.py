@@ -69,8 +69,11 @@ def old_largest_magnitude(array: Any) -> float:
 class Variant:
     """One configuration of the CuPy backend's module switches, applied before each call."""
 
-    def __init__(self, name: str, few: int, gemv: bool = False, stream: int = 0, magnitude: str = "new") -> None:
+    def __init__(
+        self, name: str, few: int, gemv: bool = False, stream: int = 0, magnitude: str = "new", vec4: bool = False
+    ) -> None:
         self.name, self.few, self.gemv, self.stream, self.magnitude = name, few, gemv, stream, magnitude
+        self.vec4 = vec4
 
     def apply(self) -> None:
         from gpurag_cupy import arrays, gemm, search
@@ -78,6 +81,7 @@ class Variant:
         search.FEW_MAX_QUERIES = self.few
         gemm.GEMV_FOR_ONE_QUERY = self.gemv
         search.STREAM_DOT_MAX_QUERIES = self.stream
+        search.VEC4_ONE_QUERY = self.vec4
         magnitudes = {"new": NEW_MAGNITUDE, "old": old_largest_magnitude, "none": unchecked_magnitude}
         arrays.largest_magnitude = magnitudes[self.magnitude]
 
@@ -92,7 +96,9 @@ MAIN = Variant("main", few=0, magnitude="old")
 FEW_GEMM = Variant("few gemmEx", few=16)
 FEW_GEMV = Variant("few sgemv", few=16, gemv=True)
 FEW_STREAM = Variant("few stream", few=16, stream=16)
+FEW_VEC4 = Variant("few vec4", few=16, vec4=True)
 FEW_UNCHECKED = Variant("few gemmEx, no query check (bound)", few=16, magnitude="none")
+ONE_QUERY = (FEW_GEMV, FEW_STREAM, FEW_VEC4)
 
 
 def check_exactness() -> int:
@@ -132,7 +138,14 @@ def check_exactness() -> int:
         ("D=768 Q=1", default, 20000, 768, 1, K, True),
         ("D=7 Q=5", default, 9000, 7, 5, K, True),
     ]
+    cases += [(f"{label}, {v.name}", b, n, d, nq, k, f) for label, b, n, d, nq, k, f in cases[:6] for v in ONE_QUERY]
     for label, backend, n, dim, n_queries, k, few_expected in cases:
+        for variant in ONE_QUERY:
+            if label.endswith(variant.name):
+                variant.apply()
+                break
+        else:
+            FEW_GEMM.apply()
         for metric in Metric:
             start = time.perf_counter()
             x = rng.standard_normal((n, dim)).astype(np.float32)
@@ -157,6 +170,7 @@ def check_exactness() -> int:
                     {"check": label, "metric": metric.value, "ok": False, "error": f"{type(exc).__name__}: {exc}"[:800]}
                 )
     search.few_query_topk = original
+    FEW_GEMM.apply()
     for label, poke in (("finite", None), ("nan", float("nan")), ("inf", float("inf")), ("-inf", -float("inf"))):
         values = cupy.asarray(rng.standard_normal((37, 781)).astype(np.float32))
         if poke is not None:
@@ -198,9 +212,9 @@ def time_rows(reps: int) -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     backend = gpurag.get_backend("cupy", device="cuda")
     rows = [
-        ("N=1M D=768 Q=1", 1_000_000, 768, 1, "dot", [MAIN, FEW_GEMM, FEW_GEMV, FEW_STREAM, FEW_UNCHECKED]),
-        ("N=1M D=768 Q=1", 1_000_000, 768, 1, "l2", [MAIN, FEW_GEMM, FEW_GEMV]),
-        ("N=1M D=768 Q=1", 1_000_000, 768, 1, "cosine", [MAIN, FEW_GEMM, FEW_GEMV]),
+        ("N=1M D=768 Q=1", 1_000_000, 768, 1, "dot", [MAIN, FEW_GEMM, FEW_GEMV, FEW_STREAM, FEW_VEC4, FEW_UNCHECKED]),
+        ("N=1M D=768 Q=1", 1_000_000, 768, 1, "l2", [MAIN, FEW_GEMM, FEW_GEMV, FEW_VEC4]),
+        ("N=1M D=768 Q=1", 1_000_000, 768, 1, "cosine", [MAIN, FEW_GEMM, FEW_GEMV, FEW_VEC4]),
         ("N=1M D=768 Q=1", 1_000_000, 768, 1, "l1", [MAIN, FEW_GEMM]),
         ("N=1M D=768 Q=16", 1_000_000, 768, 16, "dot", [MAIN, FEW_GEMM, FEW_STREAM]),
         ("N=10M D=128 Q=16", 10_000_000, 128, 16, "l1", [MAIN, FEW_GEMM]),
@@ -266,8 +280,9 @@ def time_rows(reps: int) -> None:
 
 
 def stages(reps: int) -> None:
-    """CUDA-event times of each launch of the few-query path, one-query dot at N=1M D=768."""
+    """CUDA-event times of each launch of the few-query path, one-query dot at N=1M D=768; host walls."""
     import cupy
+    import torch
 
     import gpurag
     from gpurag.metrics import Metric
@@ -299,6 +314,11 @@ def stages(reps: int) -> None:
         search.STREAM_DOT_MAX_QUERIES = 16
         search.dot_tile(q, database.vectors, buffer, n, 1.0)
 
+    def vec4() -> None:
+        search.VEC4_ONE_QUERY = True
+        search.dot_one_query_vec4(q, database.vectors, buffer, 1.0)
+        search.VEC4_ONE_QUERY = False
+
     def chunk_select() -> None:
         kernel("chunk_select")(
             (chunks, 1), (BLOCK,),
@@ -324,9 +344,32 @@ def stages(reps: int) -> None:
     def magnitude_old() -> None:
         old_largest_magnitude(q)
 
+    checked = backend.asarray(q, "queries")  # remembered with its magnitude: topk waits for nothing
+    torch_q = torch.as_tensor(q, device="cuda")
+
+    def enqueue_few() -> None:
+        search.FEW_MAX_QUERIES = 16
+        backend.topk(checked, database, K)
+
+    def enqueue_main() -> None:
+        search.FEW_MAX_QUERIES = 0
+        backend.topk(checked, database, K)
+        search.FEW_MAX_QUERIES = 16
+
+    def asarray_torch() -> None:
+        backend.asarray(torch_q, "queries")
+
     out: dict[str, float] = {}
-    for name, fn in (("gemmEx", gemm_ex), ("sgemv", sgemv), ("stream kernel", stream), ("chunk_select", chunk_select),
-                     ("merge_rescore", merge), ("main's radix select + rescore", old_select)):  # fmt: skip
+    launches = [
+        ("gemmEx", gemm_ex),
+        ("sgemv", sgemv),
+        ("stream kernel", stream),
+        ("vec4 kernel", vec4),
+        ("chunk_select", chunk_select),
+        ("merge_rescore", merge),
+        ("main's radix select + rescore", old_select),
+    ]
+    for name, fn in launches:
         for _ in range(3):
             fn()
         events = [(cupy.cuda.Event(), cupy.cuda.Event()) for _ in range(reps)]
@@ -337,14 +380,19 @@ def stages(reps: int) -> None:
         events[-1][1].synchronize()
         out[name] = statistics.median(cupy.cuda.get_elapsed_time(s, e) for s, e in events)
     for name, fn in (("largest magnitude, one launch (host wall)", magnitude_new),
-                     ("largest magnitude, main's (host wall)", magnitude_old)):  # fmt: skip
+                     ("largest magnitude, main's (host wall)", magnitude_old),
+                     ("asarray of torch queries (host wall)", asarray_torch),
+                     ("topk enqueue, few path (host wall, no wait)", enqueue_few),
+                     ("topk enqueue, main's path (host wall, no wait)", enqueue_main)):  # fmt: skip
         for _ in range(3):
             fn()
         walls = []
         for _ in range(reps):
+            cupy.cuda.Device().synchronize()
             t0 = time.perf_counter()
             fn()
             walls.append((time.perf_counter() - t0) * 1e3)
+        cupy.cuda.Device().synchronize()
         out[name] = statistics.median(walls)
     gemm.GEMV_FOR_ONE_QUERY, search.STREAM_DOT_MAX_QUERIES = False, 0
     emit({"stages": "N=1M D=768 Q=1 dot", **{k: round(v, 4) for k, v in out.items()}})

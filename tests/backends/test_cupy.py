@@ -323,7 +323,9 @@ def test_tiles_after_the_first_filtered_by_the_running_threshold_match_reference
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["sgemv", "streaming dot kernel", "histogram without warp aggregation"])
+@pytest.mark.parametrize(
+    "variant", ["sgemv", "streaming dot kernel", "float4 one-query dot kernel", "histogram without warp aggregation"]
+)
 def test_every_scoring_and_histogram_variant_matches_reference(
     cupy_gpu: DistanceBackend, monkeypatch: pytest.MonkeyPatch, variant: str
 ) -> None:
@@ -333,11 +335,13 @@ def test_every_scoring_and_histogram_variant_matches_reference(
         monkeypatch.setattr(gemm, "GEMV_FOR_ONE_QUERY", True)
     elif variant == "streaming dot kernel":
         monkeypatch.setattr(search, "STREAM_DOT_MAX_QUERIES", 16)
+    elif variant == "float4 one-query dot kernel":
+        monkeypatch.setattr(search, "VEC4_ONE_QUERY", True)
     else:
         monkeypatch.setattr(select, "AGGREGATE", False)
         monkeypatch.setattr(search, "FEW_MAX_QUERIES", 0)  # the histogram passes serve many queries only
     rng = np.random.default_rng(3)
-    for n_queries, dim in ((1, 768), (1, 7), (5, 128), (16, 200), (16, 300), (3, 781)):
+    for n_queries, dim in ((1, 768), (1, 7), (1, 132), (5, 128), (16, 200), (16, 300), (3, 781)):
         vectors = rng.standard_normal((6000, dim)).astype(np.float32)
         queries = rng.standard_normal((n_queries, dim)).astype(np.float32)
         for metric in Metric:

@@ -16,7 +16,7 @@ import numpy as np
 from gpurag.metrics import Metric
 from gpurag_cupy.database import INV_NORMS, NEG_SQ_NORMS, sum_of_squares
 from gpurag_cupy.gemm import scores_into
-from gpurag_cupy.kernels import kernel
+from gpurag_cupy.kernels import VEC4_WIDTHS, kernel
 from gpurag_cupy.select import BLOCK, Candidates, multiprocessors, pointer
 
 #: Metric codes of the kernels in ``scores.cu``.
@@ -26,6 +26,8 @@ METRIC_CODES = {Metric.DOT: 0, Metric.L2: 1, Metric.COSINE: 2, Metric.L1: 3}
 REGISTER_WIDTHS = {1: (4, 8, 16, 24, 32), 8: (4, 8), 16: (4, 8)}
 #: Most queries whose dot products the streaming kernel computes instead of cuBLAS (0: cuBLAS always).
 STREAM_DOT_MAX_QUERIES = 0
+#: Whether one query's dot products come from ``dot_one_query_vec4`` (float4 loads) instead of cuBLAS.
+VEC4_ONE_QUERY = False
 #: Largest k whose final scores are ordered by one block per query (``rescore_sorted``).
 SORTED_MAX = 1024
 #: Most queries one kernel grid covers (CUDA's limit on gridDim.y).
@@ -73,8 +75,26 @@ def l1_tile(queries: cupy.ndarray, rows: cupy.ndarray, out: cupy.ndarray, ld: in
     )
 
 
+def dot_one_query_vec4(query: cupy.ndarray, rows: cupy.ndarray, out: cupy.ndarray, alpha: float) -> bool:
+    """``out[0, j] = alpha * query · rows[j]`` in 16-byte loads; False where it does not apply."""
+    dim = query.shape[1]
+    quads = dim // 4
+    held = [w for w in VEC4_WIDTHS if 32 * w >= quads]
+    aligned = all(a.data.ptr % 16 == 0 for a in (query, rows))
+    if not VEC4_ONE_QUERY or query.shape[0] != 1 or dim % 4 or not held or not aligned:
+        return False
+    n = rows.shape[0]
+    blocks = max(1, min(-(-n // (BLOCK // 32)), 8 * multiprocessors(cupy.cuda.Device().id)))
+    kernel(f"dot_one_query_vec4<{held[0]}>")(
+        (blocks,), (BLOCK,), (query, rows, np.int64(n), np.int32(quads), np.float32(alpha), out)
+    )
+    return True
+
+
 def dot_tile(queries: cupy.ndarray, rows: cupy.ndarray, out: cupy.ndarray, ld: int, alpha: float) -> bool:
-    """``out[q, j] = alpha * queries[q] · rows[j]`` by the streaming kernel; False where it does not apply."""
+    """``out[q, j] = alpha * queries[q] · rows[j]`` by a streaming kernel; False where none applies."""
+    if dot_one_query_vec4(queries, rows, out, alpha):
+        return True
     n_queries, dim = queries.shape
     if n_queries > STREAM_DOT_MAX_QUERIES:
         return False

@@ -278,3 +278,37 @@ __global__ void rescore_sorted(const float* __restrict__ queries, const float* _
     score_and_order(queries + static_cast<i64>(q) * dim, vectors, dim, row_of, score, k, metric, higher,
                     out_scores + static_cast<i64>(q) * k, out_rows + static_cast<i64>(q) * k);
 }
+
+// out[j] = alpha * query · vectors[j] for one query (float32 products summed in float32), D % 4 == 0 and
+// 16-byte aligned rows: one warp per row, lane l reading float4s l, l + 32, ... (W of them, D <= 128 W)
+// with its share of the query in registers; the rows stream once, in 16-byte loads.
+template <int W>
+__global__ void dot_one_query_vec4(const float4* __restrict__ query, const float4* __restrict__ vectors, i64 n,
+                                   int quads, float alpha, float* out) {
+    const int lane = threadIdx.x & 31;
+    float4 held[W];
+#pragma unroll
+    for (int t = 0; t < W; ++t) {
+        const int d = lane + 32 * t;
+        held[t] = d < quads ? query[d] : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+    const i64 warps = static_cast<i64>(gridDim.x) * (blockDim.x >> 5);
+    for (i64 row = static_cast<i64>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5); row < n; row += warps) {
+        const float4* x = vectors + row * quads;
+        float acc = 0.f;
+#pragma unroll
+        for (int t = 0; t < W; ++t) {
+            const int d = lane + 32 * t;
+            if (d < quads) {
+                const float4 v = __ldg(x + d);
+                acc = fmaf(v.x, held[t].x, acc);
+                acc = fmaf(v.y, held[t].y, acc);
+                acc = fmaf(v.z, held[t].z, acc);
+                acc = fmaf(v.w, held[t].w, acc);
+            }
+        }
+#pragma unroll
+        for (int offset = 16; offset > 0; offset >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, offset);
+        if (lane == 0) out[row] = alpha * acc;
+    }
+}
