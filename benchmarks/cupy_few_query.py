@@ -70,13 +70,22 @@ class Variant:
     """One configuration of the CuPy backend's module switches, applied before each call."""
 
     def __init__(
-        self, name: str, few: int, gemv: bool = False, stream: int = 0, magnitude: str = "new", vec4: bool = False
+        self,
+        name: str,
+        few: int,
+        gemv: bool = False,
+        stream: int = 0,
+        magnitude: str = "new",
+        vec4: bool = False,
+        defer: bool = True,
     ) -> None:
         self.name, self.few, self.gemv, self.stream, self.magnitude = name, few, gemv, stream, magnitude
-        self.vec4 = vec4
+        self.vec4, self.defer = vec4, defer
 
     def apply(self) -> None:
-        from gpurag_cupy import arrays, gemm, search
+        from gpurag_cupy import arrays, backend, gemm, search
+
+        backend.DEFER_QUERY_CHECK = self.defer
 
         search.FEW_MAX_QUERIES = self.few
         gemm.GEMV_FOR_ONE_QUERY = self.gemv
@@ -92,12 +101,13 @@ def unchecked_magnitude(array: Any) -> float:
 
 
 NEW_MAGNITUDE: Any = None
-MAIN = Variant("main", few=0, magnitude="old")
+MAIN = Variant("main", few=0, magnitude="old", defer=False)
 FEW_GEMM = Variant("few gemmEx", few=16)
 FEW_GEMV = Variant("few sgemv", few=16, gemv=True)
 FEW_STREAM = Variant("few stream", few=16, stream=16)
 FEW_VEC4 = Variant("few vec4", few=16, vec4=True)
-FEW_UNCHECKED = Variant("few gemmEx, no query check (bound)", few=16, magnitude="none")
+FEW_WAIT = Variant("few gemmEx, check first", few=16, defer=False)
+FEW_UNCHECKED = Variant("few gemmEx, no query check (bound)", few=16, magnitude="none", defer=False)
 ONE_QUERY = (FEW_GEMV, FEW_STREAM, FEW_VEC4)
 
 
@@ -212,7 +222,14 @@ def time_rows(reps: int) -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     backend = gpurag.get_backend("cupy", device="cuda")
     rows = [
-        ("N=1M D=768 Q=1", 1_000_000, 768, 1, "dot", [MAIN, FEW_GEMM, FEW_GEMV, FEW_STREAM, FEW_VEC4, FEW_UNCHECKED]),
+        (
+            "N=1M D=768 Q=1",
+            1_000_000,
+            768,
+            1,
+            "dot",
+            [MAIN, FEW_GEMM, FEW_GEMV, FEW_STREAM, FEW_VEC4, FEW_WAIT, FEW_UNCHECKED],
+        ),
         ("N=1M D=768 Q=1", 1_000_000, 768, 1, "l2", [MAIN, FEW_GEMM, FEW_GEMV, FEW_VEC4]),
         ("N=1M D=768 Q=1", 1_000_000, 768, 1, "cosine", [MAIN, FEW_GEMM, FEW_GEMV, FEW_VEC4]),
         ("N=1M D=768 Q=1", 1_000_000, 768, 1, "l1", [MAIN, FEW_GEMM]),
@@ -267,8 +284,7 @@ def time_rows(reps: int) -> None:
             emit(
                 {"row": label, "metric": metric, "reps": row_reps, **{k: round(v, 4) for k, v in ms.items()}, **ratios}
             )
-            cells = [f"{ms[v.name]:.3f} ({ms[v.name + ' topk']:.3f})" for v in variants]
-            cells += [""] * (len(rows[0][5]) - len(variants))
+            cells = [f"{ms[v.name]:.3f} ({ms[v.name + ' topk']:.3f})" if v in variants else "" for v in rows[0][5]]
             write_md(
                 f"| {label} | {metric} | {ms['naive']:.3f} | " + " | ".join(cells) + f" | {ms['naive'] / best:.2f} |"
             )
@@ -286,6 +302,7 @@ def stages(reps: int) -> None:
 
     import gpurag
     from gpurag.metrics import Metric
+    from gpurag_cupy import backend as cupy_backend
     from gpurag_cupy import gemm, search
     from gpurag_cupy.kernels import kernel
     from gpurag_cupy.select import BLOCK, pointer
@@ -349,15 +366,23 @@ def stages(reps: int) -> None:
 
     def enqueue_few() -> None:
         search.FEW_MAX_QUERIES = 16
+        backend._checked.last = (checked, 1.0)  # as asarray leaves a checked array: topk waits for nothing
         backend.topk(checked, database, K)
 
     def enqueue_main() -> None:
         search.FEW_MAX_QUERIES = 0
+        backend._checked.last = (checked, 1.0)
         backend.topk(checked, database, K)
         search.FEW_MAX_QUERIES = 16
 
     def asarray_torch() -> None:
+        cupy_backend.DEFER_QUERY_CHECK = False
         backend.asarray(torch_q, "queries")
+        cupy_backend.DEFER_QUERY_CHECK = True
+
+    def asarray_torch_deferred() -> None:
+        backend.asarray(torch_q, "queries")
+        backend._checked.last = None
 
     out: dict[str, float] = {}
     launches = [
@@ -381,7 +406,8 @@ def stages(reps: int) -> None:
         out[name] = statistics.median(cupy.cuda.get_elapsed_time(s, e) for s, e in events)
     for name, fn in (("largest magnitude, one launch (host wall)", magnitude_new),
                      ("largest magnitude, main's (host wall)", magnitude_old),
-                     ("asarray of torch queries (host wall)", asarray_torch),
+                     ("asarray of torch queries, check read (host wall)", asarray_torch),
+                     ("asarray of torch queries, check deferred (host wall)", asarray_torch_deferred),
                      ("topk enqueue, few path (host wall, no wait)", enqueue_few),
                      ("topk enqueue, main's path (host wall, no wait)", enqueue_main)):  # fmt: skip
         for _ in range(3):

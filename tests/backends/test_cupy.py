@@ -402,3 +402,48 @@ def test_the_largest_magnitude_is_nan_or_inf_where_an_entry_is(cupy_gpu: Distanc
         poked[36, 780] = poke
         got = largest_magnitude(cupy.asarray(poked))
         assert np.isnan(got) if np.isnan(poke) else got == np.inf, (poke, got)
+
+
+# --- device queries: their check is read after the search is queued -------------------------------
+@pytest.mark.gpu
+def test_device_queries_that_are_not_finite_are_refused_naming_the_entry(cupy_gpu: DistanceBackend) -> None:
+    torch = pytest.importorskip("torch")
+    from gpurag.errors import InvalidInputError
+
+    device = torch.device(cupy_gpu.device)
+    vectors = np.random.default_rng(9).standard_normal((5000, 8)).astype(np.float32)
+    index = gpurag.ExactRetriever(metric="l2", backend=cupy_gpu)
+    index.add(vectors)
+    for poke in (float("nan"), float("inf")):
+        bad = torch.randn(3, 8, device=device)
+        bad[1, 3] = poke
+        with pytest.raises(InvalidInputError, match=r"queries must be finite; row 1, column 3 holds NaN or inf"):
+            index.search(bad, 4)
+        with pytest.raises(InvalidInputError, match=r"row 1, column 3"):  # any other use reads the check first
+            cupy_gpu.pairwise(cupy_gpu.asarray(bad, "queries"), vectors, Metric.L2)
+    good = np.random.default_rng(10).standard_normal((3, 8)).astype(np.float32)
+    scores, ids = index.search(torch.from_numpy(good).to(device), 4)  # nothing left over from the refusals
+    ref.assert_topk_matches(good, vectors, Metric.L2, scores, ids, 4, label="after refusals")
+
+
+@pytest.mark.gpu
+def test_device_queries_whose_float32_products_overflow_are_answered_in_float64(cupy_gpu: DistanceBackend) -> None:
+    """The kit's overflow case (terms near 1e40 that cancel), with the queries on the device: their
+    magnitude is read after the float32 search is queued, which must then be answered again in float64."""
+    torch = pytest.importorskip("torch")
+
+    rng = np.random.default_rng(13)
+    big = np.float32(1e20)
+    queries = np.zeros((3, 4), np.float32)
+    queries[:, :2] = big * rng.uniform(0.5, 1.0, (3, 1)).astype(np.float32)
+    queries[:, 2:] = rng.standard_normal((3, 2)).astype(np.float32)
+    vectors = np.zeros((9000, 4), np.float32)
+    vectors[:, 0] = big * rng.uniform(0.5, 1.0, 9000).astype(np.float32)
+    vectors[:, 1] = -vectors[:, 0] + np.float32(1e17) * rng.standard_normal(9000).astype(np.float32)
+    vectors[:, 2:] = rng.standard_normal((9000, 2)).astype(np.float32)
+    index = gpurag.ExactRetriever(metric="dot", backend=cupy_gpu)
+    index.add(vectors)
+    scores, ids = index.search(torch.from_numpy(queries).to(torch.device(cupy_gpu.device)), 5)
+    ref.assert_topk_matches(
+        queries, vectors, Metric.DOT, scores, ids, 5, label="device queries, float32 terms overflow"
+    )

@@ -8,6 +8,7 @@ copy where they already are float32 and C-contiguous on the device; host arrays 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -27,13 +28,13 @@ DLPACK_CUDA = 2
 MAGNITUDE_BLOCKS_PER_SM = 4
 
 
-def largest_magnitude(array: cupy.ndarray) -> float:
-    """The largest |x| of a C-contiguous float32 array: NaN where an entry is NaN, inf where one is infinite.
+def queue_largest_magnitude(array: cupy.ndarray) -> cupy.ndarray:
+    """A (1,) uint32 device array that will hold the largest bit pattern of |x| over a C-contiguous float32
+    array (as a float: the largest |x|, NaN where an entry is NaN, inf where one is infinite); queued only.
 
-    One launch (``largest_magnitude_bits``: the largest bit pattern of |x|, NaN's being above inf's)
-    and one four-byte copy back. (A `ReductionKernel` was tried first: CuPy renames its input by
-    plain text replacement, which broke a hex literal; W2, H200. CuPy's ``abs`` then ``max`` took
-    three launches, a temporary and a copy.)
+    One launch (``largest_magnitude_bits``; NaN's patterns are above inf's). (A `ReductionKernel` was
+    tried first: CuPy renames its input by plain text replacement, which broke a hex literal; W2, H200.
+    CuPy's ``abs`` then ``max`` took three launches and a temporary.)
     """
     from gpurag_cupy.kernels import kernel
     from gpurag_cupy.select import BLOCK, multiprocessors
@@ -42,7 +43,45 @@ def largest_magnitude(array: cupy.ndarray) -> float:
     n = int(array.size)
     blocks = max(1, min(-(-n // BLOCK), MAGNITUDE_BLOCKS_PER_SM * multiprocessors(cupy.cuda.Device().id)))
     kernel("largest_magnitude_bits")((blocks,), (BLOCK,), (array, np.int64(n), bits))
+    return bits
+
+
+def read_magnitude(bits: cupy.ndarray) -> float:
+    """The float `queue_largest_magnitude`'s array holds (waits for it)."""
     return float(bits.get().view(np.float32)[0])
+
+
+def largest_magnitude(array: cupy.ndarray) -> float:
+    """The largest |x| of a C-contiguous float32 array: NaN where an entry is NaN, inf where one is infinite."""
+    return read_magnitude(queue_largest_magnitude(array))
+
+
+@dataclasses.dataclass
+class PendingCheck:
+    """The finiteness check of a device array converted by `as_device_matrix`, queued on the card: `resolve`
+    reads it later (a search queued in between costs no extra wait)."""
+
+    array: cupy.ndarray
+    source: cupy.ndarray
+    name: str
+    bits: cupy.ndarray
+    #: The stream the check was queued on (torch's, for torch tensors): work on the array joins it.
+    stream: Any = dataclasses.field(default_factory=lambda: cupy.cuda.get_current_stream())
+
+    def resolve(self) -> float:
+        """The array's largest |x|; an `InvalidInputError` naming an entry that is not finite."""
+        largest = read_magnitude(self.bits)
+        check_finite(self.array, self.source, self.name, largest)
+        return largest
+
+
+def check_finite(out: cupy.ndarray, source: cupy.ndarray, name: str, largest: float) -> None:
+    """An `InvalidInputError` naming the first entry of ``out`` (converted from ``source``) that is not finite,
+    where ``largest`` (its largest |x|) says there is one."""
+    if source.dtype.kind == "f" and not np.isfinite(largest):
+        bad = cupy.argwhere(~cupy.isfinite(out))[0].get().tolist()
+        held = "NaN or inf" if not bool(cupy.isfinite(source[bad[0], bad[1]])) else "a value too large for float32"
+        raise InvalidInputError(f"{name} must be finite; row {bad[0]}, column {bad[1]} holds {held}")
 
 
 def is_torch_cuda(x: Any) -> bool:
@@ -88,13 +127,16 @@ def torch_stream(like: Any) -> Iterator[None]:
         yield
 
 
-def as_device_matrix(x: Any, name: str, *, dim: int | None = None) -> tuple[cupy.ndarray, float | None]:
+def as_device_matrix(
+    x: Any, name: str, *, dim: int | None = None, defer_check: bool = False
+) -> tuple[cupy.ndarray, float | PendingCheck | None]:
     """``x`` as a C-contiguous float32 (rows, dim) CuPy array on the current device, checked like `as_matrix`,
     and its largest magnitude where that came for free (device arrays; small host arrays), else None.
 
     A device array already float32 and C-contiguous on the current device is used as it is; other
     device arrays are converted there (non-contiguous, other dtypes, another card). Finiteness is
-    checked on the device.
+    checked on the device; with ``defer_check`` a device array's check is only queued, and returned
+    as a `PendingCheck` in place of the magnitude.
     """
     array = foreign_device_array(x)
     if array is None:
@@ -114,14 +156,13 @@ def as_device_matrix(x: Any, name: str, *, dim: int | None = None) -> tuple[cupy
         raise InvalidInputError(f"{name} has dimension {array.shape[1]}, the index has {dim}")
     if array.device.id != cupy.cuda.Device().id:
         array = cupy.asarray(array)  # a peer copy onto this card
-    out = cupy.ascontiguousarray(array, dtype=cupy.float32)
-    largest = largest_magnitude(out)
-    if array.dtype.kind == "f" and not np.isfinite(largest):
-        bad = cupy.argwhere(~cupy.isfinite(out))[0].get().tolist()
-        source = "NaN or inf" if not bool(cupy.isfinite(array[bad[0], bad[1]])) else "a value too large for float32"
-        raise InvalidInputError(f"{name} must be finite; row {bad[0]}, column {bad[1]} holds {source}")
     if array.dtype.kind in "iu" and float(cupy.abs(array).max()) > float(np.finfo(np.float32).max):
         raise InvalidInputError(f"{name} holds an integer too large for float32")
+    out = cupy.ascontiguousarray(array, dtype=cupy.float32)
+    if defer_check:
+        return out, PendingCheck(out, array, name, queue_largest_magnitude(out))
+    largest = largest_magnitude(out)
+    check_finite(out, array, name, largest)
     return out, largest
 
 

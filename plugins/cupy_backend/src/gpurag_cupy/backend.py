@@ -36,6 +36,12 @@ SELECTION_BLOCK_KEYS = 8192
 CUDA_DRIVER_LIBRARY = "libcuda.so.1"
 #: The value of bit j % 8 within its byte: little bit order, as np.packbits(..., bitorder="little").
 BIT_WEIGHTS = np.array([1, 2, 4, 8, 16, 32, 64, 128], dtype=np.uint8)
+#: Whether `asarray` leaves the finiteness check of device arrays named in `DEFERRED_CHECK_NAMES` queued on
+#: the card, for `topk` to read once the search is queued behind it (no wait before the score pass).
+DEFER_QUERY_CHECK = True
+#: The names under which `asarray` defers a device array's check: the retriever's queries, which `topk`
+#: is handed next (any other use of the array through the backend reads the check first).
+DEFERRED_CHECK_NAMES = frozenset({"queries"})
 #: The install line named when cupy is missing.
 INSTALL_HINT = "pip install 'gpurag-cupy[cuda12]' or 'gpurag-cupy[cuda13]'"
 
@@ -140,18 +146,37 @@ class CupyBackend(DistanceBackend):
     # --- conversion at the edges ---------------------------------------------------------------
     def asarray(self, x: Any, name: str, *, dim: int | None = None) -> Any:
         """``x`` as a float32 (rows, dim) CuPy array on this card: zero-copy for device arrays already float32 there."""
-        from gpurag_cupy.arrays import as_device_matrix
+        from gpurag_cupy.arrays import PendingCheck, as_device_matrix
 
+        self._resolve_pending()
+        defer = DEFER_QUERY_CHECK and name in DEFERRED_CHECK_NAMES
         with self._on_device(x):
-            array, largest = as_device_matrix(x, name, dim=dim)
+            array, largest = as_device_matrix(x, name, dim=dim, defer_check=defer)
+            if isinstance(largest, PendingCheck) and array.shape[0] > CHECKED_ROWS:
+                largest = largest.resolve()  # too many rows to remember: checked now
         if largest is not None and array.shape[0] <= CHECKED_ROWS:
             self._checked.last = (array, largest)  # `topk` bounds these queries' norms without a wait
         return array
 
-    def _largest_magnitude(self, queries: Any) -> float | None:
-        """The largest |q_ij| measured when ``queries`` (this very array) came through `asarray`, else None."""
+    def _largest_magnitude(self, queries: Any) -> Any:
+        """What `asarray` measured of ``queries`` (this very array): its largest |q_ij|, or the `PendingCheck`
+        that will tell; None where it did not come through `asarray` (or was not remembered)."""
         last = getattr(self._checked, "last", None)
         return last[1] if last is not None and last[0] is queries else None
+
+    def _resolve_pending(self) -> None:
+        """Read the check `asarray` last deferred on this thread, if unread (an `InvalidInputError` if not finite).
+
+        Called before any other use of an array through the backend than the `topk` it was deferred for,
+        so every device array handed in is checked before its answer is returned.
+        """
+        from gpurag_cupy.arrays import PendingCheck
+
+        last = getattr(self._checked, "last", None)
+        if last is not None and isinstance(last[1], PendingCheck):
+            self._checked.last = None  # read once, even where it raises
+            with last[1].stream:
+                self._checked.last = (last[0], last[1].resolve())
 
     def to_numpy(self, x: Any) -> np.ndarray[Any, Any]:
         """A host NumPy copy of a CuPy array (other arrays pass through `gpurag.arrays.to_host`)."""
@@ -159,7 +184,7 @@ class CupyBackend(DistanceBackend):
 
         return to_numpy(x)
 
-    def _matrix(self, x: Any, name: str) -> Any:
+    def _matrix(self, x: Any, name: str, *, resolve: bool = True) -> Any:
         import cupy
 
         if (
@@ -168,8 +193,13 @@ class CupyBackend(DistanceBackend):
             and x.flags.c_contiguous
             and x.device.id == self.device_index
         ):
+            if resolve:
+                self._resolve_pending()
             return x
-        return self.asarray(x, name)
+        array = self.asarray(x, name)
+        if resolve:
+            self._resolve_pending()
+        return array
 
     def empty_rows(self, like: Any, shape: tuple[int, ...]) -> Any:
         """An uninitialised CuPy array of ``shape`` and ``like``'s dtype on this card."""
@@ -285,6 +315,7 @@ class CupyBackend(DistanceBackend):
         float32 term could overflow, the search is answered in float64.
         """
         from gpurag_cupy import search
+        from gpurag_cupy.arrays import PendingCheck
         from gpurag_cupy.database import row_norms
 
         with self._on_device(queries):
@@ -293,13 +324,23 @@ class CupyBackend(DistanceBackend):
             if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= n_rows:
                 raise InvalidInputError(f"k must be an integer in 1..{n_rows} (the database's rows); got {k!r}")
             k = int(k)
-            q = self._matrix(queries, "queries")
+            q = self._matrix(queries, "queries", resolve=False)
             if q.shape[1] != own.dim:
                 raise InvalidInputError(f"queries must be (Q, {own.dim}); got shape {tuple(q.shape)}")
             largest = self._largest_magnitude(q)
-            if largest is not None:  # |q| <= sqrt(D) max|q_i|, Σ|q| <= D max|q_i|: decided before scoring
-                query_reach = largest * (q.shape[1] if own.metric is Metric.L1 else math.sqrt(q.shape[1]))
-                if self._overflows(query_reach, own):
+            if largest is None:
+                self._resolve_pending()  # say, of the array these queries are a slice of
+            if isinstance(largest, PendingCheck):  # the search first, on the check's stream; then the one wait
+                with largest.stream:
+                    scores, rows = search.float32_topk(q, own, k, self.tile_scores)
+                    self._checked.last = None  # read once, even where it raises
+                    measured = largest.resolve()  # an InvalidInputError where a query is not finite
+                    self._checked.last = (q, measured)
+                    if self._overflows(self._query_reach(measured, q.shape[1], own.metric), own):
+                        return TopK(*search.float64_topk(q, own.vectors, k, own.metric))
+                    return TopK(scores, rows)
+            if largest is not None:  # decided before scoring
+                if self._overflows(self._query_reach(largest, q.shape[1], own.metric), own):
                     return TopK(*search.float64_topk(q, own.vectors, k, own.metric))
                 return TopK(*search.float32_topk(q, own, k, self.tile_scores))
             scores, rows = search.float32_topk(q, own, k, self.tile_scores)  # queued, not waited for
@@ -307,6 +348,11 @@ class CupyBackend(DistanceBackend):
             if self._overflows(float(reach), own):  # the one wait of such a search
                 scores, rows = search.float64_topk(q, own.vectors, k, own.metric)
             return TopK(scores, rows)
+
+    @staticmethod
+    def _query_reach(largest: float, dim: int, metric: Metric) -> float:
+        """A bound of the queries' norms from their largest |q_ij|: |q| <= sqrt(D) max, Σ|q| <= D max (l1)."""
+        return largest * (dim if metric is Metric.L1 else math.sqrt(dim))
 
     @staticmethod
     def _overflows(query_reach: float, database: Any) -> bool:
