@@ -290,7 +290,8 @@ __global__ void dot_one_query_vec4(const float4* __restrict__ query, const float
 #pragma unroll
     for (int t = 0; t < W; ++t) {
         const int d = lane + 32 * t;
-        held[t] = d < quads ? query[d] : make_float4(0.f, 0.f, 0.f, 0.f);
+        const float4 zero = {0.f, 0.f, 0.f, 0.f};
+        held[t] = d < quads ? query[d] : zero;
     }
     const i64 warps = static_cast<i64>(gridDim.x) * (blockDim.x >> 5);
     for (i64 row = static_cast<i64>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5); row < n; row += warps) {

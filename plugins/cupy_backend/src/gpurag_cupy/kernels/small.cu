@@ -104,7 +104,7 @@ __global__ void chunk_select(const float* src, i64 ld, i64 n, const float* mul, 
     __shared__ u32 counters[2];
     const int q = blockIdx.y;
     const i64 start = static_cast<i64>(blockIdx.x) * CHUNK_KEYS;
-    const int len = static_cast<int>(min(static_cast<i64>(CHUNK_KEYS), n - start));
+    const int len = static_cast<int>(n - start < CHUNK_KEYS ? n - start : static_cast<i64>(CHUNK_KEYS));
     for (int i = threadIdx.x; i < len; i += blockDim.x) keys[i] = load_key<true>(src, ld, q, start + i, mul, add);
     if (threadIdx.x == 0) {
         counters[0] = 0u;
@@ -155,9 +155,13 @@ __global__ void largest_magnitude_bits(const float* x, i64 n, u32* out) {
     u32 best = 0u;
     const i64 step = static_cast<i64>(gridDim.x) * blockDim.x;
     for (i64 i = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
-        best = max(best, __float_as_uint(x[i]) & 0x7fffffffu);
+        const u32 bits = __float_as_uint(x[i]) & 0x7fffffffu;
+        best = bits > best ? bits : best;
     }
 #pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) best = max(best, __shfl_xor_sync(FULL_MASK, best, offset));
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        const u32 other = __shfl_xor_sync(FULL_MASK, best, offset);
+        best = other > best ? other : best;
+    }
     if ((threadIdx.x & 31) == 0 && best != 0u) atomicMax(out, best);
 }
