@@ -213,7 +213,7 @@ def interleaved(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, float
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def time_rows(reps: int) -> None:
+def time_rows(reps: int, only: list[str] | None = None) -> None:
     import torch
 
     import gpu_report as report
@@ -242,6 +242,8 @@ def time_rows(reps: int) -> None:
     write_md("|" + "---|" * (header.count("|") - 1))
     data: dict[tuple[int, int], Any] = {}
     for label, n, dim, n_queries, metric, variants in rows:
+        if only and not any(part == f"{label} {metric}" for part in only):
+            continue
         try:
             if (n, dim) not in data:
                 data.clear()
@@ -435,6 +437,7 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=40)
     parser.add_argument("--skip-check", action="store_true")
     parser.add_argument("--only", choices=("check", "rows", "stages"))
+    parser.add_argument("--row", action="append", help='time only this row ("N=1M D=768 Q=1 dot"); repeatable')
     args = parser.parse_args()
     OUT = args.out
     import cupy
@@ -450,7 +453,7 @@ def main() -> int:
         failures = check_exactness()
         emit({"check_failures": failures})  # the timing goes on: each timed answer is checked again first
     if args.only in (None, "rows"):
-        time_rows(args.reps)
+        time_rows(args.reps, args.row)
     if args.only in (None, "stages"):
         stages(args.reps)
     return 1 if failures else 0
