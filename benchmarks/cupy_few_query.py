@@ -101,6 +101,7 @@ def unchecked_magnitude(array: Any) -> float:
 
 
 NEW_MAGNITUDE: Any = None
+SHIPPED: Any = None
 MAIN = Variant("main", few=0, magnitude="old", defer=False)
 FEW_GEMM = Variant("few gemmEx", few=16)
 FEW_GEMV = Variant("few sgemv", few=16, gemv=True)
@@ -109,6 +110,20 @@ FEW_VEC4 = Variant("few vec4", few=16, vec4=True)
 FEW_WAIT = Variant("few gemmEx, check first", few=16, defer=False)
 FEW_UNCHECKED = Variant("few gemmEx, no query check (bound)", few=16, magnitude="none", defer=False)
 ONE_QUERY = (FEW_GEMV, FEW_STREAM, FEW_VEC4)
+
+
+def shipped() -> Variant:
+    """The switches as the modules set them (what a user gets), read at import."""
+    from gpurag_cupy import backend, gemm, search
+
+    return Variant(
+        "shipped",
+        few=search.FEW_MAX_QUERIES,
+        gemv=gemm.GEMV_FOR_ONE_QUERY,
+        stream=search.STREAM_DOT_MAX_QUERIES,
+        vec4=search.VEC4_ONE_QUERY,
+        defer=backend.DEFER_QUERY_CHECK,
+    )
 
 
 def check_exactness() -> int:
@@ -221,6 +236,7 @@ def time_rows(reps: int, only: list[str] | None = None) -> None:
 
     torch.backends.cuda.matmul.allow_tf32 = False
     backend = gpurag.get_backend("cupy", device="cuda")
+    ships = SHIPPED or shipped()
     rows = [
         (
             "N=1M D=768 Q=1",
@@ -228,13 +244,13 @@ def time_rows(reps: int, only: list[str] | None = None) -> None:
             768,
             1,
             "dot",
-            [MAIN, FEW_GEMM, FEW_GEMV, FEW_STREAM, FEW_VEC4, FEW_WAIT, FEW_UNCHECKED],
+            [MAIN, ships, FEW_GEMM, FEW_GEMV, FEW_STREAM, FEW_VEC4, FEW_WAIT, FEW_UNCHECKED],
         ),
-        ("N=1M D=768 Q=1", 1_000_000, 768, 1, "l2", [MAIN, FEW_GEMM, FEW_GEMV, FEW_VEC4]),
-        ("N=1M D=768 Q=1", 1_000_000, 768, 1, "cosine", [MAIN, FEW_GEMM, FEW_GEMV, FEW_VEC4]),
-        ("N=1M D=768 Q=1", 1_000_000, 768, 1, "l1", [MAIN, FEW_GEMM]),
-        ("N=1M D=768 Q=16", 1_000_000, 768, 16, "dot", [MAIN, FEW_GEMM, FEW_STREAM]),
-        ("N=10M D=128 Q=16", 10_000_000, 128, 16, "l1", [MAIN, FEW_GEMM]),
+        ("N=1M D=768 Q=1", 1_000_000, 768, 1, "l2", [MAIN, ships, FEW_GEMM, FEW_GEMV, FEW_VEC4]),
+        ("N=1M D=768 Q=1", 1_000_000, 768, 1, "cosine", [MAIN, ships, FEW_GEMM, FEW_GEMV, FEW_VEC4]),
+        ("N=1M D=768 Q=1", 1_000_000, 768, 1, "l1", [MAIN, ships, FEW_GEMM]),
+        ("N=1M D=768 Q=16", 1_000_000, 768, 16, "dot", [MAIN, ships, FEW_GEMM, FEW_STREAM]),
+        ("N=10M D=128 Q=16", 10_000_000, 128, 16, "l1", [MAIN, ships, FEW_GEMM]),
     ]
     header = "| scenario | metric | naive | " + " | ".join(v.name for v in rows[0][5]) + " | best few / naive |"
     write_md("\n## Search (ExactRetriever.search, ms, medians; topk alone in brackets)\n")
@@ -431,7 +447,7 @@ def stages(reps: int) -> None:
 
 
 def main() -> int:
-    global OUT, NEW_MAGNITUDE
+    global OUT, NEW_MAGNITUDE, SHIPPED
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path)
     parser.add_argument("--reps", type=int, default=40)
@@ -445,6 +461,7 @@ def main() -> int:
     from gpurag_cupy import arrays
 
     NEW_MAGNITUDE = arrays.largest_magnitude
+    SHIPPED = shipped()  # before any variant changes a switch
     name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
     emit({"card": name, "cupy": cupy.__version__})
     write_md(f"# gpurag-cupy few-query path on {name} (CuPy {cupy.__version__}), k = {K}")
