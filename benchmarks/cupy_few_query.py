@@ -126,7 +126,7 @@ def shipped() -> Variant:
     )
 
 
-def check_exactness() -> int:
+def check_exactness(quick: bool = False) -> int:
     """The few-query path against float64 on every boundary; returns the number of failures."""
     import cupy
     import torch
@@ -163,7 +163,12 @@ def check_exactness() -> int:
         ("D=768 Q=1", default, 20000, 768, 1, K, True),
         ("D=7 Q=5", default, 9000, 7, 5, K, True),
     ]
-    cases += [(f"{label}, {v.name}", b, n, d, nq, k, f) for label, b, n, d, nq, k, f in cases[:6] for v in ONE_QUERY]
+    if quick:  # a chunk boundary, tiles, k past a partial chunk, the report's D, the many-query path
+        cases = [cases[i] for i in (4, 7, 10, 11, 13)]
+    else:
+        cases += [
+            (f"{label}, {v.name}", b, n, d, nq, k, f) for label, b, n, d, nq, k, f in cases[:6] for v in ONE_QUERY
+        ]
     for label, backend, n, dim, n_queries, k, few_expected in cases:
         for variant in ONE_QUERY:
             if label.endswith(variant.name):
@@ -228,7 +233,7 @@ def interleaved(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, float
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def time_rows(reps: int, only: list[str] | None = None) -> None:
+def time_rows(reps: int, only: list[str] | None = None, lean: bool = False) -> None:
     import torch
 
     import gpu_report as report
@@ -252,6 +257,8 @@ def time_rows(reps: int, only: list[str] | None = None) -> None:
         ("N=1M D=768 Q=16", 1_000_000, 768, 16, "dot", [MAIN, ships, FEW_GEMM, FEW_STREAM]),
         ("N=10M D=128 Q=16", 10_000_000, 128, 16, "l1", [MAIN, ships, FEW_GEMM]),
     ]
+    if lean:
+        rows = [(label, n, dim, q, metric, [MAIN, ships]) for label, n, dim, q, metric, _ in rows]
     header = "| scenario | metric | naive | " + " | ".join(v.name for v in rows[0][5]) + " | best few / naive |"
     write_md("\n## Search (ExactRetriever.search, ms, medians; topk alone in brackets)\n")
     write_md(header)
@@ -454,6 +461,7 @@ def main() -> int:
     parser.add_argument("--skip-check", action="store_true")
     parser.add_argument("--only", choices=("check", "rows", "stages"))
     parser.add_argument("--row", action="append", help='time only this row ("N=1M D=768 Q=1 dot"); repeatable')
+    parser.add_argument("--quick", action="store_true", help="five check cases, main and shipped only in the rows")
     args = parser.parse_args()
     OUT = args.out
     import cupy
@@ -467,10 +475,10 @@ def main() -> int:
     write_md(f"# gpurag-cupy few-query path on {name} (CuPy {cupy.__version__}), k = {K}")
     failures = 0
     if not args.skip_check and args.only in (None, "check"):
-        failures = check_exactness()
+        failures = check_exactness(args.quick)
         emit({"check_failures": failures})  # the timing goes on: each timed answer is checked again first
     if args.only in (None, "rows"):
-        time_rows(args.reps, args.row)
+        time_rows(args.reps, args.row, args.quick)
     if args.only in (None, "stages"):
         stages(args.reps)
     return 1 if failures else 0

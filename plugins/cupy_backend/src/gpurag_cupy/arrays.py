@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -28,18 +29,20 @@ DLPACK_CUDA = 2
 MAGNITUDE_BLOCKS_PER_SM = 4
 
 
-def queue_largest_magnitude(array: cupy.ndarray) -> cupy.ndarray:
+def queue_largest_magnitude(array: cupy.ndarray, bits: cupy.ndarray | None = None) -> cupy.ndarray:
     """A (1,) uint32 device array that will hold the largest bit pattern of |x| over a C-contiguous float32
     array (as a float: the largest |x|, NaN where an entry is NaN, inf where one is infinite); queued only.
 
-    One launch (``largest_magnitude_bits``; NaN's patterns are above inf's). (A `ReductionKernel` was
-    tried first: CuPy renames its input by plain text replacement, which broke a hex literal; W2, H200.
-    CuPy's ``abs`` then ``max`` took three launches and a temporary.)
+    One launch (``largest_magnitude_bits``; NaN's patterns are above inf's), into ``bits`` where given
+    (zeroed), else into a new zeroed array. (A `ReductionKernel` was tried first: CuPy renames its
+    input by plain text replacement, which broke a hex literal; W2, H200. CuPy's ``abs`` then ``max``
+    took three launches and a temporary.)
     """
     from gpurag_cupy.kernels import kernel
     from gpurag_cupy.select import BLOCK, multiprocessors
 
-    bits = cupy.zeros(1, dtype=cupy.uint32)
+    if bits is None:
+        bits = cupy.zeros(1, dtype=cupy.uint32)
     n = int(array.size)
     blocks = max(1, min(-(-n // BLOCK), MAGNITUDE_BLOCKS_PER_SM * multiprocessors(cupy.cuda.Device().id)))
     kernel("largest_magnitude_bits")((blocks,), (BLOCK,), (array, np.int64(n), bits))
@@ -58,19 +61,27 @@ def largest_magnitude(array: cupy.ndarray) -> float:
 
 @dataclasses.dataclass
 class PendingCheck:
-    """The finiteness check of a device array converted by `as_device_matrix`, queued on the card: `resolve`
-    reads it later (a search queued in between costs no extra wait)."""
+    """The finiteness check of a device array converted by `as_device_matrix`, not yet made: `queue` puts
+    its kernel on the card (after a search, say), `resolve` reads it and raises where an entry is not finite."""
 
     array: cupy.ndarray
     source: cupy.ndarray
     name: str
-    bits: cupy.ndarray
-    #: The stream the check was queued on (torch's, for torch tensors): work on the array joins it.
+    #: The stream the array was handed in on (torch's, for torch tensors): work on the array joins it.
     stream: Any = dataclasses.field(default_factory=lambda: cupy.cuda.get_current_stream())
+    bits: cupy.ndarray | None = None
 
-    def resolve(self) -> float:
-        """The array's largest |x|; an `InvalidInputError` naming an entry that is not finite."""
-        largest = read_magnitude(self.bits)
+    def queue(self, bits: cupy.ndarray | None = None) -> cupy.ndarray:
+        """Queue the magnitude kernel (once) on the current stream, into ``bits`` (zeroed) where given."""
+        if self.bits is None:
+            self.bits = queue_largest_magnitude(self.array, bits)
+        return self.bits
+
+    def resolve(self, largest: float | None = None) -> float:
+        """The array's largest |x| (``largest`` where it was read already); an `InvalidInputError` naming
+        an entry that is not finite."""
+        if largest is None:
+            largest = read_magnitude(self.queue())
         check_finite(self.array, self.source, self.name, largest)
         return largest
 
@@ -96,12 +107,36 @@ def foreign_device_array(x: Any) -> cupy.ndarray | None:
     if isinstance(x, np.ndarray | list | tuple) or not hasattr(x, "__dlpack__"):
         return None
     if is_torch_cuda(x):
-        return cupy.from_dlpack(x.detach())
+        view = torch_float32_view(x)
+        return view if view is not None else cupy.from_dlpack(x.detach())
     try:
         device_type = int(x.__dlpack_device__()[0])
     except (AttributeError, TypeError, ValueError):
         return None
     return cupy.from_dlpack(x) if device_type == DLPACK_CUDA else None
+
+
+def torch_float32_view(x: Any) -> cupy.ndarray | None:
+    """A C-contiguous 2-D float32 torch CUDA tensor as a CuPy array over its memory, None for any other tensor.
+
+    The tensor is kept alive by the array; no DLPack capsule is made (a search of one query spends
+    tens of microseconds before its score pass otherwise).
+    """
+    import torch
+
+    if x.dtype != torch.float32 or x.dim() != 2 or not x.is_contiguous() or x.numel() == 0:
+        return None
+    memory = cupy.cuda.UnownedMemory(x.data_ptr(), x.numel() * 4, x, x.device.index)
+    return cupy.ndarray(tuple(x.shape), cupy.float32, cupy.cuda.MemoryPointer(memory, 0))
+
+
+@functools.lru_cache(maxsize=64)
+def external_stream(pointer: int) -> Any:
+    """The CuPy stream object of CUDA stream ``pointer``, its device unstated as `Stream.from_external`
+    leaves it (made once per stream: a search of one query should not pay for it each time)."""
+    with warnings.catch_warnings():  # ExternalStream is deprecated in CuPy 14, for from_external (an object)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return cupy.cuda.ExternalStream(pointer)
 
 
 @contextlib.contextmanager
@@ -117,13 +152,7 @@ def torch_stream(like: Any) -> Iterator[None]:
     import torch
 
     current = torch.cuda.current_stream(like.device)
-    if hasattr(cupy.cuda.Stream, "from_external") and hasattr(current, "__cuda_stream__"):
-        stream = cupy.cuda.Stream.from_external(current)
-    else:
-        with warnings.catch_warnings():  # ExternalStream is deprecated in CuPy 14, the only way in 13
-            warnings.simplefilter("ignore", DeprecationWarning)
-            stream = cupy.cuda.ExternalStream(current.cuda_stream, like.device.index)
-    with stream:
+    with external_stream(int(current.cuda_stream)):
         yield
 
 
@@ -135,8 +164,8 @@ def as_device_matrix(
 
     A device array already float32 and C-contiguous on the current device is used as it is; other
     device arrays are converted there (non-contiguous, other dtypes, another card). Finiteness is
-    checked on the device; with ``defer_check`` a device array's check is only queued, and returned
-    as a `PendingCheck` in place of the magnitude.
+    checked on the device; with ``defer_check`` a device array's check is left for later, returned as
+    a `PendingCheck` in place of the magnitude.
     """
     array = foreign_device_array(x)
     if array is None:
@@ -160,7 +189,7 @@ def as_device_matrix(
         raise InvalidInputError(f"{name} holds an integer too large for float32")
     out = cupy.ascontiguousarray(array, dtype=cupy.float32)
     if defer_check:
-        return out, PendingCheck(out, array, name, queue_largest_magnitude(out))
+        return out, PendingCheck(out, array, name)
     largest = largest_magnitude(out)
     check_finite(out, array, name, largest)
     return out, largest

@@ -7,6 +7,7 @@ l2 ``2 q·x - |x|²`` (the true l2 is ``|q|² - o``: screened with, never report
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -197,48 +198,89 @@ def few_query_tile_rows(n_queries: int, n_rows: int, k: int, tile_scores: int) -
     return tile_rows
 
 
-def few_query_topk(queries: cupy.ndarray, database: Any, k: int, tile_rows: int) -> tuple[cupy.ndarray, cupy.ndarray]:
+@dataclasses.dataclass
+class FewQueryResult:
+    """A few-query answer in one device buffer: rows (int64, Q x k), scores (float32, Q x k), then four bytes
+    for a query check's largest magnitude; `scores` and `rows` are views of it."""
+
+    scores: cupy.ndarray
+    rows: cupy.ndarray
+    buffer: cupy.ndarray
+    magnitude: cupy.ndarray
+
+    @classmethod
+    def empty(cls, n_queries: int, k: int, *, zeroed: bool) -> FewQueryResult:
+        """A buffer for Q x k answers (``zeroed``: its magnitude starts at 0, as the check's kernel needs)."""
+        count = n_queries * k
+        buffer = (cupy.zeros if zeroed else cupy.empty)(count * 12 + 4, dtype=cupy.uint8)
+        rows = cupy.ndarray((n_queries, k), cupy.int64, buffer.data)
+        scores = cupy.ndarray((n_queries, k), cupy.float32, buffer.data + count * 8)
+        return cls(scores, rows, buffer, cupy.ndarray((1,), cupy.uint32, buffer.data + count * 12))
+
+    def fetch(self) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], float]:
+        """(scores, rows, largest magnitude) on the host, in one copy (waits for the answer)."""
+        host = self.buffer.get()
+        n_queries, k = self.rows.shape
+        count = n_queries * k
+        rows = host[: count * 8].view(np.int64).reshape(n_queries, k)
+        scores = host[count * 8 : count * 12].view(np.float32).reshape(n_queries, k)
+        return scores, rows, float(host[count * 12 :].view(np.float32)[0])
+
+
+def few_query_topk(queries: cupy.ndarray, database: Any, k: int, tile_rows: int, check: Any = None) -> FewQueryResult:
     """`float32_topk` for a few queries, as a fixed short sequence of launches and no host round trip.
 
     Per tile of ``tile_rows`` rows (a multiple of `CHUNK_KEYS`, or all rows): the score pass (cuBLAS,
     or the l1 kernel), then ``chunk_select`` narrows each chunk of `CHUNK_KEYS` rows to its best k in
     shared memory. Once: ``merge_rescore`` selects each query's k best of the chunks' winners, scores
     them again directly and orders them. Cosine ranks by ``q·x / |x|``: per query the same order as
-    the cosine (|q| is one positive factor), so the queries are not normalised first.
+    the cosine (|q| is one positive factor), so the queries are not normalised first. With ``check``
+    (an `arrays.PendingCheck` of the queries), its magnitude kernel is queued last, into the answer's buffer.
     """
     metric, n_rows = database.metric, database.count
     n_queries, dim = queries.shape
     chunks = -(-n_rows // CHUNK_KEYS)
     width = chunks * k
-    keys = cupy.empty((n_queries, width), dtype=cupy.uint32)
-    rows = cupy.empty((n_queries, width), dtype=cupy.int64)
     buffer = cupy.empty((n_queries, tile_rows), dtype=cupy.float32)
     select = kernel("chunk_select")
+    keys = rows = None
     for start, stop in tiles(n_rows, tile_rows):
         mul, add = oriented_tile(queries, database, start, stop, buffer, tile_rows)
+        if keys is None:  # allocated once the first score pass is queued
+            keys = cupy.empty((n_queries, width), dtype=cupy.uint32)
+            rows = cupy.empty((n_queries, width), dtype=cupy.int64)
         select(
             (-(-(stop - start) // CHUNK_KEYS), n_queries),
             (BLOCK,),
             (buffer, np.int64(tile_rows), np.int64(stop - start), pointer(mul), pointer(add), np.int64(start),
              np.int32(k), keys, rows, np.int64(width), np.int64(start // CHUNK_KEYS)),
         )  # fmt: skip
-    scores = cupy.empty((n_queries, k), dtype=cupy.float32)
-    ordered = cupy.empty((n_queries, k), dtype=cupy.int64)
+    result = FewQueryResult.empty(n_queries, k, zeroed=check is not None)
     kernel("merge_rescore")(
         (n_queries,),
         (BLOCK,),
         (keys, rows, np.int32(width), np.int32(k), queries, database.vectors, np.int32(dim),
-         np.int32(METRIC_CODES[metric]), np.int32(metric.higher_is_better), scores, ordered),
+         np.int32(METRIC_CODES[metric]), np.int32(metric.higher_is_better), result.scores, result.rows),
     )  # fmt: skip
-    return scores, ordered
+    if check is not None:
+        check.queue(result.magnitude)
+    return result
+
+
+def few_query_search(
+    queries: cupy.ndarray, database: Any, k: int, tile_scores: int, check: Any = None
+) -> FewQueryResult | None:
+    """`few_query_topk` where the few-query path applies (`few_query_tile_rows`), else None."""
+    tile_rows = few_query_tile_rows(queries.shape[0], database.count, k, tile_scores)
+    return None if tile_rows is None else few_query_topk(queries, database, k, tile_rows, check)
 
 
 def float32_topk(queries: cupy.ndarray, database: Any, k: int, tile_scores: int) -> tuple[cupy.ndarray, cupy.ndarray]:
     """The k best rows per query: (scores (Q, k) float32 computed directly, rows (Q, k) int64), best first."""
     metric, n_rows = database.metric, database.count
-    few_tile_rows = few_query_tile_rows(queries.shape[0], n_rows, k, tile_scores)
-    if few_tile_rows is not None:
-        return few_query_topk(queries, database, k, few_tile_rows)
+    few = few_query_search(queries, database, k, tile_scores)
+    if few is not None:
+        return few.scores, few.rows
     out_scores, out_rows = [], []
     for q0 in range(0, queries.shape[0], MAX_GRID_QUERIES):
         block = queries[q0 : q0 + MAX_GRID_QUERIES]
