@@ -78,11 +78,12 @@ def l1_tile(queries: cupy.ndarray, rows: cupy.ndarray, out: cupy.ndarray, ld: in
 
 def dot_one_query_vec4(query: cupy.ndarray, rows: cupy.ndarray, out: cupy.ndarray, alpha: float) -> bool:
     """``out[0, j] = alpha * query · rows[j]`` in 16-byte loads; False where it does not apply."""
+    if not VEC4_ONE_QUERY or query.shape[0] != 1:
+        return False
     dim = query.shape[1]
     quads = dim // 4
     held = [w for w in VEC4_WIDTHS if 32 * w >= quads]
-    aligned = all(a.data.ptr % 16 == 0 for a in (query, rows))
-    if not VEC4_ONE_QUERY or query.shape[0] != 1 or dim % 4 or not held or not aligned:
+    if dim % 4 or not held or any(a.data.ptr % 16 for a in (query, rows)):
         return False
     n = rows.shape[0]
     blocks = max(1, min(-(-n // (BLOCK // 32)), 8 * multiprocessors(cupy.cuda.Device().id)))
