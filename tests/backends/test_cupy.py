@@ -424,6 +424,9 @@ def test_device_queries_that_are_not_finite_are_refused_naming_the_entry(cupy_gp
     good = np.random.default_rng(10).standard_normal((3, 8)).astype(np.float32)
     scores, ids = index.search(torch.from_numpy(good).to(device), 4)  # nothing left over from the refusals
     ref.assert_topk_matches(good, vectors, Metric.L2, scores, ids, 4, label="after refusals")
+    on_device = index.search(torch.from_numpy(good).to(device), 4, out="device")  # views of the one buffer
+    np.testing.assert_array_equal(on_device.ids.get(), ids)
+    np.testing.assert_array_equal(on_device.scores.get(), scores)
 
 
 @pytest.mark.gpu
