@@ -89,8 +89,10 @@ class CupyBackend(DistanceBackend):
     Scores come in tiles of at most ``tile_scores`` float32 values (default: the
     ``memory_budget_bytes`` setting / 4): cuBLAS ``gemmEx`` in float32 (TF32 off) for l2, dot and
     cosine, a CUDA kernel for l1. Each tile is narrowed to each query's best k by a radix select
-    (``kernels/select.cu``), and the k rows finally chosen are scored again directly. Torch CUDA
-    tensors are read through DLPack without a copy and the work runs on torch's current stream.
+    (``kernels/select.cu``), and the k rows finally chosen are scored again directly. Up to
+    `search.FEW_MAX_QUERIES` queries take the few-query path (``kernels/small.cu``: per-chunk
+    selection in shared memory, one merge). Torch CUDA tensors are read without a copy and the work
+    runs on torch's current stream.
     """
 
     name = "cupy"
