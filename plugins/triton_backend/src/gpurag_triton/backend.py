@@ -2,8 +2,9 @@
 
 It shares the torch backend's database, conversions, re-scoring and certificate (`gpurag_torch`);
 what differs is the scan: `kernels.scan` scores and selects on chip, so no Q x N tile reaches memory.
-l2 / dot / cosine (and l1 for small Q, where it is bandwidth-bound) shortlist from bf16 rows; the
-shortlist is certified per query and uncertified queries are scanned again in float32.
+l2 / dot / cosine (and l1 for up to 16 queries, where it is bandwidth-bound) shortlist from bf16 rows,
+l1 for more queries from float16 rows (compute-bound: f16x2 abs-difference sums); the shortlist is
+certified per query and uncertified queries are scanned again in float32.
 
 A search costs one synchronisation when nothing needs answering again: the shortlist is re-scored,
 ordered and certified by one kernel (`kernels.finish`), which also flags float32 overflow on the
@@ -40,8 +41,16 @@ LOW_T = "low_t"
 #: D-tile of abs-difference sums per row) rather than column-major ones through `kernels.l1`. Off: on
 #: the H200 the row-major scan took 1.24 ms for 1M x 768 at Q = 1, the column-major kernel 0.90.
 L1_ROW_MAJOR = False
-#: Largest Q for which l1 also shortlists in bf16 (above it l1 is compute-bound and stays float32).
+#: Largest Q for which l1 shortlists in bf16 (memory-bound scans: half the bytes of float32).
 L1_LOW_MAX_QUERIES = 16
+#: Above `L1_LOW_MAX_QUERIES` l1 is compute-bound: it shortlists from float16 rows (`HALF_T`), abs-differences
+#: summed two at a time by f16x2 instructions in chunks of `launch.L1_HALF_CHUNK` dimensions, where every
+#: query and row element lies within `L1_HALF_REACH` (so no float16 chunk sum overflows); else float32.
+L1_HALF = True
+HALF_T = "half_t"
+#: Per-row largest |x_d| (float32), for the float16 range check.
+MAX_ABS = "max_abs"
+L1_HALF_REACH = 2.0**11
 #: Keys each (query, split) keeps for the k the conformance kit asks (k <= 16): the shortlist
 #: boundary is declared where the splits' kept keys first outnumber `SHORTLIST_MIN`.
 BOUNDARY_KP = 16
@@ -63,6 +72,13 @@ SEED_SAMPLE_STRIDE = 32
 FINISH_SPLIT_BELOW = 132
 #: Query counts probed for a change of kernel or tile (`launch.choose_scan_config` switches at 16 and 512).
 BOUNDARY_QUERY_PROBE = 1024
+
+
+def _infinite_key() -> Any:
+    """A packed key (`kernels.select`) of score +inf: as a cutoff, no certificate holds against it."""
+    import torch
+
+    return torch.tensor(0x7F800000 << 32, dtype=torch.int64).view(torch.float64)
 
 
 def _interpreting() -> bool:
@@ -127,6 +143,11 @@ class TritonBackend(TorchBackend):
             database.row_data[ROWS_T] = database.vectors.T.contiguous()
             if LOW in database.row_data and not L1_ROW_MAJOR:
                 database.row_data[LOW_T] = database.row_data.pop(LOW).T.contiguous()
+            if self.low_precision and L1_HALF:
+                import torch
+
+                database.row_data[HALF_T] = database.vectors.to(torch.float16).T.contiguous()
+                database.row_data[MAX_ABS] = database.vectors.abs().amax(dim=1)
         return database
 
     def required_keys(self, metric: Metric) -> set[str]:
@@ -139,6 +160,8 @@ class TritonBackend(TorchBackend):
             if LOW in keys and not L1_ROW_MAJOR:
                 keys.discard(LOW)
                 keys.add(LOW_T)
+            if self.low_precision and L1_HALF:
+                keys |= {HALF_T, MAX_ABS}
         return keys
 
     # --- distances and selection ---------------------------------------------------------------
@@ -156,14 +179,15 @@ class TritonBackend(TorchBackend):
 
         l1 = metric is Metric.L1
 
-        def layout(n_queries: int, n_rows: int) -> tuple[int, int, int, bool, bool]:
-            """(BLOCK_Q, BLOCK_N, splits, tensor-core tiles, bf16 shortlist) of one launch."""
-            low = self.low_precision and (not l1 or n_queries <= L1_LOW_MAX_QUERIES)
+        def layout(n_queries: int, n_rows: int) -> tuple[int, int, int, bool, str]:
+            """(BLOCK_Q, BLOCK_N, splits, tensor-core tiles, precision of the scan) of one launch."""
+            half = l1 and self.low_precision and L1_HALF and n_queries > L1_LOW_MAX_QUERIES
+            low = self.low_precision and (not l1 or n_queries <= L1_LOW_MAX_QUERIES or half)
             if l1 and not (low and L1_ROW_MAJOR):
-                c1 = launch.choose_l1_config(n_queries, n_rows, device=self.torch_device)
-                return c1.block_q, c1.block_n, c1.splits, False, low
+                c1 = launch.choose_l1_config(n_queries, n_rows, device=self.torch_device, half=half)
+                return c1.block_q, c1.block_n, c1.splits, False, "float16" if half else "bf16" if low else "float32"
             c = launch.choose_scan_config(n_queries, n_rows, dim, l1=l1, low=low, device=self.torch_device)
-            return c.block_q, c.block_n, c.splits, c.use_dot, low
+            return c.block_q, c.block_n, c.splits, c.use_dot, "bf16" if low else "float32"
 
         def first_rows(holds: Any) -> int:  # the smallest row count for which holds(rows), by bisection
             low_n, high_n = 1, 1 << 24
@@ -174,7 +198,8 @@ class TritonBackend(TorchBackend):
                 low_n, high_n = (low_n, mid) if holds(mid) else (mid + 1, high_n)
             return low_n
 
-        block_q, block_n, most_splits, _, low = layout(queries, 1 << 24)
+        block_q, block_n, most_splits, _, precision = layout(queries, 1 << 24)
+        low = precision != "float32"
         rows = {block_n, first_rows(lambda n: layout(queries, n)[2] >= most_splits) - 1}
         if low:
 
@@ -212,7 +237,9 @@ class TritonBackend(TorchBackend):
         if k > KERNEL_MAX_K:
             return super().topk(q, database, k)
         metric = database.metric
-        low = self.low_precision and (metric is not Metric.L1 or q.shape[0] <= L1_LOW_MAX_QUERIES)
+        low = self.low_precision and (
+            metric is not Metric.L1 or q.shape[0] <= L1_LOW_MAX_QUERIES or self._half_fits(q, database)
+        )
         self.queries_searched += q.shape[0]
         if self._graphable(q, database):
             scores, rows, certified, overflow, good = self._graphs.run(self, q, database, k, low)
@@ -228,6 +255,13 @@ class TritonBackend(TorchBackend):
         redo_scores, redo_rows, _ = self._scan(q[redo], database, k, low=False)
         scores[redo], rows[redo] = redo_scores, redo_rows
         return TopK(scores, rows)
+
+    def _half_fits(self, q: torch.Tensor, database: Database) -> bool:
+        """Whether an l1 search of many queries shortlists in float16 (the finish kernel holds its bound).
+
+        Whether every element lies within `L1_HALF_REACH` is checked on the device: where one does not,
+        no query is certified and all are scanned again in float32 (`_scan_finished`)."""
+        return L1_HALF and self.use_finish and HALF_T in database.row_data
 
     def _graphable(self, q: torch.Tensor, database: Database) -> bool:
         """Whether this search replays a captured CUDA graph (few queries, many rows, on CUDA)."""
@@ -252,13 +286,18 @@ class TritonBackend(TorchBackend):
 
     @staticmethod
     def _l1_scan(query_in: torch.Tensor, database: Database, kp: int, *, low: bool) -> Any:
+        import torch
+
         from gpurag_torch.database import LOW
         from gpurag_triton import launch
         from gpurag_triton.kernels.scan import L1
 
         if low and L1_ROW_MAJOR:
             return launch.scan_topk(query_in, database.row_data[LOW], None, int(L1), kp)
-        return launch.l1_scan(query_in.T.contiguous(), database.row_data[LOW_T if low else ROWS_T], kp)
+        if query_in.dtype == torch.float16:
+            return launch.l1_scan(query_in.T.contiguous(), database.row_data[HALF_T], kp)
+        # bf16 rows: the bf16-rounded queries widened back to float32 (exactly), so the loop converts rows only.
+        return launch.l1_scan(query_in.float().T.contiguous(), database.row_data[LOW_T if low else ROWS_T], kp)
 
     def _seeded(self, q: torch.Tensor, database: Database) -> bool:
         return (
@@ -300,11 +339,15 @@ class TritonBackend(TorchBackend):
         if keys.shape[1] > keep:
             keys = torch.topk(keys, keep, dim=1).values
             cutoff = torch.maximum(cutoff, keys[:, -1])
+        if query_in.dtype == torch.float16:  # an element beyond the float16 reach voids every certificate
+            reach = torch.maximum(q.abs().amax(), database.row_data[MAX_ABS].amax())
+            cutoff = torch.where(reach <= L1_HALF_REACH, cutoff, _infinite_key().to(cutoff.device))
         norms = database.row_data[L1_NORMS if metric is Metric.L1 else NORMS]
         metric_code = {Metric.DOT: 0, Metric.L2: 1, Metric.L1: 2, Metric.COSINE: 3}[metric]
         return launch.finish(
             q, database.vectors, keys, cutoff, norms.max(), norms if metric is Metric.COSINE else None, k,
-            metric_code, finish_bounds(metric, database.dim), self.finish_split_below,
+            metric_code, finish_bounds(metric, database.dim, half=query_in.dtype == torch.float16),
+            self.finish_split_below,
         )  # fmt: skip
 
     def _scan_inputs(
@@ -326,6 +369,8 @@ class TritonBackend(TorchBackend):
             extra = torch.where(norms > 0, 1.0 / torch.where(norms > 0, norms, 1.0), 0.0)
             return int(SCALED_DOT), unit, database.vectors, extra
         code = {Metric.DOT: DOT, Metric.L2: L2, Metric.L1: L1}[metric]
+        if low and metric is Metric.L1 and q.shape[0] > L1_LOW_MAX_QUERIES:
+            return int(code), q.to(torch.float16), database.row_data[HALF_T], None
         query_in = q.to(torch.bfloat16) if low else q
         rows_in = database.row_data[LOW] if low and metric is not Metric.L1 else database.vectors
         if metric is Metric.L2:
@@ -465,20 +510,53 @@ class TritonBackend(TorchBackend):
         return TopK(distances, torch.gather(rows, 1, top.indices))
 
 
-def finish_bounds(metric: Metric, dim: int) -> Any:
-    """`launch.Bounds` of ``metric`` at ``dim``: the factors of `gpurag_torch.exact`'s bounds that depend on D only."""
+def finish_bounds(metric: Metric, dim: int, *, half: bool = False) -> Any:
+    """`launch.Bounds` of ``metric`` at ``dim``: the factors of `gpurag_torch.exact`'s bounds that depend on D only.
+
+    ``half``: l1's float16 shortlist (`half_l1_bounds`) rather than the bf16 one.
+    """
     from gpurag_torch import exact
     from gpurag_torch.backend import FLOAT32_SAFE_REACH
     from gpurag_triton import launch
 
-    if metric is Metric.L1:
+    floor = dim * exact.UNDERFLOW
+    if metric is Metric.L1 and half:
+        rel, half_floor = half_l1_bounds(dim, launch.L1_HALF_CHUNK)
+        floor += half_floor
+    elif metric is Metric.L1:
         rel = exact.bf16_l1_relative_error(dim, rounded_output=False)
     else:
         rel = exact.bf16_relative_error(dim, rounded_output=False)
-    floor = dim * exact.UNDERFLOW
     unit = 1.0 + 8 * (dim + 4) * exact.U32
     cosine_error = rel * unit * unit + 8 * (dim + 4) * exact.U32 + floor
     return launch.Bounds(rel, floor, cosine_error, 4 * (dim + 4) * exact.U32, FLOAT32_SAFE_REACH)
+
+
+#: float16 unit roundoff (11-bit significand), and half the spacing of its subnormals (the absolute rounding
+#: error of any result below 2⁻¹⁴).
+U_HALF = 2.0**-11
+HALF_TINY = 2.0**-25
+
+
+def half_l1_bounds(dim: int, chunk: int) -> tuple[float, float]:
+    """(rel, floor): ``|ŝ - s| <= rel (Σ|q| + Σ|x|) + floor`` for the float16 l1 scan (`kernels.l1`'s float16 path).
+
+    Per dimension with u = 2⁻¹¹ and elements within `L1_HALF_REACH` (no overflow): rounding q and x to
+    float16 moves ``|q - x|`` by at most ``u (|q| + |x|)``, the rounded difference adds ``u |q̂ - x̂|``; a
+    chunk of C such terms summed in float16 adds ``γ(C-1)`` of their sum; the float32 sum of ⌈D / C⌉
+    chunk sums adds ``(⌈D / C⌉ + 2) 2⁻²³`` of the total. Each of the (at most four) float16 roundings per
+    dimension that lands among the subnormals errs by up to 2⁻²⁵ absolutely: the floor. Both doubled.
+    """
+    from gpurag_torch import exact
+
+    inputs = U_HALF
+    grown = 1 + inputs
+    difference = U_HALF * grown
+    chunks = (chunk - 1) * U_HALF / (1 - (chunk - 1) * U_HALF) * grown * (1 + U_HALF)
+    accumulation = (-(-dim // chunk) + 2) * 2 * exact.U32 * grown * (1 + chunks + U_HALF)
+    rel = 2 * exact.BOUND_MARGIN * (inputs + difference + chunks + accumulation)
+    floor = 2 * exact.BOUND_MARGIN * 4 * dim * HALF_TINY
+    return rel, floor
 
 
 def direct_scores(

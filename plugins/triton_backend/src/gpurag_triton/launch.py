@@ -24,6 +24,9 @@ from gpurag_triton.kernels.scan import scan_topk_kernel
 DEFAULT_SMS = 132
 #: Largest KP the kernels keep per (query, split).
 MAX_KP = 256
+#: Dimensions the float16 l1 path sums in float16 before adding to float32 (`kernels.l1`): its error bound
+#: (`gpurag_triton.backend.half_l1_bounds`) and range (chunk sums stay below 65504) assume this.
+L1_HALF_CHUNK = 8
 
 
 def interpreting() -> bool:
@@ -169,34 +172,53 @@ class L1Config:
     block_n: int
     splits: int
     num_warps: int = 4
-    num_stages: int = 3
+    num_stages: int = 2
+    #: Dimensions summed per loaded chunk (the (BLOCK_D, BLOCK_Q, BLOCK_N) differences live in registers).
+    block_d: int = 4
 
 
-def choose_l1_config(n_queries: int, n_rows: int, *, device: torch.device) -> L1Config:
-    """A (BLOCK_Q, BLOCK_N) accumulator of 16-64 values a thread; all SMs split the rows."""
-    if interpreting():
-        return L1Config(min(4, _pow2(n_queries)), 16, max(1, min(3, triton.cdiv(n_rows, 16))))
-    # Picked by the sweep in benchmarks/gpu_report.py on an H200 (see benchmarks/results).
-    if n_queries == 1:
-        block_q, block_n, warps, per_sm = 1, 256, 8, 8
+def choose_l1_config(n_queries: int, n_rows: int, *, device: torch.device, half: bool = False) -> L1Config:
+    """A (BLOCK_Q, BLOCK_N) accumulator tile of about 32 values a thread; all SMs split the rows.
+
+    ``half``: the float16 path, whose chunks are `L1_HALF_CHUNK` dimensions (its error bound assumes it).
+    """
+    if interpreting():  # small blocks, several splits and chunks: every boundary is crossed on tiny inputs
+        block_d = L1_HALF_CHUNK if half else 4
+        return L1Config(min(4, _pow2(n_queries)), 16, max(1, min(3, triton.cdiv(n_rows, 16))), block_d=block_d)
+    # Picked by the sweep in benchmarks/l1_probe.py on an H200 (benchmarks/results/gpu_h200_l1.md).
+    if half:
+        block_q, block_n, block_d, warps, per_sm = 32, 128, L1_HALF_CHUNK, 4, 8
+    elif n_queries == 1:  # bandwidth-bound: wide (BLOCK_D, BLOCK_N) row tiles in flight
+        block_q, block_n, block_d, warps, per_sm = 1, 512, 16, 4, 4
     elif n_queries <= 16:
-        block_q, block_n, warps, per_sm = _pow2(n_queries), 512, 8, 2
+        block_q, block_n, block_d, warps, per_sm = _pow2(n_queries), 256, 8, 4, 2
     else:
-        block_q, block_n, warps, per_sm = 32, 128, 4, 8
+        block_q, block_n, block_d, warps, per_sm = 32, 128, 4, 4, 8
     query_blocks = triton.cdiv(n_queries, block_q)
     splits = max(1, min(triton.cdiv(_sms(device) * per_sm, query_blocks), triton.cdiv(n_rows, block_n * 4)))
-    return L1Config(block_q, block_n, splits, warps)
+    return L1Config(block_q, block_n, splits, warps, block_d=block_d)
 
 
-def l1_scan(queries_t: torch.Tensor, rows_t: torch.Tensor, kp: int, config: L1Config | None = None) -> Scan:
+def l1_scan(
+    queries_t: torch.Tensor,
+    rows_t: torch.Tensor,
+    kp: int,
+    config: L1Config | None = None,
+    tau: torch.Tensor | None = None,
+) -> Scan:
     """Packed keys (Q, splits, kp) of each query's kp nearest rows in l1 per split (score: -l1).
 
-    ``queries_t`` (D, Q) and ``rows_t`` (D, N) are column-major, both float32 or both bf16.
+    ``queries_t`` (D, Q) and ``rows_t`` (D, N) are column-major, both float32, both bf16 (or float32
+    queries with bf16 rows) or both float16 (float16: each chunk of ``block_d`` dimensions is summed in
+    float16, see `kernels.l1`). ``tau``
+    (Q,) float32, if given, is a floor per query on the score: rows scoring at most it are left out.
     """
-    dtype = queries_t.dtype
-    if dtype not in (torch.float32, torch.bfloat16):
-        raise InvalidInputError(f"queries must be float32 or bfloat16; got {dtype}")
-    _check_matrix(queries_t, "queries_t", dtype, rows_t.device)
+    dtype = rows_t.dtype
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise InvalidInputError(f"rows must be float32, bfloat16 or float16; got {dtype}")
+    # bf16 rows take float32 queries too (bf16-rounded ones give the same sums, without conversions in the loop).
+    query_dtype = torch.float32 if dtype == torch.bfloat16 and queries_t.dtype == torch.float32 else dtype
+    _check_matrix(queries_t, "queries_t", query_dtype, rows_t.device)
     _check_matrix(rows_t, "rows_t", dtype, queries_t.device)
     if queries_t.shape[0] != rows_t.shape[0]:
         raise InvalidInputError(f"queries have dimension {queries_t.shape[0]}, rows {rows_t.shape[0]}")
@@ -204,15 +226,26 @@ def l1_scan(queries_t: torch.Tensor, rows_t: torch.Tensor, kp: int, config: L1Co
         raise InvalidInputError(f"kp must be a power of two in 1..{MAX_KP}; got {kp}")
     dim, n_queries = queries_t.shape
     n_rows = rows_t.shape[1]
+    if config is not None and dtype == torch.float16 and config.block_d % L1_HALF_CHUNK:
+        raise InvalidInputError(
+            f"float16 steps cover a multiple of {L1_HALF_CHUNK} dimensions (its chunks); got block_d={config.block_d}"
+        )
+    if tau is not None and (tau.dtype != torch.float32 or tau.shape != (n_queries,) or tau.device != rows_t.device):
+        raise InvalidInputError(
+            f"tau must be float32 ({n_queries},) on {rows_t.device}; got {tau.dtype} {tuple(tau.shape)}"
+        )
     if config is None:
-        config = choose_l1_config(n_queries, n_rows, device=rows_t.device)
+        config = choose_l1_config(n_queries, n_rows, device=rows_t.device, half=dtype == torch.float16)
     rows_per_split = triton.cdiv(triton.cdiv(n_rows, config.splits), config.block_n) * config.block_n
     splits = triton.cdiv(n_rows, rows_per_split)
     out = torch.empty((n_queries, splits, kp), dtype=torch.float64, device=rows_t.device)
     l1_scan_kernel[(triton.cdiv(n_queries, config.block_q), splits)](
-        queries_t, rows_t, out, n_queries, n_rows, dim, rows_per_split, splits,
+        queries_t, rows_t, out if tau is None else tau.contiguous(), out,
+        n_queries, n_rows, dim, rows_per_split, splits,
         queries_t.stride(0), rows_t.stride(0),
-        BLOCK_Q=config.block_q, BLOCK_N=config.block_n, KP=kp,
+        BLOCK_Q=config.block_q, BLOCK_N=config.block_n, BLOCK_D=config.block_d, KP=kp, HAS_TAU=tau is not None,
+        HALF=dtype == torch.float16, PACKED=not interpreting(), EVEN_D=dim % config.block_d == 0,
+        CHUNK=L1_HALF_CHUNK,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return Scan(out, rows_per_split)
