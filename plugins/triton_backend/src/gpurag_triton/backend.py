@@ -85,6 +85,8 @@ class TritonBackend(TorchBackend):
         #: Replay CUDA graphs for small searches (`GRAPH_MAX_QUERIES`); seed large ones with a sampled floor.
         self.use_graphs = True
         self.use_seed = True
+        #: `host_topk` of a few device queries through a graph that ends in the host copy (one sync).
+        self.use_host_graphs = True
         #: Re-score, order and certify a scan's shortlist in one kernel (`kernels.finish`); below this
         #: many queries the re-scoring runs first on its own, wider grid.
         self.use_finish = True
@@ -228,6 +230,46 @@ class TritonBackend(TorchBackend):
         redo_scores, redo_rows, _ = self._scan(q[redo], database, k, low=False)
         scores[redo], rows[redo] = redo_scores, redo_rows
         return TopK(scores, rows)
+
+    def host_topk(self, queries: Any, database: Database, k: int, *, dim: int | None = None) -> TopK:
+        """As `DistanceBackend.host_topk`; a few float32 queries already on this GPU cost one graph replay
+        and one synchronisation, their finiteness checked by the search itself (`graphs.GraphCache.run_to_host`)."""
+        import torch
+
+        q = queries
+        if isinstance(q, np.ndarray) and self._host_graph_shape(q.shape, database):
+            q = self.asarray(q, "queries", dim=dim)  # checked on the host, copied up once
+        fast = (
+            self.use_host_graphs
+            and isinstance(q, torch.Tensor)
+            and q.device == self.torch_device
+            and q.dtype == torch.float32
+            and q.ndim == 2
+            and q.shape[1] == database.dim
+            and (dim is None or dim == database.dim)
+            and not isinstance(k, bool)
+            and isinstance(k, int)
+            and 1 <= k <= min(database.count, KERNEL_MAX_K)
+            and self._graphable(q, database)
+        )
+        if fast:
+            database = self._own(database)
+            low = self.low_precision and (database.metric is not Metric.L1 or q.shape[0] <= L1_LOW_MAX_QUERIES)
+            found = self._graphs.run_to_host(self, q.detach(), database, k, low)
+            if found is not None:
+                self.queries_searched += q.shape[0]
+                return found
+        return super().host_topk(queries, database, k, dim=dim)
+
+    def _host_graph_shape(self, shape: tuple[int, ...], database: Database) -> bool:
+        return (
+            self.use_host_graphs
+            and self.use_graphs
+            and self.torch_device.type == "cuda"
+            and len(shape) == 2
+            and 1 <= shape[0] <= GRAPH_MAX_QUERIES
+            and database.count >= GRAPH_MIN_ROWS
+        )
 
     def _graphable(self, q: torch.Tensor, database: Database) -> bool:
         """Whether this search replays a captured CUDA graph (few queries, many rows, on CUDA)."""

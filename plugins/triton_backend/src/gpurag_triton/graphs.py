@@ -16,9 +16,14 @@ if TYPE_CHECKING:
     import torch
 
     from gpurag.backend import Database
+    from gpurag.metrics import TopK
 
 #: Graphs kept per backend (the oldest is dropped first).
 MAX_GRAPHS = 8
+#: Whether a graph that answers to the host also copies the answer there itself (else a copy is
+#: launched after each replay); set once capturing the copy failed here.
+COPY_IN_GRAPH = True
+_COPY_IN_GRAPH_FAILED: list[bool] = []
 
 #: (scores, rows, certified or None, overflow, good), as `TritonBackend.device_topk` returns them (the two
 #: flags 0-d bool tensors, or bools once read).
@@ -28,7 +33,10 @@ Outputs = tuple["torch.Tensor", "torch.Tensor", "torch.Tensor | None", Any, Any]
 def _key(q: torch.Tensor, database: Database, k: int, low: bool) -> tuple[Any, ...]:
     tensors = [database.vectors, *(database.row_data[name] for name in sorted(database.row_data))]
     layout = tuple((t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype) for t in tensors)
-    return (tuple(q.shape), q.device, k, low, database.metric, database.count, layout)
+    from gpurag_triton import launch
+
+    # The kernels' merge is part of what was captured.
+    return (tuple(q.shape), q.device, k, low, database.metric, database.count, layout, launch.SELECT_BY_INDEX)
 
 
 class GraphCache:
@@ -38,10 +46,12 @@ class GraphCache:
         self._graphs: collections.OrderedDict[tuple[Any, ...], tuple[Any, torch.Tensor, Outputs]] = (
             collections.OrderedDict()
         )
+        #: Graphs whose answer goes to the host (`run_to_host`), by shape.
+        self._host_graphs: collections.OrderedDict[tuple[Any, ...], Any] = collections.OrderedDict()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        return len(self._graphs)
+        return len(self._graphs) + len(self._host_graphs)
 
     def run(self, backend: Any, q: torch.Tensor, database: Database, k: int, low: bool) -> Outputs:
         """``backend.device_topk(q, database, k, low)`` by graph replay; the outputs are fresh tensors."""
@@ -66,6 +76,92 @@ class GraphCache:
                 return scores, rows, None, False, True
             return scores, rows, None if certified is None else certified.clone(), bool(overflow), False
 
+    def run_to_host(self, backend: Any, q: torch.Tensor, database: Database, k: int, low: bool) -> TopK | None:
+        """``backend.device_topk`` by graph replay with the answer copied to the host: one synchronisation.
+
+        The graph also packs (scores, rows, good) into one buffer and, where `COPY_IN_GRAPH` holds,
+        copies it to page-locked host memory itself. Returns host (scores, int64 rows), or None where
+        the search needs more than the shortlist (a failed certificate, float32 overflow, or queries
+        that are not finite, which make the overflow test fail): the caller then searches the
+        careful way, which also reports non-finite queries.
+        """
+        import numpy as np
+        import torch
+
+        from gpurag.metrics import TopK
+
+        key = ("host", COPY_IN_GRAPH, *_key(q, database, k, low))
+        with self._lock:
+            entry = self._host_graphs.get(key)
+            if entry is None:
+                entry = self._capture_to_host(backend, q, database, k, low)
+                self._host_graphs[key] = entry
+                while len(self._host_graphs) > MAX_GRAPHS:
+                    self._host_graphs.popitem(last=False)
+            else:
+                self._host_graphs.move_to_end(key)
+            graph, static_q, packed, host, copied = entry
+            static_q.copy_(q)
+            graph.replay()
+            if not copied:
+                host.copy_(packed, non_blocking=True)
+            torch.cuda.current_stream(q.device).synchronize()  # type: ignore[no-untyped-call]
+            words = host.numpy()
+            count = q.shape[0] * k
+            if words[2 * count] != 1:
+                return None
+            scores = words[:count].view(np.float32).reshape(q.shape[0], k).copy()
+            rows = words[count : 2 * count].astype(np.int64).reshape(q.shape[0], k)
+            return TopK(scores, rows)
+
+    def _capture_to_host(
+        self, backend: Any, q: torch.Tensor, database: Database, k: int, low: bool
+    ) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        import torch
+
+        count = q.shape[0] * k
+        host = _page_locked(2 * count + 1)
+
+        def stages(static_q: torch.Tensor) -> torch.Tensor:
+            scores, rows, _, _, good = backend.device_topk(static_q, database, k, low)
+            return torch.cat(
+                [
+                    scores.reshape(-1).view(torch.int32),
+                    rows.reshape(-1).to(torch.int32),
+                    good.reshape(1).to(torch.int32),
+                ]
+            )
+
+        if COPY_IN_GRAPH and not _COPY_IN_GRAPH_FAILED:
+            try:
+                graph, static_q, packed = self._capture_stages(stages, q, host)
+                return graph, static_q, packed, host, True
+            except RuntimeError:  # this torch cannot capture the copy to the host: copy after each replay
+                _COPY_IN_GRAPH_FAILED.append(True)
+        graph, static_q, packed = self._capture_stages(stages, q, None)
+        return graph, static_q, packed, host, False
+
+    @staticmethod
+    def _capture_stages(
+        stages: Any, q: torch.Tensor, host: torch.Tensor | None
+    ) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        import torch
+
+        static_q = torch.empty(tuple(q.shape), dtype=q.dtype, device=q.device)  # contiguous whatever q's strides
+        static_q.copy_(q)
+        side = torch.cuda.Stream(device=q.device)  # type: ignore[no-untyped-call]
+        side.wait_stream(torch.cuda.current_stream(q.device))
+        with torch.cuda.stream(side):  # warm up (compile, allocate) outside the capture
+            stages(static_q)
+        torch.cuda.current_stream(q.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            packed = stages(static_q)
+            if host is not None:
+                host.copy_(packed, non_blocking=True)
+        torch.cuda.synchronize(q.device)
+        return graph, static_q, packed
+
     @staticmethod
     def _capture(
         backend: Any, q: torch.Tensor, database: Database, k: int, low: bool
@@ -82,3 +178,21 @@ class GraphCache:
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             outputs = backend.device_topk(static_q, database, k, low)
         return graph, static_q, outputs
+
+
+def _page_locked(words: int) -> torch.Tensor:
+    """An int32 host tensor of ``words`` in page-locked memory registered with CUDA (not torch's caching
+    allocator, whose bookkeeping of copies is not meant for graph capture); unregistered when freed."""
+    import weakref
+
+    import numpy as np
+    import torch
+
+    array = np.zeros(words, dtype=np.int32)
+    cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call]
+    pointer = array.ctypes.data
+    code = cudart.cudaHostRegister(pointer, array.nbytes, 0)
+    if int(getattr(code, "value", code)) != 0:
+        raise RuntimeError(f"cudaHostRegister failed: {code}")
+    weakref.finalize(array, cudart.cudaHostUnregister, pointer)
+    return torch.from_numpy(array)

@@ -24,6 +24,9 @@ from gpurag_triton.kernels.scan import scan_topk_kernel
 DEFAULT_SMS = 132
 #: Largest KP the kernels keep per (query, split).
 MAX_KP = 256
+#: Whether scans merge tiles into their running top-KP by `select.offer_tile_by_index` (float32 steps)
+#: rather than `select.offer_tile` (steps over the tile's packed 64-bit keys).
+SELECT_BY_INDEX = False
 
 
 def interpreting() -> bool:
@@ -57,6 +60,8 @@ class ScanConfig:
     num_stages: int = 2
     #: False only to time the scan without its selection (diagnostics; the output is then no top-k).
     select: bool = True
+    #: Merge tiles by `select.offer_tile_by_index` (float32 steps) rather than `select.offer_tile`.
+    by_index: bool = False
 
 
 def _pow2(value: int) -> int:
@@ -77,7 +82,7 @@ def choose_scan_config(
         use_dot = not l1 and not low and n_queries >= 16
         block_q = 16 if use_dot else min(4, _pow2(n_queries))
         splits = max(1, min(3, triton.cdiv(n_rows, 16)))
-        return ScanConfig(use_dot, block_q, 16, 16, splits)
+        return ScanConfig(use_dot, block_q, 16, 16, splits, by_index=SELECT_BY_INDEX)
     use_dot = not l1
     # Block sizes picked by the sweep in benchmarks/gpu_report.py on an H200 (see benchmarks/results).
     if use_dot and n_queries >= 512:  # tensor-core tiles, wgmma on 128-query blocks
@@ -96,7 +101,7 @@ def choose_scan_config(
     block_d = min(block_d, max(16, _pow2(dim)))
     query_blocks = triton.cdiv(n_queries, block_q)
     splits = max(1, min(triton.cdiv(_sms(device) * per_sm, query_blocks), triton.cdiv(n_rows, block_n * 4)))
-    return ScanConfig(use_dot, block_q, block_n, block_d, splits, warps, stages)
+    return ScanConfig(use_dot, block_q, block_n, block_d, splits, warps, stages, by_index=SELECT_BY_INDEX)
 
 
 def _check_matrix(x: torch.Tensor, name: str, dtype: torch.dtype, device: torch.device) -> None:
@@ -156,7 +161,7 @@ def scan_topk(
         queries.stride(0), rows.stride(0),
         METRIC=metric_code, USE_DOT=config.use_dot, LOW=low,
         BLOCK_Q=config.block_q, BLOCK_N=config.block_n, BLOCK_D=config.block_d, KP=kp, SELECT=config.select,
-        HAS_TAU=tau is not None, num_warps=config.num_warps, num_stages=config.num_stages,
+        HAS_TAU=tau is not None, BY_INDEX=config.by_index, num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return Scan(out, rows_per_split)
 

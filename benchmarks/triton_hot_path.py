@@ -1,0 +1,311 @@
+"""The Triton backend's hot paths on one GPU: the old path and each new variant side by side, per row.
+
+    python benchmarks/triton_hot_path.py OUT_DIR [PART ...]     (parts: q1 big scale sweep1)
+
+Rows (issue 13, k = 10, float32 random normal data, queries on the device), all through
+``ExactRetriever.search`` as ``benchmarks/gpu_report.py`` times it:
+
+- ``q1``: N=1M D=768 Q=1, dot / l2 / cosine. ``old``: the queries' finiteness checked by a device sum
+  (a synchronisation), the graph replayed, its outputs cloned and copied to the host one by one;
+  ``host``: one graph that ends in the copy to page-locked host memory, one synchronisation, the
+  finiteness folded into the search (`TritonBackend.host_topk`); ``host_copy_after``: the same with
+  the copy launched after the replay. Also ``topk`` and the scan kernel alone.
+- ``big``: N=1M D=768 Q=1024, dot / l2 / cosine: tiles merged by 64-bit keys (``keys``, the old
+  kernel) against float32 steps (``by_index``); and the scan alone with and without selection.
+- ``scale``: N=10M and 20M, D=128, Q=1024, dot: the same two merges, and where a search's time goes
+  (sampled floor, seeded scan, scan without selection), to find the part that does not grow with N.
+- ``sweep1``: the Q=1 scan kernel over block-size variants.
+
+Every variant's answers are checked against the float64 reference (gpu_report's ``check``) before
+it is timed. Each timing is a median over >= 30 calls after warm-up, variants interleaved in rounds;
+CUDA events and wall clock both. Writes OUT_DIR/hot_path.jsonl (a line per row, flushed at once) and
+OUT_DIR/hot_path.md (the table so far, rewritten after each row).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_report
+
+K = 10
+OUT = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
+PARTS = sys.argv[2:] or ["q1", "big", "scale", "sweep1"]
+T0 = time.time()
+ROWS: list[dict[str, Any]] = []
+
+
+def emit(**row: Any) -> None:
+    row["t"] = round(time.time() - T0, 1)
+    ROWS.append(row)
+    line = json.dumps(row)
+    print(line, flush=True)
+    with open(OUT / "hot_path.jsonl", "a") as f:
+        f.write(line + "\n")
+    write_table()
+
+
+def write_table() -> None:
+    lines = [f"# Triton hot paths on {torch.cuda.get_device_name(0)} (torch {torch.__version__})", "",
+             "| row | metric | variant | events ms (median) | wall ms (median) | calls | correct |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in ROWS:
+        for variant, (ev, wall, n) in r.get("ms", {}).items():
+            lines.append(
+                f"| {r['part']} | {r.get('metric', '')} | {variant} | {ev} | {wall} | {n} | {r.get('correct', '')} |"
+            )
+        if "error" in r:
+            lines.append(f"| {r['part']} | {r.get('metric', '')} | error | {r['error'][:200]} | | | |")
+    (OUT / "hot_path.md").write_text("\n".join(lines) + "\n")
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], reps: int, rounds: int = 3) -> dict[str, tuple[float, float, int]]:
+    """(median CUDA-event ms, median wall ms, calls) of each fn, timed in interleaved rounds after a warm-up."""
+    events: dict[str, list[float]] = {name: [] for name in fns}
+    walls: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+        fn()
+    torch.cuda.synchronize()
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            for _ in range(reps):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize()
+                began = time.perf_counter()
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                walls[name].append((time.perf_counter() - began) * 1e3)
+                events[name].append(start.elapsed_time(end))
+    return {
+        name: (round(statistics.median(events[name]), 4), round(statistics.median(walls[name]), 4), len(walls[name]))
+        for name in fns
+    }
+
+
+def data(n: int, d: int) -> torch.Tensor:
+    gen = torch.Generator(device="cuda").manual_seed(12345)
+    out = torch.empty((n, d), device="cuda")
+    step = 1 << 22
+    for start in range(0, n, step):  # in chunks: no second copy of a 20M-row matrix
+        out[start : start + step] = torch.randn(min(step, n - start), d, device="cuda", generator=gen)
+    return out
+
+
+def queries(q: int, d: int) -> torch.Tensor:
+    gen = torch.Generator(device="cuda").manual_seed(q)
+    return torch.randn(q, d, device="cuda", generator=gen)
+
+
+def index_for(metric: str, x: torch.Tensor) -> Any:
+    import gpurag
+
+    backend = gpurag.get_backend("triton", device="cuda")
+    index = gpurag.ExactRetriever(metric=metric, backend=backend)
+    index.add(x)
+    return index
+
+
+def ok(label: str, sc: Any, q: torch.Tensor, x: torch.Tensor, ref: torch.Tensor, result: Any) -> bool:
+    try:
+        gpu_report.check(label, sc, q, x, ref, result.scores, result.ids)
+        return True
+    except AssertionError as exc:
+        print(f"WRONG {label}: {exc}", flush=True)
+        return False
+
+
+def part_q1() -> None:
+    x = data(1_000_000, 768)
+    for metric in ("dot", "l2", "cosine"):
+        q1_row(x, metric)
+        torch.cuda.empty_cache()
+
+
+def q1_row(x: torch.Tensor, metric: str) -> None:
+    from gpurag_triton import graphs, launch
+
+    sc = gpu_report.Scenario(1_000_000, 768, 1, metric, 0.5, 0.35, "")
+    index = index_for(metric, x)
+    backend = index.backend
+    qs = queries(8, 768)
+    ref = gpu_report.reference_scores(qs, x, metric)
+    q = qs[:1]
+
+    def variant(host: bool, in_graph: bool = True) -> Callable[[], Any]:
+        def search() -> Any:
+            backend.use_host_graphs = host
+            graphs.COPY_IN_GRAPH = in_graph
+            return index.search(q, K)
+
+        return search
+
+    def by_index() -> Any:
+        launch.SELECT_BY_INDEX = True
+        try:
+            return variant(True)()
+        finally:
+            launch.SELECT_BY_INDEX = False
+
+    fns = {"old": variant(False), "host": variant(True), "host_copy_after": variant(True, False),
+           "host_by_index": by_index}  # fmt: skip
+    correct = True
+    for name, fn in fns.items():
+        for i in range(8):  # one query at a time: each replays the same graph with a new query
+            q = qs[i : i + 1]
+            correct &= ok(f"q1 {name} {metric}", sc, q, x, ref[i : i + 1], fn())
+    q = qs[:1]
+    database = index._database
+    code, query_in, rows_in, extra = backend._scan_inputs(q, database, low=True)
+
+    def topk_graph() -> Any:
+        backend.use_graphs = True
+        return backend.to_numpy(backend.topk(q, database, K).scores)
+
+    def scan_only() -> Any:
+        return launch.scan_topk(query_in, rows_in, extra, code, 16).keys
+
+    fns |= {"topk_graph_old": topk_graph, "scan_only": scan_only}
+    ms = interleaved(fns, 15, rounds=3)
+    emit(part="q1 N=1M D=768 Q=1", metric=metric, correct=correct, rescanned=backend.queries_rescanned,
+         copy_in_graph_failed=bool(graphs._COPY_IN_GRAPH_FAILED), ms=ms)  # fmt: skip
+    backend.use_host_graphs = True
+    graphs.COPY_IN_GRAPH = True
+
+
+def part_big() -> None:
+    x = data(1_000_000, 768)
+    for metric in ("dot", "l2", "cosine"):
+        merges(x, metric, "big N=1M D=768 Q=1024", reps=10)
+        torch.cuda.empty_cache()
+
+
+def merges(x: torch.Tensor, metric: str, label: str, reps: int, breakdown: bool = False) -> None:
+    from gpurag_triton import launch
+
+    n, d = x.shape
+    sc = gpu_report.Scenario(n, d, 1024, metric, 0, 0, "")
+    index = index_for(metric, x)
+    backend = index.backend
+    q = queries(1024, d)
+    ref = gpu_report.reference_scores(q[:64], x, metric)
+
+    def variant(by_index: bool) -> Callable[[], Any]:
+        def search() -> Any:
+            launch.SELECT_BY_INDEX = by_index
+            return index.search(q, K)
+
+        return search
+
+    fns = {"keys": variant(False), "by_index": variant(True)}
+    correct = all(ok(f"{label} {name} {metric}", sc, q, x, ref, fn()) for name, fn in fns.items())
+    if breakdown:
+        fns |= stages(index, q)
+    ms = interleaved(fns, reps, rounds=3)
+    emit(part=label, metric=metric, correct=correct, rescanned=backend.queries_rescanned, ms=ms)
+    launch.SELECT_BY_INDEX = False
+
+
+def stages(index: Any, q: torch.Tensor) -> dict[str, Callable[[], Any]]:
+    """The seeded search's kernels one by one (each synchronised by the timer)."""
+    import dataclasses
+
+    from gpurag_triton import backend as module
+    from gpurag_triton import launch
+
+    backend, database = index.backend, index._database
+    code, query_in, rows_in, extra = backend._scan_inputs(q, database, low=True)
+    stride = module.SEED_SAMPLE_STRIDE
+    sample_extra = None if extra is None else extra[::stride].contiguous()
+    sample = launch.scan_topk(query_in, rows_in[::stride], sample_extra, code, module.SEED_SAMPLE_RANK)
+    floor = torch.topk(sample.keys.reshape(q.shape[0], -1), module.SEED_SAMPLE_RANK, dim=1).values[:, -1]
+    tau = launch.decode(floor)[0].contiguous()
+    base = launch.choose_scan_config(q.shape[0], database.count, database.dim, l1=False, low=True, device=q.device)
+    configs = {
+        "scan_seeded_keys": dataclasses.replace(base, by_index=False),
+        "scan_seeded_by_index": dataclasses.replace(base, by_index=True),
+    }
+    fns: dict[str, Callable[[], Any]] = {
+        "sample_scan": lambda: launch.scan_topk(
+            query_in, rows_in[::stride], sample_extra, code, module.SEED_SAMPLE_RANK
+        ),
+        "scan_no_select": lambda: launch.scan_topk(
+            query_in, rows_in, extra, code, 16, dataclasses.replace(base, select=False)
+        ),
+        "scan_unseeded_keys": lambda: launch.scan_topk(query_in, rows_in, extra, code, 16, configs["scan_seeded_keys"]),
+    }
+    for name, config in configs.items():
+        fns[name] = lambda config=config: launch.scan_topk(query_in, rows_in, extra, code, 16, config, tau=tau)
+    return fns
+
+
+def part_scale() -> None:
+    for n in (10_000_000, 20_000_000):
+        x = data(n, 128)
+        merges(x, "dot", f"scale N={n // 1_000_000}M D=128 Q=1024", reps=4, breakdown=True)
+        del x
+        torch.cuda.empty_cache()
+
+
+def part_sweep1() -> None:
+    import dataclasses
+
+    from gpurag_triton import launch
+    from gpurag_triton.kernels.scan import DOT
+
+    x = data(1_000_000, 768)
+    q = queries(1, 768)
+    qi, xi = q.to(torch.bfloat16), x.to(torch.bfloat16)
+    del x
+    base = launch.choose_scan_config(1, 1_000_000, 768, l1=False, low=True, device=q.device)
+    fns: dict[str, Callable[[], Any]] = {}
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    # (64, 128, 4, 3, 4) is today's: 3 stages of 20 KB let 3 programs share an SM, so 4 per SM run in
+    # two waves; the others try one wave (3 per SM), fewer stages (4 fit) or larger tiles.
+    for block_n, block_d, warps, stages_, per_sm in (
+        (64, 128, 4, 3, 4), (64, 128, 4, 3, 3), (64, 128, 4, 2, 4), (32, 128, 4, 4, 4),
+        (64, 128, 4, 3, 6), (128, 128, 8, 3, 2), (32, 256, 4, 3, 3), (64, 64, 4, 4, 4),
+    ):  # fmt: skip
+        splits = max(1, sms * per_sm)
+        config = dataclasses.replace(base, block_n=block_n, block_d=block_d, num_warps=warps, num_stages=stages_,
+                                     splits=splits)  # fmt: skip
+        fns[f"bn{block_n} bd{block_d} w{warps} s{stages_} splits{splits}"] = lambda config=config: (
+            launch.scan_topk(qi, xi, None, int(DOT), 16, config).keys
+        )
+    ms = {}
+    for name, fn in fns.items():  # one at a time: a variant that fails to compile is listed, not fatal
+        try:
+            ms |= interleaved({name: fn}, 10, rounds=3)
+        except Exception as exc:
+            ms[name] = (f"error {type(exc).__name__}", "", 0)
+    emit(part="sweep1 scan N=1M D=768 Q=1", metric="dot", ms=ms)
+
+
+def main() -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+    print(f"# {torch.cuda.get_device_name(0)} torch {torch.__version__}", flush=True)
+    for part in PARTS:
+        try:
+            {"q1": part_q1, "big": part_big, "scale": part_scale, "sweep1": part_sweep1}[part]()
+        except Exception as exc:
+            import traceback
+
+            emit(part=part, error=f"{type(exc).__name__}: {exc}"[:400], tb=traceback.format_exc()[-1500:])
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
