@@ -146,6 +146,7 @@ def q1_row(x: torch.Tensor, metric: str) -> None:
     def variant(host: bool, in_graph: bool = True) -> Callable[[], Any]:
         def search() -> Any:
             backend.use_host_graphs = host
+            backend.sort_shortlist = not host  # the old path sorted the shortlist's top keys
             graphs.COPY_IN_GRAPH = in_graph
             return index.search(q, K)
 
@@ -158,8 +159,24 @@ def q1_row(x: torch.Tensor, metric: str) -> None:
         finally:
             launch.SELECT_BY_INDEX = False
 
+    def small_scan(config: tuple[int, int, int, int, int]) -> Callable[[], Any]:
+        def search() -> Any:
+            launch.SMALL_Q_SCAN = config
+            try:
+                return variant(True)()
+            finally:
+                launch.SMALL_Q_SCAN = default_scan
+
+        return search
+
+    default_scan = launch.SMALL_Q_SCAN
     fns = {"old": variant(False), "host": variant(True), "host_copy_after": variant(True, False),
            "host_by_index": by_index}  # fmt: skip
+    if metric == "dot":  # the scan in one wave (3 programs of 60 KB per SM), or 2 stages (4 fit)
+        fns |= {
+            "host_scan_3_per_sm": small_scan((64, 128, 4, 3, 3)),
+            "host_scan_2_stages": small_scan((64, 128, 4, 2, 4)),
+        }
     correct = True
     for name, fn in fns.items():
         for i in range(8):  # one query at a time: each replays the same graph with a new query
@@ -170,17 +187,21 @@ def q1_row(x: torch.Tensor, metric: str) -> None:
     code, query_in, rows_in, extra = backend._scan_inputs(q, database, low=True)
 
     def topk_graph() -> Any:
-        backend.use_graphs = True
+        backend.use_graphs, backend.sort_shortlist = True, True
         return backend.to_numpy(backend.topk(q, database, K).scores)
+
+    def old_unsorted() -> Any:
+        backend.use_host_graphs, backend.sort_shortlist = False, False
+        return index.search(q, K)
 
     def scan_only() -> Any:
         return launch.scan_topk(query_in, rows_in, extra, code, 16).keys
 
-    fns |= {"topk_graph_old": topk_graph, "scan_only": scan_only}
+    fns |= {"old_unsorted_top": old_unsorted, "topk_graph_old": topk_graph, "scan_only": scan_only}
     ms = interleaved(fns, 15, rounds=3)
     emit(part="q1 N=1M D=768 Q=1", metric=metric, correct=correct, rescanned=backend.queries_rescanned,
          copy_in_graph_failed=bool(graphs._COPY_IN_GRAPH_FAILED), ms=ms)  # fmt: skip
-    backend.use_host_graphs = True
+    backend.use_host_graphs, backend.sort_shortlist = True, False
     graphs.COPY_IN_GRAPH = True
 
 
@@ -191,7 +212,7 @@ def part_big() -> None:
         torch.cuda.empty_cache()
 
 
-def merges(x: torch.Tensor, metric: str, label: str, reps: int, breakdown: bool = False) -> None:
+def merges(x: torch.Tensor, metric: str, label: str, reps: int) -> None:
     from gpurag_triton import launch
 
     n, d = x.shape
@@ -201,20 +222,25 @@ def merges(x: torch.Tensor, metric: str, label: str, reps: int, breakdown: bool 
     q = queries(1024, d)
     ref = gpu_report.reference_scores(q[:64], x, metric)
 
-    def variant(by_index: bool) -> Callable[[], Any]:
+    def variant(by_index: bool, sort: bool) -> Callable[[], Any]:
         def search() -> Any:
             launch.SELECT_BY_INDEX = by_index
+            backend.sort_shortlist = sort
             return index.search(q, K)
 
         return search
 
-    fns = {"keys": variant(False), "by_index": variant(True)}
+    # "old": main's kernels (tiles merged by 64-bit keys, the shortlist's top keys sorted).
+    fns = {
+        "old": variant(False, True),
+        "keys_unsorted": variant(False, False),
+        "by_index_unsorted": variant(True, False),
+    }
     correct = all(ok(f"{label} {name} {metric}", sc, q, x, ref, fn()) for name, fn in fns.items())
-    if breakdown:
-        fns |= stages(index, q)
     ms = interleaved(fns, reps, rounds=3)
     emit(part=label, metric=metric, correct=correct, rescanned=backend.queries_rescanned, ms=ms)
     launch.SELECT_BY_INDEX = False
+    backend.sort_shortlist = False
 
 
 def stages(index: Any, q: torch.Tensor) -> dict[str, Callable[[], Any]]:
@@ -236,9 +262,14 @@ def stages(index: Any, q: torch.Tensor) -> dict[str, Callable[[], Any]]:
         "scan_seeded_keys": dataclasses.replace(base, by_index=False),
         "scan_seeded_by_index": dataclasses.replace(base, by_index=True),
     }
+    sample_rows = rows_in[::stride]
+    sample_config = launch.choose_scan_config(
+        q.shape[0], sample_rows.shape[0], database.dim, l1=False, low=True, device=q.device
+    )
+    sample_config = dataclasses.replace(sample_config, by_index=False)
     fns: dict[str, Callable[[], Any]] = {
         "sample_scan": lambda: launch.scan_topk(
-            query_in, rows_in[::stride], sample_extra, code, module.SEED_SAMPLE_RANK
+            query_in, sample_rows, sample_extra, code, module.SEED_SAMPLE_RANK, sample_config
         ),
         "scan_no_select": lambda: launch.scan_topk(
             query_in, rows_in, extra, code, 16, dataclasses.replace(base, select=False)
@@ -251,11 +282,55 @@ def stages(index: Any, q: torch.Tensor) -> dict[str, Callable[[], Any]]:
 
 
 def part_scale() -> None:
+    """10M and 20M rows as benchmarks/scaleout_gpu.py makes them (its chunked rows, its host queries, a
+    retriever named by backend and device) beside gpu_report's (device queries): where the time goes."""
     for n in (10_000_000, 20_000_000):
-        x = data(n, 128)
-        merges(x, "dot", f"scale N={n // 1_000_000}M D=128 Q=1024", reps=4, breakdown=True)
-        del x
+        scale_row(n)
         torch.cuda.empty_cache()
+
+
+def scale_row(n: int) -> None:
+    import numpy as np
+
+    import gpurag
+    import scaleout_gpu
+    from gpurag_triton import launch
+
+    label = f"scale N={n // 1_000_000}M D=128 Q=1024"
+    x = scaleout_gpu.make_rows(n, "cuda:0")
+    index = gpurag.ExactRetriever("dot", "triton", device="cuda:0")
+    index.add(x)
+    backend = index.backend
+    q = queries(1024, 128)
+    host_q = np.random.default_rng(7).standard_normal((1024, 128), dtype=np.float32)
+    sc = gpu_report.Scenario(n, 128, 1024, "dot", 0, 0, "")
+    ref = gpu_report.reference_scores(q[:64], x, "dot")
+    host_ref = gpu_report.reference_scores(torch.from_numpy(host_q[:64]).cuda(), x, "dot")
+
+    def variant(by_index: bool, sort: bool, queries_in: Any) -> Callable[[], Any]:
+        def search() -> Any:
+            launch.SELECT_BY_INDEX = by_index
+            backend.sort_shortlist = sort
+            return index.search(queries_in, K)
+
+        return search
+
+    fns = {
+        "old": variant(False, True, q),
+        "by_index_unsorted": variant(True, False, q),
+        "old_host_queries": variant(False, True, host_q),
+        "by_index_unsorted_host_queries": variant(True, False, host_q),
+    }
+    correct = True
+    for name, fn in fns.items():
+        host = name.endswith("host_queries")
+        qq = torch.from_numpy(host_q).cuda() if host else q
+        correct &= ok(f"{label} {name}", sc, qq, x, host_ref if host else ref, fn())
+    del x
+    fns |= stages(index, q)
+    ms = interleaved(fns, 4, rounds=3)
+    emit(part=label, metric="dot", correct=correct, rescanned=backend.queries_rescanned, ms=ms)
+    launch.SELECT_BY_INDEX = False
 
 
 def part_sweep1() -> None:

@@ -87,6 +87,9 @@ class TritonBackend(TorchBackend):
         self.use_seed = True
         #: `host_topk` of a few device queries through a graph that ends in the host copy (one sync).
         self.use_host_graphs = True
+        #: Whether the shortlist's top keys are also sorted (the finish kernel sorts them anyway; off
+        #: saves torch.topk's sort pass).
+        self.sort_shortlist = False
         #: Re-score, order and certify a scan's shortlist in one kernel (`kernels.finish`); below this
         #: many queries the re-scoring runs first on its own, wider grid.
         self.use_finish = True
@@ -259,7 +262,7 @@ class TritonBackend(TorchBackend):
             if found is not None:
                 self.queries_searched += q.shape[0]
                 return found
-        return super().host_topk(queries, database, k, dim=dim)
+        return super().host_topk(q, database, k, dim=dim)
 
     def _host_graph_shape(self, shape: tuple[int, ...], database: Database) -> bool:
         return (
@@ -327,7 +330,7 @@ class TritonBackend(TorchBackend):
             stride = SEED_SAMPLE_STRIDE
             sample_extra = None if extra is None else extra[::stride].contiguous()
             sample = launch.scan_topk(query_in, rows_in[::stride], sample_extra, code, SEED_SAMPLE_RANK)
-            floor = torch.topk(sample.keys.reshape(q.shape[0], -1), SEED_SAMPLE_RANK, dim=1).values[:, -1]
+            floor = self._kth_keys(sample.keys.reshape(q.shape[0], -1), SEED_SAMPLE_RANK)[1]
             scan = launch.scan_topk(query_in, rows_in, extra, code, kp, tau=launch.decode(floor)[0])
         else:
             scan = launch.scan_topk(query_in, rows_in, extra, code, kp)
@@ -340,14 +343,24 @@ class TritonBackend(TorchBackend):
             cutoff = torch.maximum(cutoff, floor)
         keep = min(scan.kept_per_query(database.count), max(2 * k, SHORTLIST_MIN))
         if keys.shape[1] > keep:
-            keys = torch.topk(keys, keep, dim=1).values
-            cutoff = torch.maximum(cutoff, keys[:, -1])
+            keys, worst = self._kth_keys(keys, keep)
+            cutoff = torch.maximum(cutoff, worst)
         norms = database.row_data[L1_NORMS if metric is Metric.L1 else NORMS]
         metric_code = {Metric.DOT: 0, Metric.L2: 1, Metric.L1: 2, Metric.COSINE: 3}[metric]
         return launch.finish(
             q, database.vectors, keys, cutoff, norms.max(), norms if metric is Metric.COSINE else None, k,
             metric_code, finish_bounds(metric, database.dim), self.finish_split_below,
         )  # fmt: skip
+
+    def _kth_keys(self, keys: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's ``count`` largest keys (in no order unless `sort_shortlist`) and the smallest of them."""
+        import torch
+
+        if self.sort_shortlist:
+            top = torch.topk(keys, count, dim=1).values
+            return top, top[:, -1]
+        top = torch.topk(keys, count, dim=1, sorted=False).values  # the finish kernel orders them itself
+        return top, top.min(dim=1).values
 
     def _scan_inputs(
         self, q: torch.Tensor, database: Database, *, low: bool

@@ -36,7 +36,7 @@ def _key(q: torch.Tensor, database: Database, k: int, low: bool) -> tuple[Any, .
     from gpurag_triton import launch
 
     # The kernels' merge is part of what was captured.
-    return (tuple(q.shape), q.device, k, low, database.metric, database.count, layout, launch.SELECT_BY_INDEX)
+    return (tuple(q.shape), q.device, k, low, database.metric, database.count, layout, launch.tuning())
 
 
 class GraphCache:
@@ -55,7 +55,7 @@ class GraphCache:
 
     def run(self, backend: Any, q: torch.Tensor, database: Database, k: int, low: bool) -> Outputs:
         """``backend.device_topk(q, database, k, low)`` by graph replay; the outputs are fresh tensors."""
-        key = _key(q, database, k, low)
+        key = (*_key(q, database, k, low), getattr(backend, "sort_shortlist", None))
         with self._lock:
             entry = self._graphs.get(key)
             if entry is None:
@@ -90,7 +90,7 @@ class GraphCache:
 
         from gpurag.metrics import TopK
 
-        key = ("host", COPY_IN_GRAPH, *_key(q, database, k, low))
+        key = ("host", COPY_IN_GRAPH, *_key(q, database, k, low), getattr(backend, "sort_shortlist", None))
         with self._lock:
             entry = self._host_graphs.get(key)
             if entry is None:
@@ -105,7 +105,7 @@ class GraphCache:
             graph.replay()
             if not copied:
                 host.copy_(packed, non_blocking=True)
-            torch.cuda.current_stream(q.device).synchronize()  # type: ignore[no-untyped-call]
+            torch.cuda.current_stream(q.device).synchronize()
             words = host.numpy()
             count = q.shape[0] * k
             if words[2 * count] != 1:
@@ -120,7 +120,7 @@ class GraphCache:
         import torch
 
         count = q.shape[0] * k
-        host = _page_locked(2 * count + 1)
+        host, locked = _page_locked(2 * count + 1)
 
         def stages(static_q: torch.Tensor) -> torch.Tensor:
             scores, rows, _, _, good = backend.device_topk(static_q, database, k, low)
@@ -132,7 +132,7 @@ class GraphCache:
                 ]
             )
 
-        if COPY_IN_GRAPH and not _COPY_IN_GRAPH_FAILED:
+        if COPY_IN_GRAPH and locked and not _COPY_IN_GRAPH_FAILED:
             try:
                 graph, static_q, packed = self._capture_stages(stages, q, host)
                 return graph, static_q, packed, host, True
@@ -180,19 +180,25 @@ class GraphCache:
         return graph, static_q, outputs
 
 
-def _page_locked(words: int) -> torch.Tensor:
-    """An int32 host tensor of ``words`` in page-locked memory registered with CUDA (not torch's caching
-    allocator, whose bookkeeping of copies is not meant for graph capture); unregistered when freed."""
+def _page_locked(words: int) -> tuple[torch.Tensor, bool]:
+    """An int32 host tensor of ``words``, and whether it is page-locked (registered with CUDA on whole pages
+    of its own, outside torch's caching allocator, whose bookkeeping of copies is not meant for graph
+    capture; unregistered when freed). Where registering fails it is ordinary memory (False)."""
+    import mmap
     import weakref
 
     import numpy as np
     import torch
 
-    array = np.zeros(words, dtype=np.int32)
+    page = mmap.PAGESIZE
+    nbytes = -(-words * 4 // page) * page
+    raw = np.zeros(nbytes + page, dtype=np.uint8)
+    offset = -raw.ctypes.data % page
+    array = raw[offset : offset + nbytes].view(np.int32)[:words]
+    pointer = raw.ctypes.data + offset
     cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call]
-    pointer = array.ctypes.data
-    code = cudart.cudaHostRegister(pointer, array.nbytes, 0)
+    code = cudart.cudaHostRegister(pointer, nbytes, 0)
     if int(getattr(code, "value", code)) != 0:
-        raise RuntimeError(f"cudaHostRegister failed: {code}")
-    weakref.finalize(array, cudart.cudaHostUnregister, pointer)
-    return torch.from_numpy(array)
+        return torch.from_numpy(array), False
+    weakref.finalize(raw, cudart.cudaHostUnregister, pointer)
+    return torch.from_numpy(array), True

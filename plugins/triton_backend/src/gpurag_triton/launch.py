@@ -27,6 +27,13 @@ MAX_KP = 256
 #: Whether scans merge tiles into their running top-KP by `select.offer_tile_by_index` (float32 steps)
 #: rather than `select.offer_tile` (steps over the tile's packed 64-bit keys).
 SELECT_BY_INDEX = False
+#: (BLOCK_N, BLOCK_D, warps, stages, programs per SM) of the tensor-core scan below 16 queries.
+SMALL_Q_SCAN = (64, 128, 4, 3, 4)
+
+
+def tuning() -> tuple[object, ...]:
+    """The module-level choices above, as one value (part of a captured graph's key)."""
+    return (SELECT_BY_INDEX, SMALL_Q_SCAN)
 
 
 def interpreting() -> bool:
@@ -90,7 +97,8 @@ def choose_scan_config(
     elif use_dot and n_queries >= 16:
         block_q, block_n, block_d, warps, stages, per_sm = 64, 128, 64, 4, 3, 4
     elif use_dot:  # small Q: a 16-query tile keeps the loads wide; all SMs split the rows
-        block_q, block_n, block_d, warps, stages, per_sm = 16, 64, 128, 4, 3, 4
+        block_q = 16
+        block_n, block_d, warps, stages, per_sm = SMALL_Q_SCAN
     elif l1 and low and n_queries == 1:  # bf16 rows, abs-difference sums over D tiles: bandwidth-bound
         block_q, block_n, block_d, warps, stages, per_sm = 1, 64, 128, 4, 3, 4
     elif l1 and low and n_queries <= 16:
