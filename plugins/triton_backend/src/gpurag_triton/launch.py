@@ -267,7 +267,8 @@ def _as_words(codes: torch.Tensor, words: int) -> torch.Tensor:
 
 def rescore(queries: torch.Tensor, rows: torch.Tensor, candidates: torch.Tensor, term: int) -> torch.Tensor:
     """(Q, M) float32 sums over D of ``term`` (0: squared difference, 1: absolute difference, 2: product)
-    between each query and the rows ``candidates`` (Q, M) int64 of ``rows``, read in place."""
+    between each query and the rows ``candidates`` (Q, M) of ``rows``, read in place. ``candidates``
+    are integer rows, or the scan's float64 packed keys (rows past the end, padding, read the last row)."""
     _check_matrix(queries, "queries", torch.float32, rows.device)
     _check_matrix(rows, "rows", torch.float32, queries.device)
     if candidates.ndim != 2 or candidates.shape[0] != queries.shape[0] or candidates.device != rows.device:
@@ -279,8 +280,8 @@ def rescore(queries: torch.Tensor, rows: torch.Tensor, candidates: torch.Tensor,
     block_m = 8 if interpreting() else 32
     block_d = max(16, min(128, _pow2(dim)))
     rescore_kernel[(n_queries, triton.cdiv(n_candidates, block_m))](
-        queries, rows, candidates, out, n_candidates, dim, queries.stride(0), rows.stride(0),
-        TERM=term, BLOCK_M=block_m, BLOCK_D=block_d,
+        queries, rows, candidates, out, n_candidates, rows.shape[0], dim, queries.stride(0), rows.stride(0),
+        TERM=term, BLOCK_M=block_m, BLOCK_D=block_d, FROM_KEYS=candidates.dtype == torch.float64,
     )  # fmt: skip
     return out
 
@@ -340,7 +341,7 @@ def finish(
     sums = None
     if n_queries < split_below:  # few queries: gather and sum the candidates over many programs first
         term = {0: 2, 1: 0, 2: 1, 3: 2}[metric_code]
-        sums = rescore(queries, vectors, (keys.view(torch.int64) & 0xFFFFFFFF).clamp_(max=vectors.shape[0] - 1), term)
+        sums = rescore(queries, vectors, keys, term)  # rows decoded from the keys in the kernel
     finish_kernel[(n_queries,)](
         queries, vectors, keys, keys if sums is None else sums, cutoff_keys.contiguous(), max_norm, norms,
         scores, rows, certified, flags,
