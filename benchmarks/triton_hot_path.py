@@ -222,11 +222,19 @@ def merges(x: torch.Tensor, metric: str, label: str, reps: int) -> None:
     q = queries(1024, d)
     ref = gpu_report.reference_scores(q[:64], x, metric)
 
-    def variant(by_index: bool, sort: bool) -> Callable[[], Any]:
+    from gpurag_triton import backend as module
+
+    sample_kp = module.SEED_SAMPLE_KP
+
+    def variant(by_index: bool, sort: bool, seed_kp: int = sample_kp) -> Callable[[], Any]:
         def search() -> Any:
             launch.SELECT_BY_INDEX = by_index
             backend.sort_shortlist = sort
-            return index.search(q, K)
+            module.SEED_SAMPLE_KP = seed_kp
+            try:
+                return index.search(q, K)
+            finally:
+                module.SEED_SAMPLE_KP = sample_kp
 
         return search
 
@@ -235,6 +243,7 @@ def merges(x: torch.Tensor, metric: str, label: str, reps: int) -> None:
         "old": variant(False, True),
         "keys_unsorted": variant(False, False),
         "by_index_unsorted": variant(True, False),
+        "by_index_unsorted_seed_kp1": variant(True, False, 1),
     }
     correct = True
     rescanned = {}
@@ -276,6 +285,12 @@ def stages(index: Any, q: torch.Tensor) -> dict[str, Callable[[], Any]]:
         "sample_scan": lambda: launch.scan_topk(
             query_in, sample_rows, sample_extra, code, module.SEED_SAMPLE_RANK, sample_config
         ),
+        "sample_scan_by_index": lambda: launch.scan_topk(
+            query_in, sample_rows, sample_extra, code, 8, dataclasses.replace(sample_config, by_index=True)
+        ),
+        "sample_scan_kp1_by_index": lambda: launch.scan_topk(
+            query_in, sample_rows, sample_extra, code, 1, dataclasses.replace(sample_config, by_index=True)
+        ),
         "scan_no_select": lambda: launch.scan_topk(
             query_in, rows_in, extra, code, 16, dataclasses.replace(base, select=False)
         ),
@@ -314,17 +329,19 @@ def scale_row(n: int) -> None:
 
     from gpurag_triton import backend as module
 
-    rank = module.SEED_SAMPLE_RANK
+    rank, sample_kp = module.SEED_SAMPLE_RANK, module.SEED_SAMPLE_KP
 
-    def variant(by_index: bool, sort: bool, queries_in: Any, seed_rank: int = rank) -> Callable[[], Any]:
+    def variant(
+        by_index: bool, sort: bool, queries_in: Any, seed_rank: int = rank, seed_kp: int = sample_kp
+    ) -> Callable[[], Any]:
         def search() -> Any:
             launch.SELECT_BY_INDEX = by_index
             backend.sort_shortlist = sort
-            module.SEED_SAMPLE_RANK = seed_rank
+            module.SEED_SAMPLE_RANK, module.SEED_SAMPLE_KP = seed_rank, min(seed_kp, seed_rank)
             try:
                 return index.search(queries_in, K)
             finally:
-                module.SEED_SAMPLE_RANK = rank
+                module.SEED_SAMPLE_RANK, module.SEED_SAMPLE_KP = rank, sample_kp
 
         return search
 
@@ -334,6 +351,7 @@ def scale_row(n: int) -> None:
         "old_host_queries": variant(False, True, host_q),
         "by_index_unsorted_host_queries": variant(True, False, host_q),
         "by_index_unsorted_seed_rank4": variant(True, False, q, 4),
+        "by_index_unsorted_seed_kp1": variant(True, False, q, rank, 1),
     }
     correct = True
     rescanned = {}
@@ -345,7 +363,7 @@ def scale_row(n: int) -> None:
         rescanned[name] = backend.queries_rescanned - before
     del x
     fns |= stages(index, q)
-    ms = interleaved(fns, 4, rounds=3)
+    ms = interleaved(fns, 3, rounds=3)
     emit(part=label, metric="dot", correct=correct, rescanned=rescanned, ms=ms)
     launch.SELECT_BY_INDEX = False
 

@@ -58,6 +58,10 @@ SEED_MIN_QUERIES = 64
 SEED_MIN_ROWS = 1 << 16
 SEED_SAMPLE_RANK = 8
 SEED_SAMPLE_STRIDE = 32
+#: Keys the sample's scan keeps per (query, split): the floor is the `SEED_SAMPLE_RANK`-th best of them,
+#: so below `SEED_SAMPLE_RANK` (down to 1, each split's best alone) it is a little lower, and the
+#: sample's own running top-k far cheaper to keep.
+SEED_SAMPLE_KP = 8
 #: Below this many queries (an H200's multiprocessors) the finish kernel's one program per query would
 #: leave most of the GPU idle while it gathers the candidates: `kernels.rescore` sums them first.
 FINISH_SPLIT_BELOW = 132
@@ -329,8 +333,9 @@ class TritonBackend(TorchBackend):
         elif self._seeded(q, database):
             stride = SEED_SAMPLE_STRIDE
             sample_extra = None if extra is None else extra[::stride].contiguous()
-            sample = launch.scan_topk(query_in, rows_in[::stride], sample_extra, code, SEED_SAMPLE_RANK)
-            floor = self._kth_keys(sample.keys.reshape(q.shape[0], -1), SEED_SAMPLE_RANK)[1]
+            sample = launch.scan_topk(query_in, rows_in[::stride], sample_extra, code, SEED_SAMPLE_KP)
+            sampled = sample.keys.reshape(q.shape[0], -1)
+            floor = self._kth_keys(sampled, min(SEED_SAMPLE_RANK, sampled.shape[1]))[1]
             scan = launch.scan_topk(query_in, rows_in, extra, code, kp, tau=launch.decode(floor)[0])
         else:
             scan = launch.scan_topk(query_in, rows_in, extra, code, kp)
