@@ -25,6 +25,7 @@ OUT_DIR/hot_path.md (the table so far, rewritten after each row).
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import time
@@ -38,6 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_report
 
 K = 10
+#: A smoke run off the GPU: HOT_PATH_DEVICE=cpu TRITON_INTERPRET=1 HOT_PATH_SHRINK=1000 (every N and Q
+#: divided by it; CUDA events replaced by the wall clock).
+DEVICE = os.environ.get("HOT_PATH_DEVICE", "cuda")
+SHRINK = int(os.environ.get("HOT_PATH_SHRINK", "1"))
 OUT = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
 PARTS = sys.argv[2:] or ["q1", "big", "scale", "sweep1"]
 T0 = time.time()
@@ -55,7 +60,7 @@ def emit(**row: Any) -> None:
 
 
 def write_table() -> None:
-    lines = [f"# Triton hot paths on {torch.cuda.get_device_name(0)} (torch {torch.__version__})", "",
+    lines = [f"# Triton hot paths on {card()} (torch {torch.__version__})", "",
              "| row | metric | variant | events ms (median) | wall ms (median) | calls | correct |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in ROWS:
@@ -68,26 +73,50 @@ def write_table() -> None:
     (OUT / "hot_path.md").write_text("\n".join(lines) + "\n")
 
 
+def empty_cache() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+
+
+def card() -> str:
+    return torch.cuda.get_device_name(0) if DEVICE == "cuda" else DEVICE
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def rows(n: int) -> int:
+    return max(64, n // SHRINK)
+
+
 def interleaved(fns: dict[str, Callable[[], Any]], reps: int, rounds: int = 3) -> dict[str, tuple[float, float, int]]:
     """(median CUDA-event ms, median wall ms, calls) of each fn, timed in interleaved rounds after a warm-up."""
+    if SHRINK > 1:  # a smoke run: each variant once
+        reps, rounds = 1, 1
     events: dict[str, list[float]] = {name: [] for name in fns}
     walls: dict[str, list[float]] = {name: [] for name in fns}
     for fn in fns.values():
         fn()
         fn()
-    torch.cuda.synchronize()
+    sync()
+    cuda = DEVICE == "cuda"
     for _ in range(rounds):
         for name, fn in fns.items():
             for _ in range(reps):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                torch.cuda.synchronize()
+                if cuda:
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                sync()
                 began = time.perf_counter()
-                start.record()
+                if cuda:
+                    start.record()
                 fn()
-                end.record()
-                end.synchronize()
+                if cuda:
+                    end.record()
+                    end.synchronize()
                 walls[name].append((time.perf_counter() - began) * 1e3)
-                events[name].append(start.elapsed_time(end))
+                events[name].append(start.elapsed_time(end) if cuda else walls[name][-1])
     return {
         name: (round(statistics.median(events[name]), 4), round(statistics.median(walls[name]), 4), len(walls[name]))
         for name in fns
@@ -95,23 +124,23 @@ def interleaved(fns: dict[str, Callable[[], Any]], reps: int, rounds: int = 3) -
 
 
 def data(n: int, d: int) -> torch.Tensor:
-    gen = torch.Generator(device="cuda").manual_seed(12345)
-    out = torch.empty((n, d), device="cuda")
+    gen = torch.Generator(device=DEVICE).manual_seed(12345)
+    out = torch.empty((n, d), device=DEVICE)
     step = 1 << 22
     for start in range(0, n, step):  # in chunks: no second copy of a 20M-row matrix
-        out[start : start + step] = torch.randn(min(step, n - start), d, device="cuda", generator=gen)
+        out[start : start + step] = torch.randn(min(step, n - start), d, device=DEVICE, generator=gen)
     return out
 
 
 def queries(q: int, d: int) -> torch.Tensor:
-    gen = torch.Generator(device="cuda").manual_seed(q)
-    return torch.randn(q, d, device="cuda", generator=gen)
+    gen = torch.Generator(device=DEVICE).manual_seed(q)
+    return torch.randn(q, d, device=DEVICE, generator=gen)
 
 
 def index_for(metric: str, x: torch.Tensor) -> Any:
     import gpurag
 
-    backend = gpurag.get_backend("triton", device="cuda")
+    backend = gpurag.get_backend("triton", device=DEVICE)
     index = gpurag.ExactRetriever(metric=metric, backend=backend)
     index.add(x)
     return index
@@ -127,16 +156,16 @@ def ok(label: str, sc: Any, q: torch.Tensor, x: torch.Tensor, ref: torch.Tensor,
 
 
 def part_q1() -> None:
-    x = data(1_000_000, 768)
+    x = data(rows(1_000_000), 768)
     for metric in ("dot", "l2", "cosine"):
         q1_row(x, metric)
-        torch.cuda.empty_cache()
+        empty_cache()
 
 
 def q1_row(x: torch.Tensor, metric: str) -> None:
     from gpurag_triton import graphs, launch
 
-    sc = gpu_report.Scenario(1_000_000, 768, 1, metric, 0.5, 0.35, "")
+    sc = gpu_report.Scenario(x.shape[0], 768, 1, metric, 0.5, 0.35, "")
     index = index_for(metric, x)
     backend = index.backend
     qs = queries(8, 768)
@@ -179,7 +208,7 @@ def q1_row(x: torch.Tensor, metric: str) -> None:
         }
     correct = True
     for name, fn in fns.items():
-        for i in range(8):  # one query at a time: each replays the same graph with a new query
+        for i in range(8 if SHRINK == 1 else 1):  # one query at a time: each replays the same graph anew
             q = qs[i : i + 1]
             correct &= ok(f"q1 {name} {metric}", sc, q, x, ref[i : i + 1], fn())
     q = qs[:1]
@@ -206,20 +235,20 @@ def q1_row(x: torch.Tensor, metric: str) -> None:
 
 
 def part_big() -> None:
-    x = data(1_000_000, 768)
+    x = data(rows(1_000_000), 768)
     for metric in ("dot", "l2", "cosine"):
         merges(x, metric, "big N=1M D=768 Q=1024", reps=10)
-        torch.cuda.empty_cache()
+        empty_cache()
 
 
 def merges(x: torch.Tensor, metric: str, label: str, reps: int) -> None:
     from gpurag_triton import launch
 
     n, d = x.shape
-    sc = gpu_report.Scenario(n, d, 1024, metric, 0, 0, "")
+    q = queries(max(2, 1024 // SHRINK), d)
+    sc = gpu_report.Scenario(n, d, q.shape[0], metric, 0, 0, "")
     index = index_for(metric, x)
     backend = index.backend
-    q = queries(1024, d)
     ref = gpu_report.reference_scores(q[:64], x, metric)
 
     from gpurag_triton import backend as module
@@ -304,9 +333,9 @@ def stages(index: Any, q: torch.Tensor) -> dict[str, Callable[[], Any]]:
 def part_scale() -> None:
     """10M and 20M rows as benchmarks/scaleout_gpu.py makes them (its chunked rows, its host queries, a
     retriever named by backend and device) beside gpu_report's (device queries): where the time goes."""
-    for n in (10_000_000, 20_000_000):
+    for n in (rows(10_000_000), rows(20_000_000)):
         scale_row(n)
-        torch.cuda.empty_cache()
+        empty_cache()
 
 
 def scale_row(n: int) -> None:
@@ -316,16 +345,16 @@ def scale_row(n: int) -> None:
     import scaleout_gpu
     from gpurag_triton import launch
 
-    label = f"scale N={n // 1_000_000}M D=128 Q=1024"
-    x = scaleout_gpu.make_rows(n, "cuda:0")
-    index = gpurag.ExactRetriever("dot", "triton", device="cuda:0")
+    label = f"scale N={n:,} D=128 Q=1024"
+    x = scaleout_gpu.make_rows(n, DEVICE)
+    index = gpurag.ExactRetriever("dot", "triton", device=DEVICE)
     index.add(x)
     backend = index.backend
-    q = queries(1024, 128)
-    host_q = np.random.default_rng(7).standard_normal((1024, 128), dtype=np.float32)
-    sc = gpu_report.Scenario(n, 128, 1024, "dot", 0, 0, "")
+    q = queries(max(2, 1024 // SHRINK), 128)
+    host_q = np.random.default_rng(7).standard_normal((q.shape[0], 128), dtype=np.float32)
+    sc = gpu_report.Scenario(n, 128, q.shape[0], "dot", 0, 0, "")
     ref = gpu_report.reference_scores(q[:64], x, "dot")
-    host_ref = gpu_report.reference_scores(torch.from_numpy(host_q[:64]).cuda(), x, "dot")
+    host_ref = gpu_report.reference_scores(torch.from_numpy(host_q[:64]).to(DEVICE), x, "dot")
 
     from gpurag_triton import backend as module
 
@@ -357,7 +386,7 @@ def scale_row(n: int) -> None:
     rescanned = {}
     for name, fn in fns.items():
         host = name.endswith("host_queries")
-        qq = torch.from_numpy(host_q).cuda() if host else q
+        qq = torch.from_numpy(host_q).to(DEVICE) if host else q
         before = backend.queries_rescanned
         correct &= ok(f"{label} {name}", sc, qq, x, host_ref if host else ref, fn())
         rescanned[name] = backend.queries_rescanned - before
@@ -374,13 +403,13 @@ def part_sweep1() -> None:
     from gpurag_triton import launch
     from gpurag_triton.kernels.scan import DOT
 
-    x = data(1_000_000, 768)
+    x = data(rows(1_000_000), 768)
     q = queries(1, 768)
     qi, xi = q.to(torch.bfloat16), x.to(torch.bfloat16)
     del x
-    base = launch.choose_scan_config(1, 1_000_000, 768, l1=False, low=True, device=q.device)
+    base = launch.choose_scan_config(1, xi.shape[0], 768, l1=False, low=True, device=q.device)
     fns: dict[str, Callable[[], Any]] = {}
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    sms = launch._sms(q.device)
     # (64, 128, 4, 3, 4) is today's: 3 stages of 20 KB let 3 programs share an SM, so 4 per SM run in
     # two waves; the others try one wave (3 per SM), fewer stages (4 fit) or larger tiles.
     for block_n, block_d, warps, stages_, per_sm in (
@@ -406,7 +435,7 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
-    print(f"# {torch.cuda.get_device_name(0)} torch {torch.__version__}", flush=True)
+    print(f"# {card()} torch {torch.__version__}", flush=True)
     for part in PARTS:
         try:
             {"q1": part_q1, "big": part_big, "scale": part_scale, "sweep1": part_sweep1}[part]()
@@ -414,7 +443,7 @@ def main() -> None:
             import traceback
 
             emit(part=part, error=f"{type(exc).__name__}: {exc}"[:400], tb=traceback.format_exc()[-1500:])
-        torch.cuda.empty_cache()
+        empty_cache()
 
 
 if __name__ == "__main__":
