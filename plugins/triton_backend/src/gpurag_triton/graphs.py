@@ -196,8 +196,11 @@ def _page_locked(words: int) -> tuple[torch.Tensor, bool]:
     offset = -raw.ctypes.data % page
     array = raw[offset : offset + nbytes].view(np.int32)[:words]
     pointer = raw.ctypes.data + offset
-    cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call]
-    code = cudart.cudaHostRegister(pointer, nbytes, 0)
+    try:
+        cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call]
+        code = cudart.cudaHostRegister(pointer, nbytes, 0)
+    except (AttributeError, RuntimeError):  # a torch without the runtime's registration call
+        return torch.from_numpy(array), False
     if int(getattr(code, "value", code)) != 0:
         return torch.from_numpy(array), False
     weakref.finalize(raw, cudart.cudaHostUnregister, pointer)
