@@ -1,6 +1,6 @@
 """The Triton backend's hot paths on one GPU: the old path and each new variant side by side, per row.
 
-    python benchmarks/triton_hot_path.py OUT_DIR [PART ...]     (parts: q1 big scale sweep1)
+    python benchmarks/triton_hot_path.py OUT_DIR [PART ...]     (parts: q1 big scale sweep1 final)
 
 Rows (issue 13, k = 10, float32 random normal data, queries on the device), all through
 ``ExactRetriever.search`` as ``benchmarks/gpu_report.py`` times it:
@@ -15,6 +15,7 @@ Rows (issue 13, k = 10, float32 random normal data, queries on the device), all 
 - ``scale``: N=10M and 20M, D=128, Q=1024, dot: the same two merges, and where a search's time goes
   (sampled floor, seeded scan, scan without selection), to find the part that does not grow with N.
 - ``sweep1``: the Q=1 scan kernel over block-size variants.
+- ``final``: main's path (as before this work) against this branch's defaults, Q=1 and Q=1024 rows.
 
 Every variant's answers are checked against the float64 reference (gpu_report's ``check``) before
 it is timed. Each timing is a median over >= 30 calls after warm-up, variants interleaved in rounds;
@@ -431,6 +432,68 @@ def part_sweep1() -> None:
     emit(part="sweep1 scan N=1M D=768 Q=1", metric="dot", ms=ms)
 
 
+def main_settings(backend: Any) -> Callable[[], None]:
+    """Switch ``backend`` and the kernels to main's path as it was before this work; returns the undo."""
+    from gpurag_triton import backend as module
+    from gpurag_triton import launch
+
+    saved = (backend.use_host_graphs, backend.sort_shortlist, launch.SELECT_BY_INDEX, launch.SMALL_Q_SCAN,
+             module.SEED_SAMPLE_KP)  # fmt: skip
+    backend.use_host_graphs, backend.sort_shortlist = False, True
+    launch.SELECT_BY_INDEX, launch.SMALL_Q_SCAN, module.SEED_SAMPLE_KP = False, (64, 128, 4, 3, 4), 8
+
+    def undo() -> None:
+        (backend.use_host_graphs, backend.sort_shortlist, launch.SELECT_BY_INDEX, launch.SMALL_Q_SCAN,
+         module.SEED_SAMPLE_KP) = saved  # fmt: skip
+
+    return undo
+
+
+def part_final() -> None:
+    """Main's path against this branch's defaults, per issue row (Q=1 and Q=1024 at 1M x 768)."""
+    x = data(rows(1_000_000), 768)
+    for n_queries, metrics, reps in ((1, ("dot", "l2", "cosine"), 15), (1024, ("dot", "l2", "cosine"), 10)):
+        for metric in metrics:
+            final_row(x, metric, n_queries, reps)
+            empty_cache()
+
+
+def final_row(x: torch.Tensor, metric: str, n_queries: int, reps: int) -> None:
+    n, d = x.shape
+    index = index_for(metric, x)
+    backend = index.backend
+    q = queries(n_queries if n_queries == 1 else max(2, n_queries // SHRINK), d)
+    checked = queries(8, d) if n_queries == 1 else q
+    ref = gpu_report.reference_scores(checked[:64], x, metric)
+    sc = gpu_report.Scenario(n, d, q.shape[0], metric, 0, 0, "")
+
+    def old() -> Any:
+        undo = main_settings(backend)
+        try:
+            return index.search(q, K)
+        finally:
+            undo()
+
+    def new() -> Any:
+        return index.search(q, K)
+
+    correct = True
+    for name, fn in (("old", old), ("new", new)):
+        if n_queries == 1:  # several single queries, each through the same captured graph
+            for i in range(min(8, checked.shape[0])):
+                one = checked[i : i + 1]
+                undo = main_settings(backend) if name == "old" else (lambda: None)
+                try:
+                    correct &= ok(f"final {name} {metric}", sc, one, x, ref[i : i + 1], index.search(one, K))
+                finally:
+                    undo()
+        else:
+            correct &= ok(f"final {name} {metric}", sc, q, x, ref, fn())
+    ms = interleaved({"old": old, "new": new}, reps, rounds=3)
+    emit(part=f"final N=1M D=768 Q={n_queries}", metric=metric, correct=correct, rescanned=backend.queries_rescanned,
+         ms=ms)  # fmt: skip
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -438,7 +501,8 @@ def main() -> None:
     print(f"# {card()} torch {torch.__version__}", flush=True)
     for part in PARTS:
         try:
-            {"q1": part_q1, "big": part_big, "scale": part_scale, "sweep1": part_sweep1}[part]()
+            parts = {"q1": part_q1, "big": part_big, "scale": part_scale, "sweep1": part_sweep1, "final": part_final}
+            parts[part]()
         except Exception as exc:
             import traceback
 
