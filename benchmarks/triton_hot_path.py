@@ -435,16 +435,16 @@ def part_sweep1() -> None:
 def main_settings(backend: Any) -> Callable[[], None]:
     """Switch ``backend`` and the kernels to main's path as it was before this work; returns the undo."""
     from gpurag_triton import backend as module
-    from gpurag_triton import launch
+    from gpurag_triton import graphs, launch
 
     saved = (backend.use_host_graphs, backend.sort_shortlist, launch.SELECT_BY_INDEX, launch.SMALL_Q_SCAN,
-             module.SEED_SAMPLE_KP)  # fmt: skip
+             module.SEED_SAMPLE_KP, graphs.COPY_IN_GRAPH)  # fmt: skip
     backend.use_host_graphs, backend.sort_shortlist = False, True
     launch.SELECT_BY_INDEX, launch.SMALL_Q_SCAN, module.SEED_SAMPLE_KP = False, (64, 128, 4, 3, 4), 8
 
     def undo() -> None:
         (backend.use_host_graphs, backend.sort_shortlist, launch.SELECT_BY_INDEX, launch.SMALL_Q_SCAN,
-         module.SEED_SAMPLE_KP) = saved  # fmt: skip
+         module.SEED_SAMPLE_KP, graphs.COPY_IN_GRAPH) = saved  # fmt: skip
 
     return undo
 
@@ -494,6 +494,47 @@ def final_row(x: torch.Tensor, metric: str, n_queries: int, reps: int) -> None:
          ms=ms)  # fmt: skip
 
 
+def part_scale_final() -> None:
+    """Main's path against this branch's defaults at 10M and 20M x 128 (scaleout_gpu's rows), Q = 1024 dot."""
+    import gpurag
+    import scaleout_gpu
+
+    for n in (rows(10_000_000), rows(20_000_000)):
+        x = scaleout_gpu.make_rows(n, DEVICE)
+        index = gpurag.ExactRetriever("dot", "triton", device=DEVICE)
+        index.add(x)
+        backend = index.backend
+        q = queries(max(2, 1024 // SHRINK), 128)
+        ref = gpu_report.reference_scores(q[:64], x, "dot")
+        sc = gpu_report.Scenario(n, 128, q.shape[0], "dot", 0, 0, "")
+        del x
+        fns = final_pair(index, backend, q)
+        correct = all(ok(f"scale final {name}", sc, q, index_rows(index), ref, fn()) for name, fn in fns.items())
+        ms = interleaved(fns, 4, rounds=3)
+        emit(part=f"scale final N={n:,} D=128 Q=1024", metric="dot", correct=correct,
+             rescanned=backend.queries_rescanned, ms=ms)  # fmt: skip
+        del index
+        empty_cache()
+
+
+def index_rows(index: Any) -> torch.Tensor:
+    return index._database.vectors  # type: ignore[no-any-return]
+
+
+def final_pair(index: Any, backend: Any, q: torch.Tensor) -> dict[str, Callable[[], Any]]:
+    def old() -> Any:
+        undo = main_settings(backend)
+        try:
+            return index.search(q, K)
+        finally:
+            undo()
+
+    def new() -> Any:
+        return index.search(q, K)
+
+    return {"old": old, "new": new}
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -501,7 +542,8 @@ def main() -> None:
     print(f"# {card()} torch {torch.__version__}", flush=True)
     for part in PARTS:
         try:
-            parts = {"q1": part_q1, "big": part_big, "scale": part_scale, "sweep1": part_sweep1, "final": part_final}
+            parts = {"q1": part_q1, "big": part_big, "scale": part_scale, "sweep1": part_sweep1, "final": part_final,
+                     "scale_final": part_scale_final}  # fmt: skip
             parts[part]()
         except Exception as exc:
             import traceback

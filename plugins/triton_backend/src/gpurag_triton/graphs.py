@@ -21,8 +21,8 @@ if TYPE_CHECKING:
 #: Graphs kept per backend (the oldest is dropped first).
 MAX_GRAPHS = 8
 #: Whether a graph that answers to the host also copies the answer there itself (else a copy is
-#: launched after each replay); set once capturing the copy failed here.
-COPY_IN_GRAPH = True
+#: launched after each replay). Off: on an H200 both took the same time within 0.015 ms (W1).
+COPY_IN_GRAPH = False
 _COPY_IN_GRAPH_FAILED: list[bool] = []
 
 #: (scores, rows, certified or None, overflow, good), as `TritonBackend.device_topk` returns them (the two

@@ -25,8 +25,9 @@ DEFAULT_SMS = 132
 #: Largest KP the kernels keep per (query, split).
 MAX_KP = 256
 #: Whether scans merge tiles into their running top-KP by `select.offer_tile_by_index` (float32 steps)
-#: rather than `select.offer_tile` (steps over the tile's packed 64-bit keys).
-SELECT_BY_INDEX = False
+#: rather than `select.offer_tile` (steps over the tile's packed 64-bit keys). On an H200 (W1): l2
+#: 1M x 768 Q=1 search 0.69 -> 0.55 ms; Q=1024 dot / l2 / cosine 5.80 / 6.16 / 6.22 -> 5.66 / 6.00 / 6.16 ms.
+SELECT_BY_INDEX = True
 #: (BLOCK_N, BLOCK_D, warps, stages, programs per SM) of the tensor-core scan below 16 queries.
 SMALL_Q_SCAN = (64, 128, 4, 3, 4)
 
