@@ -326,3 +326,24 @@ def test_one_replay_path_falls_back_where_the_certificate_fails(monkeypatch: pyt
     ref.assert_topk_matches(queries, vectors, Metric.L2, result.scores, result.ids, 5)
     assert backend.queries_rescanned == 1
     assert len(backend._graphs._host_graphs) == 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("metric", [Metric.DOT, Metric.L2, Metric.COSINE], ids=str)
+def test_finish_kernels_packed_answer_is_its_answer(device: str, metric: Metric) -> None:
+    import torch
+
+    backend = _triton(device)
+    rng = np.random.default_rng(22)
+    vectors = rng.standard_normal((300, 19)).astype(np.float32)
+    queries = rng.standard_normal((3, 19)).astype(np.float32)
+    database = backend.prepare(backend.asarray(vectors, "vectors"), metric)
+    q = backend.asarray(queries, "queries")
+    plain = backend._scan_finished(q, database, 6)
+    words = backend._scan_finished(q, database, 6, packed=True).packed.cpu()
+    assert words.dtype == torch.int32
+    assert words.shape == (2 * 3 * 6 + 2,)
+    assert torch.equal(words[:18].view(torch.float32).reshape(3, 6), plain.scores.cpu())
+    assert torch.equal(words[18:36].reshape(3, 6).long(), plain.rows.cpu())
+    assert torch.equal(words[36:], plain.flags.cpu())
+    ref.assert_topk_matches(queries, vectors, metric, plain.scores.cpu().numpy(), plain.rows.cpu().numpy(), 6)

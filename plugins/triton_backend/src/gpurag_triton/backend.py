@@ -92,6 +92,8 @@ class TritonBackend(TorchBackend):
         self.use_seed = True
         #: `host_topk` of a few device queries through a graph that ends in the host copy (one sync).
         self.use_host_graphs = True
+        #: Whether `host_topk`'s graph takes the finish kernel's packed answer (`packed_topk`) as it is.
+        self.packed_finish = False
         #: Whether the shortlist's top keys are also sorted (the finish kernel sorts them anyway; off
         #: saves torch.topk's sort pass).
         self.sort_shortlist = False
@@ -318,7 +320,15 @@ class TritonBackend(TorchBackend):
             and database.count >= SEED_MIN_ROWS
         )
 
-    def _scan_finished(self, q: torch.Tensor, database: Database, k: int) -> Any:
+    def packed_topk(self, q: torch.Tensor, database: Database, k: int, low: bool) -> torch.Tensor | None:
+        """The search as one int32 buffer (Q·k scores' bits, Q·k rows, queries not answered, queries that may
+        overflow), without synchronising; None where the search has no such form (float32 scans, finish off)."""
+        if not (low and self.use_finish and self.packed_finish):
+            return None
+        done = self._scan_finished(q, database, k, packed=True)
+        return done.packed  # type: ignore[no-any-return]
+
+    def _scan_finished(self, q: torch.Tensor, database: Database, k: int, *, packed: bool = False) -> Any:
         """The bf16 scan's shortlist re-scored, ordered and certified by one kernel (`kernels.finish`)."""
         import torch
 
@@ -355,7 +365,7 @@ class TritonBackend(TorchBackend):
         metric_code = {Metric.DOT: 0, Metric.L2: 1, Metric.L1: 2, Metric.COSINE: 3}[metric]
         return launch.finish(
             q, database.vectors, keys, cutoff, norms.max(), norms if metric is Metric.COSINE else None, k,
-            metric_code, finish_bounds(metric, database.dim), self.finish_split_below,
+            metric_code, finish_bounds(metric, database.dim), self.finish_split_below, packed,
         )  # fmt: skip
 
     def _kth_keys(self, keys: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -79,7 +79,8 @@ class GraphCache:
     def run_to_host(self, backend: Any, q: torch.Tensor, database: Database, k: int, low: bool) -> TopK | None:
         """``backend.device_topk`` by graph replay with the answer copied to the host: one synchronisation.
 
-        The graph also packs (scores, rows, good) into one buffer and, where `COPY_IN_GRAPH` holds,
+        The graph also packs (scores, rows, flags) into one int32 buffer (the finish kernel writes it so
+        itself with ``backend.packed_finish``) and, where `COPY_IN_GRAPH` holds,
         copies it to page-locked host memory itself. Returns host (scores, int64 rows), or None where
         the search needs more than the shortlist (a failed certificate, float32 overflow, or queries
         that are not finite, which make the overflow test fail): the caller then searches the
@@ -90,7 +91,8 @@ class GraphCache:
 
         from gpurag.metrics import TopK
 
-        key = ("host", COPY_IN_GRAPH, *_key(q, database, k, low), getattr(backend, "sort_shortlist", None))
+        key = ("host", COPY_IN_GRAPH, *_key(q, database, k, low), getattr(backend, "sort_shortlist", None),
+               getattr(backend, "packed_finish", None))  # fmt: skip
         with self._lock:
             entry = self._host_graphs.get(key)
             if entry is None:
@@ -108,7 +110,7 @@ class GraphCache:
             torch.cuda.current_stream(q.device).synchronize()
             words = host.numpy()
             count = q.shape[0] * k
-            if words[2 * count] != 1:
+            if words[2 * count] != 0:  # queries not answered by the shortlist (or possible overflow)
                 return None
             scores = words[:count].view(np.float32).reshape(q.shape[0], k).copy()
             rows = words[count : 2 * count].astype(np.int64).reshape(q.shape[0], k)
@@ -120,15 +122,19 @@ class GraphCache:
         import torch
 
         count = q.shape[0] * k
-        host, locked = _page_locked(2 * count + 1)
+        host, locked = _page_locked(2 * count + 2)
 
         def stages(static_q: torch.Tensor) -> torch.Tensor:
-            scores, rows, _, _, good = backend.device_topk(static_q, database, k, low)
+            packed = backend.packed_topk(static_q, database, k, low)
+            if packed is not None:
+                return packed  # type: ignore[no-any-return]
+            scores, rows, _, overflow, good = backend.device_topk(static_q, database, k, low)
             return torch.cat(
                 [
                     scores.reshape(-1).view(torch.int32),
                     rows.reshape(-1).to(torch.int32),
-                    good.reshape(1).to(torch.int32),
+                    (~good).reshape(1).to(torch.int32),
+                    overflow.reshape(1).to(torch.int32),
                 ]
             )
 

@@ -295,6 +295,9 @@ class Finished(NamedTuple):
     rows: torch.Tensor
     certified: torch.Tensor
     flags: torch.Tensor
+    #: With ``packed``: one int32 buffer holding the scores' bits, the rows (int32) and the flags, in
+    #: that order (``scores``, ``rows`` and ``flags`` are views of it).
+    packed: torch.Tensor | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,11 +322,13 @@ def finish(
     metric_code: int,
     bounds: Bounds,
     split_below: int = 0,
+    packed: bool = False,
 ) -> Finished:
     """Re-score the candidate ``keys`` (Q, M) in float32, keep the k best, certify them (`kernels.finish`).
 
     ``metric_code``: 0 dot, 1 l2, 2 l1, 3 cosine (``row_norms`` then the rows' norms). Below
     ``split_below`` queries the candidates are summed by `rescore` first (its grid is wider).
+    ``packed``: the answer in one int32 buffer (`Finished.packed`; rows as int32), one copy to the host.
     """
     _check_matrix(queries, "queries", torch.float32, vectors.device)
     _check_matrix(vectors, "vectors", torch.float32, queries.device)
@@ -334,10 +339,18 @@ def finish(
     keys = keys.contiguous()
     m = _pow2(n_candidates)
     block_d = max(4, min(_pow2(queries.shape[1]), 8192 // m))
-    scores = torch.empty((n_queries, k), dtype=torch.float32, device=device)
-    rows = torch.empty((n_queries, k), dtype=torch.int64, device=device)
+    buffer = None
+    if packed:
+        count = n_queries * k
+        buffer = torch.zeros(2 * count + 2, dtype=torch.int32, device=device)
+        scores = buffer[:count].view(torch.float32).view(n_queries, k)
+        rows = buffer[count : 2 * count].view(n_queries, k)
+        flags = buffer[2 * count :]
+    else:
+        scores = torch.empty((n_queries, k), dtype=torch.float32, device=device)
+        rows = torch.empty((n_queries, k), dtype=torch.int64, device=device)
+        flags = torch.zeros(2, dtype=torch.int32, device=device)
     certified = torch.empty(n_queries, dtype=torch.int8, device=device)
-    flags = torch.zeros(2, dtype=torch.int32, device=device)
     norms = row_norms if row_norms is not None else max_norm
     sums = None
     if n_queries < split_below:  # few queries: gather and sum the candidates over many programs first
@@ -348,9 +361,10 @@ def finish(
         scores, rows, certified, flags,
         n_candidates, vectors.shape[0], queries.shape[1], queries.stride(0), vectors.stride(0), k,
         bounds.rel, bounds.floor, bounds.cosine_error, bounds.slack_scale, bounds.safe_reach,
-        METRIC=metric_code, M=m, BLOCK_D=block_d, HAS_SUMS=sums is not None, num_warps=4 if m <= 256 else 8,
+        METRIC=metric_code, M=m, BLOCK_D=block_d, HAS_SUMS=sums is not None, ROWS32=packed,
+        num_warps=4 if m <= 256 else 8,
     )  # fmt: skip
-    return Finished(scores, rows, certified.view(torch.bool), flags)
+    return Finished(scores, rows, certified.view(torch.bool), flags, buffer)
 
 
 def decode(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
