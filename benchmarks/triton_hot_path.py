@@ -484,19 +484,28 @@ def final_row(x: torch.Tensor, metric: str, n_queries: int, reps: int) -> None:
         finally:
             backend.packed_finish = False
 
-    pairs = [("old", old), ("new", new)] + ([("new_packed", new_packed)] if n_queries == 1 else [])
+    def new_merged() -> Any:  # groups of splits merged by one kernel instead of torch.topk + reductions
+        backend.merge_groups = True
+        try:
+            return index.search(q, K)
+        finally:
+            backend.merge_groups = False
+
+    pairs = [("old", old), ("new", new), ("new_merged", new_merged)]
+    if n_queries == 1:
+        pairs.append(("new_packed", new_packed))
     correct = True
     for name, fn in pairs:
         if n_queries == 1:  # several single queries, each through the same captured graph
             for i in range(min(8, checked.shape[0])):
                 one = checked[i : i + 1]
                 undo = main_settings(backend) if name == "old" else (lambda: None)
-                backend.packed_finish = name == "new_packed"
+                backend.packed_finish, backend.merge_groups = name == "new_packed", name == "new_merged"
                 try:
                     correct &= ok(f"final {name} {metric}", sc, one, x, ref[i : i + 1], index.search(one, K))
                 finally:
                     undo()
-                    backend.packed_finish = False
+                    backend.packed_finish = backend.merge_groups = False
         else:
             correct &= ok(f"final {name} {metric}", sc, q, x, ref, fn())
     ms = interleaved(dict(pairs), reps, rounds=3)

@@ -347,3 +347,49 @@ def test_finish_kernels_packed_answer_is_its_answer(device: str, metric: Metric)
     assert torch.equal(words[18:36].reshape(3, 6).long(), plain.rows.cpu())
     assert torch.equal(words[36:], plain.flags.cpu())
     ref.assert_topk_matches(queries, vectors, metric, plain.scores.cpu().numpy(), plain.rows.cpu().numpy(), 6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("groups", [1, 4, 16, 37])
+def test_merging_split_groups_keeps_each_groups_best_and_bounds_the_rest(device: str, groups: int) -> None:
+    import torch
+
+    from gpurag_triton import launch
+
+    backend = _triton(device)
+    generator = torch.Generator().manual_seed(23)
+    keys = torch.randn(3, 37, 16, dtype=torch.float64, generator=generator)
+    keys[1, 5:9] = float("-inf")  # splits that kept nothing
+    keys[2, :, :] = keys[2, :1, :1]  # one key value everywhere: ties
+    kept, cutoff = launch.merge_groups(keys.to(backend.torch_device), groups)
+    kept, cutoff = kept.cpu(), cutoff.cpu()
+    per_group = -(-37 // groups)
+    for q in range(3):
+        kths = []
+        for g, start in enumerate(range(0, 37, per_group)):
+            best = torch.sort(keys[q, start : start + per_group].reshape(-1), descending=True).values[:16]
+            assert torch.equal(kept[q, g * 16 : (g + 1) * 16], best)
+            kths.append(best[-1])
+        worst_kept = keys[q].min(dim=1).values.max()
+        assert cutoff[q] == torch.maximum(worst_kept, torch.stack(kths).max())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("metric", [Metric.DOT, Metric.L2, Metric.COSINE, Metric.L1], ids=str)
+def test_search_through_merged_split_groups_is_exact(
+    device: str, metric: Metric, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gpurag_triton import backend as module
+
+    monkeypatch.setattr(module, "SHORTLIST_MIN", 4)  # fewer kept keys than the splits hold: groups merge
+    backend = _triton(device)
+    backend.merge_groups = True
+    rng = np.random.default_rng(24)
+    vectors = rng.standard_normal((500, 21)).astype(np.float32)
+    queries = rng.standard_normal((4, 21)).astype(np.float32)
+    for i, query in enumerate(queries):  # two rows far nearer each query than any other: the first and last split
+        vectors[10 + i] = query + np.float32(0.001)
+        vectors[490 - i] = query * np.float32(1.01)
+    scores, ids = _search(backend, queries, vectors, metric, 2)
+    ref.assert_topk_matches(queries, vectors, metric, scores, ids, 2)
+    assert backend.queries_rescanned == 0, "the merged shortlist must certify answers this clear"

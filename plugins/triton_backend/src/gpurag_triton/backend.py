@@ -94,6 +94,9 @@ class TritonBackend(TorchBackend):
         self.use_host_graphs = True
         #: Whether `host_topk`'s graph takes the finish kernel's packed answer (`packed_topk`) as it is.
         self.packed_finish = False
+        #: Whether the splits' keys are cut to the shortlist by `launch.merge_groups` (one kernel) rather
+        #: than torch.topk over all of them with separate cutoff reductions.
+        self.merge_groups = False
         #: Whether the shortlist's top keys are also sorted (the finish kernel sorts them anyway; off
         #: saves torch.topk's sort pass).
         self.sort_shortlist = False
@@ -351,16 +354,20 @@ class TritonBackend(TorchBackend):
         else:
             scan = launch.scan_topk(query_in, rows_in, extra, code, kp)
         n_queries, splits, _ = scan.keys.shape
-        keys = scan.keys.reshape(n_queries, splits * kp)
-        # Keys order as their scores do: the worst kept key of each split bounds every row it left out
-        # (and the floor every row scoring at most it).
-        cutoff = scan.keys.min(dim=2).values.max(dim=1).values
+        keep = min(scan.kept_per_query(database.count), max(2 * k, SHORTLIST_MIN))
+        if self.merge_groups and splits * kp > keep >= kp:
+            # Groups of splits keep their kp best each (one kernel), with a cutoff bounding the rest.
+            keys, cutoff = launch.merge_groups(scan.keys, keep // kp)
+        else:
+            keys = scan.keys.reshape(n_queries, splits * kp)
+            # Keys order as their scores do: the worst kept key of each split bounds every row it left out
+            # (and the floor every row scoring at most it).
+            cutoff = scan.keys.min(dim=2).values.max(dim=1).values
+            if keys.shape[1] > keep:
+                keys, worst = self._kth_keys(keys, keep)
+                cutoff = torch.maximum(cutoff, worst)
         if floor is not None:
             cutoff = torch.maximum(cutoff, floor)
-        keep = min(scan.kept_per_query(database.count), max(2 * k, SHORTLIST_MIN))
-        if keys.shape[1] > keep:
-            keys, worst = self._kth_keys(keys, keep)
-            cutoff = torch.maximum(cutoff, worst)
         norms = database.row_data[L1_NORMS if metric is Metric.L1 else NORMS]
         metric_code = {Metric.DOT: 0, Metric.L2: 1, Metric.L1: 2, Metric.COSINE: 3}[metric]
         return launch.finish(

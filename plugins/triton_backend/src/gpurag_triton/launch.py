@@ -17,6 +17,7 @@ from gpurag.errors import InvalidInputError
 from gpurag_triton.kernels.finish import finish_kernel
 from gpurag_triton.kernels.hamming import hamming_topk_kernel
 from gpurag_triton.kernels.l1 import l1_scan_kernel
+from gpurag_triton.kernels.merge import merge_groups_kernel
 from gpurag_triton.kernels.rescore import rescore_kernel
 from gpurag_triton.kernels.scan import scan_topk_kernel
 
@@ -365,6 +366,24 @@ def finish(
         num_warps=4 if m <= 256 else 8,
     )  # fmt: skip
     return Finished(scores, rows, certified.view(torch.bool), flags, buffer)
+
+
+def merge_groups(keys: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q, groups * KP) keys: each group of consecutive splits' KP best, and the (Q,) cutoff key bounding
+    every row left out (by a split or by its group); see `kernels.merge`. ``keys`` is a scan's (Q, S, KP)."""
+    if keys.ndim != 3 or keys.dtype != torch.float64:
+        raise InvalidInputError(f"keys must be float64 (Q, splits, KP); got {keys.dtype} {tuple(keys.shape)}")
+    n_queries, n_splits, kp = keys.shape
+    if kp & (kp - 1) or not 1 <= groups <= n_splits:
+        raise InvalidInputError(f"groups must be in 1..{n_splits} and KP a power of two; got {groups}, {kp}")
+    per_group = triton.cdiv(n_splits, groups)
+    groups = triton.cdiv(n_splits, per_group)
+    out = torch.empty((n_queries, groups * kp), dtype=torch.float64, device=keys.device)
+    cutoff = torch.empty((n_queries, groups), dtype=torch.float64, device=keys.device)
+    merge_groups_kernel[(n_queries, groups)](
+        keys.contiguous(), out, cutoff, n_splits, per_group, groups, KP=kp, BLOCK=_pow2(per_group * kp)
+    )
+    return out, cutoff.amax(dim=1)
 
 
 def decode(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
