@@ -437,14 +437,19 @@ def main_settings(backend: Any) -> Callable[[], None]:
     from gpurag_triton import backend as module
     from gpurag_triton import graphs, launch
 
-    saved = (backend.use_host_graphs, backend.sort_shortlist, launch.SELECT_BY_INDEX, launch.SMALL_Q_SCAN,
-             module.SEED_SAMPLE_KP, graphs.COPY_IN_GRAPH)  # fmt: skip
-    backend.use_host_graphs, backend.sort_shortlist = False, True
+    saved = (backend.use_host_graphs, backend.sort_shortlist, backend.packed_finish, backend.merge_groups,
+             launch.SELECT_BY_INDEX, launch.SMALL_Q_SCAN, module.SEED_SAMPLE_KP, graphs.COPY_IN_GRAPH)  # fmt: skip
+    backend.use_host_graphs, backend.sort_shortlist, backend.packed_finish, backend.merge_groups = (
+        False,
+        True,
+        False,
+        False,
+    )
     launch.SELECT_BY_INDEX, launch.SMALL_Q_SCAN, module.SEED_SAMPLE_KP = False, (64, 128, 4, 3, 4), 8
 
     def undo() -> None:
-        (backend.use_host_graphs, backend.sort_shortlist, launch.SELECT_BY_INDEX, launch.SMALL_Q_SCAN,
-         module.SEED_SAMPLE_KP, graphs.COPY_IN_GRAPH) = saved  # fmt: skip
+        (backend.use_host_graphs, backend.sort_shortlist, backend.packed_finish, backend.merge_groups,
+         launch.SELECT_BY_INDEX, launch.SMALL_Q_SCAN, module.SEED_SAMPLE_KP, graphs.COPY_IN_GRAPH) = saved  # fmt: skip
 
     return undo
 
@@ -477,35 +482,17 @@ def final_row(x: torch.Tensor, metric: str, n_queries: int, reps: int) -> None:
     def new() -> Any:
         return index.search(q, K)
 
-    def new_packed() -> Any:  # the finish kernel writes the host's buffer itself
-        backend.packed_finish = True
-        try:
-            return index.search(q, K)
-        finally:
-            backend.packed_finish = False
-
-    def new_merged() -> Any:  # groups of splits merged by one kernel instead of torch.topk + reductions
-        backend.merge_groups = True
-        try:
-            return index.search(q, K)
-        finally:
-            backend.merge_groups = False
-
-    pairs = [("old", old), ("new", new), ("new_merged", new_merged)]
-    if n_queries == 1:
-        pairs.append(("new_packed", new_packed))
+    pairs = [("old", old), ("new", new)]
     correct = True
     for name, fn in pairs:
         if n_queries == 1:  # several single queries, each through the same captured graph
             for i in range(min(8, checked.shape[0])):
                 one = checked[i : i + 1]
                 undo = main_settings(backend) if name == "old" else (lambda: None)
-                backend.packed_finish, backend.merge_groups = name == "new_packed", name == "new_merged"
                 try:
                     correct &= ok(f"final {name} {metric}", sc, one, x, ref[i : i + 1], index.search(one, K))
                 finally:
                     undo()
-                    backend.packed_finish = backend.merge_groups = False
         else:
             correct &= ok(f"final {name} {metric}", sc, q, x, ref, fn())
     ms = interleaved(dict(pairs), reps, rounds=3)
