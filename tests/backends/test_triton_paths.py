@@ -202,3 +202,194 @@ def test_finish_kernel_is_exact_whether_it_sums_the_candidates_itself_or_not(
     scores, ids = _search(backend, queries, vectors, metric, 7)
     ref.assert_topk_matches(queries, vectors, metric, scores, ids, 7)
     assert backend.queries_rescanned == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("by_index", [False, True], ids=["keys", "by_index"])
+@pytest.mark.parametrize("tau_rank", [None, 40], ids=["no_floor", "floor"])
+def test_scan_keeps_each_splits_best_rows_whichever_merge(device: str, by_index: bool, tau_rank: int | None) -> None:
+    import dataclasses
+
+    import torch
+
+    from gpurag_triton import launch
+
+    backend = _triton(device)
+    rng = np.random.default_rng(19)
+    # Small integers: many exact ties, and many hits per tile and query (every merge step is taken).
+    rows = torch.from_numpy(rng.integers(-3, 4, (203, 8)).astype(np.float32)).to(backend.torch_device)
+    queries = torch.from_numpy(rng.integers(-3, 4, (5, 8)).astype(np.float32)).to(backend.torch_device)
+    scores = queries @ rows.T
+    tau = None
+    if tau_rank is not None:
+        tau = torch.sort(scores, dim=1, descending=True).values[:, tau_rank].contiguous()
+    config = launch.choose_scan_config(5, 203, 8, l1=False, low=False, device=backend.torch_device)
+    config = dataclasses.replace(config, use_dot=False, by_index=by_index)
+    scan = launch.scan_topk(queries, rows, None, 0, 8, config=config, tau=tau)
+    kept, found = launch.decode(scan.keys)
+    assert scan.keys.shape[1] > 1, "the rows must split"
+    per_split = scan.rows_per_split
+    for split in range(scan.keys.shape[1]):
+        part = scores[:, split * per_split : (split + 1) * per_split]
+        if tau is not None:
+            part = torch.where(part > tau[:, None], part, float("-inf"))
+        expected = torch.topk(part, min(8, part.shape[1]), dim=1).values
+        real = kept[:, split] > float("-inf")
+        got = torch.sort(kept[:, split], dim=1, descending=True).values[:, : expected.shape[1]]
+        assert torch.equal(got, expected), f"split {split} kept other scores than its best"
+        rows_found = found[:, split].clamp(0, 202)
+        true = torch.gather(scores, 1, rows_found)
+        assert torch.equal(true[real], kept[:, split][real]), "a key's row does not hold its score"
+        assert bool(((rows_found[real] // per_split) == split).all()), "a key's row lies outside its split"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("metric", [Metric.DOT, Metric.L2, Metric.COSINE, Metric.L1], ids=str)
+def test_device_queries_take_one_replay_to_the_host_and_stay_exact(
+    metric: Metric, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    import gpurag
+    from gpurag_triton import backend as module
+
+    backend = _triton("cuda")
+    monkeypatch.setattr(module, "GRAPH_MIN_ROWS", 1000)
+    rng = np.random.default_rng(20)
+    vectors = rng.standard_normal((3001, 45)).astype(np.float32)
+    index = gpurag.ExactRetriever(metric=metric, backend=backend)
+    index.add(vectors)
+    for _ in range(3):  # the first search captures, the others replay with new queries
+        queries = rng.standard_normal((3, 45)).astype(np.float32)
+        result = index.search(torch.from_numpy(queries).cuda(), 9)
+        assert isinstance(result.ids, np.ndarray)
+        assert result.ids.dtype == np.int64
+        ref.assert_topk_matches(queries, vectors, metric, result.scores, result.ids, 9)
+    assert len(backend._graphs._host_graphs) == 1
+    assert len(backend._graphs._graphs) == 0
+    # A transposed (non-contiguous) view and host queries of the same shape replay the same graph.
+    queries = rng.standard_normal((45, 3)).astype(np.float32)
+    result = index.search(torch.from_numpy(queries).cuda().T, 9)
+    ref.assert_topk_matches(queries.T, vectors, metric, result.scores, result.ids, 9)
+    queries = rng.standard_normal((3, 45)).astype(np.float32)
+    result = index.search(queries, 9)
+    ref.assert_topk_matches(queries, vectors, metric, result.scores, result.ids, 9)
+    assert len(backend._graphs._host_graphs) == 1
+    # k past the index size pads as ever.
+    small = gpurag.ExactRetriever(metric=metric, backend=backend)
+    small.add(vectors[:1000])
+    padded = small.search(torch.from_numpy(queries).cuda(), 1005)
+    assert padded.ids.shape == (3, 1005)
+    assert (padded.ids[:, 1000:] == -1).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=str)
+def test_non_finite_device_queries_are_refused_on_the_one_replay_path(
+    bad: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    import gpurag
+    from gpurag.errors import InvalidInputError
+    from gpurag_triton import backend as module
+
+    backend = _triton("cuda")
+    monkeypatch.setattr(module, "GRAPH_MIN_ROWS", 1000)
+    rng = np.random.default_rng(21)
+    index = gpurag.ExactRetriever(metric="dot", backend=backend)
+    index.add(rng.standard_normal((2000, 16)).astype(np.float32))
+    queries = torch.from_numpy(rng.standard_normal((2, 16)).astype(np.float32)).cuda()
+    index.search(queries, 4)  # captured with finite queries
+    queries[1, 7] = bad
+    with pytest.raises(InvalidInputError, match=r"queries must be finite; row 1, column 7"):
+        index.search(queries, 4)
+
+
+@pytest.mark.gpu
+def test_one_replay_path_falls_back_where_the_certificate_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    import gpurag
+    from gpurag_triton import backend as module
+
+    backend = _triton("cuda")
+    monkeypatch.setattr(module, "GRAPH_MIN_ROWS", 1000)
+    rng = np.random.default_rng(15)
+    base = rng.standard_normal(64).astype(np.float32)
+    vectors = np.repeat(base[None, :], 2000, axis=0)  # rows the bf16 pass cannot rank
+    vectors += rng.standard_normal(vectors.shape).astype(np.float32) * 1e-5
+    queries = (base + rng.standard_normal(64).astype(np.float32) * 1e-3)[None, :].astype(np.float32)
+    index = gpurag.ExactRetriever(metric="l2", backend=backend)
+    index.add(vectors)
+    result = index.search(torch.from_numpy(queries).cuda(), 5)
+    ref.assert_topk_matches(queries, vectors, Metric.L2, result.scores, result.ids, 5)
+    assert backend.queries_rescanned == 1
+    assert len(backend._graphs._host_graphs) == 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("metric", [Metric.DOT, Metric.L2, Metric.COSINE], ids=str)
+def test_finish_kernels_packed_answer_is_its_answer(device: str, metric: Metric) -> None:
+    import torch
+
+    backend = _triton(device)
+    rng = np.random.default_rng(22)
+    vectors = rng.standard_normal((300, 19)).astype(np.float32)
+    queries = rng.standard_normal((3, 19)).astype(np.float32)
+    database = backend.prepare(backend.asarray(vectors, "vectors"), metric)
+    q = backend.asarray(queries, "queries")
+    plain = backend._scan_finished(q, database, 6)
+    words = backend._scan_finished(q, database, 6, packed=True).packed.cpu()
+    assert words.dtype == torch.int32
+    assert words.shape == (2 * 3 * 6 + 2,)
+    assert torch.equal(words[:18].view(torch.float32).reshape(3, 6), plain.scores.cpu())
+    assert torch.equal(words[18:36].reshape(3, 6).long(), plain.rows.cpu())
+    assert torch.equal(words[36:], plain.flags.cpu())
+    ref.assert_topk_matches(queries, vectors, metric, plain.scores.cpu().numpy(), plain.rows.cpu().numpy(), 6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("groups", [1, 4, 16, 37])
+def test_merging_split_groups_keeps_each_groups_best_and_bounds_the_rest(device: str, groups: int) -> None:
+    import torch
+
+    from gpurag_triton import launch
+
+    backend = _triton(device)
+    generator = torch.Generator().manual_seed(23)
+    keys = torch.randn(3, 37, 16, dtype=torch.float64, generator=generator)
+    keys[1, 5:9] = float("-inf")  # splits that kept nothing
+    keys[2, :, :] = keys[2, :1, :1]  # one key value everywhere: ties
+    kept, cutoff = launch.merge_groups(keys.to(backend.torch_device), groups)
+    kept, cutoff = kept.cpu(), cutoff.cpu()
+    per_group = -(-37 // groups)
+    for q in range(3):
+        kths = []
+        for g, start in enumerate(range(0, 37, per_group)):
+            best = torch.sort(keys[q, start : start + per_group].reshape(-1), descending=True).values[:16]
+            assert torch.equal(kept[q, g * 16 : (g + 1) * 16], best)
+            kths.append(best[-1])
+        worst_kept = keys[q].min(dim=1).values.max()
+        assert cutoff[q] == torch.maximum(worst_kept, torch.stack(kths).max())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("metric", [Metric.DOT, Metric.L2, Metric.COSINE, Metric.L1], ids=str)
+def test_search_through_merged_split_groups_is_exact(
+    device: str, metric: Metric, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gpurag_triton import backend as module
+
+    monkeypatch.setattr(module, "SHORTLIST_MIN", 4)  # fewer kept keys than the splits hold: groups merge
+    backend = _triton(device)
+    backend.merge_groups = True
+    rng = np.random.default_rng(24)
+    vectors = rng.standard_normal((500, 21)).astype(np.float32)
+    queries = rng.standard_normal((4, 21)).astype(np.float32)
+    for i, query in enumerate(queries):  # two rows far nearer each query than any other: the first and last split
+        vectors[10 + i] = query + np.float32(0.001)
+        vectors[490 - i] = query * np.float32(1.01)
+    scores, ids = _search(backend, queries, vectors, metric, 2)
+    ref.assert_topk_matches(queries, vectors, metric, scores, ids, 2)
+    assert backend.queries_rescanned == 0, "the merged shortlist must certify answers this clear"

@@ -94,6 +94,40 @@ def test_chunked_search_equals_unchunked_search(budget: int) -> None:
     np.testing.assert_allclose(got.scores, expected.scores, rtol=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("budget", "queries_as", "out", "one_round_trip"),
+    [
+        (10**9, "array", "numpy", True),  # one chunk, host answer: the backend's whole search at once
+        (64, "array", "numpy", False),  # chunks: sliced and merged, never through host_topk
+        (10**9, "list", "numpy", False),  # no shape to plan by: converted first
+        (10**9, "array", "device", False),  # the answer stays with the backend
+    ],
+)
+def test_a_one_chunk_search_is_one_host_topk_call(budget: int, queries_as: str, out: str, one_round_trip: bool) -> None:
+    from gpurag_numpy.backend import NumpyBackend
+
+    calls: list[str] = []
+
+    class Counting(NumpyBackend):
+        def host_topk(self, queries: Any, database: Any, k: int, *, dim: int | None = None) -> Any:
+            calls.append("host_topk")
+            return super().host_topk(queries, database, k, dim=dim)
+
+        def topk(self, queries: Any, database: Any, k: int) -> Any:
+            calls.append("topk")
+            return super().topk(queries, database, k)
+
+    vectors, queries = random_data(n=257, d=8, q=9, seed=4)
+    index = ExactRetriever(metric="l2", backend=Counting(), memory_budget_bytes=budget)
+    index.add(vectors)
+    given = queries.tolist() if queries_as == "list" else queries
+    _, ids = index.search(given, k=6, out=out)
+    np.testing.assert_array_equal(np.asarray(ids), np.asarray(index.ids)[reference_ids(queries, vectors, "l2", 6)])
+    assert (calls == ["host_topk", "topk"]) if one_round_trip else ("host_topk" not in calls and "topk" in calls)
+    with pytest.raises(InvalidInputError, match="queries must be finite"):
+        index.search(np.full((2, 8), np.nan, np.float32), k=3)
+
+
 def test_chunk_plan_respects_the_budget() -> None:
     for queries, rows, budget in [(1000, 200_000, 256 << 20), (5, 3, 1), (4096, 10**7, 1 << 20), (1, 1, 4)]:
         q, r = plan_chunks(queries, rows, budget, 4096)

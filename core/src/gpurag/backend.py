@@ -336,6 +336,15 @@ class DistanceBackend(abc.ABC):
         bound), that block is answered in float32 instead: never a wrong id.
         """
 
+    def host_topk(self, queries: Any, database: Database, k: int, *, dim: int | None = None) -> TopK:
+        """`topk` of queries as the caller gave them (checked as `asarray` checks them), answered as host NumPy arrays.
+
+        The default converts, searches and copies back; a GPU backend may do the whole search in one
+        device round trip (the finiteness check folded into the search itself).
+        """
+        top = self.topk(self.asarray(queries, "queries", dim=dim), database, k)
+        return TopK(self.to_numpy(top.scores), self.to_numpy(top.indices))
+
     @abc.abstractmethod
     def pairwise(self, queries: Any, vectors: Any, metric: Metric) -> Any:
         """The (Q, N) float32 matrix of ``metric`` between every query and every vector."""

@@ -267,6 +267,11 @@ class ExactRetriever(Retriever):
                 raise UnsupportedError(
                     f"k={k} exceeds what backend {self.backend.name!r} supports ({self.backend.max_k})"
                 )
+            shape = getattr(queries, "shape", None)
+            if out == "numpy" and shape is not None and len(shape) == 2 and self._one_chunk(int(shape[0]), database):
+                # One chunk straight to the host: a GPU backend answers it in one device round trip.
+                top = self.backend.host_topk(queries, database, min(k, database.count), dim=self._dim)
+                return self._result(top, k, out)
             native = self.backend.asarray(queries, "queries", dim=self._dim)
             top = self._chunked_topk(native, database, min(k, database.count))
             return self._result(top, k, out)
@@ -291,16 +296,26 @@ class ExactRetriever(Retriever):
             found = np.pad(found, ((0, 0), (0, k - count)), constant_values=-1)
         return SearchResult(np.ascontiguousarray(scores), np.ascontiguousarray(found))
 
-    def _chunked_topk(self, queries: Any, database: Database, k: int) -> TopK:
+    def _one_chunk(self, query_count: int, database: Database) -> bool:
+        """Whether a search of ``query_count`` queries runs as one chunk (nothing to slice or merge)."""
+        if query_count < 1:
+            return False
         budget = self.memory_budget_bytes or get_settings().memory_budget_bytes
-        query_count = int(queries.shape[0])
         if query_count * database.count * SCORE_BYTES <= budget:
-            return self.backend.topk(queries, database, k)  # every score fits: one chunk, nothing to merge
+            return True  # every score fits
         query_chunk, row_chunk = plan_chunks(
             query_count, database.count, budget, get_settings().max_query_chunk, self.backend.working_scores
         )
-        if query_chunk >= query_count and row_chunk >= database.count:
-            return self.backend.topk(queries, database, k)  # one chunk: nothing to slice or merge
+        return query_chunk >= query_count and row_chunk >= database.count
+
+    def _chunked_topk(self, queries: Any, database: Database, k: int) -> TopK:
+        budget = self.memory_budget_bytes or get_settings().memory_budget_bytes
+        query_count = int(queries.shape[0])
+        if self._one_chunk(query_count, database):
+            return self.backend.topk(queries, database, k)
+        query_chunk, row_chunk = plan_chunks(
+            query_count, database.count, budget, get_settings().max_query_chunk, self.backend.working_scores
+        )
         blocks: list[TopK] = []
         for q0 in range(0, query_count, query_chunk):
             block = queries[q0 : q0 + query_chunk]

@@ -67,6 +67,11 @@ SEED_MIN_QUERIES = 64
 SEED_MIN_ROWS = 1 << 16
 SEED_SAMPLE_RANK = 8
 SEED_SAMPLE_STRIDE = 32
+#: Keys the sample's scan keeps per (query, split): the floor is the `SEED_SAMPLE_RANK`-th best of them,
+#: so below `SEED_SAMPLE_RANK` (down to 1, each split's best alone) it is a little lower, and the
+#: sample's own running top-k far cheaper to keep: at 10M x 128, Q = 1024 on an H200 the sample's
+#: scan took 1.03 ms keeping 8, 0.58 ms keeping 1 (a part of every search that does not shrink with N).
+SEED_SAMPLE_KP = 1
 #: Below this many queries (an H200's multiprocessors) the finish kernel's one program per query would
 #: leave most of the GPU idle while it gathers the candidates: `kernels.rescore` sums them first.
 FINISH_SPLIT_BELOW = 132
@@ -101,6 +106,19 @@ class TritonBackend(TorchBackend):
         #: Replay CUDA graphs for small searches (`GRAPH_MAX_QUERIES`); seed large ones with a sampled floor.
         self.use_graphs = True
         self.use_seed = True
+        #: `host_topk` of a few device queries through a graph that ends in the host copy (one sync).
+        self.use_host_graphs = True
+        #: Whether `host_topk`'s graph takes the finish kernel's packed answer (`packed_topk`) as it is
+        #: (H200, W1b: 1M x 768 Q=1 dot 0.580 -> 0.562 ms).
+        self.packed_finish = True
+        #: Whether the splits' keys are cut to the shortlist by `launch.merge_groups` (one kernel) rather
+        #: than torch.topk over all of them with separate cutoff reductions (H200, W1b: 1M x 768 Q=1
+        #: dot / l2 / cosine 0.580 / 0.548 / 0.567 -> 0.549 / 0.507 / 0.517 ms; Q=1024 5.69 / 5.70 /
+        #: 5.76 -> 5.56 / 5.57 / 5.61 ms).
+        self.merge_groups = True
+        #: Whether the shortlist's top keys are also sorted (the finish kernel sorts them anyway; off
+        #: saves torch.topk's sort pass).
+        self.sort_shortlist = False
         #: Re-score, order and certify a scan's shortlist in one kernel (`kernels.finish`); below this
         #: many queries the re-scoring runs first on its own, wider grid.
         self.use_finish = True
@@ -263,6 +281,46 @@ class TritonBackend(TorchBackend):
         no query is certified and all are scanned again in float32 (`_scan_finished`)."""
         return L1_HALF and self.use_finish and HALF_T in database.row_data
 
+    def host_topk(self, queries: Any, database: Database, k: int, *, dim: int | None = None) -> TopK:
+        """As `DistanceBackend.host_topk`; a few float32 queries already on this GPU cost one graph replay
+        and one synchronisation, their finiteness checked by the search itself (`graphs.GraphCache.run_to_host`)."""
+        import torch
+
+        q = queries
+        if isinstance(q, np.ndarray) and self._host_graph_shape(q.shape, database):
+            q = self.asarray(q, "queries", dim=dim)  # checked on the host, copied up once
+        fast = (
+            self.use_host_graphs
+            and isinstance(q, torch.Tensor)
+            and q.device == self.torch_device
+            and q.dtype == torch.float32
+            and q.ndim == 2
+            and q.shape[1] == database.dim
+            and (dim is None or dim == database.dim)
+            and not isinstance(k, bool)
+            and isinstance(k, int)
+            and 1 <= k <= min(database.count, KERNEL_MAX_K)
+            and self._graphable(q, database)
+        )
+        if fast:
+            database = self._own(database)
+            low = self.low_precision and (database.metric is not Metric.L1 or q.shape[0] <= L1_LOW_MAX_QUERIES)
+            found = self._graphs.run_to_host(self, q.detach(), database, k, low)
+            if found is not None:
+                self.queries_searched += q.shape[0]
+                return found
+        return super().host_topk(q, database, k, dim=dim)
+
+    def _host_graph_shape(self, shape: tuple[int, ...], database: Database) -> bool:
+        return (
+            self.use_host_graphs
+            and self.use_graphs
+            and self.torch_device.type == "cuda"
+            and len(shape) == 2
+            and 1 <= shape[0] <= GRAPH_MAX_QUERIES
+            and database.count >= GRAPH_MIN_ROWS
+        )
+
     def _graphable(self, q: torch.Tensor, database: Database) -> bool:
         """Whether this search replays a captured CUDA graph (few queries, many rows, on CUDA)."""
         return self.use_graphs and q.is_cuda and q.shape[0] <= GRAPH_MAX_QUERIES and database.count >= GRAPH_MIN_ROWS
@@ -307,7 +365,15 @@ class TritonBackend(TorchBackend):
             and database.count >= SEED_MIN_ROWS
         )
 
-    def _scan_finished(self, q: torch.Tensor, database: Database, k: int) -> Any:
+    def packed_topk(self, q: torch.Tensor, database: Database, k: int, low: bool) -> torch.Tensor | None:
+        """The search as one int32 buffer (Q·k scores' bits, Q·k rows, queries not answered, queries that may
+        overflow), without synchronising; None where the search has no such form (float32 scans, finish off)."""
+        if not (low and self.use_finish and self.packed_finish):
+            return None
+        done = self._scan_finished(q, database, k, packed=True)
+        return done.packed  # type: ignore[no-any-return]
+
+    def _scan_finished(self, q: torch.Tensor, database: Database, k: int, *, packed: bool = False) -> Any:
         """The bf16 scan's shortlist re-scored, ordered and certified by one kernel (`kernels.finish`)."""
         import torch
 
@@ -323,22 +389,27 @@ class TritonBackend(TorchBackend):
         elif self._seeded(q, database):
             stride = SEED_SAMPLE_STRIDE
             sample_extra = None if extra is None else extra[::stride].contiguous()
-            sample = launch.scan_topk(query_in, rows_in[::stride], sample_extra, code, SEED_SAMPLE_RANK)
-            floor = torch.topk(sample.keys.reshape(q.shape[0], -1), SEED_SAMPLE_RANK, dim=1).values[:, -1]
+            sample = launch.scan_topk(query_in, rows_in[::stride], sample_extra, code, SEED_SAMPLE_KP)
+            sampled = sample.keys.reshape(q.shape[0], -1)
+            floor = self._kth_keys(sampled, min(SEED_SAMPLE_RANK, sampled.shape[1]))[1]
             scan = launch.scan_topk(query_in, rows_in, extra, code, kp, tau=launch.decode(floor)[0])
         else:
             scan = launch.scan_topk(query_in, rows_in, extra, code, kp)
         n_queries, splits, _ = scan.keys.shape
-        keys = scan.keys.reshape(n_queries, splits * kp)
-        # Keys order as their scores do: the worst kept key of each split bounds every row it left out
-        # (and the floor every row scoring at most it).
-        cutoff = scan.keys.min(dim=2).values.max(dim=1).values
+        keep = min(scan.kept_per_query(database.count), max(2 * k, SHORTLIST_MIN))
+        if self.merge_groups and splits * kp > keep >= kp:
+            # Groups of splits keep their kp best each (one kernel), with a cutoff bounding the rest.
+            keys, cutoff = launch.merge_groups(scan.keys, keep // kp)
+        else:
+            keys = scan.keys.reshape(n_queries, splits * kp)
+            # Keys order as their scores do: the worst kept key of each split bounds every row it left out
+            # (and the floor every row scoring at most it).
+            cutoff = scan.keys.min(dim=2).values.max(dim=1).values
+            if keys.shape[1] > keep:
+                keys, worst = self._kth_keys(keys, keep)
+                cutoff = torch.maximum(cutoff, worst)
         if floor is not None:
             cutoff = torch.maximum(cutoff, floor)
-        keep = min(scan.kept_per_query(database.count), max(2 * k, SHORTLIST_MIN))
-        if keys.shape[1] > keep:
-            keys = torch.topk(keys, keep, dim=1).values
-            cutoff = torch.maximum(cutoff, keys[:, -1])
         if query_in.dtype == torch.float16:  # an element beyond the float16 reach voids every certificate
             reach = torch.maximum(q.abs().amax(), database.row_data[MAX_ABS].amax())
             cutoff = torch.where(reach <= L1_HALF_REACH, cutoff, _infinite_key().to(cutoff.device))
@@ -347,8 +418,18 @@ class TritonBackend(TorchBackend):
         return launch.finish(
             q, database.vectors, keys, cutoff, norms.max(), norms if metric is Metric.COSINE else None, k,
             metric_code, finish_bounds(metric, database.dim, half=query_in.dtype == torch.float16),
-            self.finish_split_below,
+            self.finish_split_below, packed,
         )  # fmt: skip
+
+    def _kth_keys(self, keys: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's ``count`` largest keys (in no order unless `sort_shortlist`) and the smallest of them."""
+        import torch
+
+        if self.sort_shortlist:
+            top = torch.topk(keys, count, dim=1).values
+            return top, top[:, -1]
+        top = torch.topk(keys, count, dim=1, sorted=False).values  # the finish kernel orders them itself
+        return top, top.min(dim=1).values
 
     def _scan_inputs(
         self, q: torch.Tensor, database: Database, *, low: bool

@@ -17,6 +17,7 @@ from gpurag.errors import InvalidInputError
 from gpurag_triton.kernels.finish import finish_kernel
 from gpurag_triton.kernels.hamming import hamming_topk_kernel
 from gpurag_triton.kernels.l1 import l1_scan_kernel
+from gpurag_triton.kernels.merge import merge_groups_kernel
 from gpurag_triton.kernels.rescore import rescore_kernel
 from gpurag_triton.kernels.scan import scan_topk_kernel
 
@@ -27,6 +28,17 @@ MAX_KP = 256
 #: Dimensions the float16 l1 path sums in float16 before adding to float32 (`kernels.l1`): its error bound
 #: (`gpurag_triton.backend.half_l1_bounds`) and range (chunk sums stay below 65504) assume this.
 L1_HALF_CHUNK = 8
+#: Whether scans merge tiles into their running top-KP by `select.offer_tile_by_index` (float32 steps)
+#: rather than `select.offer_tile` (steps over the tile's packed 64-bit keys). On an H200 (W1): l2
+#: 1M x 768 Q=1 search 0.69 -> 0.55 ms; Q=1024 dot / l2 / cosine 5.80 / 6.16 / 6.22 -> 5.66 / 6.00 / 6.16 ms.
+SELECT_BY_INDEX = True
+#: (BLOCK_N, BLOCK_D, warps, stages, programs per SM) of the tensor-core scan below 16 queries.
+SMALL_Q_SCAN = (64, 128, 4, 3, 4)
+
+
+def tuning() -> tuple[object, ...]:
+    """The module-level choices above, as one value (part of a captured graph's key)."""
+    return (SELECT_BY_INDEX, SMALL_Q_SCAN)
 
 
 def interpreting() -> bool:
@@ -60,6 +72,8 @@ class ScanConfig:
     num_stages: int = 2
     #: False only to time the scan without its selection (diagnostics; the output is then no top-k).
     select: bool = True
+    #: Merge tiles by `select.offer_tile_by_index` (float32 steps) rather than `select.offer_tile`.
+    by_index: bool = False
 
 
 def _pow2(value: int) -> int:
@@ -80,7 +94,7 @@ def choose_scan_config(
         use_dot = not l1 and not low and n_queries >= 16
         block_q = 16 if use_dot else min(4, _pow2(n_queries))
         splits = max(1, min(3, triton.cdiv(n_rows, 16)))
-        return ScanConfig(use_dot, block_q, 16, 16, splits)
+        return ScanConfig(use_dot, block_q, 16, 16, splits, by_index=SELECT_BY_INDEX)
     use_dot = not l1
     # Block sizes picked by the sweep in benchmarks/gpu_report.py on an H200 (see benchmarks/results).
     if use_dot and n_queries >= 512:  # tensor-core tiles, wgmma on 128-query blocks
@@ -88,7 +102,8 @@ def choose_scan_config(
     elif use_dot and n_queries >= 16:
         block_q, block_n, block_d, warps, stages, per_sm = 64, 128, 64, 4, 3, 4
     elif use_dot:  # small Q: a 16-query tile keeps the loads wide; all SMs split the rows
-        block_q, block_n, block_d, warps, stages, per_sm = 16, 64, 128, 4, 3, 4
+        block_q = 16
+        block_n, block_d, warps, stages, per_sm = SMALL_Q_SCAN
     elif l1 and low and n_queries == 1:  # bf16 rows, abs-difference sums over D tiles: bandwidth-bound
         block_q, block_n, block_d, warps, stages, per_sm = 1, 64, 128, 4, 3, 4
     elif l1 and low and n_queries <= 16:
@@ -99,7 +114,7 @@ def choose_scan_config(
     block_d = min(block_d, max(16, _pow2(dim)))
     query_blocks = triton.cdiv(n_queries, block_q)
     splits = max(1, min(triton.cdiv(_sms(device) * per_sm, query_blocks), triton.cdiv(n_rows, block_n * 4)))
-    return ScanConfig(use_dot, block_q, block_n, block_d, splits, warps, stages)
+    return ScanConfig(use_dot, block_q, block_n, block_d, splits, warps, stages, by_index=SELECT_BY_INDEX)
 
 
 def _check_matrix(x: torch.Tensor, name: str, dtype: torch.dtype, device: torch.device) -> None:
@@ -159,7 +174,7 @@ def scan_topk(
         queries.stride(0), rows.stride(0),
         METRIC=metric_code, USE_DOT=config.use_dot, LOW=low,
         BLOCK_Q=config.block_q, BLOCK_N=config.block_n, BLOCK_D=config.block_d, KP=kp, SELECT=config.select,
-        HAS_TAU=tau is not None, num_warps=config.num_warps, num_stages=config.num_stages,
+        HAS_TAU=tau is not None, BY_INDEX=config.by_index, num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return Scan(out, rows_per_split)
 
@@ -287,7 +302,8 @@ def _as_words(codes: torch.Tensor, words: int) -> torch.Tensor:
 
 def rescore(queries: torch.Tensor, rows: torch.Tensor, candidates: torch.Tensor, term: int) -> torch.Tensor:
     """(Q, M) float32 sums over D of ``term`` (0: squared difference, 1: absolute difference, 2: product)
-    between each query and the rows ``candidates`` (Q, M) int64 of ``rows``, read in place."""
+    between each query and the rows ``candidates`` (Q, M) of ``rows``, read in place. ``candidates``
+    are integer rows, or the scan's float64 packed keys (rows past the end, padding, read the last row)."""
     _check_matrix(queries, "queries", torch.float32, rows.device)
     _check_matrix(rows, "rows", torch.float32, queries.device)
     if candidates.ndim != 2 or candidates.shape[0] != queries.shape[0] or candidates.device != rows.device:
@@ -299,8 +315,8 @@ def rescore(queries: torch.Tensor, rows: torch.Tensor, candidates: torch.Tensor,
     block_m = 8 if interpreting() else 32
     block_d = max(16, min(128, _pow2(dim)))
     rescore_kernel[(n_queries, triton.cdiv(n_candidates, block_m))](
-        queries, rows, candidates, out, n_candidates, dim, queries.stride(0), rows.stride(0),
-        TERM=term, BLOCK_M=block_m, BLOCK_D=block_d,
+        queries, rows, candidates, out, n_candidates, rows.shape[0], dim, queries.stride(0), rows.stride(0),
+        TERM=term, BLOCK_M=block_m, BLOCK_D=block_d, FROM_KEYS=candidates.dtype == torch.float64,
     )  # fmt: skip
     return out
 
@@ -313,6 +329,9 @@ class Finished(NamedTuple):
     rows: torch.Tensor
     certified: torch.Tensor
     flags: torch.Tensor
+    #: With ``packed``: one int32 buffer holding the scores' bits, the rows (int32) and the flags, in
+    #: that order (``scores``, ``rows`` and ``flags`` are views of it).
+    packed: torch.Tensor | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -337,11 +356,13 @@ def finish(
     metric_code: int,
     bounds: Bounds,
     split_below: int = 0,
+    packed: bool = False,
 ) -> Finished:
     """Re-score the candidate ``keys`` (Q, M) in float32, keep the k best, certify them (`kernels.finish`).
 
     ``metric_code``: 0 dot, 1 l2, 2 l1, 3 cosine (``row_norms`` then the rows' norms). Below
     ``split_below`` queries the candidates are summed by `rescore` first (its grid is wider).
+    ``packed``: the answer in one int32 buffer (`Finished.packed`; rows as int32), one copy to the host.
     """
     _check_matrix(queries, "queries", torch.float32, vectors.device)
     _check_matrix(vectors, "vectors", torch.float32, queries.device)
@@ -352,23 +373,50 @@ def finish(
     keys = keys.contiguous()
     m = _pow2(n_candidates)
     block_d = max(4, min(_pow2(queries.shape[1]), 8192 // m))
-    scores = torch.empty((n_queries, k), dtype=torch.float32, device=device)
-    rows = torch.empty((n_queries, k), dtype=torch.int64, device=device)
+    buffer = None
+    if packed:
+        count = n_queries * k
+        buffer = torch.zeros(2 * count + 2, dtype=torch.int32, device=device)
+        scores = buffer[:count].view(torch.float32).view(n_queries, k)
+        rows = buffer[count : 2 * count].view(n_queries, k)
+        flags = buffer[2 * count :]
+    else:
+        scores = torch.empty((n_queries, k), dtype=torch.float32, device=device)
+        rows = torch.empty((n_queries, k), dtype=torch.int64, device=device)
+        flags = torch.zeros(2, dtype=torch.int32, device=device)
     certified = torch.empty(n_queries, dtype=torch.int8, device=device)
-    flags = torch.zeros(2, dtype=torch.int32, device=device)
     norms = row_norms if row_norms is not None else max_norm
     sums = None
     if n_queries < split_below:  # few queries: gather and sum the candidates over many programs first
         term = {0: 2, 1: 0, 2: 1, 3: 2}[metric_code]
-        sums = rescore(queries, vectors, (keys.view(torch.int64) & 0xFFFFFFFF).clamp_(max=vectors.shape[0] - 1), term)
+        sums = rescore(queries, vectors, keys, term)  # rows decoded from the keys in the kernel
     finish_kernel[(n_queries,)](
         queries, vectors, keys, keys if sums is None else sums, cutoff_keys.contiguous(), max_norm, norms,
         scores, rows, certified, flags,
         n_candidates, vectors.shape[0], queries.shape[1], queries.stride(0), vectors.stride(0), k,
         bounds.rel, bounds.floor, bounds.cosine_error, bounds.slack_scale, bounds.safe_reach,
-        METRIC=metric_code, M=m, BLOCK_D=block_d, HAS_SUMS=sums is not None, num_warps=4 if m <= 256 else 8,
+        METRIC=metric_code, M=m, BLOCK_D=block_d, HAS_SUMS=sums is not None, ROWS32=packed,
+        num_warps=4 if m <= 256 else 8,
     )  # fmt: skip
-    return Finished(scores, rows, certified.view(torch.bool), flags)
+    return Finished(scores, rows, certified.view(torch.bool), flags, buffer)
+
+
+def merge_groups(keys: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q, groups * KP) keys: each group of consecutive splits' KP best, and the (Q,) cutoff key bounding
+    every row left out (by a split or by its group); see `kernels.merge`. ``keys`` is a scan's (Q, S, KP)."""
+    if keys.ndim != 3 or keys.dtype != torch.float64:
+        raise InvalidInputError(f"keys must be float64 (Q, splits, KP); got {keys.dtype} {tuple(keys.shape)}")
+    n_queries, n_splits, kp = keys.shape
+    if kp & (kp - 1) or not 1 <= groups <= n_splits:
+        raise InvalidInputError(f"groups must be in 1..{n_splits} and KP a power of two; got {groups}, {kp}")
+    per_group = triton.cdiv(n_splits, groups)
+    groups = triton.cdiv(n_splits, per_group)
+    out = torch.empty((n_queries, groups * kp), dtype=torch.float64, device=keys.device)
+    cutoff = torch.empty((n_queries, groups), dtype=torch.float64, device=keys.device)
+    merge_groups_kernel[(n_queries, groups)](
+        keys.contiguous(), out, cutoff, n_splits, per_group, groups, KP=kp, BLOCK=_pow2(per_group * kp)
+    )
+    return out, cutoff.amax(dim=1)
 
 
 def decode(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

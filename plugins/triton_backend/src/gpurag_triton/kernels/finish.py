@@ -67,6 +67,7 @@ def finish_kernel(
     M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     HAS_SUMS: tl.constexpr,
+    ROWS32: tl.constexpr = False,
 ):
     """Query ``program_id(0)``: its k best candidates of ``keys`` (Q, n_candidates), certified (module doc)."""
     pid = tl.program_id(0)
@@ -130,7 +131,10 @@ def finish_kernel(
         out_scores = best
     slot = tl.arange(0, M)
     tl.store(scores_out_ptr + pid * k + slot, out_scores, mask=slot < k)
-    tl.store(rows_out_ptr + pid * k + slot, best_rows, mask=slot < k)
+    if ROWS32:  # rows written as int32 (the packed answer of `launch.finish`)
+        tl.store(rows_out_ptr + pid * k + slot, best_rows.to(tl.int32), mask=slot < k)
+    else:
+        tl.store(rows_out_ptr + pid * k + slot, best_rows, mask=slot < k)
     # The certificate (gpurag_torch.exact.certify) on the k-th best.
     oriented_kth = tl.sum(tl.where(slot == k - 1, best, 0.0), axis=0)
     largest = tl.load(max_norm_ptr)

@@ -21,19 +21,29 @@ def rescore_kernel(
     rows_ptr,
     out_ptr,
     n_candidates,
+    n_rows,
     dim,
     stride_q,
     stride_x,
     TERM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    FROM_KEYS: tl.constexpr = False,
 ):
-    """out[q, m] = Σ_d term(q_d, x[rows[q, m], d]) for BLOCK_M candidates of one query."""
+    """out[q, m] = Σ_d term(q_d, x[rows[q, m], d]) for BLOCK_M candidates of one query.
+
+    With ``FROM_KEYS`` ``rows_ptr`` holds the scan's packed float64 keys: each row is a key's low 32
+    bits, capped at the last row (padding keys are read in bounds; their sums are not used).
+    """
     pid_q = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < n_candidates
-    rows = tl.load(rows_ptr + pid_q * n_candidates + offs_m, mask=m_mask, other=0)
+    if FROM_KEYS:
+        keys = tl.load(rows_ptr + pid_q * n_candidates + offs_m, mask=m_mask, other=0.0)
+        rows = tl.minimum(keys.to(tl.int64, bitcast=True) & 0xFFFFFFFF, n_rows - 1)
+    else:
+        rows = tl.load(rows_ptr + pid_q * n_candidates + offs_m, mask=m_mask, other=0)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for d0 in range(0, dim, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)

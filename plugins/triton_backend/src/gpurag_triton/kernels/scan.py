@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from gpurag_triton.kernels.select import empty_best, offer_tile
+from gpurag_triton.kernels.select import empty_best, offer_tile, offer_tile_by_index
 
 DOT = tl.constexpr(0)
 L2 = tl.constexpr(1)
@@ -120,10 +120,12 @@ def scan_topk_kernel(
     KP: tl.constexpr,
     SELECT: tl.constexpr,
     HAS_TAU: tl.constexpr,
+    BY_INDEX: tl.constexpr = False,
 ):
     """out[q, split, :] = the KP best packed keys of query q over rows of its split (see module doc).
 
     With ``HAS_TAU`` only rows scoring above ``tau[q]`` are kept; slots left empty hold -inf keys.
+    ``BY_INDEX``: tiles merged by `select.offer_tile_by_index` (float32 steps) instead of `offer_tile`.
     """
     pid_q = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -172,7 +174,11 @@ def scan_topk_kernel(
         else:
             scores = raw
         scores = tl.where(n_mask[None, :], scores, float("-inf"))
-        if SELECT:
+        if SELECT and BY_INDEX:
+            best, threshold = offer_tile_by_index(best, threshold, scores, n0, KP)
+            if HAS_TAU:
+                threshold = tl.maximum(threshold, floor)
+        elif SELECT:
             rows = offs_n[None, :] + tl.zeros((BLOCK_Q, BLOCK_N), tl.int32)
             best, threshold = offer_tile(best, threshold, scores, rows, KP)
             if HAS_TAU:  # until the running best is full its worst slot is empty (-inf): keep the floor

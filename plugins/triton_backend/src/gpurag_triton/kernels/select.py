@@ -54,3 +54,29 @@ def offer_tile(best, threshold, scores, rows, KP: tl.constexpr):
             keys = tl.where(keys == top[:, None], float("-inf"), keys)
         threshold = key_scores(tl.min(best, axis=1))
     return best, threshold
+
+
+@triton.jit
+def offer_tile_by_index(best, threshold, scores, n0, KP: tl.constexpr):
+    """`offer_tile` for a tile of rows ``n0 + column``: the same merge, with each step's best hit found on
+    the float32 scores (their column by `tl.max`'s index) and packed alone, so a step reads 32-bit
+    values instead of the tile's packed 64-bit keys. Returns the new (best, threshold).
+    """
+    hits = scores > threshold[:, None]
+    most = tl.max(tl.sum(hits.to(tl.int32), axis=1), axis=0)
+    if most > 0:
+        columns = tl.arange(0, scores.shape[1])[None, :]
+        masked = tl.where(hits, scores, float("-inf"))
+        steps = tl.minimum(most, KP)
+        for step in range(steps):
+            top_score, top_column = tl.max(masked, axis=1, return_indices=True)
+            top = pack_keys(top_score, n0 + top_column)
+            low = tl.min(best, axis=1)
+            # A query without a hit left has top_score -inf: its slots stay as they are.
+            better = (top_score > float("-inf")) & (top > low)
+            replace = (best == low[:, None]) & better[:, None]
+            best = tl.where(replace, top[:, None], best)
+            if step + 1 < steps:  # the tile is read again only where another step follows
+                masked = tl.where(columns == top_column[:, None], float("-inf"), masked)
+        threshold = key_scores(tl.min(best, axis=1))
+    return best, threshold
