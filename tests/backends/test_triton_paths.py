@@ -74,6 +74,39 @@ def test_seeded_shortlist_is_exact_and_certifies_plain_data(device: str, metric:
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_the_seeds_sample_keeps_at_least_the_ranks_worth_of_keys_however_few_its_splits(
+    device: str, seeded: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gpurag_triton import backend as module
+    from gpurag_triton import launch
+
+    # One key per split and a sample of 67 rows (one split on a GPU, three under the interpreter): fewer
+    # keys than the rank, so the floor would be the sample's best and too few rows would score above it.
+    monkeypatch.setattr(module, "SEED_SAMPLE_KP", 1)
+    samples: list[tuple[int, ...]] = []
+    scan = launch.scan_topk
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        found = scan(*args, **kwargs)
+        if kwargs.get("tau") is None:
+            samples.append(tuple(found.keys.shape))
+        return found
+
+    monkeypatch.setattr(launch, "scan_topk", recording)
+    backend = _triton(device)
+    rng = np.random.default_rng(11)
+    vectors = rng.standard_normal((530, 19)).astype(np.float32)
+    queries = rng.standard_normal((5, 19)).astype(np.float32)
+    scores, ids = _search(backend, queries, vectors, Metric.DOT, 6)
+    ref.assert_topk_matches(queries, vectors, Metric.DOT, scores, ids, 6)
+    assert seeded
+    assert samples, "the seed's sample was not scanned"
+    _, splits, kept = samples[-1]
+    assert splits * kept >= module.SEED_SAMPLE_RANK, f"the sample kept {splits} x {kept} keys per query"
+    assert backend.queries_rescanned == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_seeded_scan_keeping_fewer_than_k_rows_is_answered_again_exactly(
     device: str, seeded: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -217,13 +250,14 @@ def test_scan_keeps_each_splits_best_rows_whichever_merge(device: str, by_index:
     backend = _triton(device)
     rng = np.random.default_rng(19)
     # Small integers: many exact ties, and many hits per tile and query (every merge step is taken).
-    rows = torch.from_numpy(rng.integers(-3, 4, (203, 8)).astype(np.float32)).to(backend.torch_device)
+    # 1,030 rows: several splits both under the interpreter (16-row blocks) and on a GPU (64-row blocks, 4 per split).
+    rows = torch.from_numpy(rng.integers(-3, 4, (1030, 8)).astype(np.float32)).to(backend.torch_device)
     queries = torch.from_numpy(rng.integers(-3, 4, (5, 8)).astype(np.float32)).to(backend.torch_device)
     scores = queries @ rows.T
     tau = None
     if tau_rank is not None:
         tau = torch.sort(scores, dim=1, descending=True).values[:, tau_rank].contiguous()
-    config = launch.choose_scan_config(5, 203, 8, l1=False, low=False, device=backend.torch_device)
+    config = launch.choose_scan_config(5, 1030, 8, l1=False, low=False, device=backend.torch_device)
     config = dataclasses.replace(config, use_dot=False, by_index=by_index)
     scan = launch.scan_topk(queries, rows, None, 0, 8, config=config, tau=tau)
     kept, found = launch.decode(scan.keys)
@@ -237,7 +271,7 @@ def test_scan_keeps_each_splits_best_rows_whichever_merge(device: str, by_index:
         real = kept[:, split] > float("-inf")
         got = torch.sort(kept[:, split], dim=1, descending=True).values[:, : expected.shape[1]]
         assert torch.equal(got, expected), f"split {split} kept other scores than its best"
-        rows_found = found[:, split].clamp(0, 202)
+        rows_found = found[:, split].clamp(0, 1029)
         true = torch.gather(scores, 1, rows_found)
         assert torch.equal(true[real], kept[:, split][real]), "a key's row does not hold its score"
         assert bool(((rows_found[real] // per_split) == split).all()), "a key's row lies outside its split"

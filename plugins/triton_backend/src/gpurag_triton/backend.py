@@ -390,6 +390,9 @@ class TritonBackend(TorchBackend):
             stride = SEED_SAMPLE_STRIDE
             sample_extra = None if extra is None else extra[::stride].contiguous()
             sample = launch.scan_topk(query_in, rows_in[::stride], sample_extra, code, SEED_SAMPLE_KP)
+            if sample.keys.shape[1] * SEED_SAMPLE_KP < SEED_SAMPLE_RANK:  # few splits: keep the rank's worth of keys
+                wider = min(launch._pow2(-(-SEED_SAMPLE_RANK // sample.keys.shape[1])), launch.MAX_KP)
+                sample = launch.scan_topk(query_in, rows_in[::stride], sample_extra, code, wider)
             sampled = sample.keys.reshape(q.shape[0], -1)
             floor = self._kth_keys(sampled, min(SEED_SAMPLE_RANK, sampled.shape[1]))[1]
             scan = launch.scan_topk(query_in, rows_in, extra, code, kp, tau=launch.decode(floor)[0])
