@@ -54,6 +54,26 @@ PROMPTS = {
         "Question: {question}"
     ),
 }
+#: ``local:<model>@turns``: the default prompt, after one worked example given as an earlier chat turn
+#: (the example's prompt as the user's message, a cited answer as the assistant's).
+EXAMPLE_TURN = {
+    "question": "what does the while statement do?",
+    "passages": [
+        (
+            "pydoc:for",
+            'The "for" statement is used to iterate over the elements of a sequence (such as a string, '
+            "tuple or list) or other iterable object.",
+        ),
+        ("pydoc:while", 'The "while" statement is used for repeated execution as long as an expression is true.'),
+        (
+            "pydoc:break",
+            '"break" may only occur syntactically nested in a "for" or "while" loop. It terminates the '
+            "nearest enclosing loop.",
+        ),
+    ],
+    "answer": 'The "while" statement runs its block again and again as long as its expression is true [2]. '
+    'A "break" statement inside the block ends the loop early [3].',
+}
 _CITATION = re.compile(r"\[\d+(?:\s*,\s*\d+)*\]")
 
 
@@ -122,13 +142,45 @@ def make_generator(spec: str, args: argparse.Namespace) -> Any:
     name, _, model = spec.partition(":")
     if name == "local":
         model, _, prompt = model.partition("@")
-        if prompt and prompt not in PROMPTS:
+        if prompt and prompt not in [*PROMPTS, "turns"]:
             raise SystemExit(f"unknown prompt {prompt!r} in {spec!r}; expected one of: {', '.join(PROMPTS)}")
         options = {"device": args.device, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens}
-        if prompt:
+        if prompt and prompt != "turns":
             options["prompt_template"] = PROMPTS[prompt]
-        return get_generator("local", model=model or None, **options)
+        generator = get_generator("local", model=model or None, **options)
+        if prompt == "turns":
+            with_example_turn(generator)
+        return generator
     return get_generator(name)
+
+
+def with_example_turn(generator: Any) -> None:
+    """Make ``generator`` (a `LocalGenerator` with a chat template) put `EXAMPLE_TURN` before each question."""
+    from gpurag.rag.generators.base import build_prompt, check_batch
+    from gpurag.rag.types import Passage
+
+    if not generator.uses_chat_template:
+        raise SystemExit("@turns needs a model with a chat template")
+    example = [Passage(id=i, score=0.0, text=t, source=s) for i, (s, t) in enumerate(EXAMPLE_TURN["passages"])]
+    turn = [
+        {"role": "user", "content": build_prompt(str(EXAMPLE_TURN["question"]), example, generator.prompt_template)},
+        {"role": "assistant", "content": EXAMPLE_TURN["answer"]},
+    ]
+
+    def format_prompts(questions: list[str], passages: list[list[Any]]) -> list[str]:
+        check_batch(questions, passages)
+        return [
+            str(
+                generator.tokenizer.apply_chat_template(
+                    [*turn, {"role": "user", "content": build_prompt(q, found, generator.prompt_template)}],
+                    tokenize=False,
+                    add_generation_prompt=True,
+                )
+            )
+            for q, found in zip(questions, passages, strict=True)
+        ]
+
+    generator.format_prompts = format_prompts
 
 
 def read_answers(path: Path | None) -> dict[tuple[str, str], dict[str, Any]]:
