@@ -1,7 +1,7 @@
 """Answer quality on the default corpus: key-term hit rate and grounding share, per generator.
 
 For each question of `rag_eval_questions.jsonl` that `answer_key_terms.json` lists (keyed by the
-question's text), the default pipeline retrieves ``k`` passages once; each generator answers
+question's text), the default corpus's dense search retrieves ``k`` passages once; each generator answers
 from the same passages. Reported per generator:
 
 - key-term hit: the answer mentions every key term of its question (a term is a set of
@@ -9,8 +9,9 @@ from the same passages. Reported per generator:
   at most three characters must be a whole word); term recall: the share of key terms mentioned;
 - grounding: the share of the answer's content words (stemmed, stopwords left out; citations
   and the ``Sources:`` line removed) found in its retrieved passages, averaged over questions;
-- cited: the share of answers that cite at least one passage in their text; sources: the share
-  that end with a ``Sources`` line (cited, or for `local`, matched by word overlap);
+- cited: the share of answers that cite at least one of their passages in their text (as the
+  generators' `CitationFilter` reads citations: ``[2]``, not ``items[2]`` nor code); sources: the
+  share that end with a ``Sources`` line (cited, or for `local`, matched by word overlap);
 - seconds spent generating, answer length in words.
 
 A generator is ``extractive`` or ``local:<packaged model>``, optionally ``@<prompt>`` for one of
@@ -101,6 +102,16 @@ def answer_body(answer: str) -> str:
     return _CITATION.sub(" ", answer.split("\n\nSources", 1)[0])
 
 
+def cites(answer: str, passage_count: int) -> bool:
+    """Whether ``answer``'s text (before its ``Sources`` line) cites one of its ``passage_count`` passages."""
+    from gpurag.rag.generators.citations import CitationFilter
+
+    citations = CitationFilter(passage_count)
+    citations.feed(answer.split("\n\nSources", 1)[0])
+    citations.finish()
+    return bool(citations.cited)
+
+
 def grounding(answer: str, passages: list[Any]) -> float:
     """The share of the answer's content words found in ``passages`` (1.0 for an answer without any)."""
     from gpurag.rag.generators.sentences import content_terms
@@ -121,7 +132,7 @@ def score(answers: list[str], terms: list[list[list[str]]], passages: list[list[
         hits += all(mentioned)
         recall += sum(mentioned) / len(mentioned)
         ground += grounding(answer, found)
-        cited += bool(_CITATION.search(answer.split("\n\nSources", 1)[0]))
+        cited += cites(answer, len(found))
         sourced += "\n\nSources" in answer
         words += len(body.split())
     n = len(answers)
