@@ -189,8 +189,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             print(f"# backend {name} unavailable: {exc}", file=sys.stderr)
     results: list[dict[str, Any]] = []
     data: dict[tuple[int, int], torch.Tensor] = {}
-    for sc in scenarios(args.quick):
+    for index, sc in enumerate(scenarios(args.quick)):
         if args.only and args.only not in f"{sc.label} {sc.metric}":
+            continue
+        if args.rows and str(index) not in args.rows.split(","):
             continue
         key = (sc.n_rows, sc.dim)
         if key not in data:
@@ -388,6 +390,10 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="profile 20 small searches per backend")
     parser.add_argument("--backends", default="torch,triton,cupy,cuda")
     parser.add_argument("--only", default="", help="run only scenarios whose label contains this")
+    parser.add_argument("--rows", default="", help="run only these scenarios, by position (0-11, comma-separated)")
+    parser.add_argument(
+        "--merge", nargs="+", default=[], help="write one report from saved gpu_report.json files, no GPU"
+    )
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--write-table", action="store_true", help=f"write the table `auto` follows to {TABLE}")
     parser.add_argument("--table-from", default="", help="write that table from a saved gpu_report.json, no GPU")
@@ -396,13 +402,21 @@ def main() -> None:
         saved = json.loads(Path(args.table_from).read_text())
         write_table(saved["results"], args.backends.split(","), saved["card"], f"--table-from {args.table_from}")
         return
-    if not torch.cuda.is_available():
-        raise SystemExit("gpu_report.py needs a CUDA device")
-    import triton
+    if args.merge:  # parts of one run on identical cards (e.g. one half of the rows per GPU), in row order
+        saved = [json.loads(Path(path).read_text()) for path in args.merge]
+        card = " / ".join(dict.fromkeys(part["card"] for part in saved))
+        order = {sc.label + sc.metric: i for i, sc in enumerate(scenarios(False))}
+        results = sorted(
+            (r for part in saved for r in part["results"]), key=lambda r: order.get(r["scenario"] + r["metric"], 99)
+        )
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("gpu_report.py needs a CUDA device")
+        import triton
 
-    card = (f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, triton {triton.__version__}, "
-            f"CUDA {torch.version.cuda}, {time.strftime('%Y-%m-%d')}")  # fmt: skip
-    results = run(args)
+        card = (f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, triton {triton.__version__}, "
+                f"CUDA {torch.version.cuda}, {time.strftime('%Y-%m-%d')}")  # fmt: skip
+        results = run(args)
     backends = [b for b in args.backends.split(",") if any(f"{b}_ms" in r or f"{b}_error" in r for r in results)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -139,7 +139,13 @@ def test_unavailable_backend_error_says_why(toy_backend: ToyBackend) -> None:
         gpurag.get_backend("nowhere")
 
 
-def test_backend_on_a_device_kind_it_does_not_run_on(toy_backend: ToyBackend) -> None:
+def test_backend_on_a_device_kind_it_does_not_run_on(fresh_plugins: pytest.MonkeyPatch) -> None:
+    fresh_plugins.setenv(
+        "GPURAG_PLUGINS", ""
+    )  # no installed backend (a GPU machine has some for cuda:0): the toy alone
+    gpurag.get_settings.cache_clear()
+    plugins.register_plugin(make_plugin(register_backends=lambda register: register(ToyBackend, "toy")), "toy-plugin")
+    assert gpurag.get_backend("toy").name == "toy"
     with pytest.raises(BackendUnavailableError, match=r"runs on cpu; device 'cuda:1'"):
         gpurag.get_backend("toy", device="cuda:1")
     with pytest.raises(BackendUnavailableError, match="no distance backend is available for device 'cuda:0'"):

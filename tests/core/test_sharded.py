@@ -11,9 +11,10 @@ from typing import ClassVar
 import numpy as np
 import pytest
 
+import gpurag.sharded as sharded_module
 from gpurag.arrays import as_matrix
 from gpurag.errors import IndexFormatError, InvalidInputError
-from gpurag.plugins import get_retriever
+from gpurag.plugins import get_backend, get_retriever
 from gpurag.retriever import ExactRetriever
 from gpurag.sharded import ShardedRetriever
 
@@ -93,6 +94,15 @@ def test_registered_as_sharded() -> None:
     made = get_retriever("sharded", metric="l2", backend="numpy")
     assert isinstance(made, ShardedRetriever)
     assert len(made.shards) >= 1
+
+
+def test_default_shards_follow_the_gpus_only_for_a_backend_that_runs_on_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sharded_module, "_gpu_devices", lambda: ["cuda:0", "cuda:1"])  # as on a two-GPU machine
+    for backend in ("numpy", get_backend("numpy")):  # by name and as an instance: CPU only, one shard on the CPU
+        made = ShardedRetriever("l2", backend)
+        assert made.devices == [None]
+        assert len(made.shards) == 1
+    assert sharded_module._default_devices("auto") == ["cuda:0", "cuda:1"]
 
 
 def test_bad_input_names_the_argument() -> None:

@@ -32,6 +32,20 @@ from gpurag.retriever import ExactRetriever, Retriever
 _T = TypeVar("_T")
 
 
+def _default_devices(backend: str | DistanceBackend) -> list[str | None]:
+    """One shard per GPU where ``backend`` can run on one, else one shard on its default device."""
+    if isinstance(backend, DistanceBackend):
+        kinds: tuple[str, ...] = type(backend).device_kinds
+    elif backend == "auto":
+        kinds = ("cuda",)
+    else:
+        from gpurag.plugins import get_registry
+
+        found = get_registry("backends").get(backend)
+        kinds = getattr(found.obj, "device_kinds", ("cuda",)) if found is not None else ("cuda",)
+    return _gpu_devices() if "cuda" in kinds else [None]
+
+
 def _gpu_devices() -> list[str | None]:
     """``cuda:i`` for each GPU torch sees, else one default device."""
     try:
@@ -68,7 +82,8 @@ def _cuda_index(device: str | None) -> int | None:
 
 
 class ShardedRetriever(Retriever):
-    """Exact search over ``len(devices)`` shards (default: one per GPU, else ``shards`` on the default device)."""
+    """Exact search over ``len(devices)`` shards (default: one per GPU for a backend that runs on GPUs, else
+    ``shards`` on the default device, else one)."""
 
     name = "sharded"
 
@@ -86,7 +101,13 @@ class ShardedRetriever(Retriever):
             raise InvalidInputError(f"shards must be an integer >= 1; got {shards!r}")
         if devices is not None and ((shards is not None and shards != len(devices)) or len(devices) == 0):
             raise InvalidInputError(f"devices must name one device per shard; got {list(devices)} for shards={shards}")
-        placed = list(devices) if devices is not None else [None] * shards if shards is not None else _gpu_devices()
+        placed = (
+            list(devices)
+            if devices is not None
+            else [None] * shards
+            if shards is not None
+            else _default_devices(backend)
+        )
         self.metric = Metric.parse(metric)
         self.devices = placed
         self.shards = [
