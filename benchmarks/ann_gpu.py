@@ -106,7 +106,7 @@ def stage_times(index: Any, host_queries: np.ndarray, batch: int, repeats: int =
         stages.setdefault(name, []).append((time.perf_counter() - start) * 1e3)
         return out
 
-    for _ in range(repeats):
+    for _ in range(repeats if batch <= 64 else 3):
         hashed = timed("hash queries (host)", lambda: index._hashed_queries(block))
         qcodes = timed("sign codes (copy + device)", lambda h=hashed: index._codes_of(h, index._device_planes))
         cands = timed(
@@ -133,11 +133,12 @@ def candidate_variants(index: Any, host_queries: np.ndarray, batch: int, repeats
     count = min(index.n_candidates, len(index))
     query_codes = index._codes_of(index._hashed_queries(host_queries[:batch]), index._device_planes)
     variants: dict[str, Callable[[], Any]] = {
+        "as searched (sampled limit + one pass where it applies, else counting)": lambda: nearest_codes(
+            query_codes, codes, count, ordered=False),
         "count, distances recomputed": lambda: nearest_codes(query_codes, codes, count, ordered=False,
-                                                             store_distances=False),
+                                                             store_distances=False, sampled=False),
         "count, distances stored": lambda: nearest_codes(query_codes, codes, count, ordered=False,
-                                                         store_distances=True),
-        "count, ordered (hamming_topk)": lambda: nearest_codes(query_codes, codes, count),
+                                                         store_distances=True, sampled=False),
     }  # fmt: skip
 
     def one_histogram() -> Any:  # the layout measured in W2: one histogram of (queries x bins) per tile
@@ -145,18 +146,30 @@ def candidate_variants(index: Any, host_queries: np.ndarray, batch: int, repeats
 
         candidates.HISTOGRAM_PER_QUERY = False
         try:
-            return nearest_codes(query_codes, codes, count, ordered=False)
+            return nearest_codes(query_codes, codes, count, ordered=False, sampled=False)
         finally:
             candidates.HISTOGRAM_PER_QUERY = True
 
     variants["count, one histogram per query tile"] = one_histogram
+
+    def tighter_limit() -> Any:  # the sampled path with less room: fewer keys to pick from
+        from gpurag_triton import candidates
+
+        saved = candidates.LIMIT_MARGIN, candidates.CAPACITY_FACTOR
+        candidates.LIMIT_MARGIN, candidates.CAPACITY_FACTOR = 1.5, 4
+        try:
+            return nearest_codes(query_codes, codes, count, ordered=False)
+        finally:
+            candidates.LIMIT_MARGIN, candidates.CAPACITY_FACTOR = saved
+
+    variants["sampled, limit margin 1.5, room 4x"] = tighter_limit
     if count <= 256 and hasattr(backend, "fused_hamming_topk"):
         variants["fused top-KP kernel"] = lambda: backend.fused_hamming_topk(query_codes, codes, count)
     out = {}
     for name, fn in variants.items():
         fn()
         times = []
-        for _ in range(repeats):
+        for _ in range(repeats if batch <= 64 else 3):
             sync()
             start = time.perf_counter()
             fn()
@@ -164,6 +177,28 @@ def candidate_variants(index: Any, host_queries: np.ndarray, batch: int, repeats
             times.append((time.perf_counter() - start) * 1e3)
         out[name] = statistics.median(times)
     return out
+
+
+def kernel_profile(
+    index: Any, host_queries: np.ndarray, batch: int, searches: int = 10
+) -> list[tuple[str, float, float]]:
+    """(kernel, µs per search, launches per search) of ``searches`` searches of ``batch`` queries, by torch's
+    profiler (CUPTI: kernels inside a CUDA graph's replay too), most time first."""
+    import torch
+
+    index.search(host_queries[:batch], K)
+    sync()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for i in range(searches):
+            q0 = (i * batch) % max(1, len(host_queries) - batch + 1)
+            index.search(host_queries[q0 : q0 + batch], K)
+        sync()
+    rows = []
+    for event in prof.key_averages():
+        total = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
+        if total > 0:
+            rows.append((event.key[:70], total / searches, event.count / searches))
+    return sorted(rows, key=lambda r: -r[1])
 
 
 def run(
@@ -240,9 +275,19 @@ def run(
                 methods.append(Method("lsh", f"{n_bits} bits, {c} candidates", search))
     try:  # the first small search captures a CUDA graph: if that fails here, say so and go on without
         index.search(host_queries[:1], K)
+        index.search(host_queries[:16], K)
     except Exception as exc:
-        log(f"CUDA graph path failed ({type(exc).__name__}: {exc}); graphs off")
-        index.backend.use_graphs = False
+        log(f"CUDA graph path failed ({type(exc).__name__}: {exc}); trying without host output")
+        from gpurag_triton import lsh_graphs
+
+        lsh_graphs.HOST_OUTPUT = False
+        index.backend._lsh_graphs = None
+        try:
+            index.search(host_queries[:1], K)
+            index.search(host_queries[:16], K)
+        except Exception as again:
+            log(f"CUDA graph path failed again ({type(again).__name__}: {again}); graphs off")
+            index.backend.use_graphs = False
     recall_deadline = time.perf_counter() + (deadline - time.perf_counter()) * 0.5
     for m in methods:
         if m.family == "lsh" and time.perf_counter() > recall_deadline:
@@ -261,10 +306,24 @@ def run(
         timed += mine[lo : top + 1]
     publish(table(args, name, n, dim, len(host_queries), methods, timed))  # recall first, rates to come
     hard_stop = T0 + args.budget_s - 3  # past it, nothing new starts: the tables must be written
+    if args.wait_for is not None and not args.wait_for.exists():
+        log(f"waiting for {args.wait_for} before timing")
+        while not args.wait_for.exists() and time.perf_counter() < hard_stop - 10:
+            time.sleep(0.2)
+        log("waited" if args.wait_for.exists() else "gave up waiting")
     for m in timed:  # warm-up: every kernel compiled (and graph captured) before the clock runs
         for b in args.batches:
             if time.perf_counter() < hard_stop:
                 m.search(host_queries[:b])
+    if hasattr(index.backend, "use_graphs") and index.backend.use_graphs:  # small searches: graph = plain stages
+        for m in timed:
+            if m.family == "lsh" and time.perf_counter() < hard_stop:
+                graphed = [m.search(host_queries[i : i + b]) for b in (1, 16) for i in (0, 16)]
+                index.backend.use_graphs = False
+                plain = [m.search(host_queries[i : i + b]) for b in (1, 16) for i in (0, 16)]
+                index.backend.use_graphs = True
+                same = all(np.array_equal(g, p) for g, p in zip(graphed, plain, strict=True))
+                log(f"graph answers of {m.params} at Q=1, 16: {'same as' if same else 'DIFFERENT from'} the stages")
     log(f"timing {len(timed)} settings at Q = {args.batches}")
     for repeat in range(args.repeats):
         if time.perf_counter() > deadline and repeat:
@@ -287,14 +346,19 @@ def run(
     best = max((m for m in timed if m.family == "lsh" and m.recall >= 0.9), key=lambda m: m.rate(1), default=None)
     if best is not None and time.perf_counter() < deadline:
         best.search(host_queries[:1])  # sets the bits and candidates
-        lines = ["", f"Stages of one search, {best.params} (median ms, synchronised between stages):", ""]
-        lines += ["| stage | " + " | ".join(f"Q={b}" for b in args.batches) + " |"]
-        lines += ["|---|" + "---|" * len(args.batches)]
-        per_batch = {b: stage_times(index, host_queries, b) for b in args.batches}
-        for stage in per_batch[args.batches[0]]:
-            lines.append(f"| {stage} | " + " | ".join(f"{per_batch[b][stage]:.3f}" for b in args.batches) + " |")
-        text += "\n".join(lines) + "\n"
-        publish(text)
+        if args.profile and time.perf_counter() < deadline:
+            for b in [b for b in args.batches if b <= 64]:
+                lines = ["", f"GPU kernels of one search, {best.params}, Q={b} (torch profiler, 10 searches):", ""]
+                lines += ["| kernel | µs per search | launches per search |", "|---|---|---|"]
+                try:
+                    profile = kernel_profile(index, host_queries, b)
+                except Exception as exc:  # the profiler is a diagnosis: the tables stand without it
+                    log(f"profile failed: {type(exc).__name__}: {exc}")
+                    break
+                lines += [f"| `{k}` | {t:.1f} | {c:g} |" for k, t, c in profile[:14]]
+                lines.append(f"| all kernels | {sum(t for _, t, _ in profile):.1f} | |")
+                text += "\n".join(lines) + "\n"
+                publish(text)
         if args.lsh_backend == "triton" and time.perf_counter() < deadline:
             lines = ["", f"Hamming candidate stage alone, {best.params}, by kernel layout (median ms):", ""]
             lines += ["| layout | " + " | ".join(f"Q={b}" for b in args.batches) + " |"]
@@ -303,6 +367,15 @@ def run(
             for name in per_batch[args.batches[0]]:
                 cells = [f"{per_batch[b][name]:.3f}" if name in per_batch[b] else "—" for b in args.batches]
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            text += "\n".join(lines) + "\n"
+            publish(text)
+        if time.perf_counter() < deadline:
+            lines = ["", f"Stages of one search, {best.params} (median ms, synchronised between stages):", ""]
+            lines += ["| stage | " + " | ".join(f"Q={b}" for b in args.batches) + " |"]
+            lines += ["|---|" + "---|" * len(args.batches)]
+            per_batch = {b: stage_times(index, host_queries, b) for b in args.batches}
+            for stage in per_batch[args.batches[0]]:
+                lines.append(f"| {stage} | " + " | ".join(f"{per_batch[b][stage]:.3f}" for b in args.batches) + " |")
             text += "\n".join(lines) + "\n"
             publish(text)
     return text, methods
@@ -372,10 +445,19 @@ def check_hamming(device: str) -> None:
         log(f"hamming kernels vs torch at Q={n_queries} N={n_rows} W={width} count={count}: {verdict}")
 
 
-def minilm_vocabulary(path: Path, limit: int | None, device: str) -> Any:
-    """The vocabulary embedded on the GPU by the default embedder, as a float32 CUDA tensor."""
+def minilm_vocabulary(path: Path, limit: int | None, device: str, cache: Path | None = None) -> Any:
+    """The vocabulary embedded on the GPU by the default embedder, as a float32 CUDA tensor.
+
+    With ``cache``: read from there when present, else embedded and written there (atomically), so
+    one process may embed while another measures."""
+    import torch
 
     from gpurag.rag.embedders import SentenceTransformerEmbedder
+
+    if cache is not None and cache.is_file():
+        vectors = torch.load(cache, map_location=device)
+        log(f"embeddings read from {cache}: {tuple(vectors.shape)}")
+        return vectors
 
     opener = lzma.open if path.suffix == ".xz" else open
     with opener(path, "rt", encoding="utf-8") as f:
@@ -391,7 +473,12 @@ def minilm_vocabulary(path: Path, limit: int | None, device: str) -> Any:
     )
     sync()
     log(f"embedded {len(words):,} words in {time.perf_counter() - start:.1f} s")
-    return vectors.float().contiguous()
+    vectors = vectors.float().contiguous()
+    if cache is not None:
+        partial = cache.with_suffix(".partial")
+        torch.save(vectors, partial)
+        partial.replace(cache)
+    return vectors
 
 
 def main() -> None:
@@ -418,6 +505,15 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=1e9, help="wall-clock seconds for the whole run")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-check", action="store_true", help="skip checking the Hamming kernels against torch")
+    parser.add_argument("--profile", action="store_true", help="add a GPU kernel table of the best setting's search")
+    parser.add_argument("--vectors-cache", type=Path, default=None, help="MiniLM embeddings read or written here")
+    parser.add_argument("--embed-only", action="store_true", help="embed the vocabulary into --vectors-cache, exit")
+    parser.add_argument(
+        "--wait-for",
+        type=Path,
+        default=None,
+        help="before timing, wait until this file exists (another process's GPU work is done)",
+    )
     parser.add_argument("--report", default="ann_gpu_h200.md", help="file name of the tables, under --out")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results")))
     args = parser.parse_args()
@@ -439,7 +535,9 @@ def main() -> None:
             if not args.vocab.is_file():
                 log(f"no vocabulary at {args.vocab}: MiniLM rows skipped")
                 continue
-            vectors = minilm_vocabulary(args.vocab, args.vocab_limit, args.device)
+            vectors = minilm_vocabulary(args.vocab, args.vocab_limit, args.device, args.vectors_cache)
+            if args.embed_only:
+                return
             pick = torch.randperm(vectors.shape[0], generator=torch.Generator().manual_seed(0))[: args.queries]
             keep = torch.ones(vectors.shape[0], dtype=torch.bool)
             keep[pick] = False

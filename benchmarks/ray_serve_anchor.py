@@ -6,14 +6,15 @@ count as gpurag's nodes, the replica's CPU work off its event loop. Three scenar
 
 - ``zero``: the work costs nothing (the servers' own overhead);
 - ``rag``: the default RAG pipeline (all-MiniLM-L6-v2, default corpus, extractive generator);
-- ``kill``: two replicas / two Ray-actor nodes doing 50 ms batches under open-loop load; one
-  replica's process is SIGKILLed mid-run; each side's failed requests are counted.
+- ``kill``: two replicas / two nodes (Ray actors, then processes) doing 50 ms batches under
+  open-loop load; one replica's process is SIGKILLed mid-run; each side's failed requests are counted.
 
-Saturation throughput comes from ``wrk`` (closed loop); latency at common rates from
-`gpurag load`'s open loop (Poisson arrivals fixed in advance, latency from the intended send time)
-at fractions of the lower of the two saturation throughputs. Writes
-``benchmarks/results/ray_serve_anchor.{json,md}``. ``--scenarios p99`` measures the open-loop rows
-again with both servers up, alternating them per rate and repeat (``ray_serve_anchor_p99*.md``).
+For ``zero`` and ``rag`` every server is up at once (gpurag with each provider of ``--providers``,
+one node, and Ray Serve, one replica) and the measurements alternate between them: saturation
+throughput from ``wrk`` (closed loop, ``--repeats`` runs a server), then latency at common rates
+from `gpurag load`'s open loop (Poisson arrivals fixed in advance, latency from the intended send
+time) at fractions of the lowest saturation, ``--repeats`` runs a server and rate; medians, with
+every run kept. Writes ``benchmarks/results/ray_serve_anchor.{json,md}``.
 
 Run: ``make ray-serve-anchor`` (installs ``gpurag-server[ray-serve]``).
 """
@@ -127,7 +128,7 @@ def free_port() -> int:
 
 
 class Server:
-    """A server subprocess: ``kind`` gpurag (provider local or ray) or rayserve."""
+    """A server subprocess: ``kind`` gpurag (provider local, process or ray) or rayserve."""
 
     def __init__(self, kind: str, workload: str, nodes: int, provider: str = "local") -> None:
         self.kind, self.workload, self.nodes, self.provider = kind, workload, nodes, provider
@@ -185,6 +186,10 @@ class Server:
     def replica_pids(self) -> list[int]:
         """Process ids of the Ray actors that do the work (Serve replicas or gpurag node actors)."""
         assert self.process is not None
+        if self.kind == "gpurag" and self.provider == "process":
+            return [
+                pid for pid in descendants(self.process.pid) if "-m gpurag_server.nodes.worker_process" in _cmdline(pid)
+            ]
         title = "ray::ServeReplica" if self.kind == "rayserve" else "ray::NodeActor"
         return [pid for pid in descendants(self.process.pid) if _cmdline(pid).startswith(title)]
 
@@ -265,27 +270,6 @@ def _wrk_ms(out: str, name: str) -> float:
     match = re.search(rf"^\s+{re.escape(name)}\s+([\d.]+)(us|ms|s)\s*$", out, re.MULTILINE)
     assert match is not None, out
     return float(match.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[match.group(2)]
-
-
-def open_loop(server: Server, rate: float, duration_s: float) -> dict[str, Any]:
-    """`gpurag load` open loop at ``rate`` (Poisson, keep-alive connections): throughput, p50/p99, statuses."""
-    from gpurag_server.load import LoadSpec, run_load
-
-    spec = LoadSpec(url=server.url, route=server.route, rate=rate, duration_s=duration_s, max_connections=512)
-    spec.status_route = None  # neither server is polled while measured
-    report = run_load(spec)
-    ok = sum(v for k, v in report.statuses.items() if k.startswith("2"))
-    return {
-        "rate": rate,
-        "sent": report.sent,
-        "ok": ok,
-        "failed": report.sent - ok,
-        "statuses": report.statuses,
-        "throughput": ok / report.elapsed_s,
-        "p50_ms": report.latency_s["p50"] * 1e3,
-        "p99_ms": report.latency_s["p99"] * 1e3,
-        "late_sends": report.late_sends,
-    }
 
 
 class RawClient:
@@ -409,128 +393,104 @@ async def arrivals(
 # --- scenarios -----------------------------------------------------------------------------------
 
 
-def saturation_and_rates(
-    workload: str, connections: list[int], fractions: list[float], duration_s: int
-) -> dict[str, Any]:
-    """wrk on each server at each connection count, then open loop at fractions of the lower saturation."""
-    servers = [Server("gpurag", workload, 1), Server("rayserve", workload, 1)]
-    if workload == "zero":
-        servers.append(Server("gpurag", workload, 1, provider="ray"))
-    result: dict[str, Any] = {"workload": workload, "servers": {}}
-    for server in servers:
-        with running(server):
-            entry: dict[str, Any] = {"label": server.label, "wrk": [], "open_loop": []}
-            for conns in connections:
-                entry["wrk"].append(wrk(server, conns, duration_s))
-                print(f"    wrk {conns} conns: {entry['wrk'][-1]}", flush=True)
-            result["servers"][f"{server.kind}-{server.provider}"] = entry
-    saturation = {key: max(w["rate"] for w in e["wrk"]) for key, e in result["servers"].items()}
-    common = min(saturation["gpurag-local"], saturation["rayserve-local"])
-    rates = [round(common * f, 1) for f in fractions]
-    result["rates"] = rates
-    for server in servers[:2]:
-        again = Server(server.kind, workload, 1, provider=server.provider)
-        with running(again):
-            for rate in rates:
-                measured = open_loop(again, rate, duration_s)
-                result["servers"][f"{again.kind}-{again.provider}"]["open_loop"].append(measured)
-                print(f"    open loop {rate}/s: {measured}", flush=True)
-    return result
+def mean_batch(server: Server) -> tuple[float, float] | None:
+    """gpurag's batch-size sum and count from ``/metrics`` (None for Ray Serve)."""
+    if server.kind != "gpurag":
+        return None
+    found = dict.fromkeys(("gpurag_batch_size_sum", "gpurag_batch_size_count"), 0.0)
+    for line in httpx.get(server.url + "/metrics", timeout=30).text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in found:
+            found[name] = float(value)
+    return found["gpurag_batch_size_sum"], found["gpurag_batch_size_count"]
 
 
-def interleaved_open_loop(
-    workload: str, fractions: list[float], repeats: int, duration_s: int, provider: str = "local"
+def side_by_side(
+    workload: str, providers: list[str], connections: list[int], fractions: list[float], repeats: int, duration_s: int
 ) -> dict[str, Any]:
-    """Both servers up at once: wrk saturation of each, then `gpurag load` (open loop, Poisson) at
-    ``fractions`` of the lower saturation, the servers alternating at every rate and repeat; medians.
+    """Every server up at once; wrk at each connection count, then the open loop at ``fractions`` of the
+    lowest saturation, the servers alternating (reversed every other repeat); medians and every run.
     """
     from gpurag_server.load import LoadSpec, run_load
 
-    servers = [Server("gpurag", workload, 1, provider=provider), Server("rayserve", workload, 1)]
+    servers = [Server("gpurag", workload, 1, provider=provider) for provider in providers]
+    servers.append(Server("rayserve", workload, 1))
     result: dict[str, Any] = {"workload": workload, "repeats": repeats, "servers": {}}
+
+    def order(repeat: int) -> list[Server]:
+        return servers if repeat % 2 == 0 else servers[::-1]
+
     with contextlib.ExitStack() as stack:
         for server in servers:
             stack.enter_context(running(server))
-        for server in servers:
-            measured = wrk(server, 32, duration_s)
-            result["servers"][server.kind] = {"label": server.label, "wrk": [measured], "open_loop": [], "runs": {}}
-            print(f"    {server.label}: wrk 32 conns: {measured}", flush=True)
-        common = min(entry["wrk"][0]["rate"] for entry in result["servers"].values())
-        result["rates"] = [round(common * f, 1) for f in fractions]
-        for rate in result["rates"]:
-            runs: dict[str, list[dict[str, Any]]] = {server.kind: [] for server in servers}
+            result["servers"][key(server)] = {"label": server.label, "wrk": [], "open_loop": []}
+        for conns in connections:
+            runs: dict[str, list[dict[str, Any]]] = {key(server): [] for server in servers}
             for repeat in range(repeats):
-                for server in servers if repeat % 2 == 0 else servers[::-1]:
+                for server in order(repeat):
+                    load_average, before = os.getloadavg()[0], mean_batch(server)
+                    measured = wrk(server, conns, duration_s)
+                    after = mean_batch(server)
+                    if before is not None and after is not None and after[1] > before[1]:
+                        measured["mean_batch"] = (after[0] - before[0]) / (after[1] - before[1])
+                    measured["load_average"] = load_average
+                    runs[key(server)].append(measured)
+                    print(f"    {server.label}: wrk {conns} conns #{repeat}: {measured}", flush=True)
+            for name, repeated in runs.items():
+                result["servers"][name]["wrk"].append(_medians(repeated, "rate", connections=conns))
+        saturation = [max(w["rate"] for w in entry["wrk"]) for entry in result["servers"].values()]
+        result["rates"] = [round(min(saturation) * f, 1) for f in fractions]
+        for rate in result["rates"]:
+            runs = {key(server): [] for server in servers}
+            for repeat in range(repeats):
+                for server in order(repeat):
                     load_average = os.getloadavg()[0]
                     spec = LoadSpec(url=server.url, route=server.route, rate=rate, duration_s=duration_s, seed=repeat)
-                    spec.status_route = None  # neither server is polled while measured
+                    spec.status_route = None  # no server is polled while measured
                     spec.max_connections = 512
                     report = run_load(spec)
                     ok = sum(v for k, v in report.statuses.items() if k.startswith("2"))
-                    runs[server.kind].append(
+                    runs[key(server)].append(
                         {
                             "sent": report.sent,
                             "failed": report.sent - ok,
-                            "throughput": ok / report.elapsed_s,
+                            "rate": ok / report.elapsed_s,
                             "p50_ms": report.latency_s["p50"] * 1e3,
                             "p99_ms": report.latency_s["p99"] * 1e3,
                             "late_sends": report.late_sends,
                             "load_average": load_average,
                         }
                     )
-                    print(f"    {server.label} {rate}/s #{repeat}: {runs[server.kind][-1]}", flush=True)
-            for kind, repeated in runs.items():
-                entry = result["servers"][kind]
-                entry["runs"][str(rate)] = repeated
-                entry["open_loop"].append(
-                    {
-                        "rate": rate,
-                        "throughput": statistics.median(m["throughput"] for m in repeated),
-                        "p50_ms": statistics.median(m["p50_ms"] for m in repeated),
-                        "p99_ms": statistics.median(m["p99_ms"] for m in repeated),
-                        "p99_ms_all": [round(m["p99_ms"], 1) for m in repeated],
-                        "failed": sum(m["failed"] for m in repeated),
-                        "late_sends": sum(m["late_sends"] for m in repeated),
-                        "load_average": [round(m["load_average"], 1) for m in repeated],
-                    }
-                )
+                    print(f"    {server.label} {rate}/s #{repeat}: {runs[key(server)][-1]}", flush=True)
+            for name, repeated in runs.items():
+                result["servers"][name]["open_loop"].append(_medians(repeated, "rate", offered=rate))
     return result
 
 
-def p99_table(results: dict[str, Any]) -> str:
-    lines = []
-    for name in ("zero", "rag"):
-        block = results.get(f"p99_{name}")
-        if not block:
-            continue
-        lines += [
-            f"**{name}**: both servers up at once; wrk 32 connections {results['duration_s']} s for saturation; "
-            f"`gpurag load` open loop (Poisson, latency from the intended send time) {results['duration_s']} s a run, "
-            f"{block['repeats']} runs a rate alternating the servers; medians (every run's p99 in brackets)",
-            "",
-            "| server | load | req/s | p50 ms | p99 ms | failed | late sends | load average |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for entry in block["servers"].values():
-            w = entry["wrk"][0]
-            lines.append(
-                f"| {entry['label']} | wrk 32 conns | {w['rate']:.1f} | {w['p50_ms']:.1f} | {w['p99_ms']:.1f} "
-                f"| {w['failed']} | | |"
-            )
-            for o in entry["open_loop"]:
-                lines.append(
-                    f"| {entry['label']} | open loop {o['rate']:.1f}/s | {o['throughput']:.1f} | {o['p50_ms']:.1f} "
-                    f"| {o['p99_ms']:.1f} ({', '.join(map(str, o['p99_ms_all']))}) | {o['failed']} | {o['late_sends']} "
-                    f"| {', '.join(map(str, o['load_average']))} |"
-                )
-        lines.append("")
-    return "\n".join(lines)
+def key(server: Server) -> str:
+    return f"{server.kind}-{server.provider}" if server.kind == "gpurag" else server.kind
 
 
-def kill_under_load(rate: float, duration_s: float, kill_at_s: float) -> dict[str, Any]:
+def _medians(runs: list[dict[str, Any]], rate: str, **fields: Any) -> dict[str, Any]:
+    """Medians of ``runs``' rate, p50 and p99; summed failures and late sends; every run kept."""
+    out: dict[str, Any] = dict(fields)
+    for name in (rate, "p50_ms", "p99_ms"):
+        out[name] = statistics.median(run[name] for run in runs)
+    out["failed"] = sum(run["failed"] for run in runs)
+    if "late_sends" in runs[0]:
+        out["late_sends"] = sum(run["late_sends"] for run in runs)
+    batches = [run["mean_batch"] for run in runs if "mean_batch" in run]
+    if batches:
+        out["mean_batch"] = statistics.median(batches)
+    out["runs"] = runs
+    return out
+
+
+def kill_under_load(providers: list[str], rate: float, duration_s: float, kill_at_s: float) -> dict[str, Any]:
     """Two replicas/nodes, 50 ms batches, constant ``rate``; SIGKILL one replica at ``kill_at_s``."""
     result: dict[str, Any] = {"rate": rate, "duration_s": duration_s, "kill_at_s": kill_at_s, "servers": {}}
-    for server in (Server("gpurag", "sleep", 2, provider="ray"), Server("rayserve", "sleep", 2)):
+    servers = [Server("gpurag", "sleep", 2, provider=provider) for provider in providers]
+    for server in [*servers, Server("rayserve", "sleep", 2)]:
         with running(server):
             pids = server.replica_pids()
             assert len(pids) >= 2, f"{server.label}: replica processes not found ({pids})"
@@ -539,7 +499,7 @@ def kill_under_load(rate: float, duration_s: float, kill_at_s: float) -> dict[st
             )
             time.sleep(5)
             measured["replicas_after"] = len(server.replica_pids())
-            result["servers"][f"{server.kind}-{server.provider}"] = {"label": server.label, **measured}
+            result["servers"][key(server)] = {"label": server.label, **measured}
             print(f"    {server.label}: {measured}", flush=True)
     return result
 
@@ -554,32 +514,32 @@ def table(results: dict[str, Any]) -> str:
         if not block:
             continue
         lines += [
-            f"**{name}** (wrk closed loop, {results['duration_s']} s a point; "
-            "open loop: Poisson arrivals, `gpurag load` for both)",
+            f"**{name}**: every server up at once, runs alternating; wrk (closed loop) {results['duration_s']} s a "
+            f"run; open loop (`gpurag load`, Poisson, latency from the intended send time) {results['duration_s']} s "
+            f"a run at fractions of the lowest saturation; medians of {block['repeats']} runs (each run's figure in "
+            "brackets); mean batch: gpurag's, from its `/metrics`",
             "",
-            "| server | load | req/s | p50 ms | p99 ms | failed |",
-            "|---|---|---|---|---|---|",
+            "| server | load | req/s | p50 ms | p99 ms | failed | mean batch | load average |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for entry in block["servers"].values():
-            for w in entry["wrk"]:
-                load = f"wrk {w['connections']} conns"
-                row = f"| {entry['label']} | {load} | {w['rate']:.1f} | {w['p50_ms']:.1f} | {w['p99_ms']:.1f} |"
-                row += f" {w['failed']} |"
-                lines.append(row)
-            for o in entry["open_loop"]:
-                load = f"open loop {o['rate']:.1f}/s"
-                row = (
-                    f"| {entry['label']} | {load} | {o['throughput']:.1f} | {o['p50_ms']:.1f} | "
-                    f"{o['p99_ms']:.1f} | {o['failed']} |"
+            for row, load in [(w, f"wrk {w['connections']} conns") for w in entry["wrk"]] + [
+                (o, f"open loop {o['offered']:.1f}/s") for o in entry["open_loop"]
+            ]:
+                runs = row["runs"]
+                batch = f"{row['mean_batch']:.2f}" if "mean_batch" in row else ""
+                lines.append(
+                    f"| {entry['label']} | {load} | {row['rate']:.1f} ({_each(runs, 'rate')}) | {row['p50_ms']:.1f} "
+                    f"| {row['p99_ms']:.1f} ({_each(runs, 'p99_ms')}) | {row['failed']} | {batch} "
+                    f"| {_each(runs, 'load_average')} |"
                 )
-                lines.append(row)
         lines.append("")
     kill = results.get("kill")
     if kill:
         lines += [
             f"**kill** (2 replicas/nodes, 50 ms batches, {kill['rate']} req/s at a constant rate, "
             f"a fresh connection each, for {kill['duration_s']} s, "
-            f"one replica SIGKILLed at {kill['kill_at_s']} s)",
+            f"one replica's process SIGKILLed at {kill['kill_at_s']} s)",
             "",
             "| server | sent | 2xx | failed | statuses | p99 ms | replicas after |",
             "|---|---|---|---|---|---|---|",
@@ -592,18 +552,20 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _each(runs: list[dict[str, Any]], name: str) -> str:
+    return ", ".join(f"{run[name]:.1f}" for run in runs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ray-serve-app", nargs=3, metavar=("WORKLOAD", "REPLICAS", "PORT"), help=argparse.SUPPRESS)
-    parser.add_argument("--duration", type=int, default=10, help="Seconds of each load point.")
+    parser.add_argument("--duration", type=int, default=10, help="Seconds of each load run.")
+    parser.add_argument("--scenarios", default="zero,rag,kill", help="Comma-separated: zero, rag, kill.")
+    parser.add_argument("--repeats", type=int, default=3, help="Runs per server (and rate) of zero and rag.")
     parser.add_argument(
-        "--scenarios",
-        default="zero,rag,kill",
-        help="Comma-separated: zero, rag, kill; p99: the open-loop rows again, both servers up, interleaved.",
+        "--providers", default="local,process,ray", help="gpurag's node providers, each a server of zero and rag."
     )
-    parser.add_argument("--repeats", type=int, default=3, help="Open-loop runs per server and rate (p99).")
-    parser.add_argument("--workloads", default="zero,rag", help="Workloads of the p99 scenario.")
-    parser.add_argument("--provider", default="local", help="gpurag's node provider in the p99 scenario.")
+    parser.add_argument("--kill-providers", default="ray,process", help="gpurag's node providers of kill.")
     args = parser.parse_args()
     if args.ray_serve_app:
         workload, replicas, port = args.ray_serve_app
@@ -623,42 +585,35 @@ def main() -> None:
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     scenarios = args.scenarios.split(",")
-    if "rag" in scenarios or "p99" in scenarios:
+    providers = args.providers.split(",")
+    if "rag" in scenarios:
         from gpurag_server.serve import prepare_default_corpus
         from gpurag_server.settings import ServerSettings
 
         prepare_default_corpus(ServerSettings())
-    if "zero" in scenarios:
-        print("zero-cost work", flush=True)
-        results["zero"] = saturation_and_rates("zero", [32, 128], [0.25, 0.5, 0.8], args.duration)
-    if "rag" in scenarios:
-        print("default RAG pipeline", flush=True)
-        results["rag"] = saturation_and_rates("rag", [32], [0.25, 0.5, 0.8], args.duration)
-    if "p99" in scenarios:
-        name = "ray_serve_anchor_p99" + ("" if args.provider == "local" else f"_{args.provider}")
-        for workload in args.workloads.split(","):
-            print(f"{workload}: open-loop rows, interleaved", flush=True)
-            results[f"p99_{workload}"] = interleaved_open_loop(
-                workload, [0.25, 0.5, 0.8], args.repeats, args.duration, args.provider
+    for workload, connections in (("zero", [32, 128]), ("rag", [32])):
+        if workload in scenarios:
+            print(f"{workload}: every server up, interleaved", flush=True)
+            results[workload] = side_by_side(
+                workload, providers, connections, [0.25, 0.5, 0.8], args.repeats, args.duration
             )
-            results["load_average_after"] = os.getloadavg()
-            RESULTS.mkdir(exist_ok=True)
-            (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
-            text = f"# gpurag vs Ray Serve {results['ray']}: open-loop rows, interleaved\n\n"
-            text += f"{results['machine']}; Python {results['python']}; {results['when']}\n\n"
-            (RESULTS / f"{name}.md").write_text(text + p99_table(results) + "\n")
-        print(p99_table(results))
-        return
+            write(results)
     if "kill" in scenarios:
         print("a replica killed under load", flush=True)
-        results["kill"] = kill_under_load(100.0, 2 * args.duration, args.duration / 2)
+        results["kill"] = kill_under_load(args.kill_providers.split(","), 100.0, 2 * args.duration, args.duration / 2)
+    results["load_average_after"] = os.getloadavg()
+    print(write(results))
+
+
+def write(results: dict[str, Any]) -> str:
+    """Write the json and md results (also after each scenario: a later failure keeps the earlier ones)."""
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "ray_serve_anchor.json").write_text(json.dumps(results, indent=2) + "\n")
     text = f"# gpurag vs Ray Serve {results['ray']}\n\n"
     text += f"{results['machine']}; Python {results['python']}; {results['when']}\n\n"
     text += table(results) + "\n"
     (RESULTS / "ray_serve_anchor.md").write_text(text)
-    print(text)
+    return text
 
 
 if __name__ == "__main__":

@@ -104,6 +104,8 @@ def test_layouts_cover_every_row_once_in_whole_tiles(n_rows: int, n_queries: int
         (launch.tile_layout(n_queries, n_rows, launch.TC_BLOCK_Q, launch.TC_BLOCK_N, 132), launch.TC_BLOCK_N),
         (launch.tile_layout(n_queries, n_rows, launch.SIMT_BLOCK_Q, launch.SIMT_BLOCK_N, 132), launch.SIMT_BLOCK_N),
         (launch.stream_layout(n_rows, 132), launch.STREAM_ROWS),
+        (launch.tc_layout(n_queries, n_rows, 128, 16, 132, True), launch.WIDE_BLOCK_N),
+        (launch.stream_layout(n_rows, 132, launch.few_warps_per_sm(16)), launch.STREAM_ROWS),
     ):
         assert layout.rows_per_split % tile == 0
         assert layout.splits * layout.rows_per_split >= n_rows
@@ -116,6 +118,34 @@ def test_candidate_lists_hold_a_batch_past_kp() -> None:
         cap = launch.capacity(kp)
         assert cap >= kp + 32
         assert cap & (cap - 1) == 0
+
+
+def test_the_fast_kernels_take_what_their_shared_memory_holds() -> None:
+    assert launch.wide_takes(768, 16)
+    assert launch.wide_takes(128, 32)
+    assert not launch.wide_takes(768, 64)  # its lists would not fit: the earlier tile takes kp = 64
+    assert not launch.wide_takes(781, 16)  # 16-byte rows only
+    assert launch.wide_shared_bytes(32) <= launch.WIDE_SHARED_LIMIT < launch.wide_shared_bytes(64)
+    assert launch.wide_resident_shared_bytes(192, 16) <= launch.WIDE_SHARED_LIMIT  # the query tile resident to D 192
+    assert launch.wide_resident_shared_bytes(224, 16) > launch.WIDE_SHARED_LIMIT
+    for n_queries in (1, 2, 3, 5, 9, 16):
+        assert launch.few_width(n_queries) >= n_queries
+        assert launch.few_takes(n_queries, 768, 64)
+    assert not launch.few_takes(17, 128, 16)
+    assert not launch.few_takes(4, 781, 16)
+
+
+def test_the_fast_kernels_follow_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gpurag.settings import get_settings
+
+    monkeypatch.setenv("GPURAG_CUDA_FAST_KERNELS", "0")
+    get_settings.cache_clear()
+    try:
+        assert get_settings().cuda_fast_kernels is False
+    finally:
+        monkeypatch.delenv("GPURAG_CUDA_FAST_KERNELS")
+        get_settings.cache_clear()
+    assert get_settings().cuda_fast_kernels is True
 
 
 # --- on a CUDA card --------------------------------------------------------------------------------
@@ -193,3 +223,24 @@ def test_hamming_across_word_and_tile_boundaries(gpu_backend: Any, n_queries: in
     database_codes = rng.integers(0, 256, (3000, width), dtype=np.uint8)
     top = gpu_backend.hamming_topk(codes, database_codes, k)
     ref.assert_hamming_topk_matches(codes, database_codes, top.scores.cpu().numpy(), top.indices.cpu().numpy(), k)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fast", [True, False], ids=["new", "old"])
+@pytest.mark.parametrize(
+    ("n_queries", "n_rows", "dim"),
+    [(1, 3001, 136), (3, 70_001, 136), (16, 5000, 8), (9, 257, 40), (127, 4097, 136), (129, 20_000, 64)],
+)  # the few-query stream (widths 1, 4, 16; D % 16 == 8), the wide tile (query tiles of 128, k-steps of 32)
+@pytest.mark.parametrize("metric", list(Metric), ids=str)
+def test_the_fast_kernels_and_the_earlier_ones_across_their_tiles(
+    metric: Metric, n_queries: int, n_rows: int, dim: int, fast: bool
+) -> None:
+    if not CudaBackend.availability():
+        pytest.skip(f"cuda backend: {CudaBackend.availability().reason}")
+    backend = CudaBackend("cuda", fast_kernels=fast)
+    rng = np.random.default_rng(n_queries * dim)
+    vectors = rng.standard_normal((n_rows, dim)).astype(np.float32)
+    queries = rng.standard_normal((n_queries, dim)).astype(np.float32)
+    for k in (1, 10, 32):
+        scores, ids = _search(backend, queries, vectors, metric, k)
+        ref.assert_topk_matches(queries, vectors, metric, scores, ids, k)

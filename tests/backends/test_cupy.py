@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import types
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -247,6 +248,32 @@ def test_torch_inputs_run_on_torchs_current_stream(cupy_gpu: DistanceBackend) ->
 
 
 @pytest.mark.gpu
+def test_topk_of_torch_queries_is_ordered_on_torchs_stream_and_not_on_cupys(cupy_gpu: DistanceBackend) -> None:
+    """cupy's own (null) stream is held up by a sleep; a search of torch queries made on a side stream
+    must still be done when that side stream alone is synchronised (it would not be, run on cupy's)."""
+    torch = pytest.importorskip("torch")
+    import cupy
+
+    device = torch.device(cupy_gpu.device)
+    vectors = torch.randn(20_000, 64, device=device)
+    database = cupy_gpu.prepare(vectors, Metric.DOT)
+    queries = torch.randn(4, 64, device=device)
+    expected = (queries.double() @ vectors.double().T).topk(7).indices.cpu().numpy()
+    torch.cuda.synchronize(device)
+    side = torch.cuda.Stream(device=device)
+    torch.cuda._sleep(1 << 28)  # on the default stream, which is cupy's current one: a few hundred ms
+    with torch.cuda.stream(side):
+        top = cupy_gpu.topk(queries, database, 7)
+        with warnings.catch_warnings():  # ExternalStream is deprecated in CuPy 14, kept: independent of the code
+            warnings.simplefilter("ignore", DeprecationWarning)
+            reader = cupy.cuda.ExternalStream(side.cuda_stream, device.index or 0)
+        with reader:
+            ids = top.indices.get()  # copied on the side stream, which waits for nothing else
+    torch.cuda.synchronize(device)
+    np.testing.assert_array_equal(np.sort(ids, 1), np.sort(expected, 1))
+
+
+@pytest.mark.gpu
 def test_the_database_never_aliases_the_callers_device_array(cupy_gpu: DistanceBackend) -> None:
     import cupy
 
@@ -296,7 +323,9 @@ def test_tiles_after_the_first_filtered_by_the_running_threshold_match_reference
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["sgemv", "streaming dot kernel", "histogram without warp aggregation"])
+@pytest.mark.parametrize(
+    "variant", ["sgemv", "streaming dot kernel", "float4 one-query dot kernel", "histogram without warp aggregation"]
+)
 def test_every_scoring_and_histogram_variant_matches_reference(
     cupy_gpu: DistanceBackend, monkeypatch: pytest.MonkeyPatch, variant: str
 ) -> None:
@@ -306,11 +335,118 @@ def test_every_scoring_and_histogram_variant_matches_reference(
         monkeypatch.setattr(gemm, "GEMV_FOR_ONE_QUERY", True)
     elif variant == "streaming dot kernel":
         monkeypatch.setattr(search, "STREAM_DOT_MAX_QUERIES", 16)
+    elif variant == "float4 one-query dot kernel":
+        monkeypatch.setattr(search, "VEC4_ONE_QUERY", True)
     else:
         monkeypatch.setattr(select, "AGGREGATE", False)
+        monkeypatch.setattr(search, "FEW_MAX_QUERIES", 0)  # the histogram passes serve many queries only
     rng = np.random.default_rng(3)
-    for n_queries, dim in ((1, 768), (1, 7), (5, 128), (16, 200), (16, 300), (3, 781)):
+    for n_queries, dim in ((1, 768), (1, 7), (1, 132), (5, 128), (16, 200), (16, 300), (3, 781)):
         vectors = rng.standard_normal((6000, dim)).astype(np.float32)
         queries = rng.standard_normal((n_queries, dim)).astype(np.float32)
         for metric in Metric:
             _check(cupy_gpu, queries, vectors, metric, 10, f"{variant}: {metric.value} Q={n_queries} D={dim}")
+
+
+# --- the few-query path: chunks of 4096 rows, whole-chunk tiles, one merge -----------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("metric", list(Metric), ids=str)
+def test_the_few_query_path_matches_reference_across_chunks_and_tiles(
+    cupy_gpu: DistanceBackend, monkeypatch: pytest.MonkeyPatch, metric: Metric
+) -> None:
+    """Row counts one short of, at and past whole chunks, tiles of two chunks, k from 1 to SORTED_MAX
+    (more than a partial chunk's rows), ties across chunks; every case must take the few-query path."""
+    from gpurag_cupy import search
+
+    taken: list[int] = []
+    original = search.few_query_topk
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        taken.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(search, "few_query_topk", counted)
+    chunk = search.CHUNK_KEYS
+    two_chunk_tiles = cupy_backend.CupyBackend(cupy_gpu.device, tile_scores=2 * chunk * 3)
+    rng = np.random.default_rng(4096)
+    cases = [
+        (cupy_gpu, 1, 5, 1, 1),
+        (cupy_gpu, chunk - 1, 16, 1, 10),
+        (cupy_gpu, chunk, 16, 16, 10),
+        (cupy_gpu, 3 * chunk + 7, 33, 3, 1),
+        (cupy_gpu, chunk + 100, 8, 2, search.SORTED_MAX),
+        (two_chunk_tiles, 5 * chunk + 3, 24, 3, 10),
+    ]
+    for backend, n, dim, n_queries, k in cases:
+        vectors = rng.standard_normal((n, dim)).astype(np.float32)
+        if n > 300:
+            vectors[100:300] = vectors[50]  # ties across a chunk's k-th
+        queries = rng.standard_normal((n_queries, dim)).astype(np.float32)
+        queries[-1] = vectors[n // 2]
+        before = len(taken)
+        _check(backend, queries, vectors, metric, k, f"{metric.value} N={n} Q={n_queries} k={k}")
+        assert len(taken) == before + 1, f"N={n} Q={n_queries} k={k} did not take the few-query path"
+
+
+@pytest.mark.gpu
+def test_the_largest_magnitude_is_nan_or_inf_where_an_entry_is(cupy_gpu: DistanceBackend) -> None:
+    import cupy
+
+    from gpurag_cupy.arrays import largest_magnitude
+
+    values = np.random.default_rng(6).standard_normal((37, 781)).astype(np.float32)
+    values[3, 5] = -9.5
+    assert largest_magnitude(cupy.asarray(values)) == 9.5
+    for poke in (np.inf, -np.inf, np.nan):
+        poked = values.copy()
+        poked[36, 780] = poke
+        got = largest_magnitude(cupy.asarray(poked))
+        assert np.isnan(got) if np.isnan(poke) else got == np.inf, (poke, got)
+
+
+# --- device queries: their check is read after the search is queued -------------------------------
+@pytest.mark.gpu
+def test_device_queries_that_are_not_finite_are_refused_naming_the_entry(cupy_gpu: DistanceBackend) -> None:
+    torch = pytest.importorskip("torch")
+    from gpurag.errors import InvalidInputError
+
+    device = torch.device(cupy_gpu.device)
+    vectors = np.random.default_rng(9).standard_normal((5000, 8)).astype(np.float32)
+    index = gpurag.ExactRetriever(metric="l2", backend=cupy_gpu)
+    index.add(vectors)
+    for poke in (float("nan"), float("inf")):
+        bad = torch.randn(3, 8, device=device)
+        bad[1, 3] = poke
+        with pytest.raises(InvalidInputError, match=r"queries must be finite; row 1, column 3 holds NaN or inf"):
+            index.search(bad, 4)
+        with pytest.raises(InvalidInputError, match=r"row 1, column 3"):  # any other use reads the check first
+            cupy_gpu.pairwise(cupy_gpu.asarray(bad, "queries"), vectors, Metric.L2)
+    good = np.random.default_rng(10).standard_normal((3, 8)).astype(np.float32)
+    scores, ids = index.search(torch.from_numpy(good).to(device), 4)  # nothing left over from the refusals
+    ref.assert_topk_matches(good, vectors, Metric.L2, scores, ids, 4, label="after refusals")
+    on_device = index.search(torch.from_numpy(good).to(device), 4, out="device")  # views of the one buffer
+    np.testing.assert_array_equal(on_device.ids.get(), ids)
+    np.testing.assert_array_equal(on_device.scores.get(), scores)
+
+
+@pytest.mark.gpu
+def test_device_queries_whose_float32_products_overflow_are_answered_in_float64(cupy_gpu: DistanceBackend) -> None:
+    """The kit's overflow case (terms near 1e40 that cancel), with the queries on the device: their
+    magnitude is read after the float32 search is queued, which must then be answered again in float64."""
+    torch = pytest.importorskip("torch")
+
+    rng = np.random.default_rng(13)
+    big = np.float32(1e20)
+    queries = np.zeros((3, 4), np.float32)
+    queries[:, :2] = big * rng.uniform(0.5, 1.0, (3, 1)).astype(np.float32)
+    queries[:, 2:] = rng.standard_normal((3, 2)).astype(np.float32)
+    vectors = np.zeros((9000, 4), np.float32)
+    vectors[:, 0] = big * rng.uniform(0.5, 1.0, 9000).astype(np.float32)
+    vectors[:, 1] = -vectors[:, 0] + np.float32(1e17) * rng.standard_normal(9000).astype(np.float32)
+    vectors[:, 2:] = rng.standard_normal((9000, 2)).astype(np.float32)
+    index = gpurag.ExactRetriever(metric="dot", backend=cupy_gpu)
+    index.add(vectors)
+    scores, ids = index.search(torch.from_numpy(queries).to(torch.device(cupy_gpu.device)), 5)
+    ref.assert_topk_matches(
+        queries, vectors, Metric.DOT, scores, ids, 5, label="device queries, float32 terms overflow"
+    )

@@ -152,3 +152,136 @@ def test_the_one_histogram_layout_gives_the_same_candidates(
     assert torch.equal(per_query.scores, one_histogram.scores)
     _, want_rows = expected(codes.cpu().numpy(), database_codes.cpu().numpy(), count)
     np.testing.assert_array_equal(per_query.indices.cpu().numpy(), want_rows)
+
+
+def sampled_setup(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let the sampled path run at test sizes: a step of 4 once the candidates reach 16."""
+    from gpurag_triton import candidates
+
+    monkeypatch.setattr(candidates, "SAMPLED_UNDER_CUT", 4)
+
+
+@pytest.mark.parametrize(
+    ("n_queries", "n_rows", "n_bytes", "count"),
+    [(1, 1400, 4, 20), (3, 1999, 13, 31), (17, 1100, 5, 16), (2, 2600, 3, 30)],
+)
+@pytest.mark.parametrize("ordered", [True, False])
+def test_the_sampled_path_finds_the_nearest_codes_nearest_first(
+    monkeypatch: pytest.MonkeyPatch, n_queries: int, n_rows: int, n_bytes: int, count: int, ordered: bool
+) -> None:
+    """A sample's limit, one pass, the nearest keys: the rows the counting passes find, in their order.
+
+    Rows cross many 16-row blocks and three splits; 17 queries cross a 16-query tile; 3-byte codes
+    have few distinct distances, so the cut falls inside a tie."""
+    from gpurag_triton import candidates
+
+    sampled_setup(monkeypatch)
+    assert candidates.sample_step(n_rows, count) == 4
+    rng = np.random.default_rng(n_rows)
+    codes = rng.integers(0, 256, (n_queries, n_bytes), dtype=np.uint8)
+    database_codes = rng.integers(0, 256, (n_rows, n_bytes), dtype=np.uint8)
+    top, failed = candidates.sampled_nearest(torch.from_numpy(codes).to(device()),
+                                             torch.from_numpy(database_codes).to(device()), count,
+                                             ordered=ordered)  # fmt: skip
+    assert not bool(failed)
+    want_distances, want_rows = expected(codes, database_codes, count)
+    rows, distances = top.indices.cpu().numpy(), top.scores.cpu().numpy()
+    if not ordered:  # the same rows in some order: put them in (distance, row) order to compare
+        order = np.lexsort((rows, distances), axis=1)
+        rows, distances = np.take_along_axis(rows, order, 1), np.take_along_axis(distances, order, 1)
+    np.testing.assert_array_equal(rows, want_rows)
+    np.testing.assert_array_equal(distances, want_distances)
+    assert top.scores.dtype == torch.int32
+    assert top.indices.dtype == torch.int64
+
+
+def test_more_rows_within_the_limit_than_the_room_fail_and_the_counting_passes_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every row at distance 0: the limit keeps them all, past the room for 8x the candidates."""
+    from gpurag_triton import candidates
+
+    sampled_setup(monkeypatch)
+    codes, database_codes = np.zeros((2, 4), np.uint8), np.zeros((1300, 4), np.uint8)
+    database_codes[700] = 0xFF
+    a, b = torch.from_numpy(codes).to(device()), torch.from_numpy(database_codes).to(device())
+    _, failed = candidates.sampled_nearest(a, b, 20)
+    assert bool(failed)
+    got = candidates.nearest_codes(a, b, 20)
+    assert got.indices.cpu().tolist() == [list(range(20))] * 2
+    assert got.scores.cpu().tolist() == [[0] * 20] * 2
+
+
+def test_fewer_rows_within_the_limit_than_the_candidates_fail_and_the_counting_passes_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Only sampled rows (every 4th) are near: the sample overstates the near rows fourfold."""
+    from gpurag_triton import candidates
+
+    sampled_setup(monkeypatch)
+    database_codes = np.full((1300, 4), 0xFF, np.uint8)  # distance 32 from the zero query
+    database_codes[0:48:4] = 0  # 12 rows at distance 0, all in the sample: the limit becomes 0
+    a, b = torch.zeros((1, 4), dtype=torch.uint8, device=device()), torch.from_numpy(database_codes).to(device())
+    top, failed = candidates.sampled_nearest(a, b, 20)
+    assert bool(failed)
+    assert int(top.indices.max()) < 1300  # rows of a failed answer stay in range (a re-ranking may read them)
+    got = candidates.nearest_codes(a, b, 20)
+    assert got.indices.cpu().tolist() == [[*range(0, 48, 4), 1, 2, 3, 5, 6, 7, 9, 10]]
+    assert got.scores.cpu().tolist() == [[0] * 12 + [32] * 8]
+
+
+def test_the_sampled_path_is_taken_only_where_the_rows_far_outnumber_the_candidates() -> None:
+    from gpurag_triton.candidates import SAMPLED_ROWS_PER_CANDIDATE, sample_step
+
+    assert sample_step(10_000_000, 4000) == 64
+    assert sample_step(400_000, 500) == 8
+    assert sample_step(10_000_000, 100) == 0  # a step under 4: the counting passes
+    assert sample_step(4000 * SAMPLED_ROWS_PER_CANDIDATE - 1, 4000) == 0
+
+
+def test_wide_keys_past_the_narrow_row_limit_find_the_same_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """int64 (distance << 32 | row) keys, as taken from 2^24 rows on, answer as the int32 ones."""
+    from gpurag_triton import candidates
+
+    sampled_setup(monkeypatch)
+    rng = np.random.default_rng(5)
+    codes = torch.from_numpy(rng.integers(0, 256, (3, 9), dtype=np.uint8)).to(device())
+    database_codes = torch.from_numpy(rng.integers(0, 256, (1700, 9), dtype=np.uint8)).to(device())
+    narrow, narrow_failed = candidates.sampled_nearest(codes, database_codes, 25)
+    monkeypatch.setattr(candidates, "NARROW_KEY_ROWS", 1)
+    wide, wide_failed = candidates.sampled_nearest(codes, database_codes, 25)
+    assert not bool(narrow_failed)
+    assert not bool(wide_failed)
+    assert torch.equal(narrow.indices, wide.indices)
+    assert torch.equal(narrow.scores, wide.scores)
+    _, want_rows = expected(codes.cpu().numpy(), database_codes.cpu().numpy(), 25)
+    np.testing.assert_array_equal(wide.indices.cpu().numpy(), want_rows)
+
+
+def test_a_limit_past_127_bits_fails_int32_keys_and_the_counting_passes_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """160-bit codes all at distance 128 or more: int32 keys hold distances to 127, so the limit is cut to 127,
+    which keeps too few rows: the answer is refused (never keys whose distance overflowed)."""
+    from gpurag_triton import candidates
+
+    sampled_setup(monkeypatch)
+    database_codes = np.full((2000, 20), 0xFF, np.uint8)  # distance 160 from the zero query
+    database_codes[::9, :4] = 0  # every 9th row at distance 128 (202 rows: within the room for 30 x 8)
+    database_codes[::11, :3] = 0x01  # every 11th at 139 (131 where both apply)
+    a, b = torch.zeros((1, 20), dtype=torch.uint8, device=device()), torch.from_numpy(database_codes).to(device())
+    assert candidates.sample_step(2000, 30) == 4
+    _, failed = candidates.sampled_nearest(a, b, 30)
+    assert bool(failed)
+    got = candidates.nearest_codes(a, b, 30)
+    want_distances, want_rows = expected(a.cpu().numpy(), database_codes, 30)
+    np.testing.assert_array_equal(got.indices.cpu().numpy(), want_rows)
+    np.testing.assert_array_equal(got.scores.cpu().numpy(), want_distances)
+
+
+def test_one_query_takes_the_counting_passes_and_more_the_sampled_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gpurag_triton import candidates
+
+    assert not candidates.takes_sampled(1, 10_000_000, 4000)
+    assert candidates.takes_sampled(2, 10_000_000, 4000)
+    assert not candidates.takes_sampled(16, 10_000_000, 100)
+    monkeypatch.setattr(candidates, "SAMPLED", False)
+    assert not candidates.takes_sampled(16, 10_000_000, 4000)

@@ -51,3 +51,33 @@ def test_a_graph_is_never_replayed_over_rows_that_changed() -> None:
     assert index.search(query, 1).ids[0, 0] == 9_999
     exact = gpurag.ExactRetriever.search(index, query, 5)
     np.testing.assert_array_equal(index.search(query, 5).ids, exact.ids)
+
+
+@pytest.mark.parametrize("host_output", [True, False])
+def test_graph_answers_come_back_alike_through_host_buffers_or_device_clones(
+    monkeypatch: pytest.MonkeyPatch, host_output: bool
+) -> None:
+    """The graph copies its answer into pinned host buffers (or not); `out="device"` still answers on the device."""
+    from gpurag_triton import lsh_graphs
+
+    monkeypatch.setattr(lsh_graphs, "HOST_OUTPUT", host_output)
+    index = cuda_index(300)
+    index.add(gaussian_mixture(20_000, 48, clusters=50, seed=3))
+    queries = gaussian_mixture(4, 48, clusters=50, seed=3, sample=1)
+    host = index.search(queries, 10)
+    device = index.search(queries, 10, out="device")
+    assert device.ids.device.type == "cuda"
+    assert device.scores.device.type == "cuda"
+    np.testing.assert_array_equal(device.ids.cpu().numpy(), host.ids)
+    index.backend.use_graphs = False  # type: ignore[attr-defined]
+    np.testing.assert_array_equal(index.search(queries, 10).ids, host.ids)
+
+
+def test_a_graph_whose_sample_limit_fails_answers_by_the_counting_passes() -> None:
+    """Every row a duplicate of the query: the sampled limit keeps them all, past its room; the answer is exact."""
+    index = cuda_index(300)  # 20,000 rows >= 64 x 300: the sampled path
+    vectors = np.tile(gaussian_mixture(1, 32, clusters=1, seed=4), (20_000, 1))
+    index.add(vectors)
+    got = index.search(vectors[:2], 10)  # two queries: the sampled path (one takes the counting passes)
+    assert [len(set(row.tolist())) for row in got.ids] == [10, 10]
+    np.testing.assert_allclose(got.scores, 1.0, atol=1e-5)

@@ -41,7 +41,7 @@ def torch_sqrt_max_squared(x: Any) -> Any:
 
 
 def _unit_rows(x: F64) -> F64:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    norms = np.sqrt(np.add.reduce(x * x, axis=1, keepdims=True))  # np.linalg.norm's sum, without its wrapper
     return x / np.where(norms == 0, 1.0, norms)
 
 
@@ -377,7 +377,16 @@ class LSHRetriever(ExactRetriever):
             top = self._two_stage(
                 host, self._device_planes, self._code_rows.live, min(self.n_candidates, count), min(k, count)
             )
+            if out == "device":
+                top = TopK(self._beside_codes(top.scores), self._beside_codes(top.indices))
             return self._result(top, k, out)
+
+    def _beside_codes(self, x: Any) -> Any:
+        """``x`` on the codes' device (a backend may answer small searches with host tensors: see `lsh_topk`)."""
+        codes = self._code_rows.live
+        if getattr(x, "device", None) == getattr(codes, "device", None):
+            return x
+        return like(codes, self.backend.to_numpy(x))
 
     def _two_stage(self, queries: F32, planes: Any, codes: Any, n_candidates: int, k: int) -> TopK:
         """Hamming prefilter then exact re-ranking, in query chunks whose working memory fits the budget."""
@@ -397,7 +406,8 @@ class LSHRetriever(ExactRetriever):
             indices.append(top.indices)
         if len(scores) == 1:
             return TopK(scores[0], indices[0])
-        return self.backend.concat_topk([TopK(s, i) for s, i in zip(scores, indices, strict=True)])
+        parts = [TopK(self._beside_codes(s), self._beside_codes(i)) for s, i in zip(scores, indices, strict=True)]
+        return self.backend.concat_topk(parts)
 
     # --- tuning --------------------------------------------------------------------------------
     def tune(

@@ -89,6 +89,11 @@ class Settings(BaseSettings):
         default_factory=lambda: _default_cache_dir() / "cuda-kernels",
         description="Where the cuda backend keeps its compiled kernels (cubins keyed by source hash and architecture).",
     )
+    cuda_fast_kernels: bool = Field(
+        default=True,
+        description="Whether the cuda backend scans with its wide tensor-core tile and few-query l1 stream "
+        "(off: the earlier kernels).",
+    )
 
     # --- RAG -----------------------------------------------------------------------------------
     cache_dir: Path = Field(default_factory=_default_cache_dir, description="Where the default corpus is cached.")

@@ -63,6 +63,6 @@ class ServerSettings(BaseSettings):
     node_threads: int = Field(
         default=0,
         ge=0,
-        description="Threads a node's models use (torch intra-op); 0: one fewer than the cores, at least 1, "
-        "so the head node's event loop keeps a core of its own.",
+        description="Threads a node's models and BLAS use (torch intra-op, OpenBLAS); 0: one fewer than the cores, "
+        "at least 1, so the head node's event loop keeps a core of its own.",
     )

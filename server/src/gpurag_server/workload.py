@@ -58,13 +58,26 @@ def limit_model_threads(setting: int) -> None:
 
     torch's OpenMP pool defaults to one thread a core; beside a busy event loop on the same cores its
     spinning threads slowed the default pipeline about 17x on a 2-core machine (4.8 against 83.9
-    requests/s, `benchmarks/results/ray_serve_anchor.md`).
+    requests/s, wrk 32 connections, 2026-11-30). `limit_blas_threads` does the same for BLAS.
     """
     try:
         import torch
     except ImportError:  # a workload without models
         return
     torch.set_num_threads(model_threads(setting))
+
+
+def limit_blas_threads(setting: int) -> None:
+    """Cap the threads of every BLAS library loaded in this process (NumPy's and SciPy's OpenBLAS).
+
+    OpenBLAS starts a thread a core and spins them after each call; beside the node's model thread
+    they halved the default pipeline's throughput from batches of 4 questions up (58.1 against 126.7
+    requests/s for a process node, `benchmarks/results/ray_serve_anchor_blas_threads.md`). Call it
+    once the pipeline is built: only libraries loaded by then are capped.
+    """
+    from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
+
+    threadpool_limits(limits=model_threads(setting), user_api="blas")
 
 
 class Workload:
@@ -88,6 +101,7 @@ class Workload:
                     generator=settings.generator,
                     backend=settings.search_backend,
                 )
+            limit_blas_threads(settings.node_threads)
 
     def info(self) -> WorkloadInfo:
         if self.pipeline is None:

@@ -6,16 +6,25 @@ CuPy. l2 / dot / cosine shortlist from the bf16 rows (a streaming kernel for a f
 tensor-core tile kernel for more), are re-scored directly in float32, and each query is certified
 against the bound of the bf16 pass; an uncertified query is answered again in float32. l1 and
 Hamming are scanned exactly. k above `KERNEL_MAX_K` takes the torch backend's path.
+
+The fast kernels (the ``cuda_fast_kernels`` setting, the ``fast_kernels`` argument; each also behind a
+``FAST_*`` switch below) are a 128 x 128 tensor-core tile (`launch.scan_tc` with ``wide``), a few-query
+stream for l1's shortlist (`launch.stream_few`), a register-blocked l1 tile (`launch.l1_tile_wide`) and
+CUDA-graph replay of searches of up to `GRAPH_MAX_QUERIES` queries (`gpurag_cuda.graphs`); off, the
+earlier kernels answer.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from gpurag.backend import Availability, Boundaries, Database
 from gpurag.errors import BackendUnavailableError, InvalidInputError
 from gpurag.metrics import Metric, TopK
+from gpurag.settings import get_settings
+from gpurag_cuda import graphs
 from gpurag_torch.backend import TorchBackend, cuda_present
 
 if TYPE_CHECKING:
@@ -31,6 +40,31 @@ SHORTLIST_MIN = 256
 #: Most queries for which l1 shortlists from the bf16 rows (streamed, 8 queries a pass); above it l1 is
 #: compute-bound and scanned exactly in float32.
 L1_LOW_MAX_QUERIES = 16
+#: Query counts for which dot, l2 and cosine take the few-query stream (fast kernels on) rather than the
+#: earlier stream (up to 8 queries) or the tensor-core tile. On an H200 at 1M x 768 the earlier stream's one
+#: query read 0.456 ms against the few stream's 0.774 (its two lanes per row read half sectors per request),
+#: and its 8 queries 2.34 ms against 0.83.
+FEW_PRODUCT_QUERIES: frozenset[int] = frozenset(range(3, 9))
+#: Fewest queries for which l1's shortlist takes the few-query stream (below: the earlier stream, 0.414
+#: against 0.706 ms for one query at 1M x 768; at 16 queries on 10M x 128 the few stream took 3.7 ms
+#: against 17.6).
+FEW_L1_MIN_QUERIES = 3
+#: Which of the fast kernels (``fast_kernels``) a backend uses: the wide tensor-core tile for the select scan
+#: and for the any-k collect scan, the few-query stream (l1 from `FEW_L1_MIN_QUERIES` to `L1_LOW_MAX_QUERIES`
+#: queries, products for `FEW_PRODUCT_QUERIES`), the wide l1 tile, and graph replay of searches of up to
+#: `GRAPH_MAX_QUERIES` queries. The wide select tile is off: on an H200 it was the slower, 12.9 against
+#: 11.5 ms at 1M x 768 x 1024 and 34.0 against 26.6 at 10M x 128 x 1024 (its collect twin was the faster:
+#: k = 1024 took 25.3 against 39.4 ms end to end).
+FAST_WIDE_TILE = False
+FAST_WIDE_COLLECT = True
+#: The 64 x 128 select tile with ldmatrix-fed fragments: on an H200 it took 10.9 against 11.8 ms at
+#: 1M x 768 x 1024 and 26.9 against 27.1 at 10M x 128 x 1024 (both checked against float64).
+FAST_TC_LDM = True
+FAST_FEW_STREAM = True
+FAST_L1_TILE = True
+FAST_GRAPHS = True
+#: Most queries whose shortlisted search replays a captured CUDA graph (`use_graphs`).
+GRAPH_MAX_QUERIES = 16
 #: Past `KERNEL_MAX_K`, the threshold scan takes k up to this fraction of the rows (the torch path above).
 LARGE_K_MAX_FRACTION = 8
 #: The threshold scan samples every SAMPLE_STRIDE-th row (at most) to set each query's threshold, aiming
@@ -59,13 +93,24 @@ class CudaBackend(TorchBackend):
     max_k = None
 
     def __init__(
-        self, device: str | None = None, *, low_precision: bool | None = None, chunk_scores: int | None = None
+        self,
+        device: str | None = None,
+        *,
+        low_precision: bool | None = None,
+        chunk_scores: int | None = None,
+        fast_kernels: bool | None = None,
     ) -> None:
+        """``fast_kernels`` (default: the ``cuda_fast_kernels`` setting) scans with the wide tensor-core tile
+        and the few-query stream where they apply; off, with the earlier kernels."""
         available = self.availability()
         if not available:
             raise BackendUnavailableError(f"backend {self.name!r}: {available.reason}")
         super().__init__(device, low_precision=True if low_precision is None else low_precision,
                          chunk_scores=chunk_scores)  # fmt: skip
+        self.fast_kernels = get_settings().cuda_fast_kernels if fast_kernels is None else bool(fast_kernels)
+        #: Whether searches of up to `GRAPH_MAX_QUERIES` queries replay captured CUDA graphs (with the fast kernels).
+        self.use_graphs = self.fast_kernels and FAST_GRAPHS
+        self._graphs = graphs.GraphCache()
 
     @classmethod
     def availability(cls) -> Availability:
@@ -99,13 +144,17 @@ class CudaBackend(TorchBackend):
         l1 = metric is Metric.L1
 
         def layout(n_rows: int) -> launch.Layout:
+            if self._few_takes(metric, queries, dim, MIN_KP):
+                return launch.stream_layout(n_rows, sms, launch.few_warps_per_sm(queries))
             if launch.streams(queries, dim, MIN_KP) or (l1 and self._l1_shortlists(queries, dim, MIN_KP)):
                 return launch.stream_layout(n_rows, sms)
+            if metric is Metric.L1 and self.fast_kernels and FAST_L1_TILE and launch.l1_wide_takes(dim, MIN_KP):
+                return launch.tile_layout(queries, n_rows, launch.L1_WIDE_BLOCK_Q, launch.L1_WIDE_BLOCK_N, sms, 1)
             if metric is Metric.L1:
                 return launch.tile_layout(
                     queries, n_rows, launch.SIMT_BLOCK_Q, launch.SIMT_BLOCK_N, sms, launch.SIMT_BLOCKS_PER_SM
                 )
-            return launch.tile_layout(queries, n_rows, launch.TC_BLOCK_Q, launch.TC_BLOCK_N, sms)
+            return launch.tc_layout(queries, n_rows, dim, MIN_KP, sms, self._wide_tile)
 
         def first_rows(holds: Any) -> int:  # the smallest row count for which holds(rows), by bisection
             low_n, high_n = 1, 1 << 24
@@ -127,9 +176,16 @@ class CudaBackend(TorchBackend):
         if self.low_precision and (not l1 or self._l1_shortlists(queries, dim, MIN_KP)):
             rows.add(first_rows(lambda n: kept(n) > SHORTLIST_MIN) - 1)
         tile = launch.SIMT_BLOCK_Q if metric is Metric.L1 else launch.TC_BLOCK_Q
+        wide = launch.WIDE_BLOCK_Q if self._wide_tile else tile
         return Boundaries(
             rows=tuple(sorted(r for r in rows if r > 0)),
-            queries=(launch.STREAM_MAX_QUERIES, L1_LOW_MAX_QUERIES, L1_LOW_MAX_QUERIES + tile),
+            queries=(
+                FEW_L1_MIN_QUERIES,
+                launch.STREAM_MAX_QUERIES,
+                L1_LOW_MAX_QUERIES,
+                L1_LOW_MAX_QUERIES + tile,
+                wide + 1,
+            ),
         )
 
     def working_scores(self, queries: int, rows: int) -> int:
@@ -158,8 +214,10 @@ class CudaBackend(TorchBackend):
         )
         if shortlists:
             # One sync for both questions: were the float32 terms safe, and did every certificate hold.
-            scores, rows, certified = self._shortlist(q, database, k, self._scan_low(q, database, k))
-            safe, all_certified = torch.stack([~self.overflow_flag(q, database), certified.all()]).tolist()
+            scores, rows, certified, flags = self._small_search(q, database, k) or self._device_shortlist(
+                q, database, k
+            )
+            safe, all_certified = flags.tolist()
             if not safe:
                 return self.float64_topk(q, database, k)
             self.queries_searched += q.shape[0]
@@ -232,7 +290,65 @@ class CudaBackend(TorchBackend):
         """Whether l1 takes the certified bf16 shortlist: few queries (bandwidth-bound), streamed in groups."""
         from gpurag_cuda import launch
 
-        return self.low_precision and n_queries <= L1_LOW_MAX_QUERIES and launch.streams(1, dim, _kp(k))
+        return (
+            self.low_precision
+            and n_queries <= L1_LOW_MAX_QUERIES
+            and (launch.streams(1, dim, _kp(k)) or self._few_takes(Metric.L1, n_queries, dim, _kp(k)))
+        )
+
+    def _small_search(
+        self, q: torch.Tensor, database: Database, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """`_device_shortlist` by graph replay for a few queries (`use_graphs`); None where it does not apply.
+
+        A capture that fails turns graph replay off for this backend (with a warning) instead of failing the search.
+        """
+        if not (self.use_graphs and q.shape[0] <= GRAPH_MAX_QUERIES):
+            return None
+        few = self._few_takes(database.metric, q.shape[0], database.dim, _kp(k))
+        switches = (self.fast_kernels, FAST_WIDE_TILE, FAST_TC_LDM, FAST_FEW_STREAM, few)
+        key = graphs.search_key(q, database, k, switches)
+        try:
+            scores, rows, certified, flags = self._graphs.run(
+                lambda static_q: self._device_shortlist(static_q, database, k), q, key
+            )
+        except RuntimeError as exc:
+            warnings.warn(f"cuda backend: graph capture failed, searches launch kernel by kernel ({exc})", stacklevel=3)
+            self.use_graphs = False
+            return None
+        return scores, rows, certified, flags
+
+    @property
+    def _wide_tile(self) -> bool:
+        return self.fast_kernels and FAST_WIDE_TILE
+
+    def _device_shortlist(
+        self, q: torch.Tensor, database: Database, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The bf16 scan, shortlist, float32 re-score and certificate of ``q``, with no host synchronisation:
+        (scores, rows, certified per query, flags [float32 terms safe, every query certified])."""
+        import torch
+
+        scores, rows, certified = self._shortlist(q, database, k, self._scan_low(q, database, k))
+        flags = torch.stack([~self.overflow_flag(q, database), certified.all()])
+        return scores, rows, certified, flags
+
+    def _l1_wide_takes(self, q: torch.Tensor, x: torch.Tensor, kp: int) -> bool:
+        from gpurag_cuda import launch
+
+        aligned = q.data_ptr() % 16 == 0 and x.data_ptr() % 16 == 0
+        return self.fast_kernels and FAST_L1_TILE and aligned and launch.l1_wide_takes(q.shape[1], kp)
+
+    def _few_takes(self, metric: Metric, n_queries: int, dim: int, kp: int) -> bool:
+        """Whether the bf16 scan of ``n_queries`` queries is the few-query stream's (fast kernels on): l1 from
+        `FEW_L1_MIN_QUERIES` to `L1_LOW_MAX_QUERIES` queries; dot, l2 and cosine where `FEW_PRODUCT_QUERIES` says."""
+        from gpurag_cuda import launch
+
+        if not (self.fast_kernels and FAST_FEW_STREAM and self.low_precision and launch.few_takes(n_queries, dim, kp)):
+            return False
+        if metric is Metric.L1:
+            return FEW_L1_MIN_QUERIES <= n_queries <= L1_LOW_MAX_QUERIES
+        return n_queries in FEW_PRODUCT_QUERIES
 
     def _threshold_scan_takes(self, database: Database, k: int) -> bool:
         return self.low_precision and database.metric is not Metric.L1 and k * LARGE_K_MAX_FRACTION <= database.count
@@ -266,7 +382,8 @@ class CudaBackend(TorchBackend):
         rank = min(rank, found.kept_per_query(sample.shape[0]))
         thresholds = torch.topk(found.keys.reshape(n_queries, -1), rank, dim=1).values[:, -1].contiguous()
         capacity = BUFFER_FACTOR * k
-        keys, rows, counts = launch.collect_tc(low_q, low_rows, sq_norms, thresholds, capacity)
+        wide = self.fast_kernels and FAST_WIDE_COLLECT
+        keys, rows, counts = launch.collect_tc(low_q, low_rows, sq_norms, thresholds, capacity, wide=wide)
         scores = torch.empty((n_queries, k), dtype=torch.float32, device=q.device)
         positions = torch.empty((n_queries, k), dtype=torch.int64, device=q.device)
         full = (counts >= k) & (counts <= capacity)
@@ -310,9 +427,13 @@ class CudaBackend(TorchBackend):
         low_q = self._low_queries(q, metric)
         sq_norms = database.row_data[SQ_NORMS] if metric is Metric.L2 else None
         kp = _kp(k)
-        if metric is not Metric.L1 and not launch.streams(q.shape[0], database.dim, kp):
-            return launch.scan_tc(low_q, database.row_data[LOW], sq_norms, kp)
         mode = {Metric.L2: launch.L2, Metric.L1: launch.L1}.get(metric, launch.DOT)
+        low_rows = database.row_data[LOW]
+        if self._few_takes(metric, q.shape[0], database.dim, kp) and low_rows.data_ptr() % 16 == 0:
+            return launch.stream_few(low_q.float(), low_rows, sq_norms, mode, kp)
+        if metric is not Metric.L1 and not launch.streams(q.shape[0], database.dim, kp):
+            ldm = self.fast_kernels and FAST_TC_LDM
+            return launch.scan_tc(low_q, low_rows, sq_norms, kp, wide=self._wide_tile, ldm=ldm)
         step = launch.STREAM_MAX_QUERIES
         parts = [
             launch.stream_scan(low_q[i : i + step].float(), database.row_data[LOW], sq_norms, mode, kp)
@@ -353,10 +474,13 @@ class CudaBackend(TorchBackend):
         from gpurag_torch import exact
 
         kp = _kp(k)
+        x = database.vectors
         if launch.streams(q.shape[0], database.dim, kp):
-            found = launch.stream_scan(q, database.vectors, None, launch.L1, kp)
+            found = launch.stream_scan(q, x, None, launch.L1, kp)
+        elif self._l1_wide_takes(q, x, kp):
+            found = launch.l1_tile_wide(q, x, kp)
         else:
-            found = launch.l1_tile(q, database.vectors, kp)
+            found = launch.l1_tile(q, x, kp)
         n_queries = q.shape[0]
         top = torch.topk(found.keys.reshape(n_queries, -1), k, dim=1)
         rows = torch.gather(found.rows.reshape(n_queries, -1), 1, top.indices).long()

@@ -27,10 +27,23 @@ TC_STAGES = 4
 #: 12.7 against 11.5 ms at 1M x 768 x 1024 and 31.2 against 26.8 ms at 10M x 128 x 1024 (both correct).
 TC_FLOW = False
 TC_FLOW_STAGES = 3
+#: The wide tensor-core scan (kernels/scan_wide.cu: BQ, BN, BK, STAGES): a 128 x 128 block tile per CTA,
+#: one CTA per multiprocessor (it takes most of the shared memory), vector-loadable operands only.
+WIDE_BLOCK_Q, WIDE_BLOCK_N, WIDE_BLOCK_K, WIDE_STAGES = 128, 128, 32, 4
+#: Whether the wide scan keeps its query tile in shared memory for the whole split where it fits
+#: (kernels/scan_wide.cu: scan_bf16_wide_resident; D up to 192 at kp 16): the stages then carry rows only.
+WIDE_RESIDENT = False
+#: The wide exact l1 tile (kernels/l1_wide.cu: BQ, BN, BK): 128 x 128 per CTA, 8 x 8 per thread, one CTA per
+#: multiprocessor.
+L1_WIDE_BLOCK_Q, L1_WIDE_BLOCK_N, L1_WIDE_BLOCK_K = 128, 128, 8
 #: Query tile and row tile of the SIMT scans (kernels/simt_tile.cu: BQ, BN, BK).
 SIMT_BLOCK_Q, SIMT_BLOCK_N, SIMT_BLOCK_K = 64, 64, 16
 #: Most queries one streaming launch scores (kernels/stream.cu: MAX_QUERIES).
 STREAM_MAX_QUERIES = 8
+#: Most queries one few-query stream launch scores (kernels/stream_few.cu: its widths 1, 2, 4, 8, 16).
+FEW_MAX_QUERIES = 16
+#: Its query widths (one kernel each per mode).
+FEW_WIDTHS = (1, 4, 8, FEW_MAX_QUERIES)
 #: Rows a warp of the streaming scan reads in one batch.
 STREAM_ROWS = 32
 #: Largest kp the kernels keep per (query, split).
@@ -44,6 +57,8 @@ SIMT_BLOCKS_PER_SM = 3
 STREAM_WARPS_PER_SM = 16
 #: Most dynamic shared memory a launch asks for (an H200 block may have 227 KiB).
 SHARED_LIMIT = 200 * 1024
+#: Most dynamic shared memory the wide scan asks for (an H100/H200 block may opt into 227 KiB).
+WIDE_SHARED_LIMIT = 227 * 1024
 
 #: Stream modes (kernels/stream.cu).
 DOT, L2, L1 = 0, 1, 2
@@ -102,9 +117,10 @@ def tile_layout(
     return Layout(_cdiv(n_rows, per_split), per_split)
 
 
-def stream_layout(n_rows: int, sms: int) -> Layout:
+def stream_layout(n_rows: int, sms: int, warps_per_sm: int | None = None) -> Layout:
     """Splits of a streaming scan: one per warp, runs of whole 32-row batches, at most a full card of warps."""
-    warps = max(1, min(_cdiv(n_rows, STREAM_ROWS), STREAM_WARPS_PER_SM * sms))
+    per_sm = STREAM_WARPS_PER_SM if warps_per_sm is None else warps_per_sm
+    warps = max(1, min(_cdiv(n_rows, STREAM_ROWS), per_sm * sms))
     per_warp = _cdiv(_cdiv(n_rows, warps), STREAM_ROWS) * STREAM_ROWS
     splits = _cdiv(n_rows, per_warp)
     return Layout(_cdiv(splits, THREADS // 32) * (THREADS // 32), per_warp)
@@ -186,14 +202,52 @@ def tc_operand_bytes() -> int:
     return max(TC_STAGES * 2 * (TC_BLOCK_K + 8) * (TC_BLOCK_Q + TC_BLOCK_N), 4 * TC_BLOCK_Q * (TC_BLOCK_N + 4))
 
 
-def scan_tc(queries: torch.Tensor, rows: torch.Tensor, sq_norms: torch.Tensor | None, kp: int) -> Candidates:
-    """Tensor-core scan of bf16 ``queries`` (Q, D) against bf16 ``rows`` (N, D): dot keys, or l2's with ``sq_norms``."""
+def wide_shared_bytes(kp: int) -> int:
+    """Dynamic shared memory of a wide tensor-core launch: operand stages, score tile, lists and flags."""
+    operands = WIDE_STAGES * 2 * (WIDE_BLOCK_K + 8) * (WIDE_BLOCK_Q + WIDE_BLOCK_N)
+    return operands + 4 * WIDE_BLOCK_Q * (WIDE_BLOCK_N + 4) + WIDE_BLOCK_Q * (8 * capacity(kp) + 12)
+
+
+def wide_resident_shared_bytes(dim: int, kp: int) -> int:
+    """Dynamic shared memory of the wide scan with its query tile resident: the tile, row-only stages, the rest."""
+    queries = 2 * WIDE_BLOCK_Q * (_cdiv(dim, 32) * 32 + 8)
+    stages = WIDE_STAGES * 2 * (WIDE_BLOCK_K + 8) * WIDE_BLOCK_N
+    return queries + stages + 4 * WIDE_BLOCK_Q * (WIDE_BLOCK_N + 4) + WIDE_BLOCK_Q * (8 * capacity(kp) + 12)
+
+
+def wide_takes(dim: int, kp: int) -> bool:
+    """Whether the wide tensor-core scan can scan dimension ``dim`` keeping ``kp`` (aligned operands aside)."""
+    return dim % 8 == 0 and wide_shared_bytes(kp) <= WIDE_SHARED_LIMIT
+
+
+def tc_layout(n_queries: int, n_rows: int, dim: int, kp: int, sms: int, wide: bool) -> Layout:
+    """The splits of a tensor-core scan: the wide tile's where it takes the scan, else the earlier tile's."""
+    if wide and wide_takes(dim, kp):
+        return tile_layout(n_queries, n_rows, WIDE_BLOCK_Q, WIDE_BLOCK_N, sms, 1)
+    return tile_layout(n_queries, n_rows, TC_BLOCK_Q, TC_BLOCK_N, sms)
+
+
+def scan_tc(
+    queries: torch.Tensor,
+    rows: torch.Tensor,
+    sq_norms: torch.Tensor | None,
+    kp: int,
+    wide: bool = False,
+    ldm: bool = False,
+) -> Candidates:
+    """Tensor-core scan of bf16 ``queries`` (Q, D) against bf16 ``rows`` (N, D): dot keys, or l2's with ``sq_norms``.
+
+    ``wide`` takes the 128 x 128 tile kernel where it can (D a multiple of 8, aligned operands, kp's lists fit);
+    ``ldm`` feeds the 64 x 128 tile's fragments by ldmatrix (kernels/scan_tc.cu: scan_bf16_tc_ldm).
+    """
     device = rows.device
     _check(queries, "queries", torch.bfloat16, device)
     _check(rows, "rows", torch.bfloat16, device)
     _check_kp(kp)
     n_queries, dim = queries.shape
     n_rows = rows.shape[0]
+    if wide and wide_takes(dim, kp) and _aligned(queries, rows):
+        return _scan_wide(queries, rows, sq_norms, kp)
     layout = tile_layout(n_queries, n_rows, TC_BLOCK_Q, TC_BLOCK_N, multiprocessors(device.index or 0))
     cap = capacity(kp)
     keys, out_rows = _outputs(n_queries, layout.splits, kp, device)
@@ -206,7 +260,8 @@ def scan_tc(queries: torch.Tensor, rows: torch.Tensor, sq_norms: torch.Tensor | 
     shared = operands + TC_BLOCK_Q * (8 * cap + 12)
     norms = sq_norms if sq_norms is not None else keys  # unread for dot
     grid = (_cdiv(n_queries, TC_BLOCK_Q), layout.splits)
-    _launch("scan_tc", "scan_bf16_tc_flow" if flow else "scan_bf16_tc", device, grid, shared, [
+    kernel = "scan_bf16_tc_flow" if flow else ("scan_bf16_tc_ldm" if vec and ldm else "scan_bf16_tc")
+    _launch("scan_tc", kernel, device, grid, shared, [
         _ptr(queries), _ptr(rows), _ptr(norms), _i32(n_queries), _i32(n_rows), _i32(dim),
         _i32(layout.rows_per_split), _i32(int(sq_norms is not None)), _i32(kp), _i32(cap), _i32(int(vec)),
         _ptr(keys), _ptr(out_rows),
@@ -214,12 +269,36 @@ def scan_tc(queries: torch.Tensor, rows: torch.Tensor, sq_norms: torch.Tensor | 
     return Candidates(keys, out_rows, layout.rows_per_split)
 
 
+def _scan_wide(queries: torch.Tensor, rows: torch.Tensor, sq_norms: torch.Tensor | None, kp: int) -> Candidates:
+    device = rows.device
+    n_queries, dim = queries.shape
+    n_rows = rows.shape[0]
+    layout = tc_layout(n_queries, n_rows, dim, kp, multiprocessors(device.index or 0), True)
+    keys, out_rows = _outputs(n_queries, layout.splits, kp, device)
+    norms = sq_norms if sq_norms is not None else keys  # unread for dot
+    grid = (_cdiv(n_queries, WIDE_BLOCK_Q), layout.splits)
+    resident = WIDE_RESIDENT and wide_resident_shared_bytes(dim, kp) <= WIDE_SHARED_LIMIT
+    shared = wide_resident_shared_bytes(dim, kp) if resident else wide_shared_bytes(kp)
+    _launch("scan_wide", "scan_bf16_wide_resident" if resident else "scan_bf16_wide", device, grid, shared, [
+        _ptr(queries), _ptr(rows), _ptr(norms), _i32(n_queries), _i32(n_rows), _i32(dim),
+        _i32(layout.rows_per_split), _i32(int(sq_norms is not None)), _i32(kp), _i32(capacity(kp)),
+        _ptr(keys), _ptr(out_rows),
+    ])  # fmt: skip
+    return Candidates(keys, out_rows, layout.rows_per_split)
+
+
 def collect_tc(
-    queries: torch.Tensor, rows: torch.Tensor, sq_norms: torch.Tensor | None, thresholds: torch.Tensor, capacity: int
+    queries: torch.Tensor,
+    rows: torch.Tensor,
+    sq_norms: torch.Tensor | None,
+    thresholds: torch.Tensor,
+    capacity: int,
+    wide: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every row whose bf16 key reaches its query's threshold: (keys (Q, capacity), int32 rows, int32 counts (Q,)).
 
-    Entries past a query's count are unset; a count above ``capacity`` means its buffer overflowed.
+    Entries past a query's count are unset; a count above ``capacity`` means its buffer overflowed. ``wide``
+    takes the 128 x 128 tile kernel where it can (D a multiple of 8, aligned operands).
     """
     device = rows.device
     _check(queries, "queries", torch.bfloat16, device)
@@ -227,10 +306,21 @@ def collect_tc(
     _check(thresholds, "thresholds", torch.float32, device, ndim=1)
     n_queries, dim = queries.shape
     n_rows = rows.shape[0]
-    layout = tile_layout(n_queries, n_rows, TC_BLOCK_Q, TC_BLOCK_N, multiprocessors(device.index or 0))
     keys = torch.empty((n_queries, capacity), dtype=torch.float32, device=device)
     out_rows = torch.empty((n_queries, capacity), dtype=torch.int32, device=device)
     counts = torch.zeros(n_queries, dtype=torch.int32, device=device)
+    sms = multiprocessors(device.index or 0)
+    if wide and dim % 8 == 0 and _aligned(queries, rows):
+        layout = tile_layout(n_queries, n_rows, WIDE_BLOCK_Q, WIDE_BLOCK_N, sms, 2)
+        shared = WIDE_STAGES * 2 * (WIDE_BLOCK_K + 8) * (WIDE_BLOCK_Q + WIDE_BLOCK_N) + 4 * WIDE_BLOCK_Q
+        norms = sq_norms if sq_norms is not None else keys
+        _launch("scan_wide", "collect_bf16_wide", device, (_cdiv(n_queries, WIDE_BLOCK_Q), layout.splits), shared, [
+            _ptr(queries), _ptr(rows), _ptr(norms), _ptr(thresholds), _i32(n_queries), _i32(n_rows), _i32(dim),
+            _i32(layout.rows_per_split), _i32(int(sq_norms is not None)), _i32(capacity),
+            _ptr(keys), _ptr(out_rows), _ptr(counts),
+        ])  # fmt: skip
+        return keys, out_rows, counts
+    layout = tile_layout(n_queries, n_rows, TC_BLOCK_Q, TC_BLOCK_N, sms)
     shared = tc_operand_bytes() + TC_BLOCK_Q * 8  # thresholds and flags
     vec = dim % 8 == 0 and _aligned(queries, rows)
     norms = sq_norms if sq_norms is not None else keys
@@ -282,6 +372,58 @@ def stream_scan(
     return Candidates(keys, out_rows, layout.rows_per_split)
 
 
+def few_width(n_queries: int) -> int:
+    """The query width (kernels/stream_few.cu: 1, 4, 8 or 16) of the few-query stream scoring ``n_queries``."""
+    return next(width for width in FEW_WIDTHS if width >= n_queries)
+
+
+def few_warps_per_sm(n_queries: int) -> int:
+    """Warps per multiprocessor of that launch: its 16-query kernel takes one 8-warp block per multiprocessor."""
+    return 8 if few_width(n_queries) == FEW_MAX_QUERIES else STREAM_WARPS_PER_SM
+
+
+def few_shared_bytes(dim: int, n_queries: int, kp: int) -> int:
+    """Dynamic shared memory of a few-query stream launch: the queries' two halves, each warp's lists per query."""
+    width = few_width(n_queries)
+    halves = 2 * (_cdiv(dim, 16) * 8 * width + 4)
+    return 4 * halves + (THREADS // 32) * width * (8 * capacity(kp) + 8)
+
+
+def few_takes(n_queries: int, dim: int, kp: int) -> bool:
+    """Whether the few-query stream can take a scan (aligned rows aside): 1..16 queries, D a multiple of 8."""
+    return (
+        1 <= n_queries <= FEW_MAX_QUERIES and dim % 8 == 0 and few_shared_bytes(dim, n_queries, kp) <= WIDE_SHARED_LIMIT
+    )
+
+
+def stream_few(
+    queries: torch.Tensor, rows: torch.Tensor, sq_norms: torch.Tensor | None, mode: int, kp: int
+) -> Candidates:
+    """Few-query stream of float32 ``queries`` (1..16, D) against bf16 ``rows`` (N, D) in ``mode`` (dot, l2, l1)."""
+    device = rows.device
+    _check(queries, "queries", torch.float32, device)
+    _check(rows, "rows", torch.bfloat16, device)
+    _check_kp(kp)
+    n_queries, dim = queries.shape
+    if not few_takes(n_queries, dim, kp) or not _aligned(rows):
+        raise InvalidInputError(
+            f"the few-query stream takes 1..{FEW_MAX_QUERIES} queries, a dimension that is a multiple of 8 and "
+            f"16-byte aligned rows; got {n_queries} queries of dimension {dim}"
+        )
+    if mode == L2 and sq_norms is None:
+        raise InvalidInputError("sq_norms are required for the l2 mode")
+    layout = stream_layout(rows.shape[0], multiprocessors(device.index or 0), few_warps_per_sm(n_queries))
+    keys, out_rows = _outputs(n_queries, layout.splits, kp, device)
+    norms = sq_norms if sq_norms is not None else keys
+    name = {DOT: "dot", L2: "l2", L1: "l1"}[mode]
+    _launch("stream_few", f"few_{name}_{few_width(n_queries)}", device, (layout.splits // (THREADS // 32),),
+            few_shared_bytes(dim, n_queries, kp), [
+        _ptr(queries), _ptr(rows), _ptr(norms), _i32(n_queries), _i32(rows.shape[0]), _i32(dim),
+        _i32(layout.rows_per_split), _i32(kp), _i32(capacity(kp)), _ptr(keys), _ptr(out_rows),
+    ])  # fmt: skip
+    return Candidates(keys, out_rows, layout.rows_per_split)
+
+
 def _simt_scan(kernel: str, queries: torch.Tensor, rows: torch.Tensor, kp: int) -> Candidates:
     device = rows.device
     _check_kp(kp)
@@ -298,6 +440,41 @@ def _simt_scan(kernel: str, queries: torch.Tensor, rows: torch.Tensor, kp: int) 
     _launch("simt_tile", kernel, device, grid, shared, [
         _ptr(queries), _ptr(rows), _i32(n_queries), _i32(n_rows), _i32(width),
         _i32(layout.rows_per_split), _i32(kp), _i32(cap), _ptr(keys), _ptr(out_rows),
+    ])  # fmt: skip
+    return Candidates(keys, out_rows, layout.rows_per_split)
+
+
+def l1_wide_shared_bytes(kp: int) -> int:
+    """Dynamic shared memory of a wide l1 launch: double-buffered operands, score tile, lists and flags."""
+    return (
+        4 * 2 * 2 * L1_WIDE_BLOCK_K * (L1_WIDE_BLOCK_Q + 4)
+        + 4 * L1_WIDE_BLOCK_Q * (L1_WIDE_BLOCK_N + 4)
+        + (L1_WIDE_BLOCK_Q * (8 * capacity(kp) + 12))
+    )
+
+
+def l1_wide_takes(dim: int, kp: int) -> bool:
+    """Whether the wide l1 tile can take a scan of dimension ``dim`` keeping ``kp`` (aligned operands aside)."""
+    return dim % 4 == 0 and l1_wide_shared_bytes(kp) <= WIDE_SHARED_LIMIT
+
+
+def l1_tile_wide(queries: torch.Tensor, rows: torch.Tensor, kp: int) -> Candidates:
+    """Register-blocked exact l1 scan (kernels/l1_wide.cu) of float32 ``queries`` against float32 ``rows``; keys -l1."""
+    device = rows.device
+    _check(queries, "queries", torch.float32, device)
+    _check(rows, "rows", torch.float32, device)
+    _check_kp(kp)
+    n_queries, dim = queries.shape
+    if not l1_wide_takes(dim, kp) or not _aligned(queries, rows):
+        raise InvalidInputError(f"the wide l1 tile takes a dimension that is a multiple of 4 and aligned operands; "
+                                f"got dimension {dim}")  # fmt: skip
+    n_rows = rows.shape[0]
+    layout = tile_layout(n_queries, n_rows, L1_WIDE_BLOCK_Q, L1_WIDE_BLOCK_N, multiprocessors(device.index or 0), 1)
+    keys, out_rows = _outputs(n_queries, layout.splits, kp, device)
+    grid = (_cdiv(n_queries, L1_WIDE_BLOCK_Q), layout.splits)
+    _launch("l1_wide", "l1_tile_wide", device, grid, l1_wide_shared_bytes(kp), [
+        _ptr(queries), _ptr(rows), _i32(n_queries), _i32(n_rows), _i32(dim), _i32(layout.rows_per_split),
+        _i32(kp), _i32(capacity(kp)), _ptr(keys), _ptr(out_rows),
     ])  # fmt: skip
     return Candidates(keys, out_rows, layout.rows_per_split)
 

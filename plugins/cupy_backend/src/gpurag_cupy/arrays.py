@@ -8,6 +8,8 @@ copy where they already are float32 and C-contiguous on the device; host arrays 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -23,25 +25,74 @@ SMALL_HOST_ELEMENTS = 1 << 20
 #: DLPack's device type of CUDA memory (kDLCUDA).
 DLPACK_CUDA = 2
 
-#: Most entries whose magnitudes one step of `largest_magnitude` holds at once.
-MAGNITUDE_CHUNK = 1 << 26
+#: Blocks per multiprocessor of the `largest_magnitude` kernel, at most.
+MAGNITUDE_BLOCKS_PER_SM = 4
+
+
+def queue_largest_magnitude(array: cupy.ndarray, bits: cupy.ndarray | None = None) -> cupy.ndarray:
+    """A (1,) uint32 device array that will hold the largest bit pattern of |x| over a C-contiguous float32
+    array (as a float: the largest |x|, NaN where an entry is NaN, inf where one is infinite); queued only.
+
+    One launch (``largest_magnitude_bits``; NaN's patterns are above inf's), into ``bits`` where given
+    (zeroed), else into a new zeroed array. (A `ReductionKernel` was tried first: CuPy renames its
+    input by plain text replacement, which broke a hex literal; W2, H200. CuPy's ``abs`` then ``max``
+    took three launches and a temporary.)
+    """
+    from gpurag_cupy.kernels import kernel
+    from gpurag_cupy.select import BLOCK, multiprocessors
+
+    if bits is None:
+        bits = cupy.zeros(1, dtype=cupy.uint32)
+    n = int(array.size)
+    blocks = max(1, min(-(-n // BLOCK), MAGNITUDE_BLOCKS_PER_SM * multiprocessors(cupy.cuda.Device().id)))
+    kernel("largest_magnitude_bits")((blocks,), (BLOCK,), (array, np.int64(n), bits))
+    return bits
+
+
+def read_magnitude(bits: cupy.ndarray) -> float:
+    """The float `queue_largest_magnitude`'s array holds (waits for it)."""
+    return float(bits.get().view(np.float32)[0])
 
 
 def largest_magnitude(array: cupy.ndarray) -> float:
-    """The largest |x| of a 2-D float32 array: NaN where an entry is NaN, inf where one is infinite.
+    """The largest |x| of a C-contiguous float32 array: NaN where an entry is NaN, inf where one is infinite."""
+    return read_magnitude(queue_largest_magnitude(array))
 
-    CuPy's own ``abs`` and ``max`` (which propagates NaN), over row blocks of at most
-    `MAGNITUDE_CHUNK` entries so that the temporary stays small. (A `ReductionKernel` was tried
-    first: CuPy renames its input by plain text replacement, which broke a hex literal; W2, H200.)
-    """
-    step = max(1, MAGNITUDE_CHUNK // max(1, int(array.shape[1])))
-    largest = 0.0
-    for start in range(0, int(array.shape[0]), step):
-        part = float(cupy.abs(array[start : start + step]).max())
-        if not np.isfinite(part):
-            return part
-        largest = max(largest, part)
-    return largest
+
+@dataclasses.dataclass
+class PendingCheck:
+    """The finiteness check of a device array converted by `as_device_matrix`, not yet made: `queue` puts
+    its kernel on the card (after a search, say), `resolve` reads it and raises where an entry is not finite."""
+
+    array: cupy.ndarray
+    source: cupy.ndarray
+    name: str
+    #: The stream the array was handed in on (torch's, for torch tensors): work on the array joins it.
+    stream: Any = dataclasses.field(default_factory=lambda: cupy.cuda.get_current_stream())
+    bits: cupy.ndarray | None = None
+
+    def queue(self, bits: cupy.ndarray | None = None) -> cupy.ndarray:
+        """Queue the magnitude kernel (once) on the current stream, into ``bits`` (zeroed) where given."""
+        if self.bits is None:
+            self.bits = queue_largest_magnitude(self.array, bits)
+        return self.bits
+
+    def resolve(self, largest: float | None = None) -> float:
+        """The array's largest |x| (``largest`` where it was read already); an `InvalidInputError` naming
+        an entry that is not finite."""
+        if largest is None:
+            largest = read_magnitude(self.queue())
+        check_finite(self.array, self.source, self.name, largest)
+        return largest
+
+
+def check_finite(out: cupy.ndarray, source: cupy.ndarray, name: str, largest: float) -> None:
+    """An `InvalidInputError` naming the first entry of ``out`` (converted from ``source``) that is not finite,
+    where ``largest`` (its largest |x|) says there is one."""
+    if source.dtype.kind == "f" and not np.isfinite(largest):
+        bad = cupy.argwhere(~cupy.isfinite(out))[0].get().tolist()
+        held = "NaN or inf" if not bool(cupy.isfinite(source[bad[0], bad[1]])) else "a value too large for float32"
+        raise InvalidInputError(f"{name} must be finite; row {bad[0]}, column {bad[1]} holds {held}")
 
 
 def is_torch_cuda(x: Any) -> bool:
@@ -56,12 +107,36 @@ def foreign_device_array(x: Any) -> cupy.ndarray | None:
     if isinstance(x, np.ndarray | list | tuple) or not hasattr(x, "__dlpack__"):
         return None
     if is_torch_cuda(x):
-        return cupy.from_dlpack(x.detach())
+        view = torch_float32_view(x)
+        return view if view is not None else cupy.from_dlpack(x.detach())
     try:
         device_type = int(x.__dlpack_device__()[0])
     except (AttributeError, TypeError, ValueError):
         return None
     return cupy.from_dlpack(x) if device_type == DLPACK_CUDA else None
+
+
+def torch_float32_view(x: Any) -> cupy.ndarray | None:
+    """A C-contiguous 2-D float32 torch CUDA tensor as a CuPy array over its memory, None for any other tensor.
+
+    The tensor is kept alive by the array; no DLPack capsule is made (a search of one query spends
+    tens of microseconds before its score pass otherwise).
+    """
+    import torch
+
+    if x.dtype != torch.float32 or x.dim() != 2 or not x.is_contiguous() or x.numel() == 0:
+        return None
+    memory = cupy.cuda.UnownedMemory(x.data_ptr(), x.numel() * 4, x, x.device.index)
+    return cupy.ndarray(tuple(x.shape), cupy.float32, cupy.cuda.MemoryPointer(memory, 0))
+
+
+@functools.lru_cache(maxsize=64)
+def external_stream(pointer: int) -> Any:
+    """The CuPy stream object of CUDA stream ``pointer``, its device unstated as `Stream.from_external`
+    leaves it (made once per stream: a search of one query should not pay for it each time)."""
+    with warnings.catch_warnings():  # ExternalStream is deprecated in CuPy 14, for from_external (an object)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return cupy.cuda.ExternalStream(pointer)
 
 
 @contextlib.contextmanager
@@ -77,23 +152,20 @@ def torch_stream(like: Any) -> Iterator[None]:
     import torch
 
     current = torch.cuda.current_stream(like.device)
-    if hasattr(cupy.cuda.Stream, "from_external") and hasattr(current, "__cuda_stream__"):
-        stream = cupy.cuda.Stream.from_external(current)
-    else:
-        with warnings.catch_warnings():  # ExternalStream is deprecated in CuPy 14, the only way in 13
-            warnings.simplefilter("ignore", DeprecationWarning)
-            stream = cupy.cuda.ExternalStream(current.cuda_stream, like.device.index)
-    with stream:
+    with external_stream(int(current.cuda_stream)):
         yield
 
 
-def as_device_matrix(x: Any, name: str, *, dim: int | None = None) -> tuple[cupy.ndarray, float | None]:
+def as_device_matrix(
+    x: Any, name: str, *, dim: int | None = None, defer_check: bool = False
+) -> tuple[cupy.ndarray, float | PendingCheck | None]:
     """``x`` as a C-contiguous float32 (rows, dim) CuPy array on the current device, checked like `as_matrix`,
     and its largest magnitude where that came for free (device arrays; small host arrays), else None.
 
     A device array already float32 and C-contiguous on the current device is used as it is; other
     device arrays are converted there (non-contiguous, other dtypes, another card). Finiteness is
-    checked on the device.
+    checked on the device; with ``defer_check`` a device array's check is left for later, returned as
+    a `PendingCheck` in place of the magnitude.
     """
     array = foreign_device_array(x)
     if array is None:
@@ -113,14 +185,13 @@ def as_device_matrix(x: Any, name: str, *, dim: int | None = None) -> tuple[cupy
         raise InvalidInputError(f"{name} has dimension {array.shape[1]}, the index has {dim}")
     if array.device.id != cupy.cuda.Device().id:
         array = cupy.asarray(array)  # a peer copy onto this card
-    out = cupy.ascontiguousarray(array, dtype=cupy.float32)
-    largest = largest_magnitude(out)
-    if array.dtype.kind == "f" and not np.isfinite(largest):
-        bad = cupy.argwhere(~cupy.isfinite(out))[0].get().tolist()
-        source = "NaN or inf" if not bool(cupy.isfinite(array[bad[0], bad[1]])) else "a value too large for float32"
-        raise InvalidInputError(f"{name} must be finite; row {bad[0]}, column {bad[1]} holds {source}")
     if array.dtype.kind in "iu" and float(cupy.abs(array).max()) > float(np.finfo(np.float32).max):
         raise InvalidInputError(f"{name} holds an integer too large for float32")
+    out = cupy.ascontiguousarray(array, dtype=cupy.float32)
+    if defer_check:
+        return out, PendingCheck(out, array, name)
+    largest = largest_magnitude(out)
+    check_finite(out, array, name, largest)
     return out, largest
 
 

@@ -36,6 +36,12 @@ SELECTION_BLOCK_KEYS = 8192
 CUDA_DRIVER_LIBRARY = "libcuda.so.1"
 #: The value of bit j % 8 within its byte: little bit order, as np.packbits(..., bitorder="little").
 BIT_WEIGHTS = np.array([1, 2, 4, 8, 16, 32, 64, 128], dtype=np.uint8)
+#: Whether `asarray` leaves the finiteness check of device arrays named in `DEFERRED_CHECK_NAMES` queued on
+#: the card, for `topk` to read once the search is queued behind it (no wait before the score pass).
+DEFER_QUERY_CHECK = True
+#: The names under which `asarray` defers a device array's check: the retriever's queries, which `topk`
+#: is handed next (any other use of the array through the backend reads the check first).
+DEFERRED_CHECK_NAMES = frozenset({"queries"})
 #: The install line named when cupy is missing.
 INSTALL_HINT = "pip install 'gpurag-cupy[cuda12]' or 'gpurag-cupy[cuda13]'"
 
@@ -83,8 +89,10 @@ class CupyBackend(DistanceBackend):
     Scores come in tiles of at most ``tile_scores`` float32 values (default: the
     ``memory_budget_bytes`` setting / 4): cuBLAS ``gemmEx`` in float32 (TF32 off) for l2, dot and
     cosine, a CUDA kernel for l1. Each tile is narrowed to each query's best k by a radix select
-    (``kernels/select.cu``), and the k rows finally chosen are scored again directly. Torch CUDA
-    tensors are read through DLPack without a copy and the work runs on torch's current stream.
+    (``kernels/select.cu``), and the k rows finally chosen are scored again directly. Up to
+    `search.FEW_MAX_QUERIES` queries take the few-query path (``kernels/small.cu``: per-chunk
+    selection in shared memory, one merge). Torch CUDA tensors are read without a copy and the work
+    runs on torch's current stream.
     """
 
     name = "cupy"
@@ -101,6 +109,8 @@ class CupyBackend(DistanceBackend):
         self._device_ids: tuple[np.ndarray[Any, Any], Any] | None = None
         #: Per thread, the last small array `asarray` returned and its largest magnitude.
         self._checked = threading.local()
+        #: Per thread, host copies of the last `topk`'s answer made with its check ({id: (array, copy)}).
+        self._fetched = threading.local()
 
     @classmethod
     def availability(cls) -> Availability:
@@ -140,26 +150,54 @@ class CupyBackend(DistanceBackend):
     # --- conversion at the edges ---------------------------------------------------------------
     def asarray(self, x: Any, name: str, *, dim: int | None = None) -> Any:
         """``x`` as a float32 (rows, dim) CuPy array on this card: zero-copy for device arrays already float32 there."""
-        from gpurag_cupy.arrays import as_device_matrix
+        from gpurag_cupy.arrays import PendingCheck, as_device_matrix
 
+        self._resolve_pending()
+        defer = DEFER_QUERY_CHECK and name in DEFERRED_CHECK_NAMES
         with self._on_device(x):
-            array, largest = as_device_matrix(x, name, dim=dim)
+            array, largest = as_device_matrix(x, name, dim=dim, defer_check=defer)
+            if isinstance(largest, PendingCheck) and array.shape[0] > CHECKED_ROWS:
+                largest = largest.resolve()  # too many rows to remember: checked now
         if largest is not None and array.shape[0] <= CHECKED_ROWS:
             self._checked.last = (array, largest)  # `topk` bounds these queries' norms without a wait
         return array
 
-    def _largest_magnitude(self, queries: Any) -> float | None:
-        """The largest |q_ij| measured when ``queries`` (this very array) came through `asarray`, else None."""
+    def _largest_magnitude(self, queries: Any) -> Any:
+        """What `asarray` measured of ``queries`` (this very array): its largest |q_ij|, or the `PendingCheck`
+        that will tell; None where it did not come through `asarray` (or was not remembered)."""
         last = getattr(self._checked, "last", None)
         return last[1] if last is not None and last[0] is queries else None
 
+    def _resolve_pending(self) -> None:
+        """Read the check `asarray` last deferred on this thread, if unread (an `InvalidInputError` if not finite).
+
+        Called before any other use of an array through the backend than the `topk` it was deferred for,
+        so every device array handed in is checked before its answer is returned.
+        """
+        from gpurag_cupy.arrays import PendingCheck
+
+        last = getattr(self._checked, "last", None)
+        if last is not None and isinstance(last[1], PendingCheck):
+            self._checked.last = None  # read once, even where it raises
+            with last[1].stream:
+                self._checked.last = (last[0], last[1].resolve())
+
     def to_numpy(self, x: Any) -> np.ndarray[Any, Any]:
-        """A host NumPy copy of a CuPy array (other arrays pass through `gpurag.arrays.to_host`)."""
+        """A host NumPy copy of a CuPy array (other arrays pass through `gpurag.arrays.to_host`).
+
+        The scores and rows of this thread's last `topk` of device queries were copied already, with
+        their check (one copy for the search): each is handed out once from there.
+        """
         from gpurag_cupy.arrays import to_numpy
 
+        copies = getattr(self._fetched, "copies", None)
+        if copies:
+            found = copies.pop(id(x), None)
+            if found is not None and found[0] is x:
+                return found[1]  # type: ignore[no-any-return]
         return to_numpy(x)
 
-    def _matrix(self, x: Any, name: str) -> Any:
+    def _matrix(self, x: Any, name: str, *, resolve: bool = True) -> Any:
         import cupy
 
         if (
@@ -168,8 +206,13 @@ class CupyBackend(DistanceBackend):
             and x.flags.c_contiguous
             and x.device.id == self.device_index
         ):
+            if resolve:
+                self._resolve_pending()
             return x
-        return self.asarray(x, name)
+        array = self.asarray(x, name)
+        if resolve:
+            self._resolve_pending()
+        return array
 
     def empty_rows(self, like: Any, shape: tuple[int, ...]) -> Any:
         """An uninitialised CuPy array of ``shape`` and ``like``'s dtype on this card."""
@@ -260,13 +303,17 @@ class CupyBackend(DistanceBackend):
 
     # --- distances and selection ---------------------------------------------------------------
     def boundaries(self, metric: Metric, queries: int, dim: int) -> Boundaries:
-        """Rows: a tile (`tile_scores` / Q rows), the candidate buffer's compaction (eight tiles), and
-        a selection block's share of keys; queries: CUDA's grid limit."""
-        from gpurag_cupy.search import MAX_GRID_QUERIES
+        """Rows: a tile (`tile_scores` / Q rows), the candidate buffer's compaction (eight tiles), a
+        selection block's share of keys, and the few-query path's chunk and tile; queries: CUDA's grid
+        limit."""
+        from gpurag_cupy.search import CHUNK_KEYS, MAX_GRID_QUERIES, few_query_tile
         from gpurag_cupy.select import CANDIDATE_FACTOR
 
         tile = max(1, self.tile_scores // max(1, queries))
-        rows = {tile, tile * (CANDIDATE_FACTOR + 1), SELECTION_BLOCK_KEYS}
+        rows = {tile, tile * (CANDIDATE_FACTOR + 1), SELECTION_BLOCK_KEYS, CHUNK_KEYS}
+        few_tile = few_query_tile(max(1, queries), self.tile_scores)
+        if few_tile >= CHUNK_KEYS:
+            rows.add(few_tile)
         return Boundaries(rows=tuple(sorted(rows)), queries=(MAX_GRID_QUERIES,))
 
     def working_scores(self, queries: int, rows: int) -> int:
@@ -281,21 +328,41 @@ class CupyBackend(DistanceBackend):
         float32 term could overflow, the search is answered in float64.
         """
         from gpurag_cupy import search
+        from gpurag_cupy.arrays import PendingCheck
         from gpurag_cupy.database import row_norms
 
+        self._fetched.copies = {}
         with self._on_device(queries):
             own = self._own(database)
             n_rows = own.count
             if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= n_rows:
                 raise InvalidInputError(f"k must be an integer in 1..{n_rows} (the database's rows); got {k!r}")
             k = int(k)
-            q = self._matrix(queries, "queries")
+            q = self._matrix(queries, "queries", resolve=False)
             if q.shape[1] != own.dim:
                 raise InvalidInputError(f"queries must be (Q, {own.dim}); got shape {tuple(q.shape)}")
             largest = self._largest_magnitude(q)
-            if largest is not None:  # |q| <= sqrt(D) max|q_i|, Σ|q| <= D max|q_i|: decided before scoring
-                query_reach = largest * (q.shape[1] if own.metric is Metric.L1 else math.sqrt(q.shape[1]))
-                if self._overflows(query_reach, own):
+            if largest is None:
+                self._resolve_pending()  # say, of the array these queries are a slice of
+            if isinstance(largest, PendingCheck):  # the search, then the check, on its stream; then one wait
+                with largest.stream:
+                    self._checked.last = None  # read once, even where it raises
+                    few = search.few_query_search(q, own, k, self.tile_scores, largest)
+                    if few is not None:  # answer and check come back in one copy
+                        host_scores, host_rows, measured = few.fetch()
+                        scores, rows = few.scores, few.rows
+                        largest.resolve(measured)  # an InvalidInputError where a query is not finite
+                        self._fetched.copies = {id(scores): (scores, host_scores), id(rows): (rows, host_rows)}
+                    else:
+                        scores, rows = search.float32_topk(q, own, k, self.tile_scores)
+                        measured = largest.resolve()
+                    self._checked.last = (q, measured)
+                    if self._overflows(self._query_reach(measured, q.shape[1], own.metric), own):
+                        self._fetched.copies = {}
+                        return TopK(*search.float64_topk(q, own.vectors, k, own.metric))
+                    return TopK(scores, rows)
+            if largest is not None:  # decided before scoring
+                if self._overflows(self._query_reach(largest, q.shape[1], own.metric), own):
                     return TopK(*search.float64_topk(q, own.vectors, k, own.metric))
                 return TopK(*search.float32_topk(q, own, k, self.tile_scores))
             scores, rows = search.float32_topk(q, own, k, self.tile_scores)  # queued, not waited for
@@ -303,6 +370,11 @@ class CupyBackend(DistanceBackend):
             if self._overflows(float(reach), own):  # the one wait of such a search
                 scores, rows = search.float64_topk(q, own.vectors, k, own.metric)
             return TopK(scores, rows)
+
+    @staticmethod
+    def _query_reach(largest: float, dim: int, metric: Metric) -> float:
+        """A bound of the queries' norms from their largest |q_ij|: |q| <= sqrt(D) max, Σ|q| <= D max (l1)."""
+        return largest * (dim if metric is Metric.L1 else math.sqrt(dim))
 
     @staticmethod
     def _overflows(query_reach: float, database: Any) -> bool:

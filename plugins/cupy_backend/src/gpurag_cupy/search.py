@@ -7,6 +7,7 @@ l2 ``2 q·x - |x|²`` (the true l2 is ``|q|² - o``: screened with, never report
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,8 +17,8 @@ import numpy as np
 from gpurag.metrics import Metric
 from gpurag_cupy.database import INV_NORMS, NEG_SQ_NORMS, sum_of_squares
 from gpurag_cupy.gemm import scores_into
-from gpurag_cupy.kernels import kernel
-from gpurag_cupy.select import BLOCK, Candidates, multiprocessors
+from gpurag_cupy.kernels import VEC4_WIDTHS, kernel
+from gpurag_cupy.select import BLOCK, Candidates, multiprocessors, pointer
 
 #: Metric codes of the kernels in ``scores.cu``.
 METRIC_CODES = {Metric.DOT: 0, Metric.L2: 1, Metric.COSINE: 2, Metric.L1: 3}
@@ -26,10 +27,18 @@ METRIC_CODES = {Metric.DOT: 0, Metric.L2: 1, Metric.COSINE: 2, Metric.L1: 3}
 REGISTER_WIDTHS = {1: (4, 8, 16, 24, 32), 8: (4, 8), 16: (4, 8)}
 #: Most queries whose dot products the streaming kernel computes instead of cuBLAS (0: cuBLAS always).
 STREAM_DOT_MAX_QUERIES = 0
+#: Whether one query's dot products come from ``dot_one_query_vec4`` (float4 loads) instead of cuBLAS.
+VEC4_ONE_QUERY = False
 #: Largest k whose final scores are ordered by one block per query (``rescore_sorted``).
 SORTED_MAX = 1024
 #: Most queries one kernel grid covers (CUDA's limit on gridDim.y).
 MAX_GRID_QUERIES = 65535
+#: Most queries the few-query path serves (0: never); see `few_query_topk`.
+FEW_MAX_QUERIES = 16
+#: Rows of one chunk of the few-query path (``CHUNK_KEYS`` in ``kernels/small.cu``).
+CHUNK_KEYS = 4096
+#: Most candidates (chunks times k) per query the few-query path's merge block selects from.
+FEW_MAX_CANDIDATES = 65536
 
 
 def tiles(n_rows: int, tile_rows: int) -> Iterator[tuple[int, int]]:
@@ -67,8 +76,27 @@ def l1_tile(queries: cupy.ndarray, rows: cupy.ndarray, out: cupy.ndarray, ld: in
     )
 
 
+def dot_one_query_vec4(query: cupy.ndarray, rows: cupy.ndarray, out: cupy.ndarray, alpha: float) -> bool:
+    """``out[0, j] = alpha * query · rows[j]`` in 16-byte loads; False where it does not apply."""
+    if not VEC4_ONE_QUERY or query.shape[0] != 1:
+        return False
+    dim = query.shape[1]
+    quads = dim // 4
+    held = [w for w in VEC4_WIDTHS if 32 * w >= quads]
+    if dim % 4 or not held or any(a.data.ptr % 16 for a in (query, rows)):
+        return False
+    n = rows.shape[0]
+    blocks = max(1, min(-(-n // (BLOCK // 32)), 8 * multiprocessors(cupy.cuda.Device().id)))
+    kernel(f"dot_one_query_vec4<{held[0]}>")(
+        (blocks,), (BLOCK,), (query, rows, np.int64(n), np.int32(quads), np.float32(alpha), out)
+    )
+    return True
+
+
 def dot_tile(queries: cupy.ndarray, rows: cupy.ndarray, out: cupy.ndarray, ld: int, alpha: float) -> bool:
-    """``out[q, j] = alpha * queries[q] · rows[j]`` by the streaming kernel; False where it does not apply."""
+    """``out[q, j] = alpha * queries[q] · rows[j]`` by a streaming kernel; False where none applies."""
+    if dot_one_query_vec4(queries, rows, out, alpha):
+        return True
     n_queries, dim = queries.shape
     if n_queries > STREAM_DOT_MAX_QUERIES:
         return False
@@ -149,9 +177,111 @@ def best_first(scores: cupy.ndarray, rows: cupy.ndarray, higher_is_better: bool)
     return cupy.take_along_axis(scores, order, 1), cupy.take_along_axis(rows, order, 1)
 
 
+def few_query_tile(n_queries: int, tile_scores: int) -> int:
+    """Rows per tile of the few-query path where the rows need several: whole chunks within `tile_scores`."""
+    return tile_scores // n_queries // CHUNK_KEYS * CHUNK_KEYS
+
+
+def few_query_tile_rows(n_queries: int, n_rows: int, k: int, tile_scores: int) -> int | None:
+    """Rows per tile of the few-query path (whole chunks), or None where the path does not apply: more
+    than `FEW_MAX_QUERIES` queries, k above `SORTED_MAX`, tiles of less than a chunk, or more than
+    `FEW_MAX_CANDIDATES` candidates per query."""
+    if n_queries > FEW_MAX_QUERIES or k > SORTED_MAX:
+        return None
+    if n_queries * n_rows <= tile_scores:
+        tile_rows = n_rows
+    else:
+        tile_rows = few_query_tile(n_queries, tile_scores)
+        if tile_rows < CHUNK_KEYS:
+            return None
+    if -(-n_rows // CHUNK_KEYS) * k > FEW_MAX_CANDIDATES:
+        return None
+    return tile_rows
+
+
+@dataclasses.dataclass
+class FewQueryResult:
+    """A few-query answer in one device buffer: rows (int64, Q x k), scores (float32, Q x k), then four bytes
+    for a query check's largest magnitude; `scores` and `rows` are views of it."""
+
+    scores: cupy.ndarray
+    rows: cupy.ndarray
+    buffer: cupy.ndarray
+    magnitude: cupy.ndarray
+
+    @classmethod
+    def empty(cls, n_queries: int, k: int, *, zeroed: bool) -> FewQueryResult:
+        """A buffer for Q x k answers (``zeroed``: its magnitude starts at 0, as the check's kernel needs)."""
+        count = n_queries * k
+        buffer = (cupy.zeros if zeroed else cupy.empty)(count * 12 + 4, dtype=cupy.uint8)
+        rows = cupy.ndarray((n_queries, k), cupy.int64, buffer.data)
+        scores = cupy.ndarray((n_queries, k), cupy.float32, buffer.data + count * 8)
+        return cls(scores, rows, buffer, cupy.ndarray((1,), cupy.uint32, buffer.data + count * 12))
+
+    def fetch(self) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], float]:
+        """(scores, rows, largest magnitude) on the host, in one copy (waits for the answer)."""
+        host = self.buffer.get()
+        n_queries, k = self.rows.shape
+        count = n_queries * k
+        rows = host[: count * 8].view(np.int64).reshape(n_queries, k)
+        scores = host[count * 8 : count * 12].view(np.float32).reshape(n_queries, k)
+        return scores, rows, float(host[count * 12 :].view(np.float32)[0])
+
+
+def few_query_topk(queries: cupy.ndarray, database: Any, k: int, tile_rows: int, check: Any = None) -> FewQueryResult:
+    """`float32_topk` for a few queries, as a fixed short sequence of launches and no host round trip.
+
+    Per tile of ``tile_rows`` rows (a multiple of `CHUNK_KEYS`, or all rows): the score pass (cuBLAS,
+    or the l1 kernel), then ``chunk_select`` narrows each chunk of `CHUNK_KEYS` rows to its best k in
+    shared memory. Once: ``merge_rescore`` selects each query's k best of the chunks' winners, scores
+    them again directly and orders them. Cosine ranks by ``q·x / |x|``: per query the same order as
+    the cosine (|q| is one positive factor), so the queries are not normalised first. With ``check``
+    (an `arrays.PendingCheck` of the queries), its magnitude kernel is queued last, into the answer's buffer.
+    """
+    metric, n_rows = database.metric, database.count
+    n_queries, dim = queries.shape
+    chunks = -(-n_rows // CHUNK_KEYS)
+    width = chunks * k
+    buffer = cupy.empty((n_queries, tile_rows), dtype=cupy.float32)
+    select = kernel("chunk_select")
+    keys = rows = None
+    for start, stop in tiles(n_rows, tile_rows):
+        mul, add = oriented_tile(queries, database, start, stop, buffer, tile_rows)
+        if keys is None:  # allocated once the first score pass is queued
+            keys = cupy.empty((n_queries, width), dtype=cupy.uint32)
+            rows = cupy.empty((n_queries, width), dtype=cupy.int64)
+        select(
+            (-(-(stop - start) // CHUNK_KEYS), n_queries),
+            (BLOCK,),
+            (buffer, np.int64(tile_rows), np.int64(stop - start), pointer(mul), pointer(add), np.int64(start),
+             np.int32(k), keys, rows, np.int64(width), np.int64(start // CHUNK_KEYS)),
+        )  # fmt: skip
+    result = FewQueryResult.empty(n_queries, k, zeroed=check is not None)
+    kernel("merge_rescore")(
+        (n_queries,),
+        (BLOCK,),
+        (keys, rows, np.int32(width), np.int32(k), queries, database.vectors, np.int32(dim),
+         np.int32(METRIC_CODES[metric]), np.int32(metric.higher_is_better), result.scores, result.rows),
+    )  # fmt: skip
+    if check is not None:
+        check.queue(result.magnitude)
+    return result
+
+
+def few_query_search(
+    queries: cupy.ndarray, database: Any, k: int, tile_scores: int, check: Any = None
+) -> FewQueryResult | None:
+    """`few_query_topk` where the few-query path applies (`few_query_tile_rows`), else None."""
+    tile_rows = few_query_tile_rows(queries.shape[0], database.count, k, tile_scores)
+    return None if tile_rows is None else few_query_topk(queries, database, k, tile_rows, check)
+
+
 def float32_topk(queries: cupy.ndarray, database: Any, k: int, tile_scores: int) -> tuple[cupy.ndarray, cupy.ndarray]:
     """The k best rows per query: (scores (Q, k) float32 computed directly, rows (Q, k) int64), best first."""
     metric, n_rows = database.metric, database.count
+    few = few_query_search(queries, database, k, tile_scores)
+    if few is not None:
+        return few.scores, few.rows
     out_scores, out_rows = [], []
     for q0 in range(0, queries.shape[0], MAX_GRID_QUERIES):
         block = queries[q0 : q0 + MAX_GRID_QUERIES]

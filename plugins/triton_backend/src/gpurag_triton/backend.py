@@ -404,11 +404,12 @@ class TritonBackend(TorchBackend):
         """The LSH stages as one captured CUDA graph for up to `lsh_graphs.GRAPH_MAX_QUERIES` host queries on CUDA.
 
         The queries' codes come from the host (see `lsh_graphs.host_sign_codes`), so a code bit whose
-        float64 projection rounds to the other side of zero there may differ from `sign_codes`'.
+        float64 projection rounds to the other side of zero there may differ from `sign_codes`'. With
+        `lsh_graphs.HOST_OUTPUT` the graph's answer comes back as host (CPU) tensors.
         """
         import torch
 
-        from gpurag_triton import launch, lsh_graphs
+        from gpurag_triton import candidates, launch, lsh_graphs
 
         small = isinstance(hashed, np.ndarray) and isinstance(queries, np.ndarray)
         small = small and 0 < hashed.shape[0] <= lsh_graphs.GRAPH_MAX_QUERIES and self.use_graphs
@@ -425,15 +426,23 @@ class TritonBackend(TorchBackend):
         query_codes = lsh_graphs.host_sign_codes(np.asarray(hashed, np.float64), self._host_planes[1])
         width = query_codes.shape[1]
 
-        def stages(words_in: torch.Tensor, queries_in: torch.Tensor) -> TopK:
+        sampled = candidates.takes_sampled(int(hashed.shape[0]), int(codes.shape[0]), n_candidates)
+
+        def stages(words_in: torch.Tensor, queries_in: torch.Tensor) -> tuple[TopK, torch.Tensor | None]:
             # Device tensors checked on the host already: no `asarray` (its finiteness check syncs).
             query_codes_in = words_in.view(torch.uint8)[:, :width].contiguous()
-            candidates = self.hamming_candidates(query_codes_in, codes, n_candidates)
-            return self.rerank(queries_in, database, candidates, k)
+            if sampled:  # no sync inside the graph: whether the sample's limit held is read after the replay
+                near, failed = candidates.sampled_nearest(query_codes_in, codes, n_candidates, ordered=False)
+                return self.rerank(queries_in, database, near.indices, k), failed
+            rows = candidates.nearest_codes(query_codes_in, codes, n_candidates, ordered=False, sampled=False)
+            return self.rerank(queries_in, database, rows.indices, k), None
 
         words = lsh_graphs.as_float_words(query_codes)
-        key = lsh_graphs.graph_key(words, queries, planes, codes, database, n_candidates, k)
-        return runner.run(stages, words, np.ascontiguousarray(queries, np.float32), key)
+        key = (*lsh_graphs.graph_key(words, queries, planes, codes, database, n_candidates, k), sampled)
+        top, failed = runner.run(stages, words, np.ascontiguousarray(queries, np.float32), key)
+        if failed:  # some query had fewer or more rows within its limit than the sample promised: count instead
+            return super().lsh_topk(hashed, queries, planes, codes, database, n_candidates, k)
+        return top
 
     def fused_hamming_topk(self, codes: Any, database_codes: Any, k: int) -> TopK:
         """`hamming_topk` by the fused top-KP kernel (k <= 256; kept to compare against the counting kernels)."""

@@ -3,7 +3,9 @@
 A graph is captured per key (query count, candidates, k, and the address and shape of every
 tensor the stages read), so a graph only ever replays over the tensors it was captured on; a
 database or code array that grows, shrinks or moves gets a new key and a new graph. The few
-most recent graphs are kept. Queries go in through one pinned host buffer and one copy.
+most recent graphs are kept. Queries go in through one pinned host buffer and one copy; with
+`HOST_OUTPUT` the answer (and the stages' failure flag) comes back by copies the graph itself
+makes into pinned host buffers, read after one wait: no copy kernels, one sync.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from gpurag.metrics import TopK
 GRAPH_MAX_QUERIES = 64
 #: Graphs kept (least recently used dropped first).
 GRAPHS_KEPT = 32
+#: Whether answers come back as host tensors copied out by the graph (off: device tensors, cloned).
+HOST_OUTPUT = True
 
 
 @dataclass
@@ -34,6 +38,9 @@ class _Graph:
     copied: torch.cuda.Event  # the last copy out of ``staging`` is done once this completes
     scores: torch.Tensor
     rows: torch.Tensor
+    failed: torch.Tensor | None  # a 0-d bool the stages set where their answer must not be used
+    host: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # pinned scores, rows, failed (HOST_OUTPUT)
+    done: torch.cuda.Event  # recorded after a replay: the host buffers are filled once it completes
 
 
 def host_sign_codes(hashed: np.ndarray[Any, Any], planes: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
@@ -76,12 +83,13 @@ class LSHGraphs:
 
     def run(
         self,
-        stages: Callable[[torch.Tensor, torch.Tensor], TopK],
+        stages: Callable[[torch.Tensor, torch.Tensor], tuple[TopK, torch.Tensor | None]],
         hashed: np.ndarray[Any, Any],
         queries: np.ndarray[Any, Any],
         key: tuple[Any, ...],
-    ) -> TopK:
-        """``stages(hashed, queries)`` (device tensors in, TopK out) through the graph of ``key``.
+    ) -> tuple[TopK, bool]:
+        """``stages(hashed, queries)`` (device tensors in; TopK and a failure flag or None out) through the graph
+        of ``key``: the answer, and whether the stages flagged it as failed (read with a sync where flagged).
 
         ``hashed`` and ``queries`` are C-contiguous float32 (their bits are copied, never read as numbers).
         """
@@ -102,24 +110,47 @@ class LSHGraphs:
             entry.inputs.copy_(entry.staging, non_blocking=True)
             entry.copied.record()
             entry.graph.replay()
-            return TopK(entry.scores.clone(), entry.rows.clone())
+            if entry.host is not None:
+                entry.done.record()
+                entry.done.synchronize()
+                scores, rows, failed = entry.host
+                return TopK(scores.clone(), rows.clone()), bool(failed[0])
+            top = TopK(entry.scores.clone(), entry.rows.clone())
+            return top, entry.failed is not None and bool(entry.failed.item())
 
     def _capture(
-        self, stages: Callable[[torch.Tensor, torch.Tensor], TopK], n_queries: int, width: int, dim: int
+        self,
+        stages: Callable[[torch.Tensor, torch.Tensor], tuple[TopK, torch.Tensor | None]],
+        n_queries: int,
+        width: int,
+        dim: int,
     ) -> _Graph:
         staging = torch.zeros((n_queries, width + dim), dtype=torch.float32, pin_memory=True)
         inputs = torch.zeros((n_queries, width + dim), dtype=torch.float32, device=self.device)
 
-        def call() -> TopK:
+        def call() -> tuple[TopK, torch.Tensor | None]:
             return stages(inputs[:, :width].contiguous(), inputs[:, width:].contiguous())
 
         side = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            call()  # compiles every kernel before capture
+            warm, _ = call()  # compiles every kernel before capture
         torch.cuda.current_stream(self.device).wait_stream(side)
+        host = None
+        if HOST_OUTPUT:
+            host = (
+                torch.empty(tuple(warm.scores.shape), dtype=warm.scores.dtype, pin_memory=True),
+                torch.empty(tuple(warm.indices.shape), dtype=warm.indices.dtype, pin_memory=True),
+                torch.zeros(1, dtype=torch.bool, pin_memory=True),
+            )
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = call()
+            out, failed = call()
+            if host is not None:
+                host[0].copy_(out.scores, non_blocking=True)
+                host[1].copy_(out.indices, non_blocking=True)
+                if failed is not None:
+                    host[2].copy_(failed.reshape(1), non_blocking=True)
         event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-        return _Graph(graph, staging, inputs, event, out.scores, out.indices)
+        done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        return _Graph(graph, staging, inputs, event, out.scores, out.indices, failed, host, done)

@@ -111,6 +111,39 @@ __device__ __forceinline__ void mma_stage(float (*acc)[4][4], const unsigned sho
     }
 }
 
+__device__ __forceinline__ void ldmatrix_x4_tc(unsigned* d, const unsigned short* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+                 : "r"(shared_address(p)));
+}
+
+// The same products with ldmatrix-fed fragments: per 16-wide k step two ldmatrix.x4 for A, two for B.
+__device__ __forceinline__ void mma_stage_ldm(float (*acc)[4][4], const unsigned short* a_s, const unsigned short* b_s,
+                                              int wq, int wn, int lane) {
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 16) {
+        unsigned a[2][4], b[4][2];
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi)
+            ldmatrix_x4_tc(a[mi], a_s + (wq + mi * 16 + (lane & 15)) * LDA + kk + (lane >> 4) * 8);
+#pragma unroll
+        for (int nj = 0; nj < 2; ++nj) {
+            unsigned d[4];
+            const int m = lane >> 3;
+            ldmatrix_x4_tc(d, b_s + (wn + nj * 16 + (m >> 1) * 8 + (lane & 7)) * LDA + kk + (m & 1) * 8);
+            b[2 * nj][0] = d[0];
+            b[2 * nj][1] = d[1];
+            b[2 * nj + 1][0] = d[2];
+            b[2 * nj + 1][1] = d[3];
+        }
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+            for (int ni = 0; ni < 4; ++ni)
+                mma_bf16(acc[mi][ni], a[mi][0], a[mi][1], a[mi][2], a[mi][3], b[ni][0], b[ni][1]);
+    }
+}
+
 // Epilogue: the warp's accumulators as oriented scores into the tile c_s, -inf past the split's rows;
 // a query's flag is set when one of them passes its threshold (above it, or at least it with `inclusive`).
 __device__ __forceinline__ void write_scores(float (*acc)[4][4], float* c_s, const float* __restrict__ sq_norms,
@@ -138,6 +171,7 @@ __device__ __forceinline__ void write_scores(float (*acc)[4][4], float* c_s, con
 // r_end); every thread of the block calls it, and c_s is complete when it returns. A query's flag is
 // set when any of its keys passes its threshold (above it, or at least it with `inclusive`), so the
 // selection skips the queries (most, once the lists are full) that no key of the tile can enter.
+template <bool LDM>
 __device__ __forceinline__ void score_tile(float* c_s, unsigned short* stages, const unsigned short* __restrict__ queries,
                                            const unsigned short* __restrict__ rows,
                                            const float* __restrict__ sq_norms, int q0, int n_queries, int tile,
@@ -171,7 +205,10 @@ __device__ __forceinline__ void score_tile(float* c_s, unsigned short* stages, c
                             next * BK, dim);
             commit_stages();
             unsigned short* stage = stages + (kt % STAGES) * STAGE_ELEMENTS;
-            mma_stage(acc, stage, stage + BQ * LDA, wq, wn, g, t);
+            if constexpr (LDM)
+                mma_stage_ldm(acc, stage, stage + BQ * LDA, wq, wn, threadIdx.x & 31);
+            else
+                mma_stage(acc, stage, stage + BQ * LDA, wq, wn, g, t);
         }
         wait_stages<0>();
         __syncthreads();  // the score tile below reuses the stages
@@ -189,10 +226,12 @@ __device__ __forceinline__ void score_tile(float* c_s, unsigned short* stages, c
     __syncthreads();
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS, 2)
-scan_bf16_tc(const unsigned short* __restrict__ queries, const unsigned short* __restrict__ rows,
-             const float* __restrict__ sq_norms, int n_queries, int n_rows, int dim, int rows_per_split, int l2,
-             int kp, int cap, int vec, float* __restrict__ out_keys, int* __restrict__ out_rows) {
+template <bool LDM>
+__device__ __forceinline__ void scan_tc_body(const unsigned short* __restrict__ queries,
+                                             const unsigned short* __restrict__ rows,
+                                             const float* __restrict__ sq_norms, int n_queries, int n_rows, int dim,
+                                             int rows_per_split, int l2, int kp, int cap, int vec,
+                                             float* __restrict__ out_keys, int* __restrict__ out_rows) {
     extern __shared__ __align__(16) unsigned char smem[];
     // Two stages of (A, B) operand tiles; the score tile reuses their space once a row tile is scored.
     unsigned short* stages = reinterpret_cast<unsigned short*>(smem);
@@ -215,7 +254,7 @@ scan_bf16_tc(const unsigned short* __restrict__ queries, const unsigned short* _
         reset(CandidateList{list_keys + q * cap, list_rows + q * cap, list_count + q, list_threshold + q});
     }
     for (int tile = r_begin; tile < r_end; tile += BN) {
-        score_tile(c_s, stages, queries, rows, sq_norms, q0, n_queries, tile, r_end, dim, l2, vec, list_threshold,
+        score_tile<LDM>(c_s, stages, queries, rows, sq_norms, q0, n_queries, tile, r_end, dim, l2, vec, list_threshold,
                    flags, false);
         for (int i = 0; i < 8; ++i) {
             int q = warp * 8 + i;
@@ -241,6 +280,23 @@ scan_bf16_tc(const unsigned short* __restrict__ queries, const unsigned short* _
     }
 }
 
+extern "C" __global__ void __launch_bounds__(THREADS, 2)
+scan_bf16_tc(const unsigned short* __restrict__ queries, const unsigned short* __restrict__ rows,
+             const float* __restrict__ sq_norms, int n_queries, int n_rows, int dim, int rows_per_split, int l2,
+             int kp, int cap, int vec, float* __restrict__ out_keys, int* __restrict__ out_rows) {
+    scan_tc_body<false>(queries, rows, sq_norms, n_queries, n_rows, dim, rows_per_split, l2, kp, cap, vec, out_keys,
+                        out_rows);
+}
+
+// The same scan with ldmatrix-fed fragments (fewer shared-memory instructions per product).
+extern "C" __global__ void __launch_bounds__(THREADS, 2)
+scan_bf16_tc_ldm(const unsigned short* __restrict__ queries, const unsigned short* __restrict__ rows,
+                 const float* __restrict__ sq_norms, int n_queries, int n_rows, int dim, int rows_per_split, int l2,
+                 int kp, int cap, int vec, float* __restrict__ out_keys, int* __restrict__ out_rows) {
+    scan_tc_body<true>(queries, rows, sq_norms, n_queries, n_rows, dim, rows_per_split, l2, kp, cap, vec, out_keys,
+                       out_rows);
+}
+
 // The same scan for any k: every row whose key reaches its query's threshold is appended to that
 // query's buffer of `capacity` entries (keys, rows); counts[q] ends as the number of such rows, past
 // `capacity` when the buffer overflowed (the entries past it are dropped).
@@ -263,7 +319,7 @@ collect_bf16_tc(const unsigned short* __restrict__ queries, const unsigned short
         threshold_s[threadIdx.x] = q0 + threadIdx.x < n_queries ? thresholds[q0 + threadIdx.x] : GPURAG_NEG_INF;
     }
     for (int tile = r_begin; tile < r_end; tile += BN) {
-        score_tile(c_s, stages, queries, rows, sq_norms, q0, n_queries, tile, r_end, dim, l2, vec, threshold_s, flags,
+        score_tile<false>(c_s, stages, queries, rows, sq_norms, q0, n_queries, tile, r_end, dim, l2, vec, threshold_s, flags,
                    true);
         for (int i = 0; i < 8; ++i) {
             int q = warp * 8 + i;

@@ -7,7 +7,9 @@ from importlib import resources
 from typing import Any
 
 #: The kernel sources, in the order they are concatenated into one module.
-SOURCES = ("select.cu", "scores.cu")
+SOURCES = ("select.cu", "scores.cu", "small.cu")
+#: Float4s per lane `dot_one_query_vec4` is compiled for (D up to 128 times the largest).
+VEC4_WIDTHS = (1, 2, 4, 6, 8)
 #: Every kernel the module exposes (template instances by their C++ names).
 NAMES = (
     "radix_histogram<true, true>",
@@ -29,6 +31,10 @@ NAMES = (
     "rescore",
     "rescore_sorted",
     "pairwise_direct",
+    "chunk_select",
+    "merge_rescore",
+    "largest_magnitude_bits",
+    *(f"dot_one_query_vec4<{width}>" for width in VEC4_WIDTHS),
 )
 
 

@@ -214,20 +214,17 @@ __global__ void pairwise_direct(const float* queries, const float* vectors, int 
 
 #define SORTED_MAX 1024
 
-// One block per query: scores its k candidate rows directly (float64 sums, as `rescore`), then writes
-// them best first (ties by row) to out_scores/out_rows[q, :k]. k <= SORTED_MAX; `higher` says whether a
-// larger score is better; the rows of a query are distinct, so every rank is taken once.
-__global__ void rescore_sorted(const float* __restrict__ queries, const float* __restrict__ vectors, int dim,
-                               const i64* rows, int k, int metric, int higher, float* out_scores, i64* out_rows) {
-    __shared__ float score[SORTED_MAX];
-    __shared__ i64 row_of[SORTED_MAX];
-    const int q = blockIdx.x;
+// Block-wide: scores query `a` against the k rows row_of[0..k) (shared memory) directly, float64 sums
+// as `rescore`, into score[0..k) (shared), then writes them best first (ties by row) to
+// out_scores/out_rows[0..k). k <= SORTED_MAX; `higher` says whether a larger score is better; the rows
+// are distinct, so every rank is taken once. Every thread of the block calls it.
+__device__ void score_and_order(const float* __restrict__ a, const float* __restrict__ vectors, int dim,
+                                const i64* row_of, float* score, int k, int metric, int higher, float* out_scores,
+                                i64* out_rows) {
     const int lane = threadIdx.x & 31;
     const int warps = blockDim.x >> 5;
-    const float* a = queries + static_cast<i64>(q) * dim;
     for (int c = threadIdx.x >> 5; c < k; c += warps) {
-        const i64 row = rows[static_cast<i64>(q) * k + c];
-        const float* b = vectors + row * dim;
+        const float* b = vectors + row_of[c] * dim;
         double acc = 0.0, aa = 0.0, bb = 0.0;
         for (int d = lane; d < dim; d += 32) {
             const double x = b[d], y = a[d];
@@ -253,7 +250,6 @@ __global__ void rescore_sorted(const float* __restrict__ queries, const float* _
                 acc = den > 0.0 ? acc / den : 0.0;
             }
             score[c] = static_cast<float>(acc);
-            row_of[c] = row;
         }
     }
     __syncthreads();
@@ -265,7 +261,55 @@ __global__ void rescore_sorted(const float* __restrict__ queries, const float* _
             const float t = score[o];
             rank += (higher ? t > s : t < s) || (t == s && row_of[o] < r);
         }
-        out_scores[static_cast<i64>(q) * k + rank] = s;
-        out_rows[static_cast<i64>(q) * k + rank] = r;
+        out_scores[rank] = s;
+        out_rows[rank] = r;
+    }
+}
+
+// One block per query: scores its k candidate rows directly (float64 sums, as `rescore`), then writes
+// them best first (ties by row) to out_scores/out_rows[q, :k]. k <= SORTED_MAX.
+__global__ void rescore_sorted(const float* __restrict__ queries, const float* __restrict__ vectors, int dim,
+                               const i64* rows, int k, int metric, int higher, float* out_scores, i64* out_rows) {
+    __shared__ float score[SORTED_MAX];
+    __shared__ i64 row_of[SORTED_MAX];
+    const int q = blockIdx.x;
+    for (int c = threadIdx.x; c < k; c += blockDim.x) row_of[c] = rows[static_cast<i64>(q) * k + c];
+    __syncthreads();
+    score_and_order(queries + static_cast<i64>(q) * dim, vectors, dim, row_of, score, k, metric, higher,
+                    out_scores + static_cast<i64>(q) * k, out_rows + static_cast<i64>(q) * k);
+}
+
+// out[j] = alpha * query · vectors[j] for one query (float32 products summed in float32), D % 4 == 0 and
+// 16-byte aligned rows: one warp per row, lane l reading float4s l, l + 32, ... (W of them, D <= 128 W)
+// with its share of the query in registers; the rows stream once, in 16-byte loads.
+template <int W>
+__global__ void dot_one_query_vec4(const float4* __restrict__ query, const float4* __restrict__ vectors, i64 n,
+                                   int quads, float alpha, float* out) {
+    const int lane = threadIdx.x & 31;
+    float4 held[W];
+#pragma unroll
+    for (int t = 0; t < W; ++t) {
+        const int d = lane + 32 * t;
+        const float4 zero = {0.f, 0.f, 0.f, 0.f};
+        held[t] = d < quads ? query[d] : zero;
+    }
+    const i64 warps = static_cast<i64>(gridDim.x) * (blockDim.x >> 5);
+    for (i64 row = static_cast<i64>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5); row < n; row += warps) {
+        const float4* x = vectors + row * quads;
+        float acc = 0.f;
+#pragma unroll
+        for (int t = 0; t < W; ++t) {
+            const int d = lane + 32 * t;
+            if (d < quads) {
+                const float4 v = __ldg(x + d);
+                acc = fmaf(v.x, held[t].x, acc);
+                acc = fmaf(v.y, held[t].y, acc);
+                acc = fmaf(v.z, held[t].z, acc);
+                acc = fmaf(v.w, held[t].w, acc);
+            }
+        }
+#pragma unroll
+        for (int offset = 16; offset > 0; offset >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, offset);
+        if (lane == 0) out[row] = alpha * acc;
     }
 }

@@ -7,6 +7,11 @@ running count reaches C, and where each split starts writing; the second pass wr
 nearer than t and the first rows (in row order) at t. Each split writes its rows in row order at
 offsets fixed by the counts, so the output is deterministic: rows below t by row, then ties by row.
 Codes are int32 words; ``x_ptr`` rows are ``words`` long, loaded as (BLOCK_N, WORDS_P2) tiles.
+
+Where the candidates are few against the rows, `hamming_near_kernel` replaces both passes: a limit
+per query, read off the distances to a sample of the rows (`hamming_sample_kernel`), keeps the rows
+within the limit in one pass over the codes, appended through an atomic counter per query as
+(distance, row) keys; the nearest of those are then picked by key.
 """
 
 from __future__ import annotations
@@ -40,13 +45,13 @@ def _popcount(v, USE_POPC: tl.constexpr):
 
 
 @triton.jit
-def _distances(q_ptr, x_ptr, offs_q, q_mask, offs_n, n_mask, words, WORDS_P2: tl.constexpr, USE_POPC: tl.constexpr):
-    """(BLOCK_Q, BLOCK_N) int32 Hamming distances of the queries ``offs_q`` to the rows ``offs_n``."""
+def _distances(q_ptr, x_ptr, offs_q, q_mask, rows, n_mask, words, WORDS_P2: tl.constexpr, USE_POPC: tl.constexpr):
+    """(BLOCK_Q, BLOCK_N) int32 Hamming distances of the queries ``offs_q`` to the rows ``rows`` (int64)."""
     offs_w = tl.arange(0, WORDS_P2)
     w_mask = offs_w < words
     a = tl.load(q_ptr + offs_q[:, None] * words + offs_w[None, :], mask=q_mask[:, None] & w_mask[None, :], other=0)
     b = tl.load(
-        x_ptr + offs_n.to(tl.int64)[:, None] * words + offs_w[None, :],
+        x_ptr + rows[:, None] * words + offs_w[None, :],
         mask=n_mask[:, None] & w_mask[None, :],
         other=0,
     )
@@ -120,7 +125,7 @@ def hamming_histogram_kernel(
     for n0 in range(row_start, row_stop, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < row_stop
-        distance = _distances(q_ptr, x_ptr, offs_q, q_mask, offs_n, n_mask, words, WORDS_P2, USE_POPC)
+        distance = _distances(q_ptr, x_ptr, offs_q, q_mask, offs_n.to(tl.int64), n_mask, words, WORDS_P2, USE_POPC)
         if STORE_DIST:
             at = dist_ptr + offs_q.to(tl.int64)[:, None] * n_rows + offs_n[None, :]
             tl.store(at, distance.to(tl.int16), mask=q_mask[:, None] & n_mask[None, :])
@@ -179,7 +184,7 @@ def hamming_collect_kernel(
             at = dist_ptr + offs_q.to(tl.int64)[:, None] * n_rows + offs_n[None, :]
             distance = tl.load(at, mask=valid, other=0).to(tl.int32)
         else:
-            distance = _distances(q_ptr, x_ptr, offs_q, q_mask, offs_n, n_mask, words, WORDS_P2, USE_POPC)
+            distance = _distances(q_ptr, x_ptr, offs_q, q_mask, offs_n.to(tl.int64), n_mask, words, WORDS_P2, USE_POPC)
         clipped = tl.minimum(distance, clip)
         below = (valid & (clipped < threshold[:, None])).to(tl.int32)
         tie = (valid & (clipped == threshold[:, None])).to(tl.int32)
@@ -192,6 +197,87 @@ def hamming_collect_kernel(
         tl.store(distances_out_ptr + out_base + slot, distance, mask=write)
         below_at += tl.sum(below, axis=1)
         tie_at += tl.sum(tie, axis=1)
+
+
+@triton.jit
+def _word_distances(q_ptr, x_ptr, offs_q, q_mask, rows, n_mask, words, USE_POPC: tl.constexpr):
+    """(BLOCK_Q, BLOCK_N) int32 Hamming distances, summed word by word over 2-D tiles (no 3-D broadcast)."""
+    distance = tl.zeros((offs_q.shape[0], rows.shape[0]), dtype=tl.int32)
+    for w in range(0, words):
+        a = tl.load(q_ptr + offs_q * words + w, mask=q_mask, other=0)
+        b = tl.load(x_ptr + rows * words + w, mask=n_mask, other=0)
+        distance += _popcount(a[:, None] ^ b[None, :], USE_POPC)
+    return distance
+
+
+@triton.jit
+def hamming_sample_kernel(
+    q_ptr,
+    x_ptr,
+    dist_ptr,
+    n_queries,
+    n_sample,
+    words,
+    row_step,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    USE_POPC: tl.constexpr,
+):
+    """dist[q, j] = the Hamming distance (int16) of query q to code row ``j * row_step``, j < ``n_sample``."""
+    offs_q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_mask = offs_q < n_queries
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < n_sample
+    rows = offs_n.to(tl.int64) * row_step
+    distance = _word_distances(q_ptr, x_ptr, offs_q, q_mask, rows, n_mask, words, USE_POPC)
+    at = dist_ptr + offs_q.to(tl.int64)[:, None] * n_sample + offs_n[None, :]
+    tl.store(at, distance.to(tl.int16), mask=q_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def hamming_near_kernel(
+    q_ptr,
+    x_ptr,
+    limit_ptr,
+    counter_ptr,
+    keys_ptr,
+    n_queries,
+    n_rows,
+    words,
+    rows_per_split,
+    capacity,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    USE_POPC: tl.constexpr,
+    WIDE: tl.constexpr,
+):
+    """Append each row within its query's limit (distance <= ``limit[q]``) as the key (distance << 32 | row)
+    in int64 where ``WIDE``, else (distance << 24 | row) in int32 (distances < 128, rows < 2^24).
+
+    ``counter[q]`` counts every such row (atomically); ``keys[q, :capacity]`` holds the first
+    ``capacity`` appended, in no order (a count past ``capacity`` means some were not kept).
+    """
+    pid_q = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_mask = offs_q < n_queries
+    row_start = pid_s * rows_per_split
+    row_stop = tl.minimum(row_start + rows_per_split, n_rows)
+    limit = tl.load(limit_ptr + offs_q, mask=q_mask, other=-1)
+    counters = counter_ptr + offs_q[:, None] + tl.zeros((BLOCK_Q, BLOCK_N), tl.int32)
+    out_base = offs_q.to(tl.int64)[:, None] * capacity
+    for n0 in range(row_start, row_stop, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < row_stop
+        distance = _word_distances(q_ptr, x_ptr, offs_q, q_mask, offs_n.to(tl.int64), n_mask, words, USE_POPC)
+        near = (distance <= limit[:, None]) & n_mask[None, :] & q_mask[:, None]
+        if tl.max(near.to(tl.int32)) > 0:
+            slot = tl.atomic_add(counters, near.to(tl.int32), mask=near, sem="relaxed")
+            if WIDE:
+                key = (distance.to(tl.int64) << 32) | offs_n[None, :].to(tl.int64)
+            else:
+                key = (distance << 24) | offs_n[None, :]
+            tl.store(keys_ptr + out_base + slot, key, mask=near & (slot < capacity))
 
 
 @triton.jit
