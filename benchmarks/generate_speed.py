@@ -7,6 +7,8 @@ answer is forced to ``--new-tokens`` tokens (``min_new_tokens``), so each batch 
 work; batch sizes are measured interleaved, ``--repeats`` times, and medians are reported::
 
     python benchmarks/generate_speed.py --out benchmarks/results/generate_speed_cpu.md
+    # both packaged models, interleaved in one run (model by model within each repeat)
+    python benchmarks/generate_speed.py --model smollm2-135m,gemma3-270m --skip-start
     # where the packaged wheel cannot be installed (the GPU machine): the GGUF file, or its chunks
     python benchmarks/generate_speed.py --split-gguf .gguf          # here: .gguf/smollm2-135m.gguf.part0...
     python benchmarks/generate_speed.py --device cuda --gguf .gguf/smollm2-135m.gguf.part*
@@ -15,6 +17,7 @@ work; batch sizes are measured interleaved, ``--repeats`` times, and medians are
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import statistics
@@ -122,7 +125,9 @@ def sync(device: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="packaged model (default: the local_model setting)")
+    parser.add_argument(
+        "--model", default=None, help="packaged model(s), comma-separated (default: the local_model setting)"
+    )
     parser.add_argument("--gguf", type=Path, nargs="+", default=None, help="a GGUF file, or its chunks in order")
     parser.add_argument("--model-path", type=Path, default=None, help="a de-quantised model directory")
     parser.add_argument("--device", default=None, help="cpu, cuda...; default: CUDA when available")
@@ -142,7 +147,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
 
-    from gpurag.rag.generators import LocalGenerator
     from gpurag.settings import get_settings
 
     if args.split_gguf:
@@ -154,105 +158,133 @@ def main(argv: list[str] | None = None) -> int:
     questions, passages = read_prompts(args.prompts)
     if len(questions) < max(batches):
         raise SystemExit(f"--prompts holds {len(questions)} prompts; batch {max(batches)} needs more")
-    model = args.model or get_settings().local_model
+    models = (args.model or get_settings().local_model).split(",")
+    if len(models) > 1 and (args.gguf or args.model_path):
+        raise SystemExit("--gguf and --model-path give one model; name one --model with them")
     scratch = Path(tempfile.mkdtemp(prefix="generate-speed-"))
+    measured: dict[str, Measured] = {}
     try:
-        starts: dict[str, float] = {}
-        model_path = args.model_path
-        if args.gguf:
-            started = time.perf_counter()
-            model_path = model_dir_from_gguf(args.gguf, scratch)
-            starts["de-quantise the given GGUF and save"] = time.perf_counter() - started
-            print(f"de-quantised in {starts['de-quantise the given GGUF and save']:.1f} s", file=sys.stderr, flush=True)
-            if args.keep_model:  # whole or not at all: another process may be waiting for it
-                partial = args.keep_model.with_name(args.keep_model.name + ".partial")
-                shutil.rmtree(partial, ignore_errors=True)
-                shutil.copytree(model_path, partial)
-                shutil.rmtree(args.keep_model, ignore_errors=True)
-                partial.rename(args.keep_model)
-            if args.only_dequantise:
-                return 0
-            model = f"{args.gguf[0].name} (given)"
-        elif model_path is None and not args.skip_start:
-            starts = start_times(model, args.device)
-        started = time.perf_counter()
-        generator = LocalGenerator(
-            model if model_path is None else None,
-            device=args.device,
-            model_path=model_path,
-            max_new_tokens=args.new_tokens,
-            batch_size=max(batches),
-        )
-        starts["start used for the runs"] = time.perf_counter() - started
-        if args.dtype:
-            import torch
-
-            generator.model.to(getattr(torch, args.dtype))
-        generator.model.generation_config.min_new_tokens = args.new_tokens
-        device = generator.device
-        print(f"loaded on {device} in {starts['start used for the runs']:.1f} s", file=sys.stderr, flush=True)
-
-        # Check before timing: a prompt's answer is the same alone and within a batch of 8.
-        alone = generator.generate(questions[:1], passages[:1])[0]
-        batched = generator.generate(questions[:8], passages[:8])[0]
-        same = alone == batched
-        print(f"batched answer equals the answer alone: {same}\n{alone[:300]!r}", file=sys.stderr)
-
-        runs: dict[int, list[dict[str, float]]] = {b: [] for b in batches}
+        for model in models:
+            measured[model] = load(model, args, scratch, questions, passages)
         for repeat in range(args.repeats):
             for b in batches:
                 if b > 8 and repeat >= (args.big_batch_repeats or args.repeats):
                     continue
-                runs[b].append(measure(generator, questions[:b], passages[:b], device))
-                print(f"batch {b}: {runs[b][-1]}", file=sys.stderr, flush=True)
-                if args.out:  # a run cut short (a GPU slot) still leaves what it measured
-                    args.out.write_text(report(args, model, generator, device, starts, same, runs))
+                for m in measured.values():
+                    m.runs[b].append(measure(m.generator, questions[:b], passages[:b], m.device))
+                    print(f"{m.model} batch {b}: {m.runs[b][-1]}", file=sys.stderr, flush=True)
+                    if args.out:  # a run cut short (a GPU slot) still leaves what it measured
+                        args.out.write_text(report(args, list(measured.values())))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    text = report(args, model, generator, device, starts, same, runs)
+    text = report(args, list(measured.values()))
     print(text)
     if args.out:
         args.out.write_text(text)
     return 0
 
 
-def report(
-    args: argparse.Namespace,
-    model: str,
-    generator: Any,
-    device: str,
-    starts: dict[str, float],
-    same: bool,
-    runs: dict[int, list[dict[str, float]]],
-) -> str:
-    """The markdown report of the runs so far (batch sizes not yet run are left out)."""
+@dataclasses.dataclass
+class Measured:
+    """One model's generator, how it started, the check before timing, and its runs by batch size."""
+
+    model: str
+    generator: Any
+    device: str
+    starts: dict[str, float]
+    same: bool
+    runs: dict[int, list[dict[str, float]]]
+
+
+def load(
+    model: str, args: argparse.Namespace, scratch: Path, questions: list[str], passages: list[list[Any]]
+) -> Measured:
+    """Start ``model``'s generator as the arguments say, and check it before timing."""
+    from gpurag.rag.generators import LocalGenerator
+
+    batches = [int(b) for b in args.batches.split(",")]
+    starts: dict[str, float] = {}
+    model_path = args.model_path
+    if args.gguf:
+        started = time.perf_counter()
+        model_path = model_dir_from_gguf(args.gguf, scratch)
+        starts["de-quantise the given GGUF and save"] = time.perf_counter() - started
+        print(f"de-quantised in {starts['de-quantise the given GGUF and save']:.1f} s", file=sys.stderr, flush=True)
+        if args.keep_model:  # whole or not at all: another process may be waiting for it
+            partial = args.keep_model.with_name(args.keep_model.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.copytree(model_path, partial)
+            shutil.rmtree(args.keep_model, ignore_errors=True)
+            partial.rename(args.keep_model)
+        if args.only_dequantise:
+            raise SystemExit(0)
+        model = f"{args.gguf[0].name} (given)"
+    elif model_path is None and not args.skip_start:
+        starts = start_times(model, args.device)
+    started = time.perf_counter()
+    generator = LocalGenerator(
+        model if model_path is None else None,
+        device=args.device,
+        model_path=model_path,
+        max_new_tokens=args.new_tokens,
+        batch_size=max(batches),
+    )
+    starts["start used for the runs"] = time.perf_counter() - started
+    if args.dtype:
+        import torch
+
+        generator.model.to(getattr(torch, args.dtype))
+    generator.model.generation_config.min_new_tokens = args.new_tokens
+    device = generator.device
+    print(f"{model} loaded on {device} in {starts['start used for the runs']:.1f} s", file=sys.stderr, flush=True)
+
+    # Check before timing: a prompt's answer is the same alone and within a batch of 8.
+    alone = generator.generate(questions[:1], passages[:1])[0]
+    batched = generator.generate(questions[:8], passages[:8])[0]
+    same = alone == batched
+    print(f"{model}: batched answer equals the answer alone: {same}\n{alone[:300]!r}", file=sys.stderr)
+    return Measured(model, generator, device, starts, same, {b: [] for b in batches})
+
+
+def report(args: argparse.Namespace, measured: list[Measured]) -> str:
+    """The markdown report of the runs so far, one table per model (batch sizes not yet run are left out)."""
     import transformers
 
     from rag_speed import machine_description
 
-    info = machine_description(device)
+    if not measured:
+        return ""
+    info = machine_description(measured[0].device)
     info["transformers"] = transformers.__version__
+    names = ", ".join(f"{m.model} ({m.generator.model.dtype})" for m in measured)
     lines = [
-        f"### `local` generator speed: {model}, {device}, {generator.model.dtype}",
+        f"### `local` generator speed: {names}, {measured[0].device}",
         "",
         f"- prompts: {args.prompts.name} (question + 3 passages, chat template); {args.new_tokens} new tokens each",
-        f"- medians of {args.repeats} interleaved runs (batches over 8: {args.big_batch_repeats or args.repeats}); "
-        f"batched answer (batch 8) equals the answer alone: {same}",
+        f"- medians of {args.repeats} interleaved runs (batches over 8: {args.big_batch_repeats or args.repeats})"
+        + (", the models in turn within each run" if len(measured) > 1 else ""),
         *(f"- {key}: {value}" for key, value in info.items()),
-        *(f"- {label}: {seconds:.1f} s" for label, seconds in starts.items()),
-        "",
-        "| batch | tokens/s | vs batch 1 | answer latency s | first token s | runs |",
-        "|---:|---:|---:|---:|---:|---:|",
     ]
-    base = None
-    for b, measured in runs.items():
-        if not measured:
-            continue
-        total = statistics.median(run["total_s"] for run in measured)
-        first = statistics.median(run["first_token_s"] for run in measured)
-        rate = b * args.new_tokens / total
-        base = base or rate
-        lines.append(f"| {b} | {rate:.1f} | {rate / base:.2f}x | {total:.2f} | {first:.2f} | {len(measured)} |")
+    for m in measured:
+        lines += [
+            "",
+            f"#### {m.model}",
+            "",
+            f"- batched answer (batch 8) equals the answer alone: {m.same}",
+            *(f"- {label}: {seconds:.1f} s" for label, seconds in m.starts.items()),
+            "",
+            "| batch | tokens/s | vs batch 1 | answer latency s | first token s | runs |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
+        base = None
+        for b, runs in m.runs.items():
+            if not runs:
+                continue
+            total = statistics.median(run["total_s"] for run in runs)
+            first = statistics.median(run["first_token_s"] for run in runs)
+            rate = b * args.new_tokens / total
+            base = base or rate
+            lines.append(f"| {b} | {rate:.1f} | {rate / base:.2f}x | {total:.2f} | {first:.2f} | {len(runs)} |")
     return "\n".join([*lines, ""])
 
 

@@ -340,6 +340,12 @@ def test_an_uncited_answer_lists_the_passages_that_hold_its_words(
         ("list[1] and x[] and [a] and [1 2]", "list[1] and x[] and [a] and [1 2]"),
         ("cut [2", "cut [2"),
         ("A  [1]\n\nB", "A  [1]\n\nB"),
+        ("items[7], a_[0] and f(x)[9] [9]", "items[7], a_[0] and f(x)[9]"),
+        ("See [1][2][3].", "See [1][2]."),
+        (
+            "Use `x[7]` [7]:\n```python\nb = [1, 2, 3]\nb [9]\n```\nDone [9].",
+            "Use `x[7]`:\n```python\nb = [1, 2, 3]\nb [9]\n```\nDone.",
+        ),
     ],
 )
 def test_check_citations(text: str, expected: str) -> None:
@@ -347,9 +353,9 @@ def test_check_citations(text: str, expected: str) -> None:
 
 
 def test_citation_filter_gives_the_same_text_however_the_stream_is_cut() -> None:
-    text = "Use with [1]. It calls __exit__ [7]; see [2, 9] and [ 3 ] or a[1] [x]. Done [1, 2]"
+    text = "Use with [1]. It calls __exit__ [7]; see [2, 9] and [ 3 ] or a[9] `[9]` [x]. Done [1, 2]"
     whole = check_citations(text, 2)
-    assert whole == "Use with [1]. It calls __exit__; see [2] and [ 3 ] or a[1] [x]. Done [1, 2]"
+    assert whole == "Use with [1]. It calls __exit__; see [2] and [ 3 ] or a[9] `[9]` [x]. Done [1, 2]"
     rng = random.Random(0)
     for _ in range(200):
         cuts = sorted(rng.sample(range(1, len(text)), rng.randrange(1, 12)))

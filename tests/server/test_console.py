@@ -9,11 +9,13 @@ Screenshots go to ``$GPURAG_CONSOLE_SCREENSHOTS`` (`make console-screenshots`: b
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,10 @@ import httpx
 import pytest
 from server_harness import RunningServer, serving
 
+from gpurag import plugins
+from gpurag.hookspecs import Register, hookimpl
+from gpurag.rag.generators import TextPiece
+from gpurag.rag.types import Generator, Passage
 from gpurag_server.settings import ServerSettings
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -40,6 +46,37 @@ if not os.environ.get("GPURAG_REQUIRE_BROWSER"):
 from playwright.sync_api import Browser, Page, expect, sync_playwright  # noqa: E402
 
 KEY = "console-test-key"
+SLOW_STEPS = 10
+SLOW_STEP_S = 0.3
+
+
+class SlowStreamGenerator(Generator):
+    """Writes ``<first word>:0 ... <first word>:9``, one piece every ``SLOW_STEP_S`` (3 s in all), as a model would."""
+
+    name = "slow-stream"
+
+    def generate(self, questions: Sequence[str], passages: Sequence[Sequence[Passage]]) -> list[str]:
+        parts: list[list[str]] = [[] for _ in questions]
+        for piece in self.stream(questions, passages):
+            parts[piece.index].append(piece.text)
+        return ["".join(texts).strip() for texts in parts]
+
+    def stream(self, questions: Sequence[str], passages: Sequence[Sequence[Passage]]) -> Iterator[TextPiece]:
+        for step in range(SLOW_STEPS):
+            for i, question in enumerate(questions):
+                yield TextPiece(i, f" {question.split()[0]}:{step}")
+            time.sleep(SLOW_STEP_S)
+        for i in range(len(questions)):
+            yield TextPiece(i, "", done=True)
+
+
+@hookimpl
+def register_generators(register: Register) -> None:
+    register(SlowStreamGenerator, "slow-stream")
+
+
+def slow_answer(question: str) -> str:
+    return " ".join(f"{question.split()[0]}:{step}" for step in range(SLOW_STEPS))
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +110,17 @@ def default_corpus_server() -> Iterator[RunningServer]:
 def small_server(small_corpus: Path) -> Iterator[RunningServer]:
     with serving(corpus=small_corpus, embedder="hashing", max_k=20) as running:
         yield running
+
+
+@pytest.fixture(scope="module")
+def streaming_server(small_corpus: Path) -> Iterator[RunningServer]:
+    """A server whose generator streams its answer over 3 s."""
+    plugins.register_plugin(sys.modules[__name__], "test-console-slow-stream")
+    try:
+        with serving(corpus=small_corpus, embedder="hashing", generator="slow-stream", max_k=20) as running:
+            yield running
+    finally:
+        plugins.unregister_plugin("test-console-slow-stream")
 
 
 @pytest.fixture
@@ -161,6 +209,76 @@ def test_asking_shows_the_answer_its_sources_with_matches_highlighted_and_the_st
     assert sum(widths) == pytest.approx(100, abs=0.1)
     expect(page.locator("#total-time")).to_have_text(re.compile(r"\d+(\.\d+)? (ms|s)"))
     page.screenshot(path=str(screenshots / "console_ask.png"))
+
+
+def test_the_answer_appears_as_it_is_written_then_its_sources(streaming_server: RunningServer, page: Page) -> None:
+    page.goto(f"{streaming_server.url}/")
+    expect(page.locator("#server-line")).to_contain_text("ready")
+    ask(page, "alpha with statement", "2")
+    answer = page.locator("#answer")
+    # Part of the answer is on the page while the node still writes the rest (before the done event).
+    expect(page.locator('#answer[data-state="streaming"]')).to_contain_text(
+        "alpha:1", timeout=SLOW_STEPS * SLOW_STEP_S * 1000
+    )
+    assert "alpha:9" not in answer.inner_text()
+    expect(page.locator("#busy")).to_have_text("writing…")
+    expect(page.locator("li.source")).to_have_count(0)
+    expect(answer).to_have_attribute("data-state", "done")
+    expect(answer).to_have_text(slow_answer("alpha"))
+    expect(page.locator("#meta")).to_contain_text("answered by local-")
+    expect(page.locator("li.source")).to_have_count(2)
+    expect(page.locator("#busy")).to_be_hidden()
+
+
+def test_when_the_stream_fails_the_page_asks_again_without_streaming(
+    streaming_server: RunningServer, page: Page
+) -> None:
+    asked: list[bool] = []
+    cut_stream = 'event: token\ndata: {"text": " cut"}\n\n'
+
+    def stream_fails(route: Any) -> None:
+        streaming = bool(json.loads(route.request.post_data or "{}").get("stream"))
+        asked.append(streaming)
+        if not streaming:
+            route.continue_()
+        elif len(asked) == 1:
+            route.abort("connectionreset")  # no response at all
+        else:
+            route.fulfill(status=200, content_type="text/event-stream", body=cut_stream)  # no done event
+
+    page.route("**/v1/rag", stream_fails)
+    page.goto(f"{streaming_server.url}/")
+    for question in ("bravo try statement", "charlie for loop"):
+        ask(page, question, "2")
+        expect(page.locator("#answer")).to_have_text(slow_answer(question), timeout=15_000)
+        expect(page.locator("#answer")).to_have_attribute("data-state", "done")
+        expect(page.locator("li.source")).to_have_count(2)
+        expect(page.locator("#error")).to_be_hidden()
+    assert asked == [True, False, True, False]
+
+
+def test_server_sent_events_are_read_however_the_text_is_cut(small_server: RunningServer, page: Page) -> None:
+    page.goto(f"{small_server.url}/")
+    got = page.evaluate(
+        """async () => {
+            const { EventParser } = await import("./static/ask.js");
+            const text = 'event: token\\ndata: {"text": " a"}\\n\\nevent: reset\\r\\ndata: {"text": "b"}\\r\\n\\r\\n'
+              + 'event: done\\ndata: line one\\ndata: line two\\n\\n: comment\\n\\nevent: token\\ndata: {"te';
+            const whole = new EventParser().push(text);
+            const cuts = [];
+            for (let cut = 0; cut <= text.length; cut++) {
+              const parser = new EventParser();
+              cuts.push(JSON.stringify([...parser.push(text.slice(0, cut)), ...parser.push(text.slice(cut))]));
+            }
+            return { whole, same: cuts.every((c) => c === JSON.stringify(whole)) };
+        }"""
+    )
+    assert got["whole"] == [
+        {"event": "token", "data": '{"text": " a"}'},
+        {"event": "reset", "data": '{"text": "b"}'},
+        {"event": "done", "data": "line one\nline two"},
+    ]
+    assert got["same"]
 
 
 def test_bad_input_shows_the_servers_message_and_a_good_one_clears_it(small_server: RunningServer, page: Page) -> None:

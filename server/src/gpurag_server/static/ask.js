@@ -1,5 +1,6 @@
-// The ask page: POST /v1/rag, show the answer, its sources (matched words highlighted) and the
-// per-stage timings; show every failure as a readable message.
+// The ask page: POST /v1/rag, show the answer as it is written (server-sent events), then its
+// sources (matched words highlighted) and the per-stage timings; show every failure as a readable
+// message. Where the answer cannot be streamed, the page asks again without streaming.
 
 import { askForKey, callApi, describeFailure, el, formatSeconds, showFailure, storedKey, wireForgetKey } from "./console.js";
 
@@ -57,8 +58,106 @@ function renderTimings(box, timings) {
   );
 }
 
+/** Server-sent events from text that arrives in pieces: `push(text)` returns the events completed so far. */
+export class EventParser {
+  constructor() {
+    this.buffer = "";
+  }
+
+  push(text) {
+    this.buffer += text;
+    const events = [];
+    let end;
+    while ((end = /\r?\n\r?\n/.exec(this.buffer)) !== null) {
+      const block = this.buffer.slice(0, end.index);
+      this.buffer = this.buffer.slice(end.index + end[0].length);
+      let name = "message";
+      const data = [];
+      for (const raw of block.split("\n")) {
+        const line = raw.endsWith("\r") ? raw.slice(0, -1) : raw;
+        const colon = line.indexOf(":");
+        const field = colon < 0 ? line : line.slice(0, colon);
+        const value = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
+        if (field === "event") name = value;
+        else if (field === "data") data.push(value);
+      }
+      if (data.length) events.push({ event: name, data: data.join("\n") });
+    }
+    return events;
+  }
+}
+
+/**
+ * POST the question with "stream": true and read its events: `onText(text, reset)` for each
+ * `token` (new text) and `reset` (the whole text so far) event. Resolves like `callApi` with the
+ * `done` event's body or the `error` event's status and body, or with the plain response of a
+ * request refused before its stream started (422, 503...). Resolves `{streamFailed: reason}`
+ * when no answer came through the stream (network error, no ReadableStream, a stream cut before
+ * its `done` event): the caller then asks without streaming.
+ */
+export async function streamRag(payload, onText, { timeoutMs = 600000 } = {}) {
+  if (typeof ReadableStream === "undefined" || typeof TextDecoder === "undefined") return { streamFailed: "this browser cannot read a stream" };
+  const headers = { "Content-Type": "application/json", Accept: "text/event-stream" };
+  const key = storedKey();
+  if (key) headers["Authorization"] = `Bearer ${key}`;
+  const abort = new AbortController();
+  const timer = setTimeout(() => abort.abort(), timeoutMs);
+  try {
+    const response = await fetch("v1/rag", { method: "POST", headers, body: JSON.stringify({ ...payload, stream: true }), cache: "no-store", signal: abort.signal });
+    const type = response.headers.get("content-type") || "";
+    if (!type.startsWith("text/event-stream") || !response.body) {
+      const text = await response.text();
+      let body = null;
+      try {
+        body = type.includes("json") ? JSON.parse(text) : null;
+      } catch {
+        body = null;
+      }
+      if (response.ok && !(body && typeof body.answer === "string")) return { streamFailed: `the server answered ${type || "without a content type"}` };
+      return { ok: response.ok, status: response.status, body, text, retryAfter: response.headers.get("retry-after"), networkError: null };
+    }
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    const parser = new EventParser();
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return { streamFailed: "the stream ended before the answer was done" };
+      for (const { event, data } of parser.push(decoder.decode(value, { stream: true }))) {
+        const body = JSON.parse(data);
+        if (event === "token") onText(body.text, false);
+        else if (event === "reset") onText(body.text, true);
+        else if (event === "done") {
+          reader.cancel().catch(() => {});
+          return { ok: true, status: 200, body, text: data, retryAfter: null, networkError: null };
+        } else if (event === "error") {
+          reader.cancel().catch(() => {});
+          return { ok: false, status: body.status || 500, body, text: data, retryAfter: null, networkError: null };
+        }
+      }
+    }
+  } catch (error) {
+    return { streamFailed: String((error && error.message) || error) };
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** The answer so far, while the node writes it; the sources and timings come with the done event. */
+function renderPartial(text) {
+  const answer = $("answer");
+  answer.textContent = text.trimStart();
+  answer.dataset.state = "streaming";
+  $("meta").textContent = "writing…";
+  $("timings").replaceChildren();
+  $("sources").replaceChildren(el("li", { class: "empty" }, "the sources follow the answer"));
+  $("busy").textContent = "writing…";
+  $("error").hidden = true;
+  $("result").hidden = false;
+}
+
 function renderAnswer(body) {
   $("answer").textContent = body.answer || "(the generator returned an empty answer)";
+  $("answer").dataset.state = "done";
   $("meta").textContent = `answered by ${body.node} in a batch of ${body.batch_size}`;
   renderTimings($("timings"), body.timings || {});
   const terms = queryTerms(body.query || "");
@@ -105,9 +204,19 @@ async function ask() {
   const payload = { query };
   if (kText !== "") payload.k = Number(kText);
   $("error").hidden = true;
+  $("busy").textContent = "asking…";
   $("busy").hidden = false;
   $("ask-button").disabled = true;
-  const result = await callApi("v1/rag", { method: "POST", json: payload });
+  let written = "";
+  let result = await streamRag(payload, (text, reset) => {
+    written = reset ? text : written + text;
+    renderPartial(written);
+  });
+  if (result.streamFailed) {
+    console.warn(`gpurag: streaming the answer failed (${result.streamFailed}); asking without streaming`);
+    $("busy").textContent = "asking again…";
+    result = await callApi("v1/rag", { method: "POST", json: payload, timeoutMs: 600000 });
+  }
   $("busy").hidden = true;
   $("ask-button").disabled = false;
   if (result.ok && result.body) {

@@ -1,7 +1,9 @@
 """Citations like ``[2]`` in a generated answer: those to passages that were not given are removed.
 
 `CitationFilter` works on text as it streams in, holding back only what may still become a
-citation, so that a streamed answer and the finished one read the same.
+citation, so that a streamed answer and the finished one read the same. Brackets inside code
+(between backticks) or right after a name or a closing bracket (``items[7]``, ``f(x)[0]``) are
+subscripts, not citations: they are left as written.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ CITATION = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
 _MAY_BECOME_CITATION = re.compile(r"\[[\d\s,]*")
 _LONGEST_CITATION = 24
 _CLOSING_PUNCTUATION = frozenset(".,;:!?)")
+_SUBSCRIPTED = frozenset(")]_")  # a "[" right after one of these (or a letter or digit) is a subscript
 
 
 class CitationFilter:
@@ -31,6 +34,8 @@ class CitationFilter:
         self._space = ""  # whitespace not yet passed on: dropped if a removed citation follows
         self._after_removal = False
         self._started = False  # any text passed on yet
+        self._in_code = False  # inside backticks (an odd number of them so far)
+        self._last = ""  # the last character taken outside a "[..." held back
 
     def feed(self, text: str) -> str:
         """The part of ``text`` (after what was fed before) that can be passed on now."""
@@ -59,7 +64,11 @@ class CitationFilter:
                 for rest in text[1:]:
                     self._take(rest, out)
             return
-        if char == "[":
+        subscript = self._in_code or self._last.isalnum() or self._last in _SUBSCRIPTED
+        self._last = char
+        if char == "`":
+            self._in_code = not self._in_code
+        if char == "[" and not subscript:
             self._pending = char
         elif char.isspace():
             if not (self._after_removal and (self._space or not self._started)):  # one space where one was removed
