@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from triton_devices import triton_on
 
 from gpurag.backend import DistanceBackend
 from gpurag.errors import InvalidInputError
@@ -52,14 +53,7 @@ def _backend(name: str, device: str) -> DistanceBackend:
         if not CudaBackend.availability():
             pytest.skip(f"cuda backend: {CudaBackend.availability().reason}")
         return CudaBackend(device, low_precision=True)
-    from gpurag_triton.backend import TritonBackend
-
-    availability = TritonBackend.availability()
-    if not availability or (device == "cuda" and TritonBackend.default_device() != "cuda"):
-        pytest.skip(f"triton on {device}: {availability.reason or 'no CUDA device'}")
-    if device == "cpu" and TritonBackend.default_device() == "cuda":
-        pytest.skip("triton runs on the CPU only under the interpreter")
-    return TritonBackend(device, low_precision=True)
+    return triton_on(device)
 
 
 def _search(backend: DistanceBackend, queries: np.ndarray, vectors: np.ndarray, metric: Metric, k: int) -> tuple:

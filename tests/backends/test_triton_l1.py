@@ -12,25 +12,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from triton_devices import DEVICES, triton_on
 
 from gpurag.metrics import Metric
 from gpurag.testing import reference as ref
 
 pytest.importorskip("triton")
 torch = pytest.importorskip("torch")
-
-DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu])]
-
-
-def _triton(device: str) -> Any:
-    from gpurag_triton.backend import TritonBackend
-
-    availability = TritonBackend.availability()
-    if not availability or (device == "cuda" and TritonBackend.default_device() != "cuda"):
-        pytest.skip(f"triton on {device}: {availability.reason or 'no CUDA device'}")
-    if device == "cpu" and TritonBackend.default_device() == "cuda":
-        pytest.skip("triton runs on the CPU only under the interpreter")
-    return TritonBackend(device, low_precision=True)
 
 
 def _scan_scores(queries: Any, vectors: Any, dtype: Any, device: str, block_d: int) -> tuple[Any, Any]:
@@ -56,7 +44,7 @@ def test_float16_chunk_sums_stay_within_their_bound(device: str, dim: int) -> No
     from gpurag_triton import launch
     from gpurag_triton.backend import L1_HALF_REACH, half_l1_bounds
 
-    _triton(device)
+    triton_on(device)
     rng = np.random.default_rng(31)
     n = 100
     # Ordinary values, values near the float16 reach (large chunk sums), tiny ones (float16 subnormals),
@@ -83,7 +71,7 @@ def test_float16_chunk_sums_stay_within_their_bound(device: str, dim: int) -> No
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_tile_sums_every_chunk_and_row(device: str, dtype: str) -> None:
-    _triton(device)
+    triton_on(device)
     rng = np.random.default_rng(32)
     dim = 23  # neither chunk size (4, 8) divides it
     vectors = rng.standard_normal((70, dim)).astype(np.float32)
@@ -113,7 +101,7 @@ def _spy_l1_dtypes(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_many_queries_shortlist_in_float16_exactly(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    backend = _triton(device)
+    backend = triton_on(device)
     seen = _spy_l1_dtypes(monkeypatch)
     rng = np.random.default_rng(33)
     vectors = rng.standard_normal((300, 19)).astype(np.float32)
@@ -130,7 +118,7 @@ def test_many_queries_shortlist_in_float16_exactly(device: str, monkeypatch: pyt
 def test_values_beyond_float16_reach_are_answered_in_float32(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from gpurag_triton.backend import L1_HALF_REACH
 
-    backend = _triton(device)
+    backend = triton_on(device)
     seen = _spy_l1_dtypes(monkeypatch)
     rng = np.random.default_rng(34)
     vectors = rng.standard_normal((200, 9)).astype(np.float32)
@@ -148,7 +136,7 @@ def test_values_beyond_float16_reach_are_answered_in_float32(device: str, monkey
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_float16_near_ties_are_certified_or_answered_again(device: str) -> None:
-    backend = _triton(device)
+    backend = triton_on(device)
     rng = np.random.default_rng(35)
     dim = 12
     vectors = rng.standard_normal((600, dim)).astype(np.float32)
@@ -171,5 +159,5 @@ def test_boundaries_declare_the_float16_switch() -> None:
     """The conformance kit searches one query past each declared query boundary: 17 takes the float16 path."""
     from gpurag_triton.backend import L1_LOW_MAX_QUERIES
 
-    backend = _triton("cpu")
+    backend = triton_on("cpu")
     assert L1_LOW_MAX_QUERIES in backend.boundaries(Metric.L1, 1, 128).queries

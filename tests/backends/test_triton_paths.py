@@ -12,26 +12,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from triton_devices import DEVICES, triton_on
 
 from gpurag.backend import DistanceBackend
 from gpurag.metrics import Metric
 from gpurag.testing import reference as ref
 
 pytest.importorskip("triton")
-
-
-def _triton(device: str) -> Any:
-    from gpurag_triton.backend import TritonBackend
-
-    availability = TritonBackend.availability()
-    if not availability or (device == "cuda" and TritonBackend.default_device() != "cuda"):
-        pytest.skip(f"triton on {device}: {availability.reason or 'no CUDA device'}")
-    if device == "cpu" and TritonBackend.default_device() == "cuda":
-        pytest.skip("triton runs on the CPU only under the interpreter")
-    return TritonBackend(device, low_precision=True)
-
-
-DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu])]
 
 
 @pytest.fixture
@@ -63,7 +50,7 @@ def _search(backend: DistanceBackend, queries: Any, vectors: Any, metric: Metric
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("metric", [Metric.DOT, Metric.L2, Metric.COSINE], ids=str)
 def test_seeded_shortlist_is_exact_and_certifies_plain_data(device: str, metric: Metric, seeded: list[int]) -> None:
-    backend = _triton(device)
+    backend = triton_on(device)
     rng = np.random.default_rng(11)
     vectors = rng.standard_normal((530, 19)).astype(np.float32)  # 19: no block divides it
     queries = rng.standard_normal((5, 19)).astype(np.float32)
@@ -93,7 +80,7 @@ def test_the_seeds_sample_keeps_at_least_the_ranks_worth_of_keys_however_few_its
         return found
 
     monkeypatch.setattr(launch, "scan_topk", recording)
-    backend = _triton(device)
+    backend = triton_on(device)
     rng = np.random.default_rng(11)
     vectors = rng.standard_normal((530, 19)).astype(np.float32)
     queries = rng.standard_normal((5, 19)).astype(np.float32)
@@ -114,7 +101,7 @@ def test_seeded_scan_keeping_fewer_than_k_rows_is_answered_again_exactly(
 
     # The floor is the sample's best row: about 8 rows score above it, fewer than k = 40.
     monkeypatch.setattr(module, "SEED_SAMPLE_RANK", 1)
-    backend = _triton(device)
+    backend = triton_on(device)
     rng = np.random.default_rng(13)
     vectors = rng.standard_normal((600, 16)).astype(np.float32)
     queries = rng.standard_normal((4, 16)).astype(np.float32)
@@ -135,7 +122,7 @@ def test_seeded_floor_bounds_the_rows_it_leaves_out(
     # floor is the sample's best row (every 8th row), decoy 0: the scan keeps only the decoys above
     # it, so only the floor itself (a bound on the rows left out) can show the true rows may beat them.
     monkeypatch.setattr(module, "SEED_SAMPLE_RANK", 1)
-    backend = _triton(device)
+    backend = triton_on(device)
     rng = np.random.default_rng(16)
     vectors = (rng.random((600, 2)) * 0.01).astype(np.float32)
     decoys = [0, *range(1, 7)]  # 6 above the floor: fewer than a split has slots for, at least k
@@ -156,7 +143,7 @@ def test_graph_replay_is_exact_and_follows_database_changes(metric: Metric, monk
     import gpurag
     from gpurag_triton import backend as module
 
-    backend = _triton("cuda")
+    backend = triton_on("cuda")
     monkeypatch.setattr(module, "GRAPH_MIN_ROWS", 1000)
     rng = np.random.default_rng(14)
     vectors = rng.standard_normal((3000, 37)).astype(np.float32)
@@ -188,7 +175,7 @@ def test_graph_replay_is_exact_and_follows_database_changes(metric: Metric, monk
 def test_graph_replay_falls_back_where_the_certificate_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     from gpurag_triton import backend as module
 
-    backend = _triton("cuda")
+    backend = triton_on("cuda")
     monkeypatch.setattr(module, "GRAPH_MIN_ROWS", 1000)
     rng = np.random.default_rng(15)
     base = rng.standard_normal(64).astype(np.float32)
@@ -207,7 +194,7 @@ def test_seeded_scan_keeps_only_rows_above_the_floor(device: str) -> None:
 
     from gpurag_triton import launch
 
-    backend = _triton(device)
+    backend = triton_on(device)
     rng = np.random.default_rng(17)
     rows = torch.from_numpy(rng.standard_normal((300, 16)).astype(np.float32)).to(backend.torch_device)
     queries = torch.from_numpy(rng.standard_normal((3, 16)).astype(np.float32)).to(backend.torch_device)
@@ -227,7 +214,7 @@ def test_seeded_scan_keeps_only_rows_above_the_floor(device: str) -> None:
 def test_finish_kernel_is_exact_whether_it_sums_the_candidates_itself_or_not(
     device: str, metric: Metric, split_below: int
 ) -> None:
-    backend = _triton(device)
+    backend = triton_on(device)
     backend.finish_split_below = split_below  # 0: one program per query gathers and sums its candidates
     rng = np.random.default_rng(18)
     vectors = rng.standard_normal((700, 21)).astype(np.float32)
@@ -247,7 +234,7 @@ def test_scan_keeps_each_splits_best_rows_whichever_merge(device: str, by_index:
 
     from gpurag_triton import launch
 
-    backend = _triton(device)
+    backend = triton_on(device)
     rng = np.random.default_rng(19)
     # Small integers: many exact ties, and many hits per tile and query (every merge step is taken).
     # 1,030 rows: several splits both under the interpreter (16-row blocks) and on a GPU (64-row blocks, 4 per split).
@@ -287,7 +274,7 @@ def test_device_queries_take_one_replay_to_the_host_and_stay_exact(
     import gpurag
     from gpurag_triton import backend as module
 
-    backend = _triton("cuda")
+    backend = triton_on("cuda")
     monkeypatch.setattr(module, "GRAPH_MIN_ROWS", 1000)
     rng = np.random.default_rng(20)
     vectors = rng.standard_normal((3001, 45)).astype(np.float32)
@@ -328,7 +315,7 @@ def test_non_finite_device_queries_are_refused_on_the_one_replay_path(
     from gpurag.errors import InvalidInputError
     from gpurag_triton import backend as module
 
-    backend = _triton("cuda")
+    backend = triton_on("cuda")
     monkeypatch.setattr(module, "GRAPH_MIN_ROWS", 1000)
     rng = np.random.default_rng(21)
     index = gpurag.ExactRetriever(metric="dot", backend=backend)
@@ -347,7 +334,7 @@ def test_one_replay_path_falls_back_where_the_certificate_fails(monkeypatch: pyt
     import gpurag
     from gpurag_triton import backend as module
 
-    backend = _triton("cuda")
+    backend = triton_on("cuda")
     monkeypatch.setattr(module, "GRAPH_MIN_ROWS", 1000)
     rng = np.random.default_rng(15)
     base = rng.standard_normal(64).astype(np.float32)
@@ -367,7 +354,7 @@ def test_one_replay_path_falls_back_where_the_certificate_fails(monkeypatch: pyt
 def test_finish_kernels_packed_answer_is_its_answer(device: str, metric: Metric) -> None:
     import torch
 
-    backend = _triton(device)
+    backend = triton_on(device)
     rng = np.random.default_rng(22)
     vectors = rng.standard_normal((300, 19)).astype(np.float32)
     queries = rng.standard_normal((3, 19)).astype(np.float32)
@@ -390,7 +377,7 @@ def test_merging_split_groups_keeps_each_groups_best_and_bounds_the_rest(device:
 
     from gpurag_triton import launch
 
-    backend = _triton(device)
+    backend = triton_on(device)
     generator = torch.Generator().manual_seed(23)
     keys = torch.randn(3, 37, 16, dtype=torch.float64, generator=generator)
     keys[1, 5:9] = float("-inf")  # splits that kept nothing
@@ -416,7 +403,7 @@ def test_search_through_merged_split_groups_is_exact(
     from gpurag_triton import backend as module
 
     monkeypatch.setattr(module, "SHORTLIST_MIN", 4)  # fewer kept keys than the splits hold: groups merge
-    backend = _triton(device)
+    backend = triton_on(device)
     backend.merge_groups = True
     rng = np.random.default_rng(24)
     vectors = rng.standard_normal((500, 21)).astype(np.float32)
