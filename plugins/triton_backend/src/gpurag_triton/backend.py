@@ -389,10 +389,16 @@ class TritonBackend(TorchBackend):
         elif self._seeded(q, database):
             stride = SEED_SAMPLE_STRIDE
             sample_extra = None if extra is None else extra[::stride].contiguous()
-            sample = launch.scan_topk(query_in, rows_in[::stride], sample_extra, code, SEED_SAMPLE_KP)
-            if sample.keys.shape[1] * SEED_SAMPLE_KP < SEED_SAMPLE_RANK:  # few splits: keep the rank's worth of keys
-                wider = min(launch._pow2(-(-SEED_SAMPLE_RANK // sample.keys.shape[1])), launch.MAX_KP)
-                sample = launch.scan_topk(query_in, rows_in[::stride], sample_extra, code, wider)
+            sample_rows = rows_in[::stride]
+            config = launch.choose_scan_config(
+                q.shape[0], sample_rows.shape[0], database.dim,
+                l1=False, low=query_in.dtype == torch.bfloat16, device=rows_in.device,
+            )  # fmt: skip
+            splits = launch.split_rows(sample_rows.shape[0], config.splits, config.block_n)[1]
+            sample_kp = SEED_SAMPLE_KP  # few splits: each keeps enough keys for the rank
+            if splits * sample_kp < SEED_SAMPLE_RANK:
+                sample_kp = min(launch._pow2(-(-SEED_SAMPLE_RANK // splits)), launch.MAX_KP)
+            sample = launch.scan_topk(query_in, sample_rows, sample_extra, code, sample_kp, config=config)
             sampled = sample.keys.reshape(q.shape[0], -1)
             floor = self._kth_keys(sampled, min(SEED_SAMPLE_RANK, sampled.shape[1]))[1]
             scan = launch.scan_topk(query_in, rows_in, extra, code, kp, tau=launch.decode(floor)[0])

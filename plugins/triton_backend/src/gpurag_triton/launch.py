@@ -86,6 +86,12 @@ def _sms(device: torch.device) -> int:
     return DEFAULT_SMS
 
 
+def split_rows(n_rows: int, splits: int, block_n: int) -> tuple[int, int]:
+    """(rows per split, splits): ``n_rows`` cut into at most ``splits`` runs of whole ``block_n`` blocks."""
+    rows_per_split = triton.cdiv(triton.cdiv(n_rows, splits), block_n) * block_n
+    return rows_per_split, triton.cdiv(n_rows, rows_per_split)
+
+
 def choose_scan_config(
     n_queries: int, n_rows: int, dim: int, *, l1: bool, low: bool, device: torch.device
 ) -> ScanConfig:
@@ -164,8 +170,7 @@ def scan_topk(
         )
     if config is None:
         config = choose_scan_config(n_queries, n_rows, dim, l1=l1, low=low, device=rows.device)
-    rows_per_split = triton.cdiv(triton.cdiv(n_rows, config.splits), config.block_n) * config.block_n
-    splits = triton.cdiv(n_rows, rows_per_split)
+    rows_per_split, splits = split_rows(n_rows, config.splits, config.block_n)
     out = torch.empty((n_queries, splits, kp), dtype=torch.float64, device=rows.device)
     grid = (triton.cdiv(n_queries, config.block_q), splits)
     scan_topk_kernel[grid](
@@ -251,8 +256,7 @@ def l1_scan(
         )
     if config is None:
         config = choose_l1_config(n_queries, n_rows, device=rows_t.device, half=dtype == torch.float16)
-    rows_per_split = triton.cdiv(triton.cdiv(n_rows, config.splits), config.block_n) * config.block_n
-    splits = triton.cdiv(n_rows, rows_per_split)
+    rows_per_split, splits = split_rows(n_rows, config.splits, config.block_n)
     out = torch.empty((n_queries, splits, kp), dtype=torch.float64, device=rows_t.device)
     l1_scan_kernel[(triton.cdiv(n_queries, config.block_q), splits)](
         queries_t, rows_t, out if tau is None else tau.contiguous(), out,
@@ -283,8 +287,7 @@ def hamming_topk(codes: torch.Tensor, database_codes: torch.Tensor, kp: int) -> 
     splits = max(1, min(triton.cdiv(_sms(codes.device) * 4, query_blocks), triton.cdiv(n_rows, block_n * 4)))
     if interpreting():
         splits = max(1, min(3, triton.cdiv(n_rows, block_n)))
-    rows_per_split = triton.cdiv(triton.cdiv(n_rows, splits), block_n) * block_n
-    splits = triton.cdiv(n_rows, rows_per_split)
+    rows_per_split, splits = split_rows(n_rows, splits, block_n)
     out = torch.empty((n_queries, splits, kp), dtype=torch.float64, device=codes.device)
     hamming_topk_kernel[(query_blocks, splits)](
         a, b, out, n_queries, n_rows, words, rows_per_split, splits, BLOCK_Q=block_q, BLOCK_N=block_n, KP=kp
