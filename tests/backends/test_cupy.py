@@ -450,3 +450,91 @@ def test_device_queries_whose_float32_products_overflow_are_answered_in_float64(
     ref.assert_topk_matches(
         queries, vectors, Metric.DOT, scores, ids, 5, label="device queries, float32 terms overflow"
     )
+
+
+# --- captured searches: a few queries answered to the host by one graph replay ----------------------
+def _winner(query: np.ndarray, metric: Metric) -> np.ndarray:
+    """A row that beats every random row for ``query`` under ``metric``."""
+    return np.asarray(100 * query if metric is Metric.DOT else query, dtype=np.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("metric", list(Metric), ids=str)
+def test_graph_replays_answer_each_new_query_not_the_captured_one(cupy_gpu: DistanceBackend, metric: Metric) -> None:
+    """Each shape is captured once, then replayed for new queries (torch, CuPy and host arrays in turn),
+    each answer checked: a replay that reused the captured queries or answer would fail. Shapes cross a
+    chunk's end, k past a partial chunk's rows, D = 781 (the streaming kernel, not the float4 one), and
+    tiles of two chunks inside one graph."""
+    torch = pytest.importorskip("torch")
+    import cupy
+
+    from gpurag_cupy import search
+
+    chunk = search.CHUNK_KEYS
+    rng = np.random.default_rng(15)
+    cases = [
+        (cupy_backend.CupyBackend(cupy_gpu.device), chunk - 1, 24, 1, 10),
+        (cupy_backend.CupyBackend(cupy_gpu.device), 3 * chunk + 7, 24, 3, 1),
+        (cupy_backend.CupyBackend(cupy_gpu.device), 2 * chunk + 5, 781, 1, 10),
+        (cupy_backend.CupyBackend(cupy_gpu.device), chunk + 100, 8, 16, search.SORTED_MAX),
+        (cupy_backend.CupyBackend(cupy_gpu.device, tile_scores=2 * chunk * 3), 5 * chunk + 3, 12, 3, 10),
+    ]
+    device = torch.device(cupy_gpu.device)
+    kinds = [lambda q: torch.from_numpy(q).to(device), cupy.asarray, lambda q: q]
+    for backend, n, dim, n_queries, k in cases:
+        vectors = rng.standard_normal((n, dim)).astype(np.float32)
+        index = gpurag.ExactRetriever(metric=metric.value, backend=backend)
+        index.add(vectors)
+        for turn in range(5):
+            queries = rng.standard_normal((n_queries, dim)).astype(np.float32)
+            queries[-1] = vectors[rng.integers(n)]
+            scores, ids = index.search(kinds[turn % 3](queries), k)
+            label = f"{metric.value} N={n} D={dim} Q={n_queries} k={k} #{turn}"
+            ref.assert_topk_matches(queries, vectors, metric, scores, ids, k, label=label)
+        graphs = backend._graphs  # type: ignore[attr-defined]
+        assert (graphs.captures, graphs.replays) == (1, 5), f"N={n} D={dim} Q={n_queries}: not one capture, 5 replays"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("metric", list(Metric), ids=str)
+def test_graph_replay_follows_the_database_after_capture(cupy_gpu: DistanceBackend, metric: Metric) -> None:
+    """Rows added after a capture are searched (a new row count: a new graph), and rows changed in place
+    (a removal, then an addition into the same storage: the same graph replayed) are read as they are now."""
+    torch = pytest.importorskip("torch")
+
+    backend = cupy_backend.CupyBackend(cupy_gpu.device)
+    device = torch.device(cupy_gpu.device)
+    rng = np.random.default_rng(16)
+    vectors = rng.standard_normal((2 * 4096 + 3, 16)).astype(np.float32)
+    index = gpurag.ExactRetriever(metric=metric.value, backend=backend)
+    index.add(vectors)
+    first, second = (rng.standard_normal((1, 16)).astype(np.float32) for _ in range(2))
+    _, ids = index.search(torch.from_numpy(first).to(device), 3)
+    assert index.search(torch.from_numpy(first).to(device), 3).ids[0, 0] == ids[0, 0]
+    grown = index.add(_winner(first, metric))  # the storage grows: new addresses and a new row count
+    assert index.search(torch.from_numpy(first).to(device), 3).ids[0, 0] == grown[0]
+    graphs = backend._graphs  # type: ignore[attr-defined]
+    captures = graphs.captures
+    index.remove([int(ids[0, 0])])
+    assert index.search(torch.from_numpy(first).to(device), 3).ids[0, 0] == grown[0]  # fewer rows: captured anew
+    changed = index.add(_winner(second, metric))  # back to the captured row count, in the same storage
+    replays = graphs.replays
+    assert index.search(torch.from_numpy(second).to(device), 3).ids[0, 0] == changed[0]
+    assert graphs.replays == replays + 1, "the changed rows were not searched by the graph captured on them"
+    assert graphs.captures == captures + 1
+
+
+@pytest.mark.gpu
+def test_searches_scored_through_cublas_are_answered_without_a_graph(cupy_gpu: DistanceBackend) -> None:
+    """Two queries of D = 768 fit none of the backend's dot kernels: cuBLAS scores them, uncaptured."""
+    torch = pytest.importorskip("torch")
+
+    backend = cupy_backend.CupyBackend(cupy_gpu.device)
+    rng = np.random.default_rng(17)
+    vectors = rng.standard_normal((5000, 768)).astype(np.float32)
+    queries = rng.standard_normal((2, 768)).astype(np.float32)
+    index = gpurag.ExactRetriever(metric="dot", backend=backend)
+    index.add(vectors)
+    scores, ids = index.search(torch.from_numpy(queries).to(torch.device(cupy_gpu.device)), 10)
+    ref.assert_topk_matches(queries, vectors, Metric.DOT, scores, ids, 10, label="Q=2 D=768 dot")
+    assert backend._graphs.captures == backend._graphs.replays == 0  # type: ignore[attr-defined]

@@ -1,0 +1,266 @@
+"""The CuPy backend's captured searches on a CUDA card: exactness first, then timing interleaved with naive.
+
+    python benchmarks/cupy_graphs.py [--out DIR] [--reps N] [--many] [--any-k]
+
+1. The GPU report's one-query rows (N=1M D=768 Q=1, k=10: dot, l2, cosine, l1) through
+   ``ExactRetriever.search`` with torch queries on the device: the naive PyTorch anchor
+   (`gpu_report.naive`), the captured graph scored by the float4 kernel (shipped), the graph scored by
+   the streaming kernel, and the uncaptured path (``use_graphs = False``: main's path), interleaved
+   call by call, medians of ``--reps``. Every variant's answer is checked first (`gpu_report.check`
+   against float64), and again for a second, different query after the first was captured.
+2. Host walls of the graph path (query copy, replay, wait) against the card's time for the same replay.
+3. ``--many``: the many-query rows whose margin over naive is thinnest (1M x 768 Q=1024 dot and
+   cosine, 10M x 128 Q=1024 dot), CuPy against naive, interleaved.
+4. ``--any-k``: k = 10, 1,024 and 4,096 on N=10M D=128 Q=1024 l2 (target: at most 2x the k = 10 time).
+
+Lines go to stdout and ``DIR/cupy_graphs.jsonl``; tables to ``DIR/cupy_graphs.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+OUT: Path | None = None
+K = 10
+
+
+def emit(record: dict[str, Any]) -> None:
+    line = json.dumps(record)
+    print(line, flush=True)
+    if OUT is not None:
+        with (OUT / "cupy_graphs.jsonl").open("a") as f:
+            f.write(line + "\n")
+
+
+def write_md(text: str) -> None:
+    print(text, flush=True)
+    if OUT is not None:
+        with (OUT / "cupy_graphs.md").open("a") as f:
+            f.write(text + "\n")
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, float]:
+    """Median ms per function, calls interleaved (one of each per round), timed like `gpu_report.time_ms`."""
+    import torch
+
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(2):
+        for fn in fns.values():
+            fn()
+    torch.cuda.synchronize()
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times[name].append(start.elapsed_time(end))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+#: (name, use_graphs, GRAPH_VEC4) of each CuPy variant timed.
+VARIANTS = (("graph vec4", True, True), ("graph stream", True, False), ("no graph", False, True))
+
+
+def one_query_rows(reps: int, metrics: list[str]) -> None:
+    import torch
+
+    import gpu_report as report
+    import gpurag
+    from gpurag_cupy import search
+    from gpurag_cupy.backend import CupyBackend
+
+    backend = CupyBackend("cuda:0")
+    gen = torch.Generator(device="cuda").manual_seed(12345)
+    x = torch.randn(1_000_000, 768, device="cuda", generator=gen)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    q = torch.randn(1, 768, device="cuda", generator=gen)
+    other = torch.randn(1, 768, device="cuda", generator=gen)
+    write_md("\n## N=1M D=768 Q=1, k=10: ExactRetriever.search (ms, medians, interleaved)\n")
+    names = [name for name, _, _ in VARIANTS]
+    write_md("| metric | naive | " + " | ".join(names) + " | graph vec4 / naive (x) | no graph / naive (x) |")
+    write_md("|---|---|" + "---|" * len(names) + "---|---|")
+    for metric in metrics:
+        try:
+            sc = report.Scenario(1_000_000, 768, 1, metric, 0.0, 0.0, "")
+            index = gpurag.ExactRetriever(metric=metric, backend=backend)
+            index.add(x)
+            fns: dict[str, Callable[[], Any]] = {"naive": lambda m=metric: report.naive(q, x, m)}
+            for query, label in ((q, "first"), (other, "second")):
+                reference = report.reference_scores(query, x, metric)
+                scores, ids = report.naive(query, x, metric)
+                report.check("naive", sc, query, x, reference, scores, ids)
+                for name, graphs, vec4 in VARIANTS:
+                    backend.use_graphs, search.GRAPH_VEC4 = graphs, vec4
+                    result = index.search(query, K)
+                    report.check(f"{name} ({label} query)", sc, query, x, reference, result.scores, result.ids)
+            replays = backend._graphs.replays if backend._graphs is not None else 0
+
+            for name, graphs, vec4 in VARIANTS:
+
+                def run(graphs: bool = graphs, vec4: bool = vec4, index: Any = index) -> Any:
+                    backend.use_graphs, search.GRAPH_VEC4 = graphs, vec4
+                    return index.search(q, K)
+
+                fns[name] = run
+            ms = interleaved(fns, reps)
+            replayed = (backend._graphs.replays if backend._graphs is not None else 0) - replays
+            emit({"row": "N=1M D=768 Q=1", "metric": metric, "reps": reps, "graph_replays": replayed,
+                  **{k: round(v, 4) for k, v in ms.items()},
+                  "graph_x_naive": round(ms["naive"] / ms["graph vec4"], 3),
+                  "nograph_x_naive": round(ms["naive"] / ms["no graph"], 3)})  # fmt: skip
+            write_md(
+                f"| {metric} | {ms['naive']:.3f} | " + " | ".join(f"{ms[n]:.3f}" for n in names)
+                + f" | {ms['naive'] / ms['graph vec4']:.2f} | {ms['naive'] / ms['no graph']:.2f} |"
+            )  # fmt: skip
+            if metric == metrics[0]:
+                host_walls(backend, index, q, reps)
+            del index
+        except Exception as exc:
+            emit({"row": "N=1M D=768 Q=1", "metric": metric, "error": f"{type(exc).__name__}: {exc}"[:800]})
+            traceback.print_exc()
+        torch.cuda.empty_cache()
+    backend.use_graphs, search.GRAPH_VEC4 = True, True
+
+
+def host_walls(backend: Any, index: Any, q: Any, reps: int) -> None:
+    """Host wall of a whole graph search against the card's time of the replay it launches."""
+    import cupy
+    import torch
+
+    from gpurag_cupy import search
+
+    backend.use_graphs, search.GRAPH_VEC4 = True, True
+    walls = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        index.search(q, K)
+        walls.append((time.perf_counter() - t0) * 1e3)
+    graphs = backend._graphs
+    entry = next(e for e in reversed(graphs._graphs.values()) if e is not None)
+    events = [(cupy.cuda.Event(), cupy.cuda.Event()) for _ in range(reps)]
+    for start, end in events:
+        start.record()
+        entry.graph.launch()
+        end.record()
+    events[-1][1].synchronize()
+    device = statistics.median(cupy.cuda.get_elapsed_time(s, e) for s, e in events)
+    emit({"host_wall_ms": round(statistics.median(walls), 4), "replay_device_ms": round(device, 4)})
+    write_md(f"\n(dot: whole search, host wall {statistics.median(walls):.3f} ms; the replay alone on the card "
+             f"{device:.3f} ms)\n")  # fmt: skip
+
+
+def many_query_rows(reps: int) -> None:
+    import torch
+
+    import gpu_report as report
+    import gpurag
+
+    backend = gpurag.get_backend("cupy", device="cuda")
+    write_md("\n## Many queries, k=10: ExactRetriever.search (ms, medians, interleaved)\n")
+    write_md("| scenario | metric | naive | cupy | cupy / naive (x) |\n|---|---|---|---|---|")
+    data: dict[tuple[int, int], Any] = {}
+    for n, dim, metric in ((1_000_000, 768, "dot"), (1_000_000, 768, "cosine"), (10_000_000, 128, "dot")):
+        label = f"N={n // 1_000_000}M D={dim} Q=1024"
+        try:
+            if (n, dim) not in data:
+                data.clear()
+                torch.cuda.empty_cache()
+                gen = torch.Generator(device="cuda").manual_seed(12345)
+                data[(n, dim)] = torch.randn(n, dim, device="cuda", generator=gen)
+            x = data[(n, dim)]
+            gen = torch.Generator(device="cuda").manual_seed(1024)
+            q = torch.randn(1024, dim, device="cuda", generator=gen)
+            sc = report.Scenario(n, dim, 1024, metric, 0.0, 0.0, "")
+            reference = report.reference_scores(q[: report.CHECK_QUERIES], x, metric)
+            index = gpurag.ExactRetriever(metric=metric, backend=backend)
+            index.add(x)
+            result = index.search(q, K)
+            report.check("cupy", sc, q, x, reference, result.scores, result.ids)
+            ms = interleaved({"naive": lambda q=q, x=x, m=metric: report.naive(q, x, m),
+                              "cupy": lambda index=index, q=q: index.search(q, K)}, reps)  # fmt: skip
+            emit({"row": label, "metric": metric, "reps": reps, **{k: round(v, 3) for k, v in ms.items()},
+                  "cupy_x_naive": round(ms["naive"] / ms["cupy"], 3)})  # fmt: skip
+            write_md(f"| {label} | {metric} | {ms['naive']:.2f} | {ms['cupy']:.2f} | {ms['naive'] / ms['cupy']:.2f} |")
+            del index
+        except Exception as exc:
+            emit({"row": label, "metric": metric, "error": f"{type(exc).__name__}: {exc}"[:800]})
+            traceback.print_exc()
+    data.clear()
+    torch.cuda.empty_cache()
+
+
+def any_k() -> None:
+    """k = 10, 1,024 and 4,096 on N=10M D=128 Q=1024 l2, each answer checked first."""
+    import torch
+
+    import gpu_report as report
+    import gpurag
+
+    backend = gpurag.get_backend("cupy", device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(12345)
+    x = torch.randn(10_000_000, 128, device="cuda", generator=gen)
+    q = torch.randn(1024, 128, device="cuda", generator=gen)
+    index = gpurag.ExactRetriever(metric="l2", backend=backend)
+    index.add(x)
+    sc = report.Scenario(10_000_000, 128, 1024, "l2", 0.0, 0.0, "")
+    reference = report.reference_scores(q[:4], x, "l2")
+    write_md("\n## Any k, N=10M D=128 Q=1024 l2 (ms, medians of 3)\n\n| k | cupy | / k=10 |\n|---|---|---|")
+    base = None
+    for k in (10, 1024, 4096):
+        try:
+            result = index.search(q, k)
+            report.K = k  # `check` reads the module's k
+            try:
+                report.check(f"cupy k={k}", sc, q, x, reference, result.scores, result.ids)
+            finally:
+                report.K = K
+            ms = report.time_ms(lambda k=k: index.search(q, k), 3, 1)
+            base = base or ms
+            emit({"any_k": "N=10M D=128 Q=1024 l2", "k": k, "cupy_ms": round(ms, 2), "x_k10": round(ms / base, 3)})
+            write_md(f"| {k} | {ms:.1f} | {ms / base:.2f} |")
+        except Exception as exc:
+            emit({"any_k": k, "error": f"{type(exc).__name__}: {exc}"[:800]})
+            traceback.print_exc()
+
+
+def main() -> int:
+    global OUT
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--reps", type=int, default=40)
+    parser.add_argument("--metrics", default="dot,l2,cosine,l1")
+    parser.add_argument("--many", action="store_true")
+    parser.add_argument("--any-k", action="store_true")
+    args = parser.parse_args()
+    OUT = args.out
+    import cupy
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    emit({"card": name, "cupy": cupy.__version__, "torch": torch.__version__})
+    write_md(f"# gpurag-cupy captured searches on {name} (CuPy {cupy.__version__}, torch {torch.__version__}), k = {K}")
+    one_query_rows(args.reps, args.metrics.split(","))
+    if args.many:
+        many_query_rows(max(3, args.reps // 8))
+    if args.any_k:
+        any_k()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

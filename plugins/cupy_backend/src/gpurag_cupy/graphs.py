@@ -1,0 +1,169 @@
+"""CUDA graphs of whole few-query searches answered to the host: captured once per search shape, replayed after.
+
+A one-query search is a score pass, two selection launches, the query check and a copy back; launched
+one by one from Python they cost more host time than the card's 0.75 ms. A graph replays them in one
+launch and ends in a copy to page-locked host memory, so a search is one query copy, one graph launch
+and one wait. The graph reads the database's arrays in place: it stays valid while their addresses,
+shapes and the row count stay the same (all in the key); the queries go through a buffer of its own.
+CuPy refuses cuBLAS calls during a capture, so only searches the backend's kernels score are captured
+(`search.kernel_scored`).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+import warnings
+from typing import Any
+
+import cupy
+import numpy as np
+
+from gpurag_cupy import search
+from gpurag_cupy.arrays import queue_largest_magnitude
+
+#: Graphs kept per backend (the least recently replayed is dropped first).
+MAX_GRAPHS = 8
+#: Most scores (queries times rows) of a search that is captured: its score tile lives as long as the graph.
+GRAPH_MAX_SCORES = 1 << 24
+#: Errors of a capture that leave the search to the uncaptured path (with a warning) instead of failing it.
+CAPTURE_ERRORS = (cupy.cuda.runtime.CUDARuntimeError, cupy.cuda.driver.CUDADriverError, NotImplementedError)
+
+
+@dataclasses.dataclass
+class HostAnswer:
+    """A replayed search's answer on the host: (Q, k) scores and rows, and the queries' largest |q_ij|."""
+
+    scores: np.ndarray[Any, Any]
+    rows: np.ndarray[Any, Any]
+    largest: float
+
+
+@dataclasses.dataclass
+class SearchGraph:
+    """One captured search: its graph, the query buffer it reads, its device buffers and its host copy."""
+
+    graph: Any
+    queries: cupy.ndarray
+    work: search.FewQueryWork
+    #: Page-locked bytes the graph copies its answer into.
+    host: np.ndarray[Any, Any]
+
+    def answer(self) -> HostAnswer:
+        """The host copy of the last replay, copied out of the page-locked buffer (the next replay overwrites it)."""
+        n_queries, k = self.work.result.rows.shape
+        count = n_queries * k
+        rows = self.host[: count * 8].view(np.int64).reshape(n_queries, k).copy()
+        scores = self.host[count * 8 : count * 12].view(np.float32).reshape(n_queries, k).copy()
+        return HostAnswer(scores, rows, float(self.host[count * 12 : count * 12 + 4].view(np.float32)[0]))
+
+
+def graph_key(shape: tuple[int, int], database: Any, k: int, tile_rows: int) -> tuple[Any, ...]:
+    """What a captured search depends on: query shape, k, tiles, metric, the database arrays' layout, the switches."""
+    arrays = [database.vectors, *(database.row_data[name] for name in sorted(database.row_data))]
+    layout = tuple((a.data.ptr, a.shape, a.strides) for a in arrays)
+    return (
+        cupy.cuda.Device().id, shape, k, tile_rows, database.metric, database.count, layout, search.GRAPH_VEC4,
+    )  # fmt: skip
+
+
+def queue_search(queries: cupy.ndarray, database: Any, k: int, work: search.FewQueryWork, host_pointer: int) -> None:
+    """The captured sequence: the few-query search, the queries' largest magnitude, one copy to ``host_pointer``."""
+    stream = cupy.cuda.get_current_stream()
+    magnitude = work.result.magnitude
+    cupy.cuda.runtime.memsetAsync(magnitude.data.ptr, 0, magnitude.nbytes, stream.ptr)
+    search.queue_few_query(queries, database, k, work, kernels_only=True)
+    queue_largest_magnitude(queries, magnitude)
+    buffer = work.result.buffer
+    cupy.cuda.runtime.memcpyAsync(
+        host_pointer, buffer.data.ptr, buffer.nbytes, cupy.cuda.runtime.memcpyDeviceToHost, stream.ptr
+    )
+
+
+def capture(shape: tuple[int, int], database: Any, k: int, tile_rows: int) -> SearchGraph:
+    """A search of ``shape`` queries captured on a stream of its own, after one run outside the capture
+    (kernels loaded, its answer discarded); `search.LibraryCallError` where a step needs cuBLAS."""
+    queries = cupy.zeros(shape, dtype=cupy.float32)
+    work = search.FewQueryWork.allocate(shape[0], database.count, k, tile_rows, zeroed=False)
+    nbytes = work.result.buffer.nbytes
+    host = np.ndarray((nbytes,), dtype=np.uint8, buffer=cupy.cuda.alloc_pinned_memory(nbytes))  # holds its memory
+    cupy.cuda.Device().synchronize()  # the database and the buffers are ready before the side stream reads them
+    side = cupy.cuda.Stream(non_blocking=True)
+    with side:
+        queue_search(queries, database, k, work, host.ctypes.data)
+        side.synchronize()
+        side.begin_capture()
+        try:
+            queue_search(queries, database, k, work, host.ctypes.data)
+        finally:
+            graph = side.end_capture()
+    return SearchGraph(graph, queries, work, host)
+
+
+class GraphCache:
+    """Captured searches by key; `run` replays one (capturing it first where new)."""
+
+    def __init__(self) -> None:
+        self._graphs: collections.OrderedDict[tuple[Any, ...], SearchGraph | None] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        #: Replays made (a count for tests and benchmarks: which path answered).
+        self.replays = 0
+        #: Captures made.
+        self.captures = 0
+        #: Why captures failed (the search then took the uncaptured path).
+        self.failures: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def clear(self) -> None:
+        """Drop every graph."""
+        with self._lock:
+            self._graphs.clear()
+
+    def run(self, pointer: int, shape: tuple[int, int], database: Any, k: int, tile_scores: int) -> HostAnswer | None:
+        """The search of the C-contiguous float32 queries at device address ``pointer`` by graph replay on the
+        current stream, answered on the host; None where it is not captured (see `capturable`)."""
+        tile_rows = capturable(shape, database, k, tile_scores)
+        if tile_rows is None:
+            return None
+        key = graph_key(shape, database, k, tile_rows)
+        with self._lock:
+            if key in self._graphs:
+                entry = self._graphs[key]
+                self._graphs.move_to_end(key)
+            else:
+                try:
+                    entry = capture(shape, database, k, tile_rows)
+                    self.captures += 1
+                except search.LibraryCallError:
+                    entry = None  # remembered: this shape takes the uncaptured path
+                except CAPTURE_ERRORS as exc:  # a capture this driver or CuPy refuses: the uncaptured path
+                    entry = None
+                    self.failures.append(f"{shape} k={k}: {exc}")
+                    warnings.warn(f"gpurag-cupy: a search could not be captured, answered without a graph ({exc})",
+                                  RuntimeWarning, stacklevel=3)  # fmt: skip
+                self._graphs[key] = entry
+                while len(self._graphs) > MAX_GRAPHS:
+                    self._graphs.popitem(last=False)
+            if entry is None:
+                return None
+            stream = cupy.cuda.get_current_stream()
+            cupy.cuda.runtime.memcpyAsync(
+                entry.queries.data.ptr, pointer, entry.queries.nbytes, cupy.cuda.runtime.memcpyDeviceToDevice,
+                stream.ptr,
+            )  # fmt: skip
+            entry.graph.launch(stream)
+            stream.synchronize()
+            self.replays += 1
+            return entry.answer()
+
+
+def capturable(shape: tuple[int, int], database: Any, k: int, tile_scores: int) -> int | None:
+    """Rows per tile of a captured search of ``shape`` queries, or None where none is captured: past
+    `GRAPH_MAX_SCORES`, off the few-query path, or scored through cuBLAS."""
+    n_queries, dim = shape
+    if n_queries * database.count > GRAPH_MAX_SCORES or not search.kernel_scored(n_queries, dim, database.metric):
+        return None
+    return search.few_query_tile_rows(n_queries, database.count, k, tile_scores)
