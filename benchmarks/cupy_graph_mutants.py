@@ -4,7 +4,7 @@
         tests/backends/test_cupy.py -k graph
 
 Mutants (``GPURAG_CUPY_MUTANT``):
-- ``stale-queries``: a replay does not copy the new queries in; it answers the captured ones again.
+- ``stale-queries``: a replay does not copy the new queries in; it answers what its query buffer held.
 - ``stale-database``: graphs are keyed without the database's addresses and row count; a replay after
   rows were added searches the storage it was captured on.
 

@@ -242,7 +242,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path)
     parser.add_argument("--reps", type=int, default=40)
-    parser.add_argument("--metrics", default="dot,l2,cosine,l1")
+    parser.add_argument("--metrics", default="dot,l2,cosine,l1", help="of the one-query rows (empty: none)")
     parser.add_argument("--many", action="store_true")
     parser.add_argument("--any-k", action="store_true")
     args = parser.parse_args()
@@ -254,7 +254,8 @@ def main() -> int:
     name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
     emit({"card": name, "cupy": cupy.__version__, "torch": torch.__version__})
     write_md(f"# gpurag-cupy captured searches on {name} (CuPy {cupy.__version__}, torch {torch.__version__}), k = {K}")
-    one_query_rows(args.reps, args.metrics.split(","))
+    if args.metrics:
+        one_query_rows(args.reps, args.metrics.split(","))
     if args.many:
         many_query_rows(max(3, args.reps // 8))
     if args.any_k:
