@@ -19,7 +19,6 @@ Lines go to stdout and ``DIR/cupy_graphs.jsonl``; tables to ``DIR/cupy_graphs.md
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -30,44 +29,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-OUT: Path | None = None
+import cupy_few_query as log
+from cupy_few_query import emit, interleaved, write_md
+
+log.LOG_NAME = "cupy_graphs"
 K = 10
-
-
-def emit(record: dict[str, Any]) -> None:
-    line = json.dumps(record)
-    print(line, flush=True)
-    if OUT is not None:
-        with (OUT / "cupy_graphs.jsonl").open("a") as f:
-            f.write(line + "\n")
-
-
-def write_md(text: str) -> None:
-    print(text, flush=True)
-    if OUT is not None:
-        with (OUT / "cupy_graphs.md").open("a") as f:
-            f.write(text + "\n")
-
-
-def interleaved(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, float]:
-    """Median ms per function, calls interleaved (one of each per round), timed like `gpu_report.time_ms`."""
-    import torch
-
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(2):
-        for fn in fns.values():
-            fn()
-    torch.cuda.synchronize()
-    for _ in range(reps):
-        for name, fn in fns.items():
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times[name].append(start.elapsed_time(end))
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 #: (name, use_graphs, GRAPH_VEC4) of each CuPy variant timed.
@@ -92,6 +58,7 @@ def one_query_rows(reps: int, metrics: list[str]) -> None:
     names = [name for name, _, _ in VARIANTS]
     write_md("| metric | naive | " + " | ".join(names) + " | graph vec4 / naive (x) | no graph / naive (x) |")
     write_md("|---|---|" + "---|" * len(names) + "---|---|")
+    notes: list[str] = []
     for metric in metrics:
         try:
             sc = report.Scenario(1_000_000, 768, 1, metric, 0.0, 0.0, "")
@@ -126,17 +93,19 @@ def one_query_rows(reps: int, metrics: list[str]) -> None:
                 + f" | {ms['naive'] / ms['graph vec4']:.2f} | {ms['naive'] / ms['no graph']:.2f} |"
             )  # fmt: skip
             if metric == metrics[0]:
-                host_walls(backend, index, q, reps)
+                notes.append(host_walls(backend, index, q, reps))
             del index
         except Exception as exc:
             emit({"row": "N=1M D=768 Q=1", "metric": metric, "error": f"{type(exc).__name__}: {exc}"[:800]})
             traceback.print_exc()
         torch.cuda.empty_cache()
+    for note in notes:
+        write_md(note)
     backend.use_graphs, search.GRAPH_VEC4 = True, True
 
 
-def host_walls(backend: Any, index: Any, q: Any, reps: int) -> None:
-    """Host wall of a whole graph search against the card's time of the replay it launches."""
+def host_walls(backend: Any, index: Any, q: Any, reps: int) -> str:
+    """Host wall of a whole graph search against the card's time of the replay it launches (a line to print)."""
     import cupy
     import torch
 
@@ -159,8 +128,8 @@ def host_walls(backend: Any, index: Any, q: Any, reps: int) -> None:
     events[-1][1].synchronize()
     device = statistics.median(cupy.cuda.get_elapsed_time(s, e) for s, e in events)
     emit({"host_wall_ms": round(statistics.median(walls), 4), "replay_device_ms": round(device, 4)})
-    write_md(f"\n(dot: whole search, host wall {statistics.median(walls):.3f} ms; the replay alone on the card "
-             f"{device:.3f} ms)\n")  # fmt: skip
+    wall = statistics.median(walls)
+    return f"\n(first metric: whole search, host wall {wall:.3f} ms; its replay alone on the card {device:.3f} ms)"
 
 
 def many_query_rows(reps: int) -> None:
@@ -238,7 +207,6 @@ def any_k() -> None:
 
 
 def main() -> int:
-    global OUT
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path)
     parser.add_argument("--reps", type=int, default=40)
@@ -246,7 +214,7 @@ def main() -> int:
     parser.add_argument("--many", action="store_true")
     parser.add_argument("--any-k", action="store_true")
     args = parser.parse_args()
-    OUT = args.out
+    log.OUT = args.out
     import cupy
     import torch
 
