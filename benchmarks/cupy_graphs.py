@@ -7,7 +7,7 @@
    (`gpu_report.naive`), the captured graph scored by the float4 kernel (shipped), the graph scored by
    the streaming kernel, and the uncaptured path (``use_graphs = False``: main's path), interleaved
    call by call, medians of ``--reps``. Every variant's answer is checked first (`gpu_report.check`
-   against float64), and again for a second, different query after the first was captured.
+   against float64) for two queries, one after the other was captured.
 2. Host walls of the graph path (query copy, replay, wait) against the card's time for the same replay.
 3. ``--many``: the many-query rows whose margin over naive is thinnest (1M x 768 Q=1024 dot and
    cosine, 10M x 128 Q=1024 dot), CuPy against naive, interleaved.
@@ -65,7 +65,9 @@ def one_query_rows(reps: int, metrics: list[str]) -> None:
             index = gpurag.ExactRetriever(metric=metric, backend=backend)
             index.add(x)
             fns: dict[str, Callable[[], Any]] = {"naive": lambda m=metric: report.naive(q, x, m)}
-            for query, label in ((q, "first"), (other, "second")):
+            # A search is captured the second time it comes: the first query (seen), the second (captured,
+            # replayed), the first again (replayed with another query in its buffer).
+            for query, label in ((q, "first"), (other, "second"), (q, "first again")):
                 reference = report.reference_scores(query, x, metric)
                 scores, ids = report.naive(query, x, metric)
                 report.check("naive", sc, query, x, reference, scores, ids)

@@ -3,10 +3,10 @@
 A one-query search is a score pass, two selection launches, the query check and a copy back; launched
 one by one from Python they cost more host time than the card's 0.75 ms. A graph replays them in one
 launch and ends in a copy to page-locked host memory, so a search is one query copy, one graph launch
-and one wait. The graph reads the database's arrays in place: it stays valid while their addresses,
-shapes and the row count stay the same (all in the key); the queries go through a buffer of its own.
-CuPy refuses cuBLAS calls during a capture, so only searches the backend's kernels score are captured
-(`search.kernel_scored`).
+and one wait. A search is captured the second time its key (shape, k, database) comes. The graph
+reads the database's arrays in place: it stays valid while their addresses, shapes and the row count
+stay the same (all in the key); the queries go through a buffer of its own. CuPy refuses cuBLAS calls
+during a capture, so only searches the backend's kernels score are captured (`search.kernel_scored`).
 """
 
 from __future__ import annotations
@@ -23,8 +23,12 @@ import numpy as np
 from gpurag_cupy import search
 from gpurag_cupy.arrays import queue_largest_magnitude
 
-#: Graphs kept per backend (the least recently replayed is dropped first).
-MAX_GRAPHS = 8
+#: Graphs kept per backend (the least recently replayed is dropped first): a server's batches of 1 to 16
+#: queries at one k fit.
+MAX_GRAPHS = 16
+#: Search keys remembered as seen once: a search is captured the second time its key comes (a one-off
+#: shape is not worth a capture's device synchronisation and instantiation).
+MAX_SEEN = 64
 #: Most scores (queries times rows) of a search that is captured: its score tile lives as long as the graph.
 GRAPH_MAX_SCORES = 1 << 24
 #: Errors of a capture that leave the search to the uncaptured path (with a warning) instead of failing it.
@@ -106,6 +110,7 @@ class GraphCache:
 
     def __init__(self) -> None:
         self._graphs: collections.OrderedDict[tuple[Any, ...], SearchGraph | None] = collections.OrderedDict()
+        self._seen: collections.OrderedDict[tuple[Any, ...], None] = collections.OrderedDict()
         self._lock = threading.Lock()
         #: Replays made (a count for tests and benchmarks: which path answered).
         self.replays = 0
@@ -118,13 +123,15 @@ class GraphCache:
         return len(self._graphs)
 
     def clear(self) -> None:
-        """Drop every graph."""
+        """Drop every graph (and forget the keys seen)."""
         with self._lock:
             self._graphs.clear()
+            self._seen.clear()
 
     def run(self, pointer: int, shape: tuple[int, int], database: Any, k: int, tile_scores: int) -> HostAnswer | None:
         """The search of the C-contiguous float32 queries at device address ``pointer`` by graph replay on the
-        current stream, answered on the host; None where it is not captured (see `capturable`)."""
+        current stream, answered on the host; None where it is not captured (see `capturable`), and the first
+        time a key comes (it is captured the second time)."""
         tile_rows = capturable(shape, database, k, tile_scores)
         if tile_rows is None:
             return None
@@ -133,6 +140,11 @@ class GraphCache:
             if key in self._graphs:
                 entry = self._graphs[key]
                 self._graphs.move_to_end(key)
+            elif key not in self._seen:
+                self._seen[key] = None
+                while len(self._seen) > MAX_SEEN:
+                    self._seen.popitem(last=False)
+                return None  # the first of its kind: answered uncaptured
             else:
                 try:
                     entry = capture(shape, database, k, tile_rows)
