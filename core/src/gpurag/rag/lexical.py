@@ -49,9 +49,11 @@ def _bm25s() -> ModuleType:
     gpurag scores with bm25s's NumPy backend only, so bm25s is imported as if JAX were absent.
     """
     if "bm25s" in sys.modules:
-        return sys.modules["bm25s"]
+        loaded: ModuleType = sys.modules["bm25s"]
+        return loaded
     hidden = {name: sys.modules.get(name) for name in ("jax", "jax.lax")}
-    sys.modules.update(dict.fromkeys(hidden))  # a None entry makes ``import jax`` raise ImportError
+    blocked: dict[str, Any] = dict.fromkeys(hidden)  # a None entry makes ``import jax`` raise ImportError
+    sys.modules.update(blocked)
     try:
         import bm25s
     finally:
@@ -60,7 +62,8 @@ def _bm25s() -> ModuleType:
                 del sys.modules[name]
             else:
                 sys.modules[name] = module
-    return bm25s
+    imported: ModuleType = bm25s
+    return imported
 
 
 def _stopwords() -> list[str]:
