@@ -86,7 +86,10 @@ def one_query_rows(reps: int, metrics: list[str]) -> None:
                 fns[name] = run
             ms = interleaved(fns, reps)
             replayed = (backend._graphs.replays if backend._graphs is not None else 0) - replays
+            failures = backend._graphs.failures[:3] if backend._graphs is not None else []
             emit({"row": "N=1M D=768 Q=1", "metric": metric, "reps": reps, "graph_replays": replayed,
+                  "graph_captures": backend._graphs.captures if backend._graphs is not None else 0,
+                  "capture_failures": failures,
                   **{k: round(v, 4) for k, v in ms.items()},
                   "graph_x_naive": round(ms["naive"] / ms["graph vec4"], 3),
                   "nograph_x_naive": round(ms["naive"] / ms["no graph"], 3)})  # fmt: skip
