@@ -31,7 +31,7 @@ def pytest_configure(config: Any) -> None:
             if kind != cupy.cuda.runtime.memcpyDeviceToDevice:
                 copy(dst, src, size, kind, stream)
 
-        graphs.cupy.cuda.runtime.memcpyAsync = no_query_copy
+        cupy.cuda.runtime.memcpyAsync = no_query_copy
     elif MUTANT == "stale-database":
         graphs.graph_key = lambda shape, database, k, tile_rows: (shape, k, tile_rows, database.metric)
     elif MUTANT:

@@ -540,3 +540,101 @@ def test_searches_scored_through_cublas_are_answered_without_a_graph(cupy_gpu: D
     scores, ids = index.search(torch.from_numpy(queries).to(torch.device(cupy_gpu.device)), 10)
     ref.assert_topk_matches(queries, vectors, Metric.DOT, scores, ids, 10, label="Q=2 D=768 dot")
     assert backend._graphs.captures == backend._graphs.replays == 0  # type: ignore[attr-defined]
+
+
+# --- the graph cache's policy (no GPU: capture and replay stand-ins) --------------------------------
+class _RefusedError(Exception):
+    """Stands in for a CUDA error a capture raises."""
+
+
+@pytest.fixture
+def stand_ins(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
+    """`graphs.capture` recording its keys and returning a graph whose replay answers the query address;
+    every search capturable, keyed by (shape, k)."""
+    from gpurag_cupy import graphs
+
+    captured: list[tuple[Any, ...]] = []
+
+    class Replayed:
+        def __init__(self, key: tuple[Any, ...]) -> None:
+            self.key = key
+
+        def replay(self, pointer: int) -> Any:
+            return graphs.HostAnswer(np.full((1, 1), pointer, np.float32), np.zeros((1, 1), np.int64), 1.0)
+
+    def capture(shape: tuple[int, int], database: Any, k: int, tile_rows: int) -> Any:
+        captured.append((shape, k))
+        if k == 13:
+            raise _RefusedError("capture refused")
+        if k == 14:
+            raise graphs.NotCapturableError("needs cuBLAS")
+        if k == 15:
+            raise ValueError("a bug")
+        return Replayed((shape, k))
+
+    monkeypatch.setattr(graphs, "capture", capture)
+    monkeypatch.setattr(graphs, "capturable", lambda shape, database, k, tile_scores: None if k == 99 else 4096)
+    monkeypatch.setattr(graphs, "graph_key", lambda shape, database, k, tile_rows: (shape, k))
+    monkeypatch.setattr(graphs, "capture_errors", lambda: (_RefusedError,))
+    return captured
+
+
+def test_a_search_is_captured_the_second_time_its_key_comes_and_replayed_for_each_new_query(
+    stand_ins: list[tuple[Any, ...]],
+) -> None:
+    from gpurag_cupy.graphs import GraphCache
+
+    cache = GraphCache()
+    assert cache.run(100, (1, 8), None, 10, 1 << 20) is None  # the first of its kind: uncaptured
+    assert stand_ins == []
+    for pointer in (200, 300, 400):
+        answer = cache.run(pointer, (1, 8), None, 10, 1 << 20)
+        assert answer is not None
+        assert answer.scores[0, 0] == pointer, "a replay answered another query than the one given"
+    assert stand_ins == [((1, 8), 10)]
+    assert (cache.captures, cache.replays) == (1, 3)
+    assert cache.run(500, (1, 8), None, 99, 1 << 20) is None  # not capturable: never seen, never captured
+    assert cache.run(500, (1, 8), None, 99, 1 << 20) is None
+    assert stand_ins == [((1, 8), 10)]
+
+
+def test_past_max_graphs_the_least_recently_replayed_graph_is_dropped_and_captured_again(
+    stand_ins: list[tuple[Any, ...]],
+) -> None:
+    from gpurag_cupy import graphs
+
+    cache = graphs.GraphCache()
+    keys = [((q, 8), 10) for q in range(1, graphs.MAX_GRAPHS + 2)]
+    for shape, k in keys:
+        cache.run(1, shape, None, k, 1 << 20)
+        cache.run(1, shape, None, k, 1 << 20)
+    assert len(cache) == graphs.MAX_GRAPHS
+    assert len(stand_ins) == graphs.MAX_GRAPHS + 1
+    cache.run(1, keys[-1][0], None, 10, 1 << 20)  # kept: replayed
+    assert len(stand_ins) == graphs.MAX_GRAPHS + 1
+    cache.run(1, keys[0][0], None, 10, 1 << 20)  # dropped, but seen: captured again at once
+    assert stand_ins[-1] == keys[0]
+    assert len(stand_ins) == graphs.MAX_GRAPHS + 2
+
+
+def test_a_refused_capture_warns_once_and_its_key_is_answered_uncaptured_after(
+    stand_ins: list[tuple[Any, ...]],
+) -> None:
+    from gpurag_cupy.graphs import GraphCache
+
+    cache = GraphCache()
+    cache.run(1, (1, 8), None, 13, 1 << 20)
+    with pytest.warns(RuntimeWarning, match="could not be captured, answered without a graph"):
+        assert cache.run(1, (1, 8), None, 13, 1 << 20) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cache.run(1, (1, 8), None, 13, 1 << 20) is None  # remembered: no second attempt, no warning
+        cache.run(1, (1, 8), None, 14, 1 << 20)
+        assert cache.run(1, (1, 8), None, 14, 1 << 20) is None  # not capturable (cuBLAS): silent
+        assert cache.run(1, (1, 8), None, 14, 1 << 20) is None
+    assert stand_ins == [((1, 8), 13), ((1, 8), 14)]
+    assert len(cache.failures) == 1
+    assert "capture refused" in cache.failures[0]
+    cache.run(1, (1, 8), None, 15, 1 << 20)
+    with pytest.raises(ValueError, match="a bug"):  # anything else is not hidden
+        cache.run(1, (1, 8), None, 15, 1 << 20)

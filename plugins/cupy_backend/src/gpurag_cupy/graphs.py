@@ -7,6 +7,7 @@ and one wait. A search is captured the second time its key (shape, k, database) 
 reads the database's arrays in place: it stays valid while their addresses, shapes and the row count
 stay the same (all in the key); the queries go through a buffer of its own. CuPy refuses cuBLAS calls
 during a capture, so only searches the backend's kernels score are captured (`search.kernel_scored`).
+CuPy is imported by the functions that use it: the cache's policy (`GraphCache`) imports without it.
 """
 
 from __future__ import annotations
@@ -17,11 +18,7 @@ import threading
 import warnings
 from typing import Any
 
-import cupy
 import numpy as np
-
-from gpurag_cupy import search
-from gpurag_cupy.arrays import queue_largest_magnitude
 
 #: Graphs kept per backend (the least recently replayed is dropped first): a server's batches of 1 to 16
 #: queries at one k fit.
@@ -31,8 +28,18 @@ MAX_GRAPHS = 16
 MAX_SEEN = 64
 #: Most scores (queries times rows) of a search that is captured: its score tile lives as long as the graph.
 GRAPH_MAX_SCORES = 1 << 24
-#: Errors of a capture that leave the search to the uncaptured path (with a warning) instead of failing it.
-CAPTURE_ERRORS = (cupy.cuda.runtime.CUDARuntimeError, cupy.cuda.driver.CUDADriverError, NotImplementedError)
+
+
+def capture_errors() -> tuple[type[BaseException], ...]:
+    """Errors of a capture that leave the search to the uncaptured path (with a warning) instead of failing it:
+    CUDA refusing it, or CuPy refusing a call during it."""
+    import cupy
+
+    return (cupy.cuda.runtime.CUDARuntimeError, cupy.cuda.driver.CUDADriverError, NotImplementedError)
+
+
+class NotCapturableError(Exception):
+    """A search that cannot be captured (a step needs cuBLAS, say): it takes the uncaptured path, silently."""
 
 
 @dataclasses.dataclass
@@ -49,13 +56,24 @@ class SearchGraph:
     """One captured search: its graph, the query buffer it reads, its device buffers and its host copy."""
 
     graph: Any
-    queries: cupy.ndarray
-    work: search.FewQueryWork
+    #: The (Q, D) float32 CuPy array the graph reads its queries from.
+    queries: Any
+    #: The search's device buffers (`search.FewQueryWork`).
+    work: Any
     #: Page-locked bytes the graph copies its answer into.
     host: np.ndarray[Any, Any]
 
-    def answer(self) -> HostAnswer:
-        """The host copy of the last replay, copied out of the page-locked buffer (the next replay overwrites it)."""
+    def replay(self, pointer: int) -> HostAnswer:
+        """The search of the queries at device address ``pointer`` (copied into `queries` first) on the current
+        stream, waited for; its answer copied out of the page-locked buffer (the next replay overwrites it)."""
+        import cupy
+
+        stream = cupy.cuda.get_current_stream()
+        cupy.cuda.runtime.memcpyAsync(
+            self.queries.data.ptr, pointer, self.queries.nbytes, cupy.cuda.runtime.memcpyDeviceToDevice, stream.ptr
+        )
+        self.graph.launch(stream)
+        stream.synchronize()
         n_queries, k = self.work.result.rows.shape
         count = n_queries * k
         rows = self.host[: count * 8].view(np.int64).reshape(n_queries, k).copy()
@@ -65,6 +83,10 @@ class SearchGraph:
 
 def graph_key(shape: tuple[int, int], database: Any, k: int, tile_rows: int) -> tuple[Any, ...]:
     """What a captured search depends on: query shape, k, tiles, metric, the database arrays' layout, the switches."""
+    import cupy
+
+    from gpurag_cupy import search
+
     arrays = [database.vectors, *(database.row_data[name] for name in sorted(database.row_data))]
     layout = tuple((a.data.ptr, a.shape, a.strides) for a in arrays)
     return (
@@ -72,8 +94,14 @@ def graph_key(shape: tuple[int, int], database: Any, k: int, tile_rows: int) -> 
     )  # fmt: skip
 
 
-def queue_search(queries: cupy.ndarray, database: Any, k: int, work: search.FewQueryWork, host_pointer: int) -> None:
-    """The captured sequence: the few-query search, the queries' largest magnitude, one copy to ``host_pointer``."""
+def queue_search(queries: Any, database: Any, k: int, work: Any, host_pointer: int) -> None:
+    """The captured sequence into ``work`` (`search.FewQueryWork`): the few-query search, the queries' largest
+    magnitude, one copy to ``host_pointer``."""
+    import cupy
+
+    from gpurag_cupy import search
+    from gpurag_cupy.arrays import queue_largest_magnitude
+
     stream = cupy.cuda.get_current_stream()
     magnitude = work.result.magnitude
     cupy.cuda.runtime.memsetAsync(magnitude.data.ptr, 0, magnitude.nbytes, stream.ptr)
@@ -87,7 +115,11 @@ def queue_search(queries: cupy.ndarray, database: Any, k: int, work: search.FewQ
 
 def capture(shape: tuple[int, int], database: Any, k: int, tile_rows: int) -> SearchGraph:
     """A search of ``shape`` queries captured on a stream of its own, after one run outside the capture
-    (kernels loaded, its answer discarded); `search.LibraryCallError` where a step needs cuBLAS."""
+    (kernels loaded, its answer discarded); `NotCapturableError` where a step needs cuBLAS."""
+    import cupy
+
+    from gpurag_cupy import search
+
     queries = cupy.zeros(shape, dtype=cupy.float32)
     work = search.FewQueryWork.allocate(shape[0], database.count, k, tile_rows, zeroed=False)
     nbytes = work.result.buffer.nbytes
@@ -95,7 +127,10 @@ def capture(shape: tuple[int, int], database: Any, k: int, tile_rows: int) -> Se
     cupy.cuda.Device().synchronize()  # the database and the buffers are ready before the side stream reads them
     side = cupy.cuda.Stream(non_blocking=True)
     with side:
-        queue_search(queries, database, k, work, host.ctypes.data)
+        try:
+            queue_search(queries, database, k, work, host.ctypes.data)
+        except search.LibraryCallError as exc:
+            raise NotCapturableError(str(exc)) from exc
         side.synchronize()
         side.begin_capture()
         try:
@@ -149,10 +184,12 @@ class GraphCache:
                 try:
                     entry = capture(shape, database, k, tile_rows)
                     self.captures += 1
-                except search.LibraryCallError:
-                    entry = None  # remembered: this shape takes the uncaptured path
-                except CAPTURE_ERRORS as exc:  # a capture this driver or CuPy refuses: the uncaptured path
-                    entry = None
+                except NotCapturableError:
+                    entry = None  # remembered: this key takes the uncaptured path
+                except Exception as exc:
+                    if not isinstance(exc, capture_errors()):
+                        raise
+                    entry = None  # a capture this driver or CuPy refuses: remembered, the uncaptured path
                     self.failures.append(f"{shape} k={k}: {exc}")
                     warnings.warn(f"gpurag-cupy: a search could not be captured, answered without a graph ({exc})",
                                   RuntimeWarning, stacklevel=3)  # fmt: skip
@@ -161,20 +198,16 @@ class GraphCache:
                     self._graphs.popitem(last=False)
             if entry is None:
                 return None
-            stream = cupy.cuda.get_current_stream()
-            cupy.cuda.runtime.memcpyAsync(
-                entry.queries.data.ptr, pointer, entry.queries.nbytes, cupy.cuda.runtime.memcpyDeviceToDevice,
-                stream.ptr,
-            )  # fmt: skip
-            entry.graph.launch(stream)
-            stream.synchronize()
+            answer = entry.replay(pointer)
             self.replays += 1
-            return entry.answer()
+            return answer
 
 
 def capturable(shape: tuple[int, int], database: Any, k: int, tile_scores: int) -> int | None:
     """Rows per tile of a captured search of ``shape`` queries, or None where none is captured: past
     `GRAPH_MAX_SCORES`, off the few-query path, or scored through cuBLAS."""
+    from gpurag_cupy import search
+
     n_queries, dim = shape
     if n_queries * database.count > GRAPH_MAX_SCORES or not search.kernel_scored(n_queries, dim, database.metric):
         return None
