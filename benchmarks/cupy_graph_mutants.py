@@ -5,8 +5,8 @@
 
 Mutants (``GPURAG_CUPY_MUTANT``):
 - ``stale-queries``: a replay does not copy the new queries in; it answers what its query buffer held.
-- ``stale-database``: graphs are keyed without the database's addresses and row count; a replay after
-  rows were added searches the storage it was captured on.
+- ``stale-database``: graphs are keyed without the database's addresses, row count and tiles (whose
+  rows follow the count); a replay after rows were added searches the storage it was captured on.
 
 Each must make the graph tests of ``tests/backends/test_cupy.py`` fail (a GPU run, by hand or in a window).
 """
@@ -33,6 +33,6 @@ def pytest_configure(config: Any) -> None:
 
         cupy.cuda.runtime.memcpyAsync = no_query_copy
     elif MUTANT == "stale-database":
-        graphs.graph_key = lambda shape, database, k, tile_rows: (shape, k, tile_rows, database.metric)
+        graphs.graph_key = lambda shape, database, k, tile_rows: (shape, k, database.metric)
     elif MUTANT:
         raise ValueError(f"GPURAG_CUPY_MUTANT must be stale-queries or stale-database; got {MUTANT!r}")

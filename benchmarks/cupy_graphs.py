@@ -177,12 +177,14 @@ def many_query_rows(reps: int) -> None:
     torch.cuda.empty_cache()
 
 
-def any_k() -> None:
-    """k = 10, 1,024 and 4,096 on N=10M D=128 Q=1024 l2, each answer checked first."""
+def any_k(wide_slots: tuple[int, ...] = (1,)) -> None:
+    """k = 10, 1,024 and 4,096 on N=10M D=128 Q=1024 l2, each answer checked first; k above
+    `select.WIDE_K` once per ``wide_slots`` (`select.FILTER_SLOTS_WIDE_K`)."""
     import torch
 
     import gpu_report as report
     import gpurag
+    from gpurag_cupy import select
 
     backend = gpurag.get_backend("cupy", device="cuda")
     gen = torch.Generator(device="cuda").manual_seed(12345)
@@ -192,23 +194,75 @@ def any_k() -> None:
     index.add(x)
     sc = report.Scenario(10_000_000, 128, 1024, "l2", 0.0, 0.0, "")
     reference = report.reference_scores(q[:4], x, "l2")
-    write_md("\n## Any k, N=10M D=128 Q=1024 l2 (ms, medians of 3)\n\n| k | cupy | / k=10 |\n|---|---|---|")
+    write_md("\n## Any k, N=10M D=128 Q=1024 l2 (ms, medians of 3)\n")
+    write_md("| k | wide-k slots | cupy | / k=10 |\n|---|---|---|---|")
+    shipped = select.FILTER_SLOTS_WIDE_K
     base = None
     for k in (10, 1024, 4096):
-        try:
-            result = index.search(q, k)
-            report.K = k  # `check` reads the module's k
+        for slots in wide_slots if k > select.WIDE_K else (shipped,):
             try:
-                report.check(f"cupy k={k}", sc, q, x, reference, result.scores, result.ids)
-            finally:
-                report.K = K
-            ms = report.time_ms(lambda k=k: index.search(q, k), 3, 1)
-            base = base or ms
-            emit({"any_k": "N=10M D=128 Q=1024 l2", "k": k, "cupy_ms": round(ms, 2), "x_k10": round(ms / base, 3)})
-            write_md(f"| {k} | {ms:.1f} | {ms / base:.2f} |")
-        except Exception as exc:
-            emit({"any_k": k, "error": f"{type(exc).__name__}: {exc}"[:800]})
-            traceback.print_exc()
+                select.FILTER_SLOTS_WIDE_K = slots
+                result = index.search(q, k)
+                report.K = k  # `check` reads the module's k
+                try:
+                    report.check(f"cupy k={k}", sc, q, x, reference, result.scores, result.ids)
+                finally:
+                    report.K = K
+                ms = report.time_ms(lambda k=k: index.search(q, k), 3, 1)
+                base = base or ms
+                emit({"any_k": "N=10M D=128 Q=1024 l2", "k": k, "wide_slots": slots, "cupy_ms": round(ms, 2),
+                      "x_k10": round(ms / base, 3)})  # fmt: skip
+                write_md(f"| {k} | {slots} | {ms:.1f} | {ms / base:.2f} |")
+            except Exception as exc:
+                emit({"any_k": k, "wide_slots": slots, "error": f"{type(exc).__name__}: {exc}"[:800]})
+                traceback.print_exc()
+    select.FILTER_SLOTS_WIDE_K = shipped
+
+
+def profile_one_query(reps: int) -> None:
+    """cProfile of ``reps`` one-query dot searches by graph replay (N=1M D=768): where the host time goes;
+    and the torch stream lookups side by side (microseconds)."""
+    import cProfile
+    import io
+    import pstats
+
+    import torch
+
+    import gpurag
+
+    backend = gpurag.get_backend("cupy", device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(12345)
+    x = torch.randn(1_000_000, 768, device="cuda", generator=gen)
+    q = torch.randn(1, 768, device="cuda", generator=gen)
+    index = gpurag.ExactRetriever(metric="dot", backend=backend)
+    index.add(x)
+    for _ in range(3):
+        index.search(q, K)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        index.search(q, K)
+    wall = (time.perf_counter() - t0) / reps * 1e3
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(reps):
+        index.search(q, K)
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(32)
+    lookups = {}
+    device = q.device
+    for name, fn in (("torch.cuda.current_stream(device)", lambda: torch.cuda.current_stream(device).cuda_stream),
+                     ("torch._C._cuda_getCurrentRawStream(0)", lambda: torch._C._cuda_getCurrentRawStream(0)),
+                     ("q.device.index", lambda: q.device.index), ("q.data_ptr()", q.data_ptr),
+                     ("q.is_contiguous()", q.is_contiguous)):  # fmt: skip
+        t0 = time.perf_counter()
+        for _ in range(2000):
+            fn()
+        lookups[name] = round((time.perf_counter() - t0) / 2000 * 1e6, 3)
+    emit({"profile": "N=1M D=768 Q=1 dot, graph", "search_ms_back_to_back": round(wall, 4), "lookups_us": lookups})
+    write_md(f"\n## Host profile, one-query dot search by graph: {wall:.3f} ms per search back to back\n")
+    write_md("```\n" + "\n".join(text.getvalue().splitlines()[:60]) + "\n```")
 
 
 def main() -> int:
@@ -218,6 +272,8 @@ def main() -> int:
     parser.add_argument("--metrics", default="dot,l2,cosine,l1", help="of the one-query rows (empty: none)")
     parser.add_argument("--many", action="store_true")
     parser.add_argument("--any-k", action="store_true")
+    parser.add_argument("--wide-slots", default="1", help="select.FILTER_SLOTS_WIDE_K values timed at k=4096")
+    parser.add_argument("--profile", action="store_true", help="cProfile of one-query searches first")
     args = parser.parse_args()
     log.OUT = args.out
     import cupy
@@ -227,12 +283,14 @@ def main() -> int:
     name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
     emit({"card": name, "cupy": cupy.__version__, "torch": torch.__version__})
     write_md(f"# gpurag-cupy captured searches on {name} (CuPy {cupy.__version__}, torch {torch.__version__}), k = {K}")
+    if args.profile:
+        profile_one_query(300)
     if args.metrics:
         one_query_rows(args.reps, args.metrics.split(","))
     if args.many:
         many_query_rows(max(3, args.reps // 8))
     if args.any_k:
-        any_k()
+        any_k(tuple(int(v) for v in args.wide_slots.split(",")))
     return 0
 
 

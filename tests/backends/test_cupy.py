@@ -323,6 +323,31 @@ def test_tiles_after_the_first_filtered_by_the_running_threshold_match_reference
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("metric", list(Metric), ids=str)
+@pytest.mark.parametrize("wide_slots", [1, 4], ids=lambda slots: f"{slots}k-slots")
+def test_tiles_filtered_for_a_k_past_wide_k_match_reference(
+    cupy_gpu: DistanceBackend, monkeypatch: pytest.MonkeyPatch, metric: Metric, wide_slots: int
+) -> None:
+    """k above `select.WIDE_K` across tiles of 5,000 rows (the threshold pass with one k of slots, or
+    four): the candidate buffer fills and is selected down many times; query 0 meets its rows worst first,
+    so its filtered tiles overflow their slots and take the radix passes."""
+    from gpurag_cupy import select
+
+    monkeypatch.setattr(select, "FILTER_SLOTS_WIDE_K", wide_slots)
+    rng = np.random.default_rng(18)
+    backend = cupy_backend.CupyBackend(cupy_gpu.device, tile_scores=3 * 5000)
+    vectors = rng.standard_normal((40_000, 16)).astype(np.float32)
+    queries = rng.standard_normal((3, 16)).astype(np.float32)
+    growing = np.argsort(ref.pairwise_reference(queries[:1], vectors, metric)[0])
+    if not metric.higher_is_better:
+        growing = growing[::-1]
+    ordered = np.ascontiguousarray(vectors[growing])
+    ordered[20_000:20_400] = ordered[39_999]  # ties with query 0's best row, across tiles
+    for k in (select.WIDE_K + 1, 2049):
+        _check(backend, queries, ordered, metric, k, f"{metric.value} k={k}, {wide_slots}k slots")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize(
     "variant", ["sgemv", "streaming dot kernel", "float4 one-query dot kernel", "histogram without warp aggregation"]
 )
