@@ -56,7 +56,7 @@ class GraphCache:
     def run(self, backend: Any, q: torch.Tensor, database: Database, k: int, low: bool) -> Outputs:
         """``backend.device_topk(q, database, k, low)`` by graph replay; the outputs are fresh tensors."""
         key = (*_key(q, database, k, low), getattr(backend, "sort_shortlist", None),
-               getattr(backend, "merge_groups", None))  # fmt: skip
+               getattr(backend, "merge_groups", None), getattr(backend, "few_query_inputs", None))  # fmt: skip
         with self._lock:
             entry = self._graphs.get(key)
             if entry is None:
@@ -93,7 +93,8 @@ class GraphCache:
         from gpurag.metrics import TopK
 
         key = ("host", COPY_IN_GRAPH, *_key(q, database, k, low), getattr(backend, "sort_shortlist", None),
-               getattr(backend, "packed_finish", None), getattr(backend, "merge_groups", None))  # fmt: skip
+               getattr(backend, "packed_finish", None), getattr(backend, "merge_groups", None),
+               getattr(backend, "few_query_inputs", None))  # fmt: skip
         with self._lock:
             entry = self._host_graphs.get(key)
             if entry is None:
