@@ -31,12 +31,13 @@ Outputs = tuple["torch.Tensor", "torch.Tensor", "torch.Tensor | None", Any, Any]
 
 
 def _key(q: torch.Tensor, database: Database, k: int, low: bool) -> tuple[Any, ...]:
-    tensors = [database.vectors, *(database.row_data[name] for name in sorted(database.row_data))]
-    layout = tuple((t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype) for t in tensors)
     from gpurag_triton import launch
 
+    row_data = database.row_data  # (torch.Size is a tuple: equal keys, fewer conversions on every search)
+    tensors = (database.vectors, *(row_data[name] for name in sorted(row_data)))
+    layout = tuple([(t.data_ptr(), t.shape, t.stride(), t.dtype) for t in tensors])
     # The kernels' merge is part of what was captured.
-    return (tuple(q.shape), q.device, k, low, database.metric, database.count, layout, launch.tuning())
+    return (q.shape, q.device, k, low, database.metric, database.count, layout, launch.tuning())
 
 
 class GraphCache:
