@@ -195,3 +195,33 @@ def test_one_query_finish_writes_its_flags_into_a_buffer_nobody_zeroed(
     beyond = torch.tensor([[0x7F800000 << 32]], dtype=torch.int64, device=keys.device).view(torch.float64)
     failed = launch.finish(q, database.vectors, keys, beyond, norms.max(), None, 5, 0, bounds, 1000, packed)
     assert failed.flags.cpu().tolist() == [1, 0]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("metric", [Metric.DOT, Metric.L2, Metric.COSINE], ids=str)
+def test_one_query_replays_stay_exact_whichever_tail_and_each_tail_has_its_own_graph(
+    metric: Metric, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    import gpurag
+    from gpurag_triton import backend as module
+    from gpurag_triton import launch
+
+    backend = triton_on("cuda")
+    monkeypatch.setattr(module, "GRAPH_MIN_ROWS", 1000)
+    rng = np.random.default_rng(36)
+    vectors = rng.standard_normal((20_011, 45)).astype(np.float32)  # several splits and merge groups
+    index = gpurag.ExactRetriever(metric=metric, backend=backend)
+    index.add(vectors)
+    tails = [(True, True, True), (False, False, False), (True, False, True), (False, True, False)]
+    for few, topk, wide in tails:
+        backend.few_query_inputs = few
+        monkeypatch.setattr(launch, "MERGE_TOPK", topk)
+        monkeypatch.setattr(launch, "FINISH_WIDE", wide)
+        for _ in range(2):  # the first search captures, the second replays with a new query
+            queries = rng.standard_normal((1, 45)).astype(np.float32)
+            result = index.search(torch.from_numpy(queries).cuda(), 10)
+            ref.assert_topk_matches(queries, vectors, metric, result.scores, result.ids, 10)
+    assert len(backend._graphs._host_graphs) == len(tails)
+    assert backend.queries_rescanned == 0
