@@ -125,7 +125,9 @@ class TritonBackend(TorchBackend):
         self.finish_split_below = FINISH_SPLIT_BELOW
         #: Few queries (at most `GRAPH_MAX_QUERIES`) go to the scan as float32, rounded to bf16 inside it,
         #: and cosine's unit queries come from one kernel (`kernels.queries`): fewer launches per search.
-        self.few_query_inputs = True
+        #: Off: the scan's tensor-core loop slowed more than the launches saved (H200, S4 W2, 1M x 768
+        #: Q=1 with the tail below: dot / l2 / cosine 0.480 / 0.484 / 0.562 ms off, 0.585 / 0.623 / 0.669 on).
+        self.few_query_inputs = False
         from gpurag_triton.graphs import GraphCache
 
         self._graphs = GraphCache()

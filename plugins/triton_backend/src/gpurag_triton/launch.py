@@ -36,17 +36,23 @@ SELECT_BY_INDEX = True
 #: (BLOCK_N, BLOCK_D, warps, stages, programs per SM) of the tensor-core scan below 16 queries.
 SMALL_Q_SCAN = (64, 128, 4, 3, 4)
 #: Whether `finish` below `split_below` queries re-scores by `rescore`'s wide programs, sums |q| in one step,
-#: and (one query) writes its flags without a zeroed buffer: a shorter tail for one-query searches.
+#: and (one query) writes its flags without a zeroed buffer: a shorter tail for one-query searches. With the
+#: merge's top-k (H200, S4 W2, 1M x 768 Q=1 search, against main's tail, interleaved): dot / l2 / cosine
+#: 0.492 / 0.523 / 0.587 -> 0.480 / 0.484 / 0.562 ms.
 FINISH_WIDE = True
 #: (BLOCK_Q, BLOCK_N, BLOCK_D, warps, stages, programs per SM) of the tensor-core scan from 512 queries.
 BIG_Q_SCAN = (128, 128, 64, 8, 3, 2)
-#: Whether `merge_groups` keeps each group's KP best keys by a bitonic top-k rather than a sort of all of them.
+#: Whether `merge_groups` keeps each group's KP best keys by a bitonic top-k rather than a sort of all of them,
+#: for up to `MERGE_TOPK_MAX_QUERIES` queries (one query's groups are 33 splits, 1,024 keys sorted for 16).
 MERGE_TOPK = True
+#: Above it the groups are a few splits (48 keys at Q=1024) and the sort stays (H200, S4 W2, 1M x 768
+#: Q=1024: dot / l2 / cosine 6.23 / 5.77 / 5.95 ms with the top-k, 6.05 / 5.80 / 5.93 with the sort).
+MERGE_TOPK_MAX_QUERIES = 16
 
 
 def tuning() -> tuple[object, ...]:
     """The module-level choices above, as one value (part of a captured graph's key)."""
-    return (SELECT_BY_INDEX, SMALL_Q_SCAN, BIG_Q_SCAN, MERGE_TOPK, FINISH_WIDE)
+    return (SELECT_BY_INDEX, SMALL_Q_SCAN, BIG_Q_SCAN, MERGE_TOPK, MERGE_TOPK_MAX_QUERIES, FINISH_WIDE)
 
 
 def interpreting() -> bool:
@@ -456,7 +462,7 @@ def merge_groups(keys: torch.Tensor, groups: int, *, reduce: bool = True) -> tup
     cutoff = torch.empty((n_queries, groups), dtype=torch.float64, device=keys.device)
     merge_groups_kernel[(n_queries, groups)](
         keys.contiguous(), out, cutoff, n_splits, per_group, groups, KP=kp, BLOCK=_pow2(per_group * kp),
-        TOPK=MERGE_TOPK,
+        TOPK=MERGE_TOPK and n_queries <= MERGE_TOPK_MAX_QUERIES,
     )  # fmt: skip
     return out, cutoff.amax(dim=1) if reduce else cutoff
 
