@@ -188,13 +188,16 @@ def scan_topk(
     rows_per_split, splits = split_rows(n_rows, config.splits, config.block_n)
     out = torch.empty((n_queries, splits, kp), dtype=torch.float64, device=rows.device)
     grid = (triton.cdiv(n_queries, config.block_q), splits)
+    # A padding query (zero) scores -|x|² in l2 and -Σ|x| in l1, not a constant as in dot: masked, it takes no steps.
+    pads_queries = n_queries % config.block_q != 0 and metric_code in (1, 2)
     scan_topk_kernel[grid](
         queries, rows, extra, extra if tau is None else tau.contiguous(), out,
         n_queries, n_rows, dim, rows_per_split, splits,
         queries.stride(0), rows.stride(0),
         METRIC=metric_code, USE_DOT=config.use_dot, LOW=low,
         BLOCK_Q=config.block_q, BLOCK_N=config.block_n, BLOCK_D=config.block_d, KP=kp, SELECT=config.select,
-        HAS_TAU=tau is not None, BY_INDEX=config.by_index, num_warps=config.num_warps, num_stages=config.num_stages,
+        HAS_TAU=tau is not None, BY_INDEX=config.by_index, MASK_QUERIES=pads_queries,
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return Scan(out, rows_per_split)
 

@@ -139,11 +139,15 @@ def scan_topk_kernel(
     SELECT: tl.constexpr,
     HAS_TAU: tl.constexpr,
     BY_INDEX: tl.constexpr = False,
+    MASK_QUERIES: tl.constexpr = False,
 ):
     """out[q, split, :] = the KP best packed keys of query q over rows of its split (see module doc).
 
     With ``HAS_TAU`` only rows scoring above ``tau[q]`` are kept; slots left empty hold -inf keys.
     ``BY_INDEX``: tiles merged by `select.offer_tile_by_index` (float32 steps) instead of `offer_tile`.
+    ``MASK_QUERIES`` (a query block past the last query): the padding queries' scores are -inf, so they
+    never take a merge step (an l2 padding query scores -|x|², which would keep its running top-k busy;
+    a dot one scores 0 everywhere and is left alone after its first tile).
     """
     pid_q = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -191,7 +195,10 @@ def scan_topk_kernel(
             scores = raw * extra[None, :]
         else:
             scores = raw
-        scores = tl.where(n_mask[None, :], scores, float("-inf"))
+        if MASK_QUERIES:  # (a constexpr branch)
+            scores = tl.where(q_mask[:, None] & n_mask[None, :], scores, float("-inf"))
+        else:
+            scores = tl.where(n_mask[None, :], scores, float("-inf"))
         if SELECT and BY_INDEX:
             best, threshold = offer_tile_by_index(best, threshold, scores, n0, KP)
             if HAS_TAU:
