@@ -24,6 +24,15 @@ __device__ __forceinline__ void unpack(uint4 v, float* out) {  // 8 bf16
 __device__ __forceinline__ void unpack(float4 v, float* out) {
     out[0] = v.x; out[1] = v.y; out[2] = v.z; out[3] = v.w;
 }
+// A 16-byte load that skips L1 and asks L2 to fetch the whole 256-byte block around it (streamed rows).
+__device__ __forceinline__ uint4 load_streamed(const uint4* p) {
+    uint4 v;
+    asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+__device__ __forceinline__ float4 load_streamed(const float4* p) { return __ldg(p); }
 __device__ __forceinline__ float element(const unsigned short* p, long long i) { return __uint_as_float((unsigned)p[i] << 16); }
 __device__ __forceinline__ float element(const float* p, long long i) { return p[i]; }
 
@@ -44,7 +53,8 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 // T: element type of the rows; V: their 16-byte vector (uint4 of 8 bf16, float4 of 4 floats).
 // ONE: a single query with vector loads, its elements in registers; else up to MAX_QUERIES from shared memory.
-template <typename T, typename V, bool ONE>
+// STREAMED: ONE's row loads skip L1 and prefetch whole 256-byte blocks into L2 (`load_streamed`).
+template <typename T, typename V, bool ONE, bool STREAMED = false>
 __device__ __forceinline__ void stream_body(const float* __restrict__ queries, const T* __restrict__ rows,
                             const float* __restrict__ sq_norms, int n_queries, int n_rows, int dim,
                             int rows_per_warp, int mode, int kp, int cap, int vec, float* __restrict__ out_keys,
@@ -101,7 +111,7 @@ __device__ __forceinline__ void stream_body(const float* __restrict__ queries, c
 #pragma unroll
                     for (int c = 0; c < REG_CHUNKS; ++c) {
                         int chunk = c * 32 + lane;
-                        if (chunk < chunks) v[u][c] = src[chunk];
+                        if (chunk < chunks) v[u][c] = STREAMED ? load_streamed(src + chunk) : src[chunk];
                     }
                 }
 #pragma unroll
@@ -215,6 +225,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2) stream_bf16(STREAM_ARGS
 }
 extern "C" __global__ void __launch_bounds__(THREADS, 2) stream_one_bf16(STREAM_ARGS) {
     stream_body<T, uint4, true>(STREAM_PASS);
+}
+extern "C" __global__ void __launch_bounds__(THREADS, 2) stream_one_bf16_streamed(STREAM_ARGS) {
+    stream_body<T, uint4, true, true>(STREAM_PASS);
 }
 #undef T
 #define T float
