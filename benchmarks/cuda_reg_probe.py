@@ -88,6 +88,19 @@ def check_reg() -> int:
                 emit({"section": "check_reg", "block_q": block_q, "q": n_q, "n": n_rows, "d": dim, "kp": kp,
                       "l2": l2, "splits": int(found.keys.shape[1]), **got})  # fmt: skip
     launch.TC_REG_BLOCK_Q = 64
+    launch.STREAM_ONE_ASYNC = True
+    for n_rows, dim in ((1, 8), (33, 136), (1001, 768), (300_001, 768), (70_001, 40)):
+        q = torch.randn(1, dim, device="cuda", generator=gen).to(torch.bfloat16)
+        x = torch.randn(n_rows, dim, device="cuda", generator=gen).to(torch.bfloat16)
+        sq = x.float().pow(2).sum(1)
+        for kp, l2 in ((16, True), (1, False), (64, False)):
+            mode = launch.L2 if l2 else launch.DOT
+            found = launch.stream_scan(q.float(), x, sq if l2 else None, mode, kp)
+            ref = kernels.kernel_reference(q, x, sq if l2 else None, mode)
+            got = kernels.candidates_ok(found, ref, kp, q, x, mode)
+            failures += not got["ok"]
+            emit({"section": "check_async", "n": n_rows, "d": dim, "kp": kp, "l2": l2, **got})
+    launch.STREAM_ONE_ASYNC = False
     return failures
 
 
@@ -168,15 +181,30 @@ def q1(triton: bool, repeats: int) -> None:
     low = x.to(torch.bfloat16)
     qf = q.to(torch.bfloat16).float()
 
-    def stream(hint: bool) -> Any:
-        launch.STREAM_ONE_STREAMED = hint
+    def stream(hint: bool, ring: bool) -> Any:
+        launch.STREAM_ONE_STREAMED, launch.STREAM_ONE_ASYNC = hint, ring
         return launch.stream_scan(qf, low, None, launch.DOT, 16)
 
-    a, b = stream(False), stream(True)
-    same = bool(torch.equal(a.keys, b.keys))
-    emit({"section": "q1_stream", "same_keys": same, **timed({"plain": lambda: stream(False),
-                                                              "l2_256B": lambda: stream(True)}, repeats)})  # fmt: skip
-    launch.STREAM_ONE_STREAMED = False
+    plain = stream(False, False)
+    same = {"l2_256B": bool(torch.equal(plain.keys, stream(True, False).keys)),
+            "async": bool(torch.equal(plain.keys, stream(False, True).keys))}  # fmt: skip
+    calls = {"plain": lambda: stream(False, False), "l2_256B": lambda: stream(True, False),
+             "async": lambda: stream(False, True)}  # fmt: skip
+    emit({"section": "q1_stream", "same_keys": same, **timed(calls, repeats)})
+    launch.STREAM_ONE_STREAMED = launch.STREAM_ONE_ASYNC = False
+    for metric in ("dot", "l2"):
+        index = gpurag.ExactRetriever(metric=metric, backend=cuda)
+        index.add(x)
+
+        def ring(on: bool, index: Any = index) -> Any:
+            launch.STREAM_ONE_ASYNC = on
+            return index.search(q, 10)
+
+        same_ids = bool((ring(True).ids == ring(False).ids).all())
+        emit({"section": "q1_async_search", "metric": metric, "same_ids": same_ids,
+              **timed({"async": lambda: ring(True), "plain": lambda: ring(False)}, repeats)})  # fmt: skip
+        launch.STREAM_ONE_ASYNC = False
+        del index
 
 
 def many(triton: bool, repeats: int) -> None:
