@@ -76,8 +76,8 @@ def check_reg() -> int:
     gen = torch.Generator(device="cuda").manual_seed(7)
     shapes = [(1, 129, 8), (63, 1000, 40), (64, 4097, 136), (65, 20_001, 64), (130, 70_001, 128), (200, 3000, 768),
               (129, 300_001, 32)]  # fmt: skip
-    for block_q in (64, 128):
-        launch.TC_REG_BLOCK_Q = block_q
+    for block_q, block_n in launch.TC_REG_TILES:
+        launch.TC_REG_BLOCK_Q, launch.TC_REG_BLOCK_N = block_q, block_n
         for n_q, n_rows, dim in shapes:
             q = torch.randn(n_q, dim, device="cuda", generator=gen).to(torch.bfloat16)
             x = torch.randn(n_rows, dim, device="cuda", generator=gen).to(torch.bfloat16)
@@ -87,9 +87,9 @@ def check_reg() -> int:
                 ref = kernels.kernel_reference(q, x, sq if l2 else None, launch.L2 if l2 else launch.DOT)
                 got = kernels.candidates_ok(found, ref, kp, q, x, launch.L2 if l2 else launch.DOT)
                 failures += not got["ok"]
-                emit({"section": "check_reg", "block_q": block_q, "q": n_q, "n": n_rows, "d": dim, "kp": kp,
+                emit({"section": "check_reg", "tile": f"{block_q}x{block_n}", "q": n_q, "n": n_rows, "d": dim, "kp": kp,
                       "l2": l2, "splits": int(found.keys.shape[1]), **got})  # fmt: skip
-    launch.TC_REG_BLOCK_Q = 64
+    launch.TC_REG_BLOCK_Q, launch.TC_REG_BLOCK_N = 64, 128
     launch.STREAM_ONE_ASYNC = True
     for n_rows, dim in ((1, 8), (33, 136), (1001, 768), (300_001, 768), (70_001, 40)):
         q = torch.randn(1, dim, device="cuda", generator=gen).to(torch.bfloat16)
@@ -104,6 +104,37 @@ def check_reg() -> int:
             emit({"section": "check_async", "n": n_rows, "d": dim, "kp": kp, "l2": l2, **got})
     launch.STREAM_ONE_ASYNC = False
     return failures
+
+
+def check_catches_a_mutant() -> int:
+    """The register tile with its re-offer of dropped keys cut out must fail `check_reg`'s test (1 if it did not)."""
+    from gpurag_cuda import compiler, launch
+
+    kernels = _load("cuda_kernels")
+    source = (compiler.KERNEL_DIR / "scan_tc.cu").read_text()
+    assert source.count("if (!again) break;") == 1
+    mutant = compiler.KERNEL_DIR / "scan_tc_mutant.cu"
+    mutant.write_text(source.replace("if (!again) break;", "break;"))
+    real = launch._launch
+
+    def redirected(module: str, *args: Any) -> None:
+        real("scan_tc_mutant" if module == "scan_tc" else module, *args)
+
+    launch._launch = redirected
+    caught = 0
+    try:
+        gen = torch.Generator(device="cuda").manual_seed(11)
+        for n_q, n_rows, dim in ((64, 4097, 136), (130, 70_001, 128)):
+            q = torch.randn(n_q, dim, device="cuda", generator=gen).to(torch.bfloat16)
+            x = torch.randn(n_rows, dim, device="cuda", generator=gen).to(torch.bfloat16)
+            found = launch.scan_tc(q, x, None, 16, reg=True)
+            got = kernels.candidates_ok(found, kernels.kernel_reference(q, x, None, launch.DOT), 16, q, x, launch.DOT)
+            caught += not got["ok"]
+            emit({"section": "mutant", "q": n_q, "n": n_rows, "d": dim, **got})
+    finally:
+        launch._launch = real
+        mutant.unlink(missing_ok=True)
+    return 0 if caught else 1
 
 
 def check_search() -> int:
@@ -225,42 +256,30 @@ def many(triton: bool, repeats: int) -> None:
             index = gpurag.ExactRetriever(metric=metric, backend=cuda)
             index.add(x)
 
-            def variant(block_q: int, reg: bool, index: Any = index, q: Any = q) -> Any:
-                launch.TC_REG_BLOCK_Q = block_q
+            def variant(block_q: int, block_n: int, reg: bool, index: Any = index, q: Any = q) -> Any:
+                launch.TC_REG_BLOCK_Q, launch.TC_REG_BLOCK_N = block_q, block_n
                 cuda_backend.FAST_REG_TILE = reg
                 return index.search(q, 10)
 
-            results = {name: variant(*args).ids for name, args in
-                       (("reg64", (64, True)), ("reg128", (128, True)), ("earlier", (64, False)))}  # fmt: skip
+            shapes = {"reg64x128": (64, 128, True), "reg128x128": (128, 128, True), "reg128x256": (128, 256, True),
+                      "earlier": (64, 128, False)}  # fmt: skip
+            results = {name: variant(*args).ids for name, args in shapes.items()}
             agree = {name: float((ids == results["earlier"]).mean()) for name, ids in results.items()}
-            calls: dict[str, Any] = {
-                "cuda_reg64": lambda: variant(64, True),
-                "cuda_reg128": lambda: variant(128, True),
-                "cuda_earlier": lambda: variant(64, False),
-            }
+            calls: dict[str, Any] = {f"cuda_{name}": lambda args=args: variant(*args) for name, args in shapes.items()}
             cuda.queries_searched = cuda.queries_rescanned = 0
-            emit(
-                {
-                    "section": "many",
-                    "n": n_rows,
-                    "d": dim,
-                    "metric": metric,
-                    "agree": agree,
-                    **timed(calls, repeats),
-                    "rescanned": cuda.queries_rescanned,
-                    "searched": cuda.queries_searched,
-                }
-            )
+            times = timed(calls, repeats)
+            emit({"section": "many", "n": n_rows, "d": dim, "metric": metric, "agree": agree, **times,
+                  "rescanned": cuda.queries_rescanned, "searched": cuda.queries_searched})  # fmt: skip
             if other is not None and time.time() - START < TRITON_UNTIL_S:
+                best = min(times, key=lambda name: times[name])
                 tindex = gpurag.ExactRetriever(metric=metric, backend=other)
                 tindex.add(x)
                 same = float((tindex.search(q, 10).ids == results["earlier"]).mean())
-                pair = {"cuda_reg64": lambda: variant(64, True),
-                        "triton": lambda tindex=tindex, q=q: tindex.search(q, 10)}  # fmt: skip
+                pair = {best: calls[best], "triton": lambda tindex=tindex, q=q: tindex.search(q, 10)}
                 emit({"section": "many_triton", "n": n_rows, "d": dim, "metric": metric, "agree": same,
                       **timed(pair, repeats)})  # fmt: skip
                 del tindex
-            launch.TC_REG_BLOCK_Q, cuda_backend.FAST_REG_TILE = 64, True
+            launch.TC_REG_BLOCK_Q, launch.TC_REG_BLOCK_N, cuda_backend.FAST_REG_TILE = 64, 128, True
             del index
         del x
 
@@ -283,6 +302,7 @@ def main() -> int:
         try:
             if part == "check":
                 failures += check_reg()
+                failures += check_catches_a_mutant()
                 failures += check_search()
                 emit({"section": "check_done", "failures": failures})
             elif part == "q1":

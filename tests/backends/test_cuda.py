@@ -106,7 +106,7 @@ def test_layouts_cover_every_row_once_in_whole_tiles(n_rows: int, n_queries: int
         (launch.stream_layout(n_rows, 132), launch.STREAM_ROWS),
         (launch.tc_layout(n_queries, n_rows, 128, 16, 132, True), launch.WIDE_BLOCK_N),
         (launch.stream_layout(n_rows, 132, launch.few_warps_per_sm(16)), launch.STREAM_ROWS),
-        (launch.tc_layout(n_queries, n_rows, 768, 16, 132, False, True), launch.TC_BLOCK_N),
+        (launch.tc_layout(n_queries, n_rows, 768, 16, 132, False, True), launch.TC_REG_BLOCK_N),
     ):
         assert layout.rows_per_split % tile == 0
         assert layout.splits * layout.rows_per_split >= n_rows
@@ -137,9 +137,10 @@ def test_the_fast_kernels_take_what_their_shared_memory_holds() -> None:
 
 
 def test_the_register_tile_fits_its_lists_and_stages_in_shared_memory() -> None:
-    for block_q in (64, 128):
-        for kp in (1, 16, 32, 64):
-            assert launch.reg_shared_bytes(block_q, kp) <= launch.WIDE_SHARED_LIMIT
+    for block_q, block_n in launch.TC_REG_TILES:
+        for kp in (1, 16, 32):
+            assert launch.reg_shared_bytes(block_q, kp, block_n) <= launch.WIDE_SHARED_LIMIT
+    assert launch.reg_shared_bytes(128, 64, 128) <= launch.WIDE_SHARED_LIMIT < launch.reg_shared_bytes(128, 64, 256)
     assert launch.reg_blocks_per_sm(64, 16) == 2  # two 64-query blocks share a multiprocessor
     assert launch.reg_blocks_per_sm(64, 64) == 1
     assert launch.reg_blocks_per_sm(128, 16) == 1
@@ -259,17 +260,18 @@ def test_the_fast_kernels_and_the_earlier_ones_across_their_tiles(
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("block_q", [64, 128])
+@pytest.mark.parametrize("tile", launch.TC_REG_TILES, ids=lambda t: f"{t[0]}x{t[1]}")
 @pytest.mark.parametrize(
     ("n_queries", "n_rows", "dim"),
     [(1, 129, 8), (63, 1000, 40), (64, 4097, 136), (65, 20_001, 64), (130, 70_001, 128), (129, 300_001, 32)],
-)  # query tiles of 64 / 128, row tiles of 128, k-steps of 32, several splits, lists that overflow and refill
+)  # query tiles of 64 / 128, row tiles of 128 / 256, k-steps of 32, several splits, lists that overflow and refill
 def test_the_register_tile_keeps_every_querys_best_keys(
-    gpu_backend: Any, monkeypatch: pytest.MonkeyPatch, block_q: int, n_queries: int, n_rows: int, dim: int
+    gpu_backend: Any, monkeypatch: pytest.MonkeyPatch, tile: tuple[int, int], n_queries: int, n_rows: int, dim: int
 ) -> None:
     import torch
 
-    monkeypatch.setattr(launch, "TC_REG_BLOCK_Q", block_q)
+    monkeypatch.setattr(launch, "TC_REG_BLOCK_Q", tile[0])
+    monkeypatch.setattr(launch, "TC_REG_BLOCK_N", tile[1])
     gen = torch.Generator(device="cuda").manual_seed(n_rows)
     q = torch.randn(n_queries, dim, device="cuda", generator=gen).to(torch.bfloat16)
     x = torch.randn(n_rows, dim, device="cuda", generator=gen).to(torch.bfloat16)

@@ -8,10 +8,12 @@ against the bound of the bf16 pass; an uncertified query is answered again in fl
 Hamming are scanned exactly. k above `KERNEL_MAX_K` takes the torch backend's path.
 
 The fast kernels (the ``cuda_fast_kernels`` setting, the ``fast_kernels`` argument; each also behind a
-``FAST_*`` switch below) are a 128 x 128 tensor-core tile (`launch.scan_tc` with ``wide``), a few-query
-stream for l1's shortlist (`launch.stream_few`), a register-blocked l1 tile (`launch.l1_tile_wide`) and
-CUDA-graph replay of searches of up to `GRAPH_MAX_QUERIES` queries (`gpurag_torch.graphs`; `host_topk` replays
-one that ends in the host copy); off, the earlier kernels answer.
+``FAST_*`` switch below) are the register-filtered tensor-core tile for many queries (`launch.scan_tc` with
+``reg``: keys compared with the running thresholds in registers, only those above them reach shared memory),
+a 128 x 128 tile for the any-k collect scan, a few-query stream (`launch.stream_few`), a register-blocked l1
+tile (`launch.l1_tile_wide`) and CUDA-graph replay of searches of up to `GRAPH_MAX_QUERIES` queries
+(`gpurag_torch.graphs`; `host_topk` replays one that ends in the copy to the host, one synchronisation a
+search); off, the earlier kernels answer.
 """
 
 from __future__ import annotations
@@ -62,8 +64,8 @@ FAST_WIDE_COLLECT = True
 #: The 64 x 128 select tile with ldmatrix-fed fragments: on an H200 it took 10.9 against 11.8 ms at
 #: 1M x 768 x 1024 and 26.9 against 27.1 at 10M x 128 x 1024 (both checked against float64).
 FAST_TC_LDM = True
-#: The register-filtered tile (`launch.TC_REG_BLOCK_Q`: keys filtered in registers against the running thresholds,
-#: one copy pipeline across row tiles) for the many-query select scan.
+#: The register-filtered tile (`launch.reg_takes`: keys filtered in registers against the running thresholds, one
+#: copy pipeline across row tiles) for the many-query select scan.
 FAST_REG_TILE = True
 FAST_FEW_STREAM = True
 FAST_L1_TILE = True
@@ -178,7 +180,7 @@ class CudaBackend(TorchBackend):
             return full * min(MIN_KP, per_split) + min(MIN_KP, rest)
 
         most = layout(1 << 24).splits
-        rows = {launch.STREAM_ROWS, launch.TC_BLOCK_N, launch.SIMT_BLOCK_N}
+        rows = {launch.STREAM_ROWS, launch.TC_BLOCK_N, launch.SIMT_BLOCK_N, launch.TC_REG_BLOCK_N}
         rows.add(first_rows(lambda n: layout(n).splits >= most) - 1)
         if self.low_precision and (not l1 or self._l1_shortlists(queries, dim, MIN_KP)):
             rows.add(first_rows(lambda n: kept(n) > SHORTLIST_MIN) - 1)
@@ -392,7 +394,7 @@ class CudaBackend(TorchBackend):
 
     @property
     def _reg_tile(self) -> bool:
-        """Whether many-query select scans take the register-filtered tile (`launch.TC_REG_BLOCK_Q`)."""
+        """Whether many-query select scans take the register-filtered tile (`launch.reg_takes`)."""
         return self.fast_kernels and FAST_REG_TILE
 
     def _device_shortlist(

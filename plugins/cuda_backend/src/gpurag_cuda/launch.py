@@ -27,10 +27,11 @@ TC_STAGES = 4
 #: 12.7 against 11.5 ms at 1M x 768 x 1024 and 31.2 against 26.8 ms at 10M x 128 x 1024 (both correct).
 TC_FLOW = False
 TC_FLOW_STAGES = 3
-#: The register-filtered tensor-core scan (kernels/scan_tc.cu: scan_bf16_reg64 / scan_bf16_reg128) for
-#: vector-loadable select scans: its query tile, 64 or 128 rows (0: the earlier kernels). Its keys never pass
-#: through shared memory, and one copy pipeline of `TC_REG_STAGES` stages flows across the split's row tiles.
-TC_REG_BLOCK_Q = 64
+#: The register-filtered tensor-core scan (kernels/scan_tc.cu: scan_bf16_reg{Q}x{N}) for vector-loadable
+#: select scans: its block tile, queries by rows, one of `TC_REG_TILES`. Its keys never pass through shared
+#: memory, and one copy pipeline of `TC_REG_STAGES` stages flows across the split's row tiles.
+TC_REG_TILES = ((64, 128), (128, 128), (128, 256))
+TC_REG_BLOCK_Q, TC_REG_BLOCK_N = 64, 128
 TC_REG_STAGES = 4
 #: Whether the one-query bf16 stream loads its rows with the L2 256-byte prefetch hint
 #: (kernels/stream.cu: stream_one_bf16_streamed).
@@ -262,21 +263,26 @@ def async_takes(dim: int, kp: int, mode: int) -> bool:
     )
 
 
-def reg_shared_bytes(block_q: int, kp: int) -> int:
+def reg_shared_bytes(block_q: int, kp: int, block_n: int = TC_BLOCK_N) -> int:
     """Dynamic shared memory of a register-filtered launch: its operand stages, then the lists and their state."""
-    stages = TC_REG_STAGES * 2 * (TC_BLOCK_K + 8) * (block_q + TC_BLOCK_N)
+    stages = TC_REG_STAGES * 2 * (TC_BLOCK_K + 8) * (block_q + block_n)
     return stages + block_q * (8 * capacity(kp) + 8) + 16
 
 
-def reg_blocks_per_sm(block_q: int, kp: int) -> int:
-    """Blocks of a register-filtered launch that share a multiprocessor: two where their shared memory allows."""
-    return 2 if block_q == 64 and 2 * (reg_shared_bytes(block_q, kp) + 1024) <= 228 * 1024 else 1
+def reg_blocks_per_sm(block_q: int, kp: int, block_n: int = TC_BLOCK_N) -> int:
+    """Blocks of a register-filtered launch that share a multiprocessor: two 64-query blocks where their shared
+    memory allows (the larger tiles take most of the registers)."""
+    return 2 if block_q == 64 and 2 * (reg_shared_bytes(block_q, kp, block_n) + 1024) <= 228 * 1024 else 1
 
 
 def reg_takes(dim: int, kp: int) -> bool:
-    """Whether the register-filtered scan (`TC_REG_BLOCK_Q`) takes dimension ``dim`` keeping ``kp`` (aligned
-    operands aside)."""
-    return TC_REG_BLOCK_Q in (64, 128) and dim % 8 == 0 and reg_shared_bytes(TC_REG_BLOCK_Q, kp) <= WIDE_SHARED_LIMIT
+    """Whether the register-filtered scan (`TC_REG_BLOCK_Q` x `TC_REG_BLOCK_N`) takes dimension ``dim`` keeping
+    ``kp`` (aligned operands aside)."""
+    return (
+        (TC_REG_BLOCK_Q, TC_REG_BLOCK_N) in TC_REG_TILES
+        and dim % 8 == 0
+        and reg_shared_bytes(TC_REG_BLOCK_Q, kp, TC_REG_BLOCK_N) <= WIDE_SHARED_LIMIT
+    )
 
 
 def tc_layout(n_queries: int, n_rows: int, dim: int, kp: int, sms: int, wide: bool, reg: bool = False) -> Layout:
@@ -285,8 +291,8 @@ def tc_layout(n_queries: int, n_rows: int, dim: int, kp: int, sms: int, wide: bo
     if wide and wide_takes(dim, kp):
         return tile_layout(n_queries, n_rows, WIDE_BLOCK_Q, WIDE_BLOCK_N, sms, 1)
     if reg and reg_takes(dim, kp):
-        block_q = TC_REG_BLOCK_Q
-        return tile_layout(n_queries, n_rows, block_q, TC_BLOCK_N, sms, reg_blocks_per_sm(block_q, kp))
+        block_q, block_n = TC_REG_BLOCK_Q, TC_REG_BLOCK_N
+        return tile_layout(n_queries, n_rows, block_q, block_n, sms, reg_blocks_per_sm(block_q, kp, block_n))
     return tile_layout(n_queries, n_rows, TC_BLOCK_Q, TC_BLOCK_N, sms)
 
 
@@ -303,7 +309,7 @@ def scan_tc(
 
     ``wide`` takes the 128 x 128 tile kernel where it can (D a multiple of 8, aligned operands, kp's lists fit);
     ``ldm`` feeds the 64 x 128 tile's fragments by ldmatrix (kernels/scan_tc.cu: scan_bf16_tc_ldm); ``reg`` takes the
-    register-filtered tile (`TC_REG_BLOCK_Q`) where it can (D a multiple of 8, aligned operands).
+    register-filtered tile (`TC_REG_BLOCK_Q` x `TC_REG_BLOCK_N`) where it can (D a multiple of 8, aligned operands).
     """
     device = rows.device
     _check(queries, "queries", torch.bfloat16, device)
@@ -340,12 +346,12 @@ def _scan_reg(queries: torch.Tensor, rows: torch.Tensor, sq_norms: torch.Tensor 
     device = rows.device
     n_queries, dim = queries.shape
     n_rows = rows.shape[0]
-    block_q = TC_REG_BLOCK_Q
+    block_q, block_n = TC_REG_BLOCK_Q, TC_REG_BLOCK_N
     layout = tc_layout(n_queries, n_rows, dim, kp, multiprocessors(device.index or 0), False, True)
     keys, out_rows = _outputs(n_queries, layout.splits, kp, device)
     norms = sq_norms if sq_norms is not None else keys  # unread for dot
-    _launch("scan_tc", f"scan_bf16_reg{block_q}", device, (_cdiv(n_queries, block_q), layout.splits),
-            reg_shared_bytes(block_q, kp), [
+    _launch("scan_tc", f"scan_bf16_reg{block_q}x{block_n}", device, (_cdiv(n_queries, block_q), layout.splits),
+            reg_shared_bytes(block_q, kp, block_n), [
         _ptr(queries), _ptr(rows), _ptr(norms), _i32(n_queries), _i32(n_rows), _i32(dim),
         _i32(layout.rows_per_split), _i32(int(sq_norms is not None)), _i32(kp), _i32(capacity(kp)),
         _ptr(keys), _ptr(out_rows),

@@ -446,16 +446,16 @@ scan_bf16_tc_flow(const unsigned short* __restrict__ queries, const unsigned sho
 // above them to the query's list (a shared-memory atomic per key taken, rare once the lists are full). A
 // key that finds its list full stays marked in a per-thread bit mask; the block then compacts the full
 // lists (keeping their kp best, raising their thresholds) and offers the marked keys again, until none is
-// left, so nothing is lost. One copy pipeline flows across the split's row tiles (vector loads only), and
-// the query tile is MI x 32 queries (MI = 2: 64, two blocks per multiprocessor; MI = 4: 128, one).
+// left, so nothing is lost. One copy pipeline flows across the split's row tiles (vector loads only).
+// The block tile is (MI x 32) queries by (NI x 32) rows: 8 warps of (MI x 16) x (NI x 8) each.
 #define REG_STAGES 4
 
-template <int MI>
+template <int MI, int NI>
 __device__ __forceinline__ void issue_stage_reg(unsigned short* stage, const unsigned short* __restrict__ queries,
                                                 const unsigned short* __restrict__ rows, int q0, int n_queries,
                                                 int tile, int r_end, int k0, int dim) {
-    constexpr int TBQ = MI * 32;
-    constexpr int AV = TBQ * BK / 8 / THREADS, BV = BN * BK / 8 / THREADS;
+    constexpr int TBQ = MI * 32, TBN = NI * 32;
+    constexpr int AV = TBQ * BK / 8 / THREADS, BV = TBN * BK / 8 / THREADS;
 #pragma unroll
     for (int i = 0; i < AV + BV; ++i) {
         const bool is_a = i < AV;
@@ -471,18 +471,18 @@ __device__ __forceinline__ void issue_stage_reg(unsigned short* stage, const uns
     }
 }
 
-// A warp's (MI x 16) x 32 products of one stage, fragments fed by ldmatrix.
-template <int MI>
-__device__ __forceinline__ void mma_stage_reg(float (*acc)[4][4], const unsigned short* a_s, const unsigned short* b_s,
+// A warp's (MI x 16) x (NI x 8) products of one stage, fragments fed by ldmatrix.
+template <int MI, int NI>
+__device__ __forceinline__ void mma_stage_reg(float (*acc)[NI][4], const unsigned short* a_s, const unsigned short* b_s,
                                               int wq, int wn, int lane) {
 #pragma unroll
     for (int kk = 0; kk < BK; kk += 16) {
-        unsigned a[MI][4], b[4][2];
+        unsigned a[MI][4], b[NI][2];
 #pragma unroll
         for (int mi = 0; mi < MI; ++mi)
             ldmatrix_x4_tc(a[mi], a_s + (wq + mi * 16 + (lane & 15)) * LDA + kk + (lane >> 4) * 8);
 #pragma unroll
-        for (int nj = 0; nj < 2; ++nj) {
+        for (int nj = 0; nj < NI / 2; ++nj) {
             unsigned d[4];
             const int m = lane >> 3;
             ldmatrix_x4_tc(d, b_s + (wn + nj * 16 + (m >> 1) * 8 + (lane & 7)) * LDA + kk + (m & 1) * 8);
@@ -494,19 +494,20 @@ __device__ __forceinline__ void mma_stage_reg(float (*acc)[4][4], const unsigned
 #pragma unroll
         for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-            for (int ni = 0; ni < 4; ++ni)
+            for (int ni = 0; ni < NI; ++ni)
                 mma_bf16(acc[mi][ni], a[mi][0], a[mi][1], a[mi][2], a[mi][3], b[ni][0], b[ni][1]);
     }
 }
 
-template <int MI>
+template <int MI, int NI>
 __device__ __forceinline__ void scan_reg_body(const unsigned short* __restrict__ queries,
                                               const unsigned short* __restrict__ rows,
                                               const float* __restrict__ sq_norms, int n_queries, int n_rows, int dim,
                                               int rows_per_split, int l2, int kp, int cap,
                                               float* __restrict__ out_keys, int* __restrict__ out_rows) {
-    constexpr int TBQ = MI * 32;
-    constexpr int STAGE_E = (TBQ + BN) * LDA;
+    constexpr int TBQ = MI * 32, TBN = NI * 32;
+    constexpr int STAGE_E = (TBQ + TBN) * LDA;
+    constexpr int MASK_WORDS = (MI * NI * 4 + 31) / 32;
     extern __shared__ __align__(16) unsigned char smem[];
     unsigned short* stages = reinterpret_cast<unsigned short*>(smem);
     float* list_keys = reinterpret_cast<float*>(smem + REG_STAGES * STAGE_E * 2);
@@ -517,7 +518,7 @@ __device__ __forceinline__ void scan_reg_body(const unsigned short* __restrict__
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
-    const int wq = (warp >> 2) * MI * 16, wn = (warp & 3) * 32;
+    const int wq = (warp >> 2) * MI * 16, wn = (warp & 3) * NI * 8;
     const int q0 = blockIdx.x * TBQ;
     const int splits = gridDim.y, split = blockIdx.y;
     const int r_begin = split * rows_per_split;
@@ -530,34 +531,34 @@ __device__ __forceinline__ void scan_reg_body(const unsigned short* __restrict__
     __syncthreads();
 
     const int per_tile = (dim + BK - 1) / BK;
-    const int total = r_end > r_begin ? (r_end - r_begin + BN - 1) / BN * per_tile : 0;
+    const int total = r_end > r_begin ? (r_end - r_begin + TBN - 1) / TBN * per_tile : 0;
 #pragma unroll
     for (int i = 0; i < REG_STAGES - 1; ++i) {
         if (i < total)
-            issue_stage_reg<MI>(stages + i * STAGE_E, queries, rows, q0, n_queries, r_begin + (i / per_tile) * BN,
-                                r_end, (i % per_tile) * BK, dim);
+            issue_stage_reg<MI, NI>(stages + i * STAGE_E, queries, rows, q0, n_queries,
+                                    r_begin + (i / per_tile) * TBN, r_end, (i % per_tile) * BK, dim);
         commit_stages();
     }
-    float acc[MI][4][4];
+    float acc[MI][NI][4];
 #pragma unroll
     for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-        for (int ni = 0; ni < 4; ++ni)
+        for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
-    float norm[4][2];
+    float norm[NI][2];
     for (int i = 0; i < total; ++i) {
         wait_stages<REG_STAGES - 2>();  // this thread's copies of stage i have landed
         __syncthreads();                // everyone's have; stage i - 1 is no longer read
         const int next = i + REG_STAGES - 1;
         if (next < total)
-            issue_stage_reg<MI>(stages + (next % REG_STAGES) * STAGE_E, queries, rows, q0, n_queries,
-                                r_begin + (next / per_tile) * BN, r_end, (next % per_tile) * BK, dim);
+            issue_stage_reg<MI, NI>(stages + (next % REG_STAGES) * STAGE_E, queries, rows, q0, n_queries,
+                                    r_begin + (next / per_tile) * TBN, r_end, (next % per_tile) * BK, dim);
         commit_stages();
-        const int tile = r_begin + (i / per_tile) * BN;
+        const int tile = r_begin + (i / per_tile) * TBN;
         if (i % per_tile == 0) {  // this tile's norms, read while its products run
 #pragma unroll
-            for (int ni = 0; ni < 4; ++ni)
+            for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
                 for (int c = 0; c < 2; ++c) {
                     const int r = tile + wn + ni * 8 + 2 * t + c;
@@ -565,14 +566,14 @@ __device__ __forceinline__ void scan_reg_body(const unsigned short* __restrict__
                 }
         }
         unsigned short* stage = stages + (i % REG_STAGES) * STAGE_E;
-        mma_stage_reg<MI>(acc, stage, stage + TBQ * LDA, wq, wn, lane);
+        mma_stage_reg<MI, NI>(acc, stage, stage + TBQ * LDA, wq, wn, lane);
         if (i % per_tile != per_tile - 1) continue;
 
         // Epilogue: oriented keys in place (-inf past the rows or the queries), then offered until all are placed.
 #pragma unroll
         for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-            for (int ni = 0; ni < 4; ++ni)
+            for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int q = q0 + wq + mi * 16 + g + (e >> 1) * 8;
@@ -580,7 +581,9 @@ __device__ __forceinline__ void scan_reg_body(const unsigned short* __restrict__
                     const float v = l2 ? 2.f * acc[mi][ni][e] - norm[ni][e & 1] : acc[mi][ni][e];
                     acc[mi][ni][e] = (r < r_end && q < n_queries) ? v : GPURAG_NEG_INF;
                 }
-        unsigned long long marked = ~0ull;  // bit (mi * 4 + ni) * 4 + e: a key not yet placed or dropped
+        unsigned marked[MASK_WORDS];  // bit (mi * NI + ni) * 4 + e: a key not yet placed or dropped
+#pragma unroll
+        for (int w = 0; w < MASK_WORDS; ++w) marked[w] = ~0u;
         while (true) {
 #pragma unroll
             for (int mi = 0; mi < MI; ++mi)
@@ -589,22 +592,23 @@ __device__ __forceinline__ void scan_reg_body(const unsigned short* __restrict__
                     const int q = wq + mi * 16 + g + h * 8;
                     const float threshold = list_threshold[q];
 #pragma unroll
-                    for (int ni = 0; ni < 4; ++ni)
+                    for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
                         for (int c = 0; c < 2; ++c) {
                             const int e = h * 2 + c;
-                            const int bit = (mi * 4 + ni) * 4 + e;
-                            if (!((marked >> bit) & 1ull)) continue;
+                            const int bit = (mi * NI + ni) * 4 + e;
+                            const unsigned flag = 1u << (bit & 31);
+                            if (!(marked[bit >> 5] & flag)) continue;
                             const float v = acc[mi][ni][e];
                             if (!(v > threshold)) {
-                                marked &= ~(1ull << bit);
+                                marked[bit >> 5] &= ~flag;
                                 continue;
                             }
                             const int at = atomicAdd(list_count + q, 1);
                             if (at < cap) {
                                 list_keys[q * cap + at] = v;
                                 list_rows[q * cap + at] = tile + wn + ni * 8 + 2 * t + c;
-                                marked &= ~(1ull << bit);
+                                marked[bit >> 5] &= ~flag;
                             } else {
                                 *pending = 1;
                             }
@@ -628,7 +632,7 @@ __device__ __forceinline__ void scan_reg_body(const unsigned short* __restrict__
 #pragma unroll
         for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-            for (int ni = 0; ni < 4; ++ni)
+            for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
     }
@@ -647,9 +651,13 @@ __device__ __forceinline__ void scan_reg_body(const unsigned short* __restrict__
         int cap, float *__restrict__ out_keys, int *__restrict__ out_rows
 #define SCAN_REG_PASS queries, rows, sq_norms, n_queries, n_rows, dim, rows_per_split, l2, kp, cap, out_keys, out_rows
 
-extern "C" __global__ void __launch_bounds__(THREADS, 2) scan_bf16_reg64(SCAN_REG_ARGS) {
-    scan_reg_body<2>(SCAN_REG_PASS);
+// Kernels by block tile (queries x rows).
+extern "C" __global__ void __launch_bounds__(THREADS, 2) scan_bf16_reg64x128(SCAN_REG_ARGS) {
+    scan_reg_body<2, 4>(SCAN_REG_PASS);
 }
-extern "C" __global__ void __launch_bounds__(THREADS, 1) scan_bf16_reg128(SCAN_REG_ARGS) {
-    scan_reg_body<4>(SCAN_REG_PASS);
+extern "C" __global__ void __launch_bounds__(THREADS, 1) scan_bf16_reg128x128(SCAN_REG_ARGS) {
+    scan_reg_body<4, 4>(SCAN_REG_PASS);
+}
+extern "C" __global__ void __launch_bounds__(THREADS, 1) scan_bf16_reg128x256(SCAN_REG_ARGS) {
+    scan_reg_body<4, 8>(SCAN_REG_PASS);
 }
