@@ -284,6 +284,39 @@ def many(triton: bool, repeats: int) -> None:
         del x
 
 
+def summarize(path: Path) -> str:
+    """A run's lines as markdown: the timed sections as tables (ms, medians), then the checks' tallies."""
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    out: list[str] = []
+    for record in records:
+        if record.get("section") == "machine":
+            out.append(f"GPU: {record['gpu']}, torch {record['torch']}.")
+    checks: dict[str, list[bool]] = {}
+    for record in records:
+        section = str(record.get("section"))
+        if section.startswith("check_") and section != "check_done":
+            checks.setdefault(section, []).append(bool(record.get("ok", record.get("refused"))))
+    for section, oks in checks.items():
+        out.append(f"- {section}: {sum(oks)} of {len(oks)} passed")
+    mutants = [r for r in records if r.get("section") == "mutant"]
+    if mutants:
+        out.append(f"- mutant tile (re-offer cut): {sum(not r['ok'] for r in mutants)} of {len(mutants)} cases caught")
+    skip = {"t", "section", "agree", "same_ids_as_triton", "same_keys", "same_ids", "rescanned", "searched"}
+    for record in records:
+        if "error" in record:
+            out.append(f"- {record['section']}: ERROR {record['error']}")
+        elif record.get("section") in ("q1", "q1_stream", "q1_async_search", "many", "many_triton"):
+            label = " ".join(f"{key}={record[key]}" for key in ("n", "d", "metric") if key in record)
+            times = ", ".join(
+                f"{key} {value}" for key, value in record.items() if key not in skip | {"n", "d", "metric"}
+            )
+            extra = {
+                key: record[key] for key in ("agree", "same_ids_as_triton", "same_keys", "same_ids") if key in record
+            }
+            out.append(f"- {record['section']} {label}: {times} (ms) {extra if extra else ''}".rstrip())
+    return "\n".join(out)
+
+
 def main() -> int:
     global OUT
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -291,7 +324,11 @@ def main() -> int:
     parser.add_argument("--parts", default="check,q1,many")
     parser.add_argument("--triton", action="store_true", help="time Triton beside the CUDA backend")
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--summarize", metavar="JSONL", help="print a run's lines as markdown and exit")
     args = parser.parse_args()
+    if args.summarize:
+        print(summarize(Path(args.summarize)))
+        return 0
     OUT = Path(args.out)
     OUT.mkdir(parents=True, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = False
