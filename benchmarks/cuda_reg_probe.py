@@ -112,9 +112,10 @@ def check_catches_a_mutant() -> int:
 
     kernels = _load("cuda_kernels")
     source = (compiler.KERNEL_DIR / "scan_tc.cu").read_text()
-    assert source.count("if (!again) break;") == 1
+    cut = "if (!__syncthreads_or(left)) break;"
+    assert source.count(cut) == 1
     mutant = compiler.KERNEL_DIR / "scan_tc_mutant.cu"
-    mutant.write_text(source.replace("if (!again) break;", "break;"))
+    mutant.write_text(source.replace(cut, "if (__syncthreads_or(left) || true) break;"))
     real = launch._launch
 
     def redirected(module: str, *args: Any) -> None:

@@ -266,7 +266,7 @@ def async_takes(dim: int, kp: int, mode: int) -> bool:
 def reg_shared_bytes(block_q: int, kp: int, block_n: int = TC_BLOCK_N) -> int:
     """Dynamic shared memory of a register-filtered launch: its operand stages, then the lists and their state."""
     stages = TC_REG_STAGES * 2 * (TC_BLOCK_K + 8) * (block_q + block_n)
-    return stages + block_q * (8 * capacity(kp) + 8) + 16
+    return stages + block_q * (8 * capacity(kp) + 8)
 
 
 def reg_blocks_per_sm(block_q: int, kp: int, block_n: int = TC_BLOCK_N) -> int:

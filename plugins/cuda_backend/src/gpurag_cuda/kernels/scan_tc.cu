@@ -444,9 +444,9 @@ scan_bf16_tc_flow(const unsigned short* __restrict__ queries, const unsigned sho
 // The same products and lists with the selection kept out of shared memory: each thread compares its own
 // accumulators (oriented keys) with its queries' running thresholds in registers and appends only the keys
 // above them to the query's list (a shared-memory atomic per key taken, rare once the lists are full). A
-// key that finds its list full stays marked in a per-thread bit mask; the block then compacts the full
-// lists (keeping their kp best, raising their thresholds) and offers the marked keys again, until none is
-// left, so nothing is lost. One copy pipeline flows across the split's row tiles (vector loads only).
+// key that finds its list full stays marked in a per-thread bit mask; when any thread holds one (one
+// barrier tells), the block compacts the full lists (keeping their kp best, raising their thresholds) and
+// offers the marked keys again, until none is left, so nothing is lost. One copy pipeline flows across the split's row tiles (vector loads only).
 // The block tile is (MI x 32) queries by (NI x 32) rows: 8 warps of (MI x 16) x (NI x 8) each.
 #define REG_STAGES 4
 
@@ -514,7 +514,6 @@ __device__ __forceinline__ void scan_reg_body(const unsigned short* __restrict__
     int* list_rows = reinterpret_cast<int*>(list_keys + TBQ * cap);
     int* list_count = list_rows + TBQ * cap;
     float* list_threshold = reinterpret_cast<float*>(list_count + TBQ);
-    int* pending = reinterpret_cast<int*>(list_threshold + TBQ);
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
@@ -527,7 +526,6 @@ __device__ __forceinline__ void scan_reg_body(const unsigned short* __restrict__
         list_count[i] = 0;
         list_threshold[i] = GPURAG_NEG_INF;
     }
-    if (threadIdx.x == 0) *pending = 0;
     __syncthreads();
 
     const int per_tile = (dim + BK - 1) / BK;
@@ -609,16 +607,13 @@ __device__ __forceinline__ void scan_reg_body(const unsigned short* __restrict__
                                 list_keys[q * cap + at] = v;
                                 list_rows[q * cap + at] = tile + wn + ni * 8 + 2 * t + c;
                                 marked[bit >> 5] &= ~flag;
-                            } else {
-                                *pending = 1;
                             }
                         }
                 }
-            __syncthreads();
-            const int again = *pending;
-            __syncthreads();
-            if (!again) break;
-            if (threadIdx.x == 0) *pending = 0;
+            bool left = false;  // a key of this thread found its list full
+#pragma unroll
+            for (int w = 0; w < MASK_WORDS; ++w) left |= marked[w] != 0u;
+            if (!__syncthreads_or(left)) break;
             for (int q = warp; q < TBQ; q += THREADS / 32) {
                 if (list_count[q] <= cap) continue;
                 __syncwarp();
