@@ -9,9 +9,9 @@ a fixed time).
   of a float64 reference on the same bf16-rounded inputs; then ``ExactRetriever.search`` of one query
   (the host-answer graph) against float64, and a NaN query, which must be refused.
 - ``q1``: N=1M D=768 Q=1 through ``ExactRetriever.search``: the host-answer graph, the device graph and
-  (``--triton``) Triton, interleaved; and the one-query stream with and without the L2 prefetch hint.
-- ``many``: N=1M D=768 and N=10M D=128, Q=1024, through ``ExactRetriever.search``: the register tile at
-  64 and 128 queries, the earlier tile and (``--triton``) Triton, interleaved.
+  (``--triton``) Triton, interleaved.
+- ``many``: N=1M D=768 and N=10M D=128, Q=1024, through ``ExactRetriever.search``: the register tile's
+  three block tiles and the earlier tile interleaved, then the fastest against (``--triton``) Triton.
 """
 
 from __future__ import annotations
@@ -90,19 +90,6 @@ def check_reg() -> int:
                 emit({"section": "check_reg", "tile": f"{block_q}x{block_n}", "q": n_q, "n": n_rows, "d": dim, "kp": kp,
                       "l2": l2, "splits": int(found.keys.shape[1]), **got})  # fmt: skip
     launch.TC_REG_BLOCK_Q, launch.TC_REG_BLOCK_N = 64, 128
-    launch.STREAM_ONE_ASYNC = True
-    for n_rows, dim in ((1, 8), (33, 136), (1001, 768), (300_001, 768), (70_001, 40)):
-        q = torch.randn(1, dim, device="cuda", generator=gen).to(torch.bfloat16)
-        x = torch.randn(n_rows, dim, device="cuda", generator=gen).to(torch.bfloat16)
-        sq = x.float().pow(2).sum(1)
-        for kp, l2 in ((16, True), (1, False), (64, False)):
-            mode = launch.L2 if l2 else launch.DOT
-            found = launch.stream_scan(q.float(), x, sq if l2 else None, mode, kp)
-            ref = kernels.kernel_reference(q, x, sq if l2 else None, mode)
-            got = kernels.candidates_ok(found, ref, kp, q, x, mode)
-            failures += not got["ok"]
-            emit({"section": "check_async", "n": n_rows, "d": dim, "kp": kp, "l2": l2, **got})
-    launch.STREAM_ONE_ASYNC = False
     return failures
 
 
@@ -178,9 +165,8 @@ def check_search() -> int:
 
 
 def q1(triton: bool, repeats: int) -> None:
-    """N=1M D=768 Q=1 through the retriever, variants interleaved; then the one-query stream alone."""
+    """N=1M D=768 Q=1 through the retriever: the host-answer graph, the device graph, Triton, interleaved."""
     import gpurag
-    from gpurag_cuda import launch
 
     gen = torch.Generator(device="cuda").manual_seed(12345)
     x = torch.randn(1_000_000, 768, device="cuda", generator=gen)
@@ -211,33 +197,6 @@ def q1(triton: bool, repeats: int) -> None:
             same = None
         emit({"section": "q1", "metric": metric, "same_ids_as_triton": same, **timed(calls, repeats)})
         cuda.use_host_graphs = True
-        del index
-    low = x.to(torch.bfloat16)
-    qf = q.to(torch.bfloat16).float()
-
-    def stream(hint: bool, ring: bool) -> Any:
-        launch.STREAM_ONE_STREAMED, launch.STREAM_ONE_ASYNC = hint, ring
-        return launch.stream_scan(qf, low, None, launch.DOT, 16)
-
-    plain = stream(False, False)
-    same = {"l2_256B": bool(torch.equal(plain.keys, stream(True, False).keys)),
-            "async": bool(torch.equal(plain.keys, stream(False, True).keys))}  # fmt: skip
-    calls = {"plain": lambda: stream(False, False), "l2_256B": lambda: stream(True, False),
-             "async": lambda: stream(False, True)}  # fmt: skip
-    emit({"section": "q1_stream", "same_keys": same, **timed(calls, repeats)})
-    launch.STREAM_ONE_STREAMED = launch.STREAM_ONE_ASYNC = False
-    for metric in ("dot", "l2"):
-        index = gpurag.ExactRetriever(metric=metric, backend=cuda)
-        index.add(x)
-
-        def ring(on: bool, index: Any = index) -> Any:
-            launch.STREAM_ONE_ASYNC = on
-            return index.search(q, 10)
-
-        same_ids = bool((ring(True).ids == ring(False).ids).all())
-        emit({"section": "q1_async_search", "metric": metric, "same_ids": same_ids,
-              **timed({"async": lambda: ring(True), "plain": lambda: ring(False)}, repeats)})  # fmt: skip
-        launch.STREAM_ONE_ASYNC = False
         del index
 
 

@@ -320,31 +320,3 @@ def test_a_few_queries_are_answered_to_the_host_by_one_graph(gpu_backend: Any, m
     bad[0, 1] = float("nan")
     with pytest.raises(InvalidInputError):
         index.search(bad, 10)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize(("n_rows", "dim"), [(1, 8), (33, 136), (1001, 768), (300_001, 768), (70_001, 40)])
-def test_the_asynchronous_one_query_stream_keeps_the_best_keys(
-    gpu_backend: Any, monkeypatch: pytest.MonkeyPatch, n_rows: int, dim: int
-) -> None:
-    import torch
-
-    monkeypatch.setattr(launch, "STREAM_ONE_ASYNC", True)
-    gen = torch.Generator(device="cuda").manual_seed(n_rows)
-    q = torch.randn(1, dim, device="cuda", generator=gen).to(torch.bfloat16).float()
-    x = torch.randn(n_rows, dim, device="cuda", generator=gen).to(torch.bfloat16)
-    sq = x.float().pow(2).sum(1)
-    for kp, norms in ((16, sq), (1, None), (64, None)):
-        found = launch.stream_scan(q, x, norms, launch.L2 if norms is not None else launch.DOT, kp)
-        reference = q.double() @ x.double().T
-        if norms is not None:
-            reference = 2 * reference - norms.double()[None, :]
-        want = min(kp, n_rows)
-        top = torch.topk(found.keys.reshape(1, -1).double(), want, dim=1)
-        got_rows = torch.gather(found.rows.reshape(1, -1).long(), 1, top.indices)
-        assert bool((got_rows >= 0).all()), "a list lost a row"
-        tolerance = 4 * (dim + 8) * 2.0**-24 * float(2 * q.double().norm() * x.double().norm(dim=1).max()
-                                                     + x.double().norm(dim=1).max() ** 2)  # fmt: skip
-        assert bool(((top.values - torch.gather(reference, 1, got_rows)).abs() <= tolerance).all())
-        assert bool(((top.values - torch.topk(reference, want, dim=1).values).abs() <= tolerance).all())
-        assert len(set(got_rows[0].tolist())) == want

@@ -8,12 +8,11 @@ against the bound of the bf16 pass; an uncertified query is answered again in fl
 Hamming are scanned exactly. k above `KERNEL_MAX_K` takes the torch backend's path.
 
 The fast kernels (the ``cuda_fast_kernels`` setting, the ``fast_kernels`` argument; each also behind a
-``FAST_*`` switch below) are the register-filtered tensor-core tile for many queries (`launch.scan_tc` with
-``reg``: keys compared with the running thresholds in registers, only those above them reach shared memory),
-a 128 x 128 tile for the any-k collect scan, a few-query stream (`launch.stream_few`), a register-blocked l1
-tile (`launch.l1_tile_wide`) and CUDA-graph replay of searches of up to `GRAPH_MAX_QUERIES` queries
-(`gpurag_torch.graphs`; `host_topk` replays one that ends in the copy to the host, one synchronisation a
-search); off, the earlier kernels answer.
+``FAST_*`` switch below) are ldmatrix-fed fragments in the 64 x 128 tensor-core tile (a register-filtered
+tile, `launch.scan_tc` with ``reg``, is measured and off), a 128 x 128 tile for the any-k collect scan, a
+few-query stream (`launch.stream_few`), a register-blocked l1 tile (`launch.l1_tile_wide`) and CUDA-graph
+replay of searches of up to `GRAPH_MAX_QUERIES` queries (`gpurag_torch.graphs`; `host_topk` replays one
+that ends in the copy to the host, one synchronisation a search); off, the earlier kernels answer.
 """
 
 from __future__ import annotations
@@ -65,8 +64,11 @@ FAST_WIDE_COLLECT = True
 #: 1M x 768 x 1024 and 26.9 against 27.1 at 10M x 128 x 1024 (both checked against float64).
 FAST_TC_LDM = True
 #: The register-filtered tile (`launch.reg_takes`: keys filtered in registers against the running thresholds, one
-#: copy pipeline across row tiles) for the many-query select scan.
-FAST_REG_TILE = True
+#: copy pipeline across row tiles) for the many-query select scan. Off: on an H200 (S4 W2, through the retriever,
+#: interleaved) its best block tile took 12.28 against the 64 x 128 ldmatrix tile's 11.96 ms at 1M x 768 x 1024 dot
+#: (12.65 against 12.50 l2) and 29.6 against 28.4 ms at 10M x 128 x 1024 dot, winning only 10M l2 (30.0 against
+#: 33.2): with the selection out of the way the products themselves are slow (`benchmarks/results/cuda_h200_s4.md`).
+FAST_REG_TILE = False
 FAST_FEW_STREAM = True
 FAST_L1_TILE = True
 FAST_GRAPHS = True

@@ -33,13 +33,6 @@ TC_FLOW_STAGES = 3
 TC_REG_TILES = ((64, 128), (128, 128), (128, 256))
 TC_REG_BLOCK_Q, TC_REG_BLOCK_N = 64, 128
 TC_REG_STAGES = 4
-#: Whether the one-query bf16 stream loads its rows with the L2 256-byte prefetch hint
-#: (kernels/stream.cu: stream_one_bf16_streamed).
-STREAM_ONE_STREAMED = False
-#: Whether the one-query bf16 stream (dot, l2) copies its rows through a per-warp ring of asynchronous copies
-#: (kernels/stream.cu: stream_one_bf16_async, ASYNC_STAGES slots of ASYNC_ROWS rows per warp).
-STREAM_ONE_ASYNC = False
-ASYNC_STAGES, ASYNC_ROWS = 4, 2
 #: The wide tensor-core scan (kernels/scan_wide.cu: BQ, BN, BK, STAGES): a 128 x 128 block tile per CTA,
 #: one CTA per multiprocessor (it takes most of the shared memory), vector-loadable operands only.
 WIDE_BLOCK_Q, WIDE_BLOCK_N, WIDE_BLOCK_K, WIDE_STAGES = 128, 128, 32, 4
@@ -237,29 +230,10 @@ def tuning() -> tuple[Any, ...]:
     """The module switches that choose kernels (part of a captured graph's key)."""
     return (
         TC_REG_BLOCK_Q,
+        TC_REG_BLOCK_N,
         TC_REG_STAGES,
-        STREAM_ONE_STREAMED,
-        STREAM_ONE_ASYNC,
         STREAM_WARPS_PER_SM,
         TILE_BLOCKS_PER_SM,
-    )
-
-
-def async_shared_bytes(dim: int, kp: int) -> int:
-    """Dynamic shared memory of the asynchronous one-query stream: each warp's ring, the query, each warp's list."""
-    warps = THREADS // 32
-    return 2 * warps * ASYNC_STAGES * ASYNC_ROWS * dim + 4 * ((dim + 3) // 4 * 4) + warps * (8 * capacity(kp) + 8)
-
-
-def async_takes(dim: int, kp: int, mode: int) -> bool:
-    """Whether the asynchronous one-query stream takes a dot or l2 scan of dimension ``dim`` (aligned rows aside):
-    D a multiple of 8 up to 768, two blocks' shared memory per multiprocessor."""
-    return (
-        STREAM_ONE_ASYNC
-        and mode in (DOT, L2)
-        and dim % 8 == 0
-        and dim <= 768
-        and 2 * (async_shared_bytes(dim, kp) + 1024) <= 228 * 1024
     )
 
 
@@ -454,10 +428,6 @@ def stream_scan(
     # One query whose vectors fit a lane's registers (kernels/stream.cu, Lanes::REG) takes the register kernel.
     one = n_queries == 1 and vec and dim // lanes <= 32 * (3 if lanes == 8 else 6)
     kernel = ("stream_one_" if one else "stream_") + ("bf16" if rows.dtype == torch.bfloat16 else "f32")
-    if one and rows.dtype == torch.bfloat16 and async_takes(dim, kp, mode):
-        kernel, shared = "stream_one_bf16_async", async_shared_bytes(dim, kp)
-    elif one and rows.dtype == torch.bfloat16 and STREAM_ONE_STREAMED:
-        kernel += "_streamed"
     _launch("stream", kernel, device, (layout.splits // warps,), shared, [
         _ptr(queries), _ptr(rows), _ptr(norms), _i32(n_queries), _i32(n_rows), _i32(dim),
         _i32(layout.rows_per_split), _i32(mode), _i32(kp), _i32(cap), _i32(int(vec)),

@@ -24,15 +24,6 @@ __device__ __forceinline__ void unpack(uint4 v, float* out) {  // 8 bf16
 __device__ __forceinline__ void unpack(float4 v, float* out) {
     out[0] = v.x; out[1] = v.y; out[2] = v.z; out[3] = v.w;
 }
-// A 16-byte load that skips L1 and asks L2 to fetch the whole 256-byte block around it (streamed rows).
-__device__ __forceinline__ uint4 load_streamed(const uint4* p) {
-    uint4 v;
-    asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p));
-    return v;
-}
-__device__ __forceinline__ float4 load_streamed(const float4* p) { return __ldg(p); }
 __device__ __forceinline__ float element(const unsigned short* p, long long i) { return __uint_as_float((unsigned)p[i] << 16); }
 __device__ __forceinline__ float element(const float* p, long long i) { return p[i]; }
 
@@ -53,8 +44,7 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 // T: element type of the rows; V: their 16-byte vector (uint4 of 8 bf16, float4 of 4 floats).
 // ONE: a single query with vector loads, its elements in registers; else up to MAX_QUERIES from shared memory.
-// STREAMED: ONE's row loads skip L1 and prefetch whole 256-byte blocks into L2 (`load_streamed`).
-template <typename T, typename V, bool ONE, bool STREAMED = false>
+template <typename T, typename V, bool ONE>
 __device__ __forceinline__ void stream_body(const float* __restrict__ queries, const T* __restrict__ rows,
                             const float* __restrict__ sq_norms, int n_queries, int n_rows, int dim,
                             int rows_per_warp, int mode, int kp, int cap, int vec, float* __restrict__ out_keys,
@@ -111,7 +101,7 @@ __device__ __forceinline__ void stream_body(const float* __restrict__ queries, c
 #pragma unroll
                     for (int c = 0; c < REG_CHUNKS; ++c) {
                         int chunk = c * 32 + lane;
-                        if (chunk < chunks) v[u][c] = STREAMED ? load_streamed(src + chunk) : src[chunk];
+                        if (chunk < chunks) v[u][c] = src[chunk];
                     }
                 }
 #pragma unroll
@@ -226,9 +216,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2) stream_bf16(STREAM_ARGS
 extern "C" __global__ void __launch_bounds__(THREADS, 2) stream_one_bf16(STREAM_ARGS) {
     stream_body<T, uint4, true>(STREAM_PASS);
 }
-extern "C" __global__ void __launch_bounds__(THREADS, 2) stream_one_bf16_streamed(STREAM_ARGS) {
-    stream_body<T, uint4, true, true>(STREAM_PASS);
-}
 #undef T
 #define T float
 extern "C" __global__ void __launch_bounds__(THREADS, 2) stream_f32(STREAM_ARGS) {
@@ -238,111 +225,3 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2) stream_one_f32(STREAM_A
     stream_body<T, float4, true>(STREAM_PASS);
 }
 #undef T
-
-// --- One query through a per-warp ring of asynchronous copies ----------------------------------------
-// The one-query bf16 stream with its rows copied into shared memory by cp.async, ASYNC_STAGES slots of
-// ASYNC_ROWS rows per warp: ASYNC_STAGES - 1 slots are in flight while one is scored, so the loads in flight
-// do not wait on registers. The query's elements stay in registers (D a multiple of 8, at most 768).
-// Shared memory: the ring (WARPS x ASYNC_STAGES x ASYNC_ROWS rows), the query, then one list per warp.
-#define ASYNC_STAGES 4
-#define ASYNC_ROWS 2
-
-__device__ __forceinline__ unsigned stream_shared_address(const void* pointer) {
-    unsigned address;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(address) : "l"(pointer));
-    return address;
-}
-
-// Starts the copies of rows first..first + ASYNC_ROWS (those before r_end) into `slot`; zero bytes past r_end.
-__device__ __forceinline__ void issue_rows(unsigned short* slot, const unsigned short* __restrict__ rows, int first,
-                                           int r_end, int dim, int chunks) {
-    const int lane = threadIdx.x & 31;
-    for (int idx = lane; idx < ASYNC_ROWS * chunks; idx += 32) {
-        const int u = idx / chunks, c = idx - u * chunks;
-        const int row = first + u;
-        const bool inside = row < r_end;
-        const unsigned short* src = inside ? rows + (long long)row * dim + c * 8 : rows;
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(stream_shared_address(slot + u * dim + c * 8)),
-                     "l"(src), "r"(inside ? 16 : 0));
-    }
-    asm volatile("cp.async.commit_group;\n" ::);
-}
-
-extern "C" __global__ void __launch_bounds__(THREADS, 2)
-stream_one_bf16_async(const float* __restrict__ queries, const unsigned short* __restrict__ rows,
-                      const float* __restrict__ sq_norms, int n_queries, int n_rows, int dim, int rows_per_warp,
-                      int mode, int kp, int cap, int vec, float* __restrict__ out_keys, int* __restrict__ out_rows) {
-    extern __shared__ __align__(16) unsigned char smem[];
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int slot_elements = ASYNC_ROWS * dim;
-    unsigned short* ring = reinterpret_cast<unsigned short*>(smem) + warp * ASYNC_STAGES * slot_elements;
-    float* q_s = reinterpret_cast<float*>(smem + 2 * WARPS * ASYNC_STAGES * slot_elements);
-    const int dim_pad = (dim + 3) & ~3;
-    float* list_keys = q_s + dim_pad;
-    int* list_rows = reinterpret_cast<int*>(list_keys + WARPS * cap);
-    int* list_count = list_rows + WARPS * cap;
-    float* list_threshold = reinterpret_cast<float*>(list_count + WARPS);
-    CandidateList list{list_keys + warp * cap, list_rows + warp * cap, list_count + warp, list_threshold + warp};
-
-    const int split = blockIdx.x * WARPS + warp;
-    const int splits = gridDim.x * WARPS;
-    const int r_begin = split * rows_per_warp;
-    const int r_end = min(n_rows, r_begin + rows_per_warp);
-    const int chunks = dim / 8;
-    const int steps = r_end > r_begin ? (r_end - r_begin + ASYNC_ROWS - 1) / ASYNC_ROWS : 0;
-#pragma unroll
-    for (int s = 0; s < ASYNC_STAGES - 1; ++s) {
-        if (s < steps) issue_rows(ring + s * slot_elements, rows, r_begin + s * ASYNC_ROWS, r_end, dim, chunks);
-        else asm volatile("cp.async.commit_group;\n" ::);
-    }
-    for (int i = threadIdx.x; i < dim; i += THREADS) q_s[i] = queries[i];
-    reset(list);
-    __syncthreads();
-    float q_reg[3][8];
-#pragma unroll
-    for (int c = 0; c < 3; ++c)
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-            const int d = (c * 32 + lane) * 8 + e;
-            q_reg[c][e] = d < dim ? q_s[d] : 0.f;
-        }
-
-    float mine = GPURAG_NEG_INF;
-    for (int s = 0; s < steps; ++s) {
-        asm volatile("cp.async.wait_group %0;\n" ::"n"(ASYNC_STAGES - 2));
-        __syncwarp();  // every lane's copies of step s have landed, and step s - 1's slot is read
-        const int ahead = s + ASYNC_STAGES - 1;
-        if (ahead < steps)
-            issue_rows(ring + (ahead % ASYNC_STAGES) * slot_elements, rows, r_begin + ahead * ASYNC_ROWS, r_end, dim,
-                       chunks);
-        else
-            asm volatile("cp.async.commit_group;\n" ::);
-        const unsigned short* slot = ring + (s % ASYNC_STAGES) * slot_elements;
-#pragma unroll
-        for (int u = 0; u < ASYNC_ROWS; ++u) {
-            const int row = r_begin + s * ASYNC_ROWS + u;
-            float acc = 0.f;
-#pragma unroll
-            for (int c = 0; c < 3; ++c) {
-                const int chunk = c * 32 + lane;
-                if (chunk < chunks) {
-                    float x[8];
-                    unpack(*reinterpret_cast<const uint4*>(slot + u * dim + chunk * 8), x);
-#pragma unroll
-                    for (int e = 0; e < 8; ++e) acc = fmaf(q_reg[c][e], x[e], acc);
-                }
-            }
-            float score = warp_sum(acc);
-            if (mode == 1 && row < r_end) score = 2.f * score - sq_norms[row];
-            if (lane == ((row - r_begin) & 31)) mine = score;
-        }
-        const int done = (s + 1) * ASYNC_ROWS;  // rows of the split scored so far
-        if ((done & 31) == 0 || s == steps - 1) {
-            const int base = r_begin + ((done - 1) & ~31);
-            offer(list, kp, cap, mine, base + lane, base + lane < r_end);
-            mine = GPURAG_NEG_INF;
-        }
-    }
-    asm volatile("cp.async.wait_group 0;\n" ::);
-    flush(list, kp, cap, out_keys + (long long)split * kp, out_rows + (long long)split * kp);
-}
