@@ -290,12 +290,20 @@ def test_transformers_stream_equals_its_generate_over_several_batches(tiny_causa
 
 
 def test_closing_a_stream_stops_the_generation(tiny_packaged: list[Path], tmp_path: Path) -> None:
+    import threading
+
     generator = local(tmp_path, max_new_tokens=400)
+    generator.model.generation_config.min_new_tokens = 400  # no end-of-sequence token: only closing ends it early
     steps: list[int] = []
+    errors: list[BaseException] = []
     generate = generator.model.generate
 
     def counting(**kwargs: Any) -> Any:
-        output = generate(**kwargs)
+        try:
+            output = generate(**kwargs)
+        except BaseException as error:  # the reader is gone: only this list can tell
+            errors.append(error)
+            raise
         steps.append(output.shape[1] - kwargs["input_ids"].shape[1])
         return output
 
@@ -303,6 +311,8 @@ def test_closing_a_stream_stops_the_generation(tiny_packaged: list[Path], tmp_pa
     stream = generator.stream(QUESTIONS[:1], PASSAGE_LISTS[:1])
     next(stream)
     stream.close()
+    assert errors == []
+    assert not any(thread.name == "gpurag-generate" for thread in threading.enumerate())  # joined
     assert len(steps) == 1
     assert steps[0] < 400
 

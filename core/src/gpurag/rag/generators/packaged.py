@@ -201,9 +201,7 @@ def _set_special_tokens(tokenizer: Any, gguf_path: Path) -> None:
             continue
         token_id = int(field.parts[field.data[0]][0])
         if not 0 <= token_id < len(tokenizer):
-            raise GenerationError(
-                f"{gguf_path}: {key} is {token_id}, outside the tokenizer's {len(tokenizer)} tokens"
-            )
+            raise GenerationError(f"{gguf_path}: {key} is {token_id}, outside the tokenizer's {len(tokenizer)} tokens")
         setattr(tokenizer, attribute, tokenizer.convert_ids_to_tokens(token_id))
 
 
