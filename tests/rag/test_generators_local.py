@@ -205,10 +205,23 @@ def test_the_first_load_parses_the_gguf_file_once_and_saves_what_separate_parses
     assert once.generate(QUESTIONS, PASSAGE_LISTS) == separately.generate(QUESTIONS, PASSAGE_LISTS)
 
 
+@pytest.mark.parametrize("misread", [False, True], ids=["as-read", "misread-as-5.17-does"])
 def test_the_cached_tokenizer_has_the_special_tokens_the_gguf_file_names(
-    tiny_packaged: list[Path], tmp_path: Path
+    tiny_packaged: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, misread: bool
 ) -> None:
-    # bos 1, eos 2, pad 0 in the file; transformers 5.17 alone would make eos <|im_start|> and drop pad.
+    import transformers
+
+    if misread:  # transformers 5.17 reads eos as the bos token and no pad token from a GGUF file
+        from_pretrained = transformers.AutoTokenizer.from_pretrained
+
+        def as_5_17(*args: Any, **kwargs: Any) -> Any:
+            tokenizer = from_pretrained(*args, **kwargs)
+            if "gguf_file" in kwargs:
+                tokenizer.eos_token, tokenizer.pad_token = tokenizer.bos_token, None
+            return tokenizer
+
+        monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", as_5_17)
+    # bos 1, eos 2, pad 0 in the file
     for generator in (local(tmp_path), local(tmp_path)):  # built, then read from the cache
         tokenizer = generator.tokenizer
         assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == (
