@@ -119,9 +119,9 @@ class CudaBackend(TorchBackend):
         self.fast_kernels = get_settings().cuda_fast_kernels if fast_kernels is None else bool(fast_kernels)
         #: Whether searches of up to `GRAPH_MAX_QUERIES` queries replay captured CUDA graphs (with the fast kernels).
         self.use_graphs = self.fast_kernels and FAST_GRAPHS
+        self._graphs = graphs.GraphCache()
         #: Whether `host_topk` answers a few device queries by one graph replay that ends in the host copy.
         self.use_host_graphs = True
-        self._graphs = graphs.GraphCache()
 
     @classmethod
     def availability(cls) -> Availability:
@@ -308,7 +308,7 @@ class CudaBackend(TorchBackend):
         return graphs.pack_answer(scores, rows, ~flags.all())
 
     def _switches(self, database: Database, n_queries: int, k: int) -> tuple[Any, ...]:
-        """The module switches a captured search depends on."""
+        """The module switches a captured host-answer search depends on."""
         from gpurag_cuda import launch
 
         few = self._few_takes(database.metric, n_queries, database.dim, _kp(k))
@@ -379,7 +379,9 @@ class CudaBackend(TorchBackend):
         """
         if not (self.use_graphs and q.shape[0] <= GRAPH_MAX_QUERIES):
             return None
-        key = graphs.search_key(q, database, k, self._switches(database, q.shape[0], k))
+        few = self._few_takes(database.metric, q.shape[0], database.dim, _kp(k))
+        switches = (self.fast_kernels, FAST_WIDE_TILE, FAST_TC_LDM, FAST_FEW_STREAM, few)
+        key = graphs.search_key(q, database, k, switches)
         try:
             scores, rows, certified, flags = self._graphs.run(
                 lambda static_q: self._device_shortlist(static_q, database, k), q, key
