@@ -195,8 +195,8 @@ class CudaBackend(TorchBackend):
                 launch.STREAM_MAX_QUERIES,
                 L1_LOW_MAX_QUERIES,
                 L1_LOW_MAX_QUERIES + tile,
+                *((launch.TC_REG_BLOCK_Q + 1,) if self._reg_tile else ()),
                 wide + 1,
-                *((launch.TC_REG_BLOCK_Q + 1,) if self._reg_tile and launch.TC_REG_BLOCK_Q else ()),
             ),
         )
 
