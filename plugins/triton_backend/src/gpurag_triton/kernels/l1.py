@@ -157,19 +157,24 @@ def _sad4(acc, q, x, PACKED: tl.constexpr):
 @triton.jit
 def _code_tile(
     qt_ptr, xt_ptr, offs_q, offs_n, q_mask, n_mask, words, stride_qt, stride_xt,
-    PACKED: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PACKED: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """(BLOCK_Q, BLOCK_N) code distances (float32, exact) of (words, Q) and (words, N) int32 words; a loop
-    step covers BLOCK_D words, one word a static step."""
+    step covers BLOCK_D words, one word a static step. Queries and rows past the ends read query and row 0
+    (their sums are dropped by the caller), so only a partial last step (not ``EVEN_D``) masks its loads."""
     acc = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.int32)
+    safe_q = tl.where(q_mask, offs_q, 0)
+    safe_n = tl.where(n_mask, offs_n, 0)
     q_base = qt_ptr
     x_base = xt_ptr
     for w0 in range(0, words, BLOCK_D):
         for dd in tl.static_range(BLOCK_D):
-            q_in = q_mask & (tl.zeros_like(offs_q) + w0 + dd < words)
-            n_in = n_mask & (tl.zeros_like(offs_n) + w0 + dd < words)
-            q = tl.load(q_base + dd * stride_qt + offs_q, mask=q_in, other=0)
-            x = tl.load(x_base + dd * stride_xt + offs_n, mask=n_in, other=0)
+            if EVEN_D:
+                q = tl.load(q_base + dd * stride_qt + safe_q)
+                x = tl.load(x_base + dd * stride_xt + safe_n)
+            else:
+                q = tl.load(q_base + dd * stride_qt + safe_q, mask=tl.zeros_like(offs_q) + w0 + dd < words, other=0)
+                x = tl.load(x_base + dd * stride_xt + safe_n, mask=tl.zeros_like(offs_n) + w0 + dd < words, other=0)
             acc = _sad4(
                 acc, tl.broadcast_to(q[:, None], (BLOCK_Q, BLOCK_N)), tl.broadcast_to(x[None, :], (BLOCK_Q, BLOCK_N)),
                 PACKED,
@@ -224,7 +229,7 @@ def l1_scan_kernel(
         if CODES:
             acc = _code_tile(
                 qt_ptr, xt_ptr, offs_q, offs_n, q_mask, n_mask, dim, stride_qt, stride_xt,
-                PACKED, BLOCK_Q, BLOCK_N, BLOCK_D,
+                PACKED, EVEN_D, BLOCK_Q, BLOCK_N, BLOCK_D,
             )  # fmt: skip
         elif HALF:
             acc = _half_tile(
