@@ -180,7 +180,7 @@ def _code_tile(
                 PACKED,
             )  # fmt: skip
         q_base += BLOCK_D * stride_qt
-        x_base += BLOCK_D * stride_xt.to(tl.int64)
+        x_base += BLOCK_D * tl.cast(stride_xt, tl.int64)  # a stride of 1 arrives as a constant
     return acc.to(tl.float32)
 
 
