@@ -31,7 +31,7 @@ import gpu_report
 
 #: A smoke run on the CPU under TRITON_INTERPRET=1 (tiny shapes, Triton only); the figures come from CUDA.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-SCALE = 1 if DEVICE == "cuda" else 2000
+SCALE = 1 if DEVICE == "cuda" else 20_000
 K = 10
 CHECK = 8
 T0 = time.time()
@@ -68,6 +68,8 @@ def interleaved(runs: dict[str, Callable[[], Any]], rounds: int, reps: int) -> d
     for fn in runs.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in runs}
+    if DEVICE == "cpu":  # the smoke run: one call each
+        rounds, reps = 1, 1
     for _ in range(rounds):
         for name, fn in runs.items():
             times[name] += [once_ms(fn) for _ in range(reps)]
@@ -119,7 +121,7 @@ def run_row(label: str, n: int, d: int, nq: int, *, naive_reps: int, kernels: bo
     import gpurag
     from gpurag_torch import l1_codes
 
-    n, nq = n // SCALE, nq if SCALE == 1 else min(nq, 20)
+    n, nq = n // SCALE, nq if SCALE == 1 else min(nq, 5)
     gen = torch.Generator(device=DEVICE).manual_seed(12345)
     x = torch.randn(n, d, device=DEVICE, generator=gen)
     gen = torch.Generator(device=DEVICE).manual_seed(nq)
@@ -214,7 +216,7 @@ def mixed() -> None:
     n, d = 300_001 // SCALE, 100  # rows: not a multiple of 4 or 128; D: not a multiple of 8 words
     gen = torch.Generator(device=DEVICE).manual_seed(7)
     x = torch.randn(n, d, device=DEVICE, generator=gen)
-    for nq in (2, 5, 9, 16, 17, 33, 100):
+    for nq in (2, 5, 9, 16, 17, 33, 100) if DEVICE == "cuda" else (2,):
         q = torch.randn(nq, d, device=DEVICE, generator=gen)
         sc = gpu_report.Scenario(n, d, nq, "l1", 0.0, 0.0, "")
         ref = gpu_report.reference_scores(q[:CHECK], x, "l1")
