@@ -151,6 +151,14 @@ def run_row(label: str, n: int, d: int, nq: int, *, naive_reps: int, kernels: bo
             runs[f"{name} search"] = lambda index=index: index.search(q, K)
             runs[f"{name} topk"] = lambda b=backend, db=database: b.to_numpy(b.topk(q, db, K).scores)
             runs[f"{name} previous topk"] = lambda b=old, db=database: b.to_numpy(b.topk(q, db, K).scores)
+            if nq < backend.l1_codes_min_queries:  # the codes for one query too: a variant of its own
+                one = previous(name)
+                one.l1_codes, one.l1_codes_min_queries = True, 1
+                one.queries_searched = one.queries_rescanned = 0
+                top = one.topk(q, database, K)
+                gpu_report.check(f"{name} codes for one query", sc, q, x, ref, top.scores, top.indices)
+                emit({"row": label, "backend": f"{name} codes Q=1", "check": "ok", "rescanned": one.queries_rescanned})
+                runs[f"{name} codes topk"] = lambda b=one, db=database: b.to_numpy(b.topk(q, db, K).scores)
         except Exception as exc:  # reported; the other backend still runs
             emit({"row": label, "backend": name, "error": f"{type(exc).__name__}: {exc}"[:600]})
     if runs:
@@ -237,8 +245,9 @@ def main() -> None:
     OUT = Path(sys.argv[1])
     OUT.mkdir(parents=True, exist_ok=True)
     parts = sys.argv[2:] or ["many", "q16", "q1", "mixed"]
-    emit({"card": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu (interpreter)", "torch": torch.__version__, "triton": triton.__version__,
-          "cuda": torch.version.cuda, "parts": parts})  # fmt: skip
+    card = torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu (interpreter)"
+    emit({"card": card, "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+          "parts": parts})  # fmt: skip
     for part in parts:
         try:
             if part == "many":

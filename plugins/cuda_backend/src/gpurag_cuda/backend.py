@@ -122,6 +122,7 @@ class CudaBackend(TorchBackend):
         self.use_graphs = self.fast_kernels and FAST_GRAPHS
         #: Whether l1 shortlists from byte codes (`L1_CODES`; the databases then hold the codes).
         self.l1_codes = self.fast_kernels and self.low_precision and L1_CODES
+        self.l1_codes_min_queries = L1_CODES_MIN_QUERIES
         self._graphs = graphs.GraphCache()
 
     @classmethod
@@ -177,7 +178,7 @@ class CudaBackend(TorchBackend):
         return (
             self._codes_kept(database.dim)
             and l1_codes.CODES_T in database.row_data
-            and n_queries >= L1_CODES_MIN_QUERIES
+            and n_queries >= self.l1_codes_min_queries
             and k <= KERNEL_MAX_K
             and launch.l1_codes_width(n_queries, l1_codes.words(database.dim), _kp(k), L1_CODES_WIDEST) > 0
         )
@@ -192,7 +193,7 @@ class CudaBackend(TorchBackend):
         sms = launch.multiprocessors(self.torch_device.index or 0)
         l1 = metric is Metric.L1
 
-        codes = l1 and self._codes_kept(dim) and queries >= L1_CODES_MIN_QUERIES
+        codes = l1 and self._codes_kept(dim) and queries >= self.l1_codes_min_queries
         width = launch.l1_codes_width(queries, -(-dim // 4), MIN_KP, L1_CODES_WIDEST) if codes else 0
 
         def layout(n_rows: int) -> launch.Layout:
@@ -241,7 +242,7 @@ class CudaBackend(TorchBackend):
                 L1_LOW_MAX_QUERIES,
                 L1_LOW_MAX_QUERIES + tile,
                 wide + 1,
-                *((L1_CODES_MIN_QUERIES, width, width + 1) if width else ()),
+                *((self.l1_codes_min_queries, width, width + 1) if width else ()),
             ),
         )
 
@@ -367,7 +368,8 @@ class CudaBackend(TorchBackend):
         if not (self.use_graphs and q.shape[0] <= GRAPH_MAX_QUERIES):
             return None
         few = self._few_takes(database.metric, q.shape[0], database.dim, _kp(k))
-        switches = (self.fast_kernels, FAST_WIDE_TILE, FAST_TC_LDM, FAST_FEW_STREAM, few, self.l1_codes)
+        switches = (self.fast_kernels, FAST_WIDE_TILE, FAST_TC_LDM, FAST_FEW_STREAM, few, self.l1_codes,
+                    self.l1_codes_min_queries)  # fmt: skip
         key = graphs.search_key(q, database, k, switches)
         try:
             scores, rows, certified, flags = self._graphs.run(

@@ -500,9 +500,7 @@ def l1_codes_width(n_queries: int, words: int, kp: int, widest: int = 32) -> int
     return next((w for w in fitting if w >= n_queries), fitting[-1])
 
 
-def l1_codes_layout(
-    n_queries: int, n_rows: int, width: int, sms: int, blocks_per_sm: int | None = None
-) -> Layout:
+def l1_codes_layout(n_queries: int, n_rows: int, width: int, sms: int, blocks_per_sm: int | None = None) -> Layout:
     """Splits of a byte-code scan: one per warp, runs of whole 128-row batches, the card filled in one wave."""
     per_sm = CODES_BLOCKS_PER_SM if blocks_per_sm is None else blocks_per_sm
     warps = THREADS // 32
@@ -512,7 +510,10 @@ def l1_codes_layout(
 
 
 def l1_codes_scan(
-    query_words: torch.Tensor, row_words_t: torch.Tensor, kp: int, width: int | None = None,
+    query_words: torch.Tensor,
+    row_words_t: torch.Tensor,
+    kp: int,
+    width: int | None = None,
     blocks_per_sm: int | None = None,
 ) -> Candidates:
     """Byte-code l1 scan (kernels/l1_codes.cu) of int32 ``query_words`` (Q, W) against column-major int32

@@ -43,7 +43,7 @@ def words(dim: int) -> int:
 
 
 def code_scale(vectors: torch.Tensor) -> torch.Tensor:
-    """The scale (0-d float32) for ``vectors``: the least quarter power of two >= max|v| / 127 (a tiny one for zeros)."""
+    """The scale (0-d float32) for ``vectors``: the least quarter power of two >= max|v| / 127 (tiny for zeros)."""
     largest = float(vectors.abs().amax()) if vectors.numel() else 0.0
     if not math.isfinite(largest) or largest > 2.0**120:
         largest = 2.0**120  # far past any useful bound: codes clamp, errors grow, certificates fail honestly
@@ -90,9 +90,7 @@ def pack_keys(scores: torch.Tensor) -> torch.Tensor:
     return (bits << 32).view(torch.float64)
 
 
-def lower_bound(
-    cutoff_scores: torch.Tensor, query_error: torch.Tensor, data: dict[str, torch.Tensor]
-) -> torch.Tensor:
+def lower_bound(cutoff_scores: torch.Tensor, query_error: torch.Tensor, data: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per query (Q,) float32: a lower bound on the l1 distance of every row a code scan left out.
 
     ``cutoff_scores`` are the scan's cutoffs as oriented scores ``-SAD_cut`` (-inf where nothing was left
@@ -111,7 +109,9 @@ def lower_bound(
     return torch.where(agree, low, -math.inf)
 
 
-def lower_bound_cutoff(cutoff_keys: torch.Tensor, query_error: torch.Tensor, data: dict[str, torch.Tensor]) -> torch.Tensor:
+def lower_bound_cutoff(
+    cutoff_keys: torch.Tensor, query_error: torch.Tensor, data: dict[str, torch.Tensor]
+) -> torch.Tensor:
     """`lower_bound` as a cutoff key (score ``-bound``) for `gpurag_triton`'s finish kernel: keys (Q,) float64."""
     scores = (cutoff_keys.contiguous().view(torch.int64) >> 32).to(torch.int32).view(torch.float32)
     return pack_keys(-lower_bound(scores, query_error, data))

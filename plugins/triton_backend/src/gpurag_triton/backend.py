@@ -58,7 +58,8 @@ L1_HALF_REACH = 2.0**11
 L1_CODES = True
 L1_CODES_MIN_QUERIES = 2
 #: Rows each query re-scores from the codes' shortlist at least: on 1M x 128 random normal rows the 256th
-#: best code distance cleared the 10th best l1 by only 1.5-3 (the bound E(q) + max E(x) is about 3.8), the 512th by more.
+#: best code distance cleared the 10th best l1 by only 1.5-3 (the bound E(q) + max E(x) is about 3.8),
+#: the 512th by more.
 L1_CODES_SHORTLIST = 512
 #: Keys each (query, split) keeps for the k the conformance kit asks (k <= 16): the shortlist
 #: boundary is declared where the splits' kept keys first outnumber `SHORTLIST_MIN`.
@@ -134,6 +135,7 @@ class TritonBackend(TorchBackend):
         self.finish_split_below = FINISH_SPLIT_BELOW
         #: Whether l1 shortlists from byte codes (`L1_CODES`; the databases then hold the codes).
         self.l1_codes = self.low_precision and L1_CODES
+        self.l1_codes_min_queries = L1_CODES_MIN_QUERIES
         from gpurag_triton.graphs import GraphCache
 
         self._graphs = GraphCache()
@@ -213,7 +215,7 @@ class TritonBackend(TorchBackend):
         return (
             database.metric is Metric.L1
             and self.use_finish
-            and n_queries >= L1_CODES_MIN_QUERIES
+            and n_queries >= self.l1_codes_min_queries
             and self._codes_kept(database.dim)
             and l1_codes.CODES_T in database.row_data
         )
@@ -235,7 +237,7 @@ class TritonBackend(TorchBackend):
 
         def layout(n_queries: int, n_rows: int) -> tuple[int, int, int, bool, str]:
             """(BLOCK_Q, BLOCK_N, splits, tensor-core tiles, precision of the scan) of one launch."""
-            if l1 and self._codes_kept(dim) and self.use_finish and n_queries >= L1_CODES_MIN_QUERIES:
+            if l1 and self._codes_kept(dim) and self.use_finish and n_queries >= self.l1_codes_min_queries:
                 c0 = launch.choose_l1_config(n_queries, n_rows, device=self.torch_device, codes=True)
                 return c0.block_q, c0.block_n, c0.splits, False, "codes"
             half = l1 and self.low_precision and L1_HALF and n_queries > L1_LOW_MAX_QUERIES

@@ -3,7 +3,8 @@
 // (four absolute byte differences added to an accumulator, exact integers) per word, query and row, so a
 // word of a row read once serves NQ queries; the query words come from shared memory as 16-byte
 // broadcasts. Each warp reads its own run of rows (coalesced: a warp's lanes read 32 x 4 adjacent rows of
-// one word), the next PREFETCH words in flight while the current ones are summed; after every 128 rows a
+// one word), the next PREFETCH words in flight while the current ones are summed (8 for up to 16 queries, whose
+// few sums per word leave the loads less time; 4 for 32); after every 128 rows a
 // query's list is offered them only when one beats its running kp-th key (select.cuh).
 //
 // Rows: column-major (words, row_stride) int32 words; queries: (n_queries, words) int32 words. Keys: -SAD
@@ -16,7 +17,6 @@
 #define WARPS (THREADS / 32)
 #define ROWS_PER_LANE 4
 #define ROWS_PER_BATCH (32 * ROWS_PER_LANE)
-#define PREFETCH 4
 
 __device__ __forceinline__ unsigned codes_sad4(unsigned a, unsigned b, unsigned acc) {
     unsigned r;
@@ -37,7 +37,7 @@ __device__ __forceinline__ uint4 codes_load(const int* __restrict__ rows, long l
     return v;
 }
 
-template <int NQ>
+template <int NQ, int PREFETCH>
 __device__ __forceinline__ void codes_body(const int* __restrict__ queries, const int* __restrict__ rows,
                                            long long row_stride, bool vec, int n_queries, int n_rows, int words,
                                            int rows_per_warp, int kp, int cap, float* __restrict__ out_keys,
@@ -134,7 +134,7 @@ __device__ __forceinline__ void codes_body(const int* __restrict__ queries, cons
     NAME(const int* __restrict__ queries, const int* __restrict__ rows, long long row_stride, int vec,           \
          int n_queries, int n_rows, int words, int rows_per_warp, int kp, int cap, float* __restrict__ out_keys,  \
          int* __restrict__ out_rows) {                                                                           \
-        codes_body<NQ>(queries, rows, row_stride, vec != 0, n_queries, n_rows, words, rows_per_warp, kp, cap,    \
+        codes_body<NQ, (NQ > 16 ? 4 : 8)>(queries, rows, row_stride, vec != 0, n_queries, n_rows, words, rows_per_warp, kp, cap,    \
                        out_keys, out_rows);                                                                      \
     }
 
