@@ -181,8 +181,8 @@ def run_row(label: str, n: int, d: int, nq: int, *, naive_reps: int, kernels: bo
 
     words_t = words.T.contiguous()
     sms = torch.cuda.get_device_properties(0).multi_processor_count if DEVICE == "cuda" else 4
-    shapes = [(16, 256, 8, 4, 2), (16, 128, 8, 4, 4), (16, 512, 8, 8, 2)] if nq <= 16 else [
-        (32, 128, 8, 4, 8), (64, 128, 8, 4, 4), (32, 256, 8, 8, 4), (64, 64, 8, 4, 8)]  # fmt: skip
+    shapes = [(16, 256, 4, 4, 2), (16, 512, 4, 8, 2), (16, 256, 4, 4, 4), (16, 256, 8, 4, 2)] if nq <= 16 else [
+        (16, 256, 4, 4, 4), (16, 256, 4, 4, 8), (16, 512, 4, 8, 2), (32, 128, 8, 4, 8), (32, 256, 8, 8, 4)]  # fmt: skip
     for bq, bn, bd, warps, per_sm in shapes:
         blocks = triton.cdiv(nq, bq)
         splits = max(1, min(triton.cdiv(sms * per_sm, blocks), triton.cdiv(n, bn * 4)))
