@@ -85,6 +85,18 @@ def test_the_lower_bound_holds_for_every_row_left_out_and_fails_closed() -> None
     left_out = sad >= cut[:, None]
     assert (exact[left_out] >= np.broadcast_to(bound[:, None], exact.shape)[left_out]).all()
     assert (bound > np.sort(exact, axis=1)[:, 0]).all(), "the bound is useful: above each query's nearest row"
+    # The tightest case: queries on the code grid (no coding error of their own), the cut at the row whose code
+    # distance overstates its l1 the most; only the rows' own coding error keeps the bound below it.
+    scale = float(data[l1_codes.CODE_SCALE][0])
+    on_grid = (np.round(queries / scale) * scale).astype(np.float32)
+    grid_words, grid_error = l1_codes.encode(torch.as_tensor(on_grid), data[l1_codes.CODE_SCALE][0])
+    grid_sad = np.abs(_codes(grid_words, dim)[:, None, :] - _codes(data[l1_codes.CODES_T].T, dim)[None]).sum(axis=2)
+    grid_exact = ref.pairwise_reference(on_grid, vectors, Metric.L1)
+    overstated = np.argmax(scale * grid_sad - grid_exact, axis=1)
+    grid_cut = grid_sad[np.arange(4), overstated]
+    grid_bound = l1_codes.lower_bound(torch.as_tensor(-grid_cut, dtype=torch.float32), grid_error, data).double()
+    left_out = grid_sad >= grid_cut[:, None]
+    assert (grid_exact[left_out] >= np.broadcast_to(grid_bound.numpy()[:, None], grid_exact.shape)[left_out]).all()
     # Nothing left out: no bound needed (+inf); rows at two scales: no certificate may hold (-inf).
     none_left = l1_codes.lower_bound(torch.full((4,), -float("inf")), query_error, data)
     assert torch.isposinf(none_left).all()
@@ -167,6 +179,39 @@ def test_triton_code_near_ties_are_certified_or_answered_again(device: str) -> N
     ref.assert_topk_matches(queries, vectors, Metric.L1, backend.to_numpy(top.scores), ids, 3)
     for i in range(3):
         assert ids[i].tolist() == [200 + 4 * i, 201 + 4 * i, 202 + 4 * i]
+
+
+def _misleading(dim: int = 8) -> tuple[np.ndarray, np.ndarray, int]:
+    """(rows, one query, the true nearest row) where 100 rows rank ahead of the nearest by code distance.
+
+    The scale is 2^-4 (one row reaches 127 steps). The nearest row sits 0.51 steps from the query in every
+    dimension (code distance 1 each); each decoy 0.49 steps in half its dimensions (code 0) and 1.49 in the
+    rest (code 1): half the code distance, almost twice the l1.
+    """
+    step = np.float32(2.0**-4)
+    rows = np.zeros((200, dim), np.float32)
+    rows[0, 0] = 127 * step
+    decoys = np.arange(20, 120)
+    rows[decoys, : dim // 2] = 0.49 * step
+    rows[decoys, dim // 2 :] = 1.49 * step
+    rows[decoys, 0] += (decoys * 2.0**-20).astype(np.float32)  # distinct distances
+    rows[1:20] = rows[0] * 0.5  # far rows
+    rows[120:] = 3 * step
+    nearest = 150
+    rows[nearest] = 0.51 * step
+    return rows, np.zeros((2, dim), np.float32), nearest
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_rows_whose_codes_mislead_are_answered_exactly(device: str) -> None:
+    backend = triton_on(device)
+    vectors, queries, nearest = _misleading()
+    database = backend.prepare(backend.asarray(vectors, "vectors"), Metric.L1)
+    top = backend.topk(backend.asarray(queries, "queries"), database, 1)
+    ids = backend.to_numpy(top.indices)
+    ref.assert_topk_matches(queries, vectors, Metric.L1, backend.to_numpy(top.scores), ids, 1)
+    assert ids[:, 0].tolist() == [nearest, nearest]
+    assert backend.queries_rescanned == 2, "the shortlist missed the nearest row: no certificate may hold"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -267,3 +312,15 @@ def test_cuda_shortlists_from_codes_exactly(cuda_backend: Any, n_queries: int) -
     ref.assert_topk_matches(queries, vectors, Metric.L1, cuda_backend.to_numpy(top.scores), ids, 10)
     assert ids[0, :5].tolist() == [99, 100, 101, 102, 103]
     assert cuda_backend.queries_rescanned == 0, "plain data must certify"
+
+
+@pytest.mark.gpu
+def test_cuda_rows_whose_codes_mislead_are_answered_exactly(cuda_backend: Any) -> None:
+    vectors, queries, nearest = _misleading()
+    cuda_backend.queries_rescanned = 0
+    database = cuda_backend.prepare(cuda_backend.asarray(vectors, "vectors"), Metric.L1)
+    top = cuda_backend.topk(cuda_backend.asarray(queries, "queries"), database, 1)
+    ids = cuda_backend.to_numpy(top.indices)
+    ref.assert_topk_matches(queries, vectors, Metric.L1, cuda_backend.to_numpy(top.scores), ids, 1)
+    assert ids[:, 0].tolist() == [nearest, nearest]
+    assert cuda_backend.queries_rescanned == 2, "the shortlist missed the nearest row: no certificate may hold"
