@@ -4,8 +4,10 @@ It shares the torch backend's database, conversions and certificate (`gpurag_tor
 its own CUDA C++ (`kernels/*.cu`, see `gpurag_cuda.compiler`), launched on torch's stream through
 CuPy. l2 / dot / cosine shortlist from the bf16 rows (a streaming kernel for a few queries, a
 tensor-core tile kernel for more), are re-scored directly in float32, and each query is certified
-against the bound of the bf16 pass; an uncertified query is answered again in float32. l1 and
-Hamming are scanned exactly. k above `KERNEL_MAX_K` takes the torch backend's path.
+against the bound of the bf16 pass; an uncertified query is answered again in float32. l1 of two queries
+or more shortlists from the rows' byte codes (`L1_CODES`, `launch.l1_codes_scan`) under the codes' own
+bound (`gpurag_torch.l1_codes`), of one query from the bf16 rows; Hamming is scanned exactly. k above
+`KERNEL_MAX_K` takes the torch backend's path.
 
 The fast kernels (the ``cuda_fast_kernels`` setting, the ``fast_kernels`` argument; each also behind a
 ``FAST_*`` switch below) are a 128 x 128 tensor-core tile (`launch.scan_tc` with ``wide``), a few-query

@@ -2,9 +2,10 @@
 
 It shares the torch backend's database, conversions, re-scoring and certificate (`gpurag_torch`);
 what differs is the scan: `kernels.scan` scores and selects on chip, so no Q x N tile reaches memory.
-l2 / dot / cosine (and l1 for up to 16 queries, where it is bandwidth-bound) shortlist from bf16 rows,
-l1 for more queries from float16 rows (compute-bound: f16x2 abs-difference sums); the shortlist is
-certified per query and uncertified queries are scanned again in float32.
+l2 / dot / cosine (and l1 for one query, where it is bandwidth-bound) shortlist from bf16 rows, l1 for
+more queries from the rows' byte codes (`gpurag_torch.l1_codes`: exact integer sums of absolute byte
+differences, four dimensions an instruction; the earlier bf16 / float16 l1 scans remain behind
+`L1_CODES`); the shortlist is certified per query and uncertified queries are scanned again in float32.
 
 A search costs one synchronisation when nothing needs answering again: the shortlist is re-scored,
 ordered and certified by one kernel (`kernels.finish`), which also flags float32 overflow on the
