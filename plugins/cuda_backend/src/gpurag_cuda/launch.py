@@ -530,6 +530,8 @@ def l1_codes_scan(
     if row_words_t.shape[0] != words:
         raise InvalidInputError(f"queries have {words} words, rows {row_words_t.shape[0]}")
     n_rows = row_words_t.shape[1]
+    if n_rows == 0 or n_queries == 0:
+        raise InvalidInputError(f"the byte-code scan needs rows and queries; got {n_rows} rows, {n_queries} queries")
     if width is None:
         width = l1_codes_width(n_queries, words, kp)
     if width not in CODES_WIDTHS or l1_codes_shared_bytes(words, width, kp) > WIDE_SHARED_LIMIT:
