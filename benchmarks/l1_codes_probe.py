@@ -181,13 +181,15 @@ def run_row(label: str, n: int, d: int, nq: int, *, naive_reps: int, kernels: bo
 
     words_t = words.T.contiguous()
     sms = torch.cuda.get_device_properties(0).multi_processor_count if DEVICE == "cuda" else 4
-    shapes = [(16, 256, 4, 4, 2), (16, 512, 4, 8, 2), (16, 256, 4, 4, 4), (16, 256, 8, 4, 2)] if nq <= 16 else [
-        (16, 256, 4, 4, 4), (16, 256, 4, 4, 8), (16, 512, 4, 8, 2), (32, 128, 8, 4, 8), (32, 256, 8, 8, 4)]  # fmt: skip
-    for bq, bn, bd, warps, per_sm in shapes:
+    few = [(16, 256, 4, 4, 2, 2), (16, 512, 4, 8, 2, 2), (16, 256, 4, 4, 4, 2), (16, 256, 4, 4, 2, 3)]
+    many = [(16, 256, 4, 4, 4, 2), (16, 256, 4, 4, 8, 2), (16, 256, 4, 4, 4, 3), (16, 512, 4, 8, 2, 2),
+            (32, 128, 8, 4, 8, 2)]  # fmt: skip
+    shapes = few if nq <= 16 else many
+    for bq, bn, bd, warps, per_sm, stages in shapes:
         blocks = triton.cdiv(nq, bq)
         splits = max(1, min(triton.cdiv(sms * per_sm, blocks), triton.cdiv(n, bn * 4)))
-        cfg = tl_launch.L1Config(bq, bn, splits, warps, block_d=bd)
-        name = f"triton codes {bq}x{bn}x{bd} w{warps} x{per_sm}"
+        cfg = tl_launch.L1Config(bq, bn, splits, warps, stages, block_d=bd)
+        name = f"triton codes {bq}x{bn}x{bd} w{warps} x{per_sm} s{stages}"
         try:
             keys = tl_launch.l1_scan(words_t, codes_t, 16, cfg).keys
             got = -tl_launch.decode(keys[:4].reshape(4, -1))[0].max(dim=1).values

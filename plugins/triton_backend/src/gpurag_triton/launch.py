@@ -36,11 +36,11 @@ SELECT_BY_INDEX = True
 SMALL_Q_SCAN = (64, 128, 4, 3, 4)
 
 
-#: (BLOCK_Q, BLOCK_N, words a step, warps, programs per SM) of the byte-code l1 scan, for at most 16 queries
+#: (BLOCK_Q, BLOCK_N, words a step, warps, programs per SM, stages) of the byte-code l1 scan, for at most 16 queries
 #: and for more (`choose_l1_config` with ``codes``). In sm_90 code a 16 x 256 tile of 4 words a step issues
 #: one load per 2.9 VABSDIFF4 and spills nothing; 8 words a step, or 32 x 128 tiles of 4, spill addresses.
-L1_CODES_FEW = (16, 256, 4, 4, 2)
-L1_CODES_MANY = (16, 256, 4, 4, 4)
+L1_CODES_FEW = (16, 256, 4, 4, 2, 2)
+L1_CODES_MANY = (16, 256, 4, 4, 4, 2)
 
 
 def tuning() -> tuple[object, ...]:
@@ -216,8 +216,9 @@ def choose_l1_config(
         block_d = L1_HALF_CHUNK if half else 4
         return L1Config(min(4, _pow2(n_queries)), 16, max(1, min(3, triton.cdiv(n_rows, 16))), block_d=block_d)
     # Picked by the sweep in benchmarks/l1_probe.py on an H200 (benchmarks/results/gpu_h200_l1.md).
+    stages = 2
     if codes:
-        block_q, block_n, block_d, warps, per_sm = L1_CODES_FEW if n_queries <= 16 else L1_CODES_MANY
+        block_q, block_n, block_d, warps, per_sm, stages = L1_CODES_FEW if n_queries <= 16 else L1_CODES_MANY
         block_q = min(block_q, max(2, _pow2(n_queries)))
     elif half:
         block_q, block_n, block_d, warps, per_sm = 32, 128, L1_HALF_CHUNK, 4, 8
@@ -229,7 +230,7 @@ def choose_l1_config(
         block_q, block_n, block_d, warps, per_sm = 32, 128, 4, 4, 8
     query_blocks = triton.cdiv(n_queries, block_q)
     splits = max(1, min(triton.cdiv(_sms(device) * per_sm, query_blocks), triton.cdiv(n_rows, block_n * 4)))
-    return L1Config(block_q, block_n, splits, warps, block_d=block_d)
+    return L1Config(block_q, block_n, splits, warps, stages, block_d=block_d)
 
 
 def l1_scan(
