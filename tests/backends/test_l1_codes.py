@@ -161,6 +161,24 @@ def test_triton_shortlists_from_codes_exactly(device: str, n_queries: int, monke
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_triton_leaves_dimensions_past_the_codes_reach_to_the_earlier_scans(
+    device: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gpurag_torch import l1_codes
+
+    backend = triton_on(device)
+    seen = _spy_l1_dtypes(monkeypatch)
+    rng = np.random.default_rng(51)
+    dim = l1_codes.MAX_DIM + 1
+    vectors = rng.standard_normal((90, dim)).astype(np.float32)
+    queries = rng.standard_normal((3, dim)).astype(np.float32)
+    database = backend.prepare(backend.asarray(vectors, "vectors"), Metric.L1)
+    top = backend.topk(backend.asarray(queries, "queries"), database, 4)
+    ref.assert_topk_matches(queries, vectors, Metric.L1, backend.to_numpy(top.scores), backend.to_numpy(top.indices), 4)
+    assert torch.int32 not in seen, f"the scans read {seen}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_triton_code_near_ties_are_certified_or_answered_again(device: str) -> None:
     backend = triton_on(device)
     rng = np.random.default_rng(46)

@@ -70,7 +70,10 @@ FAST_L1_TILE = True
 #: `L1_CODES_WIDEST`.
 L1_CODES = True
 L1_CODES_MIN_QUERIES = 2
-L1_CODES_WIDEST = 32
+#: On an H200 (S4 W2) the scan of width 8 was the fastest at both l1 rows, though it reads the rows once per
+#: 8 queries: 1M x 128 x 1024 6.24 ms against 9.43 (width 16) and 21.4 (width 32); 10M x 128 x 16 2.00
+#: against 3.74 and 3.84. Those kernels inlined every offer (126-445 KB of code); they now call one.
+L1_CODES_WIDEST = 8
 #: Rows each query re-scores from the codes' shortlist at least (the Triton backend measured why: on 1M x 128
 #: random normal rows the 256th best code distance cleared the 10th best l1 by only 1.5-3).
 L1_CODES_SHORTLIST = 512
@@ -152,7 +155,7 @@ class CudaBackend(TorchBackend):
     def prepare(self, vectors: Any, metric: Metric) -> Database:
         """As `TorchBackend.prepare`; an l1 database also holds the rows' byte codes (`gpurag_torch.l1_codes`)."""
         database = super().prepare(vectors, metric)
-        if database.metric is Metric.L1 and self._codes_kept(database.dim):
+        if database.metric is Metric.L1 and self.l1_codes:  # every dimension: `required_keys` cannot tell them apart
             from gpurag_torch import l1_codes
 
             database.row_data.update(l1_codes.row_data(database.vectors))
@@ -550,6 +553,11 @@ class CudaBackend(TorchBackend):
         words, query_error = l1_codes.encode(q, data[l1_codes.CODE_SCALE][0])
         kp = _kp(k)
         width = launch.l1_codes_width(q.shape[0], words.shape[1], kp, L1_CODES_WIDEST)
+        # Enough kept keys for the shortlist: few splits (many query groups) keep more each, where the lists fit.
+        splits = launch.l1_codes_layout(q.shape[0], database.count, width, launch.multiprocessors(q.device.index or 0))
+        wider = min(launch.MAX_KP, launch.pow2_at_least(-(-L1_CODES_SHORTLIST // splits.splits)))
+        if wider > kp and launch.l1_codes_shared_bytes(words.shape[1], width, wider) <= launch.WIDE_SHARED_LIMIT:
+            kp = wider
         found = launch.l1_codes_scan(words, data[l1_codes.CODES_T], kp, width)
         n_queries = q.shape[0]
         keys, rows = found.keys.reshape(n_queries, -1), found.rows.reshape(n_queries, -1)

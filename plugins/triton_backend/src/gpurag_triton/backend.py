@@ -180,7 +180,7 @@ class TritonBackend(TorchBackend):
 
                 database.row_data[HALF_T] = database.vectors.to(torch.float16).T.contiguous()
                 database.row_data[MAX_ABS] = database.vectors.abs().amax(dim=1)
-            if self._codes_kept(database.dim):
+            if self.l1_codes:  # every dimension (`required_keys` cannot tell them apart); used up to l1_codes.MAX_DIM
                 from gpurag_torch import l1_codes
 
                 database.row_data.update(l1_codes.row_data(database.vectors))
@@ -437,7 +437,11 @@ class TritonBackend(TorchBackend):
             code, query_in, rows_in, extra = self._scan_inputs(q, database, low=True)
         floor = None
         if codes:
-            scan = launch.l1_scan(words.T.contiguous(), database.row_data[l1_codes.CODES_T], kp)
+            config = launch.choose_l1_config(q.shape[0], database.count, device=q.device, codes=True)
+            if not launch.interpreting():  # enough kept keys for the shortlist: few splits keep more each
+                splits = launch.split_rows(database.count, config.splits, config.block_n)[1]
+                kp = max(kp, min(launch.MAX_KP, launch._pow2(-(-L1_CODES_SHORTLIST // splits))))
+            scan = launch.l1_scan(words.T.contiguous(), database.row_data[l1_codes.CODES_T], kp, config)
         elif metric is Metric.L1:
             scan = self._l1_scan(query_in, database, kp, low=True)
         elif self._seeded(q, database):

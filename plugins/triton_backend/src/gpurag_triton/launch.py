@@ -39,8 +39,11 @@ SMALL_Q_SCAN = (64, 128, 4, 3, 4)
 #: (BLOCK_Q, BLOCK_N, words a step, warps, programs per SM, stages) of the byte-code l1 scan, for at most 16 queries
 #: and for more (`choose_l1_config` with ``codes``). In sm_90 code a 16 x 256 tile of 4 words a step issues
 #: one load per 2.9 VABSDIFF4 and spills nothing; 8 words a step, or 32 x 128 tiles of 4, spill addresses.
+#: On an H200 (S4 W2): 10M x 128 x 16 2.21 ms (x4 programs per SM 2.40, a 16 x 512 tile 2.51); 1M x 128 x 1024
+#: 11.0 ms with 8 programs per SM, 12.5 with 4 (32 x 128 x 8: 18.2); more programs per SM also keep more
+#: keys for the shortlist (x4 kept 144 per query, and 27 % of the queries failed their certificate).
 L1_CODES_FEW = (16, 256, 4, 4, 2, 2)
-L1_CODES_MANY = (16, 256, 4, 4, 4, 2)
+L1_CODES_MANY = (16, 256, 4, 4, 16, 2)
 
 
 def tuning() -> tuple[object, ...]:

@@ -37,6 +37,17 @@ __device__ __forceinline__ uint4 codes_load(const int* __restrict__ rows, long l
     return v;
 }
 
+// Offers a lane's 4 keys (rows row0..row0+3) to a list; not inlined, so that each query's epilogue stays a
+// few instructions and the kernel's code stays small (inlined, the offers of 8-32 queries made 126-445 KB
+// of code, and the scan measured 1.9-3.4x slower as its width, and so its code, grew).
+__device__ __noinline__ void codes_offer(CandidateList list, int kp, int cap, float k0, float k1, float k2, float k3,
+                                         int row0, int r_end) {
+    offer(list, kp, cap, k0, row0, row0 < r_end);
+    offer(list, kp, cap, k1, row0 + 1, row0 + 1 < r_end);
+    offer(list, kp, cap, k2, row0 + 2, row0 + 2 < r_end);
+    offer(list, kp, cap, k3, row0 + 3, row0 + 3 < r_end);
+}
+
 template <int NQ, int PREFETCH>
 __device__ __forceinline__ void codes_body(const int* __restrict__ queries, const int* __restrict__ rows,
                                            long long row_stride, bool vec, int n_queries, int n_rows, int words,
@@ -116,10 +127,7 @@ __device__ __forceinline__ void codes_body(const int* __restrict__ queries, cons
                 key[r] = row0 + r < r_end ? -(float)acc[qi][r] : GPURAG_NEG_INF;
                 passes |= key[r] > threshold;
             }
-            if (__any_sync(GPURAG_FULL_MASK, passes)) {
-#pragma unroll
-                for (int r = 0; r < ROWS_PER_LANE; ++r) offer(list, kp, cap, key[r], row0 + r, row0 + r < r_end);
-            }
+            if (__any_sync(GPURAG_FULL_MASK, passes)) codes_offer(list, kp, cap, key[0], key[1], key[2], key[3], row0, r_end);
         }
     }
     for (int qi = 0; qi < NQ; ++qi) {
