@@ -437,11 +437,11 @@ class TritonBackend(TorchBackend):
             code, query_in, rows_in, extra = self._scan_inputs(q, database, low=True)
         floor = None
         if codes:
-            config = launch.choose_l1_config(q.shape[0], database.count, device=q.device, codes=True)
+            code_config = launch.choose_l1_config(q.shape[0], database.count, device=q.device, codes=True)
             if not launch.interpreting():  # enough kept keys for the shortlist: few splits keep more each
-                splits = launch.split_rows(database.count, config.splits, config.block_n)[1]
-                kp = max(kp, min(launch.MAX_KP, launch._pow2(-(-L1_CODES_SHORTLIST // splits))))
-            scan = launch.l1_scan(words.T.contiguous(), database.row_data[l1_codes.CODES_T], kp, config)
+                n_splits = launch.split_rows(database.count, code_config.splits, code_config.block_n)[1]
+                kp = max(kp, min(launch.MAX_KP, launch._pow2(-(-L1_CODES_SHORTLIST // n_splits))))
+            scan = launch.l1_scan(words.T.contiguous(), database.row_data[l1_codes.CODES_T], kp, code_config)
         elif metric is Metric.L1:
             scan = self._l1_scan(query_in, database, kp, low=True)
         elif self._seeded(q, database):
@@ -464,7 +464,10 @@ class TritonBackend(TorchBackend):
             scan = launch.scan_topk(query_in, rows_in, extra, code, kp)
         n_queries, splits, _ = scan.keys.shape
         keep = min(scan.kept_per_query(database.count), max(2 * k, L1_CODES_SHORTLIST if codes else SHORTLIST_MIN))
-        if self.merge_groups and splits * kp > keep >= kp:
+        groups = launch.merged_groups(splits, keep // kp) if keep >= kp else 0
+        # The codes' certificate needs most of the shortlist: where whole groups of splits would keep far fewer
+        # keys (33 splits in groups of 2 keep 272 of 512), the keys are cut by torch.topk instead.
+        if self.merge_groups and splits * kp > keep >= kp and (not codes or 4 * groups * kp >= 3 * keep):
             # Groups of splits keep their kp best each (one kernel), with a cutoff bounding the rest.
             keys, cutoff = launch.merge_groups(scan.keys, keep // kp)
         else:

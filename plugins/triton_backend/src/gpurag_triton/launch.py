@@ -423,6 +423,12 @@ def finish(
     return Finished(scores, rows, certified.view(torch.bool), flags, buffer)
 
 
+def merged_groups(n_splits: int, groups: int) -> int:
+    """How many groups `merge_groups` forms from ``n_splits`` splits asked for ``groups`` (whole splits per group)."""
+    per_group = triton.cdiv(n_splits, max(1, min(groups, n_splits)))
+    return int(triton.cdiv(n_splits, per_group))
+
+
 def merge_groups(keys: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(Q, groups * KP) keys: each group of consecutive splits' KP best, and the (Q,) cutoff key bounding
     every row left out (by a split or by its group); see `kernels.merge`. ``keys`` is a scan's (Q, S, KP)."""
