@@ -317,7 +317,7 @@ def test_cuda_code_scan_sums_every_word_and_row(cuda_backend: Any, width: int, n
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n_queries", [2, 16, 33, 100])
+@pytest.mark.parametrize("n_queries", [2, 16, 33, 100, 600])  # 600: 8 splits a query, each keeps 64 keys
 def test_cuda_shortlists_from_codes_exactly(cuda_backend: Any, n_queries: int) -> None:
     rng = np.random.default_rng(50)
     vectors = _stressed(rng, 20_000, 100)
