@@ -375,11 +375,12 @@ class CudaBackend(TorchBackend):
         return graphs.pack_answer(scores, rows, ~flags.all())
 
     def _switches(self, database: Database, n_queries: int, k: int) -> tuple[Any, ...]:
-        """The module switches a captured host-answer search depends on."""
+        """The switches (module and backend) that choose the kernels of a captured search."""
         from gpurag_cuda import launch
 
         few = self._few_takes(database.metric, n_queries, database.dim, _kp(k))
-        return (self.fast_kernels, FAST_WIDE_TILE, FAST_TC_LDM, FAST_REG_TILE, FAST_FEW_STREAM, few, launch.tuning())
+        return (self.fast_kernels, FAST_WIDE_TILE, FAST_TC_LDM, FAST_REG_TILE, FAST_FEW_STREAM, few, self.l1_codes,
+                self.l1_codes_min_queries, launch.tuning())  # fmt: skip
 
     def pairwise(self, queries: Any, vectors: Any, metric: Metric) -> Any:
         """As `TorchBackend.pairwise`; l1 summed directly in row blocks under `chunk_scores` (no compile step)."""
@@ -446,10 +447,7 @@ class CudaBackend(TorchBackend):
         """
         if not (self.use_graphs and q.shape[0] <= GRAPH_MAX_QUERIES):
             return None
-        few = self._few_takes(database.metric, q.shape[0], database.dim, _kp(k))
-        switches = (self.fast_kernels, FAST_WIDE_TILE, FAST_TC_LDM, FAST_FEW_STREAM, few, self.l1_codes,
-                    self.l1_codes_min_queries)  # fmt: skip
-        key = graphs.search_key(q, database, k, switches)
+        key = graphs.search_key(q, database, k, self._switches(database, q.shape[0], k))
         try:
             scores, rows, certified, flags = self._graphs.run(
                 lambda static_q: self._device_shortlist(static_q, database, k), q, key
