@@ -17,8 +17,9 @@ Rows (issue 13, k = 10, float32 random normal data, queries on the device), all 
 - ``sweep1``: the Q=1 scan kernel over block-size variants.
 - ``final``: main's path (as before this work) against this branch's defaults, Q=1 and Q=1024 rows.
 - ``tail`` (session 4): N=1M D=768 Q=1, main's tail (``main``: queries rounded and cosine's unit queries
-  made by torch launches, groups merged by sorts, narrow re-scoring) against the new defaults and each
-  change left out alone; with ``sweep1`` first, also the new defaults on the fastest scan it found.
+  made by torch launches, groups merged by sorts, narrow re-scoring) against the defaults, each of their
+  changes left out alone, and the float32 queries rounded in the scan (``few_on``); with ``sweep1`` first,
+  also the defaults on the fastest scan it found.
 - ``bigq`` (session 4): N=1M D=768 Q=1024, main against the new defaults and `launch.BIG_Q_SCAN`
   variants (dot), then l2 and cosine on the fastest.
 
@@ -444,12 +445,13 @@ def tail_row(x: torch.Tensor, metric: str) -> None:
     ref = gpu_report.reference_scores(checked, x, metric)
     sc = gpu_report.Scenario(n, d, 1, metric, 0, 0, "")
     q = checked[:1]
-    settings = {"main": (False, False, False), "new": (True, True, True), "new_no_few": (False, True, True),
-                "new_no_topk": (True, False, True), "new_no_wide": (True, True, False)}  # fmt: skip
+    # (few, topk, wide). S4 W2 ran "new" = all on and "new_no_few" = today's defaults (its other names likewise).
+    settings = {"main": (False, False, False), "defaults": (False, True, True), "few_on": (True, True, True),
+                "defaults_no_topk": (False, False, True), "defaults_no_wide": (False, True, False)}  # fmt: skip
     best = BEST.get("small_scan")
     variants: dict[str, tuple[bool, bool, bool, Any]] = {name: (*v, None) for name, v in settings.items()}
     if best is not None and tuple(best) != tuple(launch.SMALL_Q_SCAN):
-        variants["new_best_scan"] = (True, True, True, tuple(best))
+        variants["defaults_best_scan"] = (False, True, True, tuple(best))
 
     def search(name: str, one: torch.Tensor) -> Any:
         undo = tail_settings(backend, *variants[name])
