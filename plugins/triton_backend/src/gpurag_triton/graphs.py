@@ -31,12 +31,13 @@ Outputs = tuple["torch.Tensor", "torch.Tensor", "torch.Tensor | None", Any, Any]
 
 
 def _key(q: torch.Tensor, database: Database, k: int, low: bool) -> tuple[Any, ...]:
-    tensors = [database.vectors, *(database.row_data[name] for name in sorted(database.row_data))]
-    layout = tuple((t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype) for t in tensors)
     from gpurag_triton import launch
 
+    row_data = database.row_data  # (torch.Size is a tuple: equal keys, fewer conversions on every search)
+    tensors = (database.vectors, *(row_data[name] for name in sorted(row_data)))
+    layout = tuple([(t.data_ptr(), t.shape, t.stride(), t.dtype) for t in tensors])
     # The kernels' merge is part of what was captured.
-    return (tuple(q.shape), q.device, k, low, database.metric, database.count, layout, launch.tuning())
+    return (q.shape, q.device, k, low, database.metric, database.count, layout, launch.tuning())
 
 
 class GraphCache:
@@ -56,7 +57,7 @@ class GraphCache:
     def run(self, backend: Any, q: torch.Tensor, database: Database, k: int, low: bool) -> Outputs:
         """``backend.device_topk(q, database, k, low)`` by graph replay; the outputs are fresh tensors."""
         key = (*_key(q, database, k, low), getattr(backend, "sort_shortlist", None),
-               getattr(backend, "merge_groups", None))  # fmt: skip
+               getattr(backend, "merge_groups", None), getattr(backend, "few_query_inputs", None))  # fmt: skip
         with self._lock:
             entry = self._graphs.get(key)
             if entry is None:
@@ -93,7 +94,8 @@ class GraphCache:
         from gpurag.metrics import TopK
 
         key = ("host", COPY_IN_GRAPH, *_key(q, database, k, low), getattr(backend, "sort_shortlist", None),
-               getattr(backend, "packed_finish", None), getattr(backend, "merge_groups", None))  # fmt: skip
+               getattr(backend, "packed_finish", None), getattr(backend, "merge_groups", None),
+               getattr(backend, "few_query_inputs", None))  # fmt: skip
         with self._lock:
             entry = self._host_graphs.get(key)
             if entry is None:
