@@ -40,6 +40,14 @@ def _key(q: torch.Tensor, database: Database, k: int, low: bool) -> tuple[Any, .
     return (q.shape, q.device, k, low, database.metric, database.count, layout, launch.tuning())
 
 
+#: The backend's attributes that change what a search launches (part of a captured graph's key).
+SWITCHES = ("sort_shortlist", "packed_finish", "merge_groups", "few_query_inputs", "l1_codes", "l1_codes_min_queries")
+
+
+def _switches(backend: Any) -> tuple[Any, ...]:
+    return tuple(getattr(backend, name, None) for name in SWITCHES)
+
+
 class GraphCache:
     """Captured searches by shape; `run` replays one (capturing it first when new)."""
 
@@ -56,8 +64,7 @@ class GraphCache:
 
     def run(self, backend: Any, q: torch.Tensor, database: Database, k: int, low: bool) -> Outputs:
         """``backend.device_topk(q, database, k, low)`` by graph replay; the outputs are fresh tensors."""
-        key = (*_key(q, database, k, low), getattr(backend, "sort_shortlist", None),
-               getattr(backend, "merge_groups", None), getattr(backend, "few_query_inputs", None))  # fmt: skip
+        key = (*_key(q, database, k, low), *_switches(backend))
         with self._lock:
             entry = self._graphs.get(key)
             if entry is None:
@@ -93,9 +100,7 @@ class GraphCache:
 
         from gpurag.metrics import TopK
 
-        key = ("host", COPY_IN_GRAPH, *_key(q, database, k, low), getattr(backend, "sort_shortlist", None),
-               getattr(backend, "packed_finish", None), getattr(backend, "merge_groups", None),
-               getattr(backend, "few_query_inputs", None))  # fmt: skip
+        key = ("host", COPY_IN_GRAPH, *_key(q, database, k, low), *_switches(backend))
         with self._lock:
             entry = self._host_graphs.get(key)
             if entry is None:
