@@ -4,14 +4,17 @@ It shares the torch backend's database, conversions and certificate (`gpurag_tor
 its own CUDA C++ (`kernels/*.cu`, see `gpurag_cuda.compiler`), launched on torch's stream through
 CuPy. l2 / dot / cosine shortlist from the bf16 rows (a streaming kernel for a few queries, a
 tensor-core tile kernel for more), are re-scored directly in float32, and each query is certified
-against the bound of the bf16 pass; an uncertified query is answered again in float32. l1 and
-Hamming are scanned exactly. k above `KERNEL_MAX_K` takes the torch backend's path.
+against the bound of the bf16 pass; an uncertified query is answered again in float32. l1 of two queries
+or more shortlists from the rows' byte codes (`L1_CODES`, `launch.l1_codes_scan`) under the codes' own
+bound (`gpurag_torch.l1_codes`), of one query from the bf16 rows; Hamming is scanned exactly. k above
+`KERNEL_MAX_K` takes the torch backend's path.
 
 The fast kernels (the ``cuda_fast_kernels`` setting, the ``fast_kernels`` argument; each also behind a
-``FAST_*`` switch below) are a 128 x 128 tensor-core tile (`launch.scan_tc` with ``wide``), a few-query
-stream for l1's shortlist (`launch.stream_few`), a register-blocked l1 tile (`launch.l1_tile_wide`) and
-CUDA-graph replay of searches of up to `GRAPH_MAX_QUERIES` queries (`gpurag_cuda.graphs`); off, the
-earlier kernels answer.
+``FAST_*`` switch below) are ldmatrix-fed fragments in the 64 x 128 tensor-core tile (a register-filtered
+tile, `launch.scan_tc` with ``reg``, is measured and off), a 128 x 128 tile for the any-k collect scan, a
+few-query stream (`launch.stream_few`), a register-blocked l1 tile (`launch.l1_tile_wide`) and CUDA-graph
+replay of searches of up to `GRAPH_MAX_QUERIES` queries (`gpurag_torch.graphs`; `host_topk` replays one
+that ends in the copy to the host, one synchronisation a search); off, the earlier kernels answer.
 """
 
 from __future__ import annotations
@@ -20,11 +23,13 @@ import importlib.util
 import warnings
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from gpurag.backend import Availability, Boundaries, Database
 from gpurag.errors import BackendUnavailableError, InvalidInputError
 from gpurag.metrics import Metric, TopK
 from gpurag.settings import get_settings
-from gpurag_cuda import graphs
+from gpurag_torch import graphs
 from gpurag_torch.backend import TorchBackend, cuda_present
 
 if TYPE_CHECKING:
@@ -60,8 +65,27 @@ FAST_WIDE_COLLECT = True
 #: The 64 x 128 select tile with ldmatrix-fed fragments: on an H200 it took 10.9 against 11.8 ms at
 #: 1M x 768 x 1024 and 26.9 against 27.1 at 10M x 128 x 1024 (both checked against float64).
 FAST_TC_LDM = True
+#: The register-filtered tile (`launch.reg_takes`: keys filtered in registers against the running thresholds, one
+#: copy pipeline across row tiles) for the many-query select scan. Off: on an H200 (S4 W2, through the retriever,
+#: interleaved) its best block tile took 12.28 against the 64 x 128 ldmatrix tile's 11.96 ms at 1M x 768 x 1024 dot
+#: (12.65 against 12.50 l2) and 29.6 against 28.4 ms at 10M x 128 x 1024 dot, winning only 10M l2 (30.0 against
+#: 33.2): with the selection out of the way the products themselves are slow (`benchmarks/results/cuda_h200_s4.md`).
+FAST_REG_TILE = False
 FAST_FEW_STREAM = True
 FAST_L1_TILE = True
+#: Whether l1 searches of at least `L1_CODES_MIN_QUERIES` queries shortlist from the rows' byte codes
+#: (`gpurag_torch.l1_codes`, `launch.l1_codes_scan`: exact integer sums of absolute byte differences, whose
+#: error is bounded per query), re-scored in float32 and certified; the codes' query width is at most
+#: `L1_CODES_WIDEST`.
+L1_CODES = True
+L1_CODES_MIN_QUERIES = 2
+#: On an H200 (S4 W2) the scan of width 8 was the fastest at both l1 rows, though it reads the rows once per
+#: 8 queries: 1M x 128 x 1024 6.24 ms against 9.43 (width 16) and 21.4 (width 32); 10M x 128 x 16 2.00
+#: against 3.74 and 3.84. Those kernels inlined every offer (126-445 KB of code); they now call one.
+L1_CODES_WIDEST = 8
+#: Rows each query re-scores from the codes' shortlist at least (the Triton backend measured why: on 1M x 128
+#: random normal rows the 256th best code distance cleared the 10th best l1 by only 1.5-3).
+L1_CODES_SHORTLIST = 512
 FAST_GRAPHS = True
 #: Most queries whose shortlisted search replays a captured CUDA graph (`use_graphs`).
 GRAPH_MAX_QUERIES = 16
@@ -110,7 +134,12 @@ class CudaBackend(TorchBackend):
         self.fast_kernels = get_settings().cuda_fast_kernels if fast_kernels is None else bool(fast_kernels)
         #: Whether searches of up to `GRAPH_MAX_QUERIES` queries replay captured CUDA graphs (with the fast kernels).
         self.use_graphs = self.fast_kernels and FAST_GRAPHS
+        #: Whether l1 shortlists from byte codes (`L1_CODES`; the databases then hold the codes).
+        self.l1_codes = self.fast_kernels and self.low_precision and L1_CODES
+        self.l1_codes_min_queries = L1_CODES_MIN_QUERIES
         self._graphs = graphs.GraphCache()
+        #: Whether `host_topk` answers a few device queries by one graph replay that ends in the host copy.
+        self.use_host_graphs = True
 
     @classmethod
     def availability(cls) -> Availability:
@@ -133,6 +162,43 @@ class CudaBackend(TorchBackend):
         """Each CUDA device torch sees (``cuda:0``, ``cuda:1``...)."""
         return tuple(name for name in super().devices() if name != "cpu")
 
+    # --- the database --------------------------------------------------------------------------
+    def prepare(self, vectors: Any, metric: Metric) -> Database:
+        """As `TorchBackend.prepare`; an l1 database also holds the rows' byte codes (`gpurag_torch.l1_codes`)."""
+        database = super().prepare(vectors, metric)
+        if database.metric is Metric.L1 and self.l1_codes:  # every dimension: `required_keys` cannot tell them apart
+            from gpurag_torch import l1_codes
+
+            database.row_data.update(l1_codes.row_data(database.vectors))
+        return database
+
+    def required_keys(self, metric: Metric) -> set[str]:
+        """As the torch backend's, with the byte codes for l1 (`prepare`)."""
+        keys = super().required_keys(metric)
+        if Metric.parse(metric) is Metric.L1 and self.l1_codes:
+            from gpurag_torch import l1_codes
+
+            keys |= {l1_codes.CODES_T, l1_codes.CODE_ERROR, l1_codes.CODE_SCALE}
+        return keys
+
+    def _codes_kept(self, dim: int) -> bool:
+        from gpurag_torch import l1_codes
+
+        return self.l1_codes and l1_codes.takes(dim)
+
+    def _l1_codes_takes(self, n_queries: int, database: Database, k: int) -> bool:
+        """Whether an l1 search of ``n_queries`` shortlists from the byte codes (`L1_CODES`)."""
+        from gpurag_cuda import launch
+        from gpurag_torch import l1_codes
+
+        return (
+            self._codes_kept(database.dim)
+            and l1_codes.CODES_T in database.row_data
+            and n_queries >= self.l1_codes_min_queries
+            and k <= KERNEL_MAX_K
+            and launch.l1_codes_width(n_queries, l1_codes.words(database.dim), _kp(k), L1_CODES_WIDEST) > 0
+        )
+
     # --- distances and selection ---------------------------------------------------------------
     def boundaries(self, metric: Metric, queries: int, dim: int) -> Boundaries:
         """Where the scans split a search of ``queries`` queries: row tiles and batches, the row count
@@ -143,7 +209,12 @@ class CudaBackend(TorchBackend):
         sms = launch.multiprocessors(self.torch_device.index or 0)
         l1 = metric is Metric.L1
 
+        codes = l1 and self._codes_kept(dim) and queries >= self.l1_codes_min_queries
+        width = launch.l1_codes_width(queries, -(-dim // 4), MIN_KP, L1_CODES_WIDEST) if codes else 0
+
         def layout(n_rows: int) -> launch.Layout:
+            if width:
+                return launch.l1_codes_layout(queries, n_rows, width, sms)
             if self._few_takes(metric, queries, dim, MIN_KP):
                 return launch.stream_layout(n_rows, sms, launch.few_warps_per_sm(queries))
             if launch.streams(queries, dim, MIN_KP) or (l1 and self._l1_shortlists(queries, dim, MIN_KP)):
@@ -154,7 +225,7 @@ class CudaBackend(TorchBackend):
                 return launch.tile_layout(
                     queries, n_rows, launch.SIMT_BLOCK_Q, launch.SIMT_BLOCK_N, sms, launch.SIMT_BLOCKS_PER_SM
                 )
-            return launch.tc_layout(queries, n_rows, dim, MIN_KP, sms, self._wide_tile)
+            return launch.tc_layout(queries, n_rows, dim, MIN_KP, sms, self._wide_tile, self._reg_tile)
 
         def first_rows(holds: Any) -> int:  # the smallest row count for which holds(rows), by bisection
             low_n, high_n = 1, 1 << 24
@@ -171,10 +242,12 @@ class CudaBackend(TorchBackend):
             return full * min(MIN_KP, per_split) + min(MIN_KP, rest)
 
         most = layout(1 << 24).splits
-        rows = {launch.STREAM_ROWS, launch.TC_BLOCK_N, launch.SIMT_BLOCK_N}
+        rows = {launch.STREAM_ROWS, launch.TC_BLOCK_N, launch.SIMT_BLOCK_N, launch.TC_REG_BLOCK_N}
         rows.add(first_rows(lambda n: layout(n).splits >= most) - 1)
-        if self.low_precision and (not l1 or self._l1_shortlists(queries, dim, MIN_KP)):
+        if self.low_precision and (not l1 or width or self._l1_shortlists(queries, dim, MIN_KP)):
             rows.add(first_rows(lambda n: kept(n) > SHORTLIST_MIN) - 1)
+        if width:
+            rows.add(launch.CODES_BATCH_ROWS)
         tile = launch.SIMT_BLOCK_Q if metric is Metric.L1 else launch.TC_BLOCK_Q
         wide = launch.WIDE_BLOCK_Q if self._wide_tile else tile
         return Boundaries(
@@ -184,7 +257,9 @@ class CudaBackend(TorchBackend):
                 launch.STREAM_MAX_QUERIES,
                 L1_LOW_MAX_QUERIES,
                 L1_LOW_MAX_QUERIES + tile,
+                *((launch.TC_REG_BLOCK_Q + 1,) if self._reg_tile else ()),
                 wide + 1,
+                *((self.l1_codes_min_queries, width, width + 1) if width else ()),
             ),
         )
 
@@ -210,7 +285,11 @@ class CudaBackend(TorchBackend):
         shortlists = (
             k <= KERNEL_MAX_K
             and self.low_precision
-            and (database.metric is not Metric.L1 or self._l1_shortlists(q.shape[0], database.dim, k))
+            and (
+                database.metric is not Metric.L1
+                or self._l1_codes_takes(q.shape[0], database, k)
+                or self._l1_shortlists(q.shape[0], database.dim, k)
+            )
         )
         if shortlists:
             # One sync for both questions: were the float32 terms safe, and did every certificate hold.
@@ -239,6 +318,69 @@ class CudaBackend(TorchBackend):
         if database.metric is Metric.L1:
             return TopK(*self._l1(q, database, k))
         return super().topk(q, database, k)
+
+    def host_topk(self, queries: Any, database: Database, k: int, *, dim: int | None = None) -> TopK:
+        """As `DistanceBackend.host_topk`; up to `GRAPH_MAX_QUERIES` float32 queries cost one graph replay, one copy
+        and one synchronisation, their finiteness checked by the search's own overflow flag: a search the shortlist
+        does not answer (a failed certificate, float32 overflow, non-finite queries) is searched again the careful
+        way, which also reports non-finite queries."""
+        import torch
+
+        q = queries
+        if isinstance(q, np.ndarray) and self._host_graph_takes(q.shape, database, k):
+            q = self.asarray(q, "queries", dim=dim)  # checked on the host, copied up once
+        if (
+            isinstance(q, torch.Tensor)
+            and q.device == self.torch_device
+            and q.dtype == torch.float32
+            and self._host_graph_takes(tuple(q.shape), database, k)
+            and (dim is None or dim == database.dim)
+        ):
+            own = self._own(database)
+            q = q.detach()
+            key = graphs.search_key(q, own, "host", k, self._switches(own, q.shape[0], k))
+            try:
+                words = self._graphs.run_to_host(lambda static_q: self._packed_shortlist(static_q, own, k), q, key)
+            except RuntimeError as exc:
+                warnings.warn(f"cuda backend: graph capture failed, searches launch kernel by kernel ({exc})",
+                              stacklevel=2)  # fmt: skip
+                self.use_host_graphs = False
+            else:
+                found = graphs.unpack_answer(words, q.shape[0], k)
+                if found is not None:
+                    self.queries_searched += q.shape[0]
+                    return TopK(*found)
+        return super().host_topk(q, database, k, dim=dim)
+
+    def _host_graph_takes(self, shape: tuple[int, ...], database: Database, k: Any) -> bool:
+        """Whether `host_topk` replays a graph for queries of ``shape``: a few of the database's dimension, a k the
+        fused lists hold, and a metric the bf16 shortlist answers."""
+        return (
+            self.use_host_graphs
+            and self.use_graphs
+            and len(shape) == 2
+            and 1 <= shape[0] <= GRAPH_MAX_QUERIES
+            and shape[1] == database.dim
+            and isinstance(k, int)
+            and not isinstance(k, bool)
+            and 1 <= k <= min(database.count, KERNEL_MAX_K)
+            and self.low_precision
+            and (database.metric is not Metric.L1 or self._l1_shortlists(shape[0], database.dim, k))
+        )
+
+    def _packed_shortlist(self, q: torch.Tensor, database: Database, k: int) -> torch.Tensor:
+        """`_device_shortlist` packed for the host (`graphs.pack_answer`): flagged unless every query is certified
+        and the float32 terms are safe."""
+        scores, rows, _, flags = self._device_shortlist(q, database, k)
+        return graphs.pack_answer(scores, rows, ~flags.all())
+
+    def _switches(self, database: Database, n_queries: int, k: int) -> tuple[Any, ...]:
+        """The switches (module and backend) that choose the kernels of a captured search."""
+        from gpurag_cuda import launch
+
+        few = self._few_takes(database.metric, n_queries, database.dim, _kp(k))
+        return (self.fast_kernels, FAST_WIDE_TILE, FAST_TC_LDM, FAST_REG_TILE, FAST_FEW_STREAM, few, self.l1_codes,
+                self.l1_codes_min_queries, launch.tuning())  # fmt: skip
 
     def pairwise(self, queries: Any, vectors: Any, metric: Metric) -> Any:
         """As `TorchBackend.pairwise`; l1 summed directly in row blocks under `chunk_scores` (no compile step)."""
@@ -305,9 +447,7 @@ class CudaBackend(TorchBackend):
         """
         if not (self.use_graphs and q.shape[0] <= GRAPH_MAX_QUERIES):
             return None
-        few = self._few_takes(database.metric, q.shape[0], database.dim, _kp(k))
-        switches = (self.fast_kernels, FAST_WIDE_TILE, FAST_TC_LDM, FAST_FEW_STREAM, few)
-        key = graphs.search_key(q, database, k, switches)
+        key = graphs.search_key(q, database, k, self._switches(database, q.shape[0], k))
         try:
             scores, rows, certified, flags = self._graphs.run(
                 lambda static_q: self._device_shortlist(static_q, database, k), q, key
@@ -322,6 +462,11 @@ class CudaBackend(TorchBackend):
     def _wide_tile(self) -> bool:
         return self.fast_kernels and FAST_WIDE_TILE
 
+    @property
+    def _reg_tile(self) -> bool:
+        """Whether many-query select scans take the register-filtered tile (`launch.reg_takes`)."""
+        return self.fast_kernels and FAST_REG_TILE
+
     def _device_shortlist(
         self, q: torch.Tensor, database: Database, k: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -329,7 +474,10 @@ class CudaBackend(TorchBackend):
         (scores, rows, certified per query, flags [float32 terms safe, every query certified])."""
         import torch
 
-        scores, rows, certified = self._shortlist(q, database, k, self._scan_low(q, database, k))
+        if database.metric is Metric.L1 and self._l1_codes_takes(q.shape[0], database, k):
+            scores, rows, certified = self._l1_codes_shortlist(q, database, k)
+        else:
+            scores, rows, certified = self._shortlist(q, database, k, self._scan_low(q, database, k))
         flags = torch.stack([~self.overflow_flag(q, database), certified.all()])
         return scores, rows, certified, flags
 
@@ -433,7 +581,7 @@ class CudaBackend(TorchBackend):
             return launch.stream_few(low_q.float(), low_rows, sq_norms, mode, kp)
         if metric is not Metric.L1 and not launch.streams(q.shape[0], database.dim, kp):
             ldm = self.fast_kernels and FAST_TC_LDM
-            return launch.scan_tc(low_q, low_rows, sq_norms, kp, wide=self._wide_tile, ldm=ldm)
+            return launch.scan_tc(low_q, low_rows, sq_norms, kp, wide=self._wide_tile, ldm=ldm, reg=self._reg_tile)
         step = launch.STREAM_MAX_QUERIES
         parts = [
             launch.stream_scan(low_q[i : i + step].float(), database.row_data[LOW], sq_norms, mode, kp)
@@ -466,6 +614,45 @@ class CudaBackend(TorchBackend):
         return search.rescore_and_certify(
             q, database, rows.long(), cutoff, k, rounded_output=False, scorer=direct_scores
         )
+
+    def _l1_codes_shortlist(
+        self, q: torch.Tensor, database: Database, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """l1 by the byte-code scan: its candidates cut to the rows re-scored, re-scored in float32, and each
+        query certified against the codes' lower bound on every row left out (`gpurag_torch.l1_codes`)."""
+        import torch
+
+        from gpurag_cuda import launch
+        from gpurag_torch import exact, l1_codes
+        from gpurag_torch.database import L1_NORMS
+
+        data = database.row_data
+        words, query_error = l1_codes.encode(q, data[l1_codes.CODE_SCALE][0])
+        kp = _kp(k)
+        width = launch.l1_codes_width(q.shape[0], words.shape[1], kp, L1_CODES_WIDEST)
+        # Enough kept keys for the shortlist: few splits (many query groups) keep more each, where the lists fit.
+        splits = launch.l1_codes_layout(q.shape[0], database.count, width, launch.multiprocessors(q.device.index or 0))
+        wider = min(launch.MAX_KP, launch.pow2_at_least(-(-L1_CODES_SHORTLIST // splits.splits)))
+        if wider > kp and launch.l1_codes_shared_bytes(words.shape[1], width, wider) <= launch.WIDE_SHARED_LIMIT:
+            kp = wider
+        found = launch.l1_codes_scan(words, data[l1_codes.CODES_T], kp, width)
+        n_queries = q.shape[0]
+        keys, rows = found.keys.reshape(n_queries, -1), found.rows.reshape(n_queries, -1)
+        cutoff = found.keys[:, :, kp - 1].max(dim=1).values  # the best key any split left out
+        kept = found.kept_per_query(database.count)
+        keep = min(kept, max(2 * k, L1_CODES_SHORTLIST))
+        if keys.shape[1] > keep:  # the padding goes, and past `keep` real rows the cut raises the cutoff
+            top = torch.topk(keys, keep, dim=1)
+            if keep < kept:
+                cutoff = torch.maximum(cutoff, top.values[:, -1])
+            rows = torch.gather(rows, 1, top.indices)
+        bound = l1_codes.lower_bound(cutoff, query_error, data)
+        candidates = rows.long()
+        scores = direct_scores(q, database.vectors, candidates, Metric.L1, None)
+        scores, best = exact.best_first(scores, candidates, k, Metric.L1)
+        slack = exact.float32_slack(Metric.L1, q.abs().sum(dim=1), data[L1_NORMS].max(), database.dim)
+        certified = exact.certify(Metric.L1, scores[:, k - 1], -bound, torch.zeros_like(slack), slack, None)
+        return scores, best, certified
 
     def _l1(self, q: torch.Tensor, database: Database, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         import torch

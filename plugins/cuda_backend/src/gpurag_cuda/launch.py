@@ -27,6 +27,12 @@ TC_STAGES = 4
 #: 12.7 against 11.5 ms at 1M x 768 x 1024 and 31.2 against 26.8 ms at 10M x 128 x 1024 (both correct).
 TC_FLOW = False
 TC_FLOW_STAGES = 3
+#: The register-filtered tensor-core scan (kernels/scan_tc.cu: scan_bf16_reg{Q}x{N}) for vector-loadable
+#: select scans: its block tile, queries by rows, one of `TC_REG_TILES`. Its keys never pass through shared
+#: memory, and one copy pipeline of `TC_REG_STAGES` stages flows across the split's row tiles.
+TC_REG_TILES = ((64, 128), (128, 128), (128, 256))
+TC_REG_BLOCK_Q, TC_REG_BLOCK_N = 64, 128
+TC_REG_STAGES = 4
 #: The wide tensor-core scan (kernels/scan_wide.cu: BQ, BN, BK, STAGES): a 128 x 128 block tile per CTA,
 #: one CTA per multiprocessor (it takes most of the shared memory), vector-loadable operands only.
 WIDE_BLOCK_Q, WIDE_BLOCK_N, WIDE_BLOCK_K, WIDE_STAGES = 128, 128, 32, 4
@@ -220,10 +226,47 @@ def wide_takes(dim: int, kp: int) -> bool:
     return dim % 8 == 0 and wide_shared_bytes(kp) <= WIDE_SHARED_LIMIT
 
 
-def tc_layout(n_queries: int, n_rows: int, dim: int, kp: int, sms: int, wide: bool) -> Layout:
-    """The splits of a tensor-core scan: the wide tile's where it takes the scan, else the earlier tile's."""
+def tuning() -> tuple[Any, ...]:
+    """The module switches that choose kernels (part of a captured graph's key)."""
+    return (
+        TC_REG_BLOCK_Q,
+        TC_REG_BLOCK_N,
+        TC_REG_STAGES,
+        STREAM_WARPS_PER_SM,
+        TILE_BLOCKS_PER_SM,
+    )
+
+
+def reg_shared_bytes(block_q: int, kp: int, block_n: int = TC_BLOCK_N) -> int:
+    """Dynamic shared memory of a register-filtered launch: its operand stages, then the lists and their state."""
+    stages = TC_REG_STAGES * 2 * (TC_BLOCK_K + 8) * (block_q + block_n)
+    return stages + block_q * (8 * capacity(kp) + 8)
+
+
+def reg_blocks_per_sm(block_q: int, kp: int, block_n: int = TC_BLOCK_N) -> int:
+    """Blocks of a register-filtered launch that share a multiprocessor: two 64-query blocks where their shared
+    memory allows (the larger tiles take most of the registers)."""
+    return 2 if block_q == 64 and 2 * (reg_shared_bytes(block_q, kp, block_n) + 1024) <= 228 * 1024 else 1
+
+
+def reg_takes(dim: int, kp: int) -> bool:
+    """Whether the register-filtered scan (`TC_REG_BLOCK_Q` x `TC_REG_BLOCK_N`) takes dimension ``dim`` keeping
+    ``kp`` (aligned operands aside)."""
+    return (
+        (TC_REG_BLOCK_Q, TC_REG_BLOCK_N) in TC_REG_TILES
+        and dim % 8 == 0
+        and reg_shared_bytes(TC_REG_BLOCK_Q, kp, TC_REG_BLOCK_N) <= WIDE_SHARED_LIMIT
+    )
+
+
+def tc_layout(n_queries: int, n_rows: int, dim: int, kp: int, sms: int, wide: bool, reg: bool = False) -> Layout:
+    """The splits of a tensor-core scan: the wide tile's where it takes the scan, the register-filtered tile's
+    where ``reg`` asks for it and it takes the scan, else the earlier tile's."""
     if wide and wide_takes(dim, kp):
         return tile_layout(n_queries, n_rows, WIDE_BLOCK_Q, WIDE_BLOCK_N, sms, 1)
+    if reg and reg_takes(dim, kp):
+        block_q, block_n = TC_REG_BLOCK_Q, TC_REG_BLOCK_N
+        return tile_layout(n_queries, n_rows, block_q, block_n, sms, reg_blocks_per_sm(block_q, kp, block_n))
     return tile_layout(n_queries, n_rows, TC_BLOCK_Q, TC_BLOCK_N, sms)
 
 
@@ -234,11 +277,13 @@ def scan_tc(
     kp: int,
     wide: bool = False,
     ldm: bool = False,
+    reg: bool = False,
 ) -> Candidates:
     """Tensor-core scan of bf16 ``queries`` (Q, D) against bf16 ``rows`` (N, D): dot keys, or l2's with ``sq_norms``.
 
     ``wide`` takes the 128 x 128 tile kernel where it can (D a multiple of 8, aligned operands, kp's lists fit);
-    ``ldm`` feeds the 64 x 128 tile's fragments by ldmatrix (kernels/scan_tc.cu: scan_bf16_tc_ldm).
+    ``ldm`` feeds the 64 x 128 tile's fragments by ldmatrix (kernels/scan_tc.cu: scan_bf16_tc_ldm); ``reg`` takes the
+    register-filtered tile (`TC_REG_BLOCK_Q` x `TC_REG_BLOCK_N`) where it can (D a multiple of 8, aligned operands).
     """
     device = rows.device
     _check(queries, "queries", torch.bfloat16, device)
@@ -248,6 +293,8 @@ def scan_tc(
     n_rows = rows.shape[0]
     if wide and wide_takes(dim, kp) and _aligned(queries, rows):
         return _scan_wide(queries, rows, sq_norms, kp)
+    if reg and reg_takes(dim, kp) and _aligned(queries, rows):
+        return _scan_reg(queries, rows, sq_norms, kp)
     layout = tile_layout(n_queries, n_rows, TC_BLOCK_Q, TC_BLOCK_N, multiprocessors(device.index or 0))
     cap = capacity(kp)
     keys, out_rows = _outputs(n_queries, layout.splits, kp, device)
@@ -264,6 +311,23 @@ def scan_tc(
     _launch("scan_tc", kernel, device, grid, shared, [
         _ptr(queries), _ptr(rows), _ptr(norms), _i32(n_queries), _i32(n_rows), _i32(dim),
         _i32(layout.rows_per_split), _i32(int(sq_norms is not None)), _i32(kp), _i32(cap), _i32(int(vec)),
+        _ptr(keys), _ptr(out_rows),
+    ])  # fmt: skip
+    return Candidates(keys, out_rows, layout.rows_per_split)
+
+
+def _scan_reg(queries: torch.Tensor, rows: torch.Tensor, sq_norms: torch.Tensor | None, kp: int) -> Candidates:
+    device = rows.device
+    n_queries, dim = queries.shape
+    n_rows = rows.shape[0]
+    block_q, block_n = TC_REG_BLOCK_Q, TC_REG_BLOCK_N
+    layout = tc_layout(n_queries, n_rows, dim, kp, multiprocessors(device.index or 0), False, True)
+    keys, out_rows = _outputs(n_queries, layout.splits, kp, device)
+    norms = sq_norms if sq_norms is not None else keys  # unread for dot
+    _launch("scan_tc", f"scan_bf16_reg{block_q}x{block_n}", device, (_cdiv(n_queries, block_q), layout.splits),
+            reg_shared_bytes(block_q, kp, block_n), [
+        _ptr(queries), _ptr(rows), _ptr(norms), _i32(n_queries), _i32(n_rows), _i32(dim),
+        _i32(layout.rows_per_split), _i32(int(sq_norms is not None)), _i32(kp), _i32(capacity(kp)),
         _ptr(keys), _ptr(out_rows),
     ])  # fmt: skip
     return Candidates(keys, out_rows, layout.rows_per_split)
@@ -475,6 +539,78 @@ def l1_tile_wide(queries: torch.Tensor, rows: torch.Tensor, kp: int) -> Candidat
     _launch("l1_wide", "l1_tile_wide", device, grid, l1_wide_shared_bytes(kp), [
         _ptr(queries), _ptr(rows), _i32(n_queries), _i32(n_rows), _i32(dim), _i32(layout.rows_per_split),
         _i32(kp), _i32(capacity(kp)), _ptr(keys), _ptr(out_rows),
+    ])  # fmt: skip
+    return Candidates(keys, out_rows, layout.rows_per_split)
+
+
+#: Query widths of the byte-code l1 scan (kernels/l1_codes.cu: one kernel each), its rows per warp batch, and
+#: its blocks per multiprocessor (one: each takes up to 214 registers a thread).
+CODES_WIDTHS = (8, 16, 32)
+CODES_BATCH_ROWS = 128
+CODES_BLOCKS_PER_SM = 1
+
+
+def l1_codes_shared_bytes(words: int, width: int, kp: int) -> int:
+    """Dynamic shared memory of a byte-code l1 launch: the query words, each warp's list per query."""
+    return 4 * words * width + (THREADS // 32) * width * (8 * capacity(kp) + 8)
+
+
+def l1_codes_width(n_queries: int, words: int, kp: int, widest: int = 32) -> int:
+    """The query width of the byte-code scan for ``n_queries`` (the narrowest that holds them, at most ``widest``
+    and within the shared memory limit), or 0 when none fits."""
+    fitting = [w for w in CODES_WIDTHS if w <= widest and l1_codes_shared_bytes(words, w, kp) <= WIDE_SHARED_LIMIT]
+    if not fitting:
+        return 0
+    return next((w for w in fitting if w >= n_queries), fitting[-1])
+
+
+def l1_codes_layout(n_queries: int, n_rows: int, width: int, sms: int, blocks_per_sm: int | None = None) -> Layout:
+    """Splits of a byte-code scan: one per warp, runs of whole 128-row batches, the card filled in one wave."""
+    per_sm = CODES_BLOCKS_PER_SM if blocks_per_sm is None else blocks_per_sm
+    warps = THREADS // 32
+    blocks = max(1, min(_cdiv(n_rows, warps * CODES_BATCH_ROWS), (sms * per_sm) // _cdiv(n_queries, width)))
+    per_warp = _cdiv(_cdiv(n_rows, blocks * warps), CODES_BATCH_ROWS) * CODES_BATCH_ROWS
+    return Layout(_cdiv(n_rows, per_warp * warps) * warps, per_warp)
+
+
+def l1_codes_scan(
+    query_words: torch.Tensor,
+    row_words_t: torch.Tensor,
+    kp: int,
+    width: int | None = None,
+    blocks_per_sm: int | None = None,
+) -> Candidates:
+    """Byte-code l1 scan (kernels/l1_codes.cu) of int32 ``query_words`` (Q, W) against column-major int32
+    ``row_words_t`` (W, N) (gpurag_torch.l1_codes); keys -SAD (exact integers), rows int32."""
+    device = row_words_t.device
+    _check(query_words, "query_words", torch.int32, device)
+    if row_words_t.dtype != torch.int32 or row_words_t.device != device or row_words_t.dim() != 2:
+        raise InvalidInputError(f"row_words_t must be a 2-d int32 tensor on {device}; got {row_words_t.dtype} "
+                                f"{tuple(row_words_t.shape)} on {row_words_t.device}")  # fmt: skip
+    if row_words_t.stride(1) != 1 and row_words_t.shape[1] > 1:
+        raise InvalidInputError(f"row_words_t must have contiguous rows; got strides {row_words_t.stride()}")
+    _check_kp(kp)
+    n_queries, words = query_words.shape
+    if row_words_t.shape[0] != words:
+        raise InvalidInputError(f"queries have {words} words, rows {row_words_t.shape[0]}")
+    n_rows = row_words_t.shape[1]
+    if n_rows == 0 or n_queries == 0:
+        raise InvalidInputError(f"the byte-code scan needs rows and queries; got {n_rows} rows, {n_queries} queries")
+    if width is None:
+        width = l1_codes_width(n_queries, words, kp)
+    if width not in CODES_WIDTHS or l1_codes_shared_bytes(words, width, kp) > WIDE_SHARED_LIMIT:
+        raise InvalidInputError(f"no byte-code scan of width {width} holds {words} words at kp={kp}")
+    layout = l1_codes_layout(n_queries, n_rows, width, multiprocessors(device.index or 0), blocks_per_sm)
+    warps = THREADS // 32
+    keys, out_rows = _outputs(n_queries, layout.splits, kp, device)
+    stride = row_words_t.stride(0)
+    vec = row_words_t.data_ptr() % 16 == 0 and stride % 4 == 0
+    name = f"l1_codes_{width}"
+    grid = (_cdiv(n_queries, width), layout.splits // warps)
+    _launch("l1_codes", name, device, grid, l1_codes_shared_bytes(words, width, kp), [
+        _ptr(query_words), _ptr(row_words_t), np.int64(stride), _i32(int(vec)), _i32(n_queries), _i32(n_rows),
+        _i32(words),
+        _i32(layout.rows_per_split), _i32(kp), _i32(capacity(kp)), _ptr(keys), _ptr(out_rows),
     ])  # fmt: skip
     return Candidates(keys, out_rows, layout.rows_per_split)
 
