@@ -36,20 +36,8 @@ log.LOG_NAME = "cupy_graphs"
 K = 10
 
 
-#: (name, use_graphs, GRAPH_VEC4, lean_host) of each CuPy variant timed.
-VARIANTS = (
-    ("graph vec4", True, True, True),
-    ("graph vec4, stream context", True, True, False),
-    ("graph stream", True, False, True),
-    ("no graph", False, True, True),
-)
-
-
-def apply(backend: Any, graphs: bool, vec4: bool, lean: bool) -> None:
-    """One variant's switches."""
-    from gpurag_cupy import search
-
-    backend.use_graphs, search.GRAPH_VEC4, backend.lean_host = graphs, vec4, lean
+#: (name, use_graphs, GRAPH_VEC4) of each CuPy variant timed.
+VARIANTS = (("graph vec4", True, True), ("graph stream", True, False), ("no graph", False, True))
 
 
 def one_query_rows(reps: int, metrics: list[str]) -> None:
@@ -57,6 +45,7 @@ def one_query_rows(reps: int, metrics: list[str]) -> None:
 
     import gpu_report as report
     import gpurag
+    from gpurag_cupy import search
     from gpurag_cupy.backend import CupyBackend
 
     backend = CupyBackend("cuda:0")
@@ -66,7 +55,7 @@ def one_query_rows(reps: int, metrics: list[str]) -> None:
     q = torch.randn(1, 768, device="cuda", generator=gen)
     other = torch.randn(1, 768, device="cuda", generator=gen)
     write_md("\n## N=1M D=768 Q=1, k=10: ExactRetriever.search (ms, medians, interleaved)\n")
-    names = [name for name, *_ in VARIANTS]
+    names = [name for name, _, _ in VARIANTS]
     write_md("| metric | naive | " + " | ".join(names) + " | graph vec4 / naive (x) | no graph / naive (x) |")
     write_md("|---|---|" + "---|" * len(names) + "---|---|")
     notes: list[str] = []
@@ -82,16 +71,16 @@ def one_query_rows(reps: int, metrics: list[str]) -> None:
                 reference = report.reference_scores(query, x, metric)
                 scores, ids = report.naive(query, x, metric)
                 report.check("naive", sc, query, x, reference, scores, ids)
-                for name, *switches in VARIANTS:
-                    apply(backend, *switches)
+                for name, graphs, vec4 in VARIANTS:
+                    backend.use_graphs, search.GRAPH_VEC4 = graphs, vec4
                     result = index.search(query, K)
                     report.check(f"{name} ({label} query)", sc, query, x, reference, result.scores, result.ids)
             replays = backend._graphs.replays if backend._graphs is not None else 0
 
-            for name, *switches in VARIANTS:
+            for name, graphs, vec4 in VARIANTS:
 
-                def run(switches: list[bool] = switches, index: Any = index) -> Any:
-                    apply(backend, *switches)
+                def run(graphs: bool = graphs, vec4: bool = vec4, index: Any = index) -> Any:
+                    backend.use_graphs, search.GRAPH_VEC4 = graphs, vec4
                     return index.search(q, K)
 
                 fns[name] = run
@@ -117,7 +106,7 @@ def one_query_rows(reps: int, metrics: list[str]) -> None:
         torch.cuda.empty_cache()
     for note in notes:
         write_md(note)
-    apply(backend, True, True, True)
+    backend.use_graphs, search.GRAPH_VEC4 = True, True
 
 
 def host_walls(backend: Any, index: Any, q: Any, reps: int) -> str:
@@ -125,7 +114,9 @@ def host_walls(backend: Any, index: Any, q: Any, reps: int) -> str:
     import cupy
     import torch
 
-    apply(backend, True, True, True)
+    from gpurag_cupy import search
+
+    backend.use_graphs, search.GRAPH_VEC4 = True, True
     walls = []
     for _ in range(reps):
         torch.cuda.synchronize()

@@ -584,7 +584,7 @@ def stand_ins(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
         def __init__(self, key: tuple[Any, ...]) -> None:
             self.key = key
 
-        def replay(self, pointer: int, stream: Any = None) -> Any:
+        def replay(self, pointer: int) -> Any:
             return graphs.HostAnswer(np.full((1, 1), pointer, np.float32), np.zeros((1, 1), np.int64), 1.0)
 
     def capture(shape: tuple[int, int], database: Any, k: int, tile_rows: int) -> Any:

@@ -146,30 +146,6 @@ def device_matrix_pointer(x: Any, device: int) -> tuple[int, tuple[int, int]] | 
     return int(x.data_ptr()), (int(x.shape[0]), int(x.shape[1]))
 
 
-@dataclasses.dataclass(frozen=True)
-class RawStream:
-    """A CUDA stream by its pointer: what `cupy.cuda.Graph.launch` and `SearchGraph.replay` need of a stream."""
-
-    ptr: int
-
-    def synchronize(self) -> None:
-        """Wait for the work queued on the stream."""
-        cupy.cuda.runtime.streamSynchronize(self.ptr)
-
-
-def queries_stream(x: Any) -> Any:
-    """The stream work on ``x`` joins: torch's current stream on x's device for a torch tensor (read by its
-    raw pointer where this torch has that call), else CuPy's current stream."""
-    if not is_torch_cuda(x):
-        return cupy.cuda.get_current_stream()
-    import torch
-
-    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-    if raw is not None:
-        return RawStream(int(raw(x.device.index)))
-    return RawStream(int(torch.cuda.current_stream(x.device).cuda_stream))
-
-
 @functools.lru_cache(maxsize=64)
 def external_stream(pointer: int) -> Any:
     """The CuPy stream object of CUDA stream ``pointer``, its device unstated as `Stream.from_external`

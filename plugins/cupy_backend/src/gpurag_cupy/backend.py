@@ -113,8 +113,6 @@ class CupyBackend(DistanceBackend):
         self._fetched = threading.local()
         #: Whether `host_topk` of a few queries replays a captured CUDA graph (`gpurag_cupy.graphs`).
         self.use_graphs = True
-        #: Whether a replay finds torch's stream by its raw pointer instead of entering `_on_device`.
-        self.lean_host = True
         self._graphs: Any = None
 
     @classmethod
@@ -398,25 +396,17 @@ class CupyBackend(DistanceBackend):
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             return None
         self._resolve_pending()
-        found = device_matrix_pointer(queries, self.device_index)
-        if found is None:
-            return None
-        pointer, shape = found
-        own = self._own(database)
-        if shape[1] != own.dim or (dim is not None and dim != own.dim) or k > own.count:
-            return None
-        if self._graphs is None:
-            self._graphs = graphs.GraphCache()
-        if self.lean_host:  # torch's stream by its raw pointer, no stream context
-            import cupy
-
-            from gpurag_cupy.arrays import queries_stream
-
-            with cupy.cuda.Device(self.device_index):
-                answer = self._graphs.run(pointer, shape, own, k, self.tile_scores, queries_stream(queries))
-        else:
-            with self._on_device(queries):
-                answer = self._graphs.run(pointer, shape, own, k, self.tile_scores)
+        with self._on_device(queries):
+            found = device_matrix_pointer(queries, self.device_index)
+            if found is None:
+                return None
+            pointer, shape = found
+            own = self._own(database)
+            if shape[1] != own.dim or (dim is not None and dim != own.dim) or k > own.count:
+                return None
+            if self._graphs is None:
+                self._graphs = graphs.GraphCache()
+            answer = self._graphs.run(pointer, shape, own, k, self.tile_scores)
         if answer is None or self._overflows(self._query_reach(answer.largest, shape[1], own.metric), own):
             return None  # not finite (the careful path names the entry) or possibly overflowing
         return TopK(answer.scores, answer.rows)

@@ -63,14 +63,12 @@ class SearchGraph:
     #: Page-locked bytes the graph copies its answer into.
     host: np.ndarray[Any, Any]
 
-    def replay(self, pointer: int, stream: Any = None) -> HostAnswer:
-        """The search of the queries at device address ``pointer`` (copied into `queries` first) on ``stream``
-        (default: the current one), waited for; its answer copied out of the page-locked buffer (the next
-        replay overwrites it)."""
+    def replay(self, pointer: int) -> HostAnswer:
+        """The search of the queries at device address ``pointer`` (copied into `queries` first) on the current
+        stream, waited for; its answer copied out of the page-locked buffer (the next replay overwrites it)."""
         import cupy
 
-        if stream is None:
-            stream = cupy.cuda.get_current_stream()
+        stream = cupy.cuda.get_current_stream()
         cupy.cuda.runtime.memcpyAsync(
             self.queries.data.ptr, pointer, self.queries.nbytes, cupy.cuda.runtime.memcpyDeviceToDevice, stream.ptr
         )
@@ -165,12 +163,10 @@ class GraphCache:
             self._graphs.clear()
             self._seen.clear()
 
-    def run(
-        self, pointer: int, shape: tuple[int, int], database: Any, k: int, tile_scores: int, stream: Any = None
-    ) -> HostAnswer | None:
-        """The search of the C-contiguous float32 queries at device address ``pointer`` by graph replay on
-        ``stream`` (default: the current one), answered on the host; None where it is not captured (see
-        `capturable`), and the first time a key comes (it is captured the second time)."""
+    def run(self, pointer: int, shape: tuple[int, int], database: Any, k: int, tile_scores: int) -> HostAnswer | None:
+        """The search of the C-contiguous float32 queries at device address ``pointer`` by graph replay on the
+        current stream, answered on the host; None where it is not captured (see `capturable`), and the first
+        time a key comes (it is captured the second time)."""
         tile_rows = capturable(shape, database, k, tile_scores)
         if tile_rows is None:
             return None
@@ -202,7 +198,7 @@ class GraphCache:
                     self._graphs.popitem(last=False)
             if entry is None:
                 return None
-            answer = entry.replay(pointer, stream)
+            answer = entry.replay(pointer)
             self.replays += 1
             return answer
 
