@@ -35,8 +35,9 @@ THRESHOLD_FILTER = True
 FILTER_SLOTS = 4
 #: Above this k, the threshold pass gets `FILTER_SLOTS_WIDE_K` k slots instead: the slots of every tile
 #: are reserved in the candidate buffer (eight k), which four k filled at every tile or two, each time
-#: selected down again (k = 4,096 on 10M x 128 x 1,024: 2.18x the k = 10 time, H200).
-WIDE_K = 1024
+#: selected down again. H200, 10M x 128 x 1,024 l2, k = 4,096: 2.07x the k = 10 time with four k slots,
+#: 1.84x with two, 1.64x with one (W2b).
+WIDE_K = 256
 FILTER_SLOTS_WIDE_K = 1
 
 
