@@ -34,6 +34,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 OUT: Path | None = None
+#: The stem of the files under OUT that `emit` and `write_md` append to (other scripts that use them set it).
+LOG_NAME = "cupy_few_query"
 K = 10
 
 
@@ -41,14 +43,14 @@ def emit(record: dict[str, Any]) -> None:
     line = json.dumps(record)
     print(line, flush=True)
     if OUT is not None:
-        with (OUT / "cupy_few_query.jsonl").open("a") as f:
+        with (OUT / f"{LOG_NAME}.jsonl").open("a") as f:
             f.write(line + "\n")
 
 
 def write_md(text: str) -> None:
     print(text, flush=True)
     if OUT is not None:
-        with (OUT / "cupy_few_query.md").open("a") as f:
+        with (OUT / f"{LOG_NAME}.md").open("a") as f:
             f.write(text + "\n")
 
 

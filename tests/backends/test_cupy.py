@@ -323,6 +323,31 @@ def test_tiles_after_the_first_filtered_by_the_running_threshold_match_reference
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("metric", list(Metric), ids=str)
+@pytest.mark.parametrize("wide_slots", [1, 4], ids=lambda slots: f"{slots}k-slots")
+def test_tiles_filtered_for_a_k_past_wide_k_match_reference(
+    cupy_gpu: DistanceBackend, monkeypatch: pytest.MonkeyPatch, metric: Metric, wide_slots: int
+) -> None:
+    """k above `select.WIDE_K` across tiles of 5,000 rows (the threshold pass with one k of slots, or
+    four): the candidate buffer fills and is selected down many times; query 0 meets its rows worst first,
+    so its filtered tiles overflow their slots and take the radix passes."""
+    from gpurag_cupy import select
+
+    monkeypatch.setattr(select, "FILTER_SLOTS_WIDE_K", wide_slots)
+    rng = np.random.default_rng(18)
+    backend = cupy_backend.CupyBackend(cupy_gpu.device, tile_scores=3 * 5000)
+    vectors = rng.standard_normal((40_000, 16)).astype(np.float32)
+    queries = rng.standard_normal((3, 16)).astype(np.float32)
+    growing = np.argsort(ref.pairwise_reference(queries[:1], vectors, metric)[0])
+    if not metric.higher_is_better:
+        growing = growing[::-1]
+    ordered = np.ascontiguousarray(vectors[growing])
+    ordered[20_000:20_400] = ordered[39_999]  # ties with query 0's best row, across tiles
+    for k in (select.WIDE_K + 1, 2049):
+        _check(backend, queries, ordered, metric, k, f"{metric.value} k={k}, {wide_slots}k slots")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize(
     "variant", ["sgemv", "streaming dot kernel", "float4 one-query dot kernel", "histogram without warp aggregation"]
 )
@@ -450,3 +475,191 @@ def test_device_queries_whose_float32_products_overflow_are_answered_in_float64(
     ref.assert_topk_matches(
         queries, vectors, Metric.DOT, scores, ids, 5, label="device queries, float32 terms overflow"
     )
+
+
+# --- captured searches: a few queries answered to the host by one graph replay ----------------------
+def _winner(query: np.ndarray, metric: Metric) -> np.ndarray:
+    """A row that beats every random row for ``query`` under ``metric``."""
+    return np.asarray(100 * query if metric is Metric.DOT else query, dtype=np.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("metric", list(Metric), ids=str)
+def test_graph_replays_answer_each_new_query_not_the_captured_one(cupy_gpu: DistanceBackend, metric: Metric) -> None:
+    """Each shape is answered uncaptured once, captured the second time, then replayed for new queries
+    (torch, CuPy and host arrays in turn), each answer checked: a replay that reused the captured queries
+    or answer would fail. Shapes cross a chunk's end, k past a partial chunk's rows, D = 781 (the
+    streaming kernel, not the float4 one), and tiles of two chunks inside one graph."""
+    torch = pytest.importorskip("torch")
+    import cupy
+
+    from gpurag_cupy import search
+
+    chunk = search.CHUNK_KEYS
+    rng = np.random.default_rng(15)
+    cases = [
+        (cupy_backend.CupyBackend(cupy_gpu.device), chunk - 1, 24, 1, 10),
+        (cupy_backend.CupyBackend(cupy_gpu.device), 3 * chunk + 7, 24, 3, 1),
+        (cupy_backend.CupyBackend(cupy_gpu.device), 2 * chunk + 5, 781, 1, 10),
+        (cupy_backend.CupyBackend(cupy_gpu.device), chunk + 100, 8, 16, search.SORTED_MAX),
+        (cupy_backend.CupyBackend(cupy_gpu.device, tile_scores=2 * chunk * 3), 5 * chunk + 3, 12, 3, 10),
+    ]
+    device = torch.device(cupy_gpu.device)
+    kinds = [lambda q: torch.from_numpy(q).to(device), cupy.asarray, lambda q: q]
+    for backend, n, dim, n_queries, k in cases:
+        vectors = rng.standard_normal((n, dim)).astype(np.float32)
+        index = gpurag.ExactRetriever(metric=metric.value, backend=backend)
+        index.add(vectors)
+        for turn in range(5):
+            queries = rng.standard_normal((n_queries, dim)).astype(np.float32)
+            queries[-1] = vectors[rng.integers(n)]
+            scores, ids = index.search(kinds[turn % 3](queries), k)
+            label = f"{metric.value} N={n} D={dim} Q={n_queries} k={k} #{turn}"
+            ref.assert_topk_matches(queries, vectors, metric, scores, ids, k, label=label)
+        graphs = backend._graphs  # type: ignore[attr-defined]
+        assert (graphs.captures, graphs.replays) == (1, 4), f"N={n} D={dim} Q={n_queries}: not one capture, 4 replays"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("metric", list(Metric), ids=str)
+def test_graph_replay_follows_the_database_after_capture(cupy_gpu: DistanceBackend, metric: Metric) -> None:
+    """Rows added after a capture are searched (a new row count: a new graph), and rows changed in place
+    (a removal, then an addition into the same storage: the graph captured before is replayed) are read
+    as they are now."""
+    torch = pytest.importorskip("torch")
+
+    backend = cupy_backend.CupyBackend(cupy_gpu.device)
+    device = torch.device(cupy_gpu.device)
+    rng = np.random.default_rng(16)
+    vectors = rng.standard_normal((2 * 4096 + 3, 16)).astype(np.float32)
+    index = gpurag.ExactRetriever(metric=metric.value, backend=backend)
+    index.add(vectors)
+    first, second = (torch.from_numpy(rng.standard_normal((1, 16)).astype(np.float32)).to(device) for _ in range(2))
+    _, ids = index.search(first, 3)  # seen
+    assert index.search(first, 3).ids[0, 0] == ids[0, 0]  # captured
+    grown = index.add(_winner(first.cpu().numpy(), metric))  # the storage grows: new addresses, a new row count
+    for _ in range(2):  # seen, then captured
+        assert index.search(first, 3).ids[0, 0] == grown[0]
+    graphs = backend._graphs  # type: ignore[attr-defined]
+    assert graphs.captures == 2
+    index.remove([int(ids[0, 0])])
+    assert index.search(first, 3).ids[0, 0] == grown[0]  # one row fewer: a key not captured
+    changed = index.add(_winner(second.cpu().numpy(), metric))  # the second graph's row count, same storage
+    replays = graphs.replays
+    assert index.search(second, 3).ids[0, 0] == changed[0]
+    assert graphs.replays == replays + 1, "the changed rows were not searched by the graph captured before"
+    assert graphs.captures == 2
+
+
+@pytest.mark.gpu
+def test_searches_scored_through_cublas_are_answered_without_a_graph(cupy_gpu: DistanceBackend) -> None:
+    """Two queries of D = 768 fit none of the backend's dot kernels: cuBLAS scores them, uncaptured."""
+    torch = pytest.importorskip("torch")
+
+    backend = cupy_backend.CupyBackend(cupy_gpu.device)
+    rng = np.random.default_rng(17)
+    vectors = rng.standard_normal((5000, 768)).astype(np.float32)
+    queries = rng.standard_normal((2, 768)).astype(np.float32)
+    index = gpurag.ExactRetriever(metric="dot", backend=backend)
+    index.add(vectors)
+    scores, ids = index.search(torch.from_numpy(queries).to(torch.device(cupy_gpu.device)), 10)
+    ref.assert_topk_matches(queries, vectors, Metric.DOT, scores, ids, 10, label="Q=2 D=768 dot")
+    assert backend._graphs.captures == backend._graphs.replays == 0  # type: ignore[attr-defined]
+
+
+# --- the graph cache's policy (no GPU: capture and replay stand-ins) --------------------------------
+class _RefusedError(Exception):
+    """Stands in for a CUDA error a capture raises."""
+
+
+@pytest.fixture
+def stand_ins(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
+    """`graphs.capture` recording its keys and returning a graph whose replay answers the query address;
+    every search capturable, keyed by (shape, k)."""
+    from gpurag_cupy import graphs
+
+    captured: list[tuple[Any, ...]] = []
+
+    class Replayed:
+        def __init__(self, key: tuple[Any, ...]) -> None:
+            self.key = key
+
+        def replay(self, pointer: int) -> Any:
+            return graphs.HostAnswer(np.full((1, 1), pointer, np.float32), np.zeros((1, 1), np.int64), 1.0)
+
+    def capture(shape: tuple[int, int], database: Any, k: int, tile_rows: int) -> Any:
+        captured.append((shape, k))
+        if k == 13:
+            raise _RefusedError("capture refused")
+        if k == 14:
+            raise graphs.NotCapturableError("needs cuBLAS")
+        if k == 15:
+            raise ValueError("a bug")
+        return Replayed((shape, k))
+
+    monkeypatch.setattr(graphs, "capture", capture)
+    monkeypatch.setattr(graphs, "capturable", lambda shape, database, k, tile_scores: None if k == 99 else 4096)
+    monkeypatch.setattr(graphs, "graph_key", lambda shape, database, k, tile_rows: (shape, k))
+    monkeypatch.setattr(graphs, "capture_errors", lambda: (_RefusedError,))
+    return captured
+
+
+def test_a_search_is_captured_the_second_time_its_key_comes_and_replayed_for_each_new_query(
+    stand_ins: list[tuple[Any, ...]],
+) -> None:
+    from gpurag_cupy.graphs import GraphCache
+
+    cache = GraphCache()
+    assert cache.run(100, (1, 8), None, 10, 1 << 20) is None  # the first of its kind: uncaptured
+    assert stand_ins == []
+    for pointer in (200, 300, 400):
+        answer = cache.run(pointer, (1, 8), None, 10, 1 << 20)
+        assert answer is not None
+        assert answer.scores[0, 0] == pointer, "a replay answered another query than the one given"
+    assert stand_ins == [((1, 8), 10)]
+    assert (cache.captures, cache.replays) == (1, 3)
+    assert cache.run(500, (1, 8), None, 99, 1 << 20) is None  # not capturable: never seen, never captured
+    assert cache.run(500, (1, 8), None, 99, 1 << 20) is None
+    assert stand_ins == [((1, 8), 10)]
+
+
+def test_past_max_graphs_the_least_recently_replayed_graph_is_dropped_and_captured_again(
+    stand_ins: list[tuple[Any, ...]],
+) -> None:
+    from gpurag_cupy import graphs
+
+    cache = graphs.GraphCache()
+    keys = [((q, 8), 10) for q in range(1, graphs.MAX_GRAPHS + 2)]
+    for shape, k in keys:
+        cache.run(1, shape, None, k, 1 << 20)
+        cache.run(1, shape, None, k, 1 << 20)
+    assert len(cache) == graphs.MAX_GRAPHS
+    assert len(stand_ins) == graphs.MAX_GRAPHS + 1
+    cache.run(1, keys[-1][0], None, 10, 1 << 20)  # kept: replayed
+    assert len(stand_ins) == graphs.MAX_GRAPHS + 1
+    cache.run(1, keys[0][0], None, 10, 1 << 20)  # dropped, but seen: captured again at once
+    assert stand_ins[-1] == keys[0]
+    assert len(stand_ins) == graphs.MAX_GRAPHS + 2
+
+
+def test_a_refused_capture_warns_once_and_its_key_is_answered_uncaptured_after(
+    stand_ins: list[tuple[Any, ...]],
+) -> None:
+    from gpurag_cupy.graphs import GraphCache
+
+    cache = GraphCache()
+    cache.run(1, (1, 8), None, 13, 1 << 20)
+    with pytest.warns(RuntimeWarning, match="could not be captured, answered without a graph"):
+        assert cache.run(1, (1, 8), None, 13, 1 << 20) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cache.run(1, (1, 8), None, 13, 1 << 20) is None  # remembered: no second attempt, no warning
+        cache.run(1, (1, 8), None, 14, 1 << 20)
+        assert cache.run(1, (1, 8), None, 14, 1 << 20) is None  # not capturable (cuBLAS): silent
+        assert cache.run(1, (1, 8), None, 14, 1 << 20) is None
+    assert stand_ins == [((1, 8), 13), ((1, 8), 14)]
+    assert len(cache.failures) == 1
+    assert "capture refused" in cache.failures[0]
+    cache.run(1, (1, 8), None, 15, 1 << 20)
+    with pytest.raises(ValueError, match="a bug"):  # anything else is not hidden
+        cache.run(1, (1, 8), None, 15, 1 << 20)

@@ -130,6 +130,22 @@ def torch_float32_view(x: Any) -> cupy.ndarray | None:
     return cupy.ndarray(tuple(x.shape), cupy.float32, cupy.cuda.MemoryPointer(memory, 0))
 
 
+def device_matrix_pointer(x: Any, device: int) -> tuple[int, tuple[int, int]] | None:
+    """(device address, (rows, dim)) of a non-empty C-contiguous 2-D float32 CuPy array or torch tensor on
+    CUDA device ``device``; None for anything else."""
+    if isinstance(x, cupy.ndarray):
+        if x.dtype != cupy.float32 or x.ndim != 2 or not x.flags.c_contiguous or x.size == 0 or x.device.id != device:
+            return None
+        return int(x.data.ptr), (int(x.shape[0]), int(x.shape[1]))
+    if not is_torch_cuda(x):
+        return None
+    import torch
+
+    if x.dtype != torch.float32 or x.dim() != 2 or not x.is_contiguous() or x.numel() == 0 or x.device.index != device:
+        return None
+    return int(x.data_ptr()), (int(x.shape[0]), int(x.shape[1]))
+
+
 @functools.lru_cache(maxsize=64)
 def external_stream(pointer: int) -> Any:
     """The CuPy stream object of CUDA stream ``pointer``, its device unstated as `Stream.from_external`

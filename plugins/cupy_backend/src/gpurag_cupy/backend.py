@@ -111,6 +111,9 @@ class CupyBackend(DistanceBackend):
         self._checked = threading.local()
         #: Per thread, host copies of the last `topk`'s answer made with its check ({id: (array, copy)}).
         self._fetched = threading.local()
+        #: Whether `host_topk` of a few queries replays a captured CUDA graph (`gpurag_cupy.graphs`).
+        self.use_graphs = True
+        self._graphs: Any = None
 
     @classmethod
     def availability(cls) -> Availability:
@@ -370,6 +373,43 @@ class CupyBackend(DistanceBackend):
             if self._overflows(float(reach), own):  # the one wait of such a search
                 scores, rows = search.float64_topk(q, own.vectors, k, own.metric)
             return TopK(scores, rows)
+
+    def host_topk(self, queries: Any, database: Database, k: int, *, dim: int | None = None) -> TopK:
+        """As `DistanceBackend.host_topk`; a few float32 queries on this card (or on the host) cost one query copy,
+        one replay of a captured CUDA graph and one wait (`graphs.GraphCache.run`), their check in the graph."""
+        from gpurag_cupy.search import FEW_MAX_QUERIES
+
+        if self.use_graphs:
+            if isinstance(queries, np.ndarray) and queries.ndim == 2 and 1 <= queries.shape[0] <= FEW_MAX_QUERIES:
+                queries = self.asarray(queries, "queries", dim=dim)  # checked on the host, copied up once
+            found = self._graph_topk(queries, database, k, dim)
+            if found is not None:
+                return found
+        return super().host_topk(queries, database, k, dim=dim)
+
+    def _graph_topk(self, queries: Any, database: Database, k: Any, dim: int | None) -> TopK | None:
+        """`host_topk` by graph replay, or None where it does not apply or the answer needs the careful path
+        (queries not finite, float32 terms that may overflow): that path then answers or raises."""
+        from gpurag_cupy import graphs
+        from gpurag_cupy.arrays import device_matrix_pointer
+
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            return None
+        self._resolve_pending()
+        with self._on_device(queries):
+            found = device_matrix_pointer(queries, self.device_index)
+            if found is None:
+                return None
+            pointer, shape = found
+            own = self._own(database)
+            if shape[1] != own.dim or (dim is not None and dim != own.dim) or k > own.count:
+                return None
+            if self._graphs is None:
+                self._graphs = graphs.GraphCache()
+            answer = self._graphs.run(pointer, shape, own, k, self.tile_scores)
+        if answer is None or self._overflows(self._query_reach(answer.largest, shape[1], own.metric), own):
+            return None  # not finite (the careful path names the entry) or possibly overflowing
+        return TopK(answer.scores, answer.rows)
 
     @staticmethod
     def _query_reach(largest: float, dim: int, metric: Metric) -> float:

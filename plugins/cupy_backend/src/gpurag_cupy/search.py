@@ -39,6 +39,22 @@ FEW_MAX_QUERIES = 16
 CHUNK_KEYS = 4096
 #: Most candidates (chunks times k) per query the few-query path's merge block selects from.
 FEW_MAX_CANDIDATES = 65536
+#: Whether a captured one-query search scores by ``dot_one_query_vec4`` (else the streaming kernel).
+GRAPH_VEC4 = True
+
+
+class LibraryCallError(RuntimeError):
+    """A search step would call cuBLAS, which CuPy refuses while a stream is captured into a graph."""
+
+
+def kernel_scored(n_queries: int, dim: int, metric: Metric) -> bool:
+    """Whether every score pass of a few-query search runs on the backend's own kernels (no cuBLAS): the
+    condition for capturing it into a graph."""
+    if metric is Metric.L1:
+        return True
+    if GRAPH_VEC4 and vec4_width(n_queries, dim) is not None:
+        return True
+    return n_queries <= FEW_MAX_QUERIES and register_width(n_queries, dim) is not None
 
 
 def tiles(n_rows: int, tile_rows: int) -> Iterator[tuple[int, int]]:
@@ -53,15 +69,25 @@ def unit_rows(queries: cupy.ndarray) -> cupy.ndarray:
     return queries / cupy.where(norms > 0, norms, 1.0)[:, None]
 
 
+def query_group(n_queries: int) -> int:
+    """Queries one warp of the streaming kernels scores at once."""
+    return 1 if n_queries == 1 else 8 if n_queries <= 8 else 16
+
+
+def register_width(n_queries: int, dim: int) -> int | None:
+    """Elements per lane the streaming kernels hold a query of ``dim`` in; None where no instance fits."""
+    lanes_share = -(-dim // 32)  # elements of a row each lane reads
+    held = [w for w in REGISTER_WIDTHS[query_group(n_queries)] if w >= lanes_share]
+    return held[0] if held else None
+
+
 def _streaming_launch(n_queries: int, n_rows: int, dim: int) -> tuple[int, int, int, int | None]:
     """(query group, groups, blocks, register width or None) of a one-warp-per-row kernel."""
-    group = 1 if n_queries == 1 else 8 if n_queries <= 8 else 16
+    group = query_group(n_queries)
     sms = multiprocessors(cupy.cuda.Device().id)
     groups = -(-n_queries // group)
     blocks = max(1, min(-(-n_rows // (BLOCK // 32)), -(-8 * sms // groups)))
-    lanes_share = -(-dim // 32)  # elements of a row each lane reads
-    held = [w for w in REGISTER_WIDTHS[group] if w >= lanes_share]
-    return group, groups, blocks, (held[0] if held else None)
+    return group, groups, blocks, register_width(n_queries, dim)
 
 
 def l1_tile(queries: cupy.ndarray, rows: cupy.ndarray, out: cupy.ndarray, ld: int) -> None:
@@ -76,29 +102,38 @@ def l1_tile(queries: cupy.ndarray, rows: cupy.ndarray, out: cupy.ndarray, ld: in
     )
 
 
+def vec4_width(n_queries: int, dim: int) -> int | None:
+    """The float4s per lane `dot_one_query_vec4` holds a query of ``dim`` in; None where it does not apply."""
+    held = [w for w in VEC4_WIDTHS if 32 * w >= dim // 4]
+    return held[0] if n_queries == 1 and dim % 4 == 0 and held else None
+
+
 def dot_one_query_vec4(query: cupy.ndarray, rows: cupy.ndarray, out: cupy.ndarray, alpha: float) -> bool:
     """``out[0, j] = alpha * query · rows[j]`` in 16-byte loads; False where it does not apply."""
-    if not VEC4_ONE_QUERY or query.shape[0] != 1:
+    width = vec4_width(query.shape[0], query.shape[1])
+    if width is None or any(a.data.ptr % 16 for a in (query, rows)):
         return False
-    dim = query.shape[1]
-    quads = dim // 4
-    held = [w for w in VEC4_WIDTHS if 32 * w >= quads]
-    if dim % 4 or not held or any(a.data.ptr % 16 for a in (query, rows)):
-        return False
+    quads = query.shape[1] // 4
     n = rows.shape[0]
     blocks = max(1, min(-(-n // (BLOCK // 32)), 8 * multiprocessors(cupy.cuda.Device().id)))
-    kernel(f"dot_one_query_vec4<{held[0]}>")(
+    kernel(f"dot_one_query_vec4<{width}>")(
         (blocks,), (BLOCK,), (query, rows, np.int64(n), np.int32(quads), np.float32(alpha), out)
     )
     return True
 
 
-def dot_tile(queries: cupy.ndarray, rows: cupy.ndarray, out: cupy.ndarray, ld: int, alpha: float) -> bool:
-    """``out[q, j] = alpha * queries[q] · rows[j]`` by a streaming kernel; False where none applies."""
-    if dot_one_query_vec4(queries, rows, out, alpha):
+def dot_tile(
+    queries: cupy.ndarray, rows: cupy.ndarray, out: cupy.ndarray, ld: int, alpha: float, *, kernels_only: bool = False
+) -> bool:
+    """``out[q, j] = alpha * queries[q] · rows[j]`` by a streaming kernel; False where none applies.
+
+    ``kernels_only`` (a search being captured into a graph, where cuBLAS cannot be called): the
+    float4 kernel for one query where `GRAPH_VEC4` holds, else the streaming kernel, whatever the
+    switches of the uncaptured path say."""
+    if (VEC4_ONE_QUERY or (kernels_only and GRAPH_VEC4)) and dot_one_query_vec4(queries, rows, out, alpha):
         return True
     n_queries, dim = queries.shape
-    if n_queries > STREAM_DOT_MAX_QUERIES:
+    if n_queries > (FEW_MAX_QUERIES if kernels_only else STREAM_DOT_MAX_QUERIES):
         return False
     group, groups, blocks, width = _streaming_launch(n_queries, rows.shape[0], dim)
     if width is None:
@@ -113,11 +148,19 @@ def dot_tile(queries: cupy.ndarray, rows: cupy.ndarray, out: cupy.ndarray, ld: i
 
 
 def oriented_tile(
-    queries: cupy.ndarray, database: Any, start: int, stop: int, out: cupy.ndarray, ld: int
+    queries: cupy.ndarray,
+    database: Any,
+    start: int,
+    stop: int,
+    out: cupy.ndarray,
+    ld: int,
+    *,
+    kernels_only: bool = False,
 ) -> tuple[Any, Any]:
     """Oriented scores of rows ``start:stop`` into ``out`` (row stride ``ld``); returns the (mul, add) epilogue.
 
-    ``queries`` are as `prepared_queries` made them (unit rows for cosine).
+    ``queries`` are as `prepared_queries` made them (unit rows for cosine). ``kernels_only``: by the
+    backend's own kernels (`dot_tile`), a `LibraryCallError` where none applies.
     """
     metric = database.metric
     rows = database.vectors[start:stop]
@@ -125,7 +168,9 @@ def oriented_tile(
         l1_tile(queries, rows, out, ld)
         return None, None
     alpha = 2.0 if metric is Metric.L2 else 1.0
-    if not dot_tile(queries, rows, out, ld, alpha):
+    if not dot_tile(queries, rows, out, ld, alpha, kernels_only=kernels_only):
+        if kernels_only:
+            raise LibraryCallError(f"no score kernel for {queries.shape[0]} queries of dimension {queries.shape[1]}")
         scores_into(queries, rows, out, ld, alpha=alpha)
     if metric is Metric.L2:
         return None, database.row_data[NEG_SQ_NORMS][start:stop]
@@ -228,6 +273,31 @@ class FewQueryResult:
         return scores, rows, float(host[count * 12 :].view(np.float32)[0])
 
 
+@dataclasses.dataclass
+class FewQueryWork:
+    """The device buffers of one few-query search: a tile of scores, the chunks' winners (keys and rows)
+    and the answer."""
+
+    tile: cupy.ndarray
+    keys: cupy.ndarray
+    rows: cupy.ndarray
+    result: FewQueryResult
+
+    @classmethod
+    def allocate(
+        cls, n_queries: int, n_rows: int, k: int, tile_rows: int, *, zeroed: bool, tile: cupy.ndarray | None = None
+    ) -> FewQueryWork:
+        """Buffers for Q queries over ``n_rows`` rows in tiles of ``tile_rows`` (``zeroed``: as
+        `FewQueryResult.empty`; ``tile``: the score tile, where allocated already)."""
+        width = -(-n_rows // CHUNK_KEYS) * k
+        return cls(
+            cupy.empty((n_queries, tile_rows), dtype=cupy.float32) if tile is None else tile,
+            cupy.empty((n_queries, width), dtype=cupy.uint32),
+            cupy.empty((n_queries, width), dtype=cupy.int64),
+            FewQueryResult.empty(n_queries, k, zeroed=zeroed),
+        )
+
+
 def few_query_topk(queries: cupy.ndarray, database: Any, k: int, tile_rows: int, check: Any = None) -> FewQueryResult:
     """`float32_topk` for a few queries, as a fixed short sequence of launches and no host round trip.
 
@@ -238,34 +308,53 @@ def few_query_topk(queries: cupy.ndarray, database: Any, k: int, tile_rows: int,
     the cosine (|q| is one positive factor), so the queries are not normalised first. With ``check``
     (an `arrays.PendingCheck` of the queries), its magnitude kernel is queued last, into the answer's buffer.
     """
+    n_queries = queries.shape[0]
+    tile = cupy.empty((n_queries, tile_rows), dtype=cupy.float32)
+    mul, add = oriented_tile(queries, database, 0, min(tile_rows, database.count), tile, tile_rows)
+    # The rest is allocated once the first score pass is queued.
+    work = FewQueryWork.allocate(n_queries, database.count, k, tile_rows, zeroed=check is not None, tile=tile)
+    queue_few_query(queries, database, k, work, first_epilogue=(mul, add))
+    if check is not None:
+        check.queue(work.result.magnitude)
+    return work.result
+
+
+def queue_few_query(
+    queries: cupy.ndarray,
+    database: Any,
+    k: int,
+    work: FewQueryWork,
+    *,
+    first_epilogue: tuple[Any, Any] | None = None,
+    kernels_only: bool = False,
+) -> None:
+    """Queue the launches of `few_query_topk` into ``work``'s buffers (no allocation, no host round trip).
+
+    ``first_epilogue``: the first tile's score pass was queued already, with this (mul, add);
+    ``kernels_only``: as `oriented_tile` (for a graph's capture).
+    """
     metric, n_rows = database.metric, database.count
     n_queries, dim = queries.shape
-    chunks = -(-n_rows // CHUNK_KEYS)
-    width = chunks * k
-    buffer = cupy.empty((n_queries, tile_rows), dtype=cupy.float32)
+    tile_rows = work.tile.shape[1]
+    width = work.keys.shape[1]
     select = kernel("chunk_select")
-    keys = rows = None
     for start, stop in tiles(n_rows, tile_rows):
-        mul, add = oriented_tile(queries, database, start, stop, buffer, tile_rows)
-        if keys is None:  # allocated once the first score pass is queued
-            keys = cupy.empty((n_queries, width), dtype=cupy.uint32)
-            rows = cupy.empty((n_queries, width), dtype=cupy.int64)
+        if start == 0 and first_epilogue is not None:
+            mul, add = first_epilogue
+        else:
+            mul, add = oriented_tile(queries, database, start, stop, work.tile, tile_rows, kernels_only=kernels_only)
         select(
             (-(-(stop - start) // CHUNK_KEYS), n_queries),
             (BLOCK,),
-            (buffer, np.int64(tile_rows), np.int64(stop - start), pointer(mul), pointer(add), np.int64(start),
-             np.int32(k), keys, rows, np.int64(width), np.int64(start // CHUNK_KEYS)),
+            (work.tile, np.int64(tile_rows), np.int64(stop - start), pointer(mul), pointer(add), np.int64(start),
+             np.int32(k), work.keys, work.rows, np.int64(width), np.int64(start // CHUNK_KEYS)),
         )  # fmt: skip
-    result = FewQueryResult.empty(n_queries, k, zeroed=check is not None)
     kernel("merge_rescore")(
         (n_queries,),
         (BLOCK,),
-        (keys, rows, np.int32(width), np.int32(k), queries, database.vectors, np.int32(dim),
-         np.int32(METRIC_CODES[metric]), np.int32(metric.higher_is_better), result.scores, result.rows),
+        (work.keys, work.rows, np.int32(width), np.int32(k), queries, database.vectors, np.int32(dim),
+         np.int32(METRIC_CODES[metric]), np.int32(metric.higher_is_better), work.result.scores, work.result.rows),
     )  # fmt: skip
-    if check is not None:
-        check.queue(result.magnitude)
-    return result
 
 
 def few_query_search(
