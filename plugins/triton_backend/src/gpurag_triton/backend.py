@@ -544,7 +544,8 @@ class TritonBackend(TorchBackend):
         """
         import torch
 
-        from gpurag_triton import candidates, launch, lsh_graphs
+        from gpurag_torch.database import NORMS
+        from gpurag_triton import candidates, launch, lsh_fused, lsh_graphs
 
         small = isinstance(hashed, np.ndarray) and isinstance(queries, np.ndarray)
         small = small and 0 < hashed.shape[0] <= lsh_graphs.GRAPH_MAX_QUERIES and self.use_graphs
@@ -561,11 +562,25 @@ class TritonBackend(TorchBackend):
         query_codes = lsh_graphs.host_sign_codes(np.asarray(hashed, np.float64), self._host_planes[1])
         width = query_codes.shape[1]
 
-        sampled = candidates.takes_sampled(int(hashed.shape[0]), int(codes.shape[0]), n_candidates)
+        n_queries = int(hashed.shape[0])
+        fused = lsh_fused.FUSED and k <= lsh_fused.MAX_K
+        if fused:
+            sampled = lsh_fused.SAMPLED and n_queries >= lsh_fused.SAMPLED_MIN_QUERIES
+        else:
+            sampled = candidates.takes_sampled(n_queries, int(codes.shape[0]), n_candidates)
 
         def stages(words_in: torch.Tensor, queries_in: torch.Tensor) -> tuple[TopK, torch.Tensor | None]:
             # Device tensors checked on the host already: no `asarray` (its finiteness check syncs).
             query_codes_in = words_in.view(torch.uint8)[:, :width].contiguous()
+            if fused:  # every selection a Triton kernel: about six launches in all
+                failed = None
+                if sampled:
+                    rows, failed = lsh_fused.nearest_rows(query_codes_in, codes, n_candidates)
+                else:
+                    rows = candidates.nearest_codes(query_codes_in, codes, n_candidates, ordered=False,
+                                                    sampled=False).indices  # fmt: skip
+                norms = database.row_data.get(NORMS)
+                return lsh_fused.rerank_best(queries_in, database.vectors, rows, k, database.metric, norms), failed
             if sampled:  # no sync inside the graph: whether the sample's limit held is read after the replay
                 near, failed = candidates.sampled_nearest(query_codes_in, codes, n_candidates, ordered=False)
                 return self.rerank(queries_in, database, near.indices, k), failed
@@ -573,7 +588,7 @@ class TritonBackend(TorchBackend):
             return self.rerank(queries_in, database, rows.indices, k), None
 
         words = lsh_graphs.as_float_words(query_codes)
-        key = (*lsh_graphs.graph_key(words, queries, planes, codes, database, n_candidates, k), sampled)
+        key = (*lsh_graphs.graph_key(words, queries, planes, codes, database, n_candidates, k), sampled, fused)
         top, failed = runner.run(stages, words, np.ascontiguousarray(queries, np.float32), key)
         if failed:  # some query had fewer or more rows within its limit than the sample promised: count instead
             return super().lsh_topk(hashed, queries, planes, codes, database, n_candidates, k)

@@ -38,7 +38,7 @@ class _Graph:
     copied: torch.cuda.Event  # the last copy out of ``staging`` is done once this completes
     scores: torch.Tensor
     rows: torch.Tensor
-    failed: torch.Tensor | None  # a 0-d bool the stages set where their answer must not be used
+    failed: torch.Tensor | None  # set (any element non-zero) by the stages where their answer must not be used
     host: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # pinned scores, rows, failed (HOST_OUTPUT)
     done: torch.cuda.Event  # recorded after a replay: the host buffers are filled once it completes
 
@@ -114,9 +114,9 @@ class LSHGraphs:
                 entry.done.record()
                 entry.done.synchronize()
                 scores, rows, failed = entry.host
-                return TopK(scores.clone(), rows.clone()), bool(failed[0])
+                return TopK(scores.clone(), rows.clone()), bool(failed.any())
             top = TopK(entry.scores.clone(), entry.rows.clone())
-            return top, entry.failed is not None and bool(entry.failed.item())
+            return top, entry.failed is not None and bool(entry.failed.any())
 
     def _capture(
         self,
@@ -134,14 +134,16 @@ class LSHGraphs:
         side = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            warm, _ = call()  # compiles every kernel before capture
+            warm, warm_failed = call()  # compiles every kernel before capture
         torch.cuda.current_stream(self.device).wait_stream(side)
         host = None
         if HOST_OUTPUT:
+            flag_shape, flag_dtype = ((1,), torch.bool) if warm_failed is None else (
+                (warm_failed.numel(),), warm_failed.dtype)  # fmt: skip
             host = (
                 torch.empty(tuple(warm.scores.shape), dtype=warm.scores.dtype, pin_memory=True),
                 torch.empty(tuple(warm.indices.shape), dtype=warm.indices.dtype, pin_memory=True),
-                torch.zeros(1, dtype=torch.bool, pin_memory=True),
+                torch.zeros(flag_shape, dtype=flag_dtype, pin_memory=True),
             )
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
@@ -150,7 +152,7 @@ class LSHGraphs:
                 host[0].copy_(out.scores, non_blocking=True)
                 host[1].copy_(out.indices, non_blocking=True)
                 if failed is not None:
-                    host[2].copy_(failed.reshape(1), non_blocking=True)
+                    host[2].copy_(failed.reshape(-1), non_blocking=True)
         event = torch.cuda.Event()  # type: ignore[no-untyped-call]
         done = torch.cuda.Event()  # type: ignore[no-untyped-call]
         return _Graph(graph, staging, inputs, event, out.scores, out.indices, failed, host, done)

@@ -246,16 +246,22 @@ def hamming_near_kernel(
     words,
     rows_per_split,
     capacity,
+    rank,
     BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
     USE_POPC: tl.constexpr,
     WIDE: tl.constexpr,
+    BINS: tl.constexpr = 1,
+    LIMIT_FROM_HISTOGRAM: tl.constexpr = False,
 ):
     """Append each row within its query's limit (distance <= ``limit[q]``) as the key (distance << 32 | row)
     in int64 where ``WIDE``, else (distance << 24 | row) in int32 (distances < 128, rows < 2^24).
 
     ``counter[q]`` counts every such row (atomically); ``keys[q, :capacity]`` holds the first
     ``capacity`` appended, in no order (a count past ``capacity`` means some were not kept).
+    With ``LIMIT_FROM_HISTOGRAM`` ``limit_ptr`` is a (Q, BINS) histogram of a sample's distances
+    (`kernels.lsh_select.hamming_sample_histogram_kernel`; bin BINS - 1 not read) and the limit is
+    its ``rank``-th smallest distance (at most 127 unless ``WIDE``).
     """
     pid_q = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -263,7 +269,16 @@ def hamming_near_kernel(
     q_mask = offs_q < n_queries
     row_start = pid_s * rows_per_split
     row_stop = tl.minimum(row_start + rows_per_split, n_rows)
-    limit = tl.load(limit_ptr + offs_q, mask=q_mask, other=-1)
+    if LIMIT_FROM_HISTOGRAM:
+        bins = tl.arange(0, BINS)
+        hist = tl.load(limit_ptr + offs_q[:, None] * BINS + bins[None, :],
+                       mask=q_mask[:, None] & (bins < BINS - 1)[None, :], other=0)  # fmt: skip
+        limit = tl.sum((tl.cumsum(hist, axis=1) < rank).to(tl.int32), axis=1)
+        if not WIDE:
+            limit = tl.minimum(limit, 127)
+        limit = tl.where(q_mask, limit, -1)
+    else:
+        limit = tl.load(limit_ptr + offs_q, mask=q_mask, other=-1)
     counters = counter_ptr + offs_q[:, None] + tl.zeros((BLOCK_Q, BLOCK_N), tl.int32)
     out_base = offs_q.to(tl.int64)[:, None] * capacity
     for n0 in range(row_start, row_stop, BLOCK_N):
