@@ -575,12 +575,12 @@ class TritonBackend(TorchBackend):
             if fused:  # every selection a Triton kernel: about six launches in all
                 failed = None
                 if sampled:
-                    rows, failed = lsh_fused.nearest_rows(query_codes_in, codes, n_candidates)
+                    near_rows, failed = lsh_fused.nearest_rows(query_codes_in, codes, n_candidates)
                 else:
-                    rows = candidates.nearest_codes(query_codes_in, codes, n_candidates, ordered=False,
+                    near_rows = candidates.nearest_codes(query_codes_in, codes, n_candidates, ordered=False,
                                                     sampled=False).indices  # fmt: skip
                 norms = database.row_data.get(NORMS)
-                return lsh_fused.rerank_best(queries_in, database.vectors, rows, k, database.metric, norms), failed
+                return lsh_fused.rerank_best(queries_in, database.vectors, near_rows, k, database.metric, norms), failed
             if sampled:  # no sync inside the graph: whether the sample's limit held is read after the replay
                 near, failed = candidates.sampled_nearest(query_codes_in, codes, n_candidates, ordered=False)
                 return self.rerank(queries_in, database, near.indices, k), failed

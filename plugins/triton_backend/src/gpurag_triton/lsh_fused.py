@@ -37,6 +37,9 @@ MAX_K = 64
 SELECT_BLOCK = 1024
 #: Most (query x distance) bins one sample-histogram program counts at once.
 SAMPLE_BINS = 4096
+#: The near pass's rows per tile and warps (None: `candidates.TILE_ELEMENTS` / 2 elements a tile, Triton's warps).
+NEAR_BLOCK_N: int | None = None
+NEAR_WARPS: int | None = None
 
 
 def nearest_rows(codes: torch.Tensor, database_codes: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,12 +83,16 @@ def nearest_rows(codes: torch.Tensor, database_codes: torch.Tensor, count: int) 
     block_q = min(16, launch._pow2(n_queries))
     query_blocks = triton.cdiv(n_queries, block_q)
     block_n = 16 if interpreting else max(16, min(1024, candidates.TILE_ELEMENTS // (2 * block_q)))
+    if NEAR_BLOCK_N is not None and not interpreting:
+        block_n = NEAR_BLOCK_N
+    tuning = {} if NEAR_WARPS is None else {"num_warps": NEAR_WARPS}
     splits = candidates._splits(device, query_blocks, n_rows, block_n, interpreting)
     rows_per_split = triton.cdiv(triton.cdiv(n_rows, splits), block_n) * block_n
     splits = triton.cdiv(n_rows, rows_per_split)
     hamming_near_kernel[(query_blocks, splits)](
         a, b, hist, counter, keys, n_queries, n_rows, words, rows_per_split, capacity, rank,
         BLOCK_Q=block_q, BLOCK_N=block_n, USE_POPC=use_popc, WIDE=wide, BINS=bins, LIMIT_FROM_HISTOGRAM=True,
+        **tuning,
     )  # fmt: skip
     rows = torch.empty((n_queries, count), dtype=torch.int64, device=device)
     failed = torch.empty(n_queries, dtype=torch.int32, device=device)
