@@ -90,9 +90,9 @@ def select_nearest_keys_kernel(
         tl.store(out + c0 + offs, tl.zeros((BLOCK,), tl.int64), mask=c0 + offs < count)
     tl.store(failed_ptr + q, bad.to(tl.int32))
     remaining = count  # the rank, among the keys sharing `prefix`'s chosen digits, of the key wanted
-    prefix = tl.zeros((), tl.int64)
+    prefix = seen.to(tl.int64) * 0  # the digits chosen so far (a scalar tensor: loop-carried)
     for p in tl.static_range(PASSES):
-        shift: tl.constexpr = 8 * (PASSES - 1 - p)
+        shift = 8 * (PASSES - 1 - p)
         hist = tl.zeros((256,), tl.int32)
         for c0 in range(0, n_valid, BLOCK):
             valid = c0 + offs < n_valid
@@ -111,7 +111,7 @@ def select_nearest_keys_kernel(
         chosen_digit = tl.sum((running < remaining).to(tl.int32), axis=0)
         remaining -= tl.sum(tl.where(bins < chosen_digit, hist, 0), axis=0)
         prefix += chosen_digit.to(tl.int64) << shift
-    written = 0
+    written = seen * 0
     for c0 in range(0, n_valid, BLOCK):
         valid = c0 + offs < n_valid
         key = tl.load(base + c0 + offs, mask=valid, other=0).to(tl.int64)
