@@ -190,19 +190,26 @@ def candidate_variants(index: Any, host_queries: np.ndarray, batch: int, repeats
     variants["fused: sample histogram, near pass, radix select (lsh_fused.nearest_rows)"] = (
         lambda: lsh_fused.nearest_rows(query_codes, codes, count))  # fmt: skip
 
-    def near_shape(block_n: int | None, warps: int | None) -> Callable[[], Any]:
+    def fused_with(**knobs: Any) -> Callable[[], Any]:
         def call() -> Any:
-            saved = lsh_fused.NEAR_BLOCK_N, lsh_fused.NEAR_WARPS
-            lsh_fused.NEAR_BLOCK_N, lsh_fused.NEAR_WARPS = block_n, warps
+            saved = {name: getattr(lsh_fused, name) for name in knobs}
+            for name, value in knobs.items():
+                setattr(lsh_fused, name, value)
             try:
                 return lsh_fused.nearest_rows(query_codes, codes, count)
             finally:
-                lsh_fused.NEAR_BLOCK_N, lsh_fused.NEAR_WARPS = saved
+                for name, value in saved.items():
+                    setattr(lsh_fused, name, value)
 
         return call
 
     for block_n, warps in ((128, None), (512, None), (256, 8), (512, 8)):
-        variants[f"fused, near pass {block_n} rows a tile, {warps or 'default'} warps"] = near_shape(block_n, warps)
+        variants[f"fused, near pass {block_n} rows a tile, {warps or 'default'} warps"] = fused_with(
+            NEAR_BLOCK_N=block_n, NEAR_WARPS=warps
+        )
+    variants["fused, near pass without the tile check"] = fused_with(NEAR_CHECK_TILE=False)
+    variants["fused, select 2048 keys a step, 8 warps"] = fused_with(SELECT_BLOCK=2048, SELECT_WARPS=8)
+    variants["fused, select 1024 keys a step, 4 warps"] = fused_with(SELECT_BLOCK=1024, SELECT_WARPS=4)
     if count <= 256 and hasattr(backend, "fused_hamming_topk"):
         variants["fused top-KP kernel"] = lambda: backend.fused_hamming_topk(query_codes, codes, count)
     out = {}

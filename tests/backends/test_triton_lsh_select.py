@@ -63,6 +63,20 @@ def test_nearest_rows_are_the_nearest_codes_with_ties_to_the_lower_row(
     np.testing.assert_array_equal(np.sort(rows.cpu().numpy(), axis=1), nearest_expected(codes, database_codes, count))
 
 
+def test_the_near_pass_without_its_tile_check_appends_the_same_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gpurag_triton import candidates, lsh_fused
+
+    monkeypatch.setattr(candidates, "SAMPLED_UNDER_CUT", 4)
+    monkeypatch.setattr(lsh_fused, "NEAR_CHECK_TILE", False)
+    rng = np.random.default_rng(11)
+    codes = rng.integers(0, 256, (3, 4), dtype=np.uint8)
+    database_codes = rng.integers(0, 256, (1500, 4), dtype=np.uint8)
+    rows, failed = lsh_fused.nearest_rows(torch.from_numpy(codes).to(device()),
+                                          torch.from_numpy(database_codes).to(device()), 20)  # fmt: skip
+    assert failed.cpu().tolist() == [0, 0, 0]
+    np.testing.assert_array_equal(np.sort(rows.cpu().numpy(), axis=1), nearest_expected(codes, database_codes, 20))
+
+
 def test_wide_keys_select_the_nearest_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     """Past NARROW_KEY_ROWS keys are int64 (distance << 32 | row): the select kernel's six-digit passes."""
     from gpurag_triton import candidates, lsh_fused

@@ -33,13 +33,17 @@ SAMPLED = True
 SAMPLED_MIN_QUERIES = 1
 #: Largest k `rerank_best` selects (each block keeps the next power of two of k keys).
 MAX_K = 64
-#: Keys one step of the select kernel reads (a smaller block under the interpreter crosses more chunk edges).
-SELECT_BLOCK = 1024
+#: Keys one step of the select kernel reads, and its warps: a query's appended keys (about 2 x count) in one
+#: or a few steps (a smaller block under the interpreter crosses more chunk edges).
+SELECT_BLOCK = 8192
+SELECT_WARPS = 16
 #: Most (query x distance) bins one sample-histogram program counts at once.
 SAMPLE_BINS = 4096
-#: The near pass's rows per tile and warps (None: `candidates.TILE_ELEMENTS` / 2 elements a tile, Triton's warps).
+#: The near pass's rows per tile and warps (None: `candidates.TILE_ELEMENTS` / 2 elements a tile, Triton's warps),
+#: and whether a tile skips its appends when no row is near (one tile-wide max; off: predicated appends only).
 NEAR_BLOCK_N: int | None = None
 NEAR_WARPS: int | None = None
+NEAR_CHECK_TILE = True
 
 
 def nearest_rows(codes: torch.Tensor, database_codes: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,7 +96,7 @@ def nearest_rows(codes: torch.Tensor, database_codes: torch.Tensor, count: int) 
     hamming_near_kernel[(query_blocks, splits)](
         a, b, hist, counter, keys, n_queries, n_rows, words, rows_per_split, capacity, rank,
         BLOCK_Q=block_q, BLOCK_N=block_n, USE_POPC=use_popc, WIDE=wide, BINS=bins, LIMIT_FROM_HISTOGRAM=True,
-        **tuning,
+        CHECK_TILE=NEAR_CHECK_TILE, **tuning,
     )  # fmt: skip
     rows = torch.empty((n_queries, count), dtype=torch.int64, device=device)
     failed = torch.empty(n_queries, dtype=torch.int32, device=device)
@@ -100,7 +104,7 @@ def nearest_rows(codes: torch.Tensor, database_codes: torch.Tensor, count: int) 
     select_nearest_keys_kernel[(n_queries,)](
         keys, counter, rows, failed, count, capacity,
         PASSES=triton.cdiv(key_bits, DIGIT_BITS), ROW_BITS=32 if wide else 24,
-        BLOCK=64 if interpreting else SELECT_BLOCK,
+        BLOCK=64 if interpreting else SELECT_BLOCK, num_warps=4 if interpreting else SELECT_WARPS,
     )  # fmt: skip
     return rows, failed
 

@@ -253,6 +253,7 @@ def hamming_near_kernel(
     WIDE: tl.constexpr,
     BINS: tl.constexpr = 1,
     LIMIT_FROM_HISTOGRAM: tl.constexpr = False,
+    CHECK_TILE: tl.constexpr = True,
 ):
     """Append each row within its query's limit (distance <= ``limit[q]``) as the key (distance << 32 | row)
     in int64 where ``WIDE``, else (distance << 24 | row) in int32 (distances < 128, rows < 2^24).
@@ -261,7 +262,8 @@ def hamming_near_kernel(
     ``capacity`` appended, in no order (a count past ``capacity`` means some were not kept).
     With ``LIMIT_FROM_HISTOGRAM`` ``limit_ptr`` is a (Q, BINS) histogram of a sample's distances
     (`kernels.lsh_select.hamming_sample_histogram_kernel`; bin BINS - 1 not read) and the limit is
-    its ``rank``-th smallest distance (at most 127 unless ``WIDE``).
+    its ``rank``-th smallest distance (at most 127 unless ``WIDE``). With ``CHECK_TILE`` a tile without a
+    near row skips its appends (one tile-wide max); without, the appends are only predicated off.
     """
     pid_q = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -286,7 +288,7 @@ def hamming_near_kernel(
         n_mask = offs_n < row_stop
         distance = _word_distances(q_ptr, x_ptr, offs_q, q_mask, offs_n.to(tl.int64), n_mask, words, USE_POPC)
         near = (distance <= limit[:, None]) & n_mask[None, :] & q_mask[:, None]
-        if tl.max(near.to(tl.int32)) > 0:
+        if not CHECK_TILE or tl.max(near.to(tl.int32)) > 0:
             slot = tl.atomic_add(counters, near.to(tl.int32), mask=near, sem="relaxed")
             if WIDE:
                 key = (distance.to(tl.int64) << 32) | offs_n[None, :].to(tl.int64)
