@@ -182,3 +182,26 @@ def test_rerank_best_refuses_bad_arguments() -> None:
         lsh_fused.rerank_best(q, x, rows, 5, Metric.COSINE)
     with pytest.raises(InvalidInputError, match="rows must"):
         lsh_fused.rerank_best(q, x, rows[0], 5, Metric.DOT)
+
+
+@pytest.mark.parametrize("metric", [Metric.COSINE, Metric.DOT, Metric.L2])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_rerank_best_puts_the_lower_row_first_among_equal_scores(metric: Metric, sign: float) -> None:
+    """Copies of one row in candidate blocks of their own: equal scores, positive or negative, lower row first."""
+    from gpurag_triton import lsh_fused
+
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((60, 8)).astype(np.float32)
+    query = rng.standard_normal((1, 8)).astype(np.float32)
+    best = vectors[int(np.argmax(vectors @ query[0]))] if metric is not Metric.L2 else query[0] * 1.0
+    vectors[[41, 7, 23, 55]] = sign * best if metric is not Metric.L2 else best
+    rows = np.array([[55, 2, 41, 9, 23, 30, 7, 11, 44, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22]])
+    x = torch.from_numpy(vectors).to(device())
+    norms = torch.linalg.vector_norm(x, dim=1) if metric is Metric.COSINE else None
+    top = lsh_fused.rerank_best(torch.from_numpy(query).to(device()), x, torch.from_numpy(rows).to(device()), 20,
+                                metric, norms)  # fmt: skip
+    scores, got = top.scores.cpu().numpy()[0], top.indices.cpu().numpy()[0]
+    key = -scores if metric.higher_is_better else scores
+    assert list(np.lexsort((got, key))) == list(range(20))  # ordered by score, then by row
+    copies = [i for i, r in enumerate(got) if r in (7, 23, 41, 55)]
+    assert [got[i] for i in copies] == [7, 23, 41, 55]

@@ -549,7 +549,10 @@ class TritonBackend(TorchBackend):
 
         small = isinstance(hashed, np.ndarray) and isinstance(queries, np.ndarray)
         small = small and 0 < hashed.shape[0] <= lsh_graphs.GRAPH_MAX_QUERIES and self.use_graphs
-        if not small or self.torch_device.type != "cuda" or launch.interpreting():
+        on_gpu = self.torch_device.type == "cuda" and not launch.interpreting()
+        if on_gpu and not small and self.use_graphs and lsh_fused.FUSED and k <= lsh_fused.MAX_K:
+            return self._fused_lsh_topk(hashed, queries, planes, codes, database, n_candidates, k)
+        if not small or not on_gpu:
             return super().lsh_topk(hashed, queries, planes, codes, database, n_candidates, k)
         database = self._own(database)
         planes, codes = self._tensor(planes, "planes"), self._codes(codes, "database_codes")
@@ -593,6 +596,22 @@ class TritonBackend(TorchBackend):
         if failed:  # some query had fewer or more rows within its limit than the sample promised: count instead
             return super().lsh_topk(hashed, queries, planes, codes, database, n_candidates, k)
         return top
+
+    def _fused_lsh_topk(
+        self, hashed: Any, queries: Any, planes: Any, codes: Any, database: Database, n_candidates: int, k: int
+    ) -> TopK:
+        """`lsh_topk` of many queries by `lsh_fused`'s kernels, one sync (whether any query's limit failed:
+        then the stages of `DistanceBackend.lsh_topk` answer)."""
+        from gpurag_torch.database import NORMS
+        from gpurag_triton import lsh_fused
+
+        database = self._own(database)
+        query_codes = self.sign_codes(self.asarray(hashed, "hashed queries"), planes)
+        rows, failed = lsh_fused.nearest_rows(query_codes, self._codes(codes, "database_codes"), n_candidates)
+        if bool(failed.any()):
+            return super().lsh_topk(hashed, queries, planes, codes, database, n_candidates, k)
+        q = self._tensor(queries, "queries")
+        return lsh_fused.rerank_best(q, database.vectors, rows, k, database.metric, database.row_data.get(NORMS))
 
     def fused_hamming_topk(self, codes: Any, database_codes: Any, k: int) -> TopK:
         """`hamming_topk` by the fused top-KP kernel (k <= 256; kept to compare against the counting kernels)."""

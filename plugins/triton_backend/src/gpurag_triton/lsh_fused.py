@@ -138,12 +138,11 @@ def rerank_best(
     n_blocks = triton.cdiv(n_candidates, block_m)
     partial = torch.empty((n_queries, n_blocks, kp), dtype=torch.float64, device=vectors.device)
     cosine = metric is Metric.COSINE
-    query_norms = torch.linalg.vector_norm(queries, dim=1) if cosine else queries
     norms = row_norms if row_norms is not None else vectors
     term = {Metric.L2: 0, Metric.L1: 1, Metric.DOT: 2, Metric.COSINE: 2}[metric]
     lower = not metric.higher_is_better
     rescore_best_kernel[(n_queries, n_blocks)](
-        queries, vectors, rows.contiguous(), norms, query_norms, partial, n_candidates, n_blocks, dim,
+        queries, vectors, rows.contiguous(), norms, partial, n_candidates, n_blocks, dim,
         queries.stride(0), vectors.stride(0), TERM=term, COSINE=cosine, LOWER_IS_BETTER=lower,
         BLOCK_M=block_m, BLOCK_D=max(16, min(128, launch._pow2(dim))), KP=kp, num_warps=8 if block_m > 64 else 4,
     )  # fmt: skip

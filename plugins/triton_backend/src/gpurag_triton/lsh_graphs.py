@@ -34,8 +34,8 @@ HOST_OUTPUT = True
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
-    staging: torch.Tensor  # pinned host (Q, D' + D)
-    inputs: torch.Tensor  # device (Q, D' + D)
+    staging: torch.Tensor  # pinned host (Q x D' + Q x D,): the codes' words, then the queries
+    inputs: torch.Tensor  # device, as ``staging``
     copied: torch.cuda.Event  # the last copy out of ``staging`` is done once this completes
     scores: torch.Tensor
     rows: torch.Tensor
@@ -108,8 +108,8 @@ class LSHGraphs:
                 entry.copied.synchronize()  # the previous copy out of the staging buffer has finished
             # (with host output every replay, its copy in included, was waited for before its answer was read)
             staging = entry.staging.numpy().view(np.uint32)  # bits copied as they are (codes ride as words)
-            staging[:, :width] = hashed.view(np.uint32)
-            staging[:, width:] = queries.view(np.uint32)
+            staging[: hashed.size] = hashed.view(np.uint32).reshape(-1)
+            staging[hashed.size :] = queries.view(np.uint32).reshape(-1)
             if entry.host is None:
                 entry.inputs.copy_(entry.staging, non_blocking=True)
                 entry.copied.record()
@@ -129,11 +129,12 @@ class LSHGraphs:
         width: int,
         dim: int,
     ) -> _Graph:
-        staging = torch.zeros((n_queries, width + dim), dtype=torch.float32, pin_memory=True)
-        inputs = torch.zeros((n_queries, width + dim), dtype=torch.float32, device=self.device)
+        staging = torch.zeros(n_queries * (width + dim), dtype=torch.float32, pin_memory=True)
+        inputs = torch.zeros(n_queries * (width + dim), dtype=torch.float32, device=self.device)
+        split = n_queries * width
 
-        def call() -> tuple[TopK, torch.Tensor | None]:
-            return stages(inputs[:, :width].contiguous(), inputs[:, width:].contiguous())
+        def call() -> tuple[TopK, torch.Tensor | None]:  # both parts contiguous views: no copy kernels
+            return stages(inputs[:split].view(n_queries, width), inputs[split:].view(n_queries, dim))
 
         side = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
         side.wait_stream(torch.cuda.current_stream(self.device))

@@ -19,6 +19,9 @@ import triton.language as tl
 from gpurag_triton.kernels.hamming_select import _word_distances
 from gpurag_triton.kernels.select import key_scores, pack_keys
 
+#: The largest int32: a row r is packed as LOW_ROW - r under a non-negative score (see `pack_lower_row_first`).
+LOW_ROW = 0x7FFFFFFF
+
 #: Radix digit width of `select_nearest_keys_kernel` (a 256-bin histogram per pass).
 DIGIT_BITS = 8
 
@@ -122,12 +125,26 @@ def select_nearest_keys_kernel(
 
 
 @triton.jit
+def pack_lower_row_first(scores, rows):
+    """`kernels.select.pack_keys` with the row bits arranged so that, of equal scores, the lower row's key is
+    the larger (LOW_ROW - row under a non-negative score's bits, the row itself under a negative one's)."""
+    negative = scores.to(tl.int32, bitcast=True) < 0
+    return pack_keys(scores, tl.where(negative, rows, LOW_ROW - rows))
+
+
+@triton.jit
+def unpack_row(keys):
+    """The row a `pack_lower_row_first` key holds (int64)."""
+    low = keys.to(tl.int64, bitcast=True) & 0xFFFFFFFF
+    return tl.where(keys.to(tl.int64, bitcast=True) < 0, low, LOW_ROW - low)
+
+
+@triton.jit
 def rescore_best_kernel(
     q_ptr,
     x_ptr,
     rows_ptr,
     norms_ptr,
-    query_norms_ptr,
     out_ptr,
     n_candidates,
     n_blocks,
@@ -141,15 +158,17 @@ def rescore_best_kernel(
     BLOCK_D: tl.constexpr,
     KP: tl.constexpr,
 ):
-    """out[q, block, :KP] = the KP best packed keys (oriented score, row) of BLOCK_M candidates ``rows[q]``,
-    best first: each scored as `kernels.rescore.rescore_kernel` sums it (cosine then divided by both norms,
-    0 where either is 0), negated where lower is better; absent candidates score -inf."""
+    """out[q, block, :KP] = the KP best keys (`pack_lower_row_first` of oriented score and row) of BLOCK_M
+    candidates ``rows[q]``, best first (equal scores: the lower row first): each scored as `kernels.rescore.rescore_kernel` sums it (cosine then divided by both norms,
+    0 where either is 0; the query's norm summed here), negated where lower is better; absent candidates
+    score -inf."""
     pid_q = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < n_candidates
     rows = tl.load(rows_ptr + pid_q * n_candidates + offs_m, mask=m_mask, other=0)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    squares = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for d0 in range(0, dim, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         d_mask = offs_d < dim
@@ -157,6 +176,8 @@ def rescore_best_kernel(
         x = tl.load(
             x_ptr + rows[:, None] * stride_x + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0
         )
+        if COSINE:
+            squares += q * q
         if TERM == 0:
             diff = x - q[None, :]
             acc += diff * diff
@@ -166,12 +187,12 @@ def rescore_best_kernel(
             acc += x * q[None, :]
     score = tl.sum(acc, axis=1)
     if COSINE:
-        denominator = tl.load(norms_ptr + rows, mask=m_mask, other=0.0) * tl.load(query_norms_ptr + pid_q)
-        score = tl.where(denominator > 0, score / tl.where(denominator > 0, denominator, 1.0), 0.0)
+        denominator = tl.load(norms_ptr + rows, mask=m_mask, other=0.0) * tl.sqrt_rn(tl.sum(squares, axis=0))
+        score = tl.where(denominator > 0, tl.div_rn(score, tl.where(denominator > 0, denominator, 1.0)), 0.0)
     if LOWER_IS_BETTER:
         score = -score
     score = tl.where(m_mask, score, float("-inf"))
-    ordered = tl.sort(pack_keys(score, rows.to(tl.int32)), 0, descending=True)
+    ordered = tl.sort(pack_lower_row_first(score, rows.to(tl.int32)), 0, descending=True)
     slots = tl.arange(0, BLOCK_M)
     tl.store(out_ptr + (pid_q * n_blocks + pid_m) * KP + slots, ordered, mask=slots < KP)
 
@@ -194,6 +215,6 @@ def best_merge_kernel(
     score = key_scores(ordered)
     if LOWER_IS_BETTER:
         score = -score
-    rows = ordered.to(tl.int64, bitcast=True) & 0xFFFFFFFF
+    rows = unpack_row(ordered)
     tl.store(scores_ptr + q * k + offs, score, mask=offs < k)
     tl.store(rows_ptr + q * k + offs, rows, mask=offs < k)
