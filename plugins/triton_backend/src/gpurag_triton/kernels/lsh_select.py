@@ -159,9 +159,9 @@ def rescore_best_kernel(
     KP: tl.constexpr,
 ):
     """out[q, block, :KP] = the KP best keys (`pack_lower_row_first` of oriented score and row) of BLOCK_M
-    candidates ``rows[q]``, best first (equal scores: the lower row first): each scored as `kernels.rescore.rescore_kernel` sums it (cosine then divided by both norms,
-    0 where either is 0; the query's norm summed here), negated where lower is better; absent candidates
-    score -inf."""
+    candidates ``rows[q]``, best first (equal scores: the lower row first). Each is scored as
+    `kernels.rescore.rescore_kernel` sums it (cosine then divided by both norms, 0 where either is 0; the
+    query's norm summed here), negated where lower is better; absent candidates score -inf."""
     pid_q = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
