@@ -44,6 +44,8 @@ SAMPLE_BINS = 4096
 NEAR_BLOCK_N: int | None = None
 NEAR_WARPS: int | None = None
 NEAR_CHECK_TILE = True
+#: Near-pass programs per SM over all query blocks (None: `candidates._splits`' four).
+NEAR_PROGRAMS_PER_SM: int | None = None
 
 
 def nearest_rows(codes: torch.Tensor, database_codes: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,6 +93,9 @@ def nearest_rows(codes: torch.Tensor, database_codes: torch.Tensor, count: int) 
         block_n = NEAR_BLOCK_N
     tuning = {} if NEAR_WARPS is None else {"num_warps": NEAR_WARPS}
     splits = candidates._splits(device, query_blocks, n_rows, block_n, interpreting)
+    if NEAR_PROGRAMS_PER_SM is not None and not interpreting:
+        splits = max(1, min(triton.cdiv(launch._sms(device) * NEAR_PROGRAMS_PER_SM, query_blocks),
+                            triton.cdiv(n_rows, block_n * 4)))  # fmt: skip
     rows_per_split = triton.cdiv(triton.cdiv(n_rows, splits), block_n) * block_n
     splits = triton.cdiv(n_rows, rows_per_split)
     hamming_near_kernel[(query_blocks, splits)](
