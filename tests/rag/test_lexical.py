@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +40,29 @@ def bm25(query: list[str], documents: list[list[str]], k1: float = 1.5, b: float
             total += idf * tf / (tf + k1 * (1 - b + b * length / average))
         scores.append(total)
     return scores
+
+
+def test_an_installed_jax_is_neither_started_nor_needed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bm25s runs a JAX operation at import where JAX is installed (starting its GPU backend); gpurag does not."""
+    started: list[str] = []
+
+    def top_k(*_: object, **__: object) -> None:
+        started.append("top_k")
+        raise RuntimeError("Unable to initialize backend 'cuda': no supported devices found")
+
+    jax, lax = types.ModuleType("jax"), types.ModuleType("jax.lax")
+    lax.top_k = top_k  # type: ignore[attr-defined]
+    jax.lax = lax  # type: ignore[attr-defined]
+    for name in [name for name in sys.modules if name == "bm25s" or name.startswith("bm25s.")]:
+        monkeypatch.delitem(sys.modules, name)  # imported afresh, as in a new process
+    monkeypatch.setitem(sys.modules, "jax", jax)
+    monkeypatch.setitem(sys.modules, "jax.lax", lax)
+    index = LexicalIndex.build(TEXTS)
+    ((ids, _),) = index.search(["exceptions propagate"], k=2)
+    assert ids.tolist() == [2]
+    assert started == []
+    assert sys.modules["jax"] is jax  # the caller's modules are put back
+    assert sys.modules["jax.lax"] is lax
 
 
 def test_scores_are_bm25() -> None:

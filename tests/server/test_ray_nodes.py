@@ -17,10 +17,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-import ray
-from server_harness import post_many, serving
 
-from gpurag_server.nodes.ray import RayNode, RayProvider
+ray = pytest.importorskip("ray", reason="the ray provider's tests need ray (gpurag-server[ray])")
+from server_harness import post_many, serving  # noqa: E402
+
+from gpurag_server.nodes.ray import RayNode, RayProvider  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -16,8 +16,10 @@ from __future__ import annotations
 import json
 import keyword
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -39,16 +41,39 @@ _TOKEN_PATTERN = r"(?u)\b\w+\b"
 _SENTINEL = "\x00"
 
 
-def _stopwords() -> list[str]:
-    from bm25s.stopwords import STOPWORDS_EN
+def _bm25s() -> ModuleType:
+    """The ``bm25s`` module, imported with JAX hidden from it.
 
+    Where JAX is installed, importing bm25s runs a JAX operation, which starts JAX's GPU backend
+    (taking most of a GPU's memory) or fails the import where that backend cannot start.
+    gpurag scores with bm25s's NumPy backend only, so bm25s is imported as if JAX were absent.
+    """
+    if "bm25s" in sys.modules:
+        loaded: ModuleType = sys.modules["bm25s"]
+        return loaded
+    hidden = {name: sys.modules.get(name) for name in ("jax", "jax.lax")}
+    blocked: dict[str, Any] = dict.fromkeys(hidden)  # a None entry makes ``import jax`` raise ImportError
+    sys.modules.update(blocked)
+    try:
+        import bm25s
+    finally:
+        for name, module in hidden.items():
+            if module is None:
+                del sys.modules[name]
+            else:
+                sys.modules[name] = module
+    imported: ModuleType = bm25s
+    return imported
+
+
+def _stopwords() -> list[str]:
+    english: list[str] = _bm25s().stopwords.STOPWORDS_EN
     kept = {word.lower() for word in (*keyword.kwlist, *keyword.softkwlist)}
-    return [word for word in STOPWORDS_EN if word not in kept]
+    return [word for word in english if word not in kept]
 
 
 def _tokenize(texts: Sequence[str]) -> list[list[str]]:
-    import bm25s
-
+    bm25s = _bm25s()
     tokens: list[list[str]] = bm25s.tokenize(
         list(texts),
         token_pattern=_TOKEN_PATTERN,
@@ -79,8 +104,7 @@ class LexicalIndex:
     @classmethod
     def build(cls, texts: Sequence[str]) -> LexicalIndex:
         """Index ``texts`` (document i is ``texts[i]``)."""
-        import bm25s
-
+        bm25s = _bm25s()
         items = list(texts)
         if not items:
             raise InvalidInputError("texts is empty: there is nothing to index")
@@ -130,8 +154,7 @@ class LexicalIndex:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> LexicalIndex:
         """Read an index that `save` wrote, checking every file."""
-        import bm25s
-
+        bm25s = _bm25s()
         manifest = storage.read_manifest(path, kind=KIND)
         where = Path(manifest["path"])
         try:

@@ -47,13 +47,13 @@ def _float_tile(
             acc += tl.sum(tl.abs(q[:, :, None] - x[:, None, :]), axis=0)
             # The chunk's first dimension moves by a scalar pointer step: in-tile offsets stay int32.
             q_base += BLOCK_D * stride_qt
-            x_base += BLOCK_D * stride_xt.to(tl.int64)
+            x_base += BLOCK_D * tl.cast(stride_xt, tl.int64)  # a stride of 1 arrives as a constant
     else:
         q = tl.load(qt_ptr + q_tile, mask=(offs_d < dim)[:, None] & q_mask[None, :], other=0.0)
         x = tl.load(xt_ptr + x_tile, mask=(offs_d < dim)[:, None] & n_mask[None, :], other=0.0)
         for d0 in range(0, dim, BLOCK_D):
             q_base += BLOCK_D * stride_qt
-            x_base += BLOCK_D * stride_xt.to(tl.int64)
+            x_base += BLOCK_D * tl.cast(stride_xt, tl.int64)  # a stride of 1 arrives as a constant
             d_next = offs_d < dim - d0 - BLOCK_D
             q_next = tl.load(q_base + q_tile, mask=d_next[:, None] & q_mask[None, :], other=0.0)
             x_next = tl.load(x_base + x_tile, mask=d_next[:, None] & n_mask[None, :], other=0.0)
@@ -125,7 +125,7 @@ def _half_tile(
             if dd % CHUNK == CHUNK - 1:
                 acc += chunk.to(tl.float32)
         q_base += BLOCK_D * stride_qt
-        x_base += BLOCK_D * stride_xt.to(tl.int64)
+        x_base += BLOCK_D * tl.cast(stride_xt, tl.int64)  # a stride of 1 arrives as a constant
     return acc
 
 
