@@ -205,3 +205,39 @@ def test_rerank_best_puts_the_lower_row_first_among_equal_scores(metric: Metric,
     assert list(np.lexsort((got, key))) == list(range(20))  # ordered by score, then by row
     copies = [i for i, r in enumerate(got) if r in (7, 23, 41, 55)]
     assert [got[i] for i in copies] == [7, 23, 41, 55]
+
+
+@pytest.mark.parametrize("metric", [Metric.COSINE, Metric.DOT, Metric.L2])
+def test_every_row_a_candidate_gives_the_exact_best_k(metric: Metric) -> None:
+    """count = N: the limit is the farthest distance, every row is appended and selected, the re-rank is exact."""
+    from gpurag_triton import lsh_fused
+
+    rng = np.random.default_rng(9)
+    vectors = rng.standard_normal((90, 12)).astype(np.float32)
+    queries = rng.standard_normal((3, 12)).astype(np.float32)
+    planes = rng.standard_normal((24, 12))
+    codes = np.packbits(queries @ planes.T > 0, axis=1, bitorder="little")
+    database_codes = np.packbits(vectors @ planes.T > 0, axis=1, bitorder="little")
+    rows, failed = lsh_fused.nearest_rows(torch.from_numpy(codes).to(device()),
+                                          torch.from_numpy(database_codes).to(device()), 90)  # fmt: skip
+    assert failed.cpu().tolist() == [0, 0, 0]
+    assert np.sort(rows.cpu().numpy(), axis=1).tolist() == [list(range(90))] * 3
+    x = torch.from_numpy(vectors).to(device())
+    norms = torch.linalg.vector_norm(x, dim=1) if metric is Metric.COSINE else None
+    top = lsh_fused.rerank_best(torch.from_numpy(queries).to(device()), x, rows, 10, metric, norms)
+    everything = np.broadcast_to(np.arange(90), (3, 90))
+    all_scores = best_expected(queries, vectors, everything, 90, metric)  # every row's score, best first
+    np.testing.assert_allclose(top.scores.cpu().numpy(), all_scores[:, :10], rtol=1e-5, atol=1e-4)
+    exact_ids = np.stack([np.argsort(-s if metric.higher_is_better else s, kind="stable")[:10]
+                          for s in [score_rows(queries[q], vectors, metric) for q in range(3)]])  # fmt: skip
+    np.testing.assert_array_equal(top.indices.cpu().numpy(), exact_ids)
+
+
+def score_rows(query: np.ndarray, vectors: np.ndarray, metric: Metric) -> np.ndarray:
+    """float64 scores of one query against every row."""
+    x, q = vectors.astype(np.float64), query.astype(np.float64)
+    if metric is Metric.L2:
+        return ((x - q) ** 2).sum(axis=1)
+    if metric is Metric.DOT:
+        return x @ q
+    return (x @ q) / (np.linalg.norm(x, axis=1) * np.linalg.norm(q))
