@@ -234,7 +234,7 @@ def hamming_sample_kernel(
     tl.store(at, distance.to(tl.int16), mask=q_mask[:, None] & n_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["capacity", "rank"])  # one compiled kernel for every candidate count
 def hamming_near_kernel(
     q_ptr,
     x_ptr,

@@ -26,7 +26,8 @@ LOW_ROW = 0x7FFFFFFF
 DIGIT_BITS = 8
 
 
-@triton.jit
+# Counts and sizes that change with the data are not specialised on (one compiled kernel serves them all).
+@triton.jit(do_not_specialize=["n_queries", "n_sample", "row_step"])
 def hamming_sample_histogram_kernel(
     q_ptr,
     x_ptr,
@@ -60,7 +61,7 @@ def hamming_sample_histogram_kernel(
                   sem="relaxed")  # fmt: skip
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["count", "capacity"])
 def select_nearest_keys_kernel(
     keys_ptr,
     counter_ptr,
@@ -139,7 +140,7 @@ def unpack_row(keys):
     return tl.where(keys.to(tl.int64, bitcast=True) < 0, low, LOW_ROW - low)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_candidates", "n_blocks"])
 def rescore_best_kernel(
     q_ptr,
     x_ptr,
@@ -197,7 +198,7 @@ def rescore_best_kernel(
     tl.store(out_ptr + (pid_q * n_blocks + pid_m) * KP + slots, ordered, mask=slots < KP)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_keys", "k"])
 def best_merge_kernel(
     keys_ptr,
     scores_ptr,
