@@ -351,6 +351,17 @@ def run(
         except Exception as again:
             log(f"CUDA graph path failed again ({type(again).__name__}: {again}); graphs off")
             index.backend.use_graphs = False
+    broken_seen: list[str] = []
+
+    def report_broken() -> None:  # the fused kernels' build errors (their fallback answers), once each
+        if args.lsh_backend == "triton":
+            from gpurag_triton import lsh_fused
+
+            for error in lsh_fused.BROKEN[len(broken_seen) :]:
+                broken_seen.append(error)
+                log(f"FUSED LSH KERNELS NOT BUILT (torch.topk stages answer instead): {error[:3000]}")
+
+    report_broken()
     recall_deadline = time.perf_counter() + (deadline - time.perf_counter()) * 0.5
     for m in methods:
         if m.family == "lsh" and time.perf_counter() > recall_deadline:
@@ -358,6 +369,7 @@ def run(
             continue
         m.recall = recall(true_scores(queries, base, m.search(host_queries)), truth_scores)
         log(f"recall {m.family} {m.params}: {m.recall:.3f}")
+        report_broken()
     # Keep the settings worth timing: exact, and for each bit count the candidates from the first
     # reaching 0.85 up to the first reaching 0.95.
     timed: list[Method] = [m for m in methods if m.family == "exact"]

@@ -550,8 +550,11 @@ class TritonBackend(TorchBackend):
         small = isinstance(hashed, np.ndarray) and isinstance(queries, np.ndarray)
         small = small and 0 < hashed.shape[0] <= lsh_graphs.GRAPH_MAX_QUERIES and self.use_graphs
         on_gpu = self.torch_device.type == "cuda" and not launch.interpreting()
-        if on_gpu and not small and self.use_graphs and lsh_fused.FUSED and k <= lsh_fused.MAX_K:
-            return self._fused_lsh_topk(hashed, queries, planes, codes, database, n_candidates, k)
+        if on_gpu and not small and self.use_graphs and lsh_fused.usable(k):
+            try:
+                return self._fused_lsh_topk(hashed, queries, planes, codes, database, n_candidates, k)
+            except lsh_fused.build_errors() as exc:  # not buildable here: the torch-selected stages from now on
+                lsh_fused.BROKEN.append(f"{type(exc).__name__}: {exc}")
         if not small or not on_gpu:
             return super().lsh_topk(hashed, queries, planes, codes, database, n_candidates, k)
         database = self._own(database)
@@ -566,7 +569,7 @@ class TritonBackend(TorchBackend):
         width = query_codes.shape[1]
 
         n_queries = int(hashed.shape[0])
-        fused = lsh_fused.FUSED and k <= lsh_fused.MAX_K
+        fused = lsh_fused.usable(k)
         if fused:
             sampled = lsh_fused.SAMPLED and n_queries >= lsh_fused.SAMPLED_MIN_QUERIES
         else:
@@ -592,7 +595,13 @@ class TritonBackend(TorchBackend):
 
         words = lsh_graphs.as_float_words(query_codes)
         key = (*lsh_graphs.graph_key(words, queries, planes, codes, database, n_candidates, k), sampled, fused)
-        top, failed = runner.run(stages, words, np.ascontiguousarray(queries, np.float32), key)
+        try:
+            top, failed = runner.run(stages, words, np.ascontiguousarray(queries, np.float32), key)
+        except lsh_fused.build_errors() as exc:
+            if not fused:
+                raise
+            lsh_fused.BROKEN.append(f"{type(exc).__name__}: {exc}")  # the torch-selected graph from now on
+            return self.lsh_topk(hashed, queries, planes, codes, database, n_candidates, k)
         if failed:  # some query had fewer or more rows within its limit than the sample promised: count instead
             return super().lsh_topk(hashed, queries, planes, codes, database, n_candidates, k)
         return top

@@ -28,6 +28,8 @@ from gpurag_triton.kernels.lsh_select import (
 
 #: Whether the captured LSH graphs use these stages (off: `candidates` and the backend's `rerank`).
 FUSED = True
+#: Why these kernels could not be built here, once they could not (then they are not asked again).
+BROKEN: list[str] = []
 #: Whether `nearest_rows` (rather than the counting passes) picks the candidates, and from how many queries on.
 SAMPLED = True
 SAMPLED_MIN_QUERIES = 1
@@ -46,6 +48,18 @@ NEAR_WARPS: int | None = None
 NEAR_CHECK_TILE = True
 #: Near-pass programs per SM over all query blocks (None: `candidates._splits`' four).
 NEAR_PROGRAMS_PER_SM: int | None = None
+
+
+def usable(k: int) -> bool:
+    """Whether a search for ``k`` neighbours takes these stages: on, built here, and k within `MAX_K`."""
+    return FUSED and not BROKEN and k <= MAX_K
+
+
+def build_errors() -> tuple[type[Exception], ...]:
+    """The errors that mean a kernel cannot be built on this GPU and Triton (a fallback answers instead)."""
+    from triton.runtime.errors import OutOfResources
+
+    return (triton.CompilationError, OutOfResources)
 
 
 def nearest_rows(codes: torch.Tensor, database_codes: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
