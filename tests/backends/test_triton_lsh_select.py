@@ -9,6 +9,11 @@ candidates over several 16-row re-ranking blocks, k below and at a power of two.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -241,3 +246,14 @@ def score_rows(query: np.ndarray, vectors: np.ndarray, metric: Metric) -> np.nda
     if metric is Metric.DOT:
         return x @ q
     return (x @ q) / (np.linalg.norm(x, axis=1) * np.linalg.norm(q))
+
+
+def test_the_kernels_build_for_an_h200_without_a_gpu(tmp_path: Path) -> None:
+    """Triton's sm_90 front end and ptxas, in a process without the interpreter: what a GPU build refuses fails here."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    script = Path(__file__).with_name("triton_sm90_build.py")
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count("built ") == 6

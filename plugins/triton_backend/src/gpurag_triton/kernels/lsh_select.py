@@ -20,7 +20,7 @@ from gpurag_triton.kernels.hamming_select import _word_distances
 from gpurag_triton.kernels.select import key_scores, pack_keys
 
 #: The largest int32: a row r is packed as LOW_ROW - r under a non-negative score (see `pack_lower_row_first`).
-LOW_ROW = 0x7FFFFFFF
+LOW_ROW = tl.constexpr(0x7FFFFFFF)
 
 #: Radix digit width of `select_nearest_keys_kernel` (a 256-bin histogram per pass).
 DIGIT_BITS = 8
