@@ -44,7 +44,8 @@ def main() -> int:
     for term, cosine, lower in ((2, True, False), (0, False, True)):
         build(f"rescore_best_kernel (term {term})", lsh_select.rescore_best_kernel,
               {"q_ptr": "*fp32", "x_ptr": "*fp32", "rows_ptr": "*i64", "norms_ptr": "*fp32", "out_ptr": "*fp64",
-               "n_candidates": "i32", "n_blocks": "i32", "dim": "i32", "stride_q": "i32", "stride_x": "i32",
+               "n_candidates": "i32", "n_rows": "i32", "n_blocks": "i32", "dim": "i32", "stride_q": "i32",
+               "stride_x": "i32",
                "TERM": "constexpr", "COSINE": "constexpr", "LOWER_IS_BETTER": "constexpr", "BLOCK_M": "constexpr",
                "BLOCK_D": "constexpr", "KP": "constexpr"},
               {"TERM": term, "COSINE": cosine, "LOWER_IS_BETTER": lower, "BLOCK_M": 64, "BLOCK_D": 128,

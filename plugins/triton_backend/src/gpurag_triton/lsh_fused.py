@@ -161,7 +161,7 @@ def rerank_best(
     term = {Metric.L2: 0, Metric.L1: 1, Metric.DOT: 2, Metric.COSINE: 2}[metric]
     lower = not metric.higher_is_better
     rescore_best_kernel[(n_queries, n_blocks)](
-        queries, vectors, rows.contiguous(), norms, partial, n_candidates, n_blocks, dim,
+        queries, vectors, rows.contiguous(), norms, partial, n_candidates, vectors.shape[0], n_blocks, dim,
         queries.stride(0), vectors.stride(0), TERM=term, COSINE=cosine, LOWER_IS_BETTER=lower,
         BLOCK_M=block_m, BLOCK_D=max(16, min(128, launch._pow2(dim))), KP=kp, num_warps=8 if block_m > 64 else 4,
     )  # fmt: skip

@@ -121,7 +121,7 @@ def select_nearest_keys_kernel(
         key = tl.load(base + c0 + offs, mask=valid, other=0).to(tl.int64)
         keep = valid & (key <= prefix)
         slot = written + tl.cumsum(keep.to(tl.int32), axis=0) - keep.to(tl.int32)
-        tl.store(out + slot, key & ((1 << ROW_BITS) - 1), mask=keep)
+        tl.store(out + slot, key & ((1 << ROW_BITS) - 1), mask=keep & (slot < count))  # never past the row
         written += tl.sum(keep.to(tl.int32), axis=0)
 
 
@@ -140,7 +140,7 @@ def unpack_row(keys):
     return tl.where(keys.to(tl.int64, bitcast=True) < 0, low, LOW_ROW - low)
 
 
-@triton.jit(do_not_specialize=["n_candidates", "n_blocks"])
+@triton.jit(do_not_specialize=["n_candidates", "n_rows", "n_blocks"])
 def rescore_best_kernel(
     q_ptr,
     x_ptr,
@@ -148,6 +148,7 @@ def rescore_best_kernel(
     norms_ptr,
     out_ptr,
     n_candidates,
+    n_rows,
     n_blocks,
     dim,
     stride_q,
@@ -168,6 +169,7 @@ def rescore_best_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < n_candidates
     rows = tl.load(rows_ptr + pid_q * n_candidates + offs_m, mask=m_mask, other=0)
+    rows = tl.minimum(tl.maximum(rows, 0), n_rows - 1)  # reads stay in bounds whatever the rows hold
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     squares = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for d0 in range(0, dim, BLOCK_D):
