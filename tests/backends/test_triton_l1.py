@@ -1,4 +1,5 @@
-"""The Triton backend's l1 kernels: the register-blocked tile (float32, bf16) and the float16 shortlist.
+"""The Triton backend's l1 kernels: the register-blocked tile (float32, bf16) and the float16 shortlist
+(which the byte codes of `test_l1_codes.py` replace where they are on; these tests turn them off).
 
 The tile sums chunks of BLOCK_D dimensions at a time; the float16 path sums each chunk in float16
 and must stay within `half_l1_bounds`, or the certificate it feeds could pass a wrong answer. Many
@@ -102,6 +103,7 @@ def _spy_l1_dtypes(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
 @pytest.mark.parametrize("device", DEVICES)
 def test_many_queries_shortlist_in_float16_exactly(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
     backend = triton_on(device)
+    backend.l1_codes = False  # the float16 shortlist (the byte codes would take these queries)
     seen = _spy_l1_dtypes(monkeypatch)
     rng = np.random.default_rng(33)
     vectors = rng.standard_normal((300, 19)).astype(np.float32)
@@ -119,6 +121,7 @@ def test_values_beyond_float16_reach_are_answered_in_float32(device: str, monkey
     from gpurag_triton.backend import L1_HALF_REACH
 
     backend = triton_on(device)
+    backend.l1_codes = False  # the float16 shortlist (the byte codes would take these queries)
     seen = _spy_l1_dtypes(monkeypatch)
     rng = np.random.default_rng(34)
     vectors = rng.standard_normal((200, 9)).astype(np.float32)
@@ -137,6 +140,7 @@ def test_values_beyond_float16_reach_are_answered_in_float32(device: str, monkey
 @pytest.mark.parametrize("device", DEVICES)
 def test_float16_near_ties_are_certified_or_answered_again(device: str) -> None:
     backend = triton_on(device)
+    backend.l1_codes = False  # the float16 shortlist (the byte codes would take these queries)
     rng = np.random.default_rng(35)
     dim = 12
     vectors = rng.standard_normal((600, dim)).astype(np.float32)
@@ -160,4 +164,5 @@ def test_boundaries_declare_the_float16_switch() -> None:
     from gpurag_triton.backend import L1_LOW_MAX_QUERIES
 
     backend = triton_on("cpu")
+    backend.l1_codes = False
     assert L1_LOW_MAX_QUERIES in backend.boundaries(Metric.L1, 1, 128).queries

@@ -175,7 +175,7 @@ def test_first_load_caches_safetensors_and_the_second_reads_them(
     assert second.generate(QUESTIONS, PASSAGE_LISTS) == first.generate(QUESTIONS, PASSAGE_LISTS)
 
 
-def test_the_first_load_parses_the_gguf_file_once_and_saves_what_three_parses_would(
+def test_the_first_load_parses_the_gguf_file_once_and_saves_what_separate_parses_would(
     tiny_packaged: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import contextlib
@@ -196,13 +196,54 @@ def test_the_first_load_parses_the_gguf_file_once_and_saves_what_three_parses_wo
     assert len(parsed) == 1  # tokenizer, configuration and weights share one reader
     assert gguf.GGUFReader is CountingReader  # put back after the load
     monkeypatch.setattr(packaged, "_gguf_parsed_once", contextlib.nullcontext)
-    thrice = local(tmp_path / "thrice")
-    assert len(parsed) == 4
+    separately = local(tmp_path / "separately")
+    assert len(parsed) - 1 >= 3  # tokenizer, configuration, weights: 3 in transformers 5.24, 4 in 5.17
     saved_once = load_file(str(once.model_path / "model.safetensors"))
-    saved_thrice = load_file(str(thrice.model_path / "model.safetensors"))
-    assert saved_once.keys() == saved_thrice.keys()
-    assert all((saved_once[k] == saved_thrice[k]).all() for k in saved_once)
-    assert once.generate(QUESTIONS, PASSAGE_LISTS) == thrice.generate(QUESTIONS, PASSAGE_LISTS)
+    saved_separately = load_file(str(separately.model_path / "model.safetensors"))
+    assert saved_once.keys() == saved_separately.keys()
+    assert all((saved_once[k] == saved_separately[k]).all() for k in saved_once)
+    assert once.generate(QUESTIONS, PASSAGE_LISTS) == separately.generate(QUESTIONS, PASSAGE_LISTS)
+
+
+@pytest.mark.parametrize("misread", [False, True], ids=["as-read", "misread-as-5.17-does"])
+def test_the_cached_tokenizer_has_the_special_tokens_the_gguf_file_names(
+    tiny_packaged: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, misread: bool
+) -> None:
+    import transformers
+
+    if misread:  # transformers 5.17 reads eos as the bos token and no pad token from a GGUF file
+        from_pretrained = transformers.AutoTokenizer.from_pretrained
+
+        def as_5_17(*args: Any, **kwargs: Any) -> Any:
+            tokenizer = from_pretrained(*args, **kwargs)
+            if "gguf_file" in kwargs:
+                tokenizer.eos_token, tokenizer.pad_token = tokenizer.bos_token, None
+            return tokenizer
+
+        monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", as_5_17)
+    # bos 1, eos 2, pad 0 in the file
+    for generator in (local(tmp_path), local(tmp_path)):  # built, then read from the cache
+        tokenizer = generator.tokenizer
+        assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == (
+            "<|im_start|>",
+            "<|im_end|>",
+            "<|endoftext|>",
+        )
+        assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (1, 2, 0)
+    assert len(tiny_packaged) == 1
+
+
+def test_a_cache_of_an_older_format_is_rebuilt(tiny_packaged: list[Path], tmp_path: Path) -> None:
+    import json
+
+    cache = local(tmp_path).model_path
+    marker = json.loads((cache / packaged.CACHE_MARKER).read_text())
+    assert marker["format"] == packaged.CACHE_FORMAT
+    del marker["format"]  # as format 1 wrote it
+    (cache / packaged.CACHE_MARKER).write_text(json.dumps(marker))
+    assert local(tmp_path).built_cache
+    assert len(tiny_packaged) == 2
+    assert json.loads((cache / packaged.CACHE_MARKER).read_text())["format"] == packaged.CACHE_FORMAT
 
 
 def test_a_new_package_version_rebuilds_the_cache_and_removes_the_old(
@@ -261,13 +302,57 @@ def test_transformers_stream_equals_its_generate_over_several_batches(tiny_causa
     assert sum(piece.done for piece in pieces) == 3
 
 
-def test_closing_a_stream_stops_the_generation(tiny_packaged: list[Path], tmp_path: Path) -> None:
+def self_referencing(method: Any) -> Any:
+    """``method``'s generator, wrapped in one that refers to itself: only the cyclic garbage collector could free it."""
+
+    def wrapped(self: Any, *args: Any) -> Any:
+        def pieces() -> Iterator[TextPiece]:
+            assert generator is not None
+            yield from method(self, *args)
+
+        generator = pieces()
+        return generator
+
+    return wrapped
+
+
+@pytest.mark.parametrize("in_cycles", [False, True], ids=["freed-at-once", "inner-streams-in-reference-cycles"])
+def test_closing_a_stream_stops_the_generation(
+    tiny_packaged: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_cycles: bool
+) -> None:
+    # Under Python 3.12 the inner streams were left to the cyclic garbage collector: closing must close them itself.
+    import gc
+
+    if in_cycles:
+        monkeypatch.setattr(TransformersGenerator, "stream", self_referencing(TransformersGenerator.stream))
+        monkeypatch.setattr(
+            TransformersGenerator, "_stream_batch", self_referencing(TransformersGenerator._stream_batch)
+        )
+    collecting = gc.isenabled()
+    if in_cycles:
+        gc.disable()
+    try:
+        closing_stops_the_generation(tmp_path)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def closing_stops_the_generation(tmp_path: Path) -> None:
+    import threading
+
     generator = local(tmp_path, max_new_tokens=400)
+    generator.model.generation_config.min_new_tokens = 400  # no end-of-sequence token: only closing ends it early
     steps: list[int] = []
+    errors: list[BaseException] = []
     generate = generator.model.generate
 
     def counting(**kwargs: Any) -> Any:
-        output = generate(**kwargs)
+        try:
+            output = generate(**kwargs)
+        except BaseException as error:  # the reader is gone: only this list can tell
+            errors.append(error)
+            raise
         steps.append(output.shape[1] - kwargs["input_ids"].shape[1])
         return output
 
@@ -275,6 +360,8 @@ def test_closing_a_stream_stops_the_generation(tiny_packaged: list[Path], tmp_pa
     stream = generator.stream(QUESTIONS[:1], PASSAGE_LISTS[:1])
     next(stream)
     stream.close()
+    assert errors == []
+    assert not any(thread.name == "gpurag-generate" for thread in threading.enumerate())  # joined
     assert len(steps) == 1
     assert steps[0] < 400
 

@@ -4,8 +4,10 @@ It shares the torch backend's database, conversions and certificate (`gpurag_tor
 its own CUDA C++ (`kernels/*.cu`, see `gpurag_cuda.compiler`), launched on torch's stream through
 CuPy. l2 / dot / cosine shortlist from the bf16 rows (a streaming kernel for a few queries, a
 tensor-core tile kernel for more), are re-scored directly in float32, and each query is certified
-against the bound of the bf16 pass; an uncertified query is answered again in float32. l1 and
-Hamming are scanned exactly. k above `KERNEL_MAX_K` takes the torch backend's path.
+against the bound of the bf16 pass; an uncertified query is answered again in float32. l1 of two queries
+or more shortlists from the rows' byte codes (`L1_CODES`, `launch.l1_codes_scan`) under the codes' own
+bound (`gpurag_torch.l1_codes`), of one query from the bf16 rows; Hamming is scanned exactly. k above
+`KERNEL_MAX_K` takes the torch backend's path.
 
 The fast kernels (the ``cuda_fast_kernels`` setting, the ``fast_kernels`` argument; each also behind a
 ``FAST_*`` switch below) are a 128 x 128 tensor-core tile (`launch.scan_tc` with ``wide``), a few-query
@@ -62,6 +64,19 @@ FAST_WIDE_COLLECT = True
 FAST_TC_LDM = True
 FAST_FEW_STREAM = True
 FAST_L1_TILE = True
+#: Whether l1 searches of at least `L1_CODES_MIN_QUERIES` queries shortlist from the rows' byte codes
+#: (`gpurag_torch.l1_codes`, `launch.l1_codes_scan`: exact integer sums of absolute byte differences, whose
+#: error is bounded per query), re-scored in float32 and certified; the codes' query width is at most
+#: `L1_CODES_WIDEST`.
+L1_CODES = True
+L1_CODES_MIN_QUERIES = 2
+#: On an H200 (S4 W2) the scan of width 8 was the fastest at both l1 rows, though it reads the rows once per
+#: 8 queries: 1M x 128 x 1024 6.24 ms against 9.43 (width 16) and 21.4 (width 32); 10M x 128 x 16 2.00
+#: against 3.74 and 3.84. Those kernels inlined every offer (126-445 KB of code); they now call one.
+L1_CODES_WIDEST = 8
+#: Rows each query re-scores from the codes' shortlist at least (the Triton backend measured why: on 1M x 128
+#: random normal rows the 256th best code distance cleared the 10th best l1 by only 1.5-3).
+L1_CODES_SHORTLIST = 512
 FAST_GRAPHS = True
 #: Most queries whose shortlisted search replays a captured CUDA graph (`use_graphs`).
 GRAPH_MAX_QUERIES = 16
@@ -110,6 +125,9 @@ class CudaBackend(TorchBackend):
         self.fast_kernels = get_settings().cuda_fast_kernels if fast_kernels is None else bool(fast_kernels)
         #: Whether searches of up to `GRAPH_MAX_QUERIES` queries replay captured CUDA graphs (with the fast kernels).
         self.use_graphs = self.fast_kernels and FAST_GRAPHS
+        #: Whether l1 shortlists from byte codes (`L1_CODES`; the databases then hold the codes).
+        self.l1_codes = self.fast_kernels and self.low_precision and L1_CODES
+        self.l1_codes_min_queries = L1_CODES_MIN_QUERIES
         self._graphs = graphs.GraphCache()
 
     @classmethod
@@ -133,6 +151,43 @@ class CudaBackend(TorchBackend):
         """Each CUDA device torch sees (``cuda:0``, ``cuda:1``...)."""
         return tuple(name for name in super().devices() if name != "cpu")
 
+    # --- the database --------------------------------------------------------------------------
+    def prepare(self, vectors: Any, metric: Metric) -> Database:
+        """As `TorchBackend.prepare`; an l1 database also holds the rows' byte codes (`gpurag_torch.l1_codes`)."""
+        database = super().prepare(vectors, metric)
+        if database.metric is Metric.L1 and self.l1_codes:  # every dimension: `required_keys` cannot tell them apart
+            from gpurag_torch import l1_codes
+
+            database.row_data.update(l1_codes.row_data(database.vectors))
+        return database
+
+    def required_keys(self, metric: Metric) -> set[str]:
+        """As the torch backend's, with the byte codes for l1 (`prepare`)."""
+        keys = super().required_keys(metric)
+        if Metric.parse(metric) is Metric.L1 and self.l1_codes:
+            from gpurag_torch import l1_codes
+
+            keys |= {l1_codes.CODES_T, l1_codes.CODE_ERROR, l1_codes.CODE_SCALE}
+        return keys
+
+    def _codes_kept(self, dim: int) -> bool:
+        from gpurag_torch import l1_codes
+
+        return self.l1_codes and l1_codes.takes(dim)
+
+    def _l1_codes_takes(self, n_queries: int, database: Database, k: int) -> bool:
+        """Whether an l1 search of ``n_queries`` shortlists from the byte codes (`L1_CODES`)."""
+        from gpurag_cuda import launch
+        from gpurag_torch import l1_codes
+
+        return (
+            self._codes_kept(database.dim)
+            and l1_codes.CODES_T in database.row_data
+            and n_queries >= self.l1_codes_min_queries
+            and k <= KERNEL_MAX_K
+            and launch.l1_codes_width(n_queries, l1_codes.words(database.dim), _kp(k), L1_CODES_WIDEST) > 0
+        )
+
     # --- distances and selection ---------------------------------------------------------------
     def boundaries(self, metric: Metric, queries: int, dim: int) -> Boundaries:
         """Where the scans split a search of ``queries`` queries: row tiles and batches, the row count
@@ -143,7 +198,12 @@ class CudaBackend(TorchBackend):
         sms = launch.multiprocessors(self.torch_device.index or 0)
         l1 = metric is Metric.L1
 
+        codes = l1 and self._codes_kept(dim) and queries >= self.l1_codes_min_queries
+        width = launch.l1_codes_width(queries, -(-dim // 4), MIN_KP, L1_CODES_WIDEST) if codes else 0
+
         def layout(n_rows: int) -> launch.Layout:
+            if width:
+                return launch.l1_codes_layout(queries, n_rows, width, sms)
             if self._few_takes(metric, queries, dim, MIN_KP):
                 return launch.stream_layout(n_rows, sms, launch.few_warps_per_sm(queries))
             if launch.streams(queries, dim, MIN_KP) or (l1 and self._l1_shortlists(queries, dim, MIN_KP)):
@@ -173,8 +233,10 @@ class CudaBackend(TorchBackend):
         most = layout(1 << 24).splits
         rows = {launch.STREAM_ROWS, launch.TC_BLOCK_N, launch.SIMT_BLOCK_N}
         rows.add(first_rows(lambda n: layout(n).splits >= most) - 1)
-        if self.low_precision and (not l1 or self._l1_shortlists(queries, dim, MIN_KP)):
+        if self.low_precision and (not l1 or width or self._l1_shortlists(queries, dim, MIN_KP)):
             rows.add(first_rows(lambda n: kept(n) > SHORTLIST_MIN) - 1)
+        if width:
+            rows.add(launch.CODES_BATCH_ROWS)
         tile = launch.SIMT_BLOCK_Q if metric is Metric.L1 else launch.TC_BLOCK_Q
         wide = launch.WIDE_BLOCK_Q if self._wide_tile else tile
         return Boundaries(
@@ -185,6 +247,7 @@ class CudaBackend(TorchBackend):
                 L1_LOW_MAX_QUERIES,
                 L1_LOW_MAX_QUERIES + tile,
                 wide + 1,
+                *((self.l1_codes_min_queries, width, width + 1) if width else ()),
             ),
         )
 
@@ -210,7 +273,11 @@ class CudaBackend(TorchBackend):
         shortlists = (
             k <= KERNEL_MAX_K
             and self.low_precision
-            and (database.metric is not Metric.L1 or self._l1_shortlists(q.shape[0], database.dim, k))
+            and (
+                database.metric is not Metric.L1
+                or self._l1_codes_takes(q.shape[0], database, k)
+                or self._l1_shortlists(q.shape[0], database.dim, k)
+            )
         )
         if shortlists:
             # One sync for both questions: were the float32 terms safe, and did every certificate hold.
@@ -306,7 +373,8 @@ class CudaBackend(TorchBackend):
         if not (self.use_graphs and q.shape[0] <= GRAPH_MAX_QUERIES):
             return None
         few = self._few_takes(database.metric, q.shape[0], database.dim, _kp(k))
-        switches = (self.fast_kernels, FAST_WIDE_TILE, FAST_TC_LDM, FAST_FEW_STREAM, few)
+        switches = (self.fast_kernels, FAST_WIDE_TILE, FAST_TC_LDM, FAST_FEW_STREAM, few, self.l1_codes,
+                    self.l1_codes_min_queries)  # fmt: skip
         key = graphs.search_key(q, database, k, switches)
         try:
             scores, rows, certified, flags = self._graphs.run(
@@ -329,7 +397,10 @@ class CudaBackend(TorchBackend):
         (scores, rows, certified per query, flags [float32 terms safe, every query certified])."""
         import torch
 
-        scores, rows, certified = self._shortlist(q, database, k, self._scan_low(q, database, k))
+        if database.metric is Metric.L1 and self._l1_codes_takes(q.shape[0], database, k):
+            scores, rows, certified = self._l1_codes_shortlist(q, database, k)
+        else:
+            scores, rows, certified = self._shortlist(q, database, k, self._scan_low(q, database, k))
         flags = torch.stack([~self.overflow_flag(q, database), certified.all()])
         return scores, rows, certified, flags
 
@@ -466,6 +537,45 @@ class CudaBackend(TorchBackend):
         return search.rescore_and_certify(
             q, database, rows.long(), cutoff, k, rounded_output=False, scorer=direct_scores
         )
+
+    def _l1_codes_shortlist(
+        self, q: torch.Tensor, database: Database, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """l1 by the byte-code scan: its candidates cut to the rows re-scored, re-scored in float32, and each
+        query certified against the codes' lower bound on every row left out (`gpurag_torch.l1_codes`)."""
+        import torch
+
+        from gpurag_cuda import launch
+        from gpurag_torch import exact, l1_codes
+        from gpurag_torch.database import L1_NORMS
+
+        data = database.row_data
+        words, query_error = l1_codes.encode(q, data[l1_codes.CODE_SCALE][0])
+        kp = _kp(k)
+        width = launch.l1_codes_width(q.shape[0], words.shape[1], kp, L1_CODES_WIDEST)
+        # Enough kept keys for the shortlist: few splits (many query groups) keep more each, where the lists fit.
+        splits = launch.l1_codes_layout(q.shape[0], database.count, width, launch.multiprocessors(q.device.index or 0))
+        wider = min(launch.MAX_KP, launch.pow2_at_least(-(-L1_CODES_SHORTLIST // splits.splits)))
+        if wider > kp and launch.l1_codes_shared_bytes(words.shape[1], width, wider) <= launch.WIDE_SHARED_LIMIT:
+            kp = wider
+        found = launch.l1_codes_scan(words, data[l1_codes.CODES_T], kp, width)
+        n_queries = q.shape[0]
+        keys, rows = found.keys.reshape(n_queries, -1), found.rows.reshape(n_queries, -1)
+        cutoff = found.keys[:, :, kp - 1].max(dim=1).values  # the best key any split left out
+        kept = found.kept_per_query(database.count)
+        keep = min(kept, max(2 * k, L1_CODES_SHORTLIST))
+        if keys.shape[1] > keep:  # the padding goes, and past `keep` real rows the cut raises the cutoff
+            top = torch.topk(keys, keep, dim=1)
+            if keep < kept:
+                cutoff = torch.maximum(cutoff, top.values[:, -1])
+            rows = torch.gather(rows, 1, top.indices)
+        bound = l1_codes.lower_bound(cutoff, query_error, data)
+        candidates = rows.long()
+        scores = direct_scores(q, database.vectors, candidates, Metric.L1, None)
+        scores, best = exact.best_first(scores, candidates, k, Metric.L1)
+        slack = exact.float32_slack(Metric.L1, q.abs().sum(dim=1), data[L1_NORMS].max(), database.dim)
+        certified = exact.certify(Metric.L1, scores[:, k - 1], -bound, torch.zeros_like(slack), slack, None)
+        return scores, best, certified
 
     def _l1(self, q: torch.Tensor, database: Database, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         import torch

@@ -479,6 +479,78 @@ def l1_tile_wide(queries: torch.Tensor, rows: torch.Tensor, kp: int) -> Candidat
     return Candidates(keys, out_rows, layout.rows_per_split)
 
 
+#: Query widths of the byte-code l1 scan (kernels/l1_codes.cu: one kernel each), its rows per warp batch, and
+#: its blocks per multiprocessor (one: each takes up to 214 registers a thread).
+CODES_WIDTHS = (8, 16, 32)
+CODES_BATCH_ROWS = 128
+CODES_BLOCKS_PER_SM = 1
+
+
+def l1_codes_shared_bytes(words: int, width: int, kp: int) -> int:
+    """Dynamic shared memory of a byte-code l1 launch: the query words, each warp's list per query."""
+    return 4 * words * width + (THREADS // 32) * width * (8 * capacity(kp) + 8)
+
+
+def l1_codes_width(n_queries: int, words: int, kp: int, widest: int = 32) -> int:
+    """The query width of the byte-code scan for ``n_queries`` (the narrowest that holds them, at most ``widest``
+    and within the shared memory limit), or 0 when none fits."""
+    fitting = [w for w in CODES_WIDTHS if w <= widest and l1_codes_shared_bytes(words, w, kp) <= WIDE_SHARED_LIMIT]
+    if not fitting:
+        return 0
+    return next((w for w in fitting if w >= n_queries), fitting[-1])
+
+
+def l1_codes_layout(n_queries: int, n_rows: int, width: int, sms: int, blocks_per_sm: int | None = None) -> Layout:
+    """Splits of a byte-code scan: one per warp, runs of whole 128-row batches, the card filled in one wave."""
+    per_sm = CODES_BLOCKS_PER_SM if blocks_per_sm is None else blocks_per_sm
+    warps = THREADS // 32
+    blocks = max(1, min(_cdiv(n_rows, warps * CODES_BATCH_ROWS), (sms * per_sm) // _cdiv(n_queries, width)))
+    per_warp = _cdiv(_cdiv(n_rows, blocks * warps), CODES_BATCH_ROWS) * CODES_BATCH_ROWS
+    return Layout(_cdiv(n_rows, per_warp * warps) * warps, per_warp)
+
+
+def l1_codes_scan(
+    query_words: torch.Tensor,
+    row_words_t: torch.Tensor,
+    kp: int,
+    width: int | None = None,
+    blocks_per_sm: int | None = None,
+) -> Candidates:
+    """Byte-code l1 scan (kernels/l1_codes.cu) of int32 ``query_words`` (Q, W) against column-major int32
+    ``row_words_t`` (W, N) (gpurag_torch.l1_codes); keys -SAD (exact integers), rows int32."""
+    device = row_words_t.device
+    _check(query_words, "query_words", torch.int32, device)
+    if row_words_t.dtype != torch.int32 or row_words_t.device != device or row_words_t.dim() != 2:
+        raise InvalidInputError(f"row_words_t must be a 2-d int32 tensor on {device}; got {row_words_t.dtype} "
+                                f"{tuple(row_words_t.shape)} on {row_words_t.device}")  # fmt: skip
+    if row_words_t.stride(1) != 1 and row_words_t.shape[1] > 1:
+        raise InvalidInputError(f"row_words_t must have contiguous rows; got strides {row_words_t.stride()}")
+    _check_kp(kp)
+    n_queries, words = query_words.shape
+    if row_words_t.shape[0] != words:
+        raise InvalidInputError(f"queries have {words} words, rows {row_words_t.shape[0]}")
+    n_rows = row_words_t.shape[1]
+    if n_rows == 0 or n_queries == 0:
+        raise InvalidInputError(f"the byte-code scan needs rows and queries; got {n_rows} rows, {n_queries} queries")
+    if width is None:
+        width = l1_codes_width(n_queries, words, kp)
+    if width not in CODES_WIDTHS or l1_codes_shared_bytes(words, width, kp) > WIDE_SHARED_LIMIT:
+        raise InvalidInputError(f"no byte-code scan of width {width} holds {words} words at kp={kp}")
+    layout = l1_codes_layout(n_queries, n_rows, width, multiprocessors(device.index or 0), blocks_per_sm)
+    warps = THREADS // 32
+    keys, out_rows = _outputs(n_queries, layout.splits, kp, device)
+    stride = row_words_t.stride(0)
+    vec = row_words_t.data_ptr() % 16 == 0 and stride % 4 == 0
+    name = f"l1_codes_{width}"
+    grid = (_cdiv(n_queries, width), layout.splits // warps)
+    _launch("l1_codes", name, device, grid, l1_codes_shared_bytes(words, width, kp), [
+        _ptr(query_words), _ptr(row_words_t), np.int64(stride), _i32(int(vec)), _i32(n_queries), _i32(n_rows),
+        _i32(words),
+        _i32(layout.rows_per_split), _i32(kp), _i32(capacity(kp)), _ptr(keys), _ptr(out_rows),
+    ])  # fmt: skip
+    return Candidates(keys, out_rows, layout.rows_per_split)
+
+
 def l1_tile(queries: torch.Tensor, rows: torch.Tensor, kp: int) -> Candidates:
     """Tiled exact l1 scan of float32 ``queries`` (Q, D) against float32 ``rows`` (N, D); keys are -l1."""
     _check(queries, "queries", torch.float32, rows.device)

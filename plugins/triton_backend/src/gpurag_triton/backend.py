@@ -2,9 +2,10 @@
 
 It shares the torch backend's database, conversions, re-scoring and certificate (`gpurag_torch`);
 what differs is the scan: `kernels.scan` scores and selects on chip, so no Q x N tile reaches memory.
-l2 / dot / cosine (and l1 for up to 16 queries, where it is bandwidth-bound) shortlist from bf16 rows,
-l1 for more queries from float16 rows (compute-bound: f16x2 abs-difference sums); the shortlist is
-certified per query and uncertified queries are scanned again in float32.
+l2 / dot / cosine (and l1 for one query, where it is bandwidth-bound) shortlist from bf16 rows, l1 for
+more queries from the rows' byte codes (`gpurag_torch.l1_codes`: exact integer sums of absolute byte
+differences, four dimensions an instruction; the earlier bf16 / float16 l1 scans remain behind
+`L1_CODES`); the shortlist is certified per query and uncertified queries are scanned again in float32.
 
 A search costs one synchronisation when nothing needs answering again: the shortlist is re-scored,
 ordered and certified by one kernel (`kernels.finish`), which also flags float32 overflow on the
@@ -51,6 +52,16 @@ HALF_T = "half_t"
 #: Per-row largest |x_d| (float32), for the float16 range check.
 MAX_ABS = "max_abs"
 L1_HALF_REACH = 2.0**11
+#: Whether l1 searches of at least `L1_CODES_MIN_QUERIES` queries shortlist from the rows' byte codes
+#: (`gpurag_torch.l1_codes`: exact integer sums of absolute byte differences, one VABSDIFF4 per four
+#: dimensions, whose error is bounded per query) instead of the bf16 / float16 scans; the finish kernel
+#: re-scores and certifies them against the codes' lower bound on every row left out.
+L1_CODES = True
+L1_CODES_MIN_QUERIES = 2
+#: Rows each query re-scores from the codes' shortlist at least: on 1M x 128 random normal rows the 256th
+#: best code distance cleared the 10th best l1 by only 1.5-3 (the bound E(q) + max E(x) is about 3.8),
+#: the 512th by more.
+L1_CODES_SHORTLIST = 512
 #: Keys each (query, split) keeps for the k the conformance kit asks (k <= 16): the shortlist
 #: boundary is declared where the splits' kept keys first outnumber `SHORTLIST_MIN`.
 BOUNDARY_KP = 16
@@ -123,6 +134,9 @@ class TritonBackend(TorchBackend):
         #: many queries the re-scoring runs first on its own, wider grid.
         self.use_finish = True
         self.finish_split_below = FINISH_SPLIT_BELOW
+        #: Whether l1 shortlists from byte codes (`L1_CODES`; the databases then hold the codes).
+        self.l1_codes = self.low_precision and L1_CODES
+        self.l1_codes_min_queries = L1_CODES_MIN_QUERIES
         from gpurag_triton.graphs import GraphCache
 
         self._graphs = GraphCache()
@@ -166,6 +180,10 @@ class TritonBackend(TorchBackend):
 
                 database.row_data[HALF_T] = database.vectors.to(torch.float16).T.contiguous()
                 database.row_data[MAX_ABS] = database.vectors.abs().amax(dim=1)
+            if self.l1_codes:  # every dimension (`required_keys` cannot tell them apart); used up to l1_codes.MAX_DIM
+                from gpurag_torch import l1_codes
+
+                database.row_data.update(l1_codes.row_data(database.vectors))
         return database
 
     def required_keys(self, metric: Metric) -> set[str]:
@@ -180,7 +198,28 @@ class TritonBackend(TorchBackend):
                 keys.add(LOW_T)
             if self.low_precision and L1_HALF:
                 keys |= {HALF_T, MAX_ABS}
+            if self.l1_codes:
+                from gpurag_torch import l1_codes
+
+                keys |= {l1_codes.CODES_T, l1_codes.CODE_ERROR, l1_codes.CODE_SCALE}
         return keys
+
+    def _codes_kept(self, dim: int) -> bool:
+        from gpurag_torch import l1_codes
+
+        return self.l1_codes and l1_codes.takes(dim)
+
+    def _codes_fit(self, n_queries: int, database: Database) -> bool:
+        """Whether an l1 search of ``n_queries`` queries shortlists from the byte codes (`L1_CODES`)."""
+        from gpurag_torch import l1_codes
+
+        return (
+            database.metric is Metric.L1
+            and self.use_finish
+            and n_queries >= self.l1_codes_min_queries
+            and self._codes_kept(database.dim)
+            and l1_codes.CODES_T in database.row_data
+        )
 
     # --- distances and selection ---------------------------------------------------------------
     def boundaries(self, metric: Metric, queries: int, dim: int) -> Boundaries:
@@ -199,6 +238,9 @@ class TritonBackend(TorchBackend):
 
         def layout(n_queries: int, n_rows: int) -> tuple[int, int, int, bool, str]:
             """(BLOCK_Q, BLOCK_N, splits, tensor-core tiles, precision of the scan) of one launch."""
+            if l1 and self._codes_kept(dim) and self.use_finish and n_queries >= self.l1_codes_min_queries:
+                c0 = launch.choose_l1_config(n_queries, n_rows, device=self.torch_device, codes=True)
+                return c0.block_q, c0.block_n, c0.splits, False, "codes"
             half = l1 and self.low_precision and L1_HALF and n_queries > L1_LOW_MAX_QUERIES
             low = self.low_precision and (not l1 or n_queries <= L1_LOW_MAX_QUERIES or half)
             if l1 and not (low and L1_ROW_MAJOR):
@@ -256,7 +298,10 @@ class TritonBackend(TorchBackend):
             return super().topk(q, database, k)
         metric = database.metric
         low = self.low_precision and (
-            metric is not Metric.L1 or q.shape[0] <= L1_LOW_MAX_QUERIES or self._half_fits(q, database)
+            metric is not Metric.L1
+            or q.shape[0] <= L1_LOW_MAX_QUERIES
+            or self._codes_fit(q.shape[0], database)
+            or self._half_fits(q, database)
         )
         self.queries_searched += q.shape[0]
         if self._graphable(q, database):
@@ -381,10 +426,23 @@ class TritonBackend(TorchBackend):
         from gpurag_triton import launch
 
         metric = database.metric
-        code, query_in, rows_in, extra = self._scan_inputs(q, database, low=True)
         kp = launch._pow2(max(k, 16 if not launch.interpreting() else k))
+        codes = self._codes_fit(q.shape[0], database)
+        if codes:
+            from gpurag_torch import l1_codes
+
+            words, query_error = l1_codes.encode(q, database.row_data[l1_codes.CODE_SCALE][0])
+            query_in = words
+        else:
+            code, query_in, rows_in, extra = self._scan_inputs(q, database, low=True)
         floor = None
-        if metric is Metric.L1:
+        if codes:
+            code_config = launch.choose_l1_config(q.shape[0], database.count, device=q.device, codes=True)
+            if not launch.interpreting():  # enough kept keys for the shortlist: few splits keep more each
+                n_splits = launch.split_rows(database.count, code_config.splits, code_config.block_n)[1]
+                kp = max(kp, min(launch.MAX_KP, launch._pow2(-(-L1_CODES_SHORTLIST // n_splits))))
+            scan = launch.l1_scan(words.T.contiguous(), database.row_data[l1_codes.CODES_T], kp, code_config)
+        elif metric is Metric.L1:
             scan = self._l1_scan(query_in, database, kp, low=True)
         elif self._seeded(q, database):
             stride = SEED_SAMPLE_STRIDE
@@ -405,8 +463,11 @@ class TritonBackend(TorchBackend):
         else:
             scan = launch.scan_topk(query_in, rows_in, extra, code, kp)
         n_queries, splits, _ = scan.keys.shape
-        keep = min(scan.kept_per_query(database.count), max(2 * k, SHORTLIST_MIN))
-        if self.merge_groups and splits * kp > keep >= kp:
+        keep = min(scan.kept_per_query(database.count), max(2 * k, L1_CODES_SHORTLIST if codes else SHORTLIST_MIN))
+        groups = launch.merged_groups(splits, keep // kp) if keep >= kp else 0
+        # The codes' certificate needs most of the shortlist: where whole groups of splits would keep far fewer
+        # keys (33 splits in groups of 2 keep 272 of 512), the keys are cut by torch.topk instead.
+        if self.merge_groups and splits * kp > keep >= kp and (not codes or 4 * groups * kp >= 3 * keep):
             # Groups of splits keep their kp best each (one kernel), with a cutoff bounding the rest.
             keys, cutoff = launch.merge_groups(scan.keys, keep // kp)
         else:
@@ -419,6 +480,8 @@ class TritonBackend(TorchBackend):
                 cutoff = torch.maximum(cutoff, worst)
         if floor is not None:
             cutoff = torch.maximum(cutoff, floor)
+        if codes:  # the cutoff as the codes' lower bound on the l1 of every row left out
+            cutoff = l1_codes.lower_bound_cutoff(cutoff, query_error, database.row_data)
         if query_in.dtype == torch.float16:  # an element beyond the float16 reach voids every certificate
             reach = torch.maximum(q.abs().amax(), database.row_data[MAX_ABS].amax())
             cutoff = torch.where(reach <= L1_HALF_REACH, cutoff, _infinite_key().to(cutoff.device))
@@ -426,7 +489,7 @@ class TritonBackend(TorchBackend):
         metric_code = {Metric.DOT: 0, Metric.L2: 1, Metric.L1: 2, Metric.COSINE: 3}[metric]
         return launch.finish(
             q, database.vectors, keys, cutoff, norms.max(), norms if metric is Metric.COSINE else None, k,
-            metric_code, finish_bounds(metric, database.dim, half=query_in.dtype == torch.float16),
+            metric_code, finish_bounds(metric, database.dim, half=query_in.dtype == torch.float16, codes=codes),
             self.finish_split_below, packed,
         )  # fmt: skip
 
@@ -643,16 +706,19 @@ class TritonBackend(TorchBackend):
         return TopK(distances, torch.gather(rows, 1, top.indices))
 
 
-def finish_bounds(metric: Metric, dim: int, *, half: bool = False) -> Any:
+def finish_bounds(metric: Metric, dim: int, *, half: bool = False, codes: bool = False) -> Any:
     """`launch.Bounds` of ``metric`` at ``dim``: the factors of `gpurag_torch.exact`'s bounds that depend on D only.
 
-    ``half``: l1's float16 shortlist (`half_l1_bounds`) rather than the bf16 one.
+    ``half``: l1's float16 shortlist (`half_l1_bounds`) rather than the bf16 one. ``codes``: l1's byte-code
+    shortlist, whose cutoff is already a bound on the true l1 of every row left out (no error term).
     """
     from gpurag_torch import exact
     from gpurag_torch.backend import FLOAT32_SAFE_REACH
     from gpurag_triton import launch
 
     floor = dim * exact.UNDERFLOW
+    if metric is Metric.L1 and codes:
+        return launch.Bounds(0.0, 0.0, 0.0, 4 * (dim + 4) * exact.U32, FLOAT32_SAFE_REACH)
     if metric is Metric.L1 and half:
         rel, half_floor = half_l1_bounds(dim, launch.L1_HALF_CHUNK)
         floor += half_floor

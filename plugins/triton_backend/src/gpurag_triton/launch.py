@@ -36,9 +36,19 @@ SELECT_BY_INDEX = True
 SMALL_Q_SCAN = (64, 128, 4, 3, 4)
 
 
+#: (BLOCK_Q, BLOCK_N, words a step, warps, programs per SM, stages) of the byte-code l1 scan, for at most 16 queries
+#: and for more (`choose_l1_config` with ``codes``). In sm_90 code a 16 x 256 tile of 4 words a step issues
+#: one load per 2.9 VABSDIFF4 and spills nothing; 8 words a step, or 32 x 128 tiles of 4, spill addresses.
+#: On an H200 (S4 W2): 10M x 128 x 16 2.21 ms (x4 programs per SM 2.40, a 16 x 512 tile 2.51); 1M x 128 x 1024
+#: 11.0 ms with 8 programs per SM, 12.5 with 4 (32 x 128 x 8: 18.2); more programs per SM also keep more
+#: keys for the shortlist (x4 kept 144 per query, and 27 % of the queries failed their certificate).
+L1_CODES_FEW = (16, 256, 4, 4, 2, 2)
+L1_CODES_MANY = (16, 256, 4, 4, 16, 2)
+
+
 def tuning() -> tuple[object, ...]:
     """The module-level choices above, as one value (part of a captured graph's key)."""
-    return (SELECT_BY_INDEX, SMALL_Q_SCAN)
+    return (SELECT_BY_INDEX, SMALL_Q_SCAN, L1_CODES_FEW, L1_CODES_MANY)
 
 
 def interpreting() -> bool:
@@ -197,16 +207,23 @@ class L1Config:
     block_d: int = 4
 
 
-def choose_l1_config(n_queries: int, n_rows: int, *, device: torch.device, half: bool = False) -> L1Config:
+def choose_l1_config(
+    n_queries: int, n_rows: int, *, device: torch.device, half: bool = False, codes: bool = False
+) -> L1Config:
     """A (BLOCK_Q, BLOCK_N) accumulator tile of about 32 values a thread; all SMs split the rows.
 
     ``half``: the float16 path, whose chunks are `L1_HALF_CHUNK` dimensions (its error bound assumes it).
+    ``codes``: the byte-code path (`block_d` then counts int32 words of four codes).
     """
     if interpreting():  # small blocks, several splits and chunks: every boundary is crossed on tiny inputs
         block_d = L1_HALF_CHUNK if half else 4
         return L1Config(min(4, _pow2(n_queries)), 16, max(1, min(3, triton.cdiv(n_rows, 16))), block_d=block_d)
     # Picked by the sweep in benchmarks/l1_probe.py on an H200 (benchmarks/results/gpu_h200_l1.md).
-    if half:
+    stages = 2
+    if codes:
+        block_q, block_n, block_d, warps, per_sm, stages = L1_CODES_FEW if n_queries <= 16 else L1_CODES_MANY
+        block_q = min(block_q, max(2, _pow2(n_queries)))
+    elif half:
         block_q, block_n, block_d, warps, per_sm = 32, 128, L1_HALF_CHUNK, 4, 8
     elif n_queries == 1:  # bandwidth-bound: wide (BLOCK_D, BLOCK_N) row tiles in flight
         block_q, block_n, block_d, warps, per_sm = 1, 512, 16, 4, 4
@@ -216,7 +233,7 @@ def choose_l1_config(n_queries: int, n_rows: int, *, device: torch.device, half:
         block_q, block_n, block_d, warps, per_sm = 32, 128, 4, 4, 8
     query_blocks = triton.cdiv(n_queries, block_q)
     splits = max(1, min(triton.cdiv(_sms(device) * per_sm, query_blocks), triton.cdiv(n_rows, block_n * 4)))
-    return L1Config(block_q, block_n, splits, warps, block_d=block_d)
+    return L1Config(block_q, block_n, splits, warps, stages, block_d=block_d)
 
 
 def l1_scan(
@@ -230,12 +247,13 @@ def l1_scan(
 
     ``queries_t`` (D, Q) and ``rows_t`` (D, N) are column-major, both float32, both bf16 (or float32
     queries with bf16 rows) or both float16 (float16: each chunk of ``block_d`` dimensions is summed in
-    float16, see `kernels.l1`). ``tau``
+    float16, see `kernels.l1`), or both int32 words of byte codes, (W, Q) and (W, N) (keys: minus the
+    code distance, `gpurag_torch.l1_codes`). ``tau``
     (Q,) float32, if given, is a floor per query on the score: rows scoring at most it are left out.
     """
     dtype = rows_t.dtype
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise InvalidInputError(f"rows must be float32, bfloat16 or float16; got {dtype}")
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.int32):
+        raise InvalidInputError(f"rows must be float32, bfloat16, float16 or int32 (byte codes); got {dtype}")
     # bf16 rows take float32 queries too (bf16-rounded ones give the same sums, without conversions in the loop).
     query_dtype = torch.float32 if dtype == torch.bfloat16 and queries_t.dtype == torch.float32 else dtype
     _check_matrix(queries_t, "queries_t", query_dtype, rows_t.device)
@@ -254,8 +272,9 @@ def l1_scan(
         raise InvalidInputError(
             f"tau must be float32 ({n_queries},) on {rows_t.device}; got {tau.dtype} {tuple(tau.shape)}"
         )
+    codes = dtype == torch.int32
     if config is None:
-        config = choose_l1_config(n_queries, n_rows, device=rows_t.device, half=dtype == torch.float16)
+        config = choose_l1_config(n_queries, n_rows, device=rows_t.device, half=dtype == torch.float16, codes=codes)
     rows_per_split, splits = split_rows(n_rows, config.splits, config.block_n)
     out = torch.empty((n_queries, splits, kp), dtype=torch.float64, device=rows_t.device)
     l1_scan_kernel[(triton.cdiv(n_queries, config.block_q), splits)](
@@ -264,7 +283,7 @@ def l1_scan(
         queries_t.stride(0), rows_t.stride(0),
         BLOCK_Q=config.block_q, BLOCK_N=config.block_n, BLOCK_D=config.block_d, KP=kp, HAS_TAU=tau is not None,
         HALF=dtype == torch.float16, PACKED=not interpreting(), EVEN_D=dim % config.block_d == 0,
-        CHUNK=L1_HALF_CHUNK,
+        CHUNK=L1_HALF_CHUNK, CODES=codes,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return Scan(out, rows_per_split)
@@ -402,6 +421,12 @@ def finish(
         num_warps=4 if m <= 256 else 8,
     )  # fmt: skip
     return Finished(scores, rows, certified.view(torch.bool), flags, buffer)
+
+
+def merged_groups(n_splits: int, groups: int) -> int:
+    """How many groups `merge_groups` forms from ``n_splits`` splits asked for ``groups`` (whole splits per group)."""
+    per_group = triton.cdiv(n_splits, max(1, min(groups, n_splits)))
+    return int(triton.cdiv(n_splits, per_group))
 
 
 def merge_groups(keys: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import collections.abc
+import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from gpurag.backend import Availability
@@ -89,34 +91,37 @@ class LocalGenerator(TransformersGenerator):
             parts[piece.index].append(piece.text)
         return ["".join(texts).strip() for texts in parts]
 
-    def stream(self, questions: Sequence[str], passages: Sequence[Sequence[Passage]]) -> Iterator[TextPiece]:
+    def stream(
+        self, questions: Sequence[str], passages: Sequence[Sequence[Passage]]
+    ) -> collections.abc.Generator[TextPiece, None, None]:
         """Each answer's text as it is generated, invalid citations removed, its sources before its ``done`` piece."""
         citations = [CitationFilter(len(found)) for found in passages]
         started = [False] * len(questions)
         answers: list[list[str]] = [[] for _ in questions]
-        for piece in super().stream(questions, passages):
-            i, citation = piece.index, citations[piece.index]
-            if not piece.done:
-                text = citation.feed(piece.text)
-                if not started[i]:
-                    text = text.lstrip()
-                    started[i] = bool(text)
+        with contextlib.closing(super().stream(questions, passages)) as generated:
+            for piece in generated:
+                i, citation = piece.index, citations[piece.index]
+                if not piece.done:
+                    text = citation.feed(piece.text)
+                    if not started[i]:
+                        text = text.lstrip()
+                        started[i] = bool(text)
+                    if text:
+                        answers[i].append(text)
+                        yield TextPiece(i, text)
+                    continue
+                text = citation.finish().rstrip()
+                if citation.cited:
+                    sources = "; ".join(f"[{n}] {passages[i][n - 1].source}" for n in citation.cited)
+                    text += f"\n\nSources: {sources}"
+                else:
+                    matched = overlapping_passages("".join(answers[i]) + text, passages[i], self.MIN_OVERLAP)
+                    if matched:
+                        sources = "; ".join(f"[{n}] {passages[i][n - 1].source}" for n in matched)
+                        text += f"\n\nSources (by word overlap): {sources}"
                 if text:
-                    answers[i].append(text)
                     yield TextPiece(i, text)
-                continue
-            text = citation.finish().rstrip()
-            if citation.cited:
-                sources = "; ".join(f"[{n}] {passages[i][n - 1].source}" for n in citation.cited)
-                text += f"\n\nSources: {sources}"
-            else:
-                matched = overlapping_passages("".join(answers[i]) + text, passages[i], self.MIN_OVERLAP)
-                if matched:
-                    sources = "; ".join(f"[{n}] {passages[i][n - 1].source}" for n in matched)
-                    text += f"\n\nSources (by word overlap): {sources}"
-            if text:
-                yield TextPiece(i, text)
-            yield piece
+                yield piece
 
 
 def overlapping_passages(answer: str, passages: Sequence[Passage], min_share: float) -> list[int]:

@@ -28,6 +28,17 @@ from gpurag.errors import GenerationError, InvalidInputError
 REQUIRED_MODULES = {"torch": "torch", "transformers": "transformers", "gguf": "gguf", "accelerate": "accelerate"}
 #: The file that marks a cache directory as complete; it records what the cache was built from.
 CACHE_MARKER = "gpurag-model-cache.json"
+#: The layout of a cache this code builds; a cache marked with another (or none) is rebuilt.
+#: 2: the tokenizer's special tokens are the GGUF file's (caches of format 1 built under
+#: transformers 5.17 have the beginning-of-sequence token as their end-of-sequence token).
+CACHE_FORMAT = 2
+#: The tokenizer's special tokens, by the GGUF metadata key that holds each one's id.
+GGUF_SPECIAL_TOKENS = {
+    "bos_token": "tokenizer.ggml.bos_token_id",
+    "eos_token": "tokenizer.ggml.eos_token_id",
+    "pad_token": "tokenizer.ggml.padding_token_id",
+    "unk_token": "tokenizer.ggml.unknown_token_id",
+}
 
 
 def _smollm2_gguf(work_dir: Path) -> Path:
@@ -120,7 +131,11 @@ def cached_model_dir(name: str, cache_dir: Path) -> tuple[Path, bool]:
         built = Path(scratch) / "model"
         _dequantise(model, Path(scratch), built)
         (built / CACHE_MARKER).write_text(
-            json.dumps({"model": name, "distribution": model.distribution, "version": version}, indent=2) + "\n"
+            json.dumps(
+                {"model": name, "distribution": model.distribution, "version": version, "format": CACHE_FORMAT},
+                indent=2,
+            )
+            + "\n"
         )
         if target.exists():  # an incomplete cache left by a load that died
             shutil.rmtree(target)
@@ -140,7 +155,11 @@ def _complete(path: Path, model: PackagedModel, version: str) -> bool:
         marker = json.loads((path / CACHE_MARKER).read_text())
     except (OSError, ValueError):
         return False
-    return bool(marker.get("distribution") == model.distribution and marker.get("version") == version)
+    return bool(
+        marker.get("distribution") == model.distribution
+        and marker.get("version") == version
+        and marker.get("format") == CACHE_FORMAT
+    )
 
 
 def _dequantise(model: PackagedModel, scratch: Path, out: Path) -> None:
@@ -154,6 +173,7 @@ def _dequantise(model: PackagedModel, scratch: Path, out: Path) -> None:
         with _gguf_parsed_once():
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             weights: Any = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            _set_special_tokens(tokenizer, gguf)
     except (OSError, ValueError, RuntimeError) as error:
         raise GenerationError(f"transformers could not load {gguf}: {type(error).__name__}: {error}") from error
     # The weights are plain torch tensors now; only the record of where they came from says
@@ -165,11 +185,32 @@ def _dequantise(model: PackagedModel, scratch: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def _set_special_tokens(tokenizer: Any, gguf_path: Path) -> None:
+    """Give ``tokenizer`` the special tokens that the GGUF file's metadata names.
+
+    transformers reads them wrongly in some versions: 5.17 makes the beginning-of-sequence token
+    the end-of-sequence token too and leaves the padding token out, so an answer would end at
+    ``<|im_start|>`` instead of ``<|im_end|>``.
+    """
+    import gguf
+
+    reader: Any = gguf.GGUFReader(gguf_path)
+    for attribute, key in GGUF_SPECIAL_TOKENS.items():
+        field = reader.fields.get(key)
+        if field is None or not len(field.data):
+            continue
+        token_id = int(field.parts[field.data[0]][0])
+        if not 0 <= token_id < len(tokenizer):
+            raise GenerationError(f"{gguf_path}: {key} is {token_id}, outside the tokenizer's {len(tokenizer)} tokens")
+        setattr(tokenizer, attribute, tokenizer.convert_ids_to_tokens(token_id))
+
+
 @contextlib.contextmanager
 def _gguf_parsed_once() -> Iterator[None]:
     """Within the block, ``gguf.GGUFReader`` of one file is built once and shared.
 
-    transformers opens the GGUF file three times (tokenizer, configuration, weights), and
+    transformers opens the GGUF file three times or more (tokenizer, configuration, weights;
+    version 5.17 twice for the tokenizer), and
     building a reader parses every metadata field, the 49,152-token vocabulary and its merges
     included: most of a first start's time. The readers are only read from (memory-mapped).
     """

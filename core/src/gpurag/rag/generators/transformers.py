@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections.abc
+import contextlib
 import copy
 import dataclasses
 import os
@@ -90,7 +92,9 @@ class TransformersGenerator(Generator):
                 answers[i] = text
         return answers
 
-    def stream(self, questions: Sequence[str], passages: Sequence[Sequence[Passage]]) -> Iterator[TextPiece]:
+    def stream(
+        self, questions: Sequence[str], passages: Sequence[Sequence[Passage]]
+    ) -> collections.abc.Generator[TextPiece, None, None]:
         """Each answer's text as the batch generates it, as `TextPiece` objects indexed by question.
 
         Batches as `generate` does; each answer ends with a ``done`` piece, and its pieces joined
@@ -98,8 +102,9 @@ class TransformersGenerator(Generator):
         """
         prompts = self.format_prompts(questions, passages)
         for batch in self._batches(prompts):
-            for piece in self._stream_batch([prompts[i] for i in batch]):
-                yield dataclasses.replace(piece, index=batch[piece.index])
+            with contextlib.closing(self._stream_batch([prompts[i] for i in batch])) as pieces:
+                for piece in pieces:
+                    yield dataclasses.replace(piece, index=batch[piece.index])
 
     def _batches(self, prompts: list[str]) -> Iterator[list[int]]:
         """Indexes of ``prompts`` in batches; prompts of similar length share one, so that little is padding."""
@@ -137,7 +142,7 @@ class TransformersGenerator(Generator):
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
         return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
-    def _stream_batch(self, prompts: list[str]) -> Iterator[TextPiece]:
+    def _stream_batch(self, prompts: list[str]) -> collections.abc.Generator[TextPiece, None, None]:
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
 

@@ -12,6 +12,11 @@ With ``HALF`` (float16 queries and rows, the many-query shortlist) a program loa
 queries and rows a step and sums ``|q - x|`` in float16, two pairs per f16x2 instruction, over a chunk
 of CHUNK dimensions; each chunk sum is then added to the float32 accumulator. Every float16 operation
 rounds to nearest, which `gpurag_triton.backend.half_l1_bounds` bounds.
+
+With ``CODES`` (the byte-code shortlist, `gpurag_torch.l1_codes`) queries and rows are int32 words of four
+signed byte codes each, ``dim`` counts words, and a program adds one word's ``Σ|c_q - c_x|`` a step to an
+int32 accumulator: one VABSDIFF4 instruction per word, query and row on the GPU (exact integers), the
+same sums by byte arithmetic in the interpreter.
 """
 
 from __future__ import annotations
@@ -99,6 +104,7 @@ def _half_tile(
     qt_ptr, xt_ptr, offs_q, offs_n, q_mask, n_mask, dim, stride_qt, stride_xt,
     PACKED: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CHUNK: tl.constexpr,
+    CODES: tl.constexpr = False,
 ):  # fmt: skip
     """(BLOCK_Q, BLOCK_N) l1 sums of float16 inputs: each chunk of CHUNK dimensions summed in float16, one
     dimension a step, then added to a float32 accumulator (`gpurag_triton.backend.half_l1_bounds` bounds the
@@ -130,6 +136,55 @@ def _half_tile(
 
 
 @triton.jit
+def _sad4(acc, q, x, PACKED: tl.constexpr):
+    """``acc`` plus the sum over the four signed bytes of int32 words ``q`` and ``x`` of their absolute differences."""
+    if PACKED:
+        return tl.inline_asm_elementwise(
+            "vabsdiff4.u32.s32.s32.add $0, $1, $2, $3;",
+            "=r,r,r,r",
+            [q, x, acc],
+            dtype=tl.int32,
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        total = acc
+        for b in tl.static_range(4):
+            total += tl.abs(((q << (24 - 8 * b)) >> 24) - ((x << (24 - 8 * b)) >> 24))
+        return total
+
+
+@triton.jit
+def _code_tile(
+    qt_ptr, xt_ptr, offs_q, offs_n, q_mask, n_mask, words, stride_qt, stride_xt,
+    PACKED: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """(BLOCK_Q, BLOCK_N) code distances (float32, exact) of (words, Q) and (words, N) int32 words; a loop
+    step covers BLOCK_D words, one word a static step. Queries and rows past the ends read query and row 0
+    (their sums are dropped by the caller), so only a partial last step (not ``EVEN_D``) masks its loads."""
+    acc = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.int32)
+    safe_q = tl.where(q_mask, offs_q, 0)
+    safe_n = tl.where(n_mask, offs_n, 0)
+    q_base = qt_ptr
+    x_base = xt_ptr
+    for w0 in range(0, words, BLOCK_D):
+        for dd in tl.static_range(BLOCK_D):
+            if EVEN_D:
+                q = tl.load(q_base + dd * stride_qt + safe_q)
+                x = tl.load(x_base + dd * stride_xt + safe_n)
+            else:
+                q = tl.load(q_base + dd * stride_qt + safe_q, mask=tl.zeros_like(offs_q) + w0 + dd < words, other=0)
+                x = tl.load(x_base + dd * stride_xt + safe_n, mask=tl.zeros_like(offs_n) + w0 + dd < words, other=0)
+            acc = _sad4(
+                acc, tl.broadcast_to(q[:, None], (BLOCK_Q, BLOCK_N)), tl.broadcast_to(x[None, :], (BLOCK_Q, BLOCK_N)),
+                PACKED,
+            )  # fmt: skip
+        q_base += BLOCK_D * stride_qt
+        x_base += BLOCK_D * tl.cast(stride_xt, tl.int64)  # a stride of 1 arrives as a constant
+    return acc.to(tl.float32)
+
+
+@triton.jit
 def l1_scan_kernel(
     qt_ptr,
     xt_ptr,
@@ -151,6 +206,7 @@ def l1_scan_kernel(
     PACKED: tl.constexpr,
     EVEN_D: tl.constexpr,
     CHUNK: tl.constexpr,
+    CODES: tl.constexpr = False,
 ):
     """out[q, split, :] = the KP best packed keys (score -l1) of query q over the rows of its split.
 
@@ -170,7 +226,12 @@ def l1_scan_kernel(
     for n0 in range(row_start, row_stop, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < row_stop
-        if HALF:
+        if CODES:
+            acc = _code_tile(
+                qt_ptr, xt_ptr, offs_q, offs_n, q_mask, n_mask, dim, stride_qt, stride_xt,
+                PACKED, EVEN_D, BLOCK_Q, BLOCK_N, BLOCK_D,
+            )  # fmt: skip
+        elif HALF:
             acc = _half_tile(
                 qt_ptr, xt_ptr, offs_q, offs_n, q_mask, n_mask, dim, stride_qt, stride_xt,
                 PACKED, EVEN_D, BLOCK_Q, BLOCK_N, BLOCK_D, CHUNK,
