@@ -13,14 +13,16 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from gpurag_triton import lsh_fused
 from gpurag_triton.kernels import lsh_select
 from gpurag_triton.kernels.hamming_select import hamming_near_kernel
 
 SM90 = GPUTarget("cuda", 90, 32)
 
 
-def build(name: str, fn: object, signature: dict[str, str], constants: dict[str, object]) -> None:
-    triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants), target=SM90)
+def build(name: str, fn: object, signature: dict[str, str], constants: dict[str, object], warps: int = 4) -> None:
+    source = ASTSource(fn=fn, signature=signature, constexprs=constants)
+    triton.compile(source, target=SM90, options={"num_warps": warps})
     print(f"built {name}", flush=True)
 
 
@@ -40,7 +42,7 @@ def main() -> int:
     build("select_nearest_keys_kernel", lsh_select.select_nearest_keys_kernel,
           {"keys_ptr": "*i32", "counter_ptr": "*i32", "rows_ptr": "*i64", "failed_ptr": "*i32", "count": "i32",
            "capacity": "i32", "PASSES": "constexpr", "ROW_BITS": "constexpr", "BLOCK": "constexpr"},
-          {"PASSES": 4, "ROW_BITS": 24, "BLOCK": 8192})  # fmt: skip
+          {"PASSES": 4, "ROW_BITS": 24, "BLOCK": lsh_fused.SELECT_BLOCK}, lsh_fused.SELECT_WARPS)  # fmt: skip
     for term, cosine, lower in ((2, True, False), (0, False, True)):
         build(f"rescore_best_kernel (term {term})", lsh_select.rescore_best_kernel,
               {"q_ptr": "*fp32", "x_ptr": "*fp32", "rows_ptr": "*i64", "norms_ptr": "*fp32", "out_ptr": "*fp64",
