@@ -32,6 +32,7 @@ def test_graph_answers_equal_the_stages_run_one_by_one(
     from gpurag_triton import lsh_fused
 
     monkeypatch.setattr(lsh_fused, "FUSED", fused)
+    monkeypatch.setattr(lsh_fused, "MAX_QUERIES", 64)  # the fused graph at every query count here
     index = cuda_index(300)
     index.add(gaussian_mixture(20_000, 48, clusters=50, seed=1))
     queries = gaussian_mixture(n_queries, 48, clusters=50, seed=1, sample=1)

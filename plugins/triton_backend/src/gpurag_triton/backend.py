@@ -613,7 +613,7 @@ class TritonBackend(TorchBackend):
         small = isinstance(hashed, np.ndarray) and isinstance(queries, np.ndarray)
         small = small and 0 < hashed.shape[0] <= lsh_graphs.GRAPH_MAX_QUERIES and self.use_graphs
         on_gpu = self.torch_device.type == "cuda" and not launch.interpreting()
-        if on_gpu and not small and self.use_graphs and lsh_fused.usable(k):
+        if on_gpu and not small and self.use_graphs and lsh_fused.usable(k, int(hashed.shape[0])):
             try:
                 return self._fused_lsh_topk(hashed, queries, planes, codes, database, n_candidates, k)
             except lsh_fused.build_errors() as exc:  # not buildable here: the torch-selected stages from now on
@@ -632,7 +632,7 @@ class TritonBackend(TorchBackend):
         width = query_codes.shape[1]
 
         n_queries = int(hashed.shape[0])
-        fused = lsh_fused.usable(k)
+        fused = lsh_fused.usable(k, n_queries)
         if fused:
             sampled = lsh_fused.SAMPLED and n_queries >= lsh_fused.SAMPLED_MIN_QUERIES
         else:
