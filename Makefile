@@ -38,10 +38,10 @@ test: $(STAMP)
 
 # On the GPU machine (the device tool), which has torch, CUDA and pytest but no registry: install the
 # wheels `make gpu-wheels` carried, then run the whole suite there, `gpu` tests included.
-GPU_TEST_WORKERS ?= 8
+GPU_TEST_WORKERS ?= 12
 test-gpu:
 	bash scripts/gpu_wheels.sh --install
-	python3 -m pytest -q -p no:cacheprovider -m "gpu or not gpu" -rs -n $(GPU_TEST_WORKERS) --dist loadfile tests
+	python3 -m pytest -q -p no:cacheprovider -m "gpu or not gpu" -rs -n $(GPU_TEST_WORKERS) --dist load tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -20,7 +20,7 @@ cd "$(dirname "$0")/.."
 
 PACKAGES="pydantic pydantic-core pydantic-settings python-dotenv typing-inspection annotated-types typing-extensions"
 PACKAGES="$PACKAGES gguf accelerate"  # transformers' GGUF path, for the `local` generator (generate_speed.py)
-PACKAGES="$PACKAGES pytest-xdist execnet"  # make test-gpu spreads the suite over the GPU machine's cores
+PACKAGES="$PACKAGES pytest-xdist execnet"  # make test-gpu spreads the tests over the GPU machine's cores
 
 if [[ "${1:-}" == "--install" ]]; then
     PY=${PYTHON:-python3}

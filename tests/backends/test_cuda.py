@@ -106,6 +106,7 @@ def test_layouts_cover_every_row_once_in_whole_tiles(n_rows: int, n_queries: int
         (launch.stream_layout(n_rows, 132), launch.STREAM_ROWS),
         (launch.tc_layout(n_queries, n_rows, 128, 16, 132, True), launch.WIDE_BLOCK_N),
         (launch.stream_layout(n_rows, 132, launch.few_warps_per_sm(16)), launch.STREAM_ROWS),
+        (launch.tc_layout(n_queries, n_rows, 768, 16, 132, False, True), launch.TC_REG_BLOCK_N),
     ):
         assert layout.rows_per_split % tile == 0
         assert layout.splits * layout.rows_per_split >= n_rows
@@ -133,6 +134,18 @@ def test_the_fast_kernels_take_what_their_shared_memory_holds() -> None:
         assert launch.few_takes(n_queries, 768, 64)
     assert not launch.few_takes(17, 128, 16)
     assert not launch.few_takes(4, 781, 16)
+
+
+def test_the_register_tile_fits_its_lists_and_stages_in_shared_memory() -> None:
+    for block_q, block_n in launch.TC_REG_TILES:
+        for kp in (1, 16, 32):
+            assert launch.reg_shared_bytes(block_q, kp, block_n) <= launch.WIDE_SHARED_LIMIT
+    assert launch.reg_shared_bytes(128, 64, 128) <= launch.WIDE_SHARED_LIMIT < launch.reg_shared_bytes(128, 64, 256)
+    assert launch.reg_blocks_per_sm(64, 16) == 2  # two 64-query blocks share a multiprocessor
+    assert launch.reg_blocks_per_sm(64, 64) == 1
+    assert launch.reg_blocks_per_sm(128, 16) == 1
+    assert launch.reg_takes(768, 64)
+    assert not launch.reg_takes(781, 16)  # 16-byte rows only
 
 
 def test_the_fast_kernels_follow_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -244,3 +257,66 @@ def test_the_fast_kernels_and_the_earlier_ones_across_their_tiles(
     for k in (1, 10, 32):
         scores, ids = _search(backend, queries, vectors, metric, k)
         ref.assert_topk_matches(queries, vectors, metric, scores, ids, k)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tile", launch.TC_REG_TILES, ids=lambda t: f"{t[0]}x{t[1]}")
+@pytest.mark.parametrize(
+    ("n_queries", "n_rows", "dim"),
+    [(1, 129, 8), (63, 1000, 40), (64, 4097, 136), (65, 20_001, 64), (130, 70_001, 128), (129, 300_001, 32)],
+)  # query tiles of 64 / 128, row tiles of 128 / 256, k-steps of 32, several splits, lists that overflow and refill
+def test_the_register_tile_keeps_every_querys_best_keys(
+    gpu_backend: Any, monkeypatch: pytest.MonkeyPatch, tile: tuple[int, int], n_queries: int, n_rows: int, dim: int
+) -> None:
+    import torch
+
+    monkeypatch.setattr(launch, "TC_REG_BLOCK_Q", tile[0])
+    monkeypatch.setattr(launch, "TC_REG_BLOCK_N", tile[1])
+    gen = torch.Generator(device="cuda").manual_seed(n_rows)
+    q = torch.randn(n_queries, dim, device="cuda", generator=gen).to(torch.bfloat16)
+    x = torch.randn(n_rows, dim, device="cuda", generator=gen).to(torch.bfloat16)
+    sq = x.float().pow(2).sum(1)
+    for kp, norms in ((16, sq), (1, None), (64, None), (32, sq)):
+        found = launch.scan_tc(q, x, norms, kp, reg=True)
+        reference = q.double() @ x.double().T
+        if norms is not None:
+            reference = 2 * reference - norms.double()[None, :]
+        keys, rows = found.keys.reshape(n_queries, -1), found.rows.reshape(n_queries, -1).long()
+        want = min(kp, n_rows)
+        top = torch.topk(keys.double(), want, dim=1)
+        got_rows = torch.gather(rows, 1, top.indices)
+        assert bool((got_rows >= 0).all()), "a list lost a row"
+        tolerance = 4 * (dim + 8) * 2.0**-24 * (2 * q.double().norm(dim=1, keepdim=True) * x.double().norm(dim=1).max()
+                                              + x.double().norm(dim=1).max() ** 2)  # fmt: skip
+        own = torch.gather(reference, 1, got_rows)
+        best = torch.topk(reference, want, dim=1).values
+        assert bool(((top.values - own).abs() <= tolerance).all()), "a key is not its row's own"
+        assert bool(((top.values - best).abs() <= tolerance).all()), f"kp={kp}: a query's best keys are missing"
+        for query_rows in got_rows.cpu():
+            assert len(set(query_rows.tolist())) == want
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("metric", ["dot", "l2", "cosine"])
+def test_a_few_queries_are_answered_to_the_host_by_one_graph(gpu_backend: Any, metric: str) -> None:
+    import torch
+
+    from gpurag.errors import InvalidInputError
+
+    backend = CudaBackend("cuda")
+    rng = np.random.default_rng(5)
+    vectors = rng.standard_normal((70_001, 136)).astype(np.float32)
+    index = gpurag.ExactRetriever(metric=metric, backend=backend)
+    index.add(vectors)
+    for n_queries in (1, 3, 16):
+        queries = rng.standard_normal((n_queries, 136)).astype(np.float32)
+        for given in (queries, torch.from_numpy(queries).cuda()):
+            graphs = len(backend._graphs)
+            found = index.search(given, 10)
+            assert len(backend._graphs) >= graphs
+            ref.assert_topk_matches(queries, vectors, Metric.parse(metric), found.scores, found.ids, 10)
+    assert len(backend._graphs) > 0, "no graph was captured"
+    bad = torch.from_numpy(queries).cuda()
+    bad[0, 1] = float("nan")
+    with pytest.raises(InvalidInputError):
+        index.search(bad, 10)

@@ -199,23 +199,22 @@ def test_triton_code_near_ties_are_certified_or_answered_again(device: str) -> N
         assert ids[i].tolist() == [200 + 4 * i, 201 + 4 * i, 202 + 4 * i]
 
 
-def _misleading(dim: int = 8) -> tuple[np.ndarray, np.ndarray, int]:
-    """(rows, one query, the true nearest row) where 100 rows rank ahead of the nearest by code distance.
+def _misleading(dim: int = 8, n_rows: int = 200) -> tuple[np.ndarray, np.ndarray, int]:
+    """(rows, two queries at 0, the true nearest row) where every other row but one ranks ahead of the nearest by code.
 
-    The scale is 2^-4 (one row reaches 127 steps). The nearest row sits 0.51 steps from the query in every
+    The scale is 2^-4 (row 0 reaches 127 steps). The nearest row sits 0.51 steps from the queries in every
     dimension (code distance 1 each); each decoy 0.49 steps in half its dimensions (code 0) and 1.49 in the
-    rest (code 1): half the code distance, almost twice the l1.
+    rest (code 1): half the code distance, almost twice the l1. The nearest row sits among decoys, so whichever
+    split of the rows holds it, the decoys beside it outrank it; ``n_rows`` must outnumber the rows a scan keeps.
     """
     step = np.float32(2.0**-4)
-    rows = np.zeros((200, dim), np.float32)
-    rows[0, 0] = 127 * step
-    decoys = np.arange(20, 120)
+    rows = np.zeros((n_rows, dim), np.float32)
+    decoys = np.arange(1, n_rows)
     rows[decoys, : dim // 2] = 0.49 * step
     rows[decoys, dim // 2 :] = 1.49 * step
-    rows[decoys, 0] += (decoys * 2.0**-20).astype(np.float32)  # distinct distances
-    rows[1:20] = rows[0] * 0.5  # far rows
-    rows[120:] = 3 * step
-    nearest = 150
+    rows[decoys, 0] += (decoys * 2.0**-28).astype(np.float32)  # distinct distances, the codes unchanged
+    rows[0, 0] = 127 * step
+    nearest = n_rows // 2
     rows[nearest] = 0.51 * step
     return rows, np.zeros((2, dim), np.float32), nearest
 
@@ -223,7 +222,8 @@ def _misleading(dim: int = 8) -> tuple[np.ndarray, np.ndarray, int]:
 @pytest.mark.parametrize("device", DEVICES)
 def test_triton_rows_whose_codes_mislead_are_answered_exactly(device: str) -> None:
     backend = triton_on(device)
-    vectors, queries, nearest = _misleading()
+    # On a GPU the scan keeps a few rows of each of hundreds of splits: far more rows than decoys are needed.
+    vectors, queries, nearest = _misleading(n_rows=200 if device == "cpu" else 50_000)
     database = backend.prepare(backend.asarray(vectors, "vectors"), Metric.L1)
     top = backend.topk(backend.asarray(queries, "queries"), database, 1)
     ids = backend.to_numpy(top.indices)
@@ -335,7 +335,7 @@ def test_cuda_shortlists_from_codes_exactly(cuda_backend: Any, n_queries: int) -
 
 @pytest.mark.gpu
 def test_cuda_rows_whose_codes_mislead_are_answered_exactly(cuda_backend: Any) -> None:
-    vectors, queries, nearest = _misleading()
+    vectors, queries, nearest = _misleading(n_rows=50_000)
     cuda_backend.queries_rescanned = 0
     database = cuda_backend.prepare(cuda_backend.asarray(vectors, "vectors"), Metric.L1)
     top = cuda_backend.topk(cuda_backend.asarray(queries, "queries"), database, 1)

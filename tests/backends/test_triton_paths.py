@@ -172,6 +172,31 @@ def test_graph_replay_is_exact_and_follows_database_changes(metric: Metric, monk
 
 
 @pytest.mark.gpu
+def test_a_changed_switch_captures_a_new_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A graph's key holds the backend's switches: with the l1 byte codes off, the codes' graph is not replayed."""
+    import gpurag
+    from gpurag_triton import backend as module
+
+    backend = triton_on("cuda")
+    assert backend.l1_codes
+    monkeypatch.setattr(module, "GRAPH_MIN_ROWS", 1000)
+    rng = np.random.default_rng(15)
+    vectors = rng.standard_normal((3000, 37)).astype(np.float32)
+    index = gpurag.ExactRetriever(metric=Metric.L1, backend=backend)
+    index.add(vectors)
+    for _ in range(2):
+        queries = rng.standard_normal((4, 37)).astype(np.float32)
+        result = index.search(queries, 7)
+        ref.assert_topk_matches(queries, vectors, Metric.L1, result.scores, result.ids, 7)
+    captured = len(backend._graphs)
+    backend.l1_codes = False
+    queries = rng.standard_normal((4, 37)).astype(np.float32)
+    result = index.search(queries, 7)
+    ref.assert_topk_matches(queries, vectors, Metric.L1, result.scores, result.ids, 7)
+    assert len(backend._graphs) == captured + 1
+
+
+@pytest.mark.gpu
 def test_graph_replay_falls_back_where_the_certificate_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     from gpurag_triton import backend as module
 

@@ -10,10 +10,11 @@ bound (`gpurag_torch.l1_codes`), of one query from the bf16 rows; Hamming is sca
 `KERNEL_MAX_K` takes the torch backend's path.
 
 The fast kernels (the ``cuda_fast_kernels`` setting, the ``fast_kernels`` argument; each also behind a
-``FAST_*`` switch below) are a 128 x 128 tensor-core tile (`launch.scan_tc` with ``wide``), a few-query
-stream for l1's shortlist (`launch.stream_few`), a register-blocked l1 tile (`launch.l1_tile_wide`) and
-CUDA-graph replay of searches of up to `GRAPH_MAX_QUERIES` queries (`gpurag_cuda.graphs`); off, the
-earlier kernels answer.
+``FAST_*`` switch below) are ldmatrix-fed fragments in the 64 x 128 tensor-core tile (a register-filtered
+tile, `launch.scan_tc` with ``reg``, is measured and off), a 128 x 128 tile for the any-k collect scan, a
+few-query stream (`launch.stream_few`), a register-blocked l1 tile (`launch.l1_tile_wide`) and CUDA-graph
+replay of searches of up to `GRAPH_MAX_QUERIES` queries (`gpurag_torch.graphs`; `host_topk` replays one
+that ends in the copy to the host, one synchronisation a search); off, the earlier kernels answer.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ import importlib.util
 import warnings
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from gpurag.backend import Availability, Boundaries, Database
 from gpurag.errors import BackendUnavailableError, InvalidInputError
 from gpurag.metrics import Metric, TopK
 from gpurag.settings import get_settings
-from gpurag_cuda import graphs
+from gpurag_torch import graphs
 from gpurag_torch.backend import TorchBackend, cuda_present
 
 if TYPE_CHECKING:
@@ -62,6 +65,12 @@ FAST_WIDE_COLLECT = True
 #: The 64 x 128 select tile with ldmatrix-fed fragments: on an H200 it took 10.9 against 11.8 ms at
 #: 1M x 768 x 1024 and 26.9 against 27.1 at 10M x 128 x 1024 (both checked against float64).
 FAST_TC_LDM = True
+#: The register-filtered tile (`launch.reg_takes`: keys filtered in registers against the running thresholds, one
+#: copy pipeline across row tiles) for the many-query select scan. Off: on an H200 (S4 W2, through the retriever,
+#: interleaved) its best block tile took 12.28 against the 64 x 128 ldmatrix tile's 11.96 ms at 1M x 768 x 1024 dot
+#: (12.65 against 12.50 l2) and 29.6 against 28.4 ms at 10M x 128 x 1024 dot, winning only 10M l2 (30.0 against
+#: 33.2): with the selection out of the way the products themselves are slow (`benchmarks/results/cuda_h200_s4.md`).
+FAST_REG_TILE = False
 FAST_FEW_STREAM = True
 FAST_L1_TILE = True
 #: Whether l1 searches of at least `L1_CODES_MIN_QUERIES` queries shortlist from the rows' byte codes
@@ -129,6 +138,8 @@ class CudaBackend(TorchBackend):
         self.l1_codes = self.fast_kernels and self.low_precision and L1_CODES
         self.l1_codes_min_queries = L1_CODES_MIN_QUERIES
         self._graphs = graphs.GraphCache()
+        #: Whether `host_topk` answers a few device queries by one graph replay that ends in the host copy.
+        self.use_host_graphs = True
 
     @classmethod
     def availability(cls) -> Availability:
@@ -214,7 +225,7 @@ class CudaBackend(TorchBackend):
                 return launch.tile_layout(
                     queries, n_rows, launch.SIMT_BLOCK_Q, launch.SIMT_BLOCK_N, sms, launch.SIMT_BLOCKS_PER_SM
                 )
-            return launch.tc_layout(queries, n_rows, dim, MIN_KP, sms, self._wide_tile)
+            return launch.tc_layout(queries, n_rows, dim, MIN_KP, sms, self._wide_tile, self._reg_tile)
 
         def first_rows(holds: Any) -> int:  # the smallest row count for which holds(rows), by bisection
             low_n, high_n = 1, 1 << 24
@@ -231,7 +242,7 @@ class CudaBackend(TorchBackend):
             return full * min(MIN_KP, per_split) + min(MIN_KP, rest)
 
         most = layout(1 << 24).splits
-        rows = {launch.STREAM_ROWS, launch.TC_BLOCK_N, launch.SIMT_BLOCK_N}
+        rows = {launch.STREAM_ROWS, launch.TC_BLOCK_N, launch.SIMT_BLOCK_N, launch.TC_REG_BLOCK_N}
         rows.add(first_rows(lambda n: layout(n).splits >= most) - 1)
         if self.low_precision and (not l1 or width or self._l1_shortlists(queries, dim, MIN_KP)):
             rows.add(first_rows(lambda n: kept(n) > SHORTLIST_MIN) - 1)
@@ -246,6 +257,7 @@ class CudaBackend(TorchBackend):
                 launch.STREAM_MAX_QUERIES,
                 L1_LOW_MAX_QUERIES,
                 L1_LOW_MAX_QUERIES + tile,
+                *((launch.TC_REG_BLOCK_Q + 1,) if self._reg_tile else ()),
                 wide + 1,
                 *((self.l1_codes_min_queries, width, width + 1) if width else ()),
             ),
@@ -306,6 +318,69 @@ class CudaBackend(TorchBackend):
         if database.metric is Metric.L1:
             return TopK(*self._l1(q, database, k))
         return super().topk(q, database, k)
+
+    def host_topk(self, queries: Any, database: Database, k: int, *, dim: int | None = None) -> TopK:
+        """As `DistanceBackend.host_topk`; up to `GRAPH_MAX_QUERIES` float32 queries cost one graph replay, one copy
+        and one synchronisation, their finiteness checked by the search's own overflow flag: a search the shortlist
+        does not answer (a failed certificate, float32 overflow, non-finite queries) is searched again the careful
+        way, which also reports non-finite queries."""
+        import torch
+
+        q = queries
+        if isinstance(q, np.ndarray) and self._host_graph_takes(q.shape, database, k):
+            q = self.asarray(q, "queries", dim=dim)  # checked on the host, copied up once
+        if (
+            isinstance(q, torch.Tensor)
+            and q.device == self.torch_device
+            and q.dtype == torch.float32
+            and self._host_graph_takes(tuple(q.shape), database, k)
+            and (dim is None or dim == database.dim)
+        ):
+            own = self._own(database)
+            q = q.detach()
+            key = graphs.search_key(q, own, "host", k, self._switches(own, q.shape[0], k))
+            try:
+                words = self._graphs.run_to_host(lambda static_q: self._packed_shortlist(static_q, own, k), q, key)
+            except RuntimeError as exc:
+                warnings.warn(f"cuda backend: graph capture failed, searches launch kernel by kernel ({exc})",
+                              stacklevel=2)  # fmt: skip
+                self.use_host_graphs = False
+            else:
+                found = graphs.unpack_answer(words, q.shape[0], k)
+                if found is not None:
+                    self.queries_searched += q.shape[0]
+                    return TopK(*found)
+        return super().host_topk(q, database, k, dim=dim)
+
+    def _host_graph_takes(self, shape: tuple[int, ...], database: Database, k: Any) -> bool:
+        """Whether `host_topk` replays a graph for queries of ``shape``: a few of the database's dimension, a k the
+        fused lists hold, and a metric the bf16 shortlist answers."""
+        return (
+            self.use_host_graphs
+            and self.use_graphs
+            and len(shape) == 2
+            and 1 <= shape[0] <= GRAPH_MAX_QUERIES
+            and shape[1] == database.dim
+            and isinstance(k, int)
+            and not isinstance(k, bool)
+            and 1 <= k <= min(database.count, KERNEL_MAX_K)
+            and self.low_precision
+            and (database.metric is not Metric.L1 or self._l1_shortlists(shape[0], database.dim, k))
+        )
+
+    def _packed_shortlist(self, q: torch.Tensor, database: Database, k: int) -> torch.Tensor:
+        """`_device_shortlist` packed for the host (`graphs.pack_answer`): flagged unless every query is certified
+        and the float32 terms are safe."""
+        scores, rows, _, flags = self._device_shortlist(q, database, k)
+        return graphs.pack_answer(scores, rows, ~flags.all())
+
+    def _switches(self, database: Database, n_queries: int, k: int) -> tuple[Any, ...]:
+        """The switches (module and backend) that choose the kernels of a captured search."""
+        from gpurag_cuda import launch
+
+        few = self._few_takes(database.metric, n_queries, database.dim, _kp(k))
+        return (self.fast_kernels, FAST_WIDE_TILE, FAST_TC_LDM, FAST_REG_TILE, FAST_FEW_STREAM, few, self.l1_codes,
+                self.l1_codes_min_queries, launch.tuning())  # fmt: skip
 
     def pairwise(self, queries: Any, vectors: Any, metric: Metric) -> Any:
         """As `TorchBackend.pairwise`; l1 summed directly in row blocks under `chunk_scores` (no compile step)."""
@@ -372,10 +447,7 @@ class CudaBackend(TorchBackend):
         """
         if not (self.use_graphs and q.shape[0] <= GRAPH_MAX_QUERIES):
             return None
-        few = self._few_takes(database.metric, q.shape[0], database.dim, _kp(k))
-        switches = (self.fast_kernels, FAST_WIDE_TILE, FAST_TC_LDM, FAST_FEW_STREAM, few, self.l1_codes,
-                    self.l1_codes_min_queries)  # fmt: skip
-        key = graphs.search_key(q, database, k, switches)
+        key = graphs.search_key(q, database, k, self._switches(database, q.shape[0], k))
         try:
             scores, rows, certified, flags = self._graphs.run(
                 lambda static_q: self._device_shortlist(static_q, database, k), q, key
@@ -389,6 +461,11 @@ class CudaBackend(TorchBackend):
     @property
     def _wide_tile(self) -> bool:
         return self.fast_kernels and FAST_WIDE_TILE
+
+    @property
+    def _reg_tile(self) -> bool:
+        """Whether many-query select scans take the register-filtered tile (`launch.reg_takes`)."""
+        return self.fast_kernels and FAST_REG_TILE
 
     def _device_shortlist(
         self, q: torch.Tensor, database: Database, k: int
@@ -504,7 +581,7 @@ class CudaBackend(TorchBackend):
             return launch.stream_few(low_q.float(), low_rows, sq_norms, mode, kp)
         if metric is not Metric.L1 and not launch.streams(q.shape[0], database.dim, kp):
             ldm = self.fast_kernels and FAST_TC_LDM
-            return launch.scan_tc(low_q, low_rows, sq_norms, kp, wide=self._wide_tile, ldm=ldm)
+            return launch.scan_tc(low_q, low_rows, sq_norms, kp, wide=self._wide_tile, ldm=ldm, reg=self._reg_tile)
         step = launch.STREAM_MAX_QUERIES
         parts = [
             launch.stream_scan(low_q[i : i + step].float(), database.row_data[LOW], sq_norms, mode, kp)

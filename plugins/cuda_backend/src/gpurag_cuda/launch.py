@@ -27,6 +27,12 @@ TC_STAGES = 4
 #: 12.7 against 11.5 ms at 1M x 768 x 1024 and 31.2 against 26.8 ms at 10M x 128 x 1024 (both correct).
 TC_FLOW = False
 TC_FLOW_STAGES = 3
+#: The register-filtered tensor-core scan (kernels/scan_tc.cu: scan_bf16_reg{Q}x{N}) for vector-loadable
+#: select scans: its block tile, queries by rows, one of `TC_REG_TILES`. Its keys never pass through shared
+#: memory, and one copy pipeline of `TC_REG_STAGES` stages flows across the split's row tiles.
+TC_REG_TILES = ((64, 128), (128, 128), (128, 256))
+TC_REG_BLOCK_Q, TC_REG_BLOCK_N = 64, 128
+TC_REG_STAGES = 4
 #: The wide tensor-core scan (kernels/scan_wide.cu: BQ, BN, BK, STAGES): a 128 x 128 block tile per CTA,
 #: one CTA per multiprocessor (it takes most of the shared memory), vector-loadable operands only.
 WIDE_BLOCK_Q, WIDE_BLOCK_N, WIDE_BLOCK_K, WIDE_STAGES = 128, 128, 32, 4
@@ -220,10 +226,47 @@ def wide_takes(dim: int, kp: int) -> bool:
     return dim % 8 == 0 and wide_shared_bytes(kp) <= WIDE_SHARED_LIMIT
 
 
-def tc_layout(n_queries: int, n_rows: int, dim: int, kp: int, sms: int, wide: bool) -> Layout:
-    """The splits of a tensor-core scan: the wide tile's where it takes the scan, else the earlier tile's."""
+def tuning() -> tuple[Any, ...]:
+    """The module switches that choose kernels (part of a captured graph's key)."""
+    return (
+        TC_REG_BLOCK_Q,
+        TC_REG_BLOCK_N,
+        TC_REG_STAGES,
+        STREAM_WARPS_PER_SM,
+        TILE_BLOCKS_PER_SM,
+    )
+
+
+def reg_shared_bytes(block_q: int, kp: int, block_n: int = TC_BLOCK_N) -> int:
+    """Dynamic shared memory of a register-filtered launch: its operand stages, then the lists and their state."""
+    stages = TC_REG_STAGES * 2 * (TC_BLOCK_K + 8) * (block_q + block_n)
+    return stages + block_q * (8 * capacity(kp) + 8)
+
+
+def reg_blocks_per_sm(block_q: int, kp: int, block_n: int = TC_BLOCK_N) -> int:
+    """Blocks of a register-filtered launch that share a multiprocessor: two 64-query blocks where their shared
+    memory allows (the larger tiles take most of the registers)."""
+    return 2 if block_q == 64 and 2 * (reg_shared_bytes(block_q, kp, block_n) + 1024) <= 228 * 1024 else 1
+
+
+def reg_takes(dim: int, kp: int) -> bool:
+    """Whether the register-filtered scan (`TC_REG_BLOCK_Q` x `TC_REG_BLOCK_N`) takes dimension ``dim`` keeping
+    ``kp`` (aligned operands aside)."""
+    return (
+        (TC_REG_BLOCK_Q, TC_REG_BLOCK_N) in TC_REG_TILES
+        and dim % 8 == 0
+        and reg_shared_bytes(TC_REG_BLOCK_Q, kp, TC_REG_BLOCK_N) <= WIDE_SHARED_LIMIT
+    )
+
+
+def tc_layout(n_queries: int, n_rows: int, dim: int, kp: int, sms: int, wide: bool, reg: bool = False) -> Layout:
+    """The splits of a tensor-core scan: the wide tile's where it takes the scan, the register-filtered tile's
+    where ``reg`` asks for it and it takes the scan, else the earlier tile's."""
     if wide and wide_takes(dim, kp):
         return tile_layout(n_queries, n_rows, WIDE_BLOCK_Q, WIDE_BLOCK_N, sms, 1)
+    if reg and reg_takes(dim, kp):
+        block_q, block_n = TC_REG_BLOCK_Q, TC_REG_BLOCK_N
+        return tile_layout(n_queries, n_rows, block_q, block_n, sms, reg_blocks_per_sm(block_q, kp, block_n))
     return tile_layout(n_queries, n_rows, TC_BLOCK_Q, TC_BLOCK_N, sms)
 
 
@@ -234,11 +277,13 @@ def scan_tc(
     kp: int,
     wide: bool = False,
     ldm: bool = False,
+    reg: bool = False,
 ) -> Candidates:
     """Tensor-core scan of bf16 ``queries`` (Q, D) against bf16 ``rows`` (N, D): dot keys, or l2's with ``sq_norms``.
 
     ``wide`` takes the 128 x 128 tile kernel where it can (D a multiple of 8, aligned operands, kp's lists fit);
-    ``ldm`` feeds the 64 x 128 tile's fragments by ldmatrix (kernels/scan_tc.cu: scan_bf16_tc_ldm).
+    ``ldm`` feeds the 64 x 128 tile's fragments by ldmatrix (kernels/scan_tc.cu: scan_bf16_tc_ldm); ``reg`` takes the
+    register-filtered tile (`TC_REG_BLOCK_Q` x `TC_REG_BLOCK_N`) where it can (D a multiple of 8, aligned operands).
     """
     device = rows.device
     _check(queries, "queries", torch.bfloat16, device)
@@ -248,6 +293,8 @@ def scan_tc(
     n_rows = rows.shape[0]
     if wide and wide_takes(dim, kp) and _aligned(queries, rows):
         return _scan_wide(queries, rows, sq_norms, kp)
+    if reg and reg_takes(dim, kp) and _aligned(queries, rows):
+        return _scan_reg(queries, rows, sq_norms, kp)
     layout = tile_layout(n_queries, n_rows, TC_BLOCK_Q, TC_BLOCK_N, multiprocessors(device.index or 0))
     cap = capacity(kp)
     keys, out_rows = _outputs(n_queries, layout.splits, kp, device)
@@ -264,6 +311,23 @@ def scan_tc(
     _launch("scan_tc", kernel, device, grid, shared, [
         _ptr(queries), _ptr(rows), _ptr(norms), _i32(n_queries), _i32(n_rows), _i32(dim),
         _i32(layout.rows_per_split), _i32(int(sq_norms is not None)), _i32(kp), _i32(cap), _i32(int(vec)),
+        _ptr(keys), _ptr(out_rows),
+    ])  # fmt: skip
+    return Candidates(keys, out_rows, layout.rows_per_split)
+
+
+def _scan_reg(queries: torch.Tensor, rows: torch.Tensor, sq_norms: torch.Tensor | None, kp: int) -> Candidates:
+    device = rows.device
+    n_queries, dim = queries.shape
+    n_rows = rows.shape[0]
+    block_q, block_n = TC_REG_BLOCK_Q, TC_REG_BLOCK_N
+    layout = tc_layout(n_queries, n_rows, dim, kp, multiprocessors(device.index or 0), False, True)
+    keys, out_rows = _outputs(n_queries, layout.splits, kp, device)
+    norms = sq_norms if sq_norms is not None else keys  # unread for dot
+    _launch("scan_tc", f"scan_bf16_reg{block_q}x{block_n}", device, (_cdiv(n_queries, block_q), layout.splits),
+            reg_shared_bytes(block_q, kp, block_n), [
+        _ptr(queries), _ptr(rows), _ptr(norms), _i32(n_queries), _i32(n_rows), _i32(dim),
+        _i32(layout.rows_per_split), _i32(int(sq_norms is not None)), _i32(kp), _i32(capacity(kp)),
         _ptr(keys), _ptr(out_rows),
     ])  # fmt: skip
     return Candidates(keys, out_rows, layout.rows_per_split)

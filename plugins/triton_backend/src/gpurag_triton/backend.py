@@ -134,6 +134,11 @@ class TritonBackend(TorchBackend):
         #: many queries the re-scoring runs first on its own, wider grid.
         self.use_finish = True
         self.finish_split_below = FINISH_SPLIT_BELOW
+        #: Few queries (at most `GRAPH_MAX_QUERIES`) go to the scan as float32, rounded to bf16 inside it,
+        #: and cosine's unit queries come from one kernel (`kernels.queries`): fewer launches per search.
+        #: Off: the scan's tensor-core loop slowed more than the launches saved (H200, S4 W2, 1M x 768
+        #: Q=1 with the tail below: dot / l2 / cosine 0.480 / 0.484 / 0.562 ms off, 0.585 / 0.623 / 0.669 on).
+        self.few_query_inputs = False
         #: Whether l1 shortlists from byte codes (`L1_CODES`; the databases then hold the codes).
         self.l1_codes = self.low_precision and L1_CODES
         self.l1_codes_min_queries = L1_CODES_MIN_QUERIES
@@ -450,7 +455,7 @@ class TritonBackend(TorchBackend):
             sample_rows = rows_in[::stride]
             config = launch.choose_scan_config(
                 q.shape[0], sample_rows.shape[0], database.dim,
-                l1=False, low=query_in.dtype == torch.bfloat16, device=rows_in.device,
+                l1=False, low=rows_in.dtype == torch.bfloat16, device=rows_in.device,
             )  # fmt: skip
             splits = launch.split_rows(sample_rows.shape[0], config.splits, config.block_n)[1]
             sample_kp = SEED_SAMPLE_KP  # few splits: each keeps enough keys for the rank
@@ -469,7 +474,9 @@ class TritonBackend(TorchBackend):
         # keys (33 splits in groups of 2 keep 272 of 512), the keys are cut by torch.topk instead.
         if self.merge_groups and splits * kp > keep >= kp and (not codes or 4 * groups * kp >= 3 * keep):
             # Groups of splits keep their kp best each (one kernel), with a cutoff bounding the rest.
-            keys, cutoff = launch.merge_groups(scan.keys, keep // kp)
+            # The groups' cutoffs stay apart (the finish kernel takes their largest itself), except for the
+            # codes' bound, which is taken per query.
+            keys, cutoff = launch.merge_groups(scan.keys, keep // kp, reduce=codes)
         else:
             keys = scan.keys.reshape(n_queries, splits * kp)
             # Keys order as their scores do: the worst kept key of each split bounds every row it left out
@@ -479,7 +486,7 @@ class TritonBackend(TorchBackend):
                 keys, worst = self._kth_keys(keys, keep)
                 cutoff = torch.maximum(cutoff, worst)
         if floor is not None:
-            cutoff = torch.maximum(cutoff, floor)
+            cutoff = torch.maximum(cutoff, floor if cutoff.ndim == 1 else floor[:, None])
         if codes:  # the cutoff as the codes' lower bound on the l1 of every row left out
             cutoff = l1_codes.lower_bound_cutoff(cutoff, query_error, database.row_data)
         if query_in.dtype == torch.float16:  # an element beyond the float16 reach voids every certificate
@@ -510,11 +517,17 @@ class TritonBackend(TorchBackend):
         import torch
 
         from gpurag_torch.database import LOW, NORMS, SQ_NORMS, normalised
+        from gpurag_triton import launch
         from gpurag_triton.kernels.scan import DOT, L1, L2, SCALED_DOT
 
         metric = database.metric
         extra = None
+        # Few queries: no launch of their own to round them (the scan rounds float32 queries to bf16 as
+        # it loads them), and cosine's unit queries by one kernel.
+        few = self.few_query_inputs and q.shape[0] <= GRAPH_MAX_QUERIES
         if metric is Metric.COSINE:
+            if low and few:
+                return int(DOT), launch.unit_queries(q), database.row_data[LOW], None
             unit = normalised(q, torch.linalg.vector_norm(q, dim=1))
             if low:
                 return int(DOT), unit.to(torch.bfloat16), database.row_data[LOW], None
@@ -524,7 +537,7 @@ class TritonBackend(TorchBackend):
         code = {Metric.DOT: DOT, Metric.L2: L2, Metric.L1: L1}[metric]
         if low and metric is Metric.L1 and q.shape[0] > L1_LOW_MAX_QUERIES:
             return int(code), q.to(torch.float16), database.row_data[HALF_T], None
-        query_in = q.to(torch.bfloat16) if low else q
+        query_in = q.to(torch.bfloat16) if low and not (few and metric is not Metric.L1) else q
         rows_in = database.row_data[LOW] if low and metric is not Metric.L1 else database.vectors
         if metric is Metric.L2:
             extra = database.row_data[SQ_NORMS]

@@ -31,12 +31,21 @@ Outputs = tuple["torch.Tensor", "torch.Tensor", "torch.Tensor | None", Any, Any]
 
 
 def _key(q: torch.Tensor, database: Database, k: int, low: bool) -> tuple[Any, ...]:
-    tensors = [database.vectors, *(database.row_data[name] for name in sorted(database.row_data))]
-    layout = tuple((t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype) for t in tensors)
     from gpurag_triton import launch
 
+    row_data = database.row_data  # (torch.Size is a tuple: equal keys, fewer conversions on every search)
+    tensors = (database.vectors, *(row_data[name] for name in sorted(row_data)))
+    layout = tuple([(t.data_ptr(), t.shape, t.stride(), t.dtype) for t in tensors])
     # The kernels' merge is part of what was captured.
-    return (tuple(q.shape), q.device, k, low, database.metric, database.count, layout, launch.tuning())
+    return (q.shape, q.device, k, low, database.metric, database.count, layout, launch.tuning())
+
+
+#: The backend's attributes that change what a search launches (part of a captured graph's key).
+SWITCHES = ("sort_shortlist", "packed_finish", "merge_groups", "few_query_inputs", "l1_codes", "l1_codes_min_queries")
+
+
+def _switches(backend: Any) -> tuple[Any, ...]:
+    return tuple(getattr(backend, name, None) for name in SWITCHES)
 
 
 class GraphCache:
@@ -55,8 +64,7 @@ class GraphCache:
 
     def run(self, backend: Any, q: torch.Tensor, database: Database, k: int, low: bool) -> Outputs:
         """``backend.device_topk(q, database, k, low)`` by graph replay; the outputs are fresh tensors."""
-        key = (*_key(q, database, k, low), getattr(backend, "sort_shortlist", None),
-               getattr(backend, "merge_groups", None))  # fmt: skip
+        key = (*_key(q, database, k, low), *_switches(backend))
         with self._lock:
             entry = self._graphs.get(key)
             if entry is None:
@@ -92,8 +100,7 @@ class GraphCache:
 
         from gpurag.metrics import TopK
 
-        key = ("host", COPY_IN_GRAPH, *_key(q, database, k, low), getattr(backend, "sort_shortlist", None),
-               getattr(backend, "packed_finish", None), getattr(backend, "merge_groups", None))  # fmt: skip
+        key = ("host", COPY_IN_GRAPH, *_key(q, database, k, low), *_switches(backend))
         with self._lock:
             entry = self._host_graphs.get(key)
             if entry is None:

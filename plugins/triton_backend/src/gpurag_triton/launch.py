@@ -18,6 +18,7 @@ from gpurag_triton.kernels.finish import finish_kernel
 from gpurag_triton.kernels.hamming import hamming_topk_kernel
 from gpurag_triton.kernels.l1 import l1_scan_kernel
 from gpurag_triton.kernels.merge import merge_groups_kernel
+from gpurag_triton.kernels.queries import unit_rows_kernel
 from gpurag_triton.kernels.rescore import rescore_kernel
 from gpurag_triton.kernels.scan import scan_topk_kernel
 
@@ -34,6 +35,19 @@ L1_HALF_CHUNK = 8
 SELECT_BY_INDEX = True
 #: (BLOCK_N, BLOCK_D, warps, stages, programs per SM) of the tensor-core scan below 16 queries.
 SMALL_Q_SCAN = (64, 128, 4, 3, 4)
+#: Whether `finish` below `split_below` queries re-scores by `rescore`'s wide programs, sums |q| in one step,
+#: and (one query) writes its flags without a zeroed buffer: a shorter tail for one-query searches. With the
+#: merge's top-k (H200, S4 W2, 1M x 768 Q=1 search, against main's tail, interleaved): dot / l2 / cosine
+#: 0.492 / 0.523 / 0.587 -> 0.480 / 0.484 / 0.562 ms.
+FINISH_WIDE = True
+#: (BLOCK_Q, BLOCK_N, BLOCK_D, warps, stages, programs per SM) of the tensor-core scan from 512 queries.
+BIG_Q_SCAN = (128, 128, 64, 8, 3, 2)
+#: Whether `merge_groups` keeps each group's KP best keys by a bitonic top-k rather than a sort of all of them,
+#: for up to `MERGE_TOPK_MAX_QUERIES` queries (one query's groups are 33 splits, 1,024 keys sorted for 16).
+MERGE_TOPK = True
+#: Above it the groups are a few splits (48 keys at Q=1024) and the sort stays (H200, S4 W2, 1M x 768
+#: Q=1024: dot / l2 / cosine 6.23 / 5.77 / 5.95 ms with the top-k, 6.05 / 5.80 / 5.93 with the sort).
+MERGE_TOPK_MAX_QUERIES = 16
 
 
 #: (BLOCK_Q, BLOCK_N, words a step, warps, programs per SM, stages) of the byte-code l1 scan, for at most 16 queries
@@ -48,7 +62,8 @@ L1_CODES_MANY = (16, 256, 4, 4, 16, 2)
 
 def tuning() -> tuple[object, ...]:
     """The module-level choices above, as one value (part of a captured graph's key)."""
-    return (SELECT_BY_INDEX, SMALL_Q_SCAN, L1_CODES_FEW, L1_CODES_MANY)
+    return (SELECT_BY_INDEX, SMALL_Q_SCAN, BIG_Q_SCAN, MERGE_TOPK, MERGE_TOPK_MAX_QUERIES, FINISH_WIDE,
+            L1_CODES_FEW, L1_CODES_MANY)  # fmt: skip
 
 
 def interpreting() -> bool:
@@ -114,7 +129,7 @@ def choose_scan_config(
     use_dot = not l1
     # Block sizes picked by the sweep in benchmarks/gpu_report.py on an H200 (see benchmarks/results).
     if use_dot and n_queries >= 512:  # tensor-core tiles, wgmma on 128-query blocks
-        block_q, block_n, block_d, warps, stages, per_sm = 128, 128, 64, 8, 3, 2
+        block_q, block_n, block_d, warps, stages, per_sm = BIG_Q_SCAN
     elif use_dot and n_queries >= 16:
         block_q, block_n, block_d, warps, stages, per_sm = 64, 128, 64, 4, 3, 4
     elif use_dot:  # small Q: a 16-query tile keeps the loads wide; all SMs split the rows
@@ -155,14 +170,15 @@ def scan_topk(
 ) -> Scan:
     """Packed keys (Q, splits, kp) of each query's kp best rows per split (see `kernels.scan`).
 
-    ``queries`` and ``rows`` are both bf16 (the reduced-precision pass) or both float32; ``extra``
+    ``rows`` are bf16 (the reduced-precision pass; ``queries`` bf16, or float32 rounded to bf16 in the
+    kernel) or float32 (``queries`` float32 too); ``extra``
     is the float32 per-row term of l2 (|x|²) and of the scaled dot (1/|x|). ``tau`` (Q,) float32, if
     given, is a floor per query: rows scoring at most it are left out (their slots hold -inf keys).
     """
-    low = queries.dtype == torch.bfloat16
-    dtype = torch.bfloat16 if low else torch.float32
-    _check_matrix(queries, "queries", dtype, rows.device)
-    _check_matrix(rows, "rows", dtype, queries.device)
+    low = rows.dtype == torch.bfloat16
+    query_dtype = torch.float32 if low and queries.dtype == torch.float32 else rows.dtype
+    _check_matrix(queries, "queries", query_dtype, rows.device)
+    _check_matrix(rows, "rows", torch.bfloat16 if low else torch.float32, queries.device)
     if queries.shape[1] != rows.shape[1]:
         raise InvalidInputError(f"queries have dimension {queries.shape[1]}, rows {rows.shape[1]}")
     if kp < 1 or kp > MAX_KP or kp & (kp - 1):
@@ -183,13 +199,16 @@ def scan_topk(
     rows_per_split, splits = split_rows(n_rows, config.splits, config.block_n)
     out = torch.empty((n_queries, splits, kp), dtype=torch.float64, device=rows.device)
     grid = (triton.cdiv(n_queries, config.block_q), splits)
+    # A padding query (zero) scores -|x|² in l2 and -Σ|x| in l1, not a constant as in dot: masked, it takes no steps.
+    pads_queries = n_queries % config.block_q != 0 and metric_code in (1, 2)
     scan_topk_kernel[grid](
         queries, rows, extra, extra if tau is None else tau.contiguous(), out,
         n_queries, n_rows, dim, rows_per_split, splits,
         queries.stride(0), rows.stride(0),
         METRIC=metric_code, USE_DOT=config.use_dot, LOW=low,
         BLOCK_Q=config.block_q, BLOCK_N=config.block_n, BLOCK_D=config.block_d, KP=kp, SELECT=config.select,
-        HAS_TAU=tau is not None, BY_INDEX=config.by_index, num_warps=config.num_warps, num_stages=config.num_stages,
+        HAS_TAU=tau is not None, BY_INDEX=config.by_index, MASK_QUERIES=pads_queries,
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return Scan(out, rows_per_split)
 
@@ -322,10 +341,14 @@ def _as_words(codes: torch.Tensor, words: int) -> torch.Tensor:
     return padded.view(torch.int32)
 
 
-def rescore(queries: torch.Tensor, rows: torch.Tensor, candidates: torch.Tensor, term: int) -> torch.Tensor:
+def rescore(
+    queries: torch.Tensor, rows: torch.Tensor, candidates: torch.Tensor, term: int, *, wide: bool = False
+) -> torch.Tensor:
     """(Q, M) float32 sums over D of ``term`` (0: squared difference, 1: absolute difference, 2: product)
     between each query and the rows ``candidates`` (Q, M) of ``rows``, read in place. ``candidates``
-    are integer rows, or the scan's float64 packed keys (rows past the end, padding, read the last row)."""
+    are integer rows, or the scan's float64 packed keys (rows past the end, padding, read the last row).
+    ``wide``: programs of 4 candidates whose whole rows (up to 1,024 dimensions) load in one step: more
+    programs, fewer dependent loads each (few queries, where the launch's latency is the cost)."""
     _check_matrix(queries, "queries", torch.float32, rows.device)
     _check_matrix(rows, "rows", torch.float32, queries.device)
     if candidates.ndim != 2 or candidates.shape[0] != queries.shape[0] or candidates.device != rows.device:
@@ -336,10 +359,22 @@ def rescore(queries: torch.Tensor, rows: torch.Tensor, candidates: torch.Tensor,
     out = torch.empty((n_queries, n_candidates), dtype=torch.float32, device=rows.device)
     block_m = 8 if interpreting() else 32
     block_d = max(16, min(128, _pow2(dim)))
+    if wide and not interpreting():
+        block_m, block_d = 4, max(16, min(1024, _pow2(dim)))
     rescore_kernel[(n_queries, triton.cdiv(n_candidates, block_m))](
         queries, rows, candidates, out, n_candidates, rows.shape[0], dim, queries.stride(0), rows.stride(0),
         TERM=term, BLOCK_M=block_m, BLOCK_D=block_d, FROM_KEYS=candidates.dtype == torch.float64,
     )  # fmt: skip
+    return out
+
+
+def unit_queries(queries: torch.Tensor) -> torch.Tensor:
+    """(Q, D) float32 ``queries`` each divided by its norm (zero rows stay zero), by one launch."""
+    _check_matrix(queries, "queries", torch.float32, queries.device)
+    n_queries, dim = queries.shape
+    out = torch.empty((n_queries, dim), dtype=torch.float32, device=queries.device)
+    block_d = 16 if interpreting() else max(16, min(_pow2(dim), 4096))
+    unit_rows_kernel[(n_queries,)](queries, out, dim, queries.stride(0), BLOCK_D=block_d)
     return out
 
 
@@ -393,31 +428,43 @@ def finish(
         raise InvalidInputError(f"keys must be float64 (Q, >= k); got {keys.dtype} {tuple(keys.shape)} for k={k}")
     device = vectors.device
     keys = keys.contiguous()
+    if cutoff_keys.ndim not in (1, 2) or cutoff_keys.shape[0] != n_queries or cutoff_keys.dtype != torch.float64:
+        raise InvalidInputError(
+            f"cutoff_keys must be float64 ({n_queries},) or ({n_queries}, G); got {cutoff_keys.dtype} "
+            f"{tuple(cutoff_keys.shape)}"
+        )
+    cutoff_keys = cutoff_keys.reshape(n_queries, -1).contiguous()
     m = _pow2(n_candidates)
-    block_d = max(4, min(_pow2(queries.shape[1]), 8192 // m))
+    sums = None
+    if n_queries < split_below:  # few queries: gather and sum the candidates over many programs first
+        term = {0: 2, 1: 0, 2: 1, 3: 2}[metric_code]
+        sums = rescore(queries, vectors, keys, term, wide=FINISH_WIDE)  # rows decoded from the keys in the kernel
+    if sums is not None and FINISH_WIDE and not interpreting():  # only |q| is summed here: one wide step
+        block_d = max(16, min(_pow2(queries.shape[1]), 4096))
+    else:
+        block_d = max(4, min(_pow2(queries.shape[1]), 8192 // m))
+    once = n_queries == 1 and FINISH_WIDE  # one program writes the flags: no zeroed buffer
+    allocate = torch.empty if once else torch.zeros
     buffer = None
     if packed:
         count = n_queries * k
-        buffer = torch.zeros(2 * count + 2, dtype=torch.int32, device=device)
+        buffer = allocate(2 * count + 2, dtype=torch.int32, device=device)
         scores = buffer[:count].view(torch.float32).view(n_queries, k)
         rows = buffer[count : 2 * count].view(n_queries, k)
         flags = buffer[2 * count :]
     else:
         scores = torch.empty((n_queries, k), dtype=torch.float32, device=device)
         rows = torch.empty((n_queries, k), dtype=torch.int64, device=device)
-        flags = torch.zeros(2, dtype=torch.int32, device=device)
+        flags = allocate(2, dtype=torch.int32, device=device)
     certified = torch.empty(n_queries, dtype=torch.int8, device=device)
     norms = row_norms if row_norms is not None else max_norm
-    sums = None
-    if n_queries < split_below:  # few queries: gather and sum the candidates over many programs first
-        term = {0: 2, 1: 0, 2: 1, 3: 2}[metric_code]
-        sums = rescore(queries, vectors, keys, term)  # rows decoded from the keys in the kernel
     finish_kernel[(n_queries,)](
-        queries, vectors, keys, keys if sums is None else sums, cutoff_keys.contiguous(), max_norm, norms,
+        queries, vectors, keys, keys if sums is None else sums, cutoff_keys, max_norm, norms,
         scores, rows, certified, flags,
         n_candidates, vectors.shape[0], queries.shape[1], queries.stride(0), vectors.stride(0), k,
         bounds.rel, bounds.floor, bounds.cosine_error, bounds.slack_scale, bounds.safe_reach,
         METRIC=metric_code, M=m, BLOCK_D=block_d, HAS_SUMS=sums is not None, ROWS32=packed,
+        n_cutoffs=cutoff_keys.shape[1], BLOCK_C=_pow2(cutoff_keys.shape[1]), FLAGS_ONCE=once,
         num_warps=4 if m <= 256 else 8,
     )  # fmt: skip
     return Finished(scores, rows, certified.view(torch.bool), flags, buffer)
@@ -429,9 +476,10 @@ def merged_groups(n_splits: int, groups: int) -> int:
     return int(triton.cdiv(n_splits, per_group))
 
 
-def merge_groups(keys: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_groups(keys: torch.Tensor, groups: int, *, reduce: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(Q, groups * KP) keys: each group of consecutive splits' KP best, and the (Q,) cutoff key bounding
-    every row left out (by a split or by its group); see `kernels.merge`. ``keys`` is a scan's (Q, S, KP)."""
+    every row left out (by a split or by its group); see `kernels.merge`. ``keys`` is a scan's (Q, S, KP).
+    ``reduce=False``: the cutoff as each group's (Q, groups), whose largest bounds them all (`finish` takes it so)."""
     if keys.ndim != 3 or keys.dtype != torch.float64:
         raise InvalidInputError(f"keys must be float64 (Q, splits, KP); got {keys.dtype} {tuple(keys.shape)}")
     n_queries, n_splits, kp = keys.shape
@@ -442,9 +490,10 @@ def merge_groups(keys: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.T
     out = torch.empty((n_queries, groups * kp), dtype=torch.float64, device=keys.device)
     cutoff = torch.empty((n_queries, groups), dtype=torch.float64, device=keys.device)
     merge_groups_kernel[(n_queries, groups)](
-        keys.contiguous(), out, cutoff, n_splits, per_group, groups, KP=kp, BLOCK=_pow2(per_group * kp)
-    )
-    return out, cutoff.amax(dim=1)
+        keys.contiguous(), out, cutoff, n_splits, per_group, groups, KP=kp, BLOCK=_pow2(per_group * kp),
+        TOPK=MERGE_TOPK and n_queries <= MERGE_TOPK_MAX_QUERIES,
+    )  # fmt: skip
+    return out, cutoff.amax(dim=1) if reduce else cutoff
 
 
 def decode(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

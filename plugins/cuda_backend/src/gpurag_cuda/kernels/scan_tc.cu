@@ -439,3 +439,220 @@ scan_bf16_tc_flow(const unsigned short* __restrict__ queries, const unsigned sho
         flush(list, kp, cap, out_keys + at, out_rows + at);
     }
 }
+
+// --- The register-filtered scan ---------------------------------------------------------------------
+// The same products and lists with the selection kept out of shared memory: each thread compares its own
+// accumulators (oriented keys) with its queries' running thresholds in registers and appends only the keys
+// above them to the query's list (a shared-memory atomic per key taken, rare once the lists are full). A
+// key that finds its list full stays marked in a per-thread bit mask; when any thread holds one (one
+// barrier tells), the block compacts the full lists (keeping their kp best, raising their thresholds) and
+// offers the marked keys again, until none is left, so nothing is lost. One copy pipeline flows across the split's row tiles (vector loads only).
+// The block tile is (MI x 32) queries by (NI x 32) rows: 8 warps of (MI x 16) x (NI x 8) each.
+#define REG_STAGES 4
+
+template <int MI, int NI>
+__device__ __forceinline__ void issue_stage_reg(unsigned short* stage, const unsigned short* __restrict__ queries,
+                                                const unsigned short* __restrict__ rows, int q0, int n_queries,
+                                                int tile, int r_end, int k0, int dim) {
+    constexpr int TBQ = MI * 32, TBN = NI * 32;
+    constexpr int AV = TBQ * BK / 8 / THREADS, BV = TBN * BK / 8 / THREADS;
+#pragma unroll
+    for (int i = 0; i < AV + BV; ++i) {
+        const bool is_a = i < AV;
+        const int idx = threadIdx.x + (is_a ? i : i - AV) * THREADS;
+        const int r = idx / (BK / 8), c = (idx % (BK / 8)) * 8;
+        const int gr = (is_a ? q0 : tile) + r, gk = k0 + c;
+        const bool inside = gr < (is_a ? n_queries : r_end) && gk < dim;
+        const unsigned short* base = is_a ? queries : rows;
+        const unsigned short* src = inside ? base + (long long)gr * dim + gk : base;
+        unsigned short* dst = stage + ((is_a ? 0 : TBQ) + r) * LDA + c;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(dst)), "l"(src),
+                     "r"(inside ? 16 : 0));
+    }
+}
+
+// A warp's (MI x 16) x (NI x 8) products of one stage, fragments fed by ldmatrix.
+template <int MI, int NI>
+__device__ __forceinline__ void mma_stage_reg(float (*acc)[NI][4], const unsigned short* a_s, const unsigned short* b_s,
+                                              int wq, int wn, int lane) {
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 16) {
+        unsigned a[MI][4], b[NI][2];
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi)
+            ldmatrix_x4_tc(a[mi], a_s + (wq + mi * 16 + (lane & 15)) * LDA + kk + (lane >> 4) * 8);
+#pragma unroll
+        for (int nj = 0; nj < NI / 2; ++nj) {
+            unsigned d[4];
+            const int m = lane >> 3;
+            ldmatrix_x4_tc(d, b_s + (wn + nj * 16 + (m >> 1) * 8 + (lane & 7)) * LDA + kk + (m & 1) * 8);
+            b[2 * nj][0] = d[0];
+            b[2 * nj][1] = d[1];
+            b[2 * nj + 1][0] = d[2];
+            b[2 * nj + 1][1] = d[3];
+        }
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+            for (int ni = 0; ni < NI; ++ni)
+                mma_bf16(acc[mi][ni], a[mi][0], a[mi][1], a[mi][2], a[mi][3], b[ni][0], b[ni][1]);
+    }
+}
+
+template <int MI, int NI>
+__device__ __forceinline__ void scan_reg_body(const unsigned short* __restrict__ queries,
+                                              const unsigned short* __restrict__ rows,
+                                              const float* __restrict__ sq_norms, int n_queries, int n_rows, int dim,
+                                              int rows_per_split, int l2, int kp, int cap,
+                                              float* __restrict__ out_keys, int* __restrict__ out_rows) {
+    constexpr int TBQ = MI * 32, TBN = NI * 32;
+    constexpr int STAGE_E = (TBQ + TBN) * LDA;
+    constexpr int MASK_WORDS = (MI * NI * 4 + 31) / 32;
+    extern __shared__ __align__(16) unsigned char smem[];
+    unsigned short* stages = reinterpret_cast<unsigned short*>(smem);
+    float* list_keys = reinterpret_cast<float*>(smem + REG_STAGES * STAGE_E * 2);
+    int* list_rows = reinterpret_cast<int*>(list_keys + TBQ * cap);
+    int* list_count = list_rows + TBQ * cap;
+    float* list_threshold = reinterpret_cast<float*>(list_count + TBQ);
+
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int wq = (warp >> 2) * MI * 16, wn = (warp & 3) * NI * 8;
+    const int q0 = blockIdx.x * TBQ;
+    const int splits = gridDim.y, split = blockIdx.y;
+    const int r_begin = split * rows_per_split;
+    const int r_end = min(n_rows, r_begin + rows_per_split);
+    for (int i = threadIdx.x; i < TBQ; i += THREADS) {
+        list_count[i] = 0;
+        list_threshold[i] = GPURAG_NEG_INF;
+    }
+    __syncthreads();
+
+    const int per_tile = (dim + BK - 1) / BK;
+    const int total = r_end > r_begin ? (r_end - r_begin + TBN - 1) / TBN * per_tile : 0;
+#pragma unroll
+    for (int i = 0; i < REG_STAGES - 1; ++i) {
+        if (i < total)
+            issue_stage_reg<MI, NI>(stages + i * STAGE_E, queries, rows, q0, n_queries,
+                                    r_begin + (i / per_tile) * TBN, r_end, (i % per_tile) * BK, dim);
+        commit_stages();
+    }
+    float acc[MI][NI][4];
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
+    float norm[NI][2];
+    for (int i = 0; i < total; ++i) {
+        wait_stages<REG_STAGES - 2>();  // this thread's copies of stage i have landed
+        __syncthreads();                // everyone's have; stage i - 1 is no longer read
+        const int next = i + REG_STAGES - 1;
+        if (next < total)
+            issue_stage_reg<MI, NI>(stages + (next % REG_STAGES) * STAGE_E, queries, rows, q0, n_queries,
+                                    r_begin + (next / per_tile) * TBN, r_end, (next % per_tile) * BK, dim);
+        commit_stages();
+        const int tile = r_begin + (i / per_tile) * TBN;
+        if (i % per_tile == 0) {  // this tile's norms, read while its products run
+#pragma unroll
+            for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    const int r = tile + wn + ni * 8 + 2 * t + c;
+                    norm[ni][c] = l2 && r < r_end ? sq_norms[r] : 0.f;
+                }
+        }
+        unsigned short* stage = stages + (i % REG_STAGES) * STAGE_E;
+        mma_stage_reg<MI, NI>(acc, stage, stage + TBQ * LDA, wq, wn, lane);
+        if (i % per_tile != per_tile - 1) continue;
+
+        // Epilogue: oriented keys in place (-inf past the rows or the queries), then offered until all are placed.
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+            for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int q = q0 + wq + mi * 16 + g + (e >> 1) * 8;
+                    const int r = tile + wn + ni * 8 + 2 * t + (e & 1);
+                    const float v = l2 ? 2.f * acc[mi][ni][e] - norm[ni][e & 1] : acc[mi][ni][e];
+                    acc[mi][ni][e] = (r < r_end && q < n_queries) ? v : GPURAG_NEG_INF;
+                }
+        unsigned marked[MASK_WORDS];  // bit (mi * NI + ni) * 4 + e: a key not yet placed or dropped
+#pragma unroll
+        for (int w = 0; w < MASK_WORDS; ++w) marked[w] = ~0u;
+        while (true) {
+#pragma unroll
+            for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int q = wq + mi * 16 + g + h * 8;
+                    const float threshold = list_threshold[q];
+#pragma unroll
+                    for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+                        for (int c = 0; c < 2; ++c) {
+                            const int e = h * 2 + c;
+                            const int bit = (mi * NI + ni) * 4 + e;
+                            const unsigned flag = 1u << (bit & 31);
+                            if (!(marked[bit >> 5] & flag)) continue;
+                            const float v = acc[mi][ni][e];
+                            if (!(v > threshold)) {
+                                marked[bit >> 5] &= ~flag;
+                                continue;
+                            }
+                            const int at = atomicAdd(list_count + q, 1);
+                            if (at < cap) {
+                                list_keys[q * cap + at] = v;
+                                list_rows[q * cap + at] = tile + wn + ni * 8 + 2 * t + c;
+                                marked[bit >> 5] &= ~flag;
+                            }
+                        }
+                }
+            bool left = false;  // a key of this thread found its list full
+#pragma unroll
+            for (int w = 0; w < MASK_WORDS; ++w) left |= marked[w] != 0u;
+            if (!__syncthreads_or(left)) break;
+            for (int q = warp; q < TBQ; q += THREADS / 32) {
+                if (list_count[q] <= cap) continue;
+                __syncwarp();
+                if (lane == 0) list_count[q] = cap;
+                __syncwarp();
+                compact(CandidateList{list_keys + q * cap, list_rows + q * cap, list_count + q, list_threshold + q}, kp,
+                        cap);
+            }
+            __syncthreads();
+        }
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+            for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
+    }
+    wait_stages<0>();
+    for (int q = warp; q < TBQ; q += THREADS / 32) {
+        if (q0 + q >= n_queries) break;
+        CandidateList list{list_keys + q * cap, list_rows + q * cap, list_count + q, list_threshold + q};
+        long long at = ((long long)(q0 + q) * splits + split) * kp;
+        flush(list, kp, cap, out_keys + at, out_rows + at);
+    }
+}
+
+#define SCAN_REG_ARGS                                                                                             \
+    const unsigned short *__restrict__ queries, const unsigned short *__restrict__ rows,                          \
+        const float *__restrict__ sq_norms, int n_queries, int n_rows, int dim, int rows_per_split, int l2, int kp, \
+        int cap, float *__restrict__ out_keys, int *__restrict__ out_rows
+#define SCAN_REG_PASS queries, rows, sq_norms, n_queries, n_rows, dim, rows_per_split, l2, kp, cap, out_keys, out_rows
+
+// Kernels by block tile (queries x rows).
+extern "C" __global__ void __launch_bounds__(THREADS, 2) scan_bf16_reg64x128(SCAN_REG_ARGS) {
+    scan_reg_body<2, 4>(SCAN_REG_PASS);
+}
+extern "C" __global__ void __launch_bounds__(THREADS, 1) scan_bf16_reg128x128(SCAN_REG_ARGS) {
+    scan_reg_body<4, 4>(SCAN_REG_PASS);
+}
+extern "C" __global__ void __launch_bounds__(THREADS, 1) scan_bf16_reg128x256(SCAN_REG_ARGS) {
+    scan_reg_body<4, 8>(SCAN_REG_PASS);
+}

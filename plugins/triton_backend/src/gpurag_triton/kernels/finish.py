@@ -1,7 +1,7 @@
 """The end of a shortlist search in one kernel: re-score, order, certify, flag overflow (one program per query).
 
 Given each query's candidate rows (packed keys from the scan, in any order; keys of score -inf are
-empty slots) and the cutoff key (no row left out scores above it), a program:
+empty slots) and its cutoff keys (the largest bounds every row left out), a program:
 
 1. scores each candidate directly in float32 (l2: Σ(x - q)², l1: Σ|x - q|, dot / cosine: Σ x q, cosine
    then divided by both norms, 0 where one is 0), and |q| (l1: Σ|q|) along the way; with
@@ -68,6 +68,9 @@ def finish_kernel(
     BLOCK_D: tl.constexpr,
     HAS_SUMS: tl.constexpr,
     ROWS32: tl.constexpr = False,
+    n_cutoffs=1,
+    BLOCK_C: tl.constexpr = 1,
+    FLAGS_ONCE: tl.constexpr = False,
 ):
     """Query ``program_id(0)``: its k best candidates of ``keys`` (Q, n_candidates), certified (module doc)."""
     pid = tl.program_id(0)
@@ -81,7 +84,8 @@ def finish_kernel(
     # Only real rows reach here, except padding keys when scores are NaN (float32 overflow, flagged
     # below and answered in float64): keep every read in bounds.
     rows = tl.where(m_mask & (rows >= 0) & (rows < n_rows), rows, 0)
-    acc = tl.zeros((M, BLOCK_D), dtype=tl.float32)
+    if not HAS_SUMS:  # (with sums only |q| is summed here, over BLOCK_D as wide as D)
+        acc = tl.zeros((M, BLOCK_D), dtype=tl.float32)
     q_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for d0 in range(0, dim, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
@@ -153,7 +157,11 @@ def finish_kernel(
         slack = slack_scale * (q_norm + largest) * (q_norm + largest)
     if METRIC == L2:
         oriented_kth = q_norm * q_norm + oriented_kth  # |q|² - d_k
-    cutoff_key = tl.load(cutoff_ptr + pid)
+    # The largest of the query's ``n_cutoffs`` cutoff keys (one per group of splits, or one).
+    offs_c = tl.arange(0, BLOCK_C)
+    cutoff_key = tl.max(
+        tl.load(cutoff_ptr + pid * n_cutoffs + offs_c, mask=offs_c < n_cutoffs, other=float("-inf")), axis=0
+    )
     cutoff = (cutoff_key.to(tl.int64, bitcast=True) >> 32).to(tl.int32).to(tl.float32, bitcast=True)
     certified = ((cutoff + error + slack < oriented_kth) | (cutoff == float("-inf"))) & (oriented_kth > float("-inf"))
     reach = q_norm + largest
@@ -161,5 +169,9 @@ def finish_kernel(
         reach = tl.sqrt(reach)
     overflow = (reach != reach) | (reach > safe_reach) | (reach == float("inf"))
     tl.store(certified_ptr + pid, certified.to(tl.int8))
-    tl.atomic_add(flags_ptr, (~certified | overflow).to(tl.int32), sem="relaxed")
-    tl.atomic_add(flags_ptr + 1, overflow.to(tl.int32), sem="relaxed")
+    if FLAGS_ONCE:  # one program (one query): the flags are written, not added (no zeroed buffer needed)
+        tl.store(flags_ptr, (~certified | overflow).to(tl.int32))
+        tl.store(flags_ptr + 1, overflow.to(tl.int32))
+    else:
+        tl.atomic_add(flags_ptr, (~certified | overflow).to(tl.int32), sem="relaxed")
+        tl.atomic_add(flags_ptr + 1, overflow.to(tl.int32), sem="relaxed")

@@ -8,8 +8,9 @@ host wrapper merges the splits. Oriented scores, larger is better:
 - ``DOT`` (0): ``q·x``; ``L2`` (1): ``2 q·x - |x|²`` (from ``extra``, the squared row norms);
 - ``L1`` (2): ``-Σ|q - x|``; ``SCALED_DOT`` (3): ``q·x · extra`` (cosine over raw rows: 1/|x|).
 
-With ``LOW`` queries and rows come in bf16 (rounded to nearest by the host) and products are summed
-in float32; otherwise everything is float32 (``tl.dot`` in IEEE float32, never TF32).
+With ``LOW`` rows come in bf16 and queries in bf16 or float32 (then rounded to nearest bf16 as they
+are loaded), and products are summed in float32; otherwise everything is float32 (``tl.dot`` in IEEE
+float32, never TF32).
 """
 
 from __future__ import annotations
@@ -23,6 +24,20 @@ DOT = tl.constexpr(0)
 L2 = tl.constexpr(1)
 L1 = tl.constexpr(2)
 SCALED_DOT = tl.constexpr(3)
+
+
+@triton.jit
+def _as_bf16(q):
+    """``q`` rounded to the nearest bf16 (ties to even) when float32, as torch rounds it; bf16 ``q`` as it is.
+
+    The rounding is done on the bits (then the conversion is exact): Triton's CPU interpreter converts
+    by truncation, which would double the error the shortlist's bound allows for.
+    """
+    if q.dtype == tl.float32:
+        bits = q.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536  # -65536: the high 16 bits
+        q = bits.to(tl.float32, bitcast=True)
+    return q.to(tl.bfloat16)
 
 
 @triton.jit
@@ -54,7 +69,8 @@ def _tile_scores_dot(
             other=0.0,
         )
         if LOW:  # noqa: SIM108 (a constexpr branch: one of the two is compiled)
-            acc = tl.dot(q, xt, acc)
+            # float32 queries are rounded to bf16 here (a no-op on bf16 ones): no conversion launch.
+            acc = tl.dot(_as_bf16(q), xt, acc)
         else:
             acc = tl.dot(q, xt, acc, input_precision="ieee")
     return acc
@@ -89,6 +105,8 @@ def _tile_scores_simt(
             mask=n_mask[:, None] & d_mask[None, :],
             other=0.0,
         ).to(tl.float32)
+        if LOW:  # float32 queries rounded to bf16 as the tensor-core path rounds them
+            q = _as_bf16(q)
         q = q.to(tl.float32)
         if ABS_DIFF:
             acc += tl.sum(tl.abs(q[:, None, :] - x[None, :, :]), axis=2)
@@ -121,11 +139,15 @@ def scan_topk_kernel(
     SELECT: tl.constexpr,
     HAS_TAU: tl.constexpr,
     BY_INDEX: tl.constexpr = False,
+    MASK_QUERIES: tl.constexpr = False,
 ):
     """out[q, split, :] = the KP best packed keys of query q over rows of its split (see module doc).
 
     With ``HAS_TAU`` only rows scoring above ``tau[q]`` are kept; slots left empty hold -inf keys.
     ``BY_INDEX``: tiles merged by `select.offer_tile_by_index` (float32 steps) instead of `offer_tile`.
+    ``MASK_QUERIES`` (a query block past the last query): the padding queries' scores are -inf, so they
+    never take a merge step (an l2 padding query scores -|x|², which would keep its running top-k busy;
+    a dot one scores 0 everywhere and is left alone after its first tile).
     """
     pid_q = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -173,7 +195,10 @@ def scan_topk_kernel(
             scores = raw * extra[None, :]
         else:
             scores = raw
-        scores = tl.where(n_mask[None, :], scores, float("-inf"))
+        if MASK_QUERIES:  # (a constexpr branch)
+            scores = tl.where(q_mask[:, None] & n_mask[None, :], scores, float("-inf"))
+        else:
+            scores = tl.where(n_mask[None, :], scores, float("-inf"))
         if SELECT and BY_INDEX:
             best, threshold = offer_tile_by_index(best, threshold, scores, n0, KP)
             if HAS_TAU:
