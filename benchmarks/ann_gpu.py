@@ -48,6 +48,15 @@ class Method:
     search: Callable[[np.ndarray], np.ndarray]  # host queries -> host ids (Q, K)
     recall: float = float("nan")
     times: dict[int, list[float]] = field(default_factory=dict)  # batch -> seconds per query, per repeat
+    batches: tuple[int, ...] | None = None  # the batch sizes timed (None: every one)
+    graph_recall: float = float("nan")  # recall@10 searched 16 queries at a time (the captured graphs)
+
+    def times_batch(self, batch: int) -> bool:
+        return self.batches is None or batch in self.batches
+
+    def recall_at(self, batch: int) -> float:
+        """The recall of the path a search of ``batch`` queries takes (graphs up to 64 queries, where measured)."""
+        return self.graph_recall if batch <= 64 and self.graph_recall == self.graph_recall else self.recall
 
     def rate(self, batch: int) -> float:
         return 1 / statistics.median(self.times[batch]) if self.times.get(batch) else float("nan")
@@ -91,12 +100,24 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
 
 def stage_times(index: Any, host_queries: np.ndarray, batch: int, repeats: int = 20) -> dict[str, float]:
     """Median ms of each stage of one LSH search at ``batch`` queries (synchronised between stages)."""
+    import torch
 
     backend = index.backend
     database = index._database
     block = host_queries[:batch]
     codes = index._code_rows.live
     stages: dict[str, list[float]] = {}
+    fused_rerank: Callable[[Any, Any], Any] | None = None
+    if getattr(backend, "name", "") == "triton":
+        from gpurag_torch.database import NORMS
+        from gpurag_triton import lsh_fused
+
+        norms = database.row_data.get(NORMS)
+
+        def rerank_best(q: Any, c: Any) -> Any:
+            return lsh_fused.rerank_best(q, database.vectors, c, K, database.metric, norms)
+
+        fused_rerank = rerank_best
 
     def timed(name: str, fn: Callable[[], Any]) -> Any:
         sync()
@@ -106,6 +127,11 @@ def stage_times(index: Any, host_queries: np.ndarray, batch: int, repeats: int =
         stages.setdefault(name, []).append((time.perf_counter() - start) * 1e3)
         return out
 
+    fixed = index.search(block, K, out="device") if batch <= 64 else None
+    if fixed is not None:
+        from gpurag.metrics import TopK
+
+        fixed = TopK(fixed.scores.cpu(), torch.as_tensor(np.zeros(fixed.ids.shape, np.int64)))
     for _ in range(repeats if batch <= 64 else 3):
         hashed = timed("hash queries (host)", lambda: index._hashed_queries(block))
         qcodes = timed("sign codes (copy + device)", lambda h=hashed: index._codes_of(h, index._device_planes))
@@ -115,8 +141,16 @@ def stage_times(index: Any, host_queries: np.ndarray, batch: int, repeats: int =
         )
         dq = timed("queries to device", lambda: backend.asarray(block, "queries"))
         top = timed("rerank", lambda c=cands, q=dq: backend.rerank(q, database, c, K))
+        if fused_rerank is not None:
+            timed("rerank, fused (lsh_fused.rerank_best)", lambda c=cands, q=dq: fused_rerank(q, c))
         timed("ids + to host", lambda t=top: index._result(t, K, "numpy"))
         timed("whole search", lambda: index.search(block, K))
+        if fixed is not None:  # the retriever's own host work: the backend's call answered at once
+            backend.lsh_topk = lambda *_args, t=fixed: t  # type: ignore[method-assign]
+            try:
+                timed("retriever host work alone (backend call stubbed)", lambda: index.search(block, K))
+            finally:
+                del backend.lsh_topk
         if hasattr(backend, "use_graphs"):
             backend.use_graphs = False
             timed("whole search, no CUDA graph", lambda: index.search(block, K))
@@ -163,6 +197,35 @@ def candidate_variants(index: Any, host_queries: np.ndarray, batch: int, repeats
             candidates.LIMIT_MARGIN, candidates.CAPACITY_FACTOR = saved
 
     variants["sampled, limit margin 1.5, room 4x"] = tighter_limit
+    from gpurag_triton import lsh_fused
+
+    variants["fused: sample histogram, near pass, radix select (lsh_fused.nearest_rows)"] = (
+        lambda: lsh_fused.nearest_rows(query_codes, codes, count))  # fmt: skip
+
+    def fused_with(**knobs: Any) -> Callable[[], Any]:
+        def call() -> Any:
+            saved = {name: getattr(lsh_fused, name) for name in knobs}
+            for name, value in knobs.items():
+                setattr(lsh_fused, name, value)
+            try:
+                return lsh_fused.nearest_rows(query_codes, codes, count)
+            finally:
+                for name, value in saved.items():
+                    setattr(lsh_fused, name, value)
+
+        return call
+
+    for block_n, warps in ((128, None), (512, None), (256, 8), (512, 8)):
+        variants[f"fused, near pass {block_n} rows a tile, {warps or 'default'} warps"] = fused_with(
+            NEAR_BLOCK_N=block_n, NEAR_WARPS=warps
+        )
+    variants["fused, near pass without the tile check"] = fused_with(NEAR_CHECK_TILE=False)
+    variants["fused, near pass 16 programs per SM"] = fused_with(NEAR_PROGRAMS_PER_SM=16)
+    variants["fused, near pass 512 rows a tile, 8 warps, 8 programs per SM"] = fused_with(
+        NEAR_BLOCK_N=512, NEAR_WARPS=8, NEAR_PROGRAMS_PER_SM=8
+    )
+    variants["fused, select 2048 keys a step, 8 warps"] = fused_with(SELECT_BLOCK=2048, SELECT_WARPS=8)
+    variants["fused, select 1024 keys a step, 4 warps"] = fused_with(SELECT_BLOCK=1024, SELECT_WARPS=4)
     if count <= 256 and hasattr(backend, "fused_hamming_topk"):
         variants["fused top-KP kernel"] = lambda: backend.fused_hamming_topk(query_codes, codes, count)
     out = {}
@@ -288,6 +351,17 @@ def run(
         except Exception as again:
             log(f"CUDA graph path failed again ({type(again).__name__}: {again}); graphs off")
             index.backend.use_graphs = False
+    broken_seen: list[str] = []
+
+    def report_broken() -> None:  # the fused kernels' build errors (their fallback answers), once each
+        if args.lsh_backend == "triton":
+            from gpurag_triton import lsh_fused
+
+            for error in lsh_fused.BROKEN[len(broken_seen) :]:
+                broken_seen.append(error)
+                log(f"FUSED LSH KERNELS NOT BUILT (torch.topk stages answer instead): {error[:3000]}")
+
+    report_broken()
     recall_deadline = time.perf_counter() + (deadline - time.perf_counter()) * 0.5
     for m in methods:
         if m.family == "lsh" and time.perf_counter() > recall_deadline:
@@ -295,6 +369,7 @@ def run(
             continue
         m.recall = recall(true_scores(queries, base, m.search(host_queries)), truth_scores)
         log(f"recall {m.family} {m.params}: {m.recall:.3f}")
+        report_broken()
     # Keep the settings worth timing: exact, and for each bit count the candidates from the first
     # reaching 0.85 up to the first reaching 0.95.
     timed: list[Method] = [m for m in methods if m.family == "exact"]
@@ -304,6 +379,27 @@ def run(
         lo = max(0, reaching[0] - 1) if reaching else len(mine) - 1
         top = next((i for i, m in enumerate(mine) if m.recall >= 0.95), len(mine) - 1)
         timed += mine[lo : top + 1]
+    if args.torch_selections and args.lsh_backend == "triton":  # the same settings' graphs with torch.topk
+        from gpurag_triton import lsh_fused
+
+        for m in [m for m in timed if m.family == "lsh"]:
+
+            def unfused(q: np.ndarray, search: Callable[[np.ndarray], np.ndarray] = m.search) -> np.ndarray:
+                lsh_fused.FUSED = False
+                try:
+                    return search(q)
+                finally:
+                    lsh_fused.FUSED = True
+
+            twin = Method("lsh", f"{m.params}, torch.topk selections", unfused, recall=m.recall,
+                          batches=tuple(b for b in args.batches if b <= 64))  # fmt: skip
+            timed.insert(timed.index(m) + 1, twin)
+            methods.insert(methods.index(m) + 1, twin)
+    for m in timed:  # the recall of the small searches' path: 16 queries at a time, through the captured graphs
+        if m.family == "lsh" and time.perf_counter() < recall_deadline + 5:
+            ids = np.concatenate([m.search(host_queries[i : i + 16]) for i in range(0, len(host_queries), 16)])
+            m.graph_recall = recall(true_scores(queries, base, ids), truth_scores)
+            log(f"recall {m.params}, 16 a search (graphs): {m.graph_recall:.3f} (all at once: {m.recall:.3f})")
     publish(table(args, name, n, dim, len(host_queries), methods, timed))  # recall first, rates to come
     hard_stop = T0 + args.budget_s - 3  # past it, nothing new starts: the tables must be written
     if args.wait_for is not None and not args.wait_for.exists():
@@ -313,7 +409,7 @@ def run(
         log("waited" if args.wait_for.exists() else "gave up waiting")
     for m in timed:  # warm-up: every kernel compiled (and graph captured) before the clock runs
         for b in args.batches:
-            if time.perf_counter() < hard_stop:
+            if time.perf_counter() < hard_stop and m.times_batch(b):
                 m.search(host_queries[:b])
     if hasattr(index.backend, "use_graphs") and index.backend.use_graphs:  # small searches: graph = plain stages
         for m in timed:
@@ -331,6 +427,8 @@ def run(
             break
         for m in timed:
             for b in args.batches:
+                if not m.times_batch(b):
+                    continue
                 if time.perf_counter() > hard_stop:
                     log(f"hard stop: {m.family} {m.params} Q={b} not timed in repeat {repeat + 1}")
                     continue
@@ -343,7 +441,8 @@ def run(
         log(f"repeat {repeat + 1} done")
     text = table(args, name, n, dim, len(host_queries), methods, timed)
     publish(text)
-    best = max((m for m in timed if m.family == "lsh" and m.recall >= 0.9), key=lambda m: m.rate(1), default=None)
+    best = max((m for m in timed if m.family == "lsh" and m.recall >= 0.9 and "torch.topk" not in m.params),
+               key=lambda m: m.rate(1), default=None)  # fmt: skip
     if best is not None and time.perf_counter() < deadline:
         best.search(host_queries[:1])  # sets the bits and candidates
         if args.profile and time.perf_counter() < deadline:
@@ -398,18 +497,21 @@ def table(
         f"{len(timed[0].times.get(args.batches[0], [])) if timed else 0} interleaved repeats, medians; "
         f"queries/s with host queries in and host answers out.",
         "",
-        "| method | setting | recall@10 | " + " | ".join(f"q/s Q={b} (× exact)" for b in args.batches) + " |",
-        "|---|---|---|" + "---|" * len(args.batches),
+        "| method | setting | recall@10 | recall@10, Q=16 graphs | "
+        + " | ".join(f"q/s Q={b} (× exact)" for b in args.batches)
+        + " |",
+        "|---|---|---|---|" + "---|" * len(args.batches),
     ]
     for m in methods:
         cells = []
         for b in args.batches:
             rate = m.rate(b)
             cells.append("—" if rate != rate else f"{rate:,.0f} ({rate / exact_best[b]:.2f}×)")
-        lines.append(f"| {m.family} | {m.params} | {m.recall:.3f} | " + " | ".join(cells) + " |")
+        graph = "—" if m.graph_recall != m.graph_recall else f"{m.graph_recall:.3f}"
+        lines.append(f"| {m.family} | {m.params} | {m.recall:.3f} | {graph} | " + " | ".join(cells) + " |")
     lines += ["", "Best LSH setting reaching recall@10 ≥ 0.90, per batch size, against the best exact backend:", ""]
     for b in args.batches:
-        good = [m for m in timed if m.family == "lsh" and m.recall >= 0.90 and m.times.get(b)]
+        good = [m for m in timed if m.family == "lsh" and m.recall_at(b) >= 0.90 and m.times.get(b)]
         exacts = [m for m in timed if m.family == "exact" and m.times.get(b)]
         if not good or not exacts:
             lines.append(f"- Q={b}: no timed LSH setting reached 0.90 (or no exact rate)")
@@ -417,7 +519,7 @@ def table(
         best = max(good, key=lambda m: m.rate(b))
         best_exact = max(exacts, key=lambda m: m.rate(b))
         lines.append(
-            f"- Q={b}: {best.params}, recall {best.recall:.3f}, {best.rate(b):,.0f} q/s = "
+            f"- Q={b}: {best.params}, recall {best.recall_at(b):.3f}, {best.rate(b):,.0f} q/s = "
             f"**{best.rate(b) / exact_best[b]:.2f}×** exact {best_exact.params} ({exact_best[b]:,.0f} q/s)"
         )
     return "\n".join(lines) + "\n"
@@ -506,6 +608,11 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-check", action="store_true", help="skip checking the Hamming kernels against torch")
     parser.add_argument("--profile", action="store_true", help="add a GPU kernel table of the best setting's search")
+    parser.add_argument(
+        "--torch-selections",
+        action="store_true",
+        help="also time each LSH setting's small searches with torch.topk selections (lsh_fused off)",
+    )
     parser.add_argument("--vectors-cache", type=Path, default=None, help="MiniLM embeddings read or written here")
     parser.add_argument("--embed-only", action="store_true", help="embed the vocabulary into --vectors-cache, exit")
     parser.add_argument(

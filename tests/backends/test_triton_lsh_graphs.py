@@ -24,7 +24,15 @@ def cuda_index(n_candidates: int) -> LSHRetriever:
 
 
 @pytest.mark.parametrize("n_queries", [1, 5, 64])
-def test_graph_answers_equal_the_stages_run_one_by_one(n_queries: int) -> None:
+@pytest.mark.parametrize("fused", [True, False], ids=["triton-selections", "torch-topk"])
+def test_graph_answers_equal_the_stages_run_one_by_one(
+    monkeypatch: pytest.MonkeyPatch, n_queries: int, fused: bool
+) -> None:
+    """Either graph (every selection a Triton kernel, or torch.topk's) answers as the stages run one by one."""
+    from gpurag_triton import lsh_fused
+
+    monkeypatch.setattr(lsh_fused, "FUSED", fused)
+    monkeypatch.setattr(lsh_fused, "MAX_QUERIES", 64)  # the fused graph at every query count here
     index = cuda_index(300)
     index.add(gaussian_mixture(20_000, 48, clusters=50, seed=1))
     queries = gaussian_mixture(n_queries, 48, clusters=50, seed=1, sample=1)

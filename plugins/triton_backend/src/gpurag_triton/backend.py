@@ -620,11 +620,18 @@ class TritonBackend(TorchBackend):
         """
         import torch
 
-        from gpurag_triton import candidates, launch, lsh_graphs
+        from gpurag_torch.database import NORMS
+        from gpurag_triton import candidates, launch, lsh_fused, lsh_graphs
 
         small = isinstance(hashed, np.ndarray) and isinstance(queries, np.ndarray)
         small = small and 0 < hashed.shape[0] <= lsh_graphs.GRAPH_MAX_QUERIES and self.use_graphs
-        if not small or self.torch_device.type != "cuda" or launch.interpreting():
+        on_gpu = self.torch_device.type == "cuda" and not launch.interpreting()
+        if on_gpu and not small and self.use_graphs and lsh_fused.usable(k, int(hashed.shape[0])):
+            try:
+                return self._fused_lsh_topk(hashed, queries, planes, codes, database, n_candidates, k)
+            except lsh_fused.build_errors() as exc:  # not buildable here: the torch-selected stages from now on
+                lsh_fused.BROKEN.append(f"{type(exc).__name__}: {exc}")
+        if not small or not on_gpu:
             return super().lsh_topk(hashed, queries, planes, codes, database, n_candidates, k)
         database = self._own(database)
         planes, codes = self._tensor(planes, "planes"), self._codes(codes, "database_codes")
@@ -637,11 +644,25 @@ class TritonBackend(TorchBackend):
         query_codes = lsh_graphs.host_sign_codes(np.asarray(hashed, np.float64), self._host_planes[1])
         width = query_codes.shape[1]
 
-        sampled = candidates.takes_sampled(int(hashed.shape[0]), int(codes.shape[0]), n_candidates)
+        n_queries = int(hashed.shape[0])
+        fused = lsh_fused.usable(k, n_queries)
+        if fused:
+            sampled = lsh_fused.SAMPLED and n_queries >= lsh_fused.SAMPLED_MIN_QUERIES
+        else:
+            sampled = candidates.takes_sampled(n_queries, int(codes.shape[0]), n_candidates)
 
         def stages(words_in: torch.Tensor, queries_in: torch.Tensor) -> tuple[TopK, torch.Tensor | None]:
             # Device tensors checked on the host already: no `asarray` (its finiteness check syncs).
             query_codes_in = words_in.view(torch.uint8)[:, :width].contiguous()
+            if fused:  # every selection a Triton kernel: about six launches in all
+                failed = None
+                if sampled:
+                    near_rows, failed = lsh_fused.nearest_rows(query_codes_in, codes, n_candidates)
+                else:
+                    near_rows = candidates.nearest_codes(query_codes_in, codes, n_candidates, ordered=False,
+                                                    sampled=False).indices  # fmt: skip
+                norms = database.row_data.get(NORMS)
+                return lsh_fused.rerank_best(queries_in, database.vectors, near_rows, k, database.metric, norms), failed
             if sampled:  # no sync inside the graph: whether the sample's limit held is read after the replay
                 near, failed = candidates.sampled_nearest(query_codes_in, codes, n_candidates, ordered=False)
                 return self.rerank(queries_in, database, near.indices, k), failed
@@ -649,11 +670,33 @@ class TritonBackend(TorchBackend):
             return self.rerank(queries_in, database, rows.indices, k), None
 
         words = lsh_graphs.as_float_words(query_codes)
-        key = (*lsh_graphs.graph_key(words, queries, planes, codes, database, n_candidates, k), sampled)
-        top, failed = runner.run(stages, words, np.ascontiguousarray(queries, np.float32), key)
+        key = (*lsh_graphs.graph_key(words, queries, planes, codes, database, n_candidates, k), sampled, fused)
+        try:
+            top, failed = runner.run(stages, words, np.ascontiguousarray(queries, np.float32), key)
+        except lsh_fused.build_errors() as exc:
+            if not fused:
+                raise
+            lsh_fused.BROKEN.append(f"{type(exc).__name__}: {exc}")  # the torch-selected graph from now on
+            return self.lsh_topk(hashed, queries, planes, codes, database, n_candidates, k)
         if failed:  # some query had fewer or more rows within its limit than the sample promised: count instead
             return super().lsh_topk(hashed, queries, planes, codes, database, n_candidates, k)
         return top
+
+    def _fused_lsh_topk(
+        self, hashed: Any, queries: Any, planes: Any, codes: Any, database: Database, n_candidates: int, k: int
+    ) -> TopK:
+        """`lsh_topk` of many queries by `lsh_fused`'s kernels, one sync (whether any query's limit failed:
+        then the stages of `DistanceBackend.lsh_topk` answer)."""
+        from gpurag_torch.database import NORMS
+        from gpurag_triton import lsh_fused
+
+        database = self._own(database)
+        query_codes = self.sign_codes(self.asarray(hashed, "hashed queries"), planes)
+        rows, failed = lsh_fused.nearest_rows(query_codes, self._codes(codes, "database_codes"), n_candidates)
+        if bool(failed.any()):
+            return super().lsh_topk(hashed, queries, planes, codes, database, n_candidates, k)
+        q = self._tensor(queries, "queries")
+        return lsh_fused.rerank_best(q, database.vectors, rows, k, database.metric, database.row_data.get(NORMS))
 
     def fused_hamming_topk(self, codes: Any, database_codes: Any, k: int) -> TopK:
         """`hamming_topk` by the fused top-KP kernel (k <= 256; kept to compare against the counting kernels)."""

@@ -231,7 +231,7 @@ def sampled_nearest(
         limit = limit.clamp(max=127)
     counter = torch.zeros(n_queries, dtype=torch.int32, device=device)
     hamming_near_kernel[(query_blocks, splits)](
-        a, b, limit, counter, keys, n_queries, n_rows, words, rows_per_split, capacity,
+        a, b, limit, counter, keys, n_queries, n_rows, words, rows_per_split, capacity, 0,
         BLOCK_Q=block_q, BLOCK_N=block_n, USE_POPC=use_popc, WIDE=wide,
     )  # fmt: skip
     nearest = torch.topk(keys, count, dim=1, largest=False, sorted=ordered).values

@@ -4,8 +4,9 @@ A graph is captured per key (query count, candidates, k, and the address and sha
 tensor the stages read), so a graph only ever replays over the tensors it was captured on; a
 database or code array that grows, shrinks or moves gets a new key and a new graph. The few
 most recent graphs are kept. Queries go in through one pinned host buffer and one copy; with
-`HOST_OUTPUT` the answer (and the stages' failure flag) comes back by copies the graph itself
-makes into pinned host buffers, read after one wait: no copy kernels, one sync.
+`HOST_OUTPUT` that copy is the graph's first node, and the answer (and the stages' failure flags)
+comes back by copies the graph itself makes into pinned host buffers, read after one wait: one
+launch, no copy kernels, one sync.
 """
 
 from __future__ import annotations
@@ -33,12 +34,12 @@ HOST_OUTPUT = True
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
-    staging: torch.Tensor  # pinned host (Q, D' + D)
-    inputs: torch.Tensor  # device (Q, D' + D)
+    staging: torch.Tensor  # pinned host (Q x D' + Q x D,): the codes' words, then the queries
+    inputs: torch.Tensor  # device, as ``staging``
     copied: torch.cuda.Event  # the last copy out of ``staging`` is done once this completes
     scores: torch.Tensor
     rows: torch.Tensor
-    failed: torch.Tensor | None  # a 0-d bool the stages set where their answer must not be used
+    failed: torch.Tensor | None  # set (any element non-zero) by the stages where their answer must not be used
     host: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # pinned scores, rows, failed (HOST_OUTPUT)
     done: torch.cuda.Event  # recorded after a replay: the host buffers are filled once it completes
 
@@ -103,20 +104,23 @@ class LSHGraphs:
                     self._graphs.popitem(last=False)
             else:
                 self._graphs.move_to_end(key)
-            entry.copied.synchronize()  # the previous copy out of the staging buffer has finished
+            if entry.host is None:
+                entry.copied.synchronize()  # the previous copy out of the staging buffer has finished
+            # (with host output every replay, its copy in included, was waited for before its answer was read)
             staging = entry.staging.numpy().view(np.uint32)  # bits copied as they are (codes ride as words)
-            staging[:, :width] = hashed.view(np.uint32)
-            staging[:, width:] = queries.view(np.uint32)
-            entry.inputs.copy_(entry.staging, non_blocking=True)
-            entry.copied.record()
+            staging[: hashed.size] = hashed.view(np.uint32).reshape(-1)
+            staging[hashed.size :] = queries.view(np.uint32).reshape(-1)
+            if entry.host is None:
+                entry.inputs.copy_(entry.staging, non_blocking=True)
+                entry.copied.record()
             entry.graph.replay()
             if entry.host is not None:
                 entry.done.record()
                 entry.done.synchronize()
                 scores, rows, failed = entry.host
-                return TopK(scores.clone(), rows.clone()), bool(failed[0])
+                return TopK(scores.clone(), rows.clone()), bool(failed.any())
             top = TopK(entry.scores.clone(), entry.rows.clone())
-            return top, entry.failed is not None and bool(entry.failed.item())
+            return top, entry.failed is not None and bool(entry.failed.any())
 
     def _capture(
         self,
@@ -125,32 +129,37 @@ class LSHGraphs:
         width: int,
         dim: int,
     ) -> _Graph:
-        staging = torch.zeros((n_queries, width + dim), dtype=torch.float32, pin_memory=True)
-        inputs = torch.zeros((n_queries, width + dim), dtype=torch.float32, device=self.device)
+        staging = torch.zeros(n_queries * (width + dim), dtype=torch.float32, pin_memory=True)
+        inputs = torch.zeros(n_queries * (width + dim), dtype=torch.float32, device=self.device)
+        split = n_queries * width
 
-        def call() -> tuple[TopK, torch.Tensor | None]:
-            return stages(inputs[:, :width].contiguous(), inputs[:, width:].contiguous())
+        def call() -> tuple[TopK, torch.Tensor | None]:  # both parts contiguous views: no copy kernels
+            return stages(inputs[:split].view(n_queries, width), inputs[split:].view(n_queries, dim))
 
         side = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            warm, _ = call()  # compiles every kernel before capture
+            warm, warm_failed = call()  # compiles every kernel before capture
         torch.cuda.current_stream(self.device).wait_stream(side)
         host = None
         if HOST_OUTPUT:
+            flag_shape, flag_dtype = ((1,), torch.bool) if warm_failed is None else (
+                (warm_failed.numel(),), warm_failed.dtype)  # fmt: skip
             host = (
                 torch.empty(tuple(warm.scores.shape), dtype=warm.scores.dtype, pin_memory=True),
                 torch.empty(tuple(warm.indices.shape), dtype=warm.indices.dtype, pin_memory=True),
-                torch.zeros(1, dtype=torch.bool, pin_memory=True),
+                torch.zeros(flag_shape, dtype=flag_dtype, pin_memory=True),
             )
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
+            if host is not None:  # the queries' copy in is the graph's first node: one launch less per search
+                inputs.copy_(staging, non_blocking=True)
             out, failed = call()
             if host is not None:
                 host[0].copy_(out.scores, non_blocking=True)
                 host[1].copy_(out.indices, non_blocking=True)
                 if failed is not None:
-                    host[2].copy_(failed.reshape(1), non_blocking=True)
+                    host[2].copy_(failed.reshape(-1), non_blocking=True)
         event = torch.cuda.Event()  # type: ignore[no-untyped-call]
         done = torch.cuda.Event()  # type: ignore[no-untyped-call]
         return _Graph(graph, staging, inputs, event, out.scores, out.indices, failed, host, done)

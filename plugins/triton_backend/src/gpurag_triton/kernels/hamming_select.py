@@ -234,7 +234,7 @@ def hamming_sample_kernel(
     tl.store(at, distance.to(tl.int16), mask=q_mask[:, None] & n_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["capacity", "rank"])  # one compiled kernel for every candidate count
 def hamming_near_kernel(
     q_ptr,
     x_ptr,
@@ -246,16 +246,24 @@ def hamming_near_kernel(
     words,
     rows_per_split,
     capacity,
+    rank,
     BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
     USE_POPC: tl.constexpr,
     WIDE: tl.constexpr,
+    BINS: tl.constexpr = 1,
+    LIMIT_FROM_HISTOGRAM: tl.constexpr = False,
+    CHECK_TILE: tl.constexpr = True,
 ):
     """Append each row within its query's limit (distance <= ``limit[q]``) as the key (distance << 32 | row)
     in int64 where ``WIDE``, else (distance << 24 | row) in int32 (distances < 128, rows < 2^24).
 
     ``counter[q]`` counts every such row (atomically); ``keys[q, :capacity]`` holds the first
     ``capacity`` appended, in no order (a count past ``capacity`` means some were not kept).
+    With ``LIMIT_FROM_HISTOGRAM`` ``limit_ptr`` is a (Q, BINS) histogram of a sample's distances
+    (`kernels.lsh_select.hamming_sample_histogram_kernel`; bin BINS - 1 not read) and the limit is
+    its ``rank``-th smallest distance (at most 127 unless ``WIDE``). With ``CHECK_TILE`` a tile without a
+    near row skips its appends (one tile-wide max); without, the appends are only predicated off.
     """
     pid_q = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -263,7 +271,16 @@ def hamming_near_kernel(
     q_mask = offs_q < n_queries
     row_start = pid_s * rows_per_split
     row_stop = tl.minimum(row_start + rows_per_split, n_rows)
-    limit = tl.load(limit_ptr + offs_q, mask=q_mask, other=-1)
+    if LIMIT_FROM_HISTOGRAM:
+        bins = tl.arange(0, BINS)
+        hist = tl.load(limit_ptr + offs_q[:, None] * BINS + bins[None, :],
+                       mask=q_mask[:, None] & (bins < BINS - 1)[None, :], other=0)  # fmt: skip
+        limit = tl.sum((tl.cumsum(hist, axis=1) < rank).to(tl.int32), axis=1)
+        if not WIDE:
+            limit = tl.minimum(limit, 127)
+        limit = tl.where(q_mask, limit, -1)
+    else:
+        limit = tl.load(limit_ptr + offs_q, mask=q_mask, other=-1)
     counters = counter_ptr + offs_q[:, None] + tl.zeros((BLOCK_Q, BLOCK_N), tl.int32)
     out_base = offs_q.to(tl.int64)[:, None] * capacity
     for n0 in range(row_start, row_stop, BLOCK_N):
@@ -271,7 +288,7 @@ def hamming_near_kernel(
         n_mask = offs_n < row_stop
         distance = _word_distances(q_ptr, x_ptr, offs_q, q_mask, offs_n.to(tl.int64), n_mask, words, USE_POPC)
         near = (distance <= limit[:, None]) & n_mask[None, :] & q_mask[:, None]
-        if tl.max(near.to(tl.int32)) > 0:
+        if not CHECK_TILE or tl.max(near.to(tl.int32)) > 0:
             slot = tl.atomic_add(counters, near.to(tl.int32), mask=near, sem="relaxed")
             if WIDE:
                 key = (distance.to(tl.int64) << 32) | offs_n[None, :].to(tl.int64)
