@@ -473,8 +473,10 @@ def run(
             lines += ["| stage | " + " | ".join(f"Q={b}" for b in args.batches) + " |"]
             lines += ["|---|" + "---|" * len(args.batches)]
             per_batch = {b: stage_times(index, host_queries, b) for b in args.batches}
-            for stage in per_batch[args.batches[0]]:
-                lines.append(f"| {stage} | " + " | ".join(f"{per_batch[b][stage]:.3f}" for b in args.batches) + " |")
+            stages = list(dict.fromkeys(stage for b in args.batches for stage in per_batch[b]))
+            for stage in stages:  # a stage some batch sizes do not have (a stubbed call) shows a dash there
+                cells = [f"{per_batch[b][stage]:.3f}" if stage in per_batch[b] else "—" for b in args.batches]
+                lines.append(f"| {stage} | " + " | ".join(cells) + " |")
             text += "\n".join(lines) + "\n"
             publish(text)
     return text, methods
