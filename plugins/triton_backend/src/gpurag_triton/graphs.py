@@ -129,8 +129,10 @@ class GraphCache:
     ) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
         import torch
 
+        from gpurag_torch.graphs import page_locked
+
         count = q.shape[0] * k
-        host, locked = _page_locked(2 * count + 2)
+        host, locked = page_locked(2 * count + 2)
 
         def stages(static_q: torch.Tensor) -> torch.Tensor:
             packed = backend.packed_topk(static_q, database, k, low)
@@ -192,30 +194,3 @@ class GraphCache:
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             outputs = backend.device_topk(static_q, database, k, low)
         return graph, static_q, outputs
-
-
-def _page_locked(words: int) -> tuple[torch.Tensor, bool]:
-    """An int32 host tensor of ``words``, and whether it is page-locked (registered with CUDA on whole pages
-    of its own, outside torch's caching allocator, whose bookkeeping of copies is not meant for graph
-    capture; unregistered when freed). Where registering fails it is ordinary memory (False)."""
-    import mmap
-    import weakref
-
-    import numpy as np
-    import torch
-
-    page = mmap.PAGESIZE
-    nbytes = -(-words * 4 // page) * page
-    raw = np.zeros(nbytes + page, dtype=np.uint8)
-    offset = -raw.ctypes.data % page
-    array = raw[offset : offset + nbytes].view(np.int32)[:words]
-    pointer = raw.ctypes.data + offset
-    try:
-        cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call]
-        code = cudart.cudaHostRegister(pointer, nbytes, 0)
-    except (AttributeError, RuntimeError):  # a torch without the runtime's registration call
-        return torch.from_numpy(array), False
-    if int(getattr(code, "value", code)) != 0:
-        return torch.from_numpy(array), False
-    weakref.finalize(raw, cudart.cudaHostUnregister, pointer)
-    return torch.from_numpy(array), True
