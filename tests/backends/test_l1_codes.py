@@ -178,27 +178,6 @@ def test_triton_leaves_dimensions_past_the_codes_reach_to_the_earlier_scans(
     assert torch.int32 not in seen, f"the scans read {seen}"
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_triton_code_near_ties_are_certified_or_answered_again(device: str) -> None:
-    backend = triton_on(device)
-    rng = np.random.default_rng(46)
-    dim = 12
-    vectors = rng.standard_normal((600, dim)).astype(np.float32)
-    queries = rng.standard_normal((18, dim)).astype(np.float32)
-    # Rows far closer to each other than a code step: l1 distances 1, 1 + 2^-14, 1 + 2^-13, ...
-    for i in range(3):
-        for j in range(4):
-            row = 200 + 4 * i + j
-            vectors[row] = queries[i]
-            vectors[row, 0] += np.float32(1 + j * 2.0**-14)
-    database = backend.prepare(backend.asarray(vectors, "vectors"), Metric.L1)
-    top = backend.topk(backend.asarray(queries, "queries"), database, 3)
-    ids = backend.to_numpy(top.indices)
-    ref.assert_topk_matches(queries, vectors, Metric.L1, backend.to_numpy(top.scores), ids, 3)
-    for i in range(3):
-        assert ids[i].tolist() == [200 + 4 * i, 201 + 4 * i, 202 + 4 * i]
-
-
 def _misleading(dim: int = 8, n_rows: int = 200) -> tuple[np.ndarray, np.ndarray, int]:
     """(rows, two queries at 0, the true nearest row) where every other row but one ranks ahead of the nearest by code.
 

@@ -138,14 +138,16 @@ def test_values_beyond_float16_reach_are_answered_in_float32(device: str, monkey
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_float16_near_ties_are_certified_or_answered_again(device: str) -> None:
+@pytest.mark.parametrize(("codes", "seed"), [(False, 35), (True, 46)], ids=["float16", "byte codes"])
+def test_near_ties_are_certified_or_answered_again(device: str, codes: bool, seed: int) -> None:
+    """Either many-query shortlist (float16 sums or the l1 byte codes) with rows closer than it can tell apart."""
     backend = triton_on(device)
-    backend.l1_codes = False  # the float16 shortlist (the byte codes would take these queries)
-    rng = np.random.default_rng(35)
+    backend.l1_codes = codes
+    rng = np.random.default_rng(seed)
     dim = 12
     vectors = rng.standard_normal((600, dim)).astype(np.float32)
     queries = rng.standard_normal((18, dim)).astype(np.float32)
-    # For each query, rows closer than float16 can tell apart: l1 distances 1, 1 + 2^-14, 1 + 2^-13, ...
+    # For each query, rows closer than the shortlist can tell apart: l1 distances 1, 1 + 2^-14, 1 + 2^-13, ...
     for i in range(3):
         for j in range(4):
             row = 200 + 4 * i + j
