@@ -85,13 +85,7 @@ def nearest_codes(
     row), as `DistanceBackend.hamming_topk` promises; without, rows nearer than the cut come first
     in row order, then the tied rows (the order a re-ranking does not need).
     """
-    for name, x in (("codes", codes), ("database_codes", database_codes)):
-        launch._check_matrix(x, name, torch.uint8, codes.device)
-    if codes.shape[1] != database_codes.shape[1]:
-        raise InvalidInputError(f"codes have {codes.shape[1]} bytes, database codes {database_codes.shape[1]}")
-    n_queries, n_rows = codes.shape[0], database_codes.shape[0]
-    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= n_rows:
-        raise InvalidInputError(f"count must be an integer in 1..{n_rows} (the database codes); got {count!r}")
+    n_queries, n_rows = check_codes(codes, database_codes, count)
     if sampled is not False and takes_sampled(n_queries, n_rows, count):
         top, failed = sampled_nearest(codes, database_codes, count, ordered=ordered)
         if not bool(failed.item()):  # one sync: the sample's limit held every query's candidates
@@ -163,6 +157,19 @@ def nearest_codes(
         order = torch.sort(distances, dim=1, stable=True).indices
         return TopK(torch.gather(distances, 1, order), torch.gather(rows, 1, order))
     return TopK(distances, rows)
+
+
+def check_codes(codes: torch.Tensor, database_codes: torch.Tensor, count: int) -> tuple[int, int]:
+    """(queries, rows) of a nearest-codes search, once its inputs are checked: two uint8 matrices of one code
+    width on one device, and ``count`` an integer in 1..rows."""
+    for name, x in (("codes", codes), ("database_codes", database_codes)):
+        launch._check_matrix(x, name, torch.uint8, codes.device)
+    if codes.shape[1] != database_codes.shape[1]:
+        raise InvalidInputError(f"codes have {codes.shape[1]} bytes, database codes {database_codes.shape[1]}")
+    n_queries, n_rows = codes.shape[0], database_codes.shape[0]
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= n_rows:
+        raise InvalidInputError(f"count must be an integer in 1..{n_rows} (the database codes); got {count!r}")
+    return n_queries, n_rows
 
 
 def takes_sampled(n_queries: int, n_rows: int, count: int) -> bool:

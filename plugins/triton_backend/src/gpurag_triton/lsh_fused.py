@@ -76,13 +76,7 @@ def nearest_rows(codes: torch.Tensor, database_codes: torch.Tensor, count: int) 
     q's rows within its limit were fewer than ``count`` or more than the room for them: its rows are
     then all 0 and the caller must ask the counting passes.
     """
-    for name, x in (("codes", codes), ("database_codes", database_codes)):
-        launch._check_matrix(x, name, torch.uint8, codes.device)
-    if codes.shape[1] != database_codes.shape[1]:
-        raise InvalidInputError(f"codes have {codes.shape[1]} bytes, database codes {database_codes.shape[1]}")
-    n_queries, n_rows = codes.shape[0], database_codes.shape[0]
-    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= n_rows:
-        raise InvalidInputError(f"count must be an integer in 1..{n_rows} (the database codes); got {count!r}")
+    n_queries, n_rows = candidates.check_codes(codes, database_codes, count)
     device = codes.device
     step = candidates.sample_step(n_rows, count) or 1
     words = triton.cdiv(codes.shape[1], 4)
